@@ -1,0 +1,1 @@
+"""The dppa-stream command line (installed as dppa_stream.cli)."""

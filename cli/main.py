@@ -1,0 +1,146 @@
+"""The `dppa-stream` command line: a thin layer over the library.
+
+Errors the user can fix print one line and exit with their kind's code (2 usage, 3 input,
+4 output); anything else is a bug (exit 1). `--debug` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from dppa_stream import __version__
+from dppa_stream.errors import EXIT_INTERNAL, DppaError
+
+_SCHED_HELP = "threads (default), threads:N, processes:N (a local Dask cluster) or tcp://HOST:PORT (an existing cluster)"
+
+
+def _run(debug: bool, fn):
+    try:
+        return fn()
+    except DppaError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # a bug: say so, briefly
+        if debug:
+            raise
+        click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
+        sys.exit(EXIT_INTERNAL)
+
+
+def _size(ctx, param, value):
+    if value is None:
+        return None
+    from dppa_stream.config import parse_size
+
+    try:
+        return parse_size(value, f"--{param.name.replace('_', '-')}")
+    except DppaError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="dppa-stream")
+def main():
+    """Merge fine-tuned LLM checkpoints out of core: DPPA, TIES, DARE, task arithmetic."""
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--memory-limit", callback=_size, help="Memory budget for the whole run, e.g. 4GiB [default: half the available memory].")
+@click.option("--scheduler", default=None, help=_SCHED_HELP)
+@click.option("--scheduler-file", type=click.Path(dir_okay=False), help="Connect to the Dask scheduler described in this file.")
+@click.option("--shard-size", callback=_size, default="5GB", show_default=True, help="Max bytes per output shard.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random methods (DARE).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary line.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the run summary as JSON to this file ('-' for stdout).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def merge(config, out, memory_limit, scheduler, scheduler_file, shard_size, seed, overwrite, quiet, json_out, debug):
+    """Merge the models named in CONFIG (mergekit-style YAML) into the folder OUT."""
+
+    def go():
+        from dppa_stream.config import load_config
+        from dppa_stream.pipeline import MergeOptions, merge as run_merge
+
+        cfg = load_config(config)
+        res = run_merge(cfg, out, MergeOptions(memory_limit, scheduler, scheduler_file, shard_size, seed, overwrite, quiet))
+        _report(res, quiet, json_out)
+
+    _run(debug, go)
+
+
+def _report(res, quiet, json_out):
+    if not quiet:
+        click.echo(res.summary_line(), err=True)
+    if json_out:
+        text = json.dumps(res.to_json(), indent=2)
+        if json_out == "-":
+            click.echo(text)
+        else:
+            with open(json_out, "w") as f:
+                f.write(text + "\n")
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False), default="demo-out")
+@click.option("--method", default="ties", show_default=True, help="Merge method to demonstrate.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT/merged.")
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--debug", is_flag=True)
+def demo(out, method, overwrite, quiet, debug):
+    """Generate a small Llama-shaped base and two fine-tunes under OUT, then merge them into OUT/merged."""
+
+    def go():
+        from dppa_stream.config import load_config
+        from dppa_stream.pipeline import MergeOptions, merge as run_merge
+        from dppa_stream.synthetic import write_llama_set
+
+        inputs = os.path.join(out, "inputs")
+        if not os.path.isdir(os.path.join(inputs, "ft2")):
+            if not quiet:
+                click.echo(f"writing demo checkpoints to {inputs}", err=True)
+            write_llama_set(inputs)
+        cfg_path = os.path.join(out, f"{method}.yml")
+        with open(cfg_path, "w") as f:
+            f.write(_demo_config(method, inputs))
+        res = run_merge(load_config(cfg_path), os.path.join(out, "merged"), MergeOptions(overwrite=overwrite, quiet=quiet))
+        _report(res, quiet, None)
+        if not quiet:
+            click.echo(f"config: {cfg_path}", err=True)
+
+    _run(debug, go)
+
+
+def _demo_config(method: str, inputs: str) -> str:
+    from dppa_stream.methods import METHODS
+    from dppa_stream.errors import UsageError
+
+    if method not in METHODS:
+        raise UsageError(f"--method {method!r}: choose one of {', '.join(sorted(METHODS))}")
+    params = METHODS[method].model_params
+    lines = [f"merge_method: {method}", f"base_model: {inputs}/base", "models:"]
+    for k in (1, 2):
+        lines.append(f"  - model: {inputs}/ft{k}")
+        p = []
+        if "weight" in params:
+            p.append("weight: 0.5")
+        if "density" in params:
+            p.append("density: 0.2")
+        if p:
+            lines.append(f"    parameters: {{{', '.join(p)}}}")
+    lines.append("dtype: bfloat16")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""The Python API: what the CLI calls, usable from scripts and notebooks."""
+
+from __future__ import annotations
+
+import os
+
+from .config import MergeConfig, load_config, parse_config
+from .pipeline import MergeOptions, MergeResult
+from .pipeline import merge as _merge
+
+
+def merge(config: str | MergeConfig | dict, out: str, **options) -> MergeResult:
+    """Merge the checkpoints a config names into the folder `out`.
+
+    `config` is a YAML file path, YAML text, a dict in the same schema, or a `MergeConfig`.
+    Options are those of `MergeOptions` (memory_limit, scheduler, shard_size, seed, overwrite, ...).
+    Raises `dppa_stream.errors.DppaError` with a one-line message on bad input.
+    """
+    if isinstance(config, dict):
+        import yaml
+
+        config = parse_config(yaml.safe_dump(config, sort_keys=False), "<dict>")
+    elif isinstance(config, str):
+        config = load_config(config) if os.path.exists(config) else parse_config(config)
+    return _merge(config, out, MergeOptions(**options))

@@ -1,0 +1,166 @@
+"""The safetensors file format: parsing and validating a header, and building one.
+
+We parse headers ourselves (instead of `safetensors.safe_open`) so that we can (a) read any row
+range with a plain positional read, which keeps process memory honest (no mapped pages in RSS),
+and (b) lay out output files before any tensor data exists. Format: 8-byte little-endian header
+length N, N bytes of JSON, then the raw little-endian, C-order tensor bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+
+MAX_HEADER_SIZE = 100_000_000  # the limit safetensors itself enforces
+
+# safetensors dtype name -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "BOOL": (torch.bool, 1),
+    "U8": (torch.uint8, 1),
+    "I8": (torch.int8, 1),
+    "I16": (torch.int16, 2),
+    "U16": (torch.uint16, 2),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I32": (torch.int32, 4),
+    "U32": (torch.uint32, 4),
+    "F32": (torch.float32, 4),
+    "F64": (torch.float64, 8),
+    "I64": (torch.int64, 8),
+    "U64": (torch.uint64, 8),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+}
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+NAME_OF_TORCH_DTYPE = {t: name for name, (t, _) in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes live: file, absolute byte offset, dtype and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    offset: int  # absolute offset of the first byte in `file`
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype][1]
+
+    @property
+    def rows(self) -> int:
+        """Rows along the first axis; a scalar counts as one row."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+
+def read_header(path: str, fd: int, file_size: int) -> tuple[dict, int]:
+    """Return (header dict, data start offset) of an open safetensors file, validated for sanity."""
+    import os
+
+    head = os.pread(fd, 8, 0)
+    if len(head) < 8:
+        raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_SIZE:
+        raise InputError(f"{path}: header length {n} exceeds the safetensors limit of {MAX_HEADER_SIZE} bytes")
+    if 8 + n > file_size:
+        raise InputError(f"{path}: header length {n} runs past the end of the file ({file_size} bytes); truncated?")
+    raw = os.pread(fd, n, 8)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: header is not valid UTF-8") from None
+    try:
+        header = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: header is not valid JSON ({e.msg} at char {e.pos})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: header is not a JSON object")
+    return header, 8 + n
+
+
+def parse_entries(path: str, header: dict, data_start: int, file_size: int) -> list[TensorEntry]:
+    """Validate a parsed header and return its tensors sorted by offset.
+
+    Checks: known dtype, integer non-negative shape, byte count = numel x itemsize, offsets inside
+    the file, contiguous from 0 with no overlaps or holes (as safetensors requires), file size exact.
+    """
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            if info is not None and not (
+                isinstance(info, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in info.items())
+            ):
+                raise InputError(f"{path}: __metadata__ must map strings to strings")
+            continue
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise InputError(f"{where}: entry is not an object")
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPES:
+            raise InputError(f"{where}: unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+            raise InputError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs)
+            or offs[0] > offs[1]
+        ):
+            raise InputError(f"{where}: data_offsets {offs!r} are not two ordered non-negative integers")
+        nbytes = math.prod(shape) * DTYPES[dtype][1]
+        if offs[1] - offs[0] != nbytes:
+            raise InputError(
+                f"{where}: holds {offs[1] - offs[0]} bytes but shape {shape} x {dtype} needs {nbytes}"
+            )
+        if data_start + offs[1] > file_size:
+            raise InputError(f"{where}: data ends at byte {data_start + offs[1]}, past the end of the file ({file_size}); truncated?")
+        entries.append(TensorEntry(name, dtype, tuple(shape), path, data_start + offs[0], nbytes))
+    entries.sort(key=lambda e: (e.offset, e.nbytes))
+    pos = data_start
+    for e in entries:
+        if e.offset < pos:
+            raise InputError(f"{path}: tensor {e.name!r} overlaps the previous tensor")
+        if e.offset > pos:
+            raise InputError(f"{path}: {e.offset - pos} unused bytes before tensor {e.name!r} (a hole)")
+        pos = e.offset + e.nbytes
+    if pos != file_size:
+        raise InputError(f"{path}: {file_size - pos} bytes after the last tensor; the file is malformed")
+    return entries
+
+
+def build_header(specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """Header bytes (length prefix included) for tensors given as (name, dtype, shape).
+
+    Ordered and padded exactly as `safetensors.torch.save_file` does (descending alignment, then
+    name; JSON padded with spaces to a multiple of 8), so our files are byte-identical to it.
+    Returns the header and each tensor's offset relative to the data start.
+    """
+    ordered = sorted(specs, key=lambda s: (-DTYPES[s[1]][1], s[0]))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offsets, pos = {}, 0
+    for name, dtype, shape in ordered:
+        nbytes = math.prod(shape) * DTYPES[dtype][1]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        offsets[name] = pos
+        pos += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, offsets

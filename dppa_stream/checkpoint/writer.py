@@ -1,0 +1,123 @@
+"""Writing sharded safetensors by positional writes into pre-laid-out files.
+
+Every output tensor's name, dtype and shape is known before any data exists, so each shard's
+header can be written first and the file sized to its final length. Any task on any worker can
+then write any row range at a computed offset, in any order, with no shard buffered in memory;
+the bytes cannot depend on scheduling. The layout equals `safetensors.torch.save_file`'s and the
+HF sharding convention (greedy in tensor order, `model-0000i-of-0000N.safetensors`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import OutputError
+from .format import DTYPES, build_header
+from .reader import INDEX_NAME, SINGLE_NAME
+
+FORMAT_METADATA = {"format": "pt"}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an output tensor's bytes go: shard file name and absolute byte offset."""
+
+    file: str
+    offset: int
+    row_bytes: int
+
+
+class ShardLayout:
+    """Output shards for tensors given in order as (name, dtype, shape)."""
+
+    def __init__(self, specs: list[tuple[str, str, tuple[int, ...]]], shard_size: int):
+        groups: list[list] = [[]]
+        size = 0
+        for spec in specs:
+            nbytes = _nbytes(spec)
+            if groups[-1] and size + nbytes > shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(spec)
+            size += nbytes
+        n = len(groups)
+        self.files = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.headers: dict[str, bytes] = {}
+        self.file_sizes: dict[str, int] = {}
+        self.placements: dict[str, Placement] = {}
+        self.total_size = 0
+        for fname, group in zip(self.files, groups):
+            header, offsets = build_header(group, FORMAT_METADATA)
+            self.headers[fname] = header
+            self.file_sizes[fname] = len(header) + sum(_nbytes(s) for s in group)
+            for name, dtype, shape in group:
+                row_numel = 1
+                for d in shape[1:]:
+                    row_numel *= d
+                self.placements[name] = Placement(fname, len(header) + offsets[name], row_numel * DTYPES[dtype][1])
+            self.total_size += sum(_nbytes(s) for s in group)
+
+    def preallocate(self, folder: str) -> None:
+        """Write each shard's header and size the file (sparse) so rows can land anywhere."""
+        for fname in self.files:
+            path = os.path.join(folder, fname)
+            try:
+                with open(path, "wb") as f:
+                    f.write(self.headers[fname])
+                    f.truncate(self.file_sizes[fname])
+            except OSError as e:
+                raise OutputError(f"{path}: cannot create output shard ({e.strerror})") from None
+
+    def index(self) -> dict | None:
+        """`model.safetensors.index.json` content, or None for a single shard (HF convention)."""
+        if len(self.files) == 1:
+            return None
+        return {
+            "metadata": {"total_size": self.total_size},
+            "weight_map": {name: p.file for name, p in sorted(self.placements.items())},
+        }
+
+    def finish(self, folder: str) -> None:
+        """Flush shards to disk and write the index."""
+        for fname in self.files:
+            fd = os.open(os.path.join(folder, fname), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        idx = self.index()
+        if idx is not None:
+            with open(os.path.join(folder, INDEX_NAME), "w") as f:
+                f.write(json.dumps(idx, indent=2, sort_keys=True) + "\n")
+
+
+def write_rows(folder: str, place: Placement, row_start: int, rows: torch.Tensor) -> int:
+    """Write a contiguous block of rows at its final position; returns bytes written."""
+    data = rows.contiguous().reshape(-1).view(torch.uint8).numpy()
+    path = os.path.join(folder, place.file)
+    offset = place.offset + row_start * place.row_bytes
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot open output shard ({e.strerror})") from None
+    try:
+        view, done = memoryview(data), 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+    except OSError as e:
+        raise OutputError(f"{path}: write failed ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    return len(data)
+
+
+def _nbytes(spec) -> int:
+    _, dtype, shape = spec
+    n = DTYPES[dtype][1]
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,176 @@
+"""Where tasks run: a dask.distributed Client for every scheduler spec, plus progress reporting.
+
+`threads` (default) is an in-process cluster of threads; `processes:N` a LocalCluster of N
+single-threaded worker processes; `tcp://HOST:PORT` or a scheduler file an existing cluster.
+One futures-based code path serves all of them, so they produce the same bytes by construction.
+Tasks return only numpy arrays and ints, never bf16 torch tensors (distributed cannot serialise
+them), and read with plain positional reads so worker RSS stays honest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import click
+
+from .errors import UsageError
+
+FAN_IN = 8
+
+
+def init_worker() -> None:
+    """Per-process set-up inside tasks: one torch thread per Dask thread."""
+    import torch
+
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
+@dataclass
+class SchedulerSpec:
+    kind: str  # threads | processes | address | file
+    workers: int = 0
+    address: str = ""
+
+    @classmethod
+    def parse(cls, spec: str | None, scheduler_file: str | None = None) -> "SchedulerSpec":
+        if scheduler_file:
+            return cls("file", address=scheduler_file)
+        spec = (spec or "threads").strip()
+        if spec == "threads" or spec.startswith("threads:"):
+            n = spec.partition(":")[2]
+            return cls("threads", _count(n, spec) if n else (os.cpu_count() or 1))
+        if spec.startswith("processes"):
+            n = spec.partition(":")[2]
+            return cls("processes", _count(n, spec) if n else (os.cpu_count() or 1))
+        if spec.startswith(("tcp://", "tls://", "inproc://", "ws://", "wss://")):
+            return cls("address", address=spec)
+        raise UsageError(
+            f"--scheduler {spec!r}: use 'threads', 'threads:N', 'processes:N' or a scheduler address like tcp://HOST:8786"
+        )
+
+
+def _count(n: str, spec: str) -> int:
+    if not n.isdigit() or int(n) < 1:
+        raise UsageError(f"--scheduler {spec!r}: the worker count must be a positive integer")
+    return int(n)
+
+
+@dataclass
+class Progress:
+    """Counts bytes through a click progress bar (ETA, MB/s); silent when quiet or not a TTY."""
+
+    quiet: bool = False
+    bytes_read: int = 0
+    bytes_written: int = 0
+    _bar: object = field(default=None, repr=False)
+
+    @contextlib.contextmanager
+    def phase(self, label: str, total: int):
+        show = not self.quiet and click.get_text_stream("stderr").isatty()
+        t0 = time.perf_counter()
+        done = [0]
+
+        def rate(_):
+            dt = time.perf_counter() - t0
+            return f"{done[0] / dt / 1e6:7.0f} MB/s" if dt > 0 else ""
+
+        if show:
+            with click.progressbar(length=max(total, 1), label=f"{label:<8}", show_eta=True, show_percent=True,
+                                   item_show_func=rate, file=click.get_text_stream("stderr")) as bar:
+                self._bar = bar
+
+                def step(n):
+                    done[0] += n
+                    bar.update(n, done[0])
+
+                yield step
+        else:
+            if not self.quiet:
+                click.echo(f"{label}: {total / 1e6:.0f} MB to read", err=True)
+
+            def step(n):
+                done[0] += n
+
+            yield step
+
+
+class Executor:
+    """Submits tasks to a Dask cluster and gathers results with progress."""
+
+    def __init__(self, spec: SchedulerSpec, worker_memory: int):
+        from distributed import Client, LocalCluster
+
+        self.spec = spec
+        self._cluster = None
+        logging.getLogger("distributed").setLevel(logging.ERROR)
+        if spec.kind == "threads":
+            self._cluster = LocalCluster(n_workers=1, threads_per_worker=spec.workers, processes=False,
+                                         dashboard_address=None, memory_limit=0)
+            self.client = Client(self._cluster, set_as_default=False)
+        elif spec.kind == "processes":
+            self._cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=1, processes=True,
+                                         dashboard_address=None, memory_limit=worker_memory)
+            self.client = Client(self._cluster, set_as_default=False)
+        else:
+            try:
+                if spec.kind == "file":
+                    self.client = Client(scheduler_file=spec.address, timeout="20s", set_as_default=False)
+                else:
+                    self.client = Client(spec.address, timeout="20s", set_as_default=False)
+            except (OSError, TimeoutError, ValueError) as e:
+                raise UsageError(f"cannot reach the Dask scheduler at {spec.address}: {e}") from None
+        self.client.run(init_worker)
+
+    @property
+    def worker_count(self) -> int:
+        if self.spec.kind in ("threads", "processes"):
+            return self.spec.workers
+        info = self.client.scheduler_info()["workers"]
+        return max(1, sum(w.get("nthreads", 1) for w in info.values()))
+
+    def map(self, fn, calls: list[tuple], sizes: list[int], step, on_done=None) -> list:
+        """Run fn(*args) for each call; returns results in call order."""
+        from distributed import as_completed
+
+        futures = [self.client.submit(fn, *args, pure=False) for args in calls]
+        index = {f.key: i for i, f in enumerate(futures)}
+        results = [None] * len(futures)
+        for fut in as_completed(futures, loop=self.client.loop):
+            i = index[fut.key]
+            results[i] = fut.result()
+            step(sizes[i])
+            if on_done:
+                on_done(i, results[i])
+            fut.release()
+        return results
+
+    def map_reduce(self, fn, calls: list[tuple], sizes: list[int], groups: list, combine, step) -> dict:
+        """Run the calls, tree-combine results that share a group on the workers, return group -> result."""
+        from distributed import as_completed
+
+        futures = [self.client.submit(fn, *args, pure=False) for args in calls]
+        by_group: dict = {}
+        for f, g in zip(futures, groups):
+            by_group.setdefault(g, []).append(f)
+        roots = {}
+        for g, parts in by_group.items():
+            while len(parts) > 1:
+                parts = [self.client.submit(combine, *parts[i:i + FAN_IN], pure=False) if len(parts[i:i + FAN_IN]) > 1
+                         else parts[i] for i in range(0, len(parts), FAN_IN)]
+            roots[g] = parts[0]
+        index = {f.key: i for i, f in enumerate(futures)}
+        for fut in as_completed(futures, loop=self.client.loop):
+            step(sizes[index[fut.key]])
+        return {g: f.result() for g, f in roots.items()}
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close()
+        if self._cluster is not None:
+            with contextlib.suppress(Exception):
+                self._cluster.close()

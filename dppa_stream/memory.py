@@ -1,0 +1,65 @@
+"""Memory: the default budget, and the peak anonymous memory of our process tree.
+
+We report anonymous memory (RssAnon) summed over this process and its children, sampled every
+50 ms. VmRSS/VmHWM would count mapped and page-cache file pages, which are reclaimable and say
+nothing about what the merge needs (engineering-notes §2).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import psutil
+
+DEFAULT_FRACTION = 0.5
+
+
+def default_budget() -> int:
+    """Half of the memory available now."""
+    return int(psutil.virtual_memory().available * DEFAULT_FRACTION)
+
+
+def _rss_anon(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def tree_anon_bytes(pid: int | None = None) -> int:
+    proc = psutil.Process(pid)
+    total = _rss_anon(proc.pid)
+    for child in proc.children(recursive=True):
+        total += _rss_anon(child.pid)
+    return total
+
+
+class PeakSampler:
+    """Background thread recording the peak RssAnon of the process tree."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, tree_anon_bytes())
+            except psutil.Error:
+                pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, tree_anon_bytes())

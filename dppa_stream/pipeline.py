@@ -1,0 +1,335 @@
+"""The merge, end to end: open and validate inputs, plan work units from the memory budget,
+gather statistics (pass 1), let the method plan, merge and write (pass 2), then finalise.
+
+Only small summaries and decisions cross from pass 1 to pass 2; tensor data never leaves the
+task that read it. A tensor held in a single work unit gets its statistics inline, in pass 2,
+from the rows the task already holds (same functions, one read less); tensors split over
+several units get them from Dask passes with tree reductions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+from . import __version__
+from .checkpoint import FLOAT_DTYPES, Checkpoint, ShardLayout
+from .config import MergeConfig
+from .errors import InputError, OutputError, UsageError
+from .executor import Executor, Progress, SchedulerSpec
+from .hf_files import copy_model_files, write_model_card
+from .memory import PeakSampler, default_budget
+from .tasks import Unit, UnitInputs, combine_summaries, merge_task, stats_task
+
+DEFAULT_SHARD_SIZE = 5_000_000_000
+PROCESS_BASELINE = 400 << 20  # python + torch + dask/distributed, per process (measured ~300 MiB)
+TASK_OVERHEAD = 96 << 20  # sub-chunk float32 temporaries per running task
+MAX_UNIT_BYTES = 1 << 30  # cap on input bytes per unit, for load balance
+WORK_DIR = ".dppa-stream"
+
+
+@dataclass
+class MergeOptions:
+    memory_limit: int | None = None  # bytes for the whole run; default: half the available memory
+    scheduler: str | None = None  # threads | threads:N | processes:N | tcp://HOST:PORT
+    scheduler_file: str | None = None
+    shard_size: int = DEFAULT_SHARD_SIZE
+    seed: int = 0
+    overwrite: bool = False
+    quiet: bool = False
+    unit_bytes: int | None = None  # force a smaller work unit (input bytes over all models); testing/tuning
+
+
+@dataclass
+class MergeResult:
+    out: str
+    method: str
+    wall_seconds: float
+    bytes_read: int
+    bytes_written: int
+    peak_anon_bytes: int
+    tensors: int
+    units: int
+    split_tensors: int
+    scheduler: str
+    memory_limit: int
+    passes: list = field(default_factory=list)
+
+    def summary_line(self) -> str:
+        return (
+            f"merged {self.tensors} tensors ({self.units} work units) into {self.out} in {self.wall_seconds:.1f}s: "
+            f"read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB "
+            f"({self.bytes_read / max(self.wall_seconds, 1e-9) / 1e6:.0f} MB/s read), "
+            f"peak memory {self.peak_anon_bytes / 2**20:.0f} MiB (anonymous, process tree)"
+        )
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Inputs:
+    """The opened, mutually validated checkpoints and the output tensor list."""
+
+    base: Checkpoint | None
+    models: list[Checkpoint]
+    names: list[str]  # output order: the reference checkpoint's storage order
+
+    @property
+    def reference(self) -> Checkpoint:
+        return self.base or self.models[0]
+
+    def unit_inputs(self, unit: Unit) -> UnitInputs:
+        return UnitInputs(unit, self.base.tensors[unit.tensor] if self.base else None,
+                          tuple(m.tensors[unit.tensor] for m in self.models))
+
+
+def open_inputs(cfg: MergeConfig) -> Inputs:
+    base = Checkpoint.open(cfg.base_model) if cfg.base_model else None
+    models = [Checkpoint.open(m.path) for m in cfg.models]
+    ref = base or models[0]
+    names = list(ref.tensors)
+    for ck in models if base else models[1:]:
+        _check_same(ref, ck)
+    return Inputs(base, models, names)
+
+
+def _check_same(ref: Checkpoint, other: Checkpoint) -> None:
+    a, b = set(ref.tensors), set(other.tensors)
+    if a != b:
+        missing, extra = sorted(a - b), sorted(b - a)
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if extra:
+            parts.append(f"{len(extra)} extra (e.g. {', '.join(extra[:3])})")
+        raise InputError(f"{other.path}: tensor names differ from {ref.path}: {'; '.join(parts)}")
+    for name, e in ref.tensors.items():
+        o = other.tensors[name]
+        if o.shape != e.shape:
+            hint = " (vocabulary sizes differ?)" if "embed" in name or "lm_head" in name else ""
+            raise InputError(f"{other.path}: tensor {name!r} has shape {list(o.shape)} but {ref.path} has {list(e.shape)}{hint}")
+        if o.dtype != e.dtype:
+            raise InputError(f"{other.path}: tensor {name!r} is {o.dtype} but {ref.path} has {e.dtype}")
+
+
+def plan_units(inputs: Inputs, unit_bytes: int) -> dict[str, list[Unit]]:
+    """Split every tensor into row ranges whose input bytes (over all models) fit `unit_bytes`."""
+    units = {}
+    for name in inputs.names:
+        e = inputs.reference.tensors[name]
+        per_row = e.row_numel * e.itemsize * (len(inputs.models) + (1 if inputs.base else 0))
+        rows_per_unit = max(1, unit_bytes // max(1, per_row))
+        n = e.rows
+        starts = list(range(0, n, rows_per_unit)) or [0]
+        units[name] = [Unit(name, i, s, min(n, s + rows_per_unit), e.row_numel) for i, s in enumerate(starts)]
+    return units
+
+
+def unit_budget(memory_limit: int, workers: int, processes: int) -> int:
+    """Input bytes per unit such that `workers` concurrent tasks fit the memory limit."""
+    free = memory_limit - PROCESS_BASELINE * processes - TASK_OVERHEAD * workers
+    per_task = free // max(1, workers)
+    if per_task < (4 << 20):
+        need = PROCESS_BASELINE * processes + (TASK_OVERHEAD + (4 << 20)) * workers
+        raise UsageError(
+            f"--memory-limit {memory_limit / 2**20:.0f} MiB is too small for {workers} worker(s); "
+            f"need at least {need / 2**20:.0f} MiB (or use fewer workers)"
+        )
+    return min(per_task, MAX_UNIT_BYTES)
+
+
+class StatsEngine:
+    """Runs statistics rounds (pass 1) over work units on the executor."""
+
+    def __init__(self, executor: Executor, inputs: Inputs, units: dict[str, list[Unit]], method, progress: Progress):
+        self.ex, self.inputs, self.units, self.method, self.progress = executor, inputs, units, method, progress
+        self.bytes_read = 0
+
+    def summaries(self, wanted: dict[str, list[int]], label: str = "pass 1") -> dict[str, dict]:
+        """tensor -> {model index: Summary} over every unit of each wanted tensor."""
+        calls, sizes, groups = [], [], []
+        for t, models in wanted.items():
+            for u in self.units[t]:
+                inp = self.inputs.unit_inputs(u)
+                calls.append((self.method, inp, {i: None for i in models}))
+                sizes.append(inp.nbytes)
+                groups.append(t)
+        if not calls:
+            return {}
+        self.bytes_read += sum(sizes)
+        with self.progress.phase(label, sum(sizes)) as step:
+            return self.ex.map_reduce(stats_task, calls, sizes, groups, combine_summaries, step)
+
+    def details(self, buckets: dict[tuple[str, int], int], label: str = "refine") -> dict[tuple[str, int], list]:
+        """(tensor, model) -> per-unit (values, counts) of the low 16 bits inside one histogram bin."""
+        by_tensor: dict[str, dict[int, int]] = {}
+        for (t, i), b in buckets.items():
+            by_tensor.setdefault(t, {})[i] = b
+        calls, sizes, keys = [], [], []
+        for t, req in by_tensor.items():
+            for u in self.units[t]:
+                inp = self.inputs.unit_inputs(u)
+                calls.append((self.method, inp, req))
+                sizes.append(inp.nbytes)
+                keys.append(t)
+        if not calls:
+            return {}
+        self.bytes_read += sum(sizes)
+        with self.progress.phase(label, sum(sizes)) as step:
+            results = self.ex.map(stats_task, calls, sizes, step)
+        out: dict[tuple[str, int], list] = {}
+        for t, res in zip(keys, results):  # calls were made in unit order
+            for i, detail in res.items():
+                out.setdefault((t, i), []).append(detail)
+        return out
+
+
+def sparsifier_decisions(method, inputs: Inputs, units: dict[str, list[Unit]], engine: StatsEngine) -> dict[str, list]:
+    """Per tensor, per model `Decision`; None where the tensor is one unit and decides inline."""
+    k = len(inputs.models)
+    decisions: dict[str, list] = {}
+    wanted: dict[str, list[int]] = {}
+    for t in inputs.names:
+        if inputs.reference.tensors[t].dtype not in FLOAT_DTYPES:
+            decisions[t] = [None] * k
+            continue
+        numel = inputs.reference.tensors[t].numel
+        sps = [method.sparsifier(i, t) for i in range(k)]
+        decisions[t] = [None if sp.needs_summary else sp.decide(numel, None, None) for sp in sps]
+        if len(units[t]) > 1:
+            need = [i for i, sp in enumerate(sps) if sp.needs_summary]
+            if need:
+                wanted[t] = need
+    sums = engine.summaries(wanted)
+    buckets = {}
+    for t, per_model in sums.items():
+        numel = inputs.reference.tensors[t].numel
+        for i, s in per_model.items():
+            b = method.sparsifier(i, t).bucket(numel, s)
+            if b is not None:
+                buckets[(t, i)] = b
+    details = engine.details(buckets)
+    for t, per_model in sums.items():
+        numel = inputs.reference.tensors[t].numel
+        for i, s in per_model.items():
+            decisions[t][i] = method.sparsifier(i, t).decide(numel, s, details.get((t, i)))
+    return decisions
+
+
+def fingerprint(cfg: MergeConfig, inputs: Inputs, opts: MergeOptions) -> str:
+    """Identity of a run's output: config, seed, output options and the inputs' headers/sizes."""
+    h = hashlib.sha256()
+    h.update(cfg.text.encode())
+    h.update(json.dumps([opts.seed, opts.shard_size, __version__]).encode())
+    for ck in ([inputs.base] if inputs.base else []) + inputs.models:
+        for f in ck.files:
+            st = os.stat(f)
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _check_output(out: str, inputs: Inputs, overwrite: bool) -> None:
+    real = os.path.realpath(out)
+    for ck in ([inputs.base] if inputs.base else []) + inputs.models:
+        folder = os.path.realpath(ck.folder or os.path.dirname(ck.path))
+        if real == folder or real.startswith(folder + os.sep):
+            raise OutputError(f"{out}: the output folder must not be inside the input folder {folder}")
+    if os.path.exists(out) and not overwrite:
+        raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
+    parent = os.path.dirname(real) or "."
+    if not os.path.isdir(parent):
+        raise OutputError(f"{out}: parent folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{out}: parent folder {parent} is not writable")
+
+
+def merge(cfg: MergeConfig, out: str, opts: MergeOptions | None = None) -> MergeResult:
+    """Merge the checkpoints named in `cfg` into the folder `out` (created when complete)."""
+    opts = opts or MergeOptions()
+    out = os.path.abspath(out)
+    t0 = time.perf_counter()
+    with PeakSampler() as sampler:
+        inputs = open_inputs(cfg)
+        _check_output(out, inputs, opts.overwrite)
+        method = cfg.method(opts.seed)
+        spec = SchedulerSpec.parse(opts.scheduler, opts.scheduler_file)
+        budget = opts.memory_limit or default_budget()
+        progress = Progress(opts.quiet)
+        ex = Executor(spec, budget // max(1, spec.workers) if spec.kind == "processes" else 0)
+        try:
+            workers = ex.worker_count
+            procs = 1 + (workers if spec.kind == "processes" else 0)
+            ub = unit_budget(budget, workers, procs) if spec.kind in ("threads", "processes") else MAX_UNIT_BYTES // 4
+            if opts.unit_bytes:
+                ub = min(ub, opts.unit_bytes)
+            units = plan_units(inputs, ub)
+            result = _run(cfg, out, opts, inputs, method, units, ex, progress)
+        finally:
+            ex.close()
+    result.wall_seconds = time.perf_counter() - t0
+    result.peak_anon_bytes = sampler.peak
+    result.scheduler = opts.scheduler_file or opts.scheduler or "threads"
+    result.memory_limit = budget
+    return result
+
+
+def _run(cfg, out, opts, inputs: Inputs, method, units, ex: Executor, progress: Progress) -> MergeResult:
+    partial = out + ".partial"
+    if os.path.exists(partial):
+        if not os.path.isdir(os.path.join(partial, WORK_DIR)):
+            raise OutputError(f"{partial}: exists and was not made by dppa-stream; remove it")
+        shutil.rmtree(partial)
+    os.makedirs(os.path.join(partial, WORK_DIR))
+    with open(os.path.join(partial, WORK_DIR, "run.json"), "w") as f:
+        json.dump({"fingerprint": fingerprint(cfg, inputs, opts), "version": __version__}, f)
+
+    ref = inputs.reference
+    out_dtypes = {t: (cfg.output_dtype or e.dtype) if e.dtype in FLOAT_DTYPES else e.dtype
+                  for t, e in ref.tensors.items()}
+    layout = ShardLayout([(t, out_dtypes[t], ref.tensors[t].shape) for t in inputs.names], opts.shard_size)
+    layout.preallocate(partial)
+
+    engine = StatsEngine(ex, inputs, units, method, progress)
+    decisions = sparsifier_decisions(method, inputs, units, engine)
+    extra = method.plan(engine) or {}
+
+    calls, sizes = [], []
+    for t in inputs.names:
+        for u in units[t]:
+            inp = inputs.unit_inputs(u)
+            calls.append((method, inp, decisions[t], extra.get(t), partial, layout.placements[t], out_dtypes[t]))
+            sizes.append(inp.nbytes)
+    with open(os.path.join(partial, WORK_DIR, "done.txt"), "a") as manifest:
+        def record(i, _):
+            u = calls[i][1].unit
+            manifest.write(f"{u.tensor}\t{u.index}\n")
+
+        with progress.phase("merge", sum(sizes)) as step:
+            written = ex.map(merge_task, calls, sizes, step, record)
+
+    layout.finish(partial)
+    copy_model_files(ref.folder, partial, cfg.output_dtype)
+    write_model_card(partial, cfg, method.describe(), cfg.base_model, [m.path for m in cfg.models])
+    shutil.rmtree(os.path.join(partial, WORK_DIR))
+    _publish(partial, out)
+    n_units = sum(len(u) for u in units.values())
+    return MergeResult(out, cfg.merge_method, 0.0, engine.bytes_read + sum(sizes), sum(written), 0,
+                       len(inputs.names), n_units, sum(1 for u in units.values() if len(u) > 1), "", 0)
+
+
+def _publish(partial: str, out: str) -> None:
+    """Move the finished output into place; an old output is replaced only now."""
+    old = None
+    if os.path.exists(out):
+        old = out + ".old"
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.rename(out, old)
+    os.rename(partial, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,226 @@
+"""Mergeable summaries of |delta| and the exact queries answered from them.
+
+Non-negative IEEE floats order exactly like their bit patterns, so a histogram keyed on the top 16
+bits of |delta| as float32 (32,768 bins: the sign bit is always 0) answers order questions:
+exactly when the deltas are bf16 values (their low 16 bits are zero), and to within one bin
+otherwise, in which case one more round (`bucket_detail`) resolves the single boundary bin.
+All summaries are integer counts, so merging them is associative and the answers cannot depend
+on chunking or on the order in which Dask combines them. Nothing here knows about files or Dask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+HIST_BINS = 1 << 15
+KEEP_ALL = -1  # threshold bits below every |delta|
+KEEP_NONE = 0x7FFFFFFF  # threshold bits at or above every finite |delta|
+
+
+def abs_bits(delta: torch.Tensor) -> torch.Tensor:
+    """int32 bit patterns of |delta| (float32); -0.0 becomes +0.0."""
+    return delta.abs().view(torch.int32)
+
+
+@dataclass
+class Summary:
+    """Exact, mergeable summary of |delta| over some elements of one tensor of one model.
+
+    `aux_mant_sums` is an optional second exact sum a method may carry (DARE: Σ|kept delta|).
+    Pickles with a sparse histogram (typically ~3k of 32k bins are used) to keep transfers small.
+    """
+
+    numel: int = 0
+    hist: np.ndarray = field(default_factory=lambda: np.zeros(HIST_BINS, np.int64))
+    # Σ of float32 significands per exponent: an exact integer representation of Σ|delta|.
+    mant_sums: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))
+    aux_mant_sums: np.ndarray | None = None
+
+    def __add__(self, other: "Summary") -> "Summary":
+        aux = None
+        if self.aux_mant_sums is not None or other.aux_mant_sums is not None:
+            aux = _or_zero(self.aux_mant_sums) + _or_zero(other.aux_mant_sums)
+        return Summary(self.numel + other.numel, self.hist + other.hist, self.mant_sums + other.mant_sums, aux)
+
+    def __reduce__(self):
+        nz = np.nonzero(self.hist)[0].astype(np.int32)
+        return _unpack_summary, (self.numel, nz, self.hist[nz], self.mant_sums, self.aux_mant_sums)
+
+    @property
+    def sum_abs(self) -> float:
+        """Σ|delta|, exactly rounded to float64 (independent of chunking)."""
+        return _exact_sum(self.mant_sums)
+
+    @property
+    def aux_sum_abs(self) -> float:
+        return _exact_sum(_or_zero(self.aux_mant_sums))
+
+    @property
+    def mean_abs(self) -> float:
+        return self.sum_abs / self.numel if self.numel else 0.0
+
+
+def _or_zero(a):
+    return a if a is not None else np.zeros(256, np.int64)
+
+
+def _unpack_summary(numel, bins, counts, mant_sums, aux):
+    hist = np.zeros(HIST_BINS, np.int64)
+    hist[bins] = counts
+    return Summary(numel, hist, mant_sums, aux)
+
+
+def _exact_sum(mant_sums: np.ndarray) -> float:
+    total = Fraction(0)
+    for e in np.nonzero(mant_sums)[0]:
+        total += Fraction(int(mant_sums[e])) * Fraction(2) ** (max(int(e), 1) - 150)
+    return float(total)
+
+
+def summarize(delta: torch.Tensor) -> Summary:
+    """Summary of one chunk of float32 deltas (any shape; at most 2**29 elements)."""
+    bits = abs_bits(delta.reshape(-1)).to(torch.int64)
+    hist = torch.bincount(bits >> 16, minlength=HIST_BINS)
+    exp = bits >> 23
+    mant = (bits & 0x7FFFFF) | ((exp > 0).to(torch.int64) << 23)
+    # float64 sums of < 2**29 integers below 2**24 are exact.
+    sums = torch.bincount(exp, weights=mant.to(torch.float64), minlength=256)
+    return Summary(bits.numel(), hist.numpy().astype(np.int64), sums.numpy().astype(np.int64))
+
+
+def count_above(hist: np.ndarray, value: float) -> int:
+    """Number of |delta| > value, exact when every |delta| is a bf16 value."""
+    # A bf16 |delta| in bin (bits(value) >> 16) equals that bin's start, which is <= value.
+    return int(hist[(_bits(value) >> 16) + 1:].sum())
+
+
+def _bits(value: float) -> int:
+    return int(np.array(value, np.float32).view(np.int32))
+
+
+def bits_to_float(bits: int) -> float:
+    return float(np.array(bits, np.int32).view(np.float32))
+
+
+def locate(hist: np.ndarray, rank: int) -> tuple[int, int]:
+    """Bin holding the rank-th smallest element (1-based) and its rank inside that bin."""
+    cum = np.cumsum(hist)
+    b = int(np.searchsorted(cum, rank))
+    return b, rank - (int(cum[b - 1]) if b else 0)
+
+
+def bucket_detail(delta: torch.Tensor, bucket: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse histogram of the low 16 bits of the |delta| that fall in one top-16-bit bin."""
+    bits = abs_bits(delta.reshape(-1))
+    low = bits[(bits >> 16) == bucket] & 0xFFFF
+    if low.numel() == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    vals, counts = torch.unique(low.to(torch.int64), return_counts=True)
+    return vals.numpy(), counts.numpy()
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Keep an element iff bits(|delta|) > bits, or it is one of the first `ties_kept` elements
+    (in flat index order) whose |delta| equals the threshold exactly."""
+
+    bits: int
+    ties_kept: int = 0
+    ties_total: int = 0
+
+    @property
+    def value(self) -> float:
+        return bits_to_float(self.bits) if self.bits >= 0 else -1.0
+
+
+def threshold_from_hist(hist: np.ndarray, rank: int) -> Threshold:
+    """The rank-th smallest |delta| (1-based) when deltas are bf16 values (low bits all zero)."""
+    b, _ = locate(hist, rank)
+    return Threshold(b << 16, 0, int(hist[b]))
+
+
+def keep_top(numel: int, k: int, hist: np.ndarray, details: list[tuple[np.ndarray, np.ndarray]]) -> tuple[Threshold, list[int]]:
+    """Keep exactly the k largest |delta|; ties at the threshold go to the lowest flat indices.
+
+    `details` are the per-chunk `bucket_detail` results for the bin `locate(hist, numel-k+1)` names,
+    in flat order. Returns the threshold and, per chunk, how many tied elements precede the chunk
+    (its starting tie index).
+    """
+    if k >= numel:
+        return Threshold(KEEP_ALL), [0] * len(details)
+    if k <= 0:
+        return Threshold(KEEP_NONE), [0] * len(details)
+    t = smallest(numel - k + 1, hist, details)
+    above = numel - _count_le(hist, details, t)
+    prefixes, run = [], 0
+    for vals, counts in details:
+        prefixes.append(run)
+        run += int(counts[vals == (t.bits & 0xFFFF)].sum())
+    return Threshold(t.bits, k - above, t.ties_total), prefixes
+
+
+def smallest(rank: int, hist: np.ndarray, details: list[tuple[np.ndarray, np.ndarray]] | None) -> Threshold:
+    """The rank-th smallest |delta| (1-based) exactly, from the histogram and boundary-bin details."""
+    b, r = locate(hist, rank)
+    if details is None:
+        return Threshold(b << 16, 0, int(hist[b]))
+    merged: dict[int, int] = {}
+    for vals, counts in details:
+        for v, c in zip(vals.tolist(), counts.tolist()):
+            merged[v] = merged.get(v, 0) + c
+    cum = 0
+    for v in sorted(merged):
+        cum += merged[v]
+        if cum >= r:
+            return Threshold((b << 16) | v, 0, merged[v])
+    raise AssertionError("bucket details do not match the histogram")
+
+
+def _count_le(hist: np.ndarray, details, t: Threshold) -> int:
+    b = t.bits >> 16
+    below = int(hist[:b].sum())
+    if details is None:
+        return below + int(hist[b])
+    low = t.bits & 0xFFFF
+    return below + sum(int(c[v <= low].sum()) for v, c in details)
+
+
+def apply_threshold(delta: torch.Tensor, t: Threshold, tie_start: int = 0) -> torch.Tensor:
+    """delta with every element not kept by `t` set to zero (new tensor)."""
+    if t.bits == KEEP_ALL:
+        return delta.clone()
+    if t.bits == KEEP_NONE:
+        return torch.zeros_like(delta)
+    value = bits_to_float(t.bits)
+    out = torch.nn.functional.hardshrink(delta, value)  # keeps |x| > value
+    if t.ties_kept > tie_start:
+        flat_d, flat_o = delta.reshape(-1), out.reshape(-1)
+        eq = flat_d.abs() == value
+        if bool(eq.any()):
+            order = torch.cumsum(eq, 0) - 1 + tie_start
+            add = eq & (order < t.ties_kept)
+            flat_o[add] = flat_d[add]
+    return out
+
+
+def rank_for_prune_le(numel: int, sparsity: float) -> int:
+    """Reference pruning (DPPA's magnitude): threshold = element at 0-based index int(n*s) of the
+    ascending |delta|; everything <= it is pruned. Returns that element's 1-based rank."""
+    return min(int(numel * sparsity), numel - 1) + 1
+
+
+def top_k_count(numel: int, density: float) -> int:
+    """mergekit's TIES count: k = max(1, int(density * numel)); density >= 1 keeps all."""
+    if density >= 1:
+        return numel
+    return max(1, int(density * numel)) if numel else 0
+
+
+def is_finite_hist(hist: np.ndarray) -> bool:
+    """False when some |delta| is Inf or NaN (exponent bits all ones)."""
+    return not hist[0x7F80:].any()
+

@@ -1,0 +1,165 @@
+"""The work a Dask task does on one work unit (a row range of one tensor, across all models).
+
+A task reads its rows from every input with positional reads, then loops over ~1M-element
+sub-chunks (small buffers stay in cache and keep peak memory low), and either returns small
+statistics or writes its merged rows straight into the output shard. Module-level functions
+with small picklable arguments, so any worker can run any task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import stats
+from .checkpoint import DTYPES, FLOAT_DTYPES, Placement, TensorEntry, read_rows, write_rows
+from .executor import init_worker
+
+SUB_CHUNK_ELEMS = 1 << 20
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Rows [row_start, row_stop) of one tensor; `index` is its position among the tensor's units."""
+
+    tensor: str
+    index: int
+    row_start: int
+    row_stop: int
+    row_numel: int
+
+    @property
+    def flat_start(self) -> int:
+        return self.row_start * self.row_numel
+
+    @property
+    def numel(self) -> int:
+        return (self.row_stop - self.row_start) * self.row_numel
+
+
+@dataclass(frozen=True)
+class UnitInputs:
+    """What a task needs to read a unit: the base entry (or None) and each model's entry."""
+
+    unit: Unit
+    base: TensorEntry | None
+    models: tuple[TensorEntry, ...]
+
+    @property
+    def nbytes(self) -> int:
+        ents = ([self.base] if self.base else []) + list(self.models)
+        return sum(self.unit.numel * e.itemsize for e in ents)
+
+
+def _load(inp: UnitInputs):
+    u = inp.unit
+    base = read_rows(inp.base, u.row_start, u.row_stop) if inp.base else None
+    return base, [read_rows(e, u.row_start, u.row_stop) for e in inp.models]
+
+
+def sub_chunks(inp: UnitInputs, base_raw, model_raw, delta_dtype: str, want_inputs: bool):
+    """Yield (flat_start, local_row_start, local_row_stop, base_f32, deltas_f32, inputs_f32) per sub-chunk."""
+    u = inp.unit
+    rows = u.row_stop - u.row_start
+    step = max(1, SUB_CHUNK_ELEMS // max(1, u.row_numel))
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        base = base_raw[a:b].float() if base_raw is not None else None
+        inputs = [m[a:b].float() for m in model_raw]
+        deltas = []
+        if base is not None:
+            for x in inputs:
+                d = x - base
+                if delta_dtype == "bfloat16":
+                    d = d.to(torch.bfloat16).float()
+                deltas.append(d)
+        yield u.flat_start + a * u.row_numel, a, b, base, deltas, (inputs if want_inputs else None)
+
+
+def _gather_stats(method, inp: UnitInputs, base_raw, model_raw, requests: dict[int, int | None]) -> dict:
+    """Round-1 summaries (bucket None) or round-2 bucket details for the requested models."""
+    tensor = inp.unit.tensor
+    sps = {i: method.sparsifier(i, tensor) for i in requests}
+    acc: dict = {}
+    for flat, _, _, _, deltas, _ in sub_chunks(inp, base_raw, model_raw, method.delta_dtype, False):
+        for i, bucket in requests.items():
+            if bucket is None:
+                s = sps[i].summarize(deltas[i], flat)
+                acc[i] = acc[i] + s if i in acc else s
+            else:
+                vals, counts = stats.bucket_detail(deltas[i], bucket)
+                d = acc.setdefault(i, {})
+                for v, c in zip(vals.tolist(), counts.tolist()):
+                    d[v] = d.get(v, 0) + c
+    out = {}
+    for i, bucket in requests.items():
+        if bucket is None:
+            out[i] = acc.get(i) or stats.Summary()
+        else:
+            d = acc.get(i, {})
+            keys = sorted(d)
+            out[i] = (np.array(keys, np.int64), np.array([d[k] for k in keys], np.int64))
+    return out
+
+
+def stats_task(method, inp: UnitInputs, requests: dict[int, int | None]) -> dict:
+    """A statistics task for one unit: {model index: Summary or (values, counts)}."""
+    init_worker()
+    base_raw, model_raw = _load(inp)
+    return _gather_stats(method, inp, base_raw, model_raw, requests)
+
+
+def combine_summaries(*parts: dict) -> dict:
+    """Tree-reduction step: add per-model Summaries."""
+    out = dict(parts[0])
+    for p in parts[1:]:
+        for i, s in p.items():
+            out[i] = out[i] + s if i in out else s
+    return out
+
+
+def decide_inline(method, inp: UnitInputs, base_raw, model_raw, decisions: list) -> list:
+    """Fill in the decisions of a tensor held in one unit from the data already in memory."""
+    missing = [i for i, d in enumerate(decisions) if d is None]
+    if not missing:
+        return decisions
+    out = list(decisions)
+    numel = inp.unit.numel
+    sums = _gather_stats(method, inp, base_raw, model_raw, {i: None for i in missing})
+    buckets = {}
+    for i in missing:
+        b = method.sparsifier(i, inp.unit.tensor).bucket(numel, sums[i])
+        if b is not None:
+            buckets[i] = b
+    details = _gather_stats(method, inp, base_raw, model_raw, buckets) if buckets else {}
+    for i in missing:
+        sp = method.sparsifier(i, inp.unit.tensor)
+        out[i] = sp.decide(numel, sums[i], [details[i]] if i in details else None)
+    return out
+
+
+def merge_task(method, inp: UnitInputs, decisions: list, extra, folder: str, place: Placement, out_dtype: str) -> int:
+    """Merge one unit and write it at its final place; returns bytes written."""
+    init_worker()
+    u = inp.unit
+    base_raw, model_raw = _load(inp)
+    src = inp.base or inp.models[0]
+    if src.dtype not in FLOAT_DTYPES:  # integer buffers: copied from the base unchanged
+        return write_rows(folder, place, u.row_start, base_raw if base_raw is not None else model_raw[0])
+    decisions = decide_inline(method, inp, base_raw, model_raw, decisions)
+    sps = [method.sparsifier(i, u.tensor) for i in range(len(inp.models))]
+    tdtype = DTYPES[out_dtype][0]
+    tie_seen = [0] * len(sps)
+    written = 0
+    for flat, a, b, base, deltas, inputs in sub_chunks(inp, base_raw, model_raw, method.delta_dtype,
+                                                         not method.needs_base):
+        pruned = []
+        for i, sp in enumerate(sps):
+            if deltas:
+                pruned.append(sp.apply(deltas[i], decisions[i], u.index, flat, tie_seen[i]))
+                tie_seen[i] += sp.ties_in(deltas[i], decisions[i])
+        out = method.merge(base, pruned, inputs, u.tensor, extra)
+        written += write_rows(folder, place, u.row_start + a, out.to(tdtype))
+    return written
