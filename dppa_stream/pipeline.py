@@ -9,6 +9,7 @@ several units get them from Dask passes with tree reductions.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -165,9 +166,10 @@ class StatsEngine:
         with self.progress.phase(label, sum(sizes)) as step:
             return self.ex.map_reduce(stats_task, calls, sizes, groups, combine_summaries, step)
 
-    def details(self, buckets: dict[tuple[str, int], int], label: str = "refine") -> dict[tuple[str, int], list]:
-        """(tensor, model) -> per-unit (values, counts) of the low 16 bits inside one histogram bin."""
-        by_tensor: dict[str, dict[int, int]] = {}
+    def details(self, buckets: dict[tuple[str, int], tuple], label: str = "refine") -> dict[tuple[str, int], list]:
+        """(tensor, model) -> per unit, per requested bin, (values, counts) of the low 16 bits of the
+        |delta| inside that histogram bin."""
+        by_tensor: dict[str, dict[int, tuple]] = {}
         for (t, i), b in buckets.items():
             by_tensor.setdefault(t, {})[i] = b
         calls, sizes, keys = [], [], []
@@ -248,37 +250,59 @@ def _check_output(out: str, inputs: Inputs, overwrite: bool) -> None:
         raise OutputError(f"{out}: parent folder {parent} is not writable")
 
 
+@dataclass
+class Session:
+    """Everything a run needs once inputs are open and the cluster is up."""
+
+    inputs: Inputs
+    method: object
+    executor: Executor
+    units: dict
+    progress: Progress
+    budget: int
+
+    def engine(self) -> StatsEngine:
+        return StatsEngine(self.executor, self.inputs, self.units, self.method, self.progress)
+
+
+@contextlib.contextmanager
+def session(cfg: MergeConfig, opts: MergeOptions, out: str | None = None):
+    """Open and validate the inputs, start the scheduler and plan work units from the budget."""
+    inputs = open_inputs(cfg)
+    if out is not None:
+        _check_output(out, inputs, opts.overwrite)
+    method = cfg.method(opts.seed)
+    spec = SchedulerSpec.parse(opts.scheduler, opts.scheduler_file)
+    budget = opts.memory_limit or default_budget()
+    ex = Executor(spec, budget // max(1, spec.workers) if spec.kind == "processes" else 0)
+    try:
+        workers = ex.worker_count
+        procs = 1 + (workers if spec.kind == "processes" else 0)
+        ub = unit_budget(budget, workers, procs) if spec.kind in ("threads", "processes") else MAX_UNIT_BYTES // 4
+        if opts.unit_bytes:
+            ub = min(ub, opts.unit_bytes)
+        yield Session(inputs, method, ex, plan_units(inputs, ub), Progress(opts.quiet), budget)
+    finally:
+        ex.close()
+
+
 def merge(cfg: MergeConfig, out: str, opts: MergeOptions | None = None) -> MergeResult:
     """Merge the checkpoints named in `cfg` into the folder `out` (created when complete)."""
     opts = opts or MergeOptions()
     out = os.path.abspath(out)
     t0 = time.perf_counter()
     with PeakSampler() as sampler:
-        inputs = open_inputs(cfg)
-        _check_output(out, inputs, opts.overwrite)
-        method = cfg.method(opts.seed)
-        spec = SchedulerSpec.parse(opts.scheduler, opts.scheduler_file)
-        budget = opts.memory_limit or default_budget()
-        progress = Progress(opts.quiet)
-        ex = Executor(spec, budget // max(1, spec.workers) if spec.kind == "processes" else 0)
-        try:
-            workers = ex.worker_count
-            procs = 1 + (workers if spec.kind == "processes" else 0)
-            ub = unit_budget(budget, workers, procs) if spec.kind in ("threads", "processes") else MAX_UNIT_BYTES // 4
-            if opts.unit_bytes:
-                ub = min(ub, opts.unit_bytes)
-            units = plan_units(inputs, ub)
-            result = _run(cfg, out, opts, inputs, method, units, ex, progress)
-        finally:
-            ex.close()
+        with session(cfg, opts, out) as s:
+            result = _run(cfg, out, opts, s)
     result.wall_seconds = time.perf_counter() - t0
     result.peak_anon_bytes = sampler.peak
     result.scheduler = opts.scheduler_file or opts.scheduler or "threads"
-    result.memory_limit = budget
+    result.memory_limit = s.budget
     return result
 
 
-def _run(cfg, out, opts, inputs: Inputs, method, units, ex: Executor, progress: Progress) -> MergeResult:
+def _run(cfg, out, opts, s: Session) -> MergeResult:
+    inputs, method, units, ex, progress = s.inputs, s.method, s.units, s.executor, s.progress
     partial = out + ".partial"
     if os.path.exists(partial):
         if not os.path.isdir(os.path.join(partial, WORK_DIR)):
@@ -294,9 +318,9 @@ def _run(cfg, out, opts, inputs: Inputs, method, units, ex: Executor, progress: 
     layout = ShardLayout([(t, out_dtypes[t], ref.tensors[t].shape) for t in inputs.names], opts.shard_size)
     layout.preallocate(partial)
 
-    engine = StatsEngine(ex, inputs, units, method, progress)
-    decisions = sparsifier_decisions(method, inputs, units, engine)
+    engine = s.engine()
     extra = method.plan(engine) or {}
+    decisions = sparsifier_decisions(method, inputs, units, engine)
 
     calls, sizes = [], []
     for t in inputs.names:

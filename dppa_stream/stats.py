@@ -155,7 +155,7 @@ def keep_top(numel: int, k: int, hist: np.ndarray, details: list[tuple[np.ndarra
     if k <= 0:
         return Threshold(KEEP_NONE), [0] * len(details)
     t = smallest(numel - k + 1, hist, details)
-    above = numel - _count_le(hist, details, t)
+    above = numel - count_le(hist, details, t)
     prefixes, run = [], 0
     for vals, counts in details:
         prefixes.append(run)
@@ -180,13 +180,19 @@ def smallest(rank: int, hist: np.ndarray, details: list[tuple[np.ndarray, np.nda
     raise AssertionError("bucket details do not match the histogram")
 
 
-def _count_le(hist: np.ndarray, details, t: Threshold) -> int:
+def count_le(hist: np.ndarray, details, t: Threshold) -> int:
     b = t.bits >> 16
     below = int(hist[:b].sum())
     if details is None:
         return below + int(hist[b])
     low = t.bits & 0xFFFF
     return below + sum(int(c[v <= low].sum()) for v, c in details)
+
+
+def count_gt_bits(hist: np.ndarray, details: list[tuple[np.ndarray, np.ndarray]], bits: int) -> int:
+    """Exact count of |delta| whose bits exceed `bits`, given the details of bin bits >> 16."""
+    low = bits & 0xFFFF
+    return int(hist[(bits >> 16) + 1:].sum()) + sum(int(c[v > low].sum()) for v, c in details)
 
 
 def apply_threshold(delta: torch.Tensor, t: Threshold, tie_start: int = 0) -> torch.Tensor:
@@ -204,6 +210,14 @@ def apply_threshold(delta: torch.Tensor, t: Threshold, tie_start: int = 0) -> to
             order = torch.cumsum(eq, 0) - 1 + tie_start
             add = eq & (order < t.ties_kept)
             flat_o[add] = flat_d[add]
+    return out
+
+
+def apply_threshold_tracked(delta: torch.Tensor, t: Threshold, state: dict) -> torch.Tensor:
+    """`apply_threshold` for consecutive chunks; state["ties"] counts ties seen so far."""
+    out = apply_threshold(delta, t, state["ties"])
+    if t.ties_kept > state["ties"] and t.bits >= 0:
+        state["ties"] += int((delta.abs() == t.value).sum())
     return out
 
 

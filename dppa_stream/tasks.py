@@ -78,34 +78,34 @@ def sub_chunks(inp: UnitInputs, base_raw, model_raw, delta_dtype: str, want_inpu
         yield u.flat_start + a * u.row_numel, a, b, base, deltas, (inputs if want_inputs else None)
 
 
-def _gather_stats(method, inp: UnitInputs, base_raw, model_raw, requests: dict[int, int | None]) -> dict:
-    """Round-1 summaries (bucket None) or round-2 bucket details for the requested models."""
+def _gather_stats(method, inp: UnitInputs, base_raw, model_raw, requests: dict[int, tuple | None]) -> dict:
+    """Round-1 summaries (request None) or round-2 details of the requested bins, per model."""
     tensor = inp.unit.tensor
     sps = {i: method.sparsifier(i, tensor) for i in requests}
     acc: dict = {}
     for flat, _, _, _, deltas, _ in sub_chunks(inp, base_raw, model_raw, method.delta_dtype, False):
-        for i, bucket in requests.items():
-            if bucket is None:
+        for i, buckets in requests.items():
+            if buckets is None:
                 s = sps[i].summarize(deltas[i], flat)
                 acc[i] = acc[i] + s if i in acc else s
             else:
-                vals, counts = stats.bucket_detail(deltas[i], bucket)
-                d = acc.setdefault(i, {})
-                for v, c in zip(vals.tolist(), counts.tolist()):
-                    d[v] = d.get(v, 0) + c
+                per_bin = acc.setdefault(i, [{} for _ in buckets])
+                for b, d in zip(buckets, per_bin):
+                    vals, counts = stats.bucket_detail(deltas[i], b)
+                    for v, c in zip(vals.tolist(), counts.tolist()):
+                        d[v] = d.get(v, 0) + c
     out = {}
-    for i, bucket in requests.items():
-        if bucket is None:
+    for i, buckets in requests.items():
+        if buckets is None:
             out[i] = acc.get(i) or stats.Summary()
         else:
-            d = acc.get(i, {})
-            keys = sorted(d)
-            out[i] = (np.array(keys, np.int64), np.array([d[k] for k in keys], np.int64))
+            out[i] = [(np.array(sorted(d), np.int64), np.array([d[k] for k in sorted(d)], np.int64))
+                      for d in acc.get(i, [{} for _ in buckets])]
     return out
 
 
-def stats_task(method, inp: UnitInputs, requests: dict[int, int | None]) -> dict:
-    """A statistics task for one unit: {model index: Summary or (values, counts)}."""
+def stats_task(method, inp: UnitInputs, requests: dict[int, tuple | None]) -> dict:
+    """A statistics task for one unit: {model index: Summary, or [(values, counts) per bin]}."""
     init_worker()
     base_raw, model_raw = _load(inp)
     return _gather_stats(method, inp, base_raw, model_raw, requests)
@@ -150,16 +150,12 @@ def merge_task(method, inp: UnitInputs, decisions: list, extra, folder: str, pla
         return write_rows(folder, place, u.row_start, base_raw if base_raw is not None else model_raw[0])
     decisions = decide_inline(method, inp, base_raw, model_raw, decisions)
     sps = [method.sparsifier(i, u.tensor) for i in range(len(inp.models))]
+    states = [sp.start(d, u.index) for sp, d in zip(sps, decisions)]
     tdtype = DTYPES[out_dtype][0]
-    tie_seen = [0] * len(sps)
     written = 0
     for flat, a, b, base, deltas, inputs in sub_chunks(inp, base_raw, model_raw, method.delta_dtype,
                                                          not method.needs_base):
-        pruned = []
-        for i, sp in enumerate(sps):
-            if deltas:
-                pruned.append(sp.apply(deltas[i], decisions[i], u.index, flat, tie_seen[i]))
-                tie_seen[i] += sp.ties_in(deltas[i], decisions[i])
+        pruned = [sp.apply(d, dec, st, flat) for sp, d, dec, st in zip(sps, deltas, decisions, states)]
         out = method.merge(base, pruned, inputs, u.tensor, extra)
         written += write_rows(folder, place, u.row_start + a, out.to(tdtype))
     return written

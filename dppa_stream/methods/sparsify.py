@@ -33,8 +33,9 @@ class Sparsifier:
 
     needs_summary = False
 
-    def bucket(self, numel: int, summary: Summary) -> int | None:
-        """Round 2 request: the histogram bin whose exact contents are needed, or None."""
+    def bucket(self, numel: int, summary: Summary) -> tuple[int, ...] | None:
+        """Round 2 request: the histogram bins whose exact contents are needed, or None.
+        `decide` then gets, per unit, one (values, counts) detail per requested bin."""
         return None
 
     def decide(self, numel: int, summary: Summary | None, details) -> Decision:
@@ -43,11 +44,13 @@ class Sparsifier:
     def summarize(self, delta: torch.Tensor, flat_start: int) -> Summary:
         return stats.summarize(delta)
 
-    def apply(self, delta: torch.Tensor, d: Decision, unit: int, flat_start: int, tie_seen: int) -> torch.Tensor:
-        return delta
+    def start(self, d: Decision, unit: int) -> dict:
+        """Fresh per-unit state for `apply` (running tie counts), given the unit's index."""
+        return {}
 
-    def ties_in(self, delta: torch.Tensor, d: Decision) -> int:
-        return 0
+    def apply(self, delta: torch.Tensor, d: Decision, state: dict, flat_start: int) -> torch.Tensor:
+        """The sparsified delta of one chunk; chunks of a unit arrive in order."""
+        return delta
 
 
 class TopK(Sparsifier):
@@ -66,22 +69,20 @@ class TopK(Sparsifier):
         k = stats.top_k_count(numel, self.density)
         if k >= numel:
             return None
-        return stats.locate(summary.hist, numel - k + 1)[0]
+        return (stats.locate(summary.hist, numel - k + 1)[0],)
 
     def decide(self, numel, summary, details):
         k = stats.top_k_count(numel, self.density)
         if k >= numel:
             return Decision(stats.Threshold(stats.KEEP_ALL), (0,) * max(1, len(details or ())))
-        t, starts = stats.keep_top(numel, k, summary.hist, details)
+        t, starts = stats.keep_top(numel, k, summary.hist, [u[0] for u in details])
         return Decision(t, tuple(starts), realized_density=k / numel if numel else 1.0)
 
-    def apply(self, delta, d, unit, flat_start, tie_seen):
-        return stats.apply_threshold(delta, d.threshold, d.tie_starts[unit] + tie_seen)
+    def start(self, d, unit):
+        return {"ties": d.tie_starts[unit] if d.tie_starts else 0}
 
-    def ties_in(self, delta, d):
-        if d.threshold.ties_kept == 0 or d.threshold.bits < 0:
-            return 0
-        return int((delta.abs() == d.threshold.value).sum())
+    def apply(self, delta, d, state, flat_start):
+        return stats.apply_threshold_tracked(delta, d.threshold, state)
 
 
 class PruneLE(Sparsifier):
@@ -97,16 +98,17 @@ class PruneLE(Sparsifier):
     def bucket(self, numel, summary):
         if self.bf16_exact or numel == 0:
             return None
-        return stats.locate(summary.hist, stats.rank_for_prune_le(numel, self.sparsity))[0]
+        return (stats.locate(summary.hist, stats.rank_for_prune_le(numel, self.sparsity))[0],)
 
     def decide(self, numel, summary, details):
         if numel == 0:
             return Decision(stats.Threshold(stats.KEEP_ALL))
-        t = stats.smallest(stats.rank_for_prune_le(numel, self.sparsity), summary.hist, None if self.bf16_exact else details)
-        kept = numel - stats._count_le(summary.hist, None if self.bf16_exact else details, t)
+        dets = None if self.bf16_exact else [u[0] for u in details]
+        t = stats.smallest(stats.rank_for_prune_le(numel, self.sparsity), summary.hist, dets)
+        kept = numel - stats.count_le(summary.hist, dets, t)
         return Decision(t, realized_density=kept / numel)
 
-    def apply(self, delta, d, unit, flat_start, tie_seen):
+    def apply(self, delta, d, state, flat_start):
         return stats.apply_threshold(delta, d.threshold)
 
 
@@ -138,7 +140,7 @@ class Bernoulli(Sparsifier):
                 scale = before / after
         return Decision(scale=scale, key=self.key)
 
-    def apply(self, delta, d, unit, flat_start, tie_seen):
+    def apply(self, delta, d, state, flat_start):
         if self.density >= 1:
             return delta
         out = delta * self._mask(delta, flat_start)

@@ -1,0 +1,151 @@
+"""DP / DPA: streaming results equal the brute-force reference of the spec, and the §10 invariants hold."""
+
+import filecmp
+import os
+
+import pytest
+import torch
+
+from dppa_stream.config import parse_config
+from dppa_stream.methods import METHODS
+from dppa_stream.pipeline import MergeOptions, merge
+
+from .reference import load_model, prune_le
+from .reference_dppa import dp_masks, dppa_merge
+from .test_merge import _bitwise_equal
+
+
+def _cfg(method, base, fts, params: dict, model_params=None):
+    lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
+    for i, f in enumerate(fts):
+        lines.append(f"  - model: {f}")
+        mp = (model_params or [{}] * len(fts))[i]
+        if mp:
+            lines.append(f"    parameters: {mp}")
+    if params:
+        lines.append(f"parameters: {params}")
+    return parse_config("\n".join(lines).replace("'", "") + "\n")
+
+
+@pytest.fixture(scope="module")
+def drifted(ckpts):
+    """A set whose deltas are large ("complex" fine-tunes) with heavy tails, zeros and bf16 ties."""
+    return ckpts(torch.bfloat16, 2, True, drift=3e-3)
+
+
+@pytest.mark.parametrize("semantics", ["reference", "exact"])
+@pytest.mark.parametrize("unit_bytes", [None, 2500])
+def test_dppa_matches_bruteforce(tmp_path, drifted, semantics, unit_bytes):
+    base, ft1, ft2 = drifted
+    alphas = [[1.2, 1.5], [2.0, 0.0]]  # increasing factors exercise max over k >= j
+    cfg = _cfg("dppa", base, [ft1, ft2], {"semantics": semantics},
+               [{"amplification": alphas[0], "weight": 0.6}, {"amplification": alphas[1], "weight": 0.4}])
+    merge(cfg, str(tmp_path / "out"), MergeOptions(quiet=True, unit_bytes=unit_bytes))
+    got = load_model(str(tmp_path / "out"))
+    want = dppa_merge(load_model(base), [load_model(ft1), load_model(ft2)], [0.9, 0.8], alphas, [0.6, 0.4],
+                      semantics=semantics)
+    _bitwise_equal(got, want)
+
+
+def test_dp_masks_equal_reference_and_report(tmp_path, drifted):
+    """Masks identical in reference mode, realised sparsity above nominal (ties pruned), clamps reported."""
+    base, ft1, _ = drifted
+    cfg = _cfg("dp", base, [ft1], {"pruning_rate": 0.9})
+    merge(cfg, str(tmp_path / "out"), MergeOptions(quiet=True))
+    got = load_model(str(tmp_path / "out"))
+    b, f = load_model(base), load_model(ft1)
+    deltas, masks = dp_masks(b, f, [0.9])
+    for name, m in masks.items():
+        kept = (got[name].float() - b[name].float()) != 0
+        assert torch.equal(kept, m[0] & (deltas[name] != 0)), name
+    method = cfg.method()
+    assert isinstance(method, METHODS["dp"])
+
+
+def test_lambda_zero_is_uniform_magnitude_pruning(tmp_path, drifted):
+    base, ft1, _ = drifted
+    cfg = _cfg("dp", base, [ft1], {"pruning_rate": 0.8, "lamda": 0})
+    merge(cfg, str(tmp_path / "out"), MergeOptions(quiet=True))
+    got, b, f = load_model(str(tmp_path / "out")), load_model(base), load_model(ft1)
+    for name in b:
+        d = (f[name].float() - b[name].float()).to(torch.bfloat16).float()
+        if ".layers." in name and b[name].dim() == 2:
+            d = prune_le(d, 0.8)
+        assert torch.equal(got[name], (b[name].float() + d).to(b[name].dtype)), name
+
+
+def test_alpha_one_one_equals_dp_at_lowest_rate(tmp_path, drifted):
+    base, ft1, ft2 = drifted
+    a = _cfg("dppa", base, [ft1, ft2], {"pruning_rates": [0.9, 0.8], "amplification": [1, 1]})
+    b = _cfg("dp", base, [ft1, ft2], {"pruning_rate": 0.8})
+    merge(a, str(tmp_path / "a"), MergeOptions(quiet=True))
+    merge(b, str(tmp_path / "b"), MergeOptions(quiet=True))
+    for fn in os.listdir(tmp_path / "b"):
+        if fn.endswith(".safetensors"):
+            assert filecmp.cmp(tmp_path / "a" / fn, tmp_path / "b" / fn, shallow=False)
+
+
+def test_alpha_b_zero_is_scaled_dp_at_highest_rate(tmp_path, drifted):
+    base, ft1, _ = drifted
+    cfg = _cfg("dppa", base, [ft1], {"pruning_rates": [0.9, 0.8], "amplification": [2.5, 0]})
+    merge(cfg, str(tmp_path / "out"), MergeOptions(quiet=True))
+    got, b, f = load_model(str(tmp_path / "out")), load_model(base), load_model(ft1)
+    deltas, masks = dp_masks(b, f, [0.9])
+    for name in b:
+        d = deltas[name].float()
+        d = d * masks[name][0] * 2.5 if name in masks else d * 2.5
+        assert torch.equal(got[name], (b[name].float() + d).to(b[name].dtype)), name
+
+
+def test_partitions_nested_and_density_shift(tmp_path, drifted):
+    base, ft1, _ = drifted
+    cfg = _cfg("dppa", base, [ft1], {"pruning_rates": [0.9, 0.8]})
+    from dppa_stream.stats_report import collect_stats
+
+    rep = collect_stats(cfg, MergeOptions(quiet=True)).models[0]
+    assert rep.tensors
+    for tr in rep.tensors:
+        assert tr.densities[1] - tr.densities[0] == pytest.approx(0.1, abs=1e-9) or any(tr.clamped)
+        assert tr.thresholds[0] >= tr.thresholds[1]
+        assert tr.kept[0] <= tr.kept[1]
+        # realised kept count is at most nominal: ties at the threshold are pruned
+        assert tr.kept[0] <= tr.numel - int(tr.numel * (1 - tr.densities[0]))
+    scores = [br.layer_score for br in rep.blocks]
+    assert max(abs(s) for s in scores) == pytest.approx(1.0)
+
+
+def test_degenerate_statistics_give_zero_adjustment(tmp_path):
+    """All-equal deltas: zero spread at both levels -> density exactly 1 - s, not NaN."""
+    from safetensors.torch import save_file
+
+    b = {f"model.layers.{i}.mlp.up_proj.weight": torch.zeros(8, 16, dtype=torch.bfloat16) for i in range(2)}
+    f = {k: torch.full_like(v, 0.5) for k, v in b.items()}
+    for name, sd in (("base", b), ("ft", f)):
+        os.makedirs(tmp_path / name)
+        save_file(sd, str(tmp_path / name / "model.safetensors"), {"format": "pt"})
+    cfg = _cfg("dp", tmp_path / "base", [tmp_path / "ft"], {"pruning_rate": 0.5})
+    from dppa_stream.stats_report import collect_stats
+
+    rep = collect_stats(cfg, MergeOptions(quiet=True)).models[0]
+    assert all(tr.densities == [0.5] and tr.linear_score == 0 for tr in rep.tensors)
+    assert all(br.layer_score == 0 for br in rep.blocks)
+
+
+def test_negative_density_is_clamped_and_reported(tmp_path, drifted):
+    base, ft1, _ = drifted
+    cfg = _cfg("dp", base, [ft1], {"pruning_rate": 0.95, "lamda": 0.3})
+    from dppa_stream.stats_report import collect_stats
+
+    rep = collect_stats(cfg, MergeOptions(quiet=True)).models[0]
+    clamped = [tr for tr in rep.tensors if tr.clamped[0]]
+    assert clamped and all(tr.densities[0] == 1 / tr.numel for tr in clamped)
+    merge(cfg, str(tmp_path / "out"), MergeOptions(quiet=True))  # the reference crashes here; we do not
+
+
+def test_bad_dppa_params_are_one_line_errors():
+    from dppa_stream.errors import UsageError
+
+    for params, word in (({"pruning_rates": [0.8, 0.9]}, "decreasing"), ({"semantics": "fast"}, "reference"),
+                         ({"combine": "avg"}, "sum"), ({"linear_filter": "("}, "regular expression")):
+        with pytest.raises(UsageError, match=word):
+            _cfg("dppa", "/b", ["/f"], params)
