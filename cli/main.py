@@ -36,15 +36,11 @@ def _run(debug: bool, fn):
         sys.exit(EXIT_INTERNAL)
 
 
-def _size(ctx, param, value):
-    if value is None:
-        return None
+def _size(value, option: str):
+    """Sizes are parsed inside the run so a bad one is a one-line usage error like the others."""
     from dppa_stream.config import parse_size
 
-    try:
-        return parse_size(value, f"--{param.name.replace('_', '-')}")
-    except DppaError as e:
-        raise click.BadParameter(str(e)) from None
+    return None if value is None else parse_size(value, option)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -56,10 +52,10 @@ def main():
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--memory-limit", callback=_size, help="Memory budget for the whole run, e.g. 4GiB [default: half the available memory].")
+@click.option("--memory-limit", help="Memory budget for the whole run, e.g. 4GiB [default: half the available memory].")
 @click.option("--scheduler", default=None, help=_SCHED_HELP)
 @click.option("--scheduler-file", type=click.Path(dir_okay=False), help="Connect to the Dask scheduler described in this file.")
-@click.option("--shard-size", callback=_size, default="5GB", show_default=True, help="Max bytes per output shard.")
+@click.option("--shard-size", default="5GB", show_default=True, help="Max bytes per output shard.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random methods (DARE).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary line.")
@@ -72,8 +68,9 @@ def merge(config, out, memory_limit, scheduler, scheduler_file, shard_size, seed
         from dppa_stream.config import load_config
         from dppa_stream.pipeline import MergeOptions, merge as run_merge
 
-        cfg = load_config(config)
-        res = run_merge(cfg, out, MergeOptions(memory_limit, scheduler, scheduler_file, shard_size, seed, overwrite, quiet))
+        opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, scheduler_file,
+                            _size(shard_size, "--shard-size"), seed, overwrite, quiet)
+        res = run_merge(load_config(config), out, opts)
         _report(res, quiet, json_out)
 
     _run(debug, go)

@@ -82,6 +82,8 @@ def _construct_mapping(loader, node):
     d.lines = {}
     for k_node, v_node in node.value:
         key = loader.construct_object(k_node, deep=True)
+        if isinstance(key, (list, dict)):
+            raise UsageError(f"line {k_node.start_mark.line + 1}: a key must be a plain value, not a {type(key).__name__}")
         if key in d:
             raise UsageError(f"line {k_node.start_mark.line + 1}: duplicate key {key!r}")
         d[key] = loader.construct_object(v_node, deep=True)
@@ -135,7 +137,7 @@ def parse_config(text: str, source: str = "<config>") -> MergeConfig:
     method = data.get("merge_method")
     if method is None:
         raise UsageError(f"{source}: 'merge_method' is required (one of: {', '.join(sorted(METHODS))})")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         hint = difflib.get_close_matches(str(method), sorted(METHODS), n=1)
         more = f"did you mean {hint[0]!r}?" if hint else f"choose one of: {', '.join(sorted(METHODS))}"
         raise UsageError(f"{_where(source, data, 'merge_method')}: unknown merge_method {method!r}; {more}")
@@ -194,7 +196,7 @@ def parse_config(text: str, source: str = "<config>") -> MergeConfig:
     dtypes = {}
     for key in ("dtype", "out_dtype"):
         v = data.get(key)
-        if v is not None and v not in DTYPE_NAMES:
+        if v is not None and (not isinstance(v, str) or v not in DTYPE_NAMES):
             raise UsageError(f"{_where(source, data, key)}: {key} {v!r} is not one of float32, float16, bfloat16")
         dtypes[key] = DTYPE_NAMES[v] if v else None
     cfg = MergeConfig(method, models, base_path, dict(params), dtypes["dtype"], dtypes["out_dtype"], text, source)
@@ -208,14 +210,14 @@ def _norm(p: str) -> str:
 
 
 def _check_value(src, d, key, value, spec: Param, name: str) -> None:
-    if isinstance(value, (list, dict)):
+    kinds = spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
+    if isinstance(value, (list, dict)) and type(value) not in kinds:
         raise UsageError(
             f"{_where(src, d, key)}: {name}: per-tensor filters and layer gradients are not supported yet; use a single value"
         )
-    kinds = spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
     ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
     if not ok:
-        want = " or ".join("number" if k in (int, float) else k.__name__ for k in kinds)
+        want = " or ".join(dict.fromkeys("number" if k in (int, float) else k.__name__ for k in kinds))
         raise UsageError(f"{_where(src, d, key)}: {name} must be a {want}, not {value!r}")
     if spec.check:
         problem = spec.check(value)
@@ -223,20 +225,20 @@ def _check_value(src, d, key, value, spec: Param, name: str) -> None:
             raise UsageError(f"{_where(src, d, key)}: {name} = {value!r} {problem}")
 
 
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*$", re.I)
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(?:([kmgt])(i?))?(b?)\s*$", re.I)
 
 
 def parse_size(text: str | int, what: str = "size") -> int:
     """'5GB' -> 5e9, '1GiB' -> 2**30, '500M' -> 5e8, plain integers are bytes."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE.match(str(text))
-    if not m:
-        raise UsageError(f"{what} {text!r} is not a size like 5GB, 1.5GiB or 500M")
-    num, unit, binary, _ = m.groups()
-    power = "kmgt".find(unit.lower()) + 1 if unit else 0
-    base = 1024 if binary else 1000
-    value = int(float(num) * base**power)
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = _SIZE.match(str(text))
+        if not m:
+            raise UsageError(f"{what} {text!r} is not a size like 5GB, 1.5GiB or 500M")
+        num, unit, binary, _ = m.groups()
+        power = "kmgt".find(unit.lower()) + 1 if unit else 0
+        value = int(float(num) * (1024 if binary else 1000) ** power)
     if value <= 0:
         raise UsageError(f"{what} {text!r} must be positive")
     return value

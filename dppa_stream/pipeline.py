@@ -236,13 +236,21 @@ def fingerprint(cfg: MergeConfig, inputs: Inputs, opts: MergeOptions) -> str:
 
 
 def _check_output(out: str, inputs: Inputs, overwrite: bool) -> None:
+    """Refuse outputs that could touch an input: the same folder, inside one, or containing one
+    (replacing such a folder with --overwrite would delete the input)."""
     real = os.path.realpath(out)
     for ck in ([inputs.base] if inputs.base else []) + inputs.models:
-        folder = os.path.realpath(ck.folder or os.path.dirname(ck.path))
-        if real == folder or real.startswith(folder + os.sep):
-            raise OutputError(f"{out}: the output folder must not be inside the input folder {folder}")
+        paths = [os.path.realpath(ck.folder)] if ck.folder else [os.path.realpath(ck.path)]
+        paths += [os.path.realpath(f) for f in ck.files]
+        for p in paths:
+            if real == p or p.startswith(real + os.sep):
+                raise OutputError(f"{out}: the output would contain or replace the input {p}")
+        if ck.folder and real.startswith(os.path.realpath(ck.folder) + os.sep):
+            raise OutputError(f"{out}: the output folder must not be inside the input folder {ck.folder}")
     if os.path.exists(out) and not overwrite:
         raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OutputError(f"{out}: exists and is not a folder")
     parent = os.path.dirname(real) or "."
     if not os.path.isdir(parent):
         raise OutputError(f"{out}: parent folder {parent} does not exist")
@@ -302,13 +310,28 @@ def merge(cfg: MergeConfig, out: str, opts: MergeOptions | None = None) -> Merge
 
 
 def _run(cfg, out, opts, s: Session) -> MergeResult:
-    inputs, method, units, ex, progress = s.inputs, s.method, s.units, s.executor, s.progress
+    engine = s.engine()
+    extra = s.method.plan(engine) or {}
+    decisions = sparsifier_decisions(s.method, s.inputs, s.units, engine)
+    written, read = write_output(cfg, out, opts, s, decisions, extra)
+    n_units = sum(len(u) for u in s.units.values())
+    return MergeResult(out, cfg.merge_method, 0.0, engine.bytes_read + read, written, 0, len(s.inputs.names), n_units,
+                       sum(1 for u in s.units.values() if len(u) > 1), "", 0)
+
+
+def write_output(cfg: MergeConfig, out: str, opts: MergeOptions, s: Session, decisions: dict, extra: dict) -> tuple[int, int]:
+    """Pass 2: merge every unit into pre-laid-out shards under OUT.partial, then finalise and
+    rename to OUT. Returns (bytes written, bytes read)."""
+    inputs, method = s.inputs, s.method
     partial = out + ".partial"
     if os.path.exists(partial):
         if not os.path.isdir(os.path.join(partial, WORK_DIR)):
             raise OutputError(f"{partial}: exists and was not made by dppa-stream; remove it")
         shutil.rmtree(partial)
-    os.makedirs(os.path.join(partial, WORK_DIR))
+    try:
+        os.makedirs(os.path.join(partial, WORK_DIR))
+    except OSError as e:
+        raise OutputError(f"{partial}: cannot create the output folder ({e.strerror})") from None
     with open(os.path.join(partial, WORK_DIR, "run.json"), "w") as f:
         json.dump({"fingerprint": fingerprint(cfg, inputs, opts), "version": __version__}, f)
 
@@ -318,13 +341,9 @@ def _run(cfg, out, opts, s: Session) -> MergeResult:
     layout = ShardLayout([(t, out_dtypes[t], ref.tensors[t].shape) for t in inputs.names], opts.shard_size)
     layout.preallocate(partial)
 
-    engine = s.engine()
-    extra = method.plan(engine) or {}
-    decisions = sparsifier_decisions(method, inputs, units, engine)
-
     calls, sizes = [], []
     for t in inputs.names:
-        for u in units[t]:
+        for u in s.units[t]:
             inp = inputs.unit_inputs(u)
             calls.append((method, inp, decisions[t], extra.get(t), partial, layout.placements[t], out_dtypes[t]))
             sizes.append(inp.nbytes)
@@ -333,17 +352,15 @@ def _run(cfg, out, opts, s: Session) -> MergeResult:
             u = calls[i][1].unit
             manifest.write(f"{u.tensor}\t{u.index}\n")
 
-        with progress.phase("merge", sum(sizes)) as step:
-            written = ex.map(merge_task, calls, sizes, step, record)
+        with s.progress.phase("merge", sum(sizes)) as step:
+            written = s.executor.map(merge_task, calls, sizes, step, record)
 
     layout.finish(partial)
     copy_model_files(ref.folder, partial, cfg.output_dtype)
     write_model_card(partial, cfg, method.describe(), cfg.base_model, [m.path for m in cfg.models])
     shutil.rmtree(os.path.join(partial, WORK_DIR))
     _publish(partial, out)
-    n_units = sum(len(u) for u in units.values())
-    return MergeResult(out, cfg.merge_method, 0.0, engine.bytes_read + sum(sizes), sum(written), 0,
-                       len(inputs.names), n_units, sum(1 for u in units.values() if len(u) > 1), "", 0)
+    return sum(written), sum(sizes)
 
 
 def _publish(partial: str, out: str) -> None:

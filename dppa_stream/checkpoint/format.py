@@ -38,6 +38,9 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F8_E4M3": (torch.float8_e4m3fn, 1),
 }
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+# safetensors' own dtype order (its `Dtype` enum); save_file lays tensors out by it, descending
+_SAVE_ORDER = {d: i for i, d in enumerate(
+    ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"))}
 NAME_OF_TORCH_DTYPE = {t: name for name, (t, _) in DTYPES.items()}
 
 
@@ -114,7 +117,7 @@ def parse_entries(path: str, header: dict, data_start: int, file_size: int) -> l
         if not isinstance(info, dict):
             raise InputError(f"{where}: entry is not an object")
         dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise InputError(f"{where}: unsupported dtype {dtype!r}")
         if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
             raise InputError(f"{where}: shape {shape!r} is not a list of non-negative integers")
@@ -149,11 +152,11 @@ def parse_entries(path: str, header: dict, data_start: int, file_size: int) -> l
 def build_header(specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
     """Header bytes (length prefix included) for tensors given as (name, dtype, shape).
 
-    Ordered and padded exactly as `safetensors.torch.save_file` does (descending alignment, then
-    name; JSON padded with spaces to a multiple of 8), so our files are byte-identical to it.
+    Ordered and padded exactly as `safetensors.torch.save_file` does (descending safetensors dtype
+    order, then name; JSON padded with spaces to a multiple of 8), so our files are byte-identical to it.
     Returns the header and each tensor's offset relative to the data start.
     """
-    ordered = sorted(specs, key=lambda s: (-DTYPES[s[1]][1], s[0]))
+    ordered = sorted(specs, key=lambda s: (-_SAVE_ORDER[s[1]], s[0]))
     header: dict = {"__metadata__": metadata} if metadata else {}
     offsets, pos = {}, 0
     for name, dtype, shape in ordered:

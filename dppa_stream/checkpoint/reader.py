@@ -114,6 +114,8 @@ class Checkpoint:
         try:
             with open(index, "rb") as f:
                 data = json.loads(f.read().decode("utf-8"))
+        except OSError as e:
+            raise InputError(f"{index}: cannot read ({e.strerror})") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputError(f"{index}: not valid JSON ({e})") from None
         wmap = data.get("weight_map") if isinstance(data, dict) else None
@@ -121,7 +123,7 @@ class Checkpoint:
             raise InputError(f"{index}: needs a non-empty 'weight_map' object")
         files: dict[str, str] = {}
         for name, rel in wmap.items():
-            if rel not in files:
+            if not isinstance(rel, str) or rel not in files:  # _inside refuses non-strings
                 files[rel] = _inside(folder, rel, index)
         entries = []
         for rel, full in files.items():
