@@ -89,8 +89,78 @@ def _report(res, quiet, json_out):
 
 
 @main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write all statistics as JSON ('-' for stdout).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of outlier ratios and densities across layers.")
+@click.option("--memory-limit", help="Memory budget, e.g. 4GiB [default: half the available memory].")
+@click.option("--scheduler", default=None, help=_SCHED_HELP)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or table.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def stats(config, json_out, plot, memory_limit, scheduler, quiet, debug):
+    """Run pass 1 of a dp/dppa CONFIG and report DP statistics: outlier ratios, densities, thresholds."""
+
+    def go():
+        from dppa_stream import stats_report
+        from dppa_stream.config import load_config
+        from dppa_stream.pipeline import MergeOptions
+
+        res = stats_report.collect_stats(load_config(config), MergeOptions(_size(memory_limit, "--memory-limit"),
+                                                                           scheduler, quiet=quiet))
+        if not quiet:
+            click.echo(stats_report.table(res))
+            click.echo(f"pass 1 read {res.bytes_read / 1e9:.2f} GB in {res.wall_seconds:.1f}s; "
+                       f"peak memory {res.peak_anon_bytes / 2**20:.0f} MiB", err=True)
+        if json_out:
+            stats_report.write_json(res, json_out)
+        if plot:
+            stats_report.plot(res, plot)
+
+    _run(debug, go)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--eval-cmd", "eval_cmds", multiple=True, required=True,
+              help="Command scoring a model folder, with {model} in it; its last printed number is the score. Repeatable.")
+@click.option("--dense-score", "dense", type=float, multiple=True,
+              help="Reference score per --eval-cmd (e.g. the dense fine-tune's); the objective is the geometric mean of score/reference.")
+@click.option("--start", help="Starting factors, comma-separated, one per pruning rate [default: the config's amplification].")
+@click.option("--step", type=float, default=0.1, show_default=True, help="Step of the coordinate walk.")
+@click.option("--max-evals", type=int, default=100, show_default=True, help="Stop after this many evaluations.")
+@click.option("--memory-limit", help="Memory budget, e.g. 4GiB [default: half the available memory].")
+@click.option("--scheduler", default=None, help=_SCHED_HELP)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def search(config, out, eval_cmds, dense, start, step, max_evals, memory_limit, scheduler, overwrite, quiet, debug):
+    """Search DPA amplification factors for a dppa CONFIG by greedy coordinate ascent; keep the best model in OUT.
+
+    Score on a validation split, not on the test set you report (the reference tuned on test data)."""
+
+    def go():
+        from dppa_stream.config import load_config
+        from dppa_stream.errors import UsageError
+        from dppa_stream.pipeline import MergeOptions
+        from dppa_stream.search import search as run_search
+
+        try:
+            start_list = [float(x) for x in start.split(",")] if start else None
+        except ValueError:
+            raise UsageError(f"--start {start!r}: give comma-separated numbers like 1.8,0.0") from None
+        opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, overwrite=overwrite, quiet=True)
+        res = run_search(load_config(config), out, list(eval_cmds), opts, start_list, step, list(dense) or None,
+                         max_evals, echo=(lambda *a: None) if quiet else (lambda m: click.echo(m, err=True)))
+        if not quiet:
+            click.echo(f"best amplification {res.best_amplification} (score {res.best_score:.6g}) after "
+                       f"{len(res.log)} evaluations in {res.wall_seconds:.1f}s; model in {res.out}", err=True)
+
+    _run(debug, go)
+
+
+@main.command()
 @click.argument("out", type=click.Path(file_okay=False), default="demo-out")
-@click.option("--method", default="ties", show_default=True, help="Merge method to demonstrate.")
+@click.option("--method", default="dppa", show_default=True, help="Merge method to demonstrate.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT/merged.")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--debug", is_flag=True)
@@ -110,10 +180,19 @@ def demo(out, method, overwrite, quiet, debug):
         cfg_path = os.path.join(out, f"{method}.yml")
         with open(cfg_path, "w") as f:
             f.write(_demo_config(method, inputs))
-        res = run_merge(load_config(cfg_path), os.path.join(out, "merged"), MergeOptions(overwrite=overwrite, quiet=quiet))
+        cfg = load_config(cfg_path)
+        res = run_merge(cfg, os.path.join(out, "merged"), MergeOptions(overwrite=overwrite, quiet=quiet))
         _report(res, quiet, None)
+        if cfg.merge_method in ("dp", "dppa"):
+            from dppa_stream import stats_report
+
+            st = stats_report.collect_stats(cfg, MergeOptions(quiet=True))
+            stats_report.plot(st, os.path.join(out, "dppa-stats.png"))
+            stats_report.write_json(st, os.path.join(out, "dppa-stats.json"))
+            if not quiet:
+                click.echo(f"DP statistics: {out}/dppa-stats.png, {out}/dppa-stats.json", err=True)
         if not quiet:
-            click.echo(f"config: {cfg_path}", err=True)
+            click.echo(f"config: {cfg_path}; merged model: {out}/merged", err=True)
 
     _run(debug, go)
 
@@ -133,6 +212,8 @@ def _demo_config(method: str, inputs: str) -> str:
             p.append("weight: 0.5")
         if "density" in params:
             p.append("density: 0.2")
+        if "amplification" in params:
+            p.append("amplification: [1.8, 1.0]")
         if p:
             lines.append(f"    parameters: {{{', '.join(p)}}}")
     lines.append("dtype: bfloat16")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -71,7 +72,7 @@ class Progress:
 
     @contextlib.contextmanager
     def phase(self, label: str, total: int):
-        show = not self.quiet and click.get_text_stream("stderr").isatty()
+        show = not self.quiet and sys.stderr.isatty()
         t0 = time.perf_counter()
         done = [0]
 
@@ -81,7 +82,7 @@ class Progress:
 
         if show:
             with click.progressbar(length=max(total, 1), label=f"{label:<8}", show_eta=True, show_percent=True,
-                                   item_show_func=rate, file=click.get_text_stream("stderr")) as bar:
+                                   item_show_func=rate, file=sys.stderr) as bar:
                 self._bar = bar
 
                 def step(n):
@@ -110,11 +111,11 @@ class Executor:
         logging.getLogger("distributed").setLevel(logging.ERROR)
         if spec.kind == "threads":
             self._cluster = LocalCluster(n_workers=1, threads_per_worker=spec.workers, processes=False,
-                                         dashboard_address=None, memory_limit=0)
+                                         dashboard_address=":0", memory_limit=0)
             self.client = Client(self._cluster, set_as_default=False)
         elif spec.kind == "processes":
             self._cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=1, processes=True,
-                                         dashboard_address=None, memory_limit=worker_memory)
+                                         dashboard_address=":0", memory_limit=worker_memory)
             self.client = Client(self._cluster, set_as_default=False)
         else:
             try:

@@ -87,14 +87,19 @@ def plot(result: StatsResult, path: str) -> None:
     fig, axes = plt.subplots(2, n, figsize=(6 * n, 7), squeeze=False)
     for col, (mpath, rep) in enumerate(zip(result.model_paths, result.models)):
         ax = axes[0][col]
-        ax.plot([b.block for b in rep.blocks], [b.outlier_ratio for b in rep.blocks], "o-", label="block outlier ratio D_i (%)")
         kinds = sorted({tr.name.split(f"layers.{tr.block}.")[-1] for tr in rep.tensors})
         for kind in kinds:
             pts = [(tr.block, tr.outlier_ratio) for tr in rep.tensors if tr.name.endswith(kind)]
-            ax.plot(*zip(*pts), ".--", alpha=0.7, label=f"{kind.replace('.weight', '')} r_ij (%)")
+            ax.plot(*zip(*pts), ".--", alpha=0.7, label=f"{kind.replace('.weight', '')}")
+        ax.set_ylabel(f"linear outlier ratio r_ij (% > {result.params.get('outlier_multiple')} x mean)")
+        twin = ax.twinx()
+        twin.plot([b.block for b in rep.blocks], [b.outlier_ratio for b in rep.blocks], "ko-", lw=2,
+                  label=f"block D_i (% > {result.params.get('layer_outlier_multiple')} x block mean)")
+        twin.set_ylabel("block outlier ratio D_i (%)")
+        twin.legend(fontsize=7, loc="upper right")
         ax.set_title(f"outlier ratios: {mpath.rstrip('/').split('/')[-1]}")
         ax.set_xlabel("layer")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left")
         ax = axes[1][col]
         for kind in kinds:
             pts = [(tr.block, tr.densities[0]) for tr in rep.tensors if tr.name.endswith(kind)]
@@ -106,6 +111,10 @@ def plot(result: StatsResult, path: str) -> None:
         ax.set_xlabel("layer")
         ax.set_ylabel("density kept")
         ax.legend(fontsize=7)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

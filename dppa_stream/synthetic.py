@@ -103,16 +103,18 @@ def _delta_block(name: str, shape, rows: tuple[int, int], seed: int, ft: int, la
     depth = 0.5 + 1.5 * (layer + 1) / max(1, layers) if layer >= 0 else 0.7
     kind = 1.6 if "mlp" in name else 1.0
     scale = drift * depth * kind * (1.0 + 0.3 * ft)
-    t = _student_t(n, g)
+    # tails get heavier with depth (and differ between attention and MLP), as DP's signals expect
+    df = 3 + (4 if layer < 0 else round(6 * (1 - (layer + 1) / max(1, layers)))) + (1 if "mlp" in name else 0)
+    t = _student_t(n, g, df)
     d = scale * t
     d[torch.rand(n, generator=g) < 0.05] = 0.0  # untouched weights
     return d
 
 
-def _student_t(n: int, g: torch.Generator, df: float = 3.0) -> torch.Tensor:
+def _student_t(n: int, g: torch.Generator, df: int = 3) -> torch.Tensor:
     z = torch.randn(n, generator=g)
     chi2 = torch.zeros(n)
-    for _ in range(int(df)):
+    for _ in range(df):
         chi2 += torch.randn(n, generator=g) ** 2
     return z / torch.sqrt(chi2 / df)
 

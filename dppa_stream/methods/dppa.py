@@ -324,6 +324,15 @@ class DPPA(TaskArithmetic):
             factors = self._band_factors(self.factors(self.mparams[i]))
             self._plans[(t, i)] = (ths, Decision(tie_starts=tie_starts), factors)
 
+    def set_amplification(self, alphas: list[float]) -> None:
+        """Use these factors for every fine-tune (the factor search); thresholds are unchanged."""
+        if len(alphas) != len(self.rates):
+            raise ValueError("one factor per pruning rate")
+        for m in self.mparams:
+            m["amplification"] = list(alphas)
+        bands = self._band_factors(list(alphas))
+        self._plans = {key: (th, dec, bands) for key, (th, dec, _) in self._plans.items()}
+
     # -- pass 2 ---------------------------------------------------------------------------------
     def sparsifier(self, model, tensor) -> Sparsifier:
         plan = self._plans.get((tensor, model))
