@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 import click
@@ -19,6 +20,9 @@ _SCHED_HELP = "threads (default), threads:N, processes:N (a local Dask cluster) 
 
 
 def _run(debug: bool, fn):
+    # A file-size limit (ulimit -f) must surface as a write error (EFBIG), not kill us silently.
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         return fn()
     except DppaError as e:
@@ -57,19 +61,26 @@ def main():
 @click.option("--scheduler-file", type=click.Path(dir_okay=False), help="Connect to the Dask scheduler described in this file.")
 @click.option("--shard-size", default="5GB", show_default=True, help="Max bytes per output shard.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random methods (DARE).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT (once the new output is complete) or a stale OUT.partial.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run of the same config and inputs from OUT.partial.")
+@click.option("--allow-nonfinite", is_flag=True, help="Merge inputs containing NaN/Inf instead of refusing them.")
+@click.option("--unit-size", help="Max input bytes per work unit (all models together) [default: from --memory-limit].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary line.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the run summary as JSON to this file ('-' for stdout).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def merge(config, out, memory_limit, scheduler, scheduler_file, shard_size, seed, overwrite, quiet, json_out, debug):
-    """Merge the models named in CONFIG (mergekit-style YAML) into the folder OUT."""
+def merge(config, out, memory_limit, scheduler, scheduler_file, shard_size, seed, overwrite, resume, allow_nonfinite,
+          unit_size, quiet, json_out, debug):
+    """Merge the models named in CONFIG (mergekit-style YAML) into the folder OUT.
+
+    OUT appears only when complete; until then work goes to OUT.partial, which --resume continues."""
 
     def go():
         from dppa_stream.config import load_config
         from dppa_stream.pipeline import MergeOptions, merge as run_merge
 
         opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, scheduler_file,
-                            _size(shard_size, "--shard-size"), seed, overwrite, quiet)
+                            _size(shard_size, "--shard-size"), seed, overwrite, quiet,
+                            _size(unit_size, "--unit-size"), resume, allow_nonfinite)
         res = run_merge(load_config(config), out, opts)
         _report(res, quiet, json_out)
 

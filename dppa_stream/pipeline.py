@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from . import __version__
 from .checkpoint import FLOAT_DTYPES, Checkpoint, ShardLayout
@@ -24,6 +24,7 @@ from .errors import InputError, OutputError, UsageError
 from .executor import Executor, Progress, SchedulerSpec
 from .hf_files import copy_model_files, write_model_card
 from .memory import PeakSampler, default_budget
+from .stats_store import StatsStore
 from .tasks import Unit, UnitInputs, combine_summaries, merge_task, stats_task
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
@@ -43,6 +44,8 @@ class MergeOptions:
     overwrite: bool = False
     quiet: bool = False
     unit_bytes: int | None = None  # force a smaller work unit (input bytes over all models); testing/tuning
+    resume: bool = False  # continue an interrupted run found at OUT.partial
+    allow_nonfinite: bool = False  # merge inputs that contain NaN/Inf instead of refusing them
 
 
 @dataclass
@@ -58,14 +61,15 @@ class MergeResult:
     split_tensors: int
     scheduler: str
     memory_limit: int
-    passes: list = field(default_factory=list)
+    resumed_units: int = 0
 
     def summary_line(self) -> str:
+        resumed = f" (resumed: {self.resumed_units} units were already done)" if self.resumed_units else ""
         return (
             f"merged {self.tensors} tensors ({self.units} work units) into {self.out} in {self.wall_seconds:.1f}s: "
             f"read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB "
             f"({self.bytes_read / max(self.wall_seconds, 1e-9) / 1e6:.0f} MB/s read), "
-            f"peak memory {self.peak_anon_bytes / 2**20:.0f} MiB (anonymous, process tree)"
+            f"peak memory {self.peak_anon_bytes / 2**20:.0f} MiB (anonymous, process tree){resumed}"
         )
 
     def to_json(self) -> dict:
@@ -145,49 +149,75 @@ def unit_budget(memory_limit: int, workers: int, processes: int) -> int:
 
 
 class StatsEngine:
-    """Runs statistics rounds (pass 1) over work units on the executor."""
+    """Runs statistics rounds (pass 1) over work units on the executor; with a store, results
+    are persisted and never recomputed (resume, factor search)."""
 
-    def __init__(self, executor: Executor, inputs: Inputs, units: dict[str, list[Unit]], method, progress: Progress):
+    def __init__(self, executor: Executor, inputs: Inputs, units: dict[str, list[Unit]], method, progress: Progress,
+                 store: StatsStore | None = None, check_finite: bool = True):
         self.ex, self.inputs, self.units, self.method, self.progress = executor, inputs, units, method, progress
+        self.store, self.check_finite = store, check_finite
         self.bytes_read = 0
 
     def summaries(self, wanted: dict[str, list[int]], label: str = "pass 1") -> dict[str, dict]:
         """tensor -> {model index: Summary} over every unit of each wanted tensor."""
-        calls, sizes, groups = [], [], []
+        found: dict[str, dict] = {}
+        missing: dict[str, list[int]] = {}
         for t, models in wanted.items():
+            for i in models:
+                got = self.store.get_summary(i, t) if self.store else None
+                if got is None:
+                    missing.setdefault(t, []).append(i)
+                else:
+                    found.setdefault(t, {})[i] = got
+        calls, sizes, groups = [], [], []
+        for t, models in missing.items():
             for u in self.units[t]:
                 inp = self.inputs.unit_inputs(u)
-                calls.append((self.method, inp, {i: None for i in models}))
+                calls.append((self.method, inp, {i: None for i in models}, self.check_finite))
                 sizes.append(inp.nbytes)
                 groups.append(t)
-        if not calls:
-            return {}
-        self.bytes_read += sum(sizes)
-        with self.progress.phase(label, sum(sizes)) as step:
-            return self.ex.map_reduce(stats_task, calls, sizes, groups, combine_summaries, step)
+        if calls:
+            self.bytes_read += sum(sizes)
+            with self.progress.phase(label, sum(sizes)) as step:
+                computed = self.ex.map_reduce(stats_task, calls, sizes, groups, combine_summaries, step)
+            for t, per_model in computed.items():
+                for i, summ in per_model.items():
+                    if self.store:
+                        self.store.put_summary(i, t, summ)
+                    found.setdefault(t, {})[i] = summ
+        return found
 
     def details(self, buckets: dict[tuple[str, int], tuple], label: str = "refine") -> dict[tuple[str, int], list]:
         """(tensor, model) -> per unit, per requested bin, (values, counts) of the low 16 bits of the
         |delta| inside that histogram bin."""
+        out: dict[tuple[str, int], list] = {}
         by_tensor: dict[str, dict[int, tuple]] = {}
         for (t, i), b in buckets.items():
-            by_tensor.setdefault(t, {})[i] = b
+            got = self.store.get_details(i, t, b) if self.store else None
+            if got is None:
+                by_tensor.setdefault(t, {})[i] = b
+            else:
+                out[(t, i)] = got
         calls, sizes, keys = [], [], []
         for t, req in by_tensor.items():
             for u in self.units[t]:
                 inp = self.inputs.unit_inputs(u)
-                calls.append((self.method, inp, req))
+                calls.append((self.method, inp, req, self.check_finite))
                 sizes.append(inp.nbytes)
                 keys.append(t)
         if not calls:
-            return {}
+            return out
         self.bytes_read += sum(sizes)
         with self.progress.phase(label, sum(sizes)) as step:
             results = self.ex.map(stats_task, calls, sizes, step)
-        out: dict[tuple[str, int], list] = {}
+        fresh: dict[tuple[str, int], list] = {}
         for t, res in zip(keys, results):  # calls were made in unit order
             for i, detail in res.items():
-                out.setdefault((t, i), []).append(detail)
+                fresh.setdefault((t, i), []).append(detail)
+        for (t, i), units in fresh.items():
+            if self.store:
+                self.store.put_details(i, t, buckets[(t, i)], units)
+            out[(t, i)] = units
         return out
 
 
@@ -269,8 +299,10 @@ class Session:
     progress: Progress
     budget: int
 
-    def engine(self) -> StatsEngine:
-        return StatsEngine(self.executor, self.inputs, self.units, self.method, self.progress)
+    check_finite: bool = True
+
+    def engine(self, store: StatsStore | None = None) -> StatsEngine:
+        return StatsEngine(self.executor, self.inputs, self.units, self.method, self.progress, store, self.check_finite)
 
 
 @contextlib.contextmanager
@@ -289,7 +321,7 @@ def session(cfg: MergeConfig, opts: MergeOptions, out: str | None = None):
         ub = unit_budget(budget, workers, procs) if spec.kind in ("threads", "processes") else MAX_UNIT_BYTES // 4
         if opts.unit_bytes:
             ub = min(ub, opts.unit_bytes)
-        yield Session(inputs, method, ex, plan_units(inputs, ub), Progress(opts.quiet), budget)
+        yield Session(inputs, method, ex, plan_units(inputs, ub), Progress(opts.quiet), budget, not opts.allow_nonfinite)
     finally:
         ex.close()
 
@@ -310,47 +342,88 @@ def merge(cfg: MergeConfig, out: str, opts: MergeOptions | None = None) -> Merge
 
 
 def _run(cfg, out, opts, s: Session) -> MergeResult:
-    engine = s.engine()
+    partial = out + ".partial"
+    done = prepare_partial(partial, fingerprint(cfg, s.inputs, opts), opts.resume, opts.overwrite)
+    engine = s.engine(StatsStore(os.path.join(partial, WORK_DIR, "stats.zarr")))
     extra = s.method.plan(engine) or {}
     decisions = sparsifier_decisions(s.method, s.inputs, s.units, engine)
-    written, read = write_output(cfg, out, opts, s, decisions, extra)
+    written, read = write_output(cfg, out, opts, s, decisions, extra, done)
     n_units = sum(len(u) for u in s.units.values())
     return MergeResult(out, cfg.merge_method, 0.0, engine.bytes_read + read, written, 0, len(s.inputs.names), n_units,
-                       sum(1 for u in s.units.values() if len(u) > 1), "", 0)
+                       sum(1 for u in s.units.values() if len(u) > 1), "", 0, resumed_units=len(done))
 
 
-def write_output(cfg: MergeConfig, out: str, opts: MergeOptions, s: Session, decisions: dict, extra: dict) -> tuple[int, int]:
-    """Pass 2: merge every unit into pre-laid-out shards under OUT.partial, then finalise and
-    rename to OUT. Returns (bytes written, bytes read)."""
-    inputs, method = s.inputs, s.method
-    partial = out + ".partial"
+def prepare_partial(partial: str, fp: str, resume: bool, overwrite: bool) -> set:
+    """Create OUT.partial for a fresh run, or validate it for --resume; returns the finished units.
+
+    A partial output is only continued when its fingerprint (config, seed, shard size, inputs'
+    sizes and mtimes, version) matches; otherwise it is refused, never silently mixed."""
+    work = os.path.join(partial, WORK_DIR)
+    run_json = os.path.join(work, "run.json")
     if os.path.exists(partial):
-        if not os.path.isdir(os.path.join(partial, WORK_DIR)):
+        if not os.path.isfile(run_json):
             raise OutputError(f"{partial}: exists and was not made by dppa-stream; remove it")
+        if resume:
+            with open(run_json) as f:
+                old = json.load(f).get("fingerprint")
+            if old != fp:
+                raise OutputError(f"{partial}: was made with a different config or different inputs; "
+                                  "remove it or pass --overwrite to start over")
+            return _read_done(os.path.join(work, "done.txt"))
+        if not overwrite:
+            raise OutputError(f"{partial}: holds an interrupted run; pass --resume to continue it or --overwrite to start over")
         shutil.rmtree(partial)
     try:
-        os.makedirs(os.path.join(partial, WORK_DIR))
+        os.makedirs(work)
+        with open(run_json, "w") as f:
+            json.dump({"fingerprint": fp, "version": __version__}, f)
     except OSError as e:
         raise OutputError(f"{partial}: cannot create the output folder ({e.strerror})") from None
-    with open(os.path.join(partial, WORK_DIR, "run.json"), "w") as f:
-        json.dump({"fingerprint": fingerprint(cfg, inputs, opts), "version": __version__}, f)
+    return set()
 
+
+def _read_done(path: str) -> set:
+    done = set()
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                parts = line.rstrip("\n").split("\t")
+                if line.endswith("\n") and len(parts) == 2 and parts[1].isdigit():
+                    done.add((parts[0], int(parts[1])))
+    return done
+
+
+def write_output(cfg: MergeConfig, out: str, opts: MergeOptions, s: Session, decisions: dict, extra: dict,
+                 done: set | None = None) -> tuple[int, int]:
+    """Pass 2: merge every unit not yet `done` into pre-laid-out shards under OUT.partial, record
+    each finished unit in the manifest, then finalise and rename to OUT. Returns (written, read)."""
+    inputs, method = s.inputs, s.method
+    partial = out + ".partial"
+    if done is None:
+        done = prepare_partial(partial, "", False, True)
     ref = inputs.reference
     out_dtypes = {t: (cfg.output_dtype or e.dtype) if e.dtype in FLOAT_DTYPES else e.dtype
                   for t, e in ref.tensors.items()}
     layout = ShardLayout([(t, out_dtypes[t], ref.tensors[t].shape) for t in inputs.names], opts.shard_size)
-    layout.preallocate(partial)
+    if done:
+        layout.check_preallocated(partial)
+    else:
+        layout.preallocate(partial)
 
     calls, sizes = [], []
     for t in inputs.names:
         for u in s.units[t]:
+            if (t, u.index) in done:
+                continue
             inp = inputs.unit_inputs(u)
-            calls.append((method, inp, decisions[t], extra.get(t), partial, layout.placements[t], out_dtypes[t]))
+            calls.append((method, inp, decisions[t], extra.get(t), partial, layout.placements[t], out_dtypes[t],
+                          s.check_finite))
             sizes.append(inp.nbytes)
     with open(os.path.join(partial, WORK_DIR, "done.txt"), "a") as manifest:
         def record(i, _):
             u = calls[i][1].unit
             manifest.write(f"{u.tensor}\t{u.index}\n")
+            manifest.flush()
 
         with s.progress.phase("merge", sum(sizes)) as step:
             written = s.executor.map(merge_task, calls, sizes, step, record)

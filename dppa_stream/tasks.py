@@ -59,8 +59,10 @@ def _load(inp: UnitInputs):
     return base, [read_rows(e, u.row_start, u.row_stop) for e in inp.models]
 
 
-def sub_chunks(inp: UnitInputs, base_raw, model_raw, delta_dtype: str, want_inputs: bool):
-    """Yield (flat_start, local_row_start, local_row_stop, base_f32, deltas_f32, inputs_f32) per sub-chunk."""
+def sub_chunks(inp: UnitInputs, base_raw, model_raw, delta_dtype: str, want_inputs: bool, check_finite: bool = True):
+    """Yield (flat_start, local_row_start, local_row_stop, base_f32, deltas_f32, inputs_f32) per sub-chunk.
+
+    Refuses NaN/Inf inputs (they would silently poison statistics and merges) unless told not to."""
     u = inp.unit
     rows = u.row_stop - u.row_start
     step = max(1, SUB_CHUNK_ELEMS // max(1, u.row_numel))
@@ -68,6 +70,11 @@ def sub_chunks(inp: UnitInputs, base_raw, model_raw, delta_dtype: str, want_inpu
         b = min(rows, a + step)
         base = base_raw[a:b].float() if base_raw is not None else None
         inputs = [m[a:b].float() for m in model_raw]
+        if check_finite:
+            for entry, x in zip(([inp.base] if base is not None else []) + list(inp.models),
+                                ([base] if base is not None else []) + inputs):
+                if not bool(torch.isfinite(x).all()):
+                    _nonfinite(entry, model_raw, base_raw, inp)
         deltas = []
         if base is not None:
             for x in inputs:
@@ -78,12 +85,22 @@ def sub_chunks(inp: UnitInputs, base_raw, model_raw, delta_dtype: str, want_inpu
         yield u.flat_start + a * u.row_numel, a, b, base, deltas, (inputs if want_inputs else None)
 
 
-def _gather_stats(method, inp: UnitInputs, base_raw, model_raw, requests: dict[int, tuple | None]) -> dict:
+def _nonfinite(entry: TensorEntry, model_raw, base_raw, inp: UnitInputs):
+    from .errors import InputError
+
+    raw = base_raw if entry is inp.base else model_raw[list(inp.models).index(entry)]
+    bad = int((~torch.isfinite(raw.float())).sum())
+    raise InputError(f"{entry.file}: tensor {entry.name!r} has {bad} NaN/Inf values in rows "
+                     f"{inp.unit.row_start}..{inp.unit.row_stop - 1}; pass --allow-nonfinite to merge anyway")
+
+
+def _gather_stats(method, inp: UnitInputs, base_raw, model_raw, requests: dict[int, tuple | None],
+                  check_finite: bool = True) -> dict:
     """Round-1 summaries (request None) or round-2 details of the requested bins, per model."""
     tensor = inp.unit.tensor
     sps = {i: method.sparsifier(i, tensor) for i in requests}
     acc: dict = {}
-    for flat, _, _, _, deltas, _ in sub_chunks(inp, base_raw, model_raw, method.delta_dtype, False):
+    for flat, _, _, _, deltas, _ in sub_chunks(inp, base_raw, model_raw, method.delta_dtype, False, check_finite):
         for i, buckets in requests.items():
             if buckets is None:
                 s = sps[i].summarize(deltas[i], flat)
@@ -104,11 +121,11 @@ def _gather_stats(method, inp: UnitInputs, base_raw, model_raw, requests: dict[i
     return out
 
 
-def stats_task(method, inp: UnitInputs, requests: dict[int, tuple | None]) -> dict:
+def stats_task(method, inp: UnitInputs, requests: dict[int, tuple | None], check_finite: bool = True) -> dict:
     """A statistics task for one unit: {model index: Summary, or [(values, counts) per bin]}."""
     init_worker()
     base_raw, model_raw = _load(inp)
-    return _gather_stats(method, inp, base_raw, model_raw, requests)
+    return _gather_stats(method, inp, base_raw, model_raw, requests, check_finite)
 
 
 def combine_summaries(*parts: dict) -> dict:
@@ -120,27 +137,28 @@ def combine_summaries(*parts: dict) -> dict:
     return out
 
 
-def decide_inline(method, inp: UnitInputs, base_raw, model_raw, decisions: list) -> list:
+def decide_inline(method, inp: UnitInputs, base_raw, model_raw, decisions: list, check_finite: bool) -> list:
     """Fill in the decisions of a tensor held in one unit from the data already in memory."""
     missing = [i for i, d in enumerate(decisions) if d is None]
     if not missing:
         return decisions
     out = list(decisions)
     numel = inp.unit.numel
-    sums = _gather_stats(method, inp, base_raw, model_raw, {i: None for i in missing})
+    sums = _gather_stats(method, inp, base_raw, model_raw, {i: None for i in missing}, check_finite)
     buckets = {}
     for i in missing:
         b = method.sparsifier(i, inp.unit.tensor).bucket(numel, sums[i])
         if b is not None:
             buckets[i] = b
-    details = _gather_stats(method, inp, base_raw, model_raw, buckets) if buckets else {}
+    details = _gather_stats(method, inp, base_raw, model_raw, buckets, check_finite) if buckets else {}
     for i in missing:
         sp = method.sparsifier(i, inp.unit.tensor)
         out[i] = sp.decide(numel, sums[i], [details[i]] if i in details else None)
     return out
 
 
-def merge_task(method, inp: UnitInputs, decisions: list, extra, folder: str, place: Placement, out_dtype: str) -> int:
+def merge_task(method, inp: UnitInputs, decisions: list, extra, folder: str, place: Placement, out_dtype: str,
+               check_finite: bool = True) -> int:
     """Merge one unit and write it at its final place; returns bytes written."""
     init_worker()
     u = inp.unit
@@ -148,13 +166,13 @@ def merge_task(method, inp: UnitInputs, decisions: list, extra, folder: str, pla
     src = inp.base or inp.models[0]
     if src.dtype not in FLOAT_DTYPES:  # integer buffers: copied from the base unchanged
         return write_rows(folder, place, u.row_start, base_raw if base_raw is not None else model_raw[0])
-    decisions = decide_inline(method, inp, base_raw, model_raw, decisions)
+    decisions = decide_inline(method, inp, base_raw, model_raw, decisions, check_finite)
     sps = [method.sparsifier(i, u.tensor) for i in range(len(inp.models))]
     states = [sp.start(d, u.index) for sp, d in zip(sps, decisions)]
     tdtype = DTYPES[out_dtype][0]
     written = 0
     for flat, a, b, base, deltas, inputs in sub_chunks(inp, base_raw, model_raw, method.delta_dtype,
-                                                         not method.needs_base):
+                                                         not method.needs_base, check_finite):
         pruned = [sp.apply(d, dec, st, flat) for sp, d, dec, st in zip(sps, deltas, decisions, states)]
         out = method.merge(base, pruned, inputs, u.tensor, extra)
         written += write_rows(folder, place, u.row_start + a, out.to(tdtype))

@@ -9,6 +9,7 @@ HF sharding convention (greedy in tensor order, `model-0000i-of-0000N.safetensor
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -69,8 +70,22 @@ class ShardLayout:
                 with open(path, "wb") as f:
                     f.write(self.headers[fname])
                     f.truncate(self.file_sizes[fname])
+                    _reserve(f.fileno(), self.file_sizes[fname])
             except OSError as e:
-                raise OutputError(f"{path}: cannot create output shard ({e.strerror})") from None
+                raise OutputError(f"{path}: cannot create output shard of {self.file_sizes[fname] / 1e9:.2f} GB "
+                                  f"({e.strerror})") from None
+
+    def check_preallocated(self, folder: str) -> None:
+        """For resume: every shard exists with its final size and header."""
+        for fname in self.files:
+            path = os.path.join(folder, fname)
+            try:
+                with open(path, "rb") as f:
+                    ok = f.read(len(self.headers[fname])) == self.headers[fname] and os.fstat(f.fileno()).st_size == self.file_sizes[fname]
+            except OSError:
+                ok = False
+            if not ok:
+                raise OutputError(f"{path}: does not match the planned output layout; remove the partial output to start over")
 
     def index(self) -> dict | None:
         """`model.safetensors.index.json` content, or None for a single shard (HF convention)."""
@@ -93,6 +108,16 @@ class ShardLayout:
         if idx is not None:
             with open(os.path.join(folder, INDEX_NAME), "w") as f:
                 f.write(json.dumps(idx, indent=2, sort_keys=True) + "\n")
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Reserve the disk space now, so a full disk fails at the start, not hours in."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return  # filesystem cannot reserve (e.g. some network filesystems): find out when writing
+        raise
 
 
 def write_rows(folder: str, place: Placement, row_start: int, rows: torch.Tensor) -> int:
