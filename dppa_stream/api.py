@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from .config import MergeConfig, load_config, parse_config
 from .pipeline import MergeOptions, MergeResult
 from .pipeline import merge as _merge
@@ -21,5 +19,6 @@ def merge(config: str | MergeConfig | dict, out: str, **options) -> MergeResult:
 
         config = parse_config(yaml.safe_dump(config, sort_keys=False), "<dict>")
     elif isinstance(config, str):
-        config = load_config(config) if os.path.exists(config) else parse_config(config)
+        # YAML text has a newline; anything else is a path (a missing one gets "cannot read config")
+        config = parse_config(config) if "\n" in config else load_config(config)
     return _merge(config, out, MergeOptions(**options))
