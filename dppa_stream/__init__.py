@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .api import merge  # noqa: E402
+from .api import merge, stats  # noqa: E402
 
-__all__ = ["merge", "__version__"]
+__all__ = ["merge", "stats", "__version__"]

@@ -14,11 +14,22 @@ def merge(config: str | MergeConfig | dict, out: str, **options) -> MergeResult:
     Options are those of `MergeOptions` (memory_limit, scheduler, shard_size, seed, overwrite, ...).
     Raises `dppa_stream.errors.DppaError` with a one-line message on bad input.
     """
+    return _merge(_config(config), out, MergeOptions(**options))
+
+
+def _config(config) -> MergeConfig:
     if isinstance(config, dict):
         import yaml
 
-        config = parse_config(yaml.safe_dump(config, sort_keys=False), "<dict>")
-    elif isinstance(config, str):
+        return parse_config(yaml.safe_dump(config, sort_keys=False), "<dict>")
+    if isinstance(config, str):
         # YAML text has a newline; anything else is a path (a missing one gets "cannot read config")
-        config = parse_config(config) if "\n" in config else load_config(config)
-    return _merge(config, out, MergeOptions(**options))
+        return parse_config(config) if "\n" in config else load_config(config)
+    return config
+
+
+def stats(config: str | MergeConfig | dict, **options):
+    """Run pass 1 of a dp/dppa config and return a `StatsResult` (per-model DP reports)."""
+    from .stats_report import collect_stats
+
+    return collect_stats(_config(config), MergeOptions(**options))
