@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
-from .stats import HIST_BINS, Summary
+from .summaries import HIST_BINS, Summary
 
 
 def _name(kind: str, model: int, tensor: str, tag: str = "") -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import stats
+from . import summaries
 from .checkpoint import DTYPES, FLOAT_DTYPES, Placement, TensorEntry, read_rows, write_rows
 from .executor import init_worker
 
@@ -108,13 +108,13 @@ def _gather_stats(method, inp: UnitInputs, base_raw, model_raw, requests: dict[i
             else:
                 per_bin = acc.setdefault(i, [{} for _ in buckets])
                 for b, d in zip(buckets, per_bin):
-                    vals, counts = stats.bucket_detail(deltas[i], b)
+                    vals, counts = summaries.bucket_detail(deltas[i], b)
                     for v, c in zip(vals.tolist(), counts.tolist()):
                         d[v] = d.get(v, 0) + c
     out = {}
     for i, buckets in requests.items():
         if buckets is None:
-            out[i] = acc.get(i) or stats.Summary()
+            out[i] = acc.get(i) or summaries.Summary()
         else:
             out[i] = [(np.array(sorted(d), np.int64), np.array([d[k] for k in sorted(d)], np.int64))
                       for d in acc.get(i, [{} for _ in buckets])]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import stats
+from .. import summaries
 from ..checkpoint import FLOAT_DTYPES
 from .base import Param
 from .gta import TaskArithmetic
@@ -65,7 +65,7 @@ def bf16(x: float) -> float:
     return torch.tensor(x, dtype=torch.float32).to(torch.bfloat16).item()
 
 
-_BIN_VALUES = torch.arange(stats.HIST_BINS, dtype=torch.int32).mul(1 << 16).view(torch.float32)
+_BIN_VALUES = torch.arange(summaries.HIST_BINS, dtype=torch.int32).mul(1 << 16).view(torch.float32)
 
 
 @dataclass
@@ -132,7 +132,7 @@ class Partition(Sparsifier):
         factor = torch.zeros_like(delta)
         # from the largest kept set (lowest rate) to the smallest: later levels override
         for j in reversed(range(len(self.thresholds))):
-            kept = stats.apply_threshold_tracked(delta, self.thresholds[j], state["levels"][j]) != 0
+            kept = summaries.apply_threshold_tracked(delta, self.thresholds[j], state["levels"][j]) != 0
             factor.masked_fill_(kept, self.factors[j])
         return delta * factor
 
@@ -226,7 +226,7 @@ class DPPA(TaskArithmetic):
             s = sums[t]
             mean = s.mean_abs
             if reference:
-                cnt = stats.count_above(s.hist, bf16(bf16(mean) * M))
+                cnt = summaries.count_above(s.hist, bf16(bf16(mean) * M))
             else:
                 cnt = counts[(t, model)][0]
             trs.append(TensorReport(t, blocks[t], s.numel, mean, 100.0 * cnt / s.numel if s.numel else 0.0))
@@ -239,7 +239,7 @@ class DPPA(TaskArithmetic):
             mean = total.mean_abs
             if reference:
                 mu = bf16(mean)
-                hits = (_BIN_VALUES / mu).to(torch.bfloat16).float() > LM if mu > 0 else torch.zeros(stats.HIST_BINS, dtype=torch.bool)
+                hits = (_BIN_VALUES / mu).to(torch.bfloat16).float() > LM if mu > 0 else torch.zeros(summaries.HIST_BINS, dtype=torch.bool)
                 cnt = int(total.hist[hits.numpy()].sum())
             else:
                 cnt = sum(counts[(t, model)][1] for t in members)
@@ -264,10 +264,10 @@ class DPPA(TaskArithmetic):
                 tr.densities.append(d)
                 tr.clamped.append(clamped)
                 if reference:
-                    rank = stats.rank_for_prune_le(tr.numel, 1 - d)
-                    th = stats.threshold_from_hist(sums[tr.name].hist, rank)
+                    rank = summaries.rank_for_prune_le(tr.numel, 1 - d)
+                    th = summaries.threshold_from_hist(sums[tr.name].hist, rank)
                     tr.thresholds.append(th.value)
-                    tr.kept.append(tr.numel - stats.count_le(sums[tr.name].hist, None, th))
+                    tr.kept.append(tr.numel - summaries.count_le(sums[tr.name].hist, None, th))
                     thresholds.append(th)
             if reference:
                 if any(a.bits < b.bits for a, b in zip(thresholds, thresholds[1:])):
@@ -301,7 +301,7 @@ class DPPA(TaskArithmetic):
         out = {}
         for key, v in values.items():
             hist = sums[key[0]][key[1]].hist
-            out[key] = [stats.count_gt_bits(hist, [u[j] for u in details[key]], v[j]) for j in range(2)]
+            out[key] = [summaries.count_gt_bits(hist, [u[j] for u in details[key]], v[j]) for j in range(2)]
         return out
 
     def _exact_thresholds(self, engine, sums, trs: dict) -> None:
@@ -310,12 +310,12 @@ class DPPA(TaskArithmetic):
         for (t, i), tr in trs.items():
             ks = [tr.numel - int(tr.numel * (1 - d)) for d in tr.densities]
             keeps[(t, i)] = ks
-            requests[(t, i)] = tuple(stats.locate(sums[t][i].hist, tr.numel - k + 1)[0] if 0 < k < tr.numel else 0 for k in ks)
+            requests[(t, i)] = tuple(summaries.locate(sums[t][i].hist, tr.numel - k + 1)[0] if 0 < k < tr.numel else 0 for k in ks)
         details = engine.details(requests, "refine")
         for (t, i), tr in trs.items():
             ths, starts = [], []
             for j, k in enumerate(keeps[(t, i)]):
-                th, st = stats.keep_top(tr.numel, k, sums[t][i].hist, [u[j] for u in details[(t, i)]])
+                th, st = summaries.keep_top(tr.numel, k, sums[t][i].hist, [u[j] for u in details[(t, i)]])
                 ths.append(th)
                 starts.append(st)
                 tr.thresholds.append(th.value)

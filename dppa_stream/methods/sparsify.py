@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import rng, stats
-from ..stats import Summary, Threshold
+from .. import rng
+from .. import summaries
+from ..summaries import Summary, Threshold
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Sparsifier:
         return Decision()
 
     def summarize(self, delta: torch.Tensor, flat_start: int) -> Summary:
-        return stats.summarize(delta)
+        return summaries.summarize(delta)
 
     def start(self, d: Decision, unit: int) -> dict:
         """Fresh per-unit state for `apply` (running tie counts), given the unit's index."""
@@ -66,23 +67,23 @@ class TopK(Sparsifier):
         self.density = density
 
     def bucket(self, numel, summary):
-        k = stats.top_k_count(numel, self.density)
+        k = summaries.top_k_count(numel, self.density)
         if k >= numel:
             return None
-        return (stats.locate(summary.hist, numel - k + 1)[0],)
+        return (summaries.locate(summary.hist, numel - k + 1)[0],)
 
     def decide(self, numel, summary, details):
-        k = stats.top_k_count(numel, self.density)
+        k = summaries.top_k_count(numel, self.density)
         if k >= numel:
-            return Decision(stats.Threshold(stats.KEEP_ALL), (0,) * max(1, len(details or ())))
-        t, starts = stats.keep_top(numel, k, summary.hist, [u[0] for u in details])
+            return Decision(summaries.Threshold(summaries.KEEP_ALL), (0,) * max(1, len(details or ())))
+        t, starts = summaries.keep_top(numel, k, summary.hist, [u[0] for u in details])
         return Decision(t, tuple(starts), realized_density=k / numel if numel else 1.0)
 
     def start(self, d, unit):
         return {"ties": d.tie_starts[unit] if d.tie_starts else 0}
 
     def apply(self, delta, d, state, flat_start):
-        return stats.apply_threshold_tracked(delta, d.threshold, state)
+        return summaries.apply_threshold_tracked(delta, d.threshold, state)
 
 
 class PruneLE(Sparsifier):
@@ -98,18 +99,18 @@ class PruneLE(Sparsifier):
     def bucket(self, numel, summary):
         if self.bf16_exact or numel == 0:
             return None
-        return (stats.locate(summary.hist, stats.rank_for_prune_le(numel, self.sparsity))[0],)
+        return (summaries.locate(summary.hist, summaries.rank_for_prune_le(numel, self.sparsity))[0],)
 
     def decide(self, numel, summary, details):
         if numel == 0:
-            return Decision(stats.Threshold(stats.KEEP_ALL))
+            return Decision(summaries.Threshold(summaries.KEEP_ALL))
         dets = None if self.bf16_exact else [u[0] for u in details]
-        t = stats.smallest(stats.rank_for_prune_le(numel, self.sparsity), summary.hist, dets)
-        kept = numel - stats.count_le(summary.hist, dets, t)
+        t = summaries.smallest(summaries.rank_for_prune_le(numel, self.sparsity), summary.hist, dets)
+        kept = numel - summaries.count_le(summary.hist, dets, t)
         return Decision(t, realized_density=kept / numel)
 
     def apply(self, delta, d, state, flat_start):
-        return stats.apply_threshold(delta, d.threshold)
+        return summaries.apply_threshold(delta, d.threshold)
 
 
 class Bernoulli(Sparsifier):
@@ -126,8 +127,8 @@ class Bernoulli(Sparsifier):
 
     def summarize(self, delta, flat_start):
         # Two exact sums packed in one Summary: histogram of |delta|, and mant_sums of the kept part.
-        full = stats.summarize(delta)
-        kept = stats.summarize(delta * self._mask(delta, flat_start))
+        full = summaries.summarize(delta)
+        kept = summaries.summarize(delta * self._mask(delta, flat_start))
         return Summary(full.numel, full.hist, full.mant_sums, kept.mant_sums)
 
     def decide(self, numel, summary, details):

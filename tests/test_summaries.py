@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dppa_stream import stats
+from dppa_stream import summaries
 
 
 def _data(kind, n, seed):
@@ -22,26 +22,26 @@ def _data(kind, n, seed):
 def test_kth_smallest_and_top_k(kind, chunks):
     x = _data(kind, 50_000, 1)
     parts = list(torch.tensor_split(x, chunks))
-    s = stats.Summary()
+    s = summaries.Summary()
     for p in parts:
-        s = s + stats.summarize(p)
+        s = s + summaries.summarize(p)
     assert s.numel == x.numel()
     srt = torch.sort(x.abs()).values
     for rank in (1, 2, 5000, 25_000, 45_000, 49_999, 50_000):
-        b, _ = stats.locate(s.hist, rank)
-        details = [stats.bucket_detail(p, b) for p in parts]
-        t = stats.smallest(rank, s.hist, details)
+        b, _ = summaries.locate(s.hist, rank)
+        details = [summaries.bucket_detail(p, b) for p in parts]
+        t = summaries.smallest(rank, s.hist, details)
         assert t.value == srt[rank - 1].item()
         if kind == "bf16":  # the histogram alone is exact for bf16 values
-            assert stats.smallest(rank, s.hist, None).value == srt[rank - 1].item()
+            assert summaries.smallest(rank, s.hist, None).value == srt[rank - 1].item()
     for k in (0, 1, 7, 5000, 40_000, 50_000):
         if 0 < k < x.numel():
-            b, _ = stats.locate(s.hist, x.numel() - k + 1)
+            b, _ = summaries.locate(s.hist, x.numel() - k + 1)
         else:
             b = 0
-        details = [stats.bucket_detail(p, b) for p in parts]
-        t, starts = stats.keep_top(x.numel(), k, s.hist, details)
-        kept = torch.cat([stats.apply_threshold(p, t, st) for p, st in zip(parts, starts)])
+        details = [summaries.bucket_detail(p, b) for p in parts]
+        t, starts = summaries.keep_top(x.numel(), k, s.hist, details)
+        kept = torch.cat([summaries.apply_threshold(p, t, st) for p, st in zip(parts, starts)])
         order = torch.sort(x.abs(), descending=True, stable=True).indices
         want = torch.zeros_like(x)
         want[order[:k]] = x[order[:k]]
@@ -50,10 +50,10 @@ def test_kth_smallest_and_top_k(kind, chunks):
 
 def test_exact_sum_is_chunking_invariant():
     x = _data("f32", 100_000, 2)
-    whole = stats.summarize(x).sum_abs
-    parts = stats.Summary()
+    whole = summaries.summarize(x).sum_abs
+    parts = summaries.Summary()
     for p in torch.tensor_split(x, 13):
-        parts = parts + stats.summarize(p)
+        parts = parts + summaries.summarize(p)
     assert parts.sum_abs == whole
     import math
 
@@ -63,7 +63,7 @@ def test_exact_sum_is_chunking_invariant():
 def test_summary_pickles_compactly():
     import pickle
 
-    s = stats.summarize(_data("bf16", 10_000, 3))
+    s = summaries.summarize(_data("bf16", 10_000, 3))
     blob = pickle.dumps(s)
     assert len(blob) < 40_000
     back = pickle.loads(blob)
