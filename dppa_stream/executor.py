@@ -55,6 +55,23 @@ class SchedulerSpec:
         )
 
 
+def _address_from_file(path: str) -> str:
+    """The scheduler address in a Dask scheduler file (read here: distributed would wait forever
+    for a file that does not exist)."""
+    import json
+
+    try:
+        with open(path) as f:
+            address = json.load(f)["address"]
+    except FileNotFoundError:
+        raise UsageError(f"--scheduler-file {path}: no such file (start the scheduler with --scheduler-file first)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--scheduler-file {path}: not a Dask scheduler file ({type(e).__name__})") from None
+    if not isinstance(address, str):
+        raise UsageError(f"--scheduler-file {path}: 'address' is not a string")
+    return address
+
+
 def _count(n: str, spec: str) -> int:
     if not n.isdigit() or int(n) < 1:
         raise UsageError(f"--scheduler {spec!r}: the worker count must be a positive integer")
@@ -118,13 +135,11 @@ class Executor:
                                          dashboard_address=":0", memory_limit=worker_memory)
             self.client = Client(self._cluster, set_as_default=False)
         else:
+            address = _address_from_file(spec.address) if spec.kind == "file" else spec.address
             try:
-                if spec.kind == "file":
-                    self.client = Client(scheduler_file=spec.address, timeout="20s", set_as_default=False)
-                else:
-                    self.client = Client(spec.address, timeout="20s", set_as_default=False)
+                self.client = Client(address, timeout="20s", set_as_default=False)
             except (OSError, TimeoutError, ValueError) as e:
-                raise UsageError(f"cannot reach the Dask scheduler at {spec.address}: {e}") from None
+                raise UsageError(f"cannot reach the Dask scheduler at {address}: {e}") from None
         self.client.run(init_worker)
 
     @property
