@@ -67,12 +67,15 @@ def main():
 @click.option("--unit-size", help="Max input bytes per work unit (all models together) [default: from --memory-limit].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary line.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the run summary as JSON to this file ('-' for stdout).")
+@click.option("--verbose", "-v", count=True, help="Log the plan and passes (-vv: also Dask's logs).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def merge(config, out, memory_limit, scheduler, scheduler_file, shard_size, seed, overwrite, resume, allow_nonfinite,
-          unit_size, quiet, json_out, debug):
+          unit_size, quiet, json_out, verbose, debug):
     """Merge the models named in CONFIG (mergekit-style YAML) into the folder OUT.
 
     OUT appears only when complete; until then work goes to OUT.partial, which --resume continues."""
+
+    _logging(verbose)
 
     def go():
         from dppa_stream.config import load_config
@@ -85,6 +88,18 @@ def merge(config, out, memory_limit, scheduler, scheduler_file, shard_size, seed
         _report(res, quiet, json_out)
 
     _run(debug, go)
+
+
+def _logging(verbose: int) -> None:
+    import logging
+
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+        logging.getLogger("dppa_stream").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+        if verbose > 1:
+            from dppa_stream import executor
+
+            executor.DASK_LOGS = True
 
 
 def _report(res, quiet, json_out):

@@ -21,6 +21,7 @@ import click
 from .errors import UsageError
 
 FAN_IN = 8
+DASK_LOGS = False  # show distributed's own log lines (the CLI's -vv)
 
 
 def init_worker() -> None:
@@ -125,7 +126,8 @@ class Executor:
 
         self.spec = spec
         self._cluster = None
-        logging.getLogger("distributed").setLevel(logging.ERROR)
+        if not DASK_LOGS:
+            logging.getLogger("distributed").setLevel(logging.ERROR)
         if spec.kind == "threads":
             self._cluster = LocalCluster(n_workers=1, threads_per_worker=spec.workers, processes=False,
                                          dashboard_address=":0", memory_limit=0)

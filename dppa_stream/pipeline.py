@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -26,6 +27,8 @@ from .hf_files import copy_model_files, write_model_card
 from .memory import PeakSampler, default_budget
 from .stats_store import StatsStore
 from .tasks import Unit, UnitInputs, combine_summaries, merge_task, stats_task
+
+log = logging.getLogger("dppa_stream")
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
 PROCESS_BASELINE = 400 << 20  # python + torch + dask/distributed, per process (measured ~300 MiB)
@@ -321,7 +324,11 @@ def session(cfg: MergeConfig, opts: MergeOptions, out: str | None = None):
         ub = unit_budget(budget, workers, procs) if spec.kind in ("threads", "processes") else MAX_UNIT_BYTES // 4
         if opts.unit_bytes:
             ub = min(ub, opts.unit_bytes)
-        yield Session(inputs, method, ex, plan_units(inputs, ub), Progress(opts.quiet), budget, not opts.allow_nonfinite)
+        units = plan_units(inputs, ub)
+        log.info("scheduler %s with %d worker thread(s); memory limit %.0f MiB; work unit <= %.1f MiB of input; "
+                 "%d tensors in %d units (%d split)", spec.kind, workers, budget / 2**20, ub / 2**20, len(units),
+                 sum(len(u) for u in units.values()), sum(1 for u in units.values() if len(u) > 1))
+        yield Session(inputs, method, ex, units, Progress(opts.quiet), budget, not opts.allow_nonfinite)
     finally:
         ex.close()
 
@@ -369,7 +376,9 @@ def prepare_partial(partial: str, fp: str, resume: bool, overwrite: bool) -> set
             if old != fp:
                 raise OutputError(f"{partial}: was made with a different config or different inputs; "
                                   "remove it or pass --overwrite to start over")
-            return _read_done(os.path.join(work, "done.txt"))
+            done = _read_done(os.path.join(work, "done.txt"))
+            log.info("resuming %s: %d units already written", partial, len(done))
+            return done
         if not overwrite:
             raise OutputError(f"{partial}: holds an interrupted run; pass --resume to continue it or --overwrite to start over")
         shutil.rmtree(partial)
