@@ -27,6 +27,7 @@ import yaml
 
 from .config import MergeConfig, parse_config
 from .errors import UsageError
+from .stats_store import StatsStore
 from .pipeline import MergeOptions, _check_output, _publish, session, sparsifier_decisions, write_output
 
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
@@ -123,11 +124,13 @@ def search(cfg: MergeConfig, out: str, eval_cmds: list[str], opts: MergeOptions 
         start = list(start or method.factors(method.mparams[0]))
         if len(start) != len(method.rates):
             raise UsageError(f"--start needs {len(method.rates)} factors, one per pruning rate {method.rates}")
-        engine = s.engine()
+        # statistics persist in OUT.search/stats.zarr: a re-run after a crash does not redo pass 1
+        os.makedirs(work, exist_ok=True)
+        for leftover in os.listdir(work):
+            if leftover.startswith("alpha-"):
+                shutil.rmtree(os.path.join(work, leftover))
+        engine = s.engine(StatsStore(os.path.join(work, "stats.zarr")))
         method.plan(engine)
-        if os.path.exists(work):
-            shutil.rmtree(work)
-        os.makedirs(work)
         best = {"dir": None, "score": -math.inf}
 
         def objective(alpha):
