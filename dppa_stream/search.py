@@ -28,7 +28,7 @@ import yaml
 from .config import MergeConfig, parse_config
 from .errors import UsageError
 from .stats_store import StatsStore
-from .pipeline import MergeOptions, _check_output, _publish, session, sparsifier_decisions, write_output
+from .pipeline import MergeOptions, _check_output, _publish, fingerprint, session, sparsifier_decisions, write_output
 
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
@@ -125,7 +125,13 @@ def search(cfg: MergeConfig, out: str, eval_cmds: list[str], opts: MergeOptions 
         if len(start) != len(method.rates):
             raise UsageError(f"--start needs {len(method.rates)} factors, one per pruning rate {method.rates}")
         # statistics persist in OUT.search/stats.zarr: a re-run after a crash does not redo pass 1
+        fp = fingerprint(cfg, s.inputs, opts)
+        stamp = os.path.join(work, "fingerprint")
+        if os.path.exists(work) and (not os.path.exists(stamp) or open(stamp).read() != fp):
+            shutil.rmtree(work)  # statistics of other inputs or another config
         os.makedirs(work, exist_ok=True)
+        with open(stamp, "w") as f:
+            f.write(fp)
         for leftover in os.listdir(work):
             if leftover.startswith("alpha-"):
                 shutil.rmtree(os.path.join(work, leftover))
