@@ -125,12 +125,17 @@ def _check_same(ref: Checkpoint, other: Checkpoint) -> None:
             raise InputError(f"{other.path}: tensor {name!r} is {o.dtype} but {ref.path} has {e.dtype}")
 
 
-def plan_units(inputs: Inputs, unit_bytes: int) -> dict[str, list[Unit]]:
-    """Split every tensor into row ranges whose input bytes (over all models) fit `unit_bytes`."""
+def plan_units(inputs: Inputs, unit_bytes: int, method=None) -> dict[str, list[Unit]]:
+    """Split every tensor into row ranges whose memory (raw rows of every input, plus the float32
+    deltas a unit keeps when its method decides inline) fits `unit_bytes`."""
     units = {}
+    k = len(inputs.models)
     for name in inputs.names:
         e = inputs.reference.tensors[name]
-        per_row = e.row_numel * e.itemsize * (len(inputs.models) + (1 if inputs.base else 0))
+        per_elem = e.itemsize * (k + (1 if inputs.base else 0))
+        if method is not None and e.dtype in FLOAT_DTYPES and any(method.sparsifier(i, name).needs_summary for i in range(k)):
+            per_elem += 4 * k
+        per_row = e.row_numel * per_elem
         rows_per_unit = max(1, unit_bytes // max(1, per_row))
         n = e.rows
         starts = list(range(0, n, rows_per_unit)) or [0]
@@ -324,7 +329,7 @@ def session(cfg: MergeConfig, opts: MergeOptions, out: str | None = None):
         ub = unit_budget(budget, workers, procs) if spec.kind in ("threads", "processes") else MAX_UNIT_BYTES // 4
         if opts.unit_bytes:
             ub = min(ub, opts.unit_bytes)
-        units = plan_units(inputs, ub)
+        units = plan_units(inputs, ub, method)
         log.info("scheduler %s with %d worker thread(s); memory limit %.0f MiB; work unit <= %.1f MiB of input; "
                  "%d tensors in %d units (%d split)", spec.kind, workers, budget / 2**20, ub / 2**20, len(units),
                  sum(len(u) for u in units.values()), sum(1 for u in units.values() if len(u) > 1))

@@ -81,15 +81,34 @@ def _exact_sum(mant_sums: np.ndarray) -> float:
     return float(total)
 
 
-def summarize(delta: torch.Tensor) -> Summary:
-    """Summary of one chunk of float32 deltas (any shape; at most 2**29 elements)."""
-    bits = abs_bits(delta.reshape(-1)).to(torch.int64)
-    hist = torch.bincount(bits >> 16, minlength=HIST_BINS)
-    exp = bits >> 23
-    mant = (bits & 0x7FFFFF) | ((exp > 0).to(torch.int64) << 23)
-    # float64 sums of < 2**29 integers below 2**24 are exact.
-    sums = torch.bincount(exp, weights=mant.to(torch.float64), minlength=256)
-    return Summary(bits.numel(), hist.numpy().astype(np.int64), sums.numpy().astype(np.int64))
+def summarize(delta: torch.Tensor, sums: str = "exact") -> Summary:
+    """Summary of one chunk of float32 deltas (any shape; at most 2**29 elements).
+
+    `sums`: "exact" accumulates Σ|delta| exactly; "hist" derives it from the histogram, which is
+    exact when every |delta| is a bf16 value (and much cheaper); "none" leaves it zero.
+    """
+    bits = abs_bits(delta.reshape(-1))
+    hist = torch.bincount(bits >> 16, minlength=HIST_BINS).numpy().astype(np.int64)
+    if sums == "hist":
+        mant = hist_mant_sums(hist)
+    elif sums == "exact":
+        bits64 = bits.to(torch.int64)
+        exp = bits64 >> 23
+        m = (bits64 & 0x7FFFFF) | ((exp > 0).to(torch.int64) << 23)
+        # float64 sums of < 2**29 integers below 2**24 are exact.
+        mant = torch.bincount(exp, weights=m.to(torch.float64), minlength=256).numpy().astype(np.int64)
+    else:
+        mant = np.zeros(256, np.int64)
+    return Summary(bits.numel(), hist, mant)
+
+
+_BIN_MANT = ((np.arange(HIST_BINS, dtype=np.int64) & 0x7F) << 16).reshape(256, 128)
+_BIN_MANT[1:] |= 1 << 23  # implicit leading one of normal numbers (exponent > 0)
+
+
+def hist_mant_sums(hist: np.ndarray) -> np.ndarray:
+    """Exact `mant_sums` of values that are all bf16: each bin holds a single value."""
+    return (hist.reshape(256, 128) * _BIN_MANT).sum(axis=1)
 
 
 def count_above(hist: np.ndarray, value: float) -> int:
@@ -207,9 +226,12 @@ def apply_threshold(delta: torch.Tensor, t: Threshold, tie_start: int = 0) -> to
         flat_d, flat_o = delta.reshape(-1), out.reshape(-1)
         eq = flat_d.abs() == value
         if bool(eq.any()):
-            order = torch.cumsum(eq, 0) - 1 + tie_start
+            order = torch.cumsum(eq, 0, dtype=torch.int64) - 1 + tie_start
             add = eq & (order < t.ties_kept)
-            flat_o[add] = flat_d[add]
+            if value > 0:  # tied elements are zero in `out`: adding them back is exact
+                flat_o.add_(flat_d * add)
+            else:
+                flat_o[add] = flat_d[add]
     return out
 
 

@@ -53,57 +53,76 @@ class UnitInputs:
         return sum(self.unit.numel * e.itemsize for e in ents)
 
 
-def _load(inp: UnitInputs):
-    u = inp.unit
-    base = read_rows(inp.base, u.row_start, u.row_stop) if inp.base else None
-    return base, [read_rows(e, u.row_start, u.row_stop) for e in inp.models]
+class UnitData:
+    """The rows of one unit from every input, and float32 views of them in sub-chunks.
+
+    Deltas are recomputed per sub-chunk (cheap, cache-resident), except after `materialize()`,
+    which keeps the whole unit's float32 deltas so that several statistics sweeps and the merge
+    do not recompute them; the unit size accounts for that memory when a method needs it.
+    """
+
+    def __init__(self, inp: UnitInputs, delta_dtype: str, check_finite: bool):
+        u = inp.unit
+        self.inp, self.delta_dtype, self.check_finite = inp, delta_dtype, check_finite
+        self.base = read_rows(inp.base, u.row_start, u.row_stop) if inp.base else None
+        self.models = [read_rows(e, u.row_start, u.row_stop) for e in inp.models]
+        self.full: list[torch.Tensor] | None = None
+
+    def materialize(self) -> None:
+        if self.full is None and self.base is not None:
+            full = [torch.empty(m.shape, dtype=torch.float32) for m in self.models]
+            for _, a, b, _, deltas, _ in self.chunks(False):
+                for f, d in zip(full, deltas):
+                    f[a:b] = d
+            self.full = full
+
+    def chunks(self, want_inputs: bool):
+        """Yield (flat_start, local_row_start, local_row_stop, base_f32, deltas_f32, inputs_f32)."""
+        u = self.inp.unit
+        rows = u.row_stop - u.row_start
+        step = max(1, SUB_CHUNK_ELEMS // max(1, u.row_numel))
+        for a in range(0, rows, step):
+            b = min(rows, a + step)
+            base = self.base[a:b].float() if self.base is not None else None
+            if self.full is not None:
+                inputs = [m[a:b].float() for m in self.models] if want_inputs else None
+                yield u.flat_start + a * u.row_numel, a, b, base, [f[a:b] for f in self.full], inputs
+                continue
+            inputs = [m[a:b].float() for m in self.models]
+            if self.check_finite:
+                self._check_finite(base, inputs)
+            deltas = []
+            if base is not None:
+                for x in inputs:
+                    d = x - base
+                    if self.delta_dtype == "bfloat16":
+                        d = d.to(torch.bfloat16).float()
+                    deltas.append(d)
+            yield u.flat_start + a * u.row_numel, a, b, base, deltas, (inputs if want_inputs else None)
+
+    def _check_finite(self, base, inputs) -> None:
+        """Refuse NaN/Inf inputs: they would silently poison statistics and merges."""
+        inp = self.inp
+        pairs = ([(inp.base, base, self.base)] if base is not None else []) + list(zip(inp.models, inputs, self.models))
+        for entry, x, raw in pairs:
+            if not bool(torch.isfinite(x).all()):
+                from .errors import InputError
+
+                bad = int((~torch.isfinite(raw.float())).sum())
+                raise InputError(f"{entry.file}: tensor {entry.name!r} has {bad} NaN/Inf values in rows "
+                                 f"{inp.unit.row_start}..{inp.unit.row_stop - 1}; pass --allow-nonfinite to merge anyway")
 
 
-def sub_chunks(inp: UnitInputs, base_raw, model_raw, delta_dtype: str, want_inputs: bool, check_finite: bool = True):
-    """Yield (flat_start, local_row_start, local_row_stop, base_f32, deltas_f32, inputs_f32) per sub-chunk.
-
-    Refuses NaN/Inf inputs (they would silently poison statistics and merges) unless told not to."""
-    u = inp.unit
-    rows = u.row_stop - u.row_start
-    step = max(1, SUB_CHUNK_ELEMS // max(1, u.row_numel))
-    for a in range(0, rows, step):
-        b = min(rows, a + step)
-        base = base_raw[a:b].float() if base_raw is not None else None
-        inputs = [m[a:b].float() for m in model_raw]
-        if check_finite:
-            for entry, x in zip(([inp.base] if base is not None else []) + list(inp.models),
-                                ([base] if base is not None else []) + inputs):
-                if not bool(torch.isfinite(x).all()):
-                    _nonfinite(entry, model_raw, base_raw, inp)
-        deltas = []
-        if base is not None:
-            for x in inputs:
-                d = x - base
-                if delta_dtype == "bfloat16":
-                    d = d.to(torch.bfloat16).float()
-                deltas.append(d)
-        yield u.flat_start + a * u.row_numel, a, b, base, deltas, (inputs if want_inputs else None)
-
-
-def _nonfinite(entry: TensorEntry, model_raw, base_raw, inp: UnitInputs):
-    from .errors import InputError
-
-    raw = base_raw if entry is inp.base else model_raw[list(inp.models).index(entry)]
-    bad = int((~torch.isfinite(raw.float())).sum())
-    raise InputError(f"{entry.file}: tensor {entry.name!r} has {bad} NaN/Inf values in rows "
-                     f"{inp.unit.row_start}..{inp.unit.row_stop - 1}; pass --allow-nonfinite to merge anyway")
-
-
-def _gather_stats(method, inp: UnitInputs, base_raw, model_raw, requests: dict[int, tuple | None],
-                  check_finite: bool = True) -> dict:
+def _gather_stats(method, data: UnitData, requests: dict[int, tuple | None]) -> dict:
     """Round-1 summaries (request None) or round-2 details of the requested bins, per model."""
-    tensor = inp.unit.tensor
+    tensor = data.inp.unit.tensor
     sps = {i: method.sparsifier(i, tensor) for i in requests}
+    bf16_values = method.delta_dtype == "bfloat16"
     acc: dict = {}
-    for flat, _, _, _, deltas, _ in sub_chunks(inp, base_raw, model_raw, method.delta_dtype, False, check_finite):
+    for flat, _, _, _, deltas, _ in data.chunks(False):
         for i, buckets in requests.items():
             if buckets is None:
-                s = sps[i].summarize(deltas[i], flat)
+                s = sps[i].summarize(deltas[i], flat, bf16_values)
                 acc[i] = acc[i] + s if i in acc else s
             else:
                 per_bin = acc.setdefault(i, [{} for _ in buckets])
@@ -124,8 +143,7 @@ def _gather_stats(method, inp: UnitInputs, base_raw, model_raw, requests: dict[i
 def stats_task(method, inp: UnitInputs, requests: dict[int, tuple | None], check_finite: bool = True) -> dict:
     """A statistics task for one unit: {model index: Summary, or [(values, counts) per bin]}."""
     init_worker()
-    base_raw, model_raw = _load(inp)
-    return _gather_stats(method, inp, base_raw, model_raw, requests, check_finite)
+    return _gather_stats(method, UnitData(inp, method.delta_dtype, check_finite), requests)
 
 
 def combine_summaries(*parts: dict) -> dict:
@@ -137,22 +155,23 @@ def combine_summaries(*parts: dict) -> dict:
     return out
 
 
-def decide_inline(method, inp: UnitInputs, base_raw, model_raw, decisions: list, check_finite: bool) -> list:
+def decide_inline(method, data: UnitData, decisions: list) -> list:
     """Fill in the decisions of a tensor held in one unit from the data already in memory."""
     missing = [i for i, d in enumerate(decisions) if d is None]
     if not missing:
         return decisions
+    data.materialize()
     out = list(decisions)
-    numel = inp.unit.numel
-    sums = _gather_stats(method, inp, base_raw, model_raw, {i: None for i in missing}, check_finite)
+    numel = data.inp.unit.numel
+    sums = _gather_stats(method, data, {i: None for i in missing})
     buckets = {}
     for i in missing:
-        b = method.sparsifier(i, inp.unit.tensor).bucket(numel, sums[i])
+        b = method.sparsifier(i, data.inp.unit.tensor).bucket(numel, sums[i])
         if b is not None:
             buckets[i] = b
-    details = _gather_stats(method, inp, base_raw, model_raw, buckets, check_finite) if buckets else {}
+    details = _gather_stats(method, data, buckets) if buckets else {}
     for i in missing:
-        sp = method.sparsifier(i, inp.unit.tensor)
+        sp = method.sparsifier(i, data.inp.unit.tensor)
         out[i] = sp.decide(numel, sums[i], [details[i]] if i in details else None)
     return out
 
@@ -162,17 +181,16 @@ def merge_task(method, inp: UnitInputs, decisions: list, extra, folder: str, pla
     """Merge one unit and write it at its final place; returns bytes written."""
     init_worker()
     u = inp.unit
-    base_raw, model_raw = _load(inp)
+    data = UnitData(inp, method.delta_dtype, check_finite)
     src = inp.base or inp.models[0]
     if src.dtype not in FLOAT_DTYPES:  # integer buffers: copied from the base unchanged
-        return write_rows(folder, place, u.row_start, base_raw if base_raw is not None else model_raw[0])
-    decisions = decide_inline(method, inp, base_raw, model_raw, decisions, check_finite)
+        return write_rows(folder, place, u.row_start, data.base if data.base is not None else data.models[0])
+    decisions = decide_inline(method, data, decisions)
     sps = [method.sparsifier(i, u.tensor) for i in range(len(inp.models))]
     states = [sp.start(d, u.index) for sp, d in zip(sps, decisions)]
     tdtype = DTYPES[out_dtype][0]
     written = 0
-    for flat, a, b, base, deltas, inputs in sub_chunks(inp, base_raw, model_raw, method.delta_dtype,
-                                                         not method.needs_base, check_finite):
+    for flat, a, b, base, deltas, inputs in data.chunks(not method.needs_base):
         pruned = [sp.apply(d, dec, st, flat) for sp, d, dec, st in zip(sps, deltas, decisions, states)]
         out = method.merge(base, pruned, inputs, u.tensor, extra)
         written += write_rows(folder, place, u.row_start + a, out.to(tdtype))

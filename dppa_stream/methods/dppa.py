@@ -129,11 +129,16 @@ class Partition(Sparsifier):
     def apply(self, delta, d, state, flat_start):
         if not self.thresholds:
             return delta * self.dense_factor if self.dense_factor != 1 else delta
-        factor = torch.zeros_like(delta)
-        # from the largest kept set (lowest rate) to the smallest: later levels override
-        for j in reversed(range(len(self.thresholds))):
-            kept = summaries.apply_threshold_tracked(delta, self.thresholds[j], state["levels"][j]) != 0
-            factor.masked_fill_(kept, self.factors[j])
+        # Band factors F_j = max(alpha_j..alpha_K) never increase with j and kept sets are nested,
+        # so an element's factor is max_j F_j * [kept at level j]: exact, and no slow masked writes.
+        factor = None
+        for j, t in enumerate(self.thresholds):
+            if t.ties_kept:
+                kept = summaries.apply_threshold_tracked(delta, t, state["levels"][j]) != 0
+            else:
+                kept = delta.abs() > t.value if t.bits >= 0 else torch.ones_like(delta, dtype=torch.bool)
+            level = kept.to(torch.float32).mul_(self.factors[j])
+            factor = level if factor is None else torch.maximum(factor, level, out=factor)
         return delta * factor
 
 

@@ -33,6 +33,7 @@ class Sparsifier:
     """No sparsification (task arithmetic, linear)."""
 
     needs_summary = False
+    sums = "exact"  # what `summarize` must compute of Σ|delta|: "exact" or "none"
 
     def bucket(self, numel: int, summary: Summary) -> tuple[int, ...] | None:
         """Round 2 request: the histogram bins whose exact contents are needed, or None.
@@ -42,8 +43,9 @@ class Sparsifier:
     def decide(self, numel: int, summary: Summary | None, details) -> Decision:
         return Decision()
 
-    def summarize(self, delta: torch.Tensor, flat_start: int) -> Summary:
-        return summaries.summarize(delta)
+    def summarize(self, delta: torch.Tensor, flat_start: int, bf16_values: bool = False) -> Summary:
+        """Round-1 summary of one chunk; `bf16_values` when every delta is a bf16 value."""
+        return summaries.summarize(delta, "hist" if bf16_values and self.sums == "exact" else self.sums)
 
     def start(self, d: Decision, unit: int) -> dict:
         """Fresh per-unit state for `apply` (running tie counts), given the unit's index."""
@@ -62,6 +64,7 @@ class TopK(Sparsifier):
     """
 
     needs_summary = True
+    sums = "none"
 
     def __init__(self, density: float):
         self.density = density
@@ -91,6 +94,7 @@ class PruneLE(Sparsifier):
     ascending order; every element <= t is pruned (ties pruned too); survivors keep their value."""
 
     needs_summary = True
+    sums = "none"
 
     def __init__(self, sparsity: float, bf16_exact: bool = False):
         self.sparsity = sparsity
@@ -125,10 +129,11 @@ class Bernoulli(Sparsifier):
     def _mask(self, delta, flat_start):
         return rng.keep_mask(self.key, flat_start, delta.numel(), self.density).reshape(delta.shape)
 
-    def summarize(self, delta, flat_start):
+    def summarize(self, delta, flat_start, bf16_values=False):
         # Two exact sums packed in one Summary: histogram of |delta|, and mant_sums of the kept part.
-        full = summaries.summarize(delta)
-        kept = summaries.summarize(delta * self._mask(delta, flat_start))
+        mode = "hist" if bf16_values else "exact"
+        full = summaries.summarize(delta, mode)
+        kept = summaries.summarize(delta * self._mask(delta, flat_start), mode)
         return Summary(full.numel, full.hist, full.mant_sums, kept.mant_sums)
 
     def decide(self, numel, summary, details):
