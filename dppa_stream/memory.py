@@ -8,6 +8,7 @@ nothing about what the merge needs (engineering-notes §2).
 from __future__ import annotations
 
 import threading
+import time
 
 import psutil
 
@@ -32,27 +33,32 @@ def _rss_anon(pid: int) -> int:
 
 def tree_anon_bytes(pid: int | None = None) -> int:
     proc = psutil.Process(pid)
-    total = _rss_anon(proc.pid)
-    for child in proc.children(recursive=True):
-        total += _rss_anon(child.pid)
-    return total
+    return sum(_rss_anon(p) for p in [proc.pid] + [c.pid for c in proc.children(recursive=True)])
 
 
 class PeakSampler:
-    """Background thread recording the peak RssAnon of the process tree."""
+    """Background thread recording the peak RssAnon of the process tree every 50 ms.
 
-    def __init__(self, interval: float = 0.05):
-        self.interval = interval
+    Listing child processes scans all of /proc, so the list is refreshed once a second only."""
+
+    def __init__(self, interval: float = 0.05, rescan: float = 1.0):
+        self.interval, self.rescan = interval, rescan
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
+        me = psutil.Process()
+        pids, scanned = [me.pid], 0.0
         while not self._stop.is_set():
-            try:
-                self.peak = max(self.peak, tree_anon_bytes())
-            except psutil.Error:
-                pass
+            now = time.monotonic()
+            if now - scanned > self.rescan:
+                try:
+                    pids = [me.pid] + [c.pid for c in me.children(recursive=True)]
+                except psutil.Error:
+                    pass
+                scanned = now
+            self.peak = max(self.peak, sum(_rss_anon(p) for p in pids))
             self._stop.wait(self.interval)
 
     def __enter__(self):
