@@ -20,6 +20,8 @@ import click
 
 from .errors import UsageError
 
+log = logging.getLogger("dppa_stream")
+
 FAN_IN = 8
 DASK_LOGS = False  # show distributed's own log lines (the CLI's -vv)
 
@@ -116,6 +118,8 @@ class Progress:
                 done[0] += n
 
             yield step
+        dt = time.perf_counter() - t0
+        log.info("%s: %.0f MB in %.2fs (%.0f MB/s)", label, total / 1e6, dt, total / 1e6 / max(dt, 1e-9))
 
 
 class Executor:
@@ -150,6 +154,11 @@ class Executor:
             return self.spec.workers
         info = self.client.scheduler_info()["workers"]
         return max(1, sum(w.get("nthreads", 1) for w in info.values()))
+
+    def share(self, obj):
+        """Send an object every task uses (the method and its plan) to the workers once; pass the
+        returned future in task arguments instead of the object, which would be pickled per task."""
+        return self.client.scatter(obj, broadcast=True, hash=False)
 
     def map(self, fn, calls: list[tuple], sizes: list[int], step, on_done=None) -> list:
         """Run fn(*args) for each call; returns results in call order."""

@@ -178,10 +178,11 @@ class StatsEngine:
                 else:
                     found.setdefault(t, {})[i] = got
         calls, sizes, groups = [], [], []
+        method = self.ex.share(self.method) if missing else None
         for t, models in missing.items():
             for u in self.units[t]:
                 inp = self.inputs.unit_inputs(u)
-                calls.append((self.method, inp, {i: None for i in models}, self.check_finite))
+                calls.append((method, inp, {i: None for i in models}, self.check_finite))
                 sizes.append(inp.nbytes)
                 groups.append(t)
         if calls:
@@ -190,9 +191,9 @@ class StatsEngine:
                 computed = self.ex.map_reduce(stats_task, calls, sizes, groups, combine_summaries, step)
             for t, per_model in computed.items():
                 for i, summ in per_model.items():
-                    if self.store:
-                        self.store.put_summary(i, t, summ)
                     found.setdefault(t, {})[i] = summ
+            if self.store:
+                self.store.put_summaries({(i, t): sm for t, pm in computed.items() for i, sm in pm.items()})
         return found
 
     def details(self, buckets: dict[tuple[str, int], tuple], label: str = "refine") -> dict[tuple[str, int], list]:
@@ -207,10 +208,11 @@ class StatsEngine:
             else:
                 out[(t, i)] = got
         calls, sizes, keys = [], [], []
+        method = self.ex.share(self.method) if by_tensor else None
         for t, req in by_tensor.items():
             for u in self.units[t]:
                 inp = self.inputs.unit_inputs(u)
-                calls.append((self.method, inp, req, self.check_finite))
+                calls.append((method, inp, req, self.check_finite))
                 sizes.append(inp.nbytes)
                 keys.append(t)
         if not calls:
@@ -222,10 +224,9 @@ class StatsEngine:
         for t, res in zip(keys, results):  # calls were made in unit order
             for i, detail in res.items():
                 fresh.setdefault((t, i), []).append(detail)
-        for (t, i), units in fresh.items():
-            if self.store:
-                self.store.put_details(i, t, buckets[(t, i)], units)
-            out[(t, i)] = units
+        out.update(fresh)
+        if self.store:
+            self.store.put_details({(i, t, buckets[(t, i)]): units for (t, i), units in fresh.items()})
         return out
 
 
@@ -425,12 +426,13 @@ def write_output(cfg: MergeConfig, out: str, opts: MergeOptions, s: Session, dec
         layout.preallocate(partial)
 
     calls, sizes = [], []
+    shared = s.executor.share(method)
     for t in inputs.names:
         for u in s.units[t]:
             if (t, u.index) in done:
                 continue
             inp = inputs.unit_inputs(u)
-            calls.append((method, inp, decisions[t], extra.get(t), partial, layout.placements[t], out_dtypes[t],
+            calls.append((shared, inp, decisions[t], extra.get(t), partial, layout.placements[t], out_dtypes[t],
                           s.check_finite))
             sizes.append(inp.nbytes)
     with open(os.path.join(partial, WORK_DIR, "done.txt"), "a") as manifest:
