@@ -32,7 +32,7 @@ log = logging.getLogger("dppa_stream")
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
 PROCESS_BASELINE = 400 << 20  # python + torch + dask/distributed, per process (measured ~300 MiB)
-TASK_OVERHEAD = 96 << 20  # sub-chunk float32 temporaries per running task
+TASK_OVERHEAD = 48 << 20  # float32 temporaries of one 256K-element sub-chunk per running task
 MAX_UNIT_BYTES = 64 << 20  # cap per unit: keeps tasks small for load balance and low memory
 WORK_DIR = ".dppa-stream"
 
