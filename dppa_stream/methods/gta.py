@@ -66,7 +66,12 @@ class Ties(TaskArithmetic):
     name = "ties"
     summary = "TIES: keep the top-density |delta| per tensor, elect signs by weighted sum, disjoint mean"
     consensus = True
-    global_params = {**TaskArithmetic.global_params, "normalize": Param(True, bool, doc="divide by agreeing weights")}
+    global_params = {
+        **TaskArithmetic.global_params,
+        "normalize": Param(True, bool, doc="divide by agreeing weights"),
+        "rescale": Param(False, bool, lambda v: "is not supported for ties yet (mergekit's L1 rescale of trimmed deltas)"
+                         if v else None, "must stay false"),
+    }
     model_params = {"weight": _WEIGHT, "density": _DENSITY}
 
     def sparsifier(self, model, tensor) -> Sparsifier:
@@ -92,6 +97,7 @@ class DareTies(DareLinear):
 
 class Magnitude(TaskArithmetic):
     name = "magnitude"
+    global_params = {**TaskArithmetic.global_params, "rescale": Ties.global_params["rescale"]}
     summary = "delta magnitude pruning (DPPA reference semantics: prune |delta| <= the int(n*(1-density))-th smallest), then weighted sum"
     model_params = {"weight": _WEIGHT, "density": _DENSITY}
 
