@@ -120,9 +120,10 @@ def _report(res, quiet, json_out):
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of outlier ratios and densities across layers.")
 @click.option("--memory-limit", help="Memory budget, e.g. 4GiB [default: half the available memory].")
 @click.option("--scheduler", default=None, help=_SCHED_HELP)
+@click.option("--scheduler-file", type=click.Path(dir_okay=False), help="Connect to the Dask scheduler described in this file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or table.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def stats(config, json_out, plot, memory_limit, scheduler, quiet, debug):
+def stats(config, json_out, plot, memory_limit, scheduler, scheduler_file, quiet, debug):
     """Run pass 1 of a dp/dppa CONFIG and report DP statistics: outlier ratios, densities, thresholds."""
 
     def go():
@@ -131,7 +132,7 @@ def stats(config, json_out, plot, memory_limit, scheduler, quiet, debug):
         from dppa_stream.pipeline import MergeOptions
 
         res = stats_report.collect_stats(load_config(config), MergeOptions(_size(memory_limit, "--memory-limit"),
-                                                                           scheduler, quiet=quiet))
+                                                                           scheduler, scheduler_file, quiet=quiet))
         if not quiet:
             click.echo(stats_report.table(res))
             click.echo(f"pass 1 read {res.bytes_read / 1e9:.2f} GB in {res.wall_seconds:.1f}s; "
@@ -156,10 +157,12 @@ def stats(config, json_out, plot, memory_limit, scheduler, quiet, debug):
 @click.option("--max-evals", type=int, default=100, show_default=True, help="Stop after this many evaluations.")
 @click.option("--memory-limit", help="Memory budget, e.g. 4GiB [default: half the available memory].")
 @click.option("--scheduler", default=None, help=_SCHED_HELP)
+@click.option("--scheduler-file", type=click.Path(dir_okay=False), help="Connect to the Dask scheduler described in this file.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def search(config, out, eval_cmds, dense, start, step, max_evals, memory_limit, scheduler, overwrite, quiet, debug):
+def search(config, out, eval_cmds, dense, start, step, max_evals, memory_limit, scheduler, scheduler_file, overwrite,
+           quiet, debug):
     """Search DPA amplification factors for a dppa CONFIG by greedy coordinate ascent; keep the best model in OUT.
 
     Score on a validation split, not on the test set you report (the reference tuned on test data)."""
@@ -174,7 +177,7 @@ def search(config, out, eval_cmds, dense, start, step, max_evals, memory_limit, 
             start_list = [float(x) for x in start.split(",")] if start else None
         except ValueError:
             raise UsageError(f"--start {start!r}: give comma-separated numbers like 1.8,0.0") from None
-        opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, overwrite=overwrite, quiet=True)
+        opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, scheduler_file, overwrite=overwrite, quiet=True)
         res = run_search(load_config(config), out, list(eval_cmds), opts, start_list, step, list(dense) or None,
                          max_evals, echo=(lambda *a: None) if quiet else (lambda m: click.echo(m, err=True)))
         if not quiet:

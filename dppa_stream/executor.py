@@ -130,15 +130,17 @@ class Executor:
 
         self.spec = spec
         self._cluster = None
-        if not DASK_LOGS:
-            logging.getLogger("distributed").setLevel(logging.ERROR)
+        if not DASK_LOGS:  # our own errors reach the user as one line; distributed's copies are noise
+            logging.getLogger("distributed").setLevel(logging.CRITICAL)
         if spec.kind == "threads":
             self._cluster = LocalCluster(n_workers=1, threads_per_worker=spec.workers, processes=False,
-                                         dashboard_address=":0", memory_limit=0)
+                                         dashboard_address="127.0.0.1:0",
+                                         worker_dashboard_address="127.0.0.1:0", memory_limit=0)
             self.client = Client(self._cluster, set_as_default=False)
         elif spec.kind == "processes":
             self._cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=1, processes=True,
-                                         dashboard_address=":0", memory_limit=worker_memory)
+                                         dashboard_address="127.0.0.1:0",
+                                         worker_dashboard_address="127.0.0.1:0", memory_limit=worker_memory)
             self.client = Client(self._cluster, set_as_default=False)
         else:
             address = _address_from_file(spec.address) if spec.kind == "file" else spec.address

@@ -128,18 +128,24 @@ def _check_same(ref: Checkpoint, other: Checkpoint) -> None:
 def plan_units(inputs: Inputs, unit_bytes: int, method=None) -> dict[str, list[Unit]]:
     """Split every tensor into row ranges whose memory (raw rows of every input, plus the float32
     deltas a unit keeps when its method decides inline) fits `unit_bytes`."""
-    units = {}
+    rows = {}
     k = len(inputs.models)
     for name in inputs.names:
         e = inputs.reference.tensors[name]
         per_elem = e.itemsize * (k + (1 if inputs.base else 0))
         if method is not None and e.dtype in FLOAT_DTYPES and any(method.sparsifier(i, name).needs_summary for i in range(k)):
             per_elem += 4 * k
-        per_row = e.row_numel * per_elem
-        rows_per_unit = max(1, unit_bytes // max(1, per_row))
-        n = e.rows
-        starts = list(range(0, n, rows_per_unit)) or [0]
-        units[name] = [Unit(name, i, s, min(n, s + rows_per_unit), e.row_numel) for i, s in enumerate(starts)]
+        rows[name] = max(1, unit_bytes // max(1, e.row_numel * per_elem))
+    return units_from_plan(inputs, rows)
+
+
+def units_from_plan(inputs: Inputs, rows_per_unit: dict[str, int]) -> dict[str, list[Unit]]:
+    units = {}
+    for name in inputs.names:
+        e = inputs.reference.tensors[name]
+        step = rows_per_unit[name]
+        starts = list(range(0, e.rows, step)) or [0]
+        units[name] = [Unit(name, i, s, min(e.rows, s + step), e.row_numel) for i, s in enumerate(starts)]
     return units
 
 
@@ -356,7 +362,11 @@ def merge(cfg: MergeConfig, out: str, opts: MergeOptions | None = None) -> Merge
 
 def _run(cfg, out, opts, s: Session) -> MergeResult:
     partial = out + ".partial"
-    done = prepare_partial(partial, fingerprint(cfg, s.inputs, opts), opts.resume, opts.overwrite)
+    plan = {t: us[0].row_stop - us[0].row_start for t, us in s.units.items()}
+    done, saved = prepare_partial(partial, fingerprint(cfg, s.inputs, opts), opts.resume, opts.overwrite, plan)
+    if saved != plan:  # resume with the interrupted run's units: the manifest names units of that plan
+        log.info("reusing the work-unit plan of the interrupted run")
+        s.units = units_from_plan(s.inputs, saved)
     engine = s.engine(StatsStore(os.path.join(partial, WORK_DIR, "stats.zarr")))
     extra = s.method.plan(engine) or {}
     decisions = sparsifier_decisions(s.method, s.inputs, s.units, engine)
@@ -366,8 +376,9 @@ def _run(cfg, out, opts, s: Session) -> MergeResult:
                        sum(1 for u in s.units.values() if len(u) > 1), "", 0, resumed_units=len(done))
 
 
-def prepare_partial(partial: str, fp: str, resume: bool, overwrite: bool) -> set:
-    """Create OUT.partial for a fresh run, or validate it for --resume; returns the finished units.
+def prepare_partial(partial: str, fp: str, resume: bool, overwrite: bool, plan: dict) -> tuple[set, dict]:
+    """Create OUT.partial for a fresh run, or validate it for --resume. Returns the finished units
+    and the work-unit plan (rows per unit, per tensor) they belong to.
 
     A partial output is only continued when its fingerprint (config, seed, shard size, inputs'
     sizes and mtimes, version) matches; otherwise it is refused, never silently mixed."""
@@ -378,23 +389,23 @@ def prepare_partial(partial: str, fp: str, resume: bool, overwrite: bool) -> set
             raise OutputError(f"{partial}: exists and was not made by dppa-stream; remove it")
         if resume:
             with open(run_json) as f:
-                old = json.load(f).get("fingerprint")
-            if old != fp:
+                saved = json.load(f)
+            if saved.get("fingerprint") != fp or set(saved.get("rows_per_unit", {})) != set(plan):
                 raise OutputError(f"{partial}: was made with a different config or different inputs; "
                                   "remove it or pass --overwrite to start over")
             done = _read_done(os.path.join(work, "done.txt"))
             log.info("resuming %s: %d units already written", partial, len(done))
-            return done
+            return done, saved["rows_per_unit"]
         if not overwrite:
             raise OutputError(f"{partial}: holds an interrupted run; pass --resume to continue it or --overwrite to start over")
         shutil.rmtree(partial)
     try:
         os.makedirs(work)
         with open(run_json, "w") as f:
-            json.dump({"fingerprint": fp, "version": __version__}, f)
+            json.dump({"fingerprint": fp, "version": __version__, "rows_per_unit": plan}, f)
     except OSError as e:
         raise OutputError(f"{partial}: cannot create the output folder ({e.strerror})") from None
-    return set()
+    return set(), plan
 
 
 def _read_done(path: str) -> set:
@@ -415,7 +426,7 @@ def write_output(cfg: MergeConfig, out: str, opts: MergeOptions, s: Session, dec
     inputs, method = s.inputs, s.method
     partial = out + ".partial"
     if done is None:
-        done = prepare_partial(partial, "", False, True)
+        done, _ = prepare_partial(partial, "", False, True, {})
     ref = inputs.reference
     out_dtypes = {t: (cfg.output_dtype or e.dtype) if e.dtype in FLOAT_DTYPES else e.dtype
                   for t, e in ref.tensors.items()}

@@ -104,3 +104,25 @@ def test_write_failure_then_resume(tmp_path, mid_set, reference_out):
     res = _cli("merge", cfg, str(out), "-q", "--unit-size", "200KB", "--resume")
     assert res.returncode == 0, res.stderr
     _same_tree(reference_out, out)
+
+
+def test_resume_keeps_the_interrupted_runs_unit_plan(tmp_path, mid_set, reference_out):
+    """The manifest names units of the first run's plan; a resume with other memory settings must
+    reuse that plan, not mix two."""
+    _, cfg = mid_set
+    out = tmp_path / "out"
+    done = tmp_path / "out.partial" / ".dppa-stream" / "done.txt"
+    proc = subprocess.Popen([sys.executable, "-m", "dppa_stream.cli.main", "merge", cfg, str(out), "-q",
+                             "--unit-size", "200KB", "--scheduler", "threads:1"], start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if done.exists() and done.read_text().count("\n") >= 30:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("the run finished before it could be killed")
+    res = _cli("merge", cfg, str(out), "-q", "--unit-size", "90KB", "--resume")
+    assert res.returncode == 0, res.stderr
+    _same_tree(reference_out, out)

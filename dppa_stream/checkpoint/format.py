@@ -54,6 +54,7 @@ class TensorEntry:
     file: str
     offset: int  # absolute offset of the first byte in `file`
     nbytes: int
+    file_id: tuple = ()  # (device, inode, mtime_ns, size) when catalogued: a replaced file is detected
 
     @property
     def numel(self) -> int:

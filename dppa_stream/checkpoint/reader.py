@@ -8,6 +8,7 @@ killed (engineering-notes §3.6); plain reads keep memory accounting honest and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -22,25 +23,41 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
-_fds: dict[str, int] = {}
+_fds: dict[str, tuple[tuple, int]] = {}  # path -> (file identity, descriptor)
 _fds_lock = threading.Lock()
 
 
-def _fd(path: str) -> int:
-    """A per-process read-only file descriptor, opened once (fds cost no memory)."""
-    fd = _fds.get(path)
-    if fd is None:
-        with _fds_lock:
-            fd = _fds.get(path)
-            if fd is None:
-                fd = _fds[path] = os.open(path, os.O_RDONLY)
-    return fd
+def _identity(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _fd(entry: TensorEntry) -> int:
+    """A per-process read-only descriptor of the entry's file, reused across tasks (fds cost no
+    memory), and reopened if the file at that path was replaced since (long-lived workers)."""
+    got = _fds.get(entry.file)
+    if got is not None and got[0] == entry.file_id:
+        return got[1]
+    with _fds_lock:
+        got = _fds.get(entry.file)
+        if got is not None and got[0] == entry.file_id:
+            return got[1]
+        try:
+            fd = os.open(entry.file, os.O_RDONLY)
+        except OSError as e:
+            raise InputError(f"{entry.file}: cannot open ({e.strerror})") from None
+        if entry.file_id and _identity(os.fstat(fd)) != entry.file_id:
+            os.close(fd)
+            raise InputError(f"{entry.file}: the file changed while the merge was running")
+        if got is not None:
+            os.close(got[1])
+        _fds[entry.file] = (entry.file_id, fd)
+        return fd
 
 
 def close_all() -> None:
     """Close cached descriptors (tests and long-lived workers call this between runs)."""
     with _fds_lock:
-        for fd in _fds.values():
+        for _, fd in _fds.values():
             os.close(fd)
         _fds.clear()
 
@@ -59,11 +76,12 @@ def _scan_file(path: str) -> list[TensorEntry]:
     except OSError as e:
         raise InputError(f"{path}: cannot open ({e.strerror})") from None
     try:
-        size = os.fstat(fd).st_size
-        header, data_start = read_header(path, fd, size)
+        st = os.fstat(fd)
+        header, data_start = read_header(path, fd, st.st_size)
     finally:
         os.close(fd)
-    return parse_entries(path, header, data_start, size)
+    ident = _identity(st)
+    return [dataclasses.replace(e, file_id=ident) for e in parse_entries(path, header, data_start, st.st_size)]
 
 
 def _inside(folder: str, rel: str, index_path: str) -> str:
@@ -173,7 +191,7 @@ def read_rows(entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
     nbytes = (stop - start) * row_bytes
     buf = bytearray(nbytes)
     if nbytes:
-        got = os.preadv(_fd(entry.file), [buf], entry.offset + start * row_bytes)
+        got = os.preadv(_fd(entry), [buf], entry.offset + start * row_bytes)
         if got != nbytes:
             raise InputError(f"{entry.file}: short read of tensor {entry.name!r} (file changed or truncated?)")
     tdtype = DTYPES[entry.dtype][0]
