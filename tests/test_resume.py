@@ -38,6 +38,23 @@ def _same_tree(a, b):
         assert filecmp.cmp(os.path.join(a, n), os.path.join(b, n), shallow=False), n
 
 
+def _merge_then_kill(cfg, out, lines: int, need_stats: bool = False) -> None:
+    """Start a merge (200 KB units, one thread) and SIGKILL it once the manifest has `lines` units."""
+    work = out.parent / (out.name + ".partial") / ".dppa-stream"
+    proc = subprocess.Popen([sys.executable, "-m", "dppa_stream.cli.main", "merge", cfg, str(out), "-q",
+                             "--unit-size", "200KB", "--scheduler", "threads:1"], start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        got = (work / "done.txt").read_text().count("\n") if (work / "done.txt").exists() else -1
+        if got >= lines and (not need_stats or (work / "stats.zarr").exists()):
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("the run finished before it could be killed")
+
+
 @pytest.fixture(scope="module")
 def reference_out(mid_set):
     root, cfg = mid_set
@@ -52,18 +69,8 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, mid_set, reference_out,
     _, cfg = mid_set
     out = tmp_path / "out"
     done = tmp_path / "out.partial" / ".dppa-stream" / "done.txt"
-    proc = subprocess.Popen([sys.executable, "-m", "dppa_stream.cli.main", "merge", cfg, str(out), "-q",
-                             "--unit-size", "200KB", "--scheduler", "threads:1"], start_new_session=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        lines = done.read_text().count("\n") if done.exists() else -1
-        if lines >= kill_after_lines and (kill_after_lines or (tmp_path / "out.partial" / ".dppa-stream" / "stats.zarr").exists()):
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    if proc.returncode == 0:
-        pytest.skip("the run finished before it could be killed")
+    # 0 lines: kill once pass-1 statistics are stored, before any pass-2 unit is recorded
+    _merge_then_kill(cfg, out, kill_after_lines, need_stats=not kill_after_lines)
     assert not out.exists() and (tmp_path / "out.partial").exists()
     finished = done.read_text().count("\n") if done.exists() else 0
 
@@ -111,18 +118,7 @@ def test_resume_keeps_the_interrupted_runs_unit_plan(tmp_path, mid_set, referenc
     reuse that plan, not mix two."""
     _, cfg = mid_set
     out = tmp_path / "out"
-    done = tmp_path / "out.partial" / ".dppa-stream" / "done.txt"
-    proc = subprocess.Popen([sys.executable, "-m", "dppa_stream.cli.main", "merge", cfg, str(out), "-q",
-                             "--unit-size", "200KB", "--scheduler", "threads:1"], start_new_session=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        if done.exists() and done.read_text().count("\n") >= 30:
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    if proc.returncode == 0:
-        pytest.skip("the run finished before it could be killed")
+    _merge_then_kill(cfg, out, 30)
     res = _cli("merge", cfg, str(out), "-q", "--unit-size", "90KB", "--resume")
     assert res.returncode == 0, res.stderr
     _same_tree(reference_out, out)
