@@ -110,9 +110,7 @@ class Progress:
                     bar.update(n, done[0])
 
                 yield step
-        else:
-            if not self.quiet:
-                click.echo(f"{label}: {total / 1e6:.0f} MB to read", err=True)
+        else:  # not a terminal (or --quiet): no bar; -v logs each phase's size and speed instead
 
             def step(n):
                 done[0] += n
