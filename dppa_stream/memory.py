@@ -20,7 +20,8 @@ def default_budget() -> int:
     return int(psutil.virtual_memory().available * DEFAULT_FRACTION)
 
 
-def _rss_anon(pid: int) -> int:
+def rss_anon(pid: int) -> int:
+    """Anonymous resident memory of one process (0 if it is gone)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -33,7 +34,7 @@ def _rss_anon(pid: int) -> int:
 
 def tree_anon_bytes(pid: int | None = None) -> int:
     proc = psutil.Process(pid)
-    return sum(_rss_anon(p) for p in [proc.pid] + [c.pid for c in proc.children(recursive=True)])
+    return sum(rss_anon(p) for p in [proc.pid] + [c.pid for c in proc.children(recursive=True)])
 
 
 class PeakSampler:
@@ -58,7 +59,7 @@ class PeakSampler:
                 except psutil.Error:
                     pass
                 scanned = now
-            self.peak = max(self.peak, sum(_rss_anon(p) for p in pids))
+            self.peak = max(self.peak, sum(rss_anon(p) for p in pids))
             self._stop.wait(self.interval)
 
     def __enter__(self):
