@@ -138,7 +138,8 @@ class Executor:
         elif spec.kind == "processes":
             self._cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=1, processes=True,
                                          dashboard_address="127.0.0.1:0",
-                                         worker_dashboard_address="127.0.0.1:0", memory_limit=worker_memory)
+                                         worker_dashboard_address="127.0.0.1:0", memory_limit=worker_memory,
+                                         silence_logs=logging.INFO if DASK_LOGS else logging.CRITICAL)
             self.client = Client(self._cluster, set_as_default=False)
         else:
             address = _address_from_file(spec.address) if spec.kind == "file" else spec.address
