@@ -94,10 +94,14 @@ class UnitData:
                 self._check_finite(base, inputs)
             deltas = []
             if base is not None:
-                for x in inputs:
-                    d = x - base
-                    if self.delta_dtype == "bfloat16":
-                        d = d.to(torch.bfloat16).float()
+                for m, x in zip(self.models, inputs):
+                    if self.delta_dtype == "bfloat16" and m.dtype == torch.bfloat16:
+                        # bf16 - bf16 computes in float32 and rounds once: bf16(fp32(ft) - fp32(base))
+                        d = (m[a:b] - self.base[a:b]).float()
+                    elif self.delta_dtype == "bfloat16":
+                        d = (x - base).to(torch.bfloat16).float()
+                    else:
+                        d = x - base
                     deltas.append(d)
             yield u.flat_start + a * u.row_numel, a, b, base, deltas, (inputs if want_inputs else None)
 

@@ -131,12 +131,15 @@ class Partition(Sparsifier):
             return delta * self.dense_factor if self.dense_factor != 1 else delta
         # Band factors F_j = max(alpha_j..alpha_K) never increase with j and kept sets are nested,
         # so an element's factor is max_j F_j * [kept at level j]: exact, and no slow masked writes.
-        factor = None
+        factor, magnitude = None, None
         for j, t in enumerate(self.thresholds):
             if t.ties_kept:
                 kept = summaries.apply_threshold_tracked(delta, t, state["levels"][j]) != 0
+            elif t.bits < 0:
+                kept = torch.ones_like(delta, dtype=torch.bool)
             else:
-                kept = delta.abs() > t.value if t.bits >= 0 else torch.ones_like(delta, dtype=torch.bool)
+                magnitude = delta.abs() if magnitude is None else magnitude
+                kept = magnitude > t.value
             level = kept.to(torch.float32).mul_(self.factors[j])
             factor = level if factor is None else torch.maximum(factor, level, out=factor)
         return delta * factor

@@ -34,7 +34,7 @@ class TaskArithmetic(MergeMethod):
         # mergekit's formulas, written without boolean indexing or torch.where (10-30x slower on
         # CPU); every intermediate value is the same float, so results are bit-identical.
         weights = [float(m["weight"]) for m in self.mparams]
-        weighted = [d * w for d, w in zip(deltas, weights)]
+        weighted = [d * w if w != 1 else d.clone() for d, w in zip(deltas, weights)]  # x * 1.0 == x, bit for bit
         if self.consensus:
             majority = (_sum(weighted) >= 0).to(torch.float32).mul_(2).sub_(1)
             # 1.0 where the element's sign equals the majority sign, else 0.0 (zero deltas never agree)
