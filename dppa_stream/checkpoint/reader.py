@@ -14,6 +14,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..errors import InputError
@@ -189,13 +190,12 @@ def read_rows(entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
     """Rows [start, stop) of a tensor, read with one positional read of exactly those bytes."""
     row_bytes = entry.row_numel * entry.itemsize
     nbytes = (stop - start) * row_bytes
-    buf = bytearray(nbytes)
-    if nbytes:
-        got = os.preadv(_fd(entry), [buf], entry.offset + start * row_bytes)
-        if got != nbytes:
-            raise InputError(f"{entry.file}: short read of tensor {entry.name!r} (file changed or truncated?)")
     tdtype = DTYPES[entry.dtype][0]
     shape = (stop - start, *entry.shape[1:]) if entry.shape else ()
     if not nbytes:
         return torch.empty(shape, dtype=tdtype)
-    return torch.frombuffer(buf, dtype=tdtype).reshape(shape)
+    buf = np.empty(nbytes, np.uint8)  # not zero-filled: the read overwrites every byte
+    got = os.preadv(_fd(entry), [buf], entry.offset + start * row_bytes)
+    if got != nbytes:
+        raise InputError(f"{entry.file}: short read of tensor {entry.name!r} (file changed or truncated?)")
+    return torch.from_numpy(buf).view(tdtype).reshape(shape)
