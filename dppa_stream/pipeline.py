@@ -33,7 +33,7 @@ log = logging.getLogger("dppa_stream")
 DEFAULT_SHARD_SIZE = 5_000_000_000
 PROCESS_BASELINE = 400 << 20  # python + torch + dask/distributed, per process (measured ~300 MiB)
 TASK_OVERHEAD = 48 << 20  # float32 temporaries of one 256K-element sub-chunk per running task
-MAX_UNIT_BYTES = 64 << 20  # cap per unit: keeps tasks small for load balance and low memory
+MAX_UNIT_BYTES = 64 << 20  # default unit cap: small tasks balance load and keep memory low
 WORK_DIR = ".dppa-stream"
 
 
@@ -46,7 +46,7 @@ class MergeOptions:
     seed: int = 0
     overwrite: bool = False
     quiet: bool = False
-    unit_bytes: int | None = None  # force a smaller work unit (input bytes over all models); testing/tuning
+    unit_bytes: int | None = None  # unit size instead of the 64 MiB default (still bounded by the memory limit)
     resume: bool = False  # continue an interrupted run found at OUT.partial
     allow_nonfinite: bool = False  # merge inputs that contain NaN/Inf instead of refusing them
 
@@ -159,7 +159,7 @@ def unit_budget(memory_limit: int, workers: int, processes: int) -> int:
             f"--memory-limit {memory_limit / 2**20:.0f} MiB is too small for {workers} worker(s); "
             f"need at least {need / 2**20:.0f} MiB (or use fewer workers)"
         )
-    return min(per_task, MAX_UNIT_BYTES)
+    return per_task
 
 
 class StatsEngine:
@@ -333,9 +333,9 @@ def session(cfg: MergeConfig, opts: MergeOptions, out: str | None = None):
     try:
         workers = ex.worker_count
         procs = 1 + (workers if spec.kind == "processes" else 0)
-        ub = unit_budget(budget, workers, procs) if spec.kind in ("threads", "processes") else MAX_UNIT_BYTES // 4
-        if opts.unit_bytes:
-            ub = min(ub, opts.unit_bytes)
+        wanted = opts.unit_bytes or (MAX_UNIT_BYTES if spec.kind in ("threads", "processes") else MAX_UNIT_BYTES // 4)
+        # local runs know their memory budget; a cluster's workers enforce their own limits
+        ub = min(wanted, unit_budget(budget, workers, procs)) if spec.kind in ("threads", "processes") else wanted
         units = plan_units(inputs, ub, method)
         log.info("scheduler %s with %d worker thread(s); memory limit %.0f MiB; work unit <= %.1f MiB of input; "
                  "%d tensors in %d units (%d split)", spec.kind, workers, budget / 2**20, ub / 2**20, len(units),
