@@ -11,11 +11,12 @@ HEADER = "# Command-line reference\n\nGenerated from `dppa-stream COMMAND --help
 
 def render() -> str:
     parts = [HEADER]
-    ctx = click.Context(main, info_name="dppa-stream", max_content_width=100, terminal_width=100)
+    opts = dict(max_content_width=100, terminal_width=100, help_option_names=["-h", "--help"])
+    ctx = click.Context(main, info_name="dppa-stream", **opts)
     parts.append(f"\n## dppa-stream\n\n```\n{main.get_help(ctx)}\n```\n")
     for name in sorted(main.commands):
         cmd = main.commands[name]
-        sub = click.Context(cmd, info_name=name, parent=ctx, max_content_width=100, terminal_width=100)
+        sub = click.Context(cmd, info_name=name, parent=ctx, **opts)
         parts.append(f"\n## dppa-stream {name}\n\n```\n{cmd.get_help(sub)}\n```\n")
     return "".join(parts)
 

@@ -192,8 +192,12 @@ class Executor:
                          else parts[i] for i in range(0, len(parts), FAN_IN)]
             roots[g] = parts[0]
         index = {f.key: i for i, f in enumerate(futures)}
+        root_keys = {f.key for f in roots.values()}
         for fut in as_completed(futures, loop=self.client.loop):
             step(sizes[index[fut.key]])
+            if fut.key not in root_keys:
+                fut.release()  # the combine tasks hold what they still need
+        futures.clear()
         return {g: f.result() for g, f in roots.items()}
 
     def close(self) -> None:

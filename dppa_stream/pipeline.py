@@ -197,7 +197,7 @@ class StatsEngine:
                 computed = self.ex.map_reduce(stats_task, calls, sizes, groups, combine_summaries, step)
             for t, per_model in computed.items():
                 for i, summ in per_model.items():
-                    found.setdefault(t, {})[i] = summ
+                    found.setdefault(t, {})[i] = summ.compact()
             if self.store:
                 self.store.put_summaries({(i, t): sm for t, pm in computed.items() for i, sm in pm.items()})
         return found

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .summaries import HIST_BINS, Summary
+from .summaries import Summary
 
 
 def _key(kind: str, model: int, tensor: str, bins: tuple = ()) -> str:
@@ -27,12 +27,11 @@ def pack_summary(s: Summary) -> np.ndarray:
 
 def unpack_summary(a: np.ndarray) -> Summary:
     numel, n = int(a[0]), int(a[1])
-    hist = np.zeros(HIST_BINS, np.int64)
-    hist[a[2:2 + n]] = a[2 + n:2 + 2 * n]
+    sparse = (a[2:2 + n].astype(np.int32), a[2 + n:2 + 2 * n].copy())
     pos = 2 + 2 * n
     mant = a[pos:pos + 256].copy()
     aux = a[pos + 257:pos + 513].copy() if a[pos + 256] else None
-    return Summary(numel, hist, mant, aux)
+    return Summary(numel, None, mant, aux, sparse=sparse)
 
 
 def pack_details(units: list[list[tuple[np.ndarray, np.ndarray]]]) -> np.ndarray:

@@ -10,7 +10,7 @@ on chunking or on the order in which Dask combines them. Nothing here knows abou
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
@@ -26,29 +26,59 @@ def abs_bits(delta: torch.Tensor) -> torch.Tensor:
     return delta.abs().view(torch.int32)
 
 
-@dataclass
 class Summary:
     """Exact, mergeable summary of |delta| over some elements of one tensor of one model.
 
+    The histogram is dense while a task accumulates chunks into it, and sparse (typically ~3k of
+    the 32k bins are used) once `compact()`ed or pickled: a run keeps one summary per tensor and
+    model until it plans, so dense ones would make memory grow with the model's tensor count.
     `aux_mant_sums` is an optional second exact sum a method may carry (DARE: Σ|kept delta|).
-    Pickles with a sparse histogram (typically ~3k of 32k bins are used) to keep transfers small.
     """
 
-    numel: int = 0
-    hist: np.ndarray = field(default_factory=lambda: np.zeros(HIST_BINS, np.int64))
-    # Σ of float32 significands per exponent: an exact integer representation of Σ|delta|.
-    mant_sums: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))
-    aux_mant_sums: np.ndarray | None = None
+    __slots__ = ("numel", "_dense", "_bins", "_counts", "mant_sums", "aux_mant_sums")
+
+    def __init__(self, numel: int = 0, hist: np.ndarray | None = None, mant_sums: np.ndarray | None = None,
+                 aux_mant_sums: np.ndarray | None = None, sparse: tuple[np.ndarray, np.ndarray] | None = None):
+        self.numel = numel
+        # Σ of float32 significands per exponent: an exact integer representation of Σ|delta|.
+        self.mant_sums = mant_sums if mant_sums is not None else np.zeros(256, np.int64)
+        self.aux_mant_sums = aux_mant_sums
+        if sparse is not None:
+            self._dense, (self._bins, self._counts) = None, sparse
+        else:
+            self._dense = hist if hist is not None else np.zeros(HIST_BINS, np.int64)
+            self._bins = self._counts = None
+
+    @property
+    def hist(self) -> np.ndarray:
+        """Dense counts by top-16-bit pattern (a temporary array when the summary is compact)."""
+        if self._dense is not None:
+            return self._dense
+        dense = np.zeros(HIST_BINS, np.int64)
+        dense[self._bins] = self._counts
+        return dense
+
+    def compact(self) -> "Summary":
+        if self._dense is not None:
+            nz = np.flatnonzero(self._dense)
+            self._bins, self._counts, self._dense = nz.astype(np.int32), self._dense[nz], None
+        return self
 
     def __add__(self, other: "Summary") -> "Summary":
         aux = None
         if self.aux_mant_sums is not None or other.aux_mant_sums is not None:
             aux = _or_zero(self.aux_mant_sums) + _or_zero(other.aux_mant_sums)
-        return Summary(self.numel + other.numel, self.hist + other.hist, self.mant_sums + other.mant_sums, aux)
+        dense = self.hist.copy() if self._dense is not None else self.hist
+        if other._dense is not None:
+            dense += other._dense
+        else:
+            dense[other._bins] += other._counts
+        return Summary(self.numel + other.numel, dense, self.mant_sums + other.mant_sums, aux)
 
     def __reduce__(self):
-        nz = np.nonzero(self.hist)[0].astype(np.int32)
-        return _unpack_summary, (self.numel, nz, self.hist[nz], self.mant_sums, self.aux_mant_sums)
+        c = Summary(self.numel, self._dense, self.mant_sums, self.aux_mant_sums,
+                    None if self._dense is not None else (self._bins, self._counts)).compact()
+        return _unpack_summary, (c.numel, c._bins, c._counts, c.mant_sums, c.aux_mant_sums)
 
     @property
     def sum_abs(self) -> float:
@@ -69,9 +99,7 @@ def _or_zero(a):
 
 
 def _unpack_summary(numel, bins, counts, mant_sums, aux):
-    hist = np.zeros(HIST_BINS, np.int64)
-    hist[bins] = counts
-    return Summary(numel, hist, mant_sums, aux)
+    return Summary(numel, None, mant_sums, aux, sparse=(bins, counts))
 
 
 def _exact_sum(mant_sums: np.ndarray) -> float:

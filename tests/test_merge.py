@@ -64,7 +64,7 @@ def test_matches_reference(tmp_path, ckpts, method, weights, densities, params, 
     _bitwise_equal(got, want)
 
 
-@pytest.mark.parametrize("method,densities", [("ties", [0.2, 0.35]), ("magnitude", [0.1, 0.3]),
+@pytest.mark.parametrize("method,densities", [("ties", [0.2, 0.35]), ("ties", [1.0, 0.3]), ("magnitude", [0.1, 0.3]),
                                               ("dare_ties", [0.3, 0.6]), ("task_arithmetic", None)])
 def test_chunking_does_not_change_bytes(tmp_path, ckpts, method, densities):
     """Tensors split over many units (stats via Dask passes) equal whole-tensor units (inline stats)."""

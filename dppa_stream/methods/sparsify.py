@@ -78,7 +78,7 @@ class TopK(Sparsifier):
     def decide(self, numel, summary, details):
         k = summaries.top_k_count(numel, self.density)
         if k >= numel:
-            return Decision(summaries.Threshold(summaries.KEEP_ALL), (0,) * max(1, len(details or ())))
+            return Decision(summaries.Threshold(summaries.KEEP_ALL))
         t, starts = summaries.keep_top(numel, k, summary.hist, [u[0] for u in details])
         return Decision(t, tuple(starts), realized_density=k / numel if numel else 1.0)
 
