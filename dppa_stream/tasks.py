@@ -138,8 +138,8 @@ def _gather_stats(method, data: UnitData, requests: dict[int, tuple | None]) -> 
                         d[v] = d.get(v, 0) + c
     out = {}
     for i, buckets in requests.items():
-        if buckets is None:
-            out[i] = acc.get(i) or summaries.Summary()
+        if buckets is None:  # compact: results wait in worker memory until the whole pass is gathered
+            out[i] = (acc.get(i) or summaries.Summary()).compact()
         else:
             out[i] = [(np.array(sorted(d), np.int64), np.array([d[k] for k in sorted(d)], np.int64))
                       for d in acc.get(i, [{} for _ in buckets])]
@@ -158,7 +158,7 @@ def combine_summaries(*parts: dict) -> dict:
     for p in parts[1:]:
         for i, s in p.items():
             out[i] = out[i] + s if i in out else s
-    return out
+    return {i: s.compact() for i, s in out.items()}
 
 
 def decide_inline(method, data: UnitData, decisions: list) -> list:
