@@ -115,6 +115,10 @@ def search(cfg: MergeConfig, out: str, eval_cmds: list[str], opts: MergeOptions 
         raise UsageError(f"{cfg.source}: search tunes DPA factors; merge_method must be dppa, not {cfg.merge_method!r}")
     if not eval_cmds:
         raise UsageError("give at least one --eval-cmd 'COMMAND {model}'")
+    if dense and len(dense) != len(eval_cmds):
+        raise UsageError(f"--dense-score given {len(dense)} times for {len(eval_cmds)} --eval-cmd")
+    if dense and any(not (d > 0) for d in dense):
+        raise UsageError(f"--dense-score must be positive (scores are divided by it), got {dense}")
     opts = opts or MergeOptions()
     out = os.path.abspath(out)
     t0 = time.perf_counter()
