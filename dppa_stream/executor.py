@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import click
 
@@ -97,9 +97,6 @@ class Progress:
     """Counts bytes through a click progress bar (ETA, MB/s); silent when quiet or not a TTY."""
 
     quiet: bool = False
-    bytes_read: int = 0
-    bytes_written: int = 0
-    _bar: object = field(default=None, repr=False)
 
     @contextlib.contextmanager
     def phase(self, label: str, total: int):
@@ -114,8 +111,6 @@ class Progress:
         if show:
             with click.progressbar(length=max(total, 1), label=f"{label:<8}", show_eta=True, show_percent=True,
                                    item_show_func=rate, file=sys.stderr) as bar:
-                self._bar = bar
-
                 def step(n):
                     done[0] += n
                     bar.update(n, done[0])

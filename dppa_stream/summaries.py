@@ -282,9 +282,3 @@ def top_k_count(numel: int, density: float) -> int:
     if density >= 1:
         return numel
     return max(1, int(density * numel)) if numel else 0
-
-
-def is_finite_hist(hist: np.ndarray) -> bool:
-    """False when some |delta| is Inf or NaN (exponent bits all ones)."""
-    return not hist[0x7F80:].any()
-

@@ -26,7 +26,6 @@ class Decision:
     tie_starts: tuple[int, ...] = ()  # per work unit, ties preceding it (for index tie-break)
     scale: float = 1.0  # multiplier on the kept deltas (DARE rescale)
     key: int = 0  # RNG stream (DARE)
-    realized_density: float | None = None
 
 
 class Sparsifier:
@@ -80,7 +79,7 @@ class TopK(Sparsifier):
         if k >= numel:
             return Decision(summaries.Threshold(summaries.KEEP_ALL))
         t, starts = summaries.keep_top(numel, k, summary.hist, [u[0] for u in details])
-        return Decision(t, tuple(starts), realized_density=k / numel if numel else 1.0)
+        return Decision(t, tuple(starts))
 
     def start(self, d, unit):
         return {"ties": d.tie_starts[unit] if d.tie_starts else 0}
@@ -110,8 +109,7 @@ class PruneLE(Sparsifier):
             return Decision(summaries.Threshold(summaries.KEEP_ALL))
         dets = None if self.bf16_exact else [u[0] for u in details]
         t = summaries.smallest(summaries.rank_for_prune_le(numel, self.sparsity), summary.hist, dets)
-        kept = numel - summaries.count_le(summary.hist, dets, t)
-        return Decision(t, realized_density=kept / numel)
+        return Decision(t)
 
     def apply(self, delta, d, state, flat_start):
         return summaries.apply_threshold(delta, d.threshold)
