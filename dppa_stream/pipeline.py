@@ -10,21 +10,20 @@ several units get them from Dask passes with tree reductions.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
 
-from . import __version__
-from .checkpoint import FLOAT_DTYPES, Checkpoint, ShardLayout
+from .checkpoint import FLOAT_DTYPES, ShardLayout
 from .config import MergeConfig
-from .errors import InputError, OutputError, UsageError
+from .errors import UsageError
 from .executor import Executor, Progress, SchedulerSpec
 from .hf_files import copy_model_files, write_model_card
+from .inputs import Inputs, open_inputs
 from .memory import PeakSampler, default_budget
+from .output import WORK_DIR, Manifest, check_output, fingerprint, prepare_partial, publish
 from .stats_store import StatsStore
 from .tasks import Unit, UnitInputs, combine_summaries, merge_task, stats_task
 
@@ -34,7 +33,6 @@ DEFAULT_SHARD_SIZE = 5_000_000_000
 PROCESS_BASELINE = 400 << 20  # python + torch + dask/distributed, per process (measured ~300 MiB)
 TASK_OVERHEAD = 48 << 20  # float32 temporaries of one 256K-element sub-chunk per running task
 MAX_UNIT_BYTES = 64 << 20  # default unit cap: small tasks balance load and keep memory low
-WORK_DIR = ".dppa-stream"
 
 
 @dataclass
@@ -77,52 +75,6 @@ class MergeResult:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class Inputs:
-    """The opened, mutually validated checkpoints and the output tensor list."""
-
-    base: Checkpoint | None
-    models: list[Checkpoint]
-    names: list[str]  # output order: the reference checkpoint's storage order
-
-    @property
-    def reference(self) -> Checkpoint:
-        return self.base or self.models[0]
-
-    def unit_inputs(self, unit: Unit) -> UnitInputs:
-        return UnitInputs(unit, self.base.tensors[unit.tensor] if self.base else None,
-                          tuple(m.tensors[unit.tensor] for m in self.models))
-
-
-def open_inputs(cfg: MergeConfig) -> Inputs:
-    base = Checkpoint.open(cfg.base_model) if cfg.base_model else None
-    models = [Checkpoint.open(m.path) for m in cfg.models]
-    ref = base or models[0]
-    names = list(ref.tensors)
-    for ck in models if base else models[1:]:
-        _check_same(ref, ck)
-    return Inputs(base, models, names)
-
-
-def _check_same(ref: Checkpoint, other: Checkpoint) -> None:
-    a, b = set(ref.tensors), set(other.tensors)
-    if a != b:
-        missing, extra = sorted(a - b), sorted(b - a)
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if extra:
-            parts.append(f"{len(extra)} extra (e.g. {', '.join(extra[:3])})")
-        raise InputError(f"{other.path}: tensor names differ from {ref.path}: {'; '.join(parts)}")
-    for name, e in ref.tensors.items():
-        o = other.tensors[name]
-        if o.shape != e.shape:
-            hint = " (vocabulary sizes differ?)" if "embed" in name or "lm_head" in name else ""
-            raise InputError(f"{other.path}: tensor {name!r} has shape {list(o.shape)} but {ref.path} has {list(e.shape)}{hint}")
-        if o.dtype != e.dtype:
-            raise InputError(f"{other.path}: tensor {name!r} is {o.dtype} but {ref.path} has {e.dtype}")
 
 
 def plan_units(inputs: Inputs, unit_bytes: int, method=None) -> dict[str, list[Unit]]:
@@ -187,7 +139,7 @@ class StatsEngine:
         method = self.ex.share(self.method) if missing else None
         for t, models in missing.items():
             for u in self.units[t]:
-                inp = self.inputs.unit_inputs(u)
+                inp = UnitInputs(u, *self.inputs.entries(t))
                 calls.append((method, inp, {i: None for i in models}, self.check_finite))
                 sizes.append(inp.nbytes)
                 groups.append(t)
@@ -217,7 +169,7 @@ class StatsEngine:
         method = self.ex.share(self.method) if by_tensor else None
         for t, req in by_tensor.items():
             for u in self.units[t]:
-                inp = self.inputs.unit_inputs(u)
+                inp = UnitInputs(u, *self.inputs.entries(t))
                 calls.append((method, inp, req, self.check_finite))
                 sizes.append(inp.nbytes)
                 keys.append(t)
@@ -268,41 +220,6 @@ def sparsifier_decisions(method, inputs: Inputs, units: dict[str, list[Unit]], e
     return decisions
 
 
-def fingerprint(cfg: MergeConfig, inputs: Inputs, opts: MergeOptions) -> str:
-    """Identity of a run's output: config, seed, output options and the inputs' headers/sizes."""
-    h = hashlib.sha256()
-    h.update(cfg.text.encode())
-    h.update(json.dumps([opts.seed, opts.shard_size, __version__]).encode())
-    for ck in ([inputs.base] if inputs.base else []) + inputs.models:
-        for f in ck.files:
-            st = os.stat(f)
-            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-    return h.hexdigest()
-
-
-def _check_output(out: str, inputs: Inputs, overwrite: bool) -> None:
-    """Refuse outputs that could touch an input: the same folder, inside one, or containing one
-    (replacing such a folder with --overwrite would delete the input)."""
-    real = os.path.realpath(out)
-    for ck in ([inputs.base] if inputs.base else []) + inputs.models:
-        paths = [os.path.realpath(ck.folder)] if ck.folder else [os.path.realpath(ck.path)]
-        paths += [os.path.realpath(f) for f in ck.files]
-        for p in paths:
-            if real == p or p.startswith(real + os.sep):
-                raise OutputError(f"{out}: the output would contain or replace the input {p}")
-        if ck.folder and real.startswith(os.path.realpath(ck.folder) + os.sep):
-            raise OutputError(f"{out}: the output folder must not be inside the input folder {ck.folder}")
-    if os.path.exists(out) and not overwrite:
-        raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise OutputError(f"{out}: exists and is not a folder")
-    parent = os.path.dirname(real) or "."
-    if not os.path.isdir(parent):
-        raise OutputError(f"{out}: parent folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"{out}: parent folder {parent} is not writable")
-
-
 @dataclass
 class Session:
     """Everything a run needs once inputs are open and the cluster is up."""
@@ -325,7 +242,7 @@ def session(cfg: MergeConfig, opts: MergeOptions, out: str | None = None):
     """Open and validate the inputs, start the scheduler and plan work units from the budget."""
     inputs = open_inputs(cfg)
     if out is not None:
-        _check_output(out, inputs, opts.overwrite)
+        check_output(out, inputs, opts.overwrite)
     method = cfg.method(opts.seed)
     spec = SchedulerSpec.parse(opts.scheduler, opts.scheduler_file)
     budget = opts.memory_limit or default_budget()
@@ -363,7 +280,7 @@ def merge(cfg: MergeConfig, out: str, opts: MergeOptions | None = None) -> Merge
 def _run(cfg, out, opts, s: Session) -> MergeResult:
     partial = out + ".partial"
     plan = {t: us[0].row_stop - us[0].row_start for t, us in s.units.items()}
-    done, saved = prepare_partial(partial, fingerprint(cfg, s.inputs, opts), opts.resume, opts.overwrite, plan)
+    done, saved = prepare_partial(partial, fingerprint(cfg, s.inputs, opts.seed, opts.shard_size), opts.resume, opts.overwrite, plan)
     if saved != plan:  # resume with the interrupted run's units: the manifest names units of that plan
         log.info("reusing the work-unit plan of the interrupted run")
         s.units = units_from_plan(s.inputs, saved)
@@ -374,49 +291,6 @@ def _run(cfg, out, opts, s: Session) -> MergeResult:
     n_units = sum(len(u) for u in s.units.values())
     return MergeResult(out, cfg.merge_method, 0.0, engine.bytes_read + read, written, 0, len(s.inputs.names), n_units,
                        sum(1 for u in s.units.values() if len(u) > 1), "", 0, resumed_units=len(done))
-
-
-def prepare_partial(partial: str, fp: str, resume: bool, overwrite: bool, plan: dict) -> tuple[set, dict]:
-    """Create OUT.partial for a fresh run, or validate it for --resume. Returns the finished units
-    and the work-unit plan (rows per unit, per tensor) they belong to.
-
-    A partial output is only continued when its fingerprint (config, seed, shard size, inputs'
-    sizes and mtimes, version) matches; otherwise it is refused, never silently mixed."""
-    work = os.path.join(partial, WORK_DIR)
-    run_json = os.path.join(work, "run.json")
-    if os.path.exists(partial):
-        if not os.path.isfile(run_json):
-            raise OutputError(f"{partial}: exists and was not made by dppa-stream; remove it")
-        if resume:
-            with open(run_json) as f:
-                saved = json.load(f)
-            if saved.get("fingerprint") != fp or set(saved.get("rows_per_unit", {})) != set(plan):
-                raise OutputError(f"{partial}: was made with a different config or different inputs; "
-                                  "remove it or pass --overwrite to start over")
-            done = _read_done(os.path.join(work, "done.txt"))
-            log.info("resuming %s: %d units already written", partial, len(done))
-            return done, saved["rows_per_unit"]
-        if not overwrite:
-            raise OutputError(f"{partial}: holds an interrupted run; pass --resume to continue it or --overwrite to start over")
-        shutil.rmtree(partial)
-    try:
-        os.makedirs(work)
-        with open(run_json, "w") as f:
-            json.dump({"fingerprint": fp, "version": __version__, "rows_per_unit": plan}, f)
-    except OSError as e:
-        raise OutputError(f"{partial}: cannot create the output folder ({e.strerror})") from None
-    return set(), plan
-
-
-def _read_done(path: str) -> set:
-    done = set()
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                parts = line.rstrip("\n").split("\t")
-                if line.endswith("\n") and len(parts) == 2 and parts[1].isdigit():
-                    done.add((parts[0], int(parts[1])))
-    return done
 
 
 def write_output(cfg: MergeConfig, out: str, opts: MergeOptions, s: Session, decisions: dict, extra: dict,
@@ -442,15 +316,14 @@ def write_output(cfg: MergeConfig, out: str, opts: MergeOptions, s: Session, dec
         for u in s.units[t]:
             if (t, u.index) in done:
                 continue
-            inp = inputs.unit_inputs(u)
+            inp = UnitInputs(u, *inputs.entries(t))
             calls.append((shared, inp, decisions[t], extra.get(t), partial, layout.placements[t], out_dtypes[t],
                           s.check_finite))
             sizes.append(inp.nbytes)
-    with open(os.path.join(partial, WORK_DIR, "done.txt"), "a") as manifest:
+    with Manifest(partial) as manifest:
         def record(i, _):
             u = calls[i][1].unit
-            manifest.write(f"{u.tensor}\t{u.index}\n")
-            manifest.flush()
+            manifest.record(u.tensor, u.index)
 
         with s.progress.phase("merge", sum(sizes)) as step:
             written = s.executor.map(merge_task, calls, sizes, step, record)
@@ -459,18 +332,5 @@ def write_output(cfg: MergeConfig, out: str, opts: MergeOptions, s: Session, dec
     copy_model_files(ref.folder, partial, cfg.output_dtype)
     write_model_card(partial, cfg, method.describe(), cfg.base_model, [m.path for m in cfg.models])
     shutil.rmtree(os.path.join(partial, WORK_DIR))
-    _publish(partial, out)
+    publish(partial, out)
     return sum(written), sum(sizes)
-
-
-def _publish(partial: str, out: str) -> None:
-    """Move the finished output into place; an old output is replaced only now."""
-    old = None
-    if os.path.exists(out):
-        old = out + ".old"
-        if os.path.exists(old):
-            shutil.rmtree(old)
-        os.rename(out, old)
-    os.rename(partial, out)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)

@@ -28,7 +28,8 @@ import yaml
 from .config import MergeConfig, parse_config
 from .errors import UsageError
 from .stats_store import StatsStore
-from .pipeline import MergeOptions, _check_output, _publish, fingerprint, session, sparsifier_decisions, write_output
+from .output import check_output, fingerprint, publish
+from .pipeline import MergeOptions, session, sparsifier_decisions, write_output
 
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
@@ -129,7 +130,7 @@ def search(cfg: MergeConfig, out: str, eval_cmds: list[str], opts: MergeOptions 
         if len(start) != len(method.rates):
             raise UsageError(f"--start needs {len(method.rates)} factors, one per pruning rate {method.rates}")
         # statistics persist in OUT.search/stats.zarr: a re-run after a crash does not redo pass 1
-        fp = fingerprint(cfg, s.inputs, opts)
+        fp = fingerprint(cfg, s.inputs, opts.seed, opts.shard_size)
         stamp = os.path.join(work, "fingerprint")
         if os.path.exists(work) and (not os.path.exists(stamp) or open(stamp).read() != fp):
             shutil.rmtree(work)  # statistics of other inputs or another config
@@ -159,8 +160,8 @@ def search(cfg: MergeConfig, out: str, eval_cmds: list[str], opts: MergeOptions 
             return score
 
         alpha, score, log = greedy_ascent(objective, start, step, max_evals)
-    _check_output(out, s.inputs, opts.overwrite)
-    _publish(best["dir"], out)
+    check_output(out, s.inputs, opts.overwrite)
+    publish(best["dir"], out)
     shutil.rmtree(work, ignore_errors=True)
     result = SearchResult(out, alpha, score, log, time.perf_counter() - t0)
     with open(os.path.join(out, "search_log.json"), "w") as f:

@@ -24,7 +24,8 @@ from dppa_stream.checkpoint.reader import INDEX_NAME, close_all
 from dppa_stream.cli.main import main as cli
 from dppa_stream.config import parse_config
 from dppa_stream.errors import EXIT_INPUT, EXIT_OUTPUT, InputError, OutputError
-from dppa_stream.pipeline import _check_output, open_inputs
+from dppa_stream.inputs import open_inputs
+from dppa_stream.output import check_output as _check_output
 
 
 @pytest.fixture(autouse=True)
