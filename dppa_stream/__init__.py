@@ -2,6 +2,14 @@
 
 __version__ = "0.1.0"
 
-from .api import merge, stats  # noqa: E402
-
 __all__ = ["merge", "stats", "__version__"]
+
+
+def __getattr__(name: str):
+    """`merge` and `stats` are imported on first use, so `import dppa_stream` (and the CLI's
+    `--help`) does not pay for numba, numpy and Dask."""
+    if name in ("merge", "stats"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'dppa_stream' has no attribute {name!r}")

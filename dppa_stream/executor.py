@@ -3,8 +3,8 @@
 `threads` (default) is an in-process cluster of threads; `processes:N` a LocalCluster of N
 single-threaded worker processes; `tcp://HOST:PORT` or a scheduler file an existing cluster.
 One futures-based code path serves all of them, so they produce the same bytes by construction.
-Tasks return only numpy arrays and ints, never bf16 torch tensors (distributed cannot serialise
-them), and read with plain positional reads so worker RSS stays honest.
+Tasks return only numpy arrays and ints, and read with plain positional reads so worker RSS
+stays honest.
 """
 
 from __future__ import annotations
@@ -35,14 +35,6 @@ def trim_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def init_worker() -> None:
-    """Per-process set-up inside tasks: one torch thread per Dask thread."""
-    import torch
-
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
 
 
 @dataclass
@@ -153,7 +145,6 @@ class Executor:
                 self.client = Client(address, timeout="20s", set_as_default=False)
             except (OSError, TimeoutError, ValueError) as e:
                 raise UsageError(f"cannot reach the Dask scheduler at {address}: {e}") from None
-        self.client.run(init_worker)
 
     @property
     def worker_count(self) -> int:

@@ -13,6 +13,7 @@ the reference tuned on the test sets it reported (quirk Q12).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,7 +30,8 @@ from .config import MergeConfig, parse_config
 from .errors import UsageError
 from .stats_store import StatsStore
 from .output import check_output, fingerprint, publish
-from .pipeline import MergeOptions, session, sparsifier_decisions, write_output
+from .output import prepare_partial
+from .pipeline import MergeOptions, session
 
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
@@ -141,14 +143,18 @@ def search(cfg: MergeConfig, out: str, eval_cmds: list[str], opts: MergeOptions 
             if leftover.startswith("alpha-"):
                 shutil.rmtree(os.path.join(work, leftover))
         engine = s.engine(StatsStore(os.path.join(work, "stats.zarr")))
-        method.plan(engine)
         best = {"dir": None, "score": -math.inf}
 
         def objective(alpha):
-            method.set_amplification(alpha)
-            decisions = sparsifier_decisions(method, s.inputs, s.units, engine)
+            from .merge_pass import write_output
+
+            cand_cfg = with_amplification(cfg, alpha)
+            cand_session = dataclasses.replace(s, method=cand_cfg.method(opts.seed))
+            plan = cand_session.plan(engine)  # statistics come from the store after the first candidate
             cand = os.path.join(work, "alpha-" + "-".join(f"{a:g}" for a in alpha))
-            write_output(with_amplification(cfg, alpha), cand, opts, s, decisions, {})
+            prepare_partial(cand + ".partial", "", False, True, {})
+            write_output(cand_cfg, cand, cand_session, plan.tensors, set(), opts.shard_size)
+            publish(cand + ".partial", cand)
             score, raw = evaluate(eval_cmds, cand, dense)
             echo(f"amplification {alpha}: score {score:.6g}" + (f" (raw {raw})" if len(raw) > 1 or dense else ""))
             if score > best["score"]:

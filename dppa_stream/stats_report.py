@@ -44,8 +44,8 @@ def collect_stats(cfg: MergeConfig, opts: MergeOptions | None = None) -> StatsRe
     with PeakSampler() as sampler:
         with session(cfg, opts) as s:
             engine = s.engine()
-            s.method.plan(engine)
-    return StatsResult(cfg.merge_method, s.method.reports, [m.path for m in cfg.models], time.perf_counter() - t0,
+            plan = s.plan(engine)
+    return StatsResult(cfg.merge_method, plan.report, [m.path for m in cfg.models], time.perf_counter() - t0,
                        engine.bytes_read, sampler.peak, dict(s.method.params))
 
 

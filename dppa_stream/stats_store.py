@@ -3,64 +3,54 @@ factor search) never recomputes statistics it already has.
 
 Each statistics round is saved as ONE int64 array (zarr costs milliseconds per array, and a model
 has hundreds of tensors): the packed records concatenated, with a JSON index in the array's
-attributes mapping "kind|model|tensor[|bins]" to (offset, length). Records: round-1 `Summary`s and
-the per-unit bin details of later rounds.
+attributes mapping "tensor|stat key" to (offset, length).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .statistics import DareSums, Stat
 from .summaries import Summary
 
 
-def _key(kind: str, model: int, tensor: str, bins: tuple = ()) -> str:
-    return f"{kind}|{model}|{tensor}" + ("|" + ",".join(map(str, bins)) if bins else "")
+def pack(stat: Stat, value) -> np.ndarray:
+    if stat.kind == "abs":
+        nz = np.nonzero(value.hist)[0]
+        return np.concatenate([[value.numel, len(nz)], nz, value.hist[nz], value.mant_sums]).astype(np.int64)
+    if stat.kind == "bins":
+        out = [len(value)]
+        for unit in sorted(value):
+            out += [unit, len(value[unit])]
+            for vals, counts in value[unit]:
+                out += [len(vals), *vals.tolist(), *counts.tolist()]
+        return np.array(out, np.int64)
+    return np.array([value.full, value.kept], np.float64).view(np.int64)
 
 
-def pack_summary(s: Summary) -> np.ndarray:
-    nz = np.nonzero(s.hist)[0]
-    aux = s.aux_mant_sums
-    return np.concatenate([[s.numel, len(nz)], nz, s.hist[nz], s.mant_sums, [0 if aux is None else 1],
-                           aux if aux is not None else []]).astype(np.int64)
-
-
-def unpack_summary(a: np.ndarray) -> Summary:
-    numel, n = int(a[0]), int(a[1])
-    sparse = (a[2:2 + n].astype(np.int32), a[2 + n:2 + 2 * n].copy())
-    pos = 2 + 2 * n
-    mant = a[pos:pos + 256].copy()
-    aux = a[pos + 257:pos + 513].copy() if a[pos + 256] else None
-    return Summary(numel, None, mant, aux, sparse=sparse)
-
-
-def pack_details(units: list[list[tuple[np.ndarray, np.ndarray]]]) -> np.ndarray:
-    out = [len(units)]
-    for bins in units:
-        out.append(len(bins))
-        for vals, counts in bins:
-            out.append(len(vals))
-            out.extend(vals.tolist())
-            out.extend(counts.tolist())
-    return np.array(out, np.int64)
-
-
-def unpack_details(a: np.ndarray) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-    pos, units = 1, []
-    for _ in range(int(a[0])):
-        nb = int(a[pos])
-        pos += 1
-        bins = []
-        for _ in range(nb):
-            n = int(a[pos])
-            bins.append((a[pos + 1:pos + 1 + n].copy(), a[pos + 1 + n:pos + 1 + 2 * n].copy()))
-            pos += 1 + 2 * n
-        units.append(bins)
-    return units
+def unpack(stat: Stat, a: np.ndarray):
+    if stat.kind == "abs":
+        numel, n = int(a[0]), int(a[1])
+        sparse = (a[2:2 + n].astype(np.int32), a[2 + n:2 + 2 * n].copy())
+        return Summary(numel, None, a[2 + 2 * n:2 + 2 * n + 256].copy(), sparse=sparse)
+    if stat.kind == "bins":
+        pos, out = 1, {}
+        for _ in range(int(a[0])):
+            unit, nb = int(a[pos]), int(a[pos + 1])
+            pos += 2
+            bins = []
+            for _ in range(nb):
+                n = int(a[pos])
+                bins.append((a[pos + 1:pos + 1 + n].copy(), a[pos + 1 + n:pos + 1 + 2 * n].copy()))
+                pos += 1 + 2 * n
+            out[unit] = bins
+        return out
+    full, kept = a.view(np.float64)
+    return DareSums(float(full), float(kept))
 
 
 class StatsStore:
-    """Summaries and bin details by (model, tensor), persisted in a zarr group, one array per round."""
+    """Statistics by (tensor, Stat), persisted in a zarr group, one array per round."""
 
     def __init__(self, path: str):
         import zarr  # imported here: it adds ~0.3 s to every start-up otherwise
@@ -73,29 +63,22 @@ class StatsStore:
             for key, (off, length) in arr.attrs["index"].items():
                 self._records[key] = data[off:off + length]
 
-    def _save(self, records: dict[str, np.ndarray]) -> None:
-        if not records:
+    def get(self, tensor: str, stat: Stat):
+        rec = self._records.get(f"{tensor}|{stat.key()}")
+        return unpack(stat, rec) if rec is not None else None
+
+    def put(self, items: dict) -> None:
+        """Save {(tensor, Stat): value} as one array."""
+        if not items:
             return
         index, parts, off = {}, [], 0
-        for key, packed in records.items():
+        for (tensor, stat), value in items.items():
+            packed = pack(stat, value)
+            key = f"{tensor}|{stat.key()}"
             index[key] = (off, len(packed))
             parts.append(packed)
+            self._records[key] = packed
             off += len(packed)
         arr = self.group.create_array(name=f"round-{len(list(self.group.array_keys())):04d}",
                                       data=np.concatenate(parts), overwrite=True)
         arr.attrs["index"] = index
-        self._records.update(records)
-
-    def get_summary(self, model: int, tensor: str) -> Summary | None:
-        rec = self._records.get(_key("summary", model, tensor))
-        return unpack_summary(rec) if rec is not None else None
-
-    def put_summaries(self, items: dict[tuple[int, str], Summary]) -> None:
-        self._save({_key("summary", m, t): pack_summary(s) for (m, t), s in items.items()})
-
-    def get_details(self, model: int, tensor: str, bins: tuple) -> list | None:
-        rec = self._records.get(_key("details", model, tensor, bins))
-        return unpack_details(rec) if rec is not None else None
-
-    def put_details(self, items: dict[tuple[int, str, tuple], list]) -> None:
-        self._save({_key("details", m, t, b): pack_details(units) for (m, t, b), units in items.items()})

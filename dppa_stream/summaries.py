@@ -3,9 +3,10 @@
 Non-negative IEEE floats order exactly like their bit patterns, so a histogram keyed on the top 16
 bits of |delta| as float32 (32,768 bins: the sign bit is always 0) answers order questions:
 exactly when the deltas are bf16 values (their low 16 bits are zero), and to within one bin
-otherwise, in which case one more round (`bucket_detail`) resolves the single boundary bin.
-All summaries are integer counts, so merging them is associative and the answers cannot depend
-on chunking or on the order in which Dask combines them. Nothing here knows about files or Dask.
+otherwise, in which case one more round (the "bins" statistic: counts of the low 16 bits inside
+one bin) resolves the single boundary bin. All summaries are integer counts, so merging them is
+associative and the answers cannot depend on chunking or on the order in which Dask combines
+them. Nothing here knows about files, kernels or Dask.
 """
 
 from __future__ import annotations
@@ -14,16 +15,10 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
-import torch
 
 HIST_BINS = 1 << 15
 KEEP_ALL = -1  # threshold bits below every |delta|
 KEEP_NONE = 0x7FFFFFFF  # threshold bits at or above every finite |delta|
-
-
-def abs_bits(delta: torch.Tensor) -> torch.Tensor:
-    """int32 bit patterns of |delta| (float32); -0.0 becomes +0.0."""
-    return delta.abs().view(torch.int32)
 
 
 class Summary:
@@ -32,17 +27,15 @@ class Summary:
     The histogram is dense while a task accumulates chunks into it, and sparse (typically ~3k of
     the 32k bins are used) once `compact()`ed or pickled: a run keeps one summary per tensor and
     model until it plans, so dense ones would make memory grow with the model's tensor count.
-    `aux_mant_sums` is an optional second exact sum a method may carry (DARE: Σ|kept delta|).
     """
 
-    __slots__ = ("numel", "_dense", "_bins", "_counts", "mant_sums", "aux_mant_sums")
+    __slots__ = ("numel", "_dense", "_bins", "_counts", "mant_sums")
 
     def __init__(self, numel: int = 0, hist: np.ndarray | None = None, mant_sums: np.ndarray | None = None,
-                 aux_mant_sums: np.ndarray | None = None, sparse: tuple[np.ndarray, np.ndarray] | None = None):
+                 sparse: tuple[np.ndarray, np.ndarray] | None = None):
         self.numel = numel
         # Σ of float32 significands per exponent: an exact integer representation of Σ|delta|.
         self.mant_sums = mant_sums if mant_sums is not None else np.zeros(256, np.int64)
-        self.aux_mant_sums = aux_mant_sums
         if sparse is not None:
             self._dense, (self._bins, self._counts) = None, sparse
         else:
@@ -65,69 +58,38 @@ class Summary:
         return self
 
     def __add__(self, other: "Summary") -> "Summary":
-        aux = None
-        if self.aux_mant_sums is not None or other.aux_mant_sums is not None:
-            aux = _or_zero(self.aux_mant_sums) + _or_zero(other.aux_mant_sums)
         dense = self.hist.copy() if self._dense is not None else self.hist
         if other._dense is not None:
             dense += other._dense
         else:
             dense[other._bins] += other._counts
-        return Summary(self.numel + other.numel, dense, self.mant_sums + other.mant_sums, aux)
+        return Summary(self.numel + other.numel, dense, self.mant_sums + other.mant_sums)
 
     def __reduce__(self):
-        c = Summary(self.numel, self._dense, self.mant_sums, self.aux_mant_sums,
+        c = Summary(self.numel, self._dense, self.mant_sums,
                     None if self._dense is not None else (self._bins, self._counts)).compact()
-        return _unpack_summary, (c.numel, c._bins, c._counts, c.mant_sums, c.aux_mant_sums)
+        return _unpack_summary, (c.numel, c._bins, c._counts, c.mant_sums)
 
     @property
     def sum_abs(self) -> float:
         """Σ|delta|, exactly rounded to float64 (independent of chunking)."""
-        return _exact_sum(self.mant_sums)
-
-    @property
-    def aux_sum_abs(self) -> float:
-        return _exact_sum(_or_zero(self.aux_mant_sums))
+        return exact_sum(self.mant_sums)
 
     @property
     def mean_abs(self) -> float:
         return self.sum_abs / self.numel if self.numel else 0.0
 
 
-def _or_zero(a):
-    return a if a is not None else np.zeros(256, np.int64)
+def _unpack_summary(numel, bins, counts, mant_sums):
+    return Summary(numel, None, mant_sums, sparse=(bins, counts))
 
 
-def _unpack_summary(numel, bins, counts, mant_sums, aux):
-    return Summary(numel, None, mant_sums, aux, sparse=(bins, counts))
-
-
-def _exact_sum(mant_sums: np.ndarray) -> float:
+def exact_sum(mant_sums: np.ndarray) -> float:
+    """Σ of values given as per-exponent sums of float32 significands, exactly rounded to float64."""
     total = Fraction(0)
     for e in np.nonzero(mant_sums)[0]:
         total += Fraction(int(mant_sums[e])) * Fraction(2) ** (max(int(e), 1) - 150)
     return float(total)
-
-
-def summarize(delta: torch.Tensor, sums: str = "exact") -> Summary:
-    """Summary of one chunk of float32 deltas (any shape; at most 2**29 elements).
-
-    `sums`: "exact" accumulates Σ|delta| exactly; "hist" derives it from the histogram, which is
-    exact when every |delta| is a bf16 value (and much cheaper); "none" leaves it zero.
-    """
-    bits = abs_bits(delta.reshape(-1))
-    hist = torch.bincount(bits >> 16, minlength=HIST_BINS).numpy().astype(np.int64)
-    if sums == "hist":
-        mant = hist_mant_sums(hist)
-    elif sums == "exact":
-        bits64 = bits.to(torch.int64)
-        exp = bits64 >> 23
-        m = (bits64 & 0x7FFFFF) | ((exp > 0).to(torch.int64) << 23)
-        # float64 sums of < 2**29 integers below 2**24 are exact.
-        mant = torch.bincount(exp, weights=m.to(torch.float64), minlength=256).numpy().astype(np.int64)
-    else:
-        mant = np.zeros(256, np.int64)
-    return Summary(bits.numel(), hist, mant)
 
 
 _BIN_MANT = ((np.arange(HIST_BINS, dtype=np.int64) & 0x7F) << 16).reshape(256, 128)
@@ -160,16 +122,6 @@ def locate(hist: np.ndarray, rank: int) -> tuple[int, int]:
     return b, rank - (int(cum[b - 1]) if b else 0)
 
 
-def bucket_detail(delta: torch.Tensor, bucket: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sparse histogram of the low 16 bits of the |delta| that fall in one top-16-bit bin."""
-    bits = abs_bits(delta.reshape(-1))
-    inside = bits[(bits >> 16) == bucket]  # typically ~1% of the elements
-    if inside.numel() == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    vals, counts = torch.unique(inside & 0xFFFF, return_counts=True)
-    return vals.numpy().astype(np.int64), counts.numpy().astype(np.int64)
-
-
 @dataclass(frozen=True)
 class Threshold:
     """Keep an element iff bits(|delta|) > bits, or it is one of the first `ties_kept` elements
@@ -193,8 +145,8 @@ def threshold_from_hist(hist: np.ndarray, rank: int) -> Threshold:
 def keep_top(numel: int, k: int, hist: np.ndarray, details: list[tuple[np.ndarray, np.ndarray]]) -> tuple[Threshold, list[int]]:
     """Keep exactly the k largest |delta|; ties at the threshold go to the lowest flat indices.
 
-    `details` are the per-chunk `bucket_detail` results for the bin `locate(hist, numel-k+1)` names,
-    in flat order. Returns the threshold and, per chunk, how many tied elements precede the chunk
+    `details` are the per-unit low-16-bit counts (values, counts) inside the bin
+    `locate(hist, numel-k+1)` names, in flat order. Returns the threshold and, per chunk, how many tied elements precede the chunk
     (its starting tie index).
     """
     if k >= numel:
@@ -240,35 +192,6 @@ def count_gt_bits(hist: np.ndarray, details: list[tuple[np.ndarray, np.ndarray]]
     """Exact count of |delta| whose bits exceed `bits`, given the details of bin bits >> 16."""
     low = bits & 0xFFFF
     return int(hist[(bits >> 16) + 1:].sum()) + sum(int(c[v > low].sum()) for v, c in details)
-
-
-def apply_threshold(delta: torch.Tensor, t: Threshold, tie_start: int = 0) -> torch.Tensor:
-    """delta with every element not kept by `t` set to zero (new tensor)."""
-    if t.bits == KEEP_ALL:
-        return delta.clone()
-    if t.bits == KEEP_NONE:
-        return torch.zeros_like(delta)
-    value = bits_to_float(t.bits)
-    out = torch.nn.functional.hardshrink(delta, value)  # keeps |x| > value
-    if t.ties_kept > tie_start:
-        flat_d, flat_o = delta.reshape(-1), out.reshape(-1)
-        eq = flat_d.abs() == value
-        if bool(eq.any()):
-            order = torch.cumsum(eq, 0, dtype=torch.int64) - 1 + tie_start
-            add = eq & (order < t.ties_kept)
-            if value > 0:  # tied elements are zero in `out`: adding them back is exact
-                flat_o.add_(flat_d * add)
-            else:
-                flat_o[add] = flat_d[add]
-    return out
-
-
-def apply_threshold_tracked(delta: torch.Tensor, t: Threshold, state: dict) -> torch.Tensor:
-    """`apply_threshold` for consecutive chunks; state["ties"] counts ties seen so far."""
-    out = apply_threshold(delta, t, state["ties"])
-    if t.ties_kept > state["ties"] and t.bits >= 0:
-        state["ties"] += int((delta.abs() == t.value).sum())
-    return out
 
 
 def rank_for_prune_le(numel: int, sparsity: float) -> int:

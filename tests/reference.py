@@ -5,11 +5,32 @@ The streaming engine must reproduce these bit for bit."""
 from __future__ import annotations
 
 import glob
+import hashlib
 import math
 import os
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
+
+
+# DARE's random numbers, from the specification in docs/mergekit.md (written here, not imported, so
+# that a mistake in the engine's generator cannot hide behind the same mistake in the check):
+# stream key = first 8 bytes (little-endian) of blake2b("{seed}\0{model}\0{tensor}");
+# element i is kept when the top 24 bits of SplitMix64-finalise(i * 0x9E3779B97F4A7C15 + key)
+# are below floor(density * 2**24).
+def stream_key(seed: int, model: int, tensor: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}\0{model}\0{tensor}".encode(), digest_size=8).digest(), "little")
+
+
+def keep_mask(key: int, start: int, count: int, density: float) -> np.ndarray:
+    mask64 = (1 << 64) - 1
+    with np.errstate(over="ignore"):
+        z = np.arange(start, start + count, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(key & mask64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(40)) < np.uint64(int(density * (1 << 24)))
 
 
 def load_model(path: str) -> dict[str, torch.Tensor]:
@@ -63,8 +84,6 @@ def gta(base, deltas, weights, consensus, normalize, lam):
 
 def reference_merge(method: str, base_path: str | None, model_paths: list[str], weights, densities=None,
                     normalize=None, lam=1.0, out_dtype=None, seed=0, rescale=None) -> dict[str, torch.Tensor]:
-    from dppa_stream import rng  # the mask *definition* (seed, model, tensor, index) -> draw
-
     models = [load_model(p) for p in model_paths]
     base = load_model(base_path) if base_path else None
     ref = base or models[0]
@@ -94,8 +113,7 @@ def reference_merge(method: str, base_path: str | None, model_paths: list[str], 
                 if dens >= 1:
                     new.append(d)
                     continue
-                key = rng.stream_key(seed, i, name)
-                mask = rng.keep_mask(key, 0, d.numel(), dens).reshape(d.shape)
+                mask = torch.from_numpy(keep_mask(stream_key(seed, i, name), 0, d.numel(), dens)).reshape(d.shape)
                 kept = d * mask
                 if rescale is not False:
                     before = math.fsum(d.abs().reshape(-1).double().tolist())

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dppa_stream import summaries
+from dppa_stream import kernels, summaries
 
 
 def _data(kind, n, seed):
@@ -17,6 +17,39 @@ def _data(kind, n, seed):
     return x
 
 
+def _src(x: torch.Tensor) -> np.ndarray:
+    """Kernel input whose deltas are exactly x: a zero base and x as the fine-tune (float32 bits)."""
+    return np.stack([np.zeros(x.numel(), np.uint32), x.numpy().view(np.uint32)])
+
+
+def summarize(x: torch.Tensor) -> summaries.Summary:
+    hist, mant = np.zeros((1, summaries.HIST_BINS), np.int64), np.zeros((1, 256), np.int64)
+    kernels.abs_summaries(_src(x), kernels.F32, np.array([0]), 0, x.numel(), False, True, hist, mant, np.zeros(2, np.int64))
+    return summaries.Summary(x.numel(), hist[0], mant[0])
+
+
+def bucket_detail(x: torch.Tensor, bucket: int):
+    counts = np.zeros((1, 1 << 16), np.int64)
+    kernels.bin_counts(_src(x), kernels.F32, 0, 0, x.numel(), False, np.array([bucket]), counts, np.zeros(2, np.int64))
+    nz = np.flatnonzero(counts[0])
+    return nz, counts[0][nz]
+
+
+def apply_threshold(x: torch.Tensor, t: summaries.Threshold, ties_before: int) -> torch.Tensor:
+    """The TIES trimming kernel on x with threshold t, given the ties that precede this chunk."""
+    from dppa_stream.methods.sparsify import Sparse, level
+
+    kind, value = level(t, tracked=True)
+    sparse = Sparse(kernels.SP_SHRINK, (kind,), (value,), (t.ties_kept,), ((0, (ties_before,)),))
+    from dppa_stream.methods.gta import _sparse_arrays
+
+    out = np.empty(x.numel(), np.uint32)
+    w = np.ones(1, np.float32)
+    kernels.gta(_src(x), kernels.F32, 0, x.numel(), 0, False, *_sparse_arrays((sparse,), 0), w, w != 1, False, False,
+                np.float32(1), np.float32(1), False, out, kernels.F32, np.zeros(2, np.int64))
+    return torch.from_numpy(out.view(np.float32))
+
+
 @pytest.mark.parametrize("kind", ["bf16", "f32"])
 @pytest.mark.parametrize("chunks", [1, 3, 17])
 def test_kth_smallest_and_top_k(kind, chunks):
@@ -24,12 +57,12 @@ def test_kth_smallest_and_top_k(kind, chunks):
     parts = list(torch.tensor_split(x, chunks))
     s = summaries.Summary()
     for p in parts:
-        s = s + summaries.summarize(p)
+        s = s + summarize(p)
     assert s.numel == x.numel()
     srt = torch.sort(x.abs()).values
     for rank in (1, 2, 5000, 25_000, 45_000, 49_999, 50_000):
         b, _ = summaries.locate(s.hist, rank)
-        details = [summaries.bucket_detail(p, b) for p in parts]
+        details = [bucket_detail(p, b) for p in parts]
         t = summaries.smallest(rank, s.hist, details)
         assert t.value == srt[rank - 1].item()
         if kind == "bf16":  # the histogram alone is exact for bf16 values
@@ -39,9 +72,9 @@ def test_kth_smallest_and_top_k(kind, chunks):
             b, _ = summaries.locate(s.hist, x.numel() - k + 1)
         else:
             b = 0
-        details = [summaries.bucket_detail(p, b) for p in parts]
+        details = [bucket_detail(p, b) for p in parts]
         t, starts = summaries.keep_top(x.numel(), k, s.hist, details)
-        kept = torch.cat([summaries.apply_threshold(p, t, st) for p, st in zip(parts, starts)])
+        kept = torch.cat([apply_threshold(p, t, st) for p, st in zip(parts, starts)])
         order = torch.sort(x.abs(), descending=True, stable=True).indices
         want = torch.zeros_like(x)
         want[order[:k]] = x[order[:k]]
@@ -50,10 +83,10 @@ def test_kth_smallest_and_top_k(kind, chunks):
 
 def test_exact_sum_is_chunking_invariant():
     x = _data("f32", 100_000, 2)
-    whole = summaries.summarize(x).sum_abs
+    whole = summarize(x).sum_abs
     parts = summaries.Summary()
     for p in torch.tensor_split(x, 13):
-        parts = parts + summaries.summarize(p)
+        parts = parts + summarize(p)
     assert parts.sum_abs == whole
     import math
 
@@ -63,7 +96,7 @@ def test_exact_sum_is_chunking_invariant():
 def test_summary_pickles_compactly():
     import pickle
 
-    s = summaries.summarize(_data("bf16", 10_000, 3))
+    s = summarize(_data("bf16", 10_000, 3))
     blob = pickle.dumps(s)
     assert len(blob) < 40_000
     back = pickle.loads(blob)
@@ -73,9 +106,9 @@ def test_summary_pickles_compactly():
 def test_counter_rng_is_chunk_invariant_and_fair():
     from dppa_stream import rng
 
-    key = rng.stream_key(0, 1, "x")
-    whole = rng.keep_mask(key, 0, 100_000, 0.3)
-    pieces = torch.cat([rng.keep_mask(key, a, b - a, 0.3) for a, b in ((0, 123), (123, 60_000), (60_000, 100_000))])
-    assert torch.equal(whole, pieces)
-    assert abs(whole.float().mean().item() - 0.3) < 0.01
-    assert not torch.equal(whole, rng.keep_mask(rng.stream_key(0, 2, "x"), 0, 100_000, 0.3))
+    key, limit = rng.stream_key(0, 1, "x"), int(0.3 * (1 << 24))
+    whole = kernels.keep_mask(key, 0, 100_000, limit)
+    pieces = np.concatenate([kernels.keep_mask(key, a, b - a, limit) for a, b in ((0, 123), (123, 60_000), (60_000, 100_000))])
+    assert np.array_equal(whole, pieces)
+    assert abs(whole.mean() - 0.3) < 0.01
+    assert not np.array_equal(whole, kernels.keep_mask(rng.stream_key(0, 2, "x"), 0, 100_000, limit))

@@ -13,35 +13,36 @@ import math
 import struct
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import InputError
 
 MAX_HEADER_SIZE = 100_000_000  # the limit safetensors itself enforces
 
-# safetensors dtype name -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "BOOL": (torch.bool, 1),
-    "U8": (torch.uint8, 1),
-    "I8": (torch.int8, 1),
-    "I16": (torch.int16, 2),
-    "U16": (torch.uint16, 2),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I32": (torch.int32, 4),
-    "U32": (torch.uint32, 4),
-    "F32": (torch.float32, 4),
-    "F64": (torch.float64, 8),
-    "I64": (torch.int64, 8),
-    "U64": (torch.uint64, 8),
-    "F8_E5M2": (torch.float8_e5m2, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
+# safetensors dtype name -> bytes per element
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
+    "F64": 8, "I64": 8, "U64": 8, "F8_E5M2": 1, "F8_E4M3": 1,
 }
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # safetensors' own dtype order (its `Dtype` enum); save_file lays tensors out by it, descending
 _SAVE_ORDER = {d: i for i, d in enumerate(
     ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"))}
-NAME_OF_TORCH_DTYPE = {t: name for name, (t, _) in DTYPES.items()}
+
+
+def __getattr__(name: str):
+    """`DTYPES` (name -> (torch dtype, size)) and `NAME_OF_TORCH_DTYPE`, built on first use: tests,
+    the demo generator and tools convert torch tensors; the merge itself never imports torch."""
+    if name not in ("DTYPES", "NAME_OF_TORCH_DTYPE"):
+        raise AttributeError(name)
+    import torch
+
+    torch_of = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
+                "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32,
+                "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64,
+                "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn}
+    tables = {"DTYPES": {n: (torch_of[n], size) for n, size in DTYPE_SIZES.items()},
+              "NAME_OF_TORCH_DTYPE": {t: n for n, t in torch_of.items()}}
+    globals().update(tables)
+    return tables[name]
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class TensorEntry:
 
     @property
     def itemsize(self) -> int:
-        return DTYPES[self.dtype][1]
+        return DTYPE_SIZES[self.dtype]
 
     @property
     def rows(self) -> int:
@@ -118,7 +119,7 @@ def parse_entries(path: str, header: dict, data_start: int, file_size: int) -> l
         if not isinstance(info, dict):
             raise InputError(f"{where}: entry is not an object")
         dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise InputError(f"{where}: unsupported dtype {dtype!r}")
         if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
             raise InputError(f"{where}: shape {shape!r} is not a list of non-negative integers")
@@ -129,7 +130,7 @@ def parse_entries(path: str, header: dict, data_start: int, file_size: int) -> l
             or offs[0] > offs[1]
         ):
             raise InputError(f"{where}: data_offsets {offs!r} are not two ordered non-negative integers")
-        nbytes = math.prod(shape) * DTYPES[dtype][1]
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
         if offs[1] - offs[0] != nbytes:
             raise InputError(
                 f"{where}: holds {offs[1] - offs[0]} bytes but shape {shape} x {dtype} needs {nbytes}"
@@ -161,7 +162,7 @@ def build_header(specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict[s
     header: dict = {"__metadata__": metadata} if metadata else {}
     offsets, pos = {}, 0
     for name, dtype, shape in ordered:
-        nbytes = math.prod(shape) * DTYPES[dtype][1]
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
         offsets[name] = pos
         pos += nbytes

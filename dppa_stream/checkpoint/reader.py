@@ -15,10 +15,9 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from ..errors import InputError
-from .format import DTYPES, TensorEntry, parse_entries, read_header
+from .format import TensorEntry, parse_entries, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -186,16 +185,27 @@ def _catalogue(entries: list[TensorEntry], where: str) -> dict[str, TensorEntry]
     return out
 
 
-def read_rows(entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of a tensor, read with one positional read of exactly those bytes."""
-    row_bytes = entry.row_numel * entry.itemsize
-    nbytes = (stop - start) * row_bytes
-    tdtype = DTYPES[entry.dtype][0]
-    shape = (stop - start, *entry.shape[1:]) if entry.shape else ()
+def read_into(entry: TensorEntry, start: int, stop: int, buf: np.ndarray) -> None:
+    """Read rows [start, stop) of a tensor into `buf` (bytes, exactly that many) with one
+    positional read of exactly those bytes."""
+    nbytes = (stop - start) * entry.row_numel * entry.itemsize
     if not nbytes:
-        return torch.empty(shape, dtype=tdtype)
-    buf = np.empty(nbytes, np.uint8)  # not zero-filled: the read overwrites every byte
-    got = os.preadv(_fd(entry), [buf], entry.offset + start * row_bytes)
+        return
+    got = os.preadv(_fd(entry), [buf], entry.offset + start * entry.row_numel * entry.itemsize)
     if got != nbytes:
         raise InputError(f"{entry.file}: short read of tensor {entry.name!r} (file changed or truncated?)")
-    return torch.from_numpy(buf).view(tdtype).reshape(shape)
+
+
+def read_rows(entry: TensorEntry, start: int, stop: int):
+    """Rows [start, stop) of a tensor as a torch tensor (for tests and tools; the merge reads raw
+    bytes with `read_into`)."""
+    import torch
+
+    from .format import DTYPES
+
+    shape = (stop - start, *entry.shape[1:]) if entry.shape else ()
+    if not (stop - start) * entry.row_numel:
+        return torch.empty(shape, dtype=DTYPES[entry.dtype][0])
+    buf = np.empty((stop - start) * entry.row_numel * entry.itemsize, np.uint8)  # the read fills every byte
+    read_into(entry, start, stop, buf)
+    return torch.from_numpy(buf).view(DTYPES[entry.dtype][0]).reshape(shape)

@@ -14,10 +14,10 @@ import json
 import os
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from ..errors import OutputError
-from .format import DTYPES, build_header
+from .format import DTYPE_SIZES, build_header
 from .reader import INDEX_NAME, SINGLE_NAME
 
 FORMAT_METADATA = {"format": "pt"}
@@ -59,7 +59,7 @@ class ShardLayout:
                 row_numel = 1
                 for d in shape[1:]:
                     row_numel *= d
-                self.placements[name] = Placement(fname, len(header) + offsets[name], row_numel * DTYPES[dtype][1])
+                self.placements[name] = Placement(fname, len(header) + offsets[name], row_numel * DTYPE_SIZES[dtype])
             self.total_size += sum(_nbytes(s) for s in group)
 
     def preallocate(self, folder: str) -> None:
@@ -120,9 +120,15 @@ def _reserve(fd: int, size: int) -> None:
         raise
 
 
-def write_rows(folder: str, place: Placement, row_start: int, rows: torch.Tensor) -> int:
-    """Write a contiguous block of rows at its final position; returns bytes written."""
-    data = rows.contiguous().reshape(-1).view(torch.uint8).numpy()
+def write_rows(folder: str, place: Placement, row_start: int, rows) -> int:
+    """Write a contiguous block of rows (a numpy array of the stored bit patterns, or a torch
+    tensor from tests and the demo generator) at its final position; returns bytes written."""
+    if isinstance(rows, np.ndarray):
+        data = np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
+    else:
+        import torch
+
+        data = rows.contiguous().reshape(-1).view(torch.uint8).numpy()
     path = os.path.join(folder, place.file)
     offset = place.offset + row_start * place.row_bytes
     try:
@@ -142,7 +148,7 @@ def write_rows(folder: str, place: Placement, row_start: int, rows: torch.Tensor
 
 def _nbytes(spec) -> int:
     _, dtype, shape = spec
-    n = DTYPES[dtype][1]
+    n = DTYPE_SIZES[dtype]
     for d in shape:
         n *= d
     return n

@@ -1,19 +1,20 @@
-"""What a merge method is: parameters, per-(model, tensor) sparsifiers, and a chunk kernel.
+"""What a merge method is: declared parameters, the statistics it needs, a pure plan, a kernel.
 
-A method is a small, picklable object. The pipeline asks it for each model's sparsifier on each
-tensor (whose statistics it gathers), optionally lets it plan across tensors (`plan`, used by
-DPPA), and calls `merge` on float32 chunks. Kernels are elementwise over a chunk, so any
-chunking gives the same bytes.
+A method never sees files, Dask or other methods. The driver (`statistics.drive`) asks it which
+statistics it needs (`statistics`, called round after round with what is known so far), then for
+its `plan`: small, picklable per-tensor decisions. Pass 2 calls `merge_unit` with one work unit's
+raw rows and that tensor's plan; it runs a fused kernel straight into the output buffer.
+
+Methods whose decisions for a tensor depend only on that tensor's statistics are `local`: a tensor
+held in a single work unit is then planned inside its pass-2 task, from rows already in memory.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
-
-from .sparsify import Sparsifier
+import numpy as np
 
 REQUIRED = object()
 
@@ -32,34 +33,88 @@ def density_check(v):
     return None if 0 < v <= 1 else "must be in (0, 1]"
 
 
+@dataclass(frozen=True)
+class Catalogue:
+    """What planning may know about the inputs: the reference checkpoint's tensors (name ->
+    TensorEntry: dtype and shape) in output order, its config.json, and the fine-tune count."""
+
+    tensors: dict
+    config: dict | None
+    models: int
+
+
+@dataclass
+class Plan:
+    """A method's decisions: per tensor, what pass 2 needs; and what it reports to the user."""
+
+    tensors: dict[str, Any] = field(default_factory=dict)
+    report: Any = None
+
+
 class MergeMethod:
-    """Base class: declares parameters; subclasses define sparsifiers and the chunk kernel."""
+    """Base class: declares parameters; subclasses say what to gather, plan and run."""
 
     name: ClassVar[str]
+    summary: ClassVar[str] = ""
     needs_base: ClassVar[bool] = True
+    local: ClassVar[bool] = True
     global_params: ClassVar[dict[str, Param]] = {}
     model_params: ClassVar[dict[str, Param]] = {}
-    summary: ClassVar[str] = ""
-    # How deltas are formed: "float32" (ft - base in fp32) or "bfloat16" (that, rounded to bf16).
-    delta_dtype: ClassVar[str] = "float32"
 
     def __init__(self, params: dict, model_params: list[dict], seed: int):
         self.params = params
         self.mparams = model_params
         self.seed = seed
 
-    def sparsifier(self, model: int, tensor: str) -> Sparsifier:
-        return Sparsifier()
+    @classmethod
+    def check_params(cls, params: dict, models: list[dict]) -> str | None:
+        """A problem with the resolved parameters taken together (one line), or None."""
+        return None
 
-    def plan(self, engine) -> dict[str, Any]:
-        """Cross-tensor planning before pass 2 (after per-model sparsifier statistics). Returns
-        extra per-tensor data handed to `merge` as `extra`; most methods need none."""
-        return {}
+    def statistics(self, catalogue: Catalogue, tensors: list[str], got) -> dict[str, list]:
+        """Statistics still needed to plan `tensors`, given the results `got` so far."""
+        out = {}
+        for t in tensors:
+            need = self.tensor_statistics(catalogue.tensors[t], got.of(t))
+            if need:
+                out[t] = need
+        return out
 
-    def merge(self, base: torch.Tensor | None, deltas: list[torch.Tensor], inputs: list[torch.Tensor] | None,
-              tensor: str, extra: Any) -> torch.Tensor:
+    def plan(self, catalogue: Catalogue, tensors: list[str], got) -> Plan:
+        return Plan({t: self.tensor_plan(catalogue.tensors[t], got.of(t)) for t in tensors})
+
+    def tensor_statistics(self, entry, got) -> list:
+        return []
+
+    def tensor_plan(self, entry, got) -> Any:
+        return None
+
+    def merge_unit(self, rows, plan, out: np.ndarray, out_code: int) -> np.ndarray:
+        """Merge one unit's rows into `out` (bit patterns of the output dtype); returns the NaN/Inf
+        count seen per input."""
         raise NotImplementedError
 
     def describe(self) -> str:
         return self.summary
 
+
+def torch_order_sum(values) -> np.float32:
+    """The float32 sum of a few scalars in the order torch's `tensor.sum()` adds them on a CPU
+    (four interleaved partial sums for up to 7 values, in sequence for 8), so divisors computed
+    here equal mergekit's bit for bit. Beyond 8 values: in sequence."""
+    vals = [np.float32(v) for v in values]
+    if len(vals) >= 8:
+        total = np.float32(0.0)
+        for v in vals:
+            total = np.float32(total + v)
+        return total
+    part = [np.float32(0.0)] * 4
+    whole = len(vals) // 4
+    for r in range(whole):
+        for k in range(4):
+            part[k] = np.float32(part[k] + vals[4 * r + k])
+    for v in vals[4 * whole:]:
+        part[0] = np.float32(part[0] + v)
+    for k in range(1, 4):
+        part[0] = np.float32(part[0] + part[k])
+    return np.float32(np.float32(0.0) + part[0])

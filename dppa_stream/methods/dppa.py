@@ -20,16 +20,16 @@ See docs/dppa.md for every choice made where the paper and code are silent.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
 
-from .. import summaries
-from ..checkpoint import FLOAT_DTYPES
-from .base import Param
-from .gta import TaskArithmetic
-from .sparsify import Decision, Sparsifier
+from .. import kernels, summaries
+from ..errors import InputError
+from ..statistics import Stat
+from .base import Param, Plan
+from .gta import DeltaMethod, Segments
+from .sparsify import Sparse, level, tie_starts, unit_details
 
 DEFAULT_LINEAR_FILTER = r"(?:^|\.)layers\.(\d+)\."
 
@@ -61,11 +61,19 @@ def _regex_check(v):
 
 
 def bf16(x: float) -> float:
-    """Round to bfloat16 (through float32, as a bf16 op computed in float32 would)."""
-    return torch.tensor(x, dtype=torch.float32).to(torch.bfloat16).item()
+    """Round to bfloat16 through float32 (round to nearest even), as a bf16 op computed in float32 would."""
+    u = int(np.array(x, np.float32).view(np.uint32))
+    return float(np.array(((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16, np.uint32).view(np.float32))
 
 
-_BIN_VALUES = torch.arange(summaries.HIST_BINS, dtype=torch.int32).mul(1 << 16).view(torch.float32)
+# the value of every histogram bin of bf16 magnitudes (bin b holds exactly the float32 with bits b << 16)
+_BIN_VALUES = (np.arange(summaries.HIST_BINS, dtype=np.uint32) << 16).view(np.float32)
+
+
+def _bf16_array(x: np.ndarray) -> np.ndarray:
+    """float32 array rounded to bfloat16 values (round to nearest even; inputs here are finite)."""
+    u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
 
 
 @dataclass
@@ -100,8 +108,6 @@ class ModelReport:
     tensors: list
 
     def to_json(self) -> dict:
-        from dataclasses import asdict
-
         return asdict(self)
 
 
@@ -113,41 +119,10 @@ def normalise(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarr
     return y / spread if spread > 0 else np.zeros_like(y)
 
 
-class Partition(Sparsifier):
-    """Applies DPA factors to one (model, tensor): band factors from nested keep thresholds."""
-
-    def __init__(self, thresholds: list, factors: list, dense_factor: float, decision: Decision | None = None):
-        self.thresholds, self.factors, self.dense_factor = thresholds, factors, dense_factor
-        self.decision = decision or Decision()
-
-    def decide(self, numel, summary, details):
-        return self.decision
-
-    def start(self, d, unit):
-        return {"levels": [{"ties": d.tie_starts[unit][j] if d.tie_starts else 0} for j in range(len(self.thresholds))]}
-
-    def apply(self, delta, d, state, flat_start):
-        if not self.thresholds:
-            return delta * self.dense_factor if self.dense_factor != 1 else delta
-        # Band factors F_j = max(alpha_j..alpha_K) never increase with j and kept sets are nested,
-        # so an element's factor is max_j F_j * [kept at level j]: exact, and no slow masked writes.
-        factor, magnitude = None, None
-        for j, t in enumerate(self.thresholds):
-            if t.ties_kept:
-                kept = summaries.apply_threshold_tracked(delta, t, state["levels"][j]) != 0
-            elif t.bits < 0:
-                kept = torch.ones_like(delta, dtype=torch.bool)
-            else:
-                magnitude = delta.abs() if magnitude is None else magnitude
-                kept = magnitude > t.value
-            level = kept.to(torch.float32).mul_(self.factors[j])
-            factor = level if factor is None else torch.maximum(factor, level, out=factor)
-        return delta * factor
-
-
-class DPPA(TaskArithmetic):
+class DPPA(DeltaMethod):
     name = "dppa"
     summary = "DPPA: dynamic pruning of each fine-tune's delta with partition amplification, then combined"
+    local = False  # densities are normalised across the whole model
     global_params = {
         "pruning_rates": Param([0.9, 0.8], list, _rates_check, "DP pruning rates, one partition each (decreasing)"),
         "lamda": Param(0.08, (int, float), lambda v: None if 0 <= v <= 1 else "must be in [0, 1]", "DP amplitude"),
@@ -164,17 +139,22 @@ class DPPA(TaskArithmetic):
     }
 
     def __init__(self, params, model_params, seed):
-        super().__init__(params, model_params, seed)
-        self.params = {**params, "normalize": params["combine"] in ("mean", "ties"), "lambda": 1.0}
+        super().__init__({**params, "normalize": params["combine"] in ("mean", "ties"), "lambda": 1.0},
+                         model_params, seed)
         self.consensus = params["combine"] == "ties"
-        self.delta_dtype = "bfloat16" if params["semantics"] == "reference" else "float32"
+        self.bf16_deltas = params["semantics"] == "reference"
+        self.exact = not self.bf16_deltas
         self._filter = re.compile(params["linear_filter"])
         self.rates = self.pruning_rates()
-        self.reports: list[ModelReport] = []
-        self._plans: dict[tuple[str, int], tuple[list, Decision]] = {}
-        for m in self.mparams:
-            if len(self.factors(m)) != len(self.rates):
-                raise ValueError("amplification needs one factor per pruning rate")
+
+    @classmethod
+    def check_params(cls, params, models):
+        rates = params.get("pruning_rates", [params.get("pruning_rate")])
+        for i, m in enumerate(models):
+            if "amplification" in m and len(m["amplification"]) != len(rates):
+                return (f"models[{i}] amplification {m['amplification']} needs one factor per pruning rate "
+                        f"({len(rates)}: {rates})")
+        return None
 
     def pruning_rates(self) -> list[float]:
         return list(self.params["pruning_rates"])
@@ -190,54 +170,128 @@ class DPPA(TaskArithmetic):
         if not hit:
             return None
         if hit.groups() and hit.group(1) is not None:
+            if not hit.group(1).isdecimal():
+                raise InputError(f"tensor {name!r}: linear_filter group 1 matched {hit.group(1)!r}, not a block number")
             return int(hit.group(1))
         layer = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
         return int(layer.group(1)) if layer else 0
 
-    # -- planning -----------------------------------------------------------------------------
-    def plan(self, engine):
-        ref = engine.inputs.reference
+    def _blocks(self, catalogue, tensors) -> dict[str, int]:
         blocks = {}
-        for t in engine.inputs.names:
-            e = ref.tensors[t]
-            if e.dtype in FLOAT_DTYPES:
-                b = self.block_of(t, e.shape)
-                if b is not None:
-                    blocks[t] = b
+        for t in tensors:
+            b = self.block_of(t, catalogue.tensors[t].shape)
+            if b is not None:
+                blocks[t] = b
         if not blocks:
-            from ..errors import InputError
+            raise InputError(f"no tensor matches linear_filter {self.params['linear_filter']!r}; DP has nothing to prune")
+        return blocks
 
-            raise InputError(f"{ref.path}: no tensor matches linear_filter {self.params['linear_filter']!r}; DP has nothing to prune")
-        k = len(engine.inputs.models)
-        sums = engine.summaries({t: list(range(k)) for t in blocks})
-        exact = self.params["semantics"] == "exact"
-        counts = self._exact_outlier_counts(engine, blocks, sums) if exact else None
-        self.reports = []
-        level_requests = {}
+    # -- statistics: what DP needs, round by round -------------------------------------------------
+    def _hist(self, model: int) -> Stat:
+        return Stat("abs", model, None, self.bf16_deltas, () if self.bf16_deltas else ("sums",))
+
+    def statistics(self, catalogue, tensors, got):
+        blocks = self._blocks(catalogue, tensors)
+        k = catalogue.models
+        wanted = {t: [self._hist(i) for i in range(k)] for t in blocks}
+        if any((t, s) not in got for t, ss in wanted.items() for s in ss) or not self.exact:
+            return wanted
+        outliers = self._outlier_bins(blocks, got, k)
+        if any((t, s) not in got for (t, _), (s, _) in outliers.items()):
+            return {t: [s for (tt, _), (s, _) in outliers.items() if tt == t] for t in blocks}
+        counts = {key: self._outlier_counts(got.get(key[0], self._hist(key[1])), got.get(key[0], st), values)
+                  for key, (st, values) in outliers.items()}
+        wanted = {}
         for i in range(k):
-            rep = self._plan_model(i, blocks, {t: sums[t][i] for t in blocks}, counts)
-            self.reports.append(rep)
-            for tr in rep.tensors:
-                if exact:
-                    level_requests[(tr.name, i)] = tr
-        if exact:
-            self._exact_thresholds(engine, sums, level_requests)
-        return {}
+            for tr in self._report(i, blocks, got, counts).tensors:
+                wanted.setdefault(tr.name, []).append(self._threshold_bins(tr, i, got))
+        return wanted
 
-    def _plan_model(self, model: int, blocks: dict, sums: dict, counts) -> ModelReport:
+    def _outlier_bins(self, blocks, got, k) -> dict:
+        """Exact semantics: the bins holding M x tensor mean and LM x block mean, per (tensor, model)."""
+        M, LM = self.params["outlier_multiple"], self.params["layer_outlier_multiple"]
+        out = {}
+        for i in range(k):
+            block_sum: dict[int, summaries.Summary] = {}
+            for t, b in blocks.items():
+                s = got.get(t, self._hist(i))
+                block_sum[b] = block_sum[b] + s if b in block_sum else s
+            for t, b in blocks.items():
+                s = got.get(t, self._hist(i))
+                values = (_f32_floor(M * s.mean_abs), _f32_floor(LM * block_sum[b].mean_abs))
+                out[(t, i)] = (Stat("bins", i, None, False, tuple(v >> 16 for v in values)), values)
+        return out
+
+    @staticmethod
+    def _outlier_counts(summary, per_unit, values) -> list[int]:
+        details = [per_unit[u] for u in sorted(per_unit)]
+        return [summaries.count_gt_bits(summary.hist, [d[j] for d in details], v) for j, v in enumerate(values)]
+
+    def _threshold_bins(self, tr: TensorReport, model: int, got) -> Stat:
+        hist = got.get(tr.name, self._hist(model)).hist
+        bins = tuple(summaries.locate(hist, tr.numel - k + 1)[0] if 0 < k < tr.numel else 0 for k in _keeps(tr))
+        return Stat("bins", model, None, False, bins)
+
+    # -- the plan ----------------------------------------------------------------------------------
+    def plan(self, catalogue, tensors, got):
+        blocks = self._blocks(catalogue, tensors)
+        k = catalogue.models
+        counts = None
+        if self.exact:
+            counts = {key: self._outlier_counts(got.get(key[0], self._hist(key[1])), got.get(key[0], st), values)
+                      for key, (st, values) in self._outlier_bins(blocks, got, k).items()}
+        reports = [self._report(i, blocks, got, counts) for i in range(k)]
+        sparse = {t: [None] * k for t in tensors}
+        for i, rep in enumerate(reports):
+            bands = self._band_factors(self.factors(self.mparams[i]))
+            for tr in rep.tensors:
+                sparse[tr.name][i] = self._partition(tr, i, bands, got)
+        for t in tensors:
+            for i in range(k):
+                if sparse[t][i] is None:  # not pruned by DP: its dense delta, amplified like the reference
+                    alphas = self.factors(self.mparams[i])
+                    sparse[t][i] = Sparse(dense=max(alphas) if self.params["amplify_unpruned"] else 1.0)
+        return Plan({t: Segments(((None, tuple(sp)),)) for t, sp in sparse.items()}, reports)
+
+    def _partition(self, tr: TensorReport, model: int, bands: list[float], got) -> Sparse:
+        """DPA on one DP tensor: nested thresholds, one per pruning rate, and their band factors."""
+        hist = got.get(tr.name, self._hist(model)).hist
+        if not self.exact:
+            ths = [summaries.threshold_from_hist(hist, summaries.rank_for_prune_le(tr.numel, 1 - d)) for d in tr.densities]
+            if any(a.bits < b.bits for a, b in zip(ths, ths[1:])):
+                raise AssertionError(f"{tr.name}: DPA partitions are not nested")
+            for th in ths:
+                tr.thresholds.append(th.value)
+                tr.kept.append(tr.numel - summaries.count_le(hist, None, th))
+            levels = [level(th, tracked=False) for th in ths]
+            return Sparse(kernels.SP_BANDS, tuple(kd for kd, _ in levels), tuple(v for _, v in levels),
+                          (0,) * len(ths), (), tuple(bands))
+        units, details = unit_details(got.of(tr.name), self._threshold_bins(tr, model, got))
+        ths, prefixes = [], []
+        for j, keep in enumerate(_keeps(tr)):
+            th, starts = summaries.keep_top(tr.numel, keep, hist, [d[j] for d in details])
+            ths.append(th)
+            prefixes.append(starts)
+            tr.thresholds.append(th.value)
+            tr.kept.append(keep)
+        levels = [level(th, tracked=th.ties_kept > 0) for th in ths]
+        return Sparse(kernels.SP_BANDS, tuple(kd for kd, _ in levels), tuple(v for _, v in levels),
+                      tuple(th.ties_kept for th in ths), tie_starts(units, prefixes), tuple(bands))
+
+    def _report(self, model: int, blocks: dict, got, counts) -> ModelReport:
+        """DP's signals and densities for one fine-tune (thresholds are filled in by `_partition`)."""
         lam = self.params["lamda"]
         M, LM = self.params["outlier_multiple"], self.params["layer_outlier_multiple"]
-        reference = self.params["semantics"] == "reference"
         names = sorted(blocks, key=lambda t: (blocks[t], t))
+        sums = {t: got.get(t, self._hist(model)) for t in names}
         trs = []
         for t in names:
             s = sums[t]
-            mean = s.mean_abs
-            if reference:
-                cnt = summaries.count_above(s.hist, bf16(bf16(mean) * M))
-            else:
+            if self.exact:
                 cnt = counts[(t, model)][0]
-            trs.append(TensorReport(t, blocks[t], s.numel, mean, 100.0 * cnt / s.numel if s.numel else 0.0))
+            else:
+                cnt = summaries.count_above(s.hist, bf16(bf16(s.mean_abs) * M))
+            trs.append(TensorReport(t, blocks[t], s.numel, s.mean_abs, 100.0 * cnt / s.numel if s.numel else 0.0))
         brs = []
         for b in sorted(set(blocks.values())):
             members = [t for t in names if blocks[t] == b]
@@ -245,111 +299,34 @@ class DPPA(TaskArithmetic):
             for t in members[1:]:
                 total = total + sums[t]
             mean = total.mean_abs
-            if reference:
-                mu = bf16(mean)
-                hits = (_BIN_VALUES / mu).to(torch.bfloat16).float() > LM if mu > 0 else torch.zeros(summaries.HIST_BINS, dtype=torch.bool)
-                cnt = int(total.hist[hits.numpy()].sum())
-            else:
+            if self.exact:
                 cnt = sum(counts[(t, model)][1] for t in members)
+            else:
+                mu = bf16(mean)
+                with np.errstate(over="ignore", invalid="ignore"):  # the bins of inf/NaN magnitudes
+                    hits = _bf16_array(_BIN_VALUES / np.float32(mu)) > LM if mu > 0 else np.zeros(summaries.HIST_BINS, bool)
+                cnt = int(total.hist[hits].sum())
             brs.append(BlockReport(b, total.numel, mean, 100.0 * cnt / total.numel if total.numel else 0.0))
         L = normalise(np.array([br.outlier_ratio for br in brs]))
-        for br, l in zip(brs, L):
-            br.layer_score = float(l)
+        for br, score in zip(brs, L):
+            br.layer_score = float(score)
         layer_score = {br.block: br.layer_score for br in brs}
         r = np.array([tr.outlier_ratio for tr in trs])
         n = np.array([tr.numel for tr in trs], dtype=np.float64)
         x = r / r.mean() if r.mean() > 0 else np.zeros_like(r)
         T = normalise(x, n)
-        factors = self._band_factors(self.factors(self.mparams[model]))
         for tr, tscore in zip(trs, T):
             tr.linear_score = float(tscore)
-            thresholds = []
             for rate in self.rates:
-                b_i = (1 - rate) + lam * layer_score[tr.block]
-                d = b_i + lam * tr.linear_score
-                clamped = not (1 / tr.numel <= d <= 1)
-                d = min(1.0, max(1 / tr.numel, d))
-                tr.densities.append(d)
-                tr.clamped.append(clamped)
-                if reference:
-                    rank = summaries.rank_for_prune_le(tr.numel, 1 - d)
-                    th = summaries.threshold_from_hist(sums[tr.name].hist, rank)
-                    tr.thresholds.append(th.value)
-                    tr.kept.append(tr.numel - summaries.count_le(sums[tr.name].hist, None, th))
-                    thresholds.append(th)
-            if reference:
-                if any(a.bits < b.bits for a, b in zip(thresholds, thresholds[1:])):
-                    raise AssertionError(f"{tr.name}: DPA partitions are not nested")
-                self._plans[(tr.name, model)] = (thresholds, Decision(), factors)
+                d = (1 - rate) + lam * layer_score[tr.block] + lam * tr.linear_score
+                tr.clamped.append(not (1 / tr.numel <= d <= 1))
+                tr.densities.append(min(1.0, max(1 / tr.numel, d)))
         return ModelReport(model, brs, trs)
 
     @staticmethod
     def _band_factors(alphas: list[float]) -> list[float]:
         """An element first kept at level j gets max over k >= j of alpha_k."""
         return [max(alphas[j:]) for j in range(len(alphas))]
-
-    def _exact_outlier_counts(self, engine, blocks, sums) -> dict:
-        """(tensor, model) -> [count |d| > M*mean_ij, count |d| > LM*mean_block], exact for float32."""
-        M, LM = self.params["outlier_multiple"], self.params["layer_outlier_multiple"]
-        block_mean = {}
-        for b in set(blocks.values()):
-            members = [t for t in blocks if blocks[t] == b]
-            for i in range(len(engine.inputs.models)):
-                tot = sums[members[0]][i]
-                for t in members[1:]:
-                    tot = tot + sums[t][i]
-                block_mean[(b, i)] = tot.mean_abs
-        values, requests = {}, {}
-        for t in blocks:
-            for i, s in sums[t].items():
-                v = [_f32_floor(M * s.mean_abs), _f32_floor(LM * block_mean[(blocks[t], i)])]
-                values[(t, i)] = v
-                requests[(t, i)] = tuple(bits >> 16 for bits in v)
-        details = engine.details(requests, "outliers")
-        out = {}
-        for key, v in values.items():
-            hist = sums[key[0]][key[1]].hist
-            out[key] = [summaries.count_gt_bits(hist, [u[j] for u in details[key]], v[j]) for j in range(2)]
-        return out
-
-    def _exact_thresholds(self, engine, sums, trs: dict) -> None:
-        requests = {}
-        keeps = {}
-        for (t, i), tr in trs.items():
-            ks = [tr.numel - int(tr.numel * (1 - d)) for d in tr.densities]
-            keeps[(t, i)] = ks
-            requests[(t, i)] = tuple(summaries.locate(sums[t][i].hist, tr.numel - k + 1)[0] if 0 < k < tr.numel else 0 for k in ks)
-        details = engine.details(requests, "refine")
-        for (t, i), tr in trs.items():
-            ths, starts = [], []
-            for j, k in enumerate(keeps[(t, i)]):
-                th, st = summaries.keep_top(tr.numel, k, sums[t][i].hist, [u[j] for u in details[(t, i)]])
-                ths.append(th)
-                starts.append(st)
-                tr.thresholds.append(th.value)
-                tr.kept.append(k)
-            tie_starts = tuple(tuple(starts[j][u] for j in range(len(ths))) for u in range(len(starts[0])))
-            factors = self._band_factors(self.factors(self.mparams[i]))
-            self._plans[(t, i)] = (ths, Decision(tie_starts=tie_starts), factors)
-
-    def set_amplification(self, alphas: list[float]) -> None:
-        """Use these factors for every fine-tune (the factor search); thresholds are unchanged."""
-        if len(alphas) != len(self.rates):
-            raise ValueError("one factor per pruning rate")
-        for m in self.mparams:
-            m["amplification"] = list(alphas)
-        bands = self._band_factors(list(alphas))
-        self._plans = {key: (th, dec, bands) for key, (th, dec, _) in self._plans.items()}
-
-    # -- pass 2 ---------------------------------------------------------------------------------
-    def sparsifier(self, model, tensor) -> Sparsifier:
-        plan = self._plans.get((tensor, model))
-        if plan is None:
-            alphas = self.factors(self.mparams[model])
-            dense = max(alphas) if self.params["amplify_unpruned"] else 1.0
-            return Partition([], [], dense)
-        thresholds, decision, factors = plan
-        return Partition(thresholds, factors, 1.0, decision)
 
     def describe(self) -> str:
         p = self.params
@@ -372,6 +349,11 @@ class DP(DPPA):
 
     def factors(self, m):
         return [1.0]
+
+
+def _keeps(tr: TensorReport) -> list[int]:
+    """Exact semantics: elements kept at each pruning rate, n - int(n * (1 - d))."""
+    return [tr.numel - int(tr.numel * (1 - d)) for d in tr.densities]
 
 
 def _f32_floor(v: float) -> int:

@@ -1,58 +1,76 @@
-"""Per-(model, tensor) delta sparsifiers whose decisions need statistics over the whole tensor.
+"""Sparsifiers: how one fine-tune's delta of one tensor (or span of it) is thinned before merging.
 
-A sparsifier states what it needs in up to two statistics rounds over the tensor's chunks:
-round 1 returns a mergeable `Summary`; round 2 (optional) returns one small result per work unit.
-`decide` turns them into a `Decision` that `apply` uses on any chunk. The pipeline runs the
-rounds as Dask passes for tensors split over several work units, or inline, on data already in
-memory, for a tensor that is one work unit: same functions, same answer, fewer reads.
+Each says which statistics it needs given what is known (`needs`: a threshold's boundary-bin
+round comes once its histogram is known) and turns them into a `Sparse` decision for the pass-2
+kernel (`decide`). Exact thresholds come from bit-pattern histograms (`summaries`), so they equal
+an in-memory sort whatever the chunking.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from .. import rng
-from .. import summaries
-from ..summaries import Summary, Threshold
+from .. import kernels, summaries
+from ..statistics import Stat
+from ..summaries import KEEP_ALL, KEEP_NONE, Threshold
 
 
-@dataclass
-class Decision:
-    """What `apply` needs for one (model, tensor)."""
+@dataclass(frozen=True)
+class Sparse:
+    """What the kernel does to one model's delta on one span (see `kernels.gta`).
 
-    threshold: Threshold | None = None
-    tie_starts: tuple[int, ...] = ()  # per work unit, ties preceding it (for index tie-break)
-    scale: float = 1.0  # multiplier on the kept deltas (DARE rescale)
-    key: int = 0  # RNG stream (DARE)
+    Threshold levels (SP_SHRINK uses level 0; SP_BANDS all): `kinds` (TH_*), `values` (float32
+    thresholds), `ties` (ties kept at each level, lowest flat index first) and `tie_starts`
+    ((unit index, per-level ties before that unit), ...); `factors` per level (DPA).
+    """
+
+    mode: int = kernels.SP_NONE
+    kinds: tuple = ()
+    values: tuple = ()
+    ties: tuple = ()
+    tie_starts: tuple = ()
+    factors: tuple = ()
+    dense: float = 1.0  # SP_NONE: multiply the delta (DPA on tensors DP does not prune)
+    key: int = 0  # SP_BERNOULLI: counter RNG stream and keep limit
+    limit: int = 0
+    scale: float = 1.0  # SP_BERNOULLI: L1 rescale
+
+    def budgets(self, unit: int) -> list[int]:
+        """Ties each level may still keep in this unit."""
+        starts = dict(self.tie_starts).get(unit, (0,) * len(self.ties))
+        return [max(0, t - s) for t, s in zip(self.ties, starts)]
+
+
+def level(t: Threshold, tracked: bool) -> tuple[int, float]:
+    """(kind, value) of a threshold level: keep all, keep none, or compare with the value
+    (`tracked`: keep |x| == value while the tie budget lasts)."""
+    if t.bits == KEEP_ALL:
+        return kernels.TH_ALL, 0.0
+    if t.bits == KEEP_NONE:
+        return kernels.TH_NONE, 0.0
+    return (kernels.TH_VALUE if tracked else kernels.TH_GT), t.value
+
+
+def tie_starts(units: list[int], prefixes: list[list[int]]) -> tuple:
+    """((unit, (ties before it at each level)), ...) from per-level prefix lists in unit order."""
+    return tuple((u, tuple(p[i] for p in prefixes)) for i, u in enumerate(units))
+
+
+def unit_details(got, stat: Stat) -> tuple[list[int], list[list]]:
+    """The units and, per unit in flat order, the (values, counts) of each requested bin."""
+    per_unit = got[stat]
+    units = sorted(per_unit)
+    return units, [per_unit[u] for u in units]
 
 
 class Sparsifier:
-    """No sparsification (task arithmetic, linear)."""
+    """No sparsification."""
 
-    needs_summary = False
-    sums = "exact"  # what `summarize` must compute of Σ|delta|: "exact" or "none"
+    def needs(self, model: int, numel: int, span, got) -> list[Stat]:
+        return []
 
-    def bucket(self, numel: int, summary: Summary) -> tuple[int, ...] | None:
-        """Round 2 request: the histogram bins whose exact contents are needed, or None.
-        `decide` then gets, per unit, one (values, counts) detail per requested bin."""
-        return None
-
-    def decide(self, numel: int, summary: Summary | None, details) -> Decision:
-        return Decision()
-
-    def summarize(self, delta: torch.Tensor, flat_start: int, bf16_values: bool = False) -> Summary:
-        """Round-1 summary of one chunk; `bf16_values` when every delta is a bf16 value."""
-        return summaries.summarize(delta, "hist" if bf16_values and self.sums == "exact" else self.sums)
-
-    def start(self, d: Decision, unit: int) -> dict:
-        """Fresh per-unit state for `apply` (running tie counts), given the unit's index."""
-        return {}
-
-    def apply(self, delta: torch.Tensor, d: Decision, state: dict, flat_start: int) -> torch.Tensor:
-        """The sparsified delta of one chunk; chunks of a unit arrive in order."""
-        return delta
+    def decide(self, model: int, numel: int, span, got) -> Sparse:
+        return Sparse()
 
 
 class TopK(Sparsifier):
@@ -62,57 +80,56 @@ class TopK(Sparsifier):
     lowest flat indices, so the result is deterministic.
     """
 
-    needs_summary = True
-    sums = "none"
-
     def __init__(self, density: float):
         self.density = density
 
-    def bucket(self, numel, summary):
-        k = summaries.top_k_count(numel, self.density)
+    def _k(self, numel):
+        return summaries.top_k_count(numel, self.density)
+
+    def needs(self, model, numel, span, got):
+        if self._k(numel) >= numel:
+            return []
+        hist = Stat("abs", model, span)
+        if hist not in got:
+            return [hist]
+        return [Stat("bins", model, span, args=(summaries.locate(got[hist].hist, numel - self._k(numel) + 1)[0],))]
+
+    def decide(self, model, numel, span, got):
+        k = self._k(numel)
         if k >= numel:
-            return None
-        return (summaries.locate(summary.hist, numel - k + 1)[0],)
-
-    def decide(self, numel, summary, details):
-        k = summaries.top_k_count(numel, self.density)
-        if k >= numel:
-            return Decision(summaries.Threshold(summaries.KEEP_ALL))
-        t, starts = summaries.keep_top(numel, k, summary.hist, [u[0] for u in details])
-        return Decision(t, tuple(starts))
-
-    def start(self, d, unit):
-        return {"ties": d.tie_starts[unit] if d.tie_starts else 0}
-
-    def apply(self, delta, d, state, flat_start):
-        return summaries.apply_threshold_tracked(delta, d.threshold, state)
+            return Sparse()
+        hist = got[Stat("abs", model, span)].hist
+        bins = self.needs(model, numel, span, got)[0]
+        units, details = unit_details(got, bins)
+        t, prefixes = summaries.keep_top(numel, k, hist, [d[0] for d in details])
+        kind, value = level(t, tracked=True)
+        return Sparse(kernels.SP_SHRINK, (kind,), (value,), (t.ties_kept,), tie_starts(units, [prefixes]))
 
 
 class PruneLE(Sparsifier):
     """Reference magnitude pruning (DPPA code): t = |delta| at 0-based index int(n*s) of the
     ascending order; every element <= t is pruned (ties pruned too); survivors keep their value."""
 
-    needs_summary = True
-    sums = "none"
-
-    def __init__(self, sparsity: float, bf16_exact: bool = False):
+    def __init__(self, sparsity: float):
         self.sparsity = sparsity
-        self.bf16_exact = bf16_exact  # deltas are bf16 values: the histogram alone is exact
 
-    def bucket(self, numel, summary):
-        if self.bf16_exact or numel == 0:
-            return None
-        return (summaries.locate(summary.hist, summaries.rank_for_prune_le(numel, self.sparsity))[0],)
-
-    def decide(self, numel, summary, details):
+    def needs(self, model, numel, span, got):
         if numel == 0:
-            return Decision(summaries.Threshold(summaries.KEEP_ALL))
-        dets = None if self.bf16_exact else [u[0] for u in details]
-        t = summaries.smallest(summaries.rank_for_prune_le(numel, self.sparsity), summary.hist, dets)
-        return Decision(t)
+            return []
+        hist = Stat("abs", model, span)
+        if hist not in got:
+            return [hist]
+        rank = summaries.rank_for_prune_le(numel, self.sparsity)
+        return [Stat("bins", model, span, args=(summaries.locate(got[hist].hist, rank)[0],))]
 
-    def apply(self, delta, d, state, flat_start):
-        return summaries.apply_threshold(delta, d.threshold)
+    def decide(self, model, numel, span, got):
+        if numel == 0:
+            return Sparse()
+        hist = got[Stat("abs", model, span)].hist
+        _, details = unit_details(got, self.needs(model, numel, span, got)[0])
+        t = summaries.smallest(summaries.rank_for_prune_le(numel, self.sparsity), hist, [d[0] for d in details])
+        kind, value = level(t, tracked=False)
+        return Sparse(kernels.SP_SHRINK, (kind,), (value,), (0,))
 
 
 class Bernoulli(Sparsifier):
@@ -122,32 +139,19 @@ class Bernoulli(Sparsifier):
 
     def __init__(self, density: float, rescale: bool, key: int):
         self.density, self.rescale, self.key = density, rescale, key
-        self.needs_summary = rescale and density < 1
+        self.limit = int(density * (1 << 24))
 
-    def _mask(self, delta, flat_start):
-        return rng.keep_mask(self.key, flat_start, delta.numel(), self.density).reshape(delta.shape)
+    def needs(self, model, numel, span, got):
+        if self.density >= 1 or not self.rescale:
+            return []
+        return [Stat("dare", model, span, args=(self.key, self.limit))]
 
-    def summarize(self, delta, flat_start, bf16_values=False):
-        # Two exact sums packed in one Summary: histogram of |delta|, and mant_sums of the kept part.
-        mode = "hist" if bf16_values else "exact"
-        full = summaries.summarize(delta, mode)
-        kept = summaries.summarize(delta * self._mask(delta, flat_start), mode)
-        return Summary(full.numel, full.hist, full.mant_sums, kept.mant_sums)
-
-    def decide(self, numel, summary, details):
+    def decide(self, model, numel, span, got):
         if self.density >= 1:
-            return Decision(key=self.key)
+            return Sparse()
         scale = 1.0
         if self.rescale:
-            before, after = summary.sum_abs, summary.aux_sum_abs
-            if before >= 1e-7 and after >= 1e-7:
-                scale = before / after
-        return Decision(scale=scale, key=self.key)
-
-    def apply(self, delta, d, state, flat_start):
-        if self.density >= 1:
-            return delta
-        out = delta * self._mask(delta, flat_start)
-        if d.scale != 1.0:
-            out.mul_(d.scale)
-        return out
+            sums = got[self.needs(model, numel, span, got)[0]]
+            if sums.full >= 1e-7 and sums.kept >= 1e-7:
+                scale = sums.full / sums.kept
+        return Sparse(kernels.SP_BERNOULLI, key=self.key, limit=self.limit, scale=scale)

@@ -1,0 +1,84 @@
+"""Pass 2: merge every work unit and write it at its final byte offset, then finalise the folder.
+
+Each task reads its unit's raw rows, plans the tensor itself when the method is local and the
+tensor is this one unit (statistics from the rows already in memory), runs the method's kernel
+straight into an output buffer and writes it with one positional write into the pre-laid-out
+shard. Finished units go to the manifest, so `--resume` skips them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+
+from . import kernels
+from .checkpoint import FLOAT_DTYPES, Placement, ShardLayout, write_rows
+from .hf_files import copy_model_files, write_model_card
+from .methods.base import Catalogue
+from .output import WORK_DIR, Manifest
+from .statistics import check_nonfinite, drive, inline
+from .units import UnitInputs, UnitRows
+
+
+def output_dtypes(inputs, out_dtype: str | None) -> dict[str, str]:
+    """Per tensor, the dtype written: `out_dtype` (or `dtype`) for float tensors, else unchanged."""
+    return {t: (out_dtype or e.dtype) if e.dtype in FLOAT_DTYPES else e.dtype
+            for t, e in inputs.reference.tensors.items()}
+
+
+def merge_task(method, inp: UnitInputs, plan, folder: str, place: Placement, out_dtype: str,
+               check_finite: bool = True) -> int:
+    """Merge one unit and write it at its final place; returns bytes written."""
+    u = inp.unit
+    rows = UnitRows(inp)
+    if not rows.is_float:  # integer buffers: copied from the base (or the first model) unchanged
+        return write_rows(folder, place, u.row_start, rows.raw[0])
+    if plan is None:  # a one-unit tensor of a local method: plan it from the rows in memory
+        entry = inp.base or inp.models[0]
+        catalogue = Catalogue({u.tensor: entry}, None, len(inp.models))
+        plan = drive(method, catalogue, [u.tensor], inline(rows, check_finite)).tensors[u.tensor]
+    out = np.empty(u.numel, kernels.CONTAINER[out_dtype])
+    bad = method.merge_unit(rows, plan, out, kernels.CODES[out_dtype])
+    if check_finite:
+        check_nonfinite(rows, bad)
+    return write_rows(folder, place, u.row_start, out)
+
+
+def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int) -> tuple[int, int]:
+    """Merge every unit not yet `done` into pre-laid-out shards under OUT.partial, record each
+    finished unit in the manifest, then finalise (shards synced, index, config, tokenizer, card).
+    Returns (bytes written, bytes read)."""
+    inputs, method = session.inputs, session.method
+    partial = out + ".partial"
+    ref = inputs.reference
+    out_dtypes = output_dtypes(inputs, cfg.output_dtype)
+    layout = ShardLayout([(t, out_dtypes[t], ref.tensors[t].shape) for t in inputs.names], shard_size)
+    if done:
+        layout.check_preallocated(partial)
+    else:
+        layout.preallocate(partial)
+
+    calls, sizes = [], []
+    shared = session.executor.share(method)
+    for t in inputs.names:
+        for u in session.units[t]:
+            if (t, u.index) in done:
+                continue
+            inp = UnitInputs(u, *inputs.entries(t))
+            calls.append((shared, inp, plans.get(t), partial, layout.placements[t], out_dtypes[t], session.check_finite))
+            sizes.append(inp.nbytes)
+    with Manifest(partial) as manifest:
+        def record(i, _):
+            u = calls[i][1].unit
+            manifest.record(u.tensor, u.index)
+
+        with session.progress.phase("merge", sum(sizes)) as step:
+            written = session.executor.map(merge_task, calls, sizes, step, record)
+
+    layout.finish(partial)
+    copy_model_files(ref.folder, partial, cfg.output_dtype)
+    write_model_card(partial, cfg, method.describe(), cfg.base_model, [m.path for m in cfg.models])
+    shutil.rmtree(os.path.join(partial, WORK_DIR))
+    return sum(written), sum(sizes)

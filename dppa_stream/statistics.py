@@ -1,0 +1,269 @@
+"""Pass 1: statistics of the deltas, and the one driver that gathers whatever a method asks for.
+
+A method names the statistics it needs as `Stat`s (what, of which fine-tune, over which span of a
+tensor). Each kind is a reduction in the spirit of dask's: `compute` a partial result on one unit's
+rows, `combine` partials (associatively, so results cannot depend on chunking or on the order Dask
+merges them), and `finalize`. `drive` asks the method for statistics round after round — the
+exact threshold's second round is just a statistic whose arguments come from the first — until it
+can plan. Where the numbers come from is the caller's choice: `StatsEngine.compute` runs Dask
+passes over every unit of the tensors (results kept in the zarr store), `inline` computes them from
+the rows a pass-2 task already holds (a tensor that is one unit: same functions, one read less).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import kernels, summaries
+from .errors import InputError
+from .summaries import Summary
+
+log = logging.getLogger("dppa_stream")
+
+
+@dataclass(frozen=True)
+class Stat:
+    """One statistic of one tensor's deltas.
+
+    kind   "abs": `Summary` of |delta| (histogram of its top 16 bits; `args=("sums",)` adds exact sums
+           when deltas are float32 — bf16 deltas get them from the histogram for free);
+           "bins": per unit, the low-16-bit counts of |delta| inside the top-16-bit bins `args`
+           (resolves a threshold exactly and gives the ties before each unit);
+           "dare": exact Σ|delta| and Σ|delta * keep-mask| for the counter RNG `args = (key, limit)`.
+    model  the fine-tune (0-based, excluding the base).
+    span   flat element range inside the tensor (one expert of a fused tensor), None for all of it.
+    bf16   deltas rounded to bfloat16 (DPPA's reference semantics).
+    """
+
+    kind: str
+    model: int
+    span: tuple[int, int] | None = None
+    bf16: bool = False
+    args: tuple = ()
+
+    def key(self) -> str:
+        span = "" if self.span is None else f"{self.span[0]}-{self.span[1]}"
+        return f"{self.kind}|{self.model}|{span}|{int(self.bf16)}|{','.join(map(str, self.args))}"
+
+
+@dataclass(frozen=True)
+class DareSums:
+    full: float  # Σ|delta|, exactly rounded
+    kept: float  # Σ|delta * mask|
+
+
+def _local_range(stat: Stat, unit, numel: int) -> tuple[int, int] | None:
+    """The unit-local element range of a stat's span, or None when they do not overlap."""
+    lo, hi = stat.span if stat.span is not None else (0, numel)
+    a, b = max(lo, unit.flat_start), min(hi, unit.flat_start + unit.numel)
+    return (a - unit.flat_start, b - unit.flat_start) if a < b else None
+
+
+def compute(rows, stats: list[Stat], check_finite: bool) -> dict[Stat, object]:
+    """Partial results of `stats` (all of one tensor) on one unit's rows."""
+    unit = rows.inp.unit
+    code = kernels.CODES[rows.dtype]
+    bad = np.zeros(rows.src.shape[0], np.int64)
+    out: dict[Stat, object] = {}
+    numel = rows.inp.models[0].numel
+    groups: dict[tuple, list[Stat]] = {}
+    for st in stats:
+        rng = _local_range(st, unit, numel)
+        if rng is None:
+            out[st] = _empty(st, unit)
+        elif st.kind == "abs":
+            groups.setdefault((rng, st.bf16, "sums" in st.args), []).append(st)
+        elif st.kind == "bins":
+            bins = np.array(st.args, np.int64)
+            counts = np.zeros((len(bins), 1 << 16), np.int64)
+            kernels.bin_counts(rows.src, code, st.model, rng[0], rng[1], st.bf16, bins, counts, bad)
+            out[st] = {unit.index: [_sparse(c) for c in counts]}
+        elif st.kind == "dare":
+            full, kept = np.zeros(256, np.int64), np.zeros(256, np.int64)
+            key, limit = st.args
+            kernels.dare_sums(rows.src, code, st.model, rng[0], rng[1], unit.flat_start + rng[0], np.uint64(key),
+                              np.uint64(limit), full, kept, bad)
+            out[st] = (full, kept)
+        else:
+            raise ValueError(f"unknown statistic {st.kind!r}")
+    for (rng, bf16, sums), group in groups.items():
+        models = np.array([st.model for st in group], np.int64)
+        hists = np.zeros((len(group), summaries.HIST_BINS), np.int64)
+        mants = np.zeros((len(group), 256), np.int64)
+        kernels.abs_summaries(rows.src, code, models, rng[0], rng[1], bf16, sums and not bf16, hists, mants, bad)
+        for st, h, mt in zip(group, hists, mants):
+            out[st] = Summary(rng[1] - rng[0], h, summaries.hist_mant_sums(h) if bf16 else mt).compact()
+    if check_finite:
+        check_nonfinite(rows, bad)
+    return out
+
+
+def _sparse(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    nz = np.flatnonzero(counts)
+    return nz.astype(np.int64), counts[nz]
+
+
+def _empty(stat: Stat, unit):
+    if stat.kind == "abs":
+        return Summary()
+    if stat.kind == "bins":
+        return {}
+    return (np.zeros(256, np.int64), np.zeros(256, np.int64))
+
+
+def combine(stat: Stat, a, b):
+    """Merge two partial results of the same statistic (associative and commutative)."""
+    if stat.kind == "abs":
+        return (a + b).compact()
+    if stat.kind == "bins":
+        return {**a, **b}
+    return (a[0] + b[0], a[1] + b[1])
+
+
+def finalize(stat: Stat, partial):
+    if stat.kind == "dare":
+        return DareSums(summaries.exact_sum(partial[0]), summaries.exact_sum(partial[1]))
+    return partial
+
+
+def check_nonfinite(rows, bad: np.ndarray) -> None:
+    """Refuse NaN/Inf inputs (they would silently poison statistics and merges): one line naming
+    the file, the tensor, how many and where."""
+    for i, n in enumerate(bad):
+        if n:
+            e = rows.inp.entries[i]
+            u = rows.inp.unit
+            count = kernels.count_nonfinite(rows.src[i], kernels.CODES[rows.dtype])
+            raise InputError(f"{e.file}: tensor {e.name!r} has {count} NaN/Inf values in rows "
+                             f"{u.row_start}..{u.row_stop - 1}; pass --allow-nonfinite to merge anyway")
+
+
+# --- the driver ------------------------------------------------------------------------------------
+
+class Results:
+    """Statistics gathered so far, by (tensor, Stat)."""
+
+    def __init__(self):
+        self.values: dict[tuple[str, Stat], object] = {}
+
+    def __contains__(self, key) -> bool:
+        return key in self.values
+
+    def get(self, tensor: str, stat: Stat):
+        return self.values.get((tensor, stat))
+
+    def of(self, tensor: str) -> "TensorResults":
+        return TensorResults(self, tensor)
+
+    def update(self, values: dict) -> None:
+        self.values.update(values)
+
+
+@dataclass(frozen=True)
+class TensorResults:
+    """The statistics of one tensor (what a per-tensor sparsifier sees)."""
+
+    results: Results
+    tensor: str
+
+    def __getitem__(self, stat: Stat):
+        return self.results.values[(self.tensor, stat)]
+
+    def __contains__(self, stat: Stat) -> bool:
+        return (self.tensor, stat) in self.results.values
+
+
+def drive(method, catalogue, tensors: list[str], compute_fn):
+    """Gather every statistic `method` asks for on `tensors` (rounds until it asks for nothing
+    new), then return its plan. `compute_fn({tensor: [Stat]}) -> {(tensor, Stat): result}`."""
+    got = Results()
+    while True:
+        wanted = method.statistics(catalogue, tensors, got)
+        missing = {t: [s for s in dict.fromkeys(ss) if (t, s) not in got] for t, ss in wanted.items()}
+        missing = {t: ss for t, ss in missing.items() if ss}
+        if not missing:
+            return method.plan(catalogue, tensors, got)
+        got.update(compute_fn(missing))
+
+
+def inline(rows, check_finite: bool):
+    """A `compute_fn` answering from one unit's rows (the whole tensor)."""
+
+    def compute_fn(wanted: dict[str, list[Stat]]) -> dict:
+        out = {}
+        for t, stats in wanted.items():
+            for st, partial in compute(rows, stats, check_finite).items():
+                out[(t, st)] = finalize(st, partial)
+        return out
+
+    return compute_fn
+
+
+def stats_task(inp, stats: list[Stat], check_finite: bool) -> dict:
+    """Dask task: partial results of one tensor's statistics on one unit."""
+    from .units import UnitRows
+
+    return compute(UnitRows(inp), stats, check_finite)
+
+
+def combine_task(*parts: dict) -> dict:
+    """Dask tree-reduction step over partial results of one tensor."""
+    out = dict(parts[0])
+    for p in parts[1:]:
+        for st, v in p.items():
+            out[st] = combine(st, out[st], v) if st in out else v
+    return out
+
+
+class StatsEngine:
+    """A `compute_fn` that runs statistics passes over every unit of the wanted tensors on the
+    executor, tree-reduces per tensor on the workers, and keeps results in the store (so resume
+    and the factor search never recompute them)."""
+
+    def __init__(self, executor, inputs, units: dict, progress, store=None, check_finite: bool = True):
+        self.ex, self.inputs, self.units, self.progress = executor, inputs, units, progress
+        self.store, self.check_finite = store, check_finite
+        self.bytes_read = 0
+        self.rounds = 0
+
+    def __call__(self, wanted: dict[str, list[Stat]]) -> dict:
+        from .units import UnitInputs
+
+        out, todo = {}, {}
+        for t, stats in wanted.items():
+            for st in stats:
+                got = self.store.get(t, st) if self.store else None
+                if got is None:
+                    todo.setdefault(t, []).append(st)
+                else:
+                    out[(t, st)] = got
+        if not todo:
+            return out
+        calls, sizes, groups = [], [], []
+        for t, stats in todo.items():
+            entries = self.inputs.entries(t)
+            numel = self.inputs.reference.tensors[t].numel
+            for u in self.units[t]:
+                need = [st for st in stats if _local_range(st, u, numel) is not None]
+                if need:
+                    inp = UnitInputs(u, *entries)
+                    calls.append((inp, need, self.check_finite))
+                    sizes.append(inp.nbytes)
+                    groups.append(t)
+        self.rounds += 1
+        self.bytes_read += sum(sizes)
+        kinds = sorted({st.kind for ss in todo.values() for st in ss})
+        with self.progress.phase("stats" if kinds == ["abs"] else "+".join(kinds), sum(sizes)) as step:
+            reduced = self.ex.map_reduce(stats_task, calls, sizes, groups, combine_task, step)
+        fresh = {}
+        for t, stats in todo.items():
+            parts = reduced.get(t, {})
+            for st in stats:
+                fresh[(t, st)] = finalize(st, parts.get(st, _empty(st, None)))
+        if self.store:
+            self.store.put(fresh)
+        out.update(fresh)
+        return out

@@ -1,0 +1,125 @@
+"""Work units: row ranges of one tensor, sized from the memory budget, and reading one.
+
+A unit is the rows [row_start, row_stop) of one tensor across every input. It is what one Dask
+task holds in memory: the raw rows of the base and of each fine-tune (one allocation, one
+positional read per input) plus the output rows. Units never split a row, so anything computed
+row by row, and every flat index, is the same whatever the unit size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .checkpoint import FLOAT_DTYPES, TensorEntry, read_into
+from .errors import UsageError
+
+PROCESS_BASELINE = 300 << 20  # python + numpy + numba + dask/distributed, per process
+TASK_OVERHEAD = 16 << 20  # kernel scratch, histograms and Dask bookkeeping per running task
+MAX_UNIT_BYTES = 64 << 20  # default unit cap: small tasks balance load and keep memory low
+MIN_UNIT_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Rows [row_start, row_stop) of one tensor; `index` is its position among the tensor's units."""
+
+    tensor: str
+    index: int
+    row_start: int
+    row_stop: int
+    row_numel: int
+
+    @property
+    def flat_start(self) -> int:
+        return self.row_start * self.row_numel
+
+    @property
+    def numel(self) -> int:
+        return (self.row_stop - self.row_start) * self.row_numel
+
+
+@dataclass(frozen=True)
+class UnitInputs:
+    """What a task needs to read a unit: the base entry (or None) and each model's entry."""
+
+    unit: Unit
+    base: TensorEntry | None
+    models: tuple[TensorEntry, ...]
+
+    @property
+    def entries(self) -> tuple[TensorEntry, ...]:
+        return ((self.base,) if self.base else ()) + self.models
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.unit.numel * e.itemsize for e in self.entries)
+
+
+def unit_memory_per_element(entry: TensorEntry, inputs: int, out_itemsize: int) -> int:
+    """Bytes a task holds per element of its unit: every input's raw value plus the output value."""
+    return entry.itemsize * inputs + out_itemsize
+
+
+def plan_units(names: list[str], entries: dict[str, TensorEntry], inputs: int, out_itemsize: dict[str, int],
+               unit_bytes: int) -> dict[str, int]:
+    """Rows per unit for every tensor, so that one unit's memory fits `unit_bytes`."""
+    rows = {}
+    for name in names:
+        e = entries[name]
+        per_row = e.row_numel * unit_memory_per_element(e, inputs, out_itemsize[name])
+        rows[name] = max(1, unit_bytes // max(1, per_row))
+    return rows
+
+
+def units_from_plan(names: list[str], entries: dict[str, TensorEntry], rows_per_unit: dict[str, int]) -> dict[str, list[Unit]]:
+    """The units of every tensor; a tensor with no elements (a zero in its shape) is one empty unit."""
+    units = {}
+    for name in names:
+        e = entries[name]
+        if e.numel == 0:
+            units[name] = [Unit(name, 0, 0, e.rows, e.row_numel)]
+            continue
+        step = rows_per_unit[name]
+        units[name] = [Unit(name, i, s, min(e.rows, s + step), e.row_numel)
+                       for i, s in enumerate(range(0, e.rows, step))]
+    return units
+
+
+def unit_budget(memory_limit: int, workers: int, processes: int) -> int:
+    """Bytes per unit such that `workers` concurrent tasks fit the memory limit."""
+    free = memory_limit - PROCESS_BASELINE * processes - TASK_OVERHEAD * workers
+    per_task = free // max(1, workers)
+    if per_task < MIN_UNIT_BYTES:
+        need = PROCESS_BASELINE * processes + (TASK_OVERHEAD + MIN_UNIT_BYTES) * workers
+        raise UsageError(
+            f"--memory-limit {memory_limit / 2**20:.0f} MiB is too small for {workers} worker(s); "
+            f"need at least {need / 2**20:.0f} MiB (or use fewer workers)"
+        )
+    return per_task
+
+
+class UnitRows:
+    """The raw rows of one unit from every input: `src[i]` holds input i's stored bit patterns
+    (base first when there is one), as unsigned integers of the element size."""
+
+    def __init__(self, inp: UnitInputs):
+        from .kernels import CONTAINER
+
+        u = inp.unit
+        self.inp = inp
+        self.has_base = inp.base is not None
+        entries = inp.entries
+        dtype = entries[0].dtype
+        self.dtype = dtype
+        itemsize = entries[0].itemsize
+        raw = np.empty((len(entries), u.numel * itemsize), np.uint8)  # every byte is overwritten by the reads
+        for row, e in zip(raw, entries):
+            read_into(e, u.row_start, u.row_stop, row)
+        self.raw = raw
+        self.src = raw.view(CONTAINER[dtype]) if dtype in FLOAT_DTYPES else None
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
