@@ -358,7 +358,8 @@ def gta(src, code, lo, hi, flat0, bf16_delta,
       SP_SHRINK     TIES/magnitude threshold of level 0 (kind th_kind[k, 0])
       SP_BERNOULLI  delta * keep-mask (counter RNG keys[k], limits[k]), times scales[k] if use_scale[k]
       SP_BANDS      DPA: delta * max over levels j of (kept at j ? factors[k, j] : 0)
-    `budget` holds the remaining tie budget per model and level; it is updated in place.
+    `budget` holds the remaining tie budget per model and level; it is updated in place. `out`
+    is the whole unit's output: element i of the range lands at out[i].
     """
     K = src.shape[0] - 1
     base = np.empty(BLOCK, np.float32)
@@ -437,7 +438,7 @@ def gta(src, code, lo, hi, flat0, bf16_delta,
         b = base[:m]
         for j in range(m):
             a[j] = b[j] + a[j]
-        narrow_block(acc, m, out, s - lo, out_code)
+        narrow_block(acc, m, out, s, out_code)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -461,4 +462,4 @@ def weighted_sum(src, code, lo, hi, weights, normalize, total_weight, out, out_c
         if normalize:
             for j in range(m):
                 a[j] = a[j] / total_weight
-        narrow_block(acc, m, out, s - lo, out_code)
+        narrow_block(acc, m, out, s, out_code)

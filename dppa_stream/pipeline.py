@@ -58,15 +58,22 @@ class MergeResult:
     scheduler: str
     memory_limit: int
     resumed_units: int = 0
+    dp: dict | None = None  # DP's clamped and emptied linears (dp, dppa)
 
     def summary_line(self) -> str:
         resumed = f" (resumed: {self.resumed_units} units were already done)" if self.resumed_units else ""
-        return (
+        line = (
             f"merged {self.tensors} tensors ({self.units} work units) into {self.out} in {self.wall_seconds:.1f}s: "
             f"read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB "
             f"({self.bytes_read / max(self.wall_seconds, 1e-9) / 1e6:.0f} MB/s read), "
             f"peak memory {self.peak_anon_bytes / 2**20:.0f} MiB (anonymous, process tree){resumed}"
         )
+        if self.dp and self.dp["clamped"]:
+            per_model = ", ".join(f"{len(m['clamped'])} of {m['linears']} in {os.path.basename(m['path'])}"
+                                  for m in self.dp["models"] if m["clamped"])
+            line += (f"\nDP clamped the density of {self.dp['clamped']} linear(s) ({per_model}); "
+                     f"{self.dp['emptied']} emptied (their whole delta pruned); -v or --json lists them")
+        return line
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -168,8 +175,16 @@ def _run(cfg, out, opts, s: Session) -> MergeResult:
         s.units = units_from_plan(s.inputs.names, s.inputs.reference.tensors, saved)
     engine = s.engine(StatsStore(os.path.join(partial, WORK_DIR, "stats.zarr")))
     plan = s.plan(engine)
+    dp = None
+    if plan.report is not None:
+        from .methods.dppa import clamp_notes
+
+        dp = clamp_notes(plan.report, [m.path for m in cfg.models])
+        for m in dp["models"]:
+            for c in m["clamped"]:
+                log.info("DP clamped %s of %s: densities %s, kept %s", c["tensor"], m["path"], c["densities"], c["kept"])
     written, read = write_output(cfg, out, s, plan.tensors, done, opts.shard_size)
     publish(partial, out)
     n_units = sum(len(u) for u in s.units.values())
     return MergeResult(out, cfg.merge_method, 0.0, engine.bytes_read + read, written, 0, len(s.inputs.names), n_units,
-                       sum(1 for u in s.units.values() if len(u) > 1), "", 0, resumed_units=len(done))
+                       sum(1 for u in s.units.values() if len(u) > 1), "", 0, resumed_units=len(done), dp=dp)

@@ -59,7 +59,7 @@ def table(result: StatsResult) -> str:
         layer = {b.block: b for b in rep.blocks}
         for tr in rep.tensors:
             b = layer[tr.block]
-            short = tr.name.split(f"layers.{tr.block}.")[-1]
+            short = tr.label or tr.name
             dens = "/".join(f"{d:.3f}" for d in tr.densities)
             kept = "/".join(f"{100 * k / tr.numel:.2f}" for k in tr.kept)
             lines.append(f"{tr.block:>5} {b.outlier_ratio:7.3f} {b.layer_score:6.2f}  {short:<34} {tr.mean_abs:9.2e} "

@@ -71,4 +71,4 @@ def test_stats_cli_json_and_plot(tmp_path, ckpts):
     data = json.loads((tmp_path / "s.json").read_text())
     assert len(data["models"]) == 2 and data["models"][0]["tensors"][0]["densities"]
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
-    assert "mlp.up_proj.weight" in res.output
+    assert "mlp.up_proj" in res.output

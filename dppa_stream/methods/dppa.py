@@ -31,7 +31,6 @@ from .base import Param, Plan
 from .gta import DeltaMethod, Segments
 from .sparsify import Sparse, level, tie_starts, unit_details
 
-DEFAULT_LINEAR_FILTER = r"(?:^|\.)layers\.(\d+)\."
 
 
 def _rates_check(v):
@@ -78,9 +77,9 @@ def _bf16_array(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class TensorReport:
-    """DP statistics and decisions for one linear weight of one model."""
+    """DP statistics and decisions for one linear (a weight, or one expert of a fused tensor) of one model."""
 
-    name: str
+    name: str  # the tensor
     block: int
     numel: int
     mean_abs: float
@@ -90,6 +89,15 @@ class TensorReport:
     clamped: list = field(default_factory=list)
     thresholds: list = field(default_factory=list)
     kept: list = field(default_factory=list)  # realised kept counts (ties included)
+    stack: str = ""  # e.g. "model.layers", "encoder.block"
+    label: str = ""  # e.g. "self_attn.q_proj", "mlp.experts.gate_up_proj[3]"
+    kind: str = ""  # q, k, v, o, gate, up, down, expert_*, ... (blocks.KINDS)
+    span: tuple = ()  # flat element range inside the tensor
+
+    @property
+    def emptied(self) -> bool:
+        """Every element of this delta was pruned at the first (highest) pruning rate."""
+        return bool(self.kept) and self.kept[0] == 0
 
 
 @dataclass
@@ -99,6 +107,7 @@ class BlockReport:
     mean_abs: float
     outlier_ratio: float  # D_i, percent
     layer_score: float = 0.0  # L_i in [-1, 1]
+    stack: str = ""
 
 
 @dataclass
@@ -109,6 +118,22 @@ class ModelReport:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def clamp_notes(reports: list, paths: list[str]) -> dict:
+    """What DP did that a user must hear about: per fine-tune, the linears whose density fell
+    outside [1/n, 1] and was clamped, and those emptied (every element of the delta pruned)."""
+    models = []
+    for path, rep in zip(paths, reports):
+        def named(tr):
+            return f"{tr.name}[{tr.span[0]}:{tr.span[1]}]" if tr.label.endswith("]") else tr.name
+
+        models.append({"path": path, "linears": len(rep.tensors),
+                       "clamped": [{"tensor": named(tr), "densities": tr.densities, "kept": tr.kept}
+                                   for tr in rep.tensors if any(tr.clamped)],
+                       "emptied": [named(tr) for tr in rep.tensors if tr.emptied]})
+    return {"models": models, "clamped": sum(len(m["clamped"]) for m in models),
+            "emptied": sum(len(m["emptied"]) for m in models)}
 
 
 def normalise(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -131,7 +156,8 @@ class DPPA(DeltaMethod):
         "semantics": Param("reference", str, _choice("reference", "exact"), "reference (authors' code) or exact"),
         "amplify_unpruned": Param(True, bool, doc="amplify tensors DP does not prune (reference: true)"),
         "combine": Param("sum", str, _choice("sum", "mean", "ties"), "how the fine-tunes' deltas are combined"),
-        "linear_filter": Param(DEFAULT_LINEAR_FILTER, str, _regex_check, "regex for DP tensors; group 1 = block id"),
+        "linear_filter": Param(None, str, _regex_check, "regex for DP tensors (default: found from the names of "
+                               "any architecture's block stacks); group 1 = block id"),
     }
     model_params = {
         "weight": Param(1.0, (int, float), doc="scale of this model's delta in the combination"),
@@ -144,7 +170,6 @@ class DPPA(DeltaMethod):
         self.consensus = params["combine"] == "ties"
         self.bf16_deltas = params["semantics"] == "reference"
         self.exact = not self.bf16_deltas
-        self._filter = re.compile(params["linear_filter"])
         self.rates = self.pruning_rates()
 
     @classmethod
@@ -162,100 +187,99 @@ class DPPA(DeltaMethod):
     def factors(self, m: dict) -> list[float]:
         return list(m["amplification"])
 
-    def block_of(self, name: str, shape) -> int | None:
-        """The block a DP tensor belongs to, or None if DP does not prune this tensor."""
-        if len(shape) != 2:
-            return None
-        hit = self._filter.search(name)
-        if not hit:
-            return None
-        if hit.groups() and hit.group(1) is not None:
-            if not hit.group(1).isdecimal():
-                raise InputError(f"tensor {name!r}: linear_filter group 1 matched {hit.group(1)!r}, not a block number")
-            return int(hit.group(1))
-        layer = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
-        return int(layer.group(1)) if layer else 0
+    def linears(self, catalogue, tensors) -> list:
+        """DP's linears (`blocks.Linear`), in the order DP normalises them: stack, block, tensor name,
+        expert. Found from the names of the architecture's block stacks, or by `linear_filter`."""
+        from ..blocks import find_blocks
 
-    def _blocks(self, catalogue, tensors) -> dict[str, int]:
-        blocks = {}
-        for t in tensors:
-            b = self.block_of(t, catalogue.tensors[t].shape)
-            if b is not None:
-                blocks[t] = b
-        if not blocks:
-            raise InputError(f"no tensor matches linear_filter {self.params['linear_filter']!r}; DP has nothing to prune")
-        return blocks
+        shapes = {t: catalogue.tensors[t].shape for t in tensors}
+        try:
+            found = find_blocks(shapes, catalogue.config, self.params["linear_filter"]).linears
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        stacks = list(dict.fromkeys(lin.stack for lin in found))
+        return sorted(found, key=lambda lin: (stacks.index(lin.stack), lin.block, lin.tensor, lin.span))
 
     # -- statistics: what DP needs, round by round -------------------------------------------------
-    def _hist(self, model: int) -> Stat:
-        return Stat("abs", model, None, self.bf16_deltas, () if self.bf16_deltas else ("sums",))
+    def _hist(self, model: int, span) -> Stat:
+        return Stat("abs", model, span, self.bf16_deltas, () if self.bf16_deltas else ("sums",))
 
     def statistics(self, catalogue, tensors, got):
-        blocks = self._blocks(catalogue, tensors)
+        lins = self.linears(catalogue, tensors)
         k = catalogue.models
-        wanted = {t: [self._hist(i) for i in range(k)] for t in blocks}
-        if any((t, s) not in got for t, ss in wanted.items() for s in ss) or not self.exact:
+        wanted: dict[str, list] = {}
+        for lin in lins:
+            wanted.setdefault(lin.tensor, []).extend(self._hist(i, lin.span) for i in range(k))
+        if not self.exact or any((t, st) not in got for t, ss in wanted.items() for st in ss):
             return wanted
-        outliers = self._outlier_bins(blocks, got, k)
-        if any((t, s) not in got for (t, _), (s, _) in outliers.items()):
-            return {t: [s for (tt, _), (s, _) in outliers.items() if tt == t] for t in blocks}
-        counts = {key: self._outlier_counts(got.get(key[0], self._hist(key[1])), got.get(key[0], st), values)
-                  for key, (st, values) in outliers.items()}
+        outliers = self._outlier_bins(lins, catalogue, got, k)
+        if any((key[0].tensor, st) not in got for key, (st, _) in outliers.items()):
+            wanted = {}
+            for (lin, _), (st, _) in outliers.items():
+                wanted.setdefault(lin.tensor, []).append(st)
+            return wanted
+        counts = self._outlier_counts(outliers, catalogue, got)
         wanted = {}
         for i in range(k):
-            for tr in self._report(i, blocks, got, counts).tensors:
+            for tr in self._report(i, lins, catalogue, got, counts).tensors:
                 wanted.setdefault(tr.name, []).append(self._threshold_bins(tr, i, got))
         return wanted
 
-    def _outlier_bins(self, blocks, got, k) -> dict:
-        """Exact semantics: the bins holding M x tensor mean and LM x block mean, per (tensor, model)."""
+    def _outlier_bins(self, lins, catalogue, got, k) -> dict:
+        """Exact semantics: per (linear, model), the statistic of the bins holding M x its mean and
+        LM x its block's mean, and those two values' float32 bits."""
         M, LM = self.params["outlier_multiple"], self.params["layer_outlier_multiple"]
         out = {}
         for i in range(k):
-            block_sum: dict[int, summaries.Summary] = {}
-            for t, b in blocks.items():
-                s = got.get(t, self._hist(i))
-                block_sum[b] = block_sum[b] + s if b in block_sum else s
-            for t, b in blocks.items():
-                s = got.get(t, self._hist(i))
-                values = (_f32_floor(M * s.mean_abs), _f32_floor(LM * block_sum[b].mean_abs))
-                out[(t, i)] = (Stat("bins", i, None, False, tuple(v >> 16 for v in values)), values)
+            sums = {lin: got.get(lin.tensor, self._hist(i, lin.span)) for lin in lins}
+            block_sum: dict[tuple, summaries.Summary] = {}
+            for lin in lins:
+                key = (lin.stack, lin.block)
+                block_sum[key] = block_sum[key] + sums[lin] if key in block_sum else sums[lin]
+            for lin in lins:
+                values = (_f32_floor(M * sums[lin].mean_abs), _f32_floor(LM * block_sum[(lin.stack, lin.block)].mean_abs))
+                stat = Stat("bins", i, lin.span, False, tuple(v >> 16 for v in values))
+                out[(lin, i)] = (stat, values)
         return out
 
-    @staticmethod
-    def _outlier_counts(summary, per_unit, values) -> list[int]:
-        details = [per_unit[u] for u in sorted(per_unit)]
-        return [summaries.count_gt_bits(summary.hist, [d[j] for d in details], v) for j, v in enumerate(values)]
+    def _outlier_counts(self, outliers: dict, catalogue, got) -> dict:
+        """(linear, model) -> [count |d| > M x mean, count |d| > LM x block mean], exact for float32."""
+        counts = {}
+        for (lin, i), (stat, values) in outliers.items():
+            hist = got.get(lin.tensor, self._hist(i, lin.span)).hist
+            per_unit = got.get(lin.tensor, stat)
+            details = [per_unit[u] for u in sorted(per_unit)]
+            counts[(lin, i)] = [summaries.count_gt_bits(hist, [d[j] for d in details], v) for j, v in enumerate(values)]
+        return counts
 
     def _threshold_bins(self, tr: TensorReport, model: int, got) -> Stat:
-        hist = got.get(tr.name, self._hist(model)).hist
+        hist = got.get(tr.name, self._hist(model, tr.span)).hist
         bins = tuple(summaries.locate(hist, tr.numel - k + 1)[0] if 0 < k < tr.numel else 0 for k in _keeps(tr))
-        return Stat("bins", model, None, False, bins)
+        return Stat("bins", model, tr.span, False, bins)
 
     # -- the plan ----------------------------------------------------------------------------------
     def plan(self, catalogue, tensors, got):
-        blocks = self._blocks(catalogue, tensors)
+        lins = self.linears(catalogue, tensors)
         k = catalogue.models
-        counts = None
-        if self.exact:
-            counts = {key: self._outlier_counts(got.get(key[0], self._hist(key[1])), got.get(key[0], st), values)
-                      for key, (st, values) in self._outlier_bins(blocks, got, k).items()}
-        reports = [self._report(i, blocks, got, counts) for i in range(k)]
-        sparse = {t: [None] * k for t in tensors}
+        counts = self._outlier_counts(self._outlier_bins(lins, catalogue, got, k), catalogue, got) if self.exact else None
+        reports = [self._report(i, lins, catalogue, got, counts) for i in range(k)]
+        parts: dict[str, dict] = {}  # tensor -> span -> one Sparse per model
         for i, rep in enumerate(reports):
             bands = self._band_factors(self.factors(self.mparams[i]))
             for tr in rep.tensors:
-                sparse[tr.name][i] = self._partition(tr, i, bands, got)
+                parts.setdefault(tr.name, {}).setdefault(tr.span, [None] * k)[i] = self._partition(tr, i, bands, got)
+        plans = {}
         for t in tensors:
-            for i in range(k):
-                if sparse[t][i] is None:  # not pruned by DP: its dense delta, amplified like the reference
-                    alphas = self.factors(self.mparams[i])
-                    sparse[t][i] = Sparse(dense=max(alphas) if self.params["amplify_unpruned"] else 1.0)
-        return Plan({t: Segments(((None, tuple(sp)),)) for t, sp in sparse.items()}, reports)
+            if t in parts:
+                plans[t] = Segments(tuple((span, tuple(sp)) for span, sp in parts[t].items()))
+            else:  # not pruned by DP: its dense delta, amplified by max(alpha) like the reference
+                dense = [max(self.factors(m)) if self.params["amplify_unpruned"] else 1.0 for m in self.mparams]
+                plans[t] = Segments(((None, tuple(Sparse(dense=f) for f in dense)),))
+        return Plan(plans, reports)
 
     def _partition(self, tr: TensorReport, model: int, bands: list[float], got) -> Sparse:
-        """DPA on one DP tensor: nested thresholds, one per pruning rate, and their band factors."""
-        hist = got.get(tr.name, self._hist(model)).hist
+        """DPA on one DP linear: nested thresholds, one per pruning rate, and their band factors."""
+        hist = got.get(tr.name, self._hist(model, tr.span)).hist
         if not self.exact:
             ths = [summaries.threshold_from_hist(hist, summaries.rank_for_prune_le(tr.numel, 1 - d)) for d in tr.densities]
             if any(a.bits < b.bits for a, b in zip(ths, ths[1:])):
@@ -278,39 +302,46 @@ class DPPA(DeltaMethod):
         return Sparse(kernels.SP_BANDS, tuple(kd for kd, _ in levels), tuple(v for _, v in levels),
                       tuple(th.ties_kept for th in ths), tie_starts(units, prefixes), tuple(bands))
 
-    def _report(self, model: int, blocks: dict, got, counts) -> ModelReport:
-        """DP's signals and densities for one fine-tune (thresholds are filled in by `_partition`)."""
+    def _report(self, model: int, lins: list, catalogue, got, counts) -> ModelReport:
+        """DP's signals and densities for one fine-tune (thresholds are filled in by `_partition`).
+
+        The block signal is normalised across the blocks of each stack (an encoder's blocks among
+        themselves, a decoder's among themselves: the reference has one stack); the linear signal
+        across every DP linear of the model, as the reference does."""
         lam = self.params["lamda"]
         M, LM = self.params["outlier_multiple"], self.params["layer_outlier_multiple"]
-        names = sorted(blocks, key=lambda t: (blocks[t], t))
-        sums = {t: got.get(t, self._hist(model)) for t in names}
-        trs = []
-        for t in names:
-            s = sums[t]
+        trs, sums = [], []
+        for lin in lins:
+            s = got.get(lin.tensor, self._hist(model, lin.span))
             if self.exact:
-                cnt = counts[(t, model)][0]
+                cnt = counts[(lin, model)][0]
             else:
                 cnt = summaries.count_above(s.hist, bf16(bf16(s.mean_abs) * M))
-            trs.append(TensorReport(t, blocks[t], s.numel, s.mean_abs, 100.0 * cnt / s.numel if s.numel else 0.0))
+            trs.append(TensorReport(lin.tensor, lin.block, s.numel, s.mean_abs, 100.0 * cnt / s.numel if s.numel else 0.0,
+                                    stack=lin.stack, label=lin.label, kind=lin.kind, span=lin.span))
+            sums.append(s)
         brs = []
-        for b in sorted(set(blocks.values())):
-            members = [t for t in names if blocks[t] == b]
+        for key in dict.fromkeys((lin.stack, lin.block) for lin in lins):
+            members = [i for i, lin in enumerate(lins) if (lin.stack, lin.block) == key]
             total = sums[members[0]]
-            for t in members[1:]:
-                total = total + sums[t]
+            for i in members[1:]:
+                total = total + sums[i]
             mean = total.mean_abs
             if self.exact:
-                cnt = sum(counts[(t, model)][1] for t in members)
+                cnt = sum(counts[(lins[i], model)][1] for i in members)
             else:
                 mu = bf16(mean)
                 with np.errstate(over="ignore", invalid="ignore"):  # the bins of inf/NaN magnitudes
                     hits = _bf16_array(_BIN_VALUES / np.float32(mu)) > LM if mu > 0 else np.zeros(summaries.HIST_BINS, bool)
                 cnt = int(total.hist[hits].sum())
-            brs.append(BlockReport(b, total.numel, mean, 100.0 * cnt / total.numel if total.numel else 0.0))
-        L = normalise(np.array([br.outlier_ratio for br in brs]))
-        for br, score in zip(brs, L):
-            br.layer_score = float(score)
-        layer_score = {br.block: br.layer_score for br in brs}
+            brs.append(BlockReport(key[1], total.numel, mean, 100.0 * cnt / total.numel if total.numel else 0.0,
+                                   stack=key[0]))
+        layer_score = {}
+        for stack in dict.fromkeys(br.stack for br in brs):
+            in_stack = [br for br in brs if br.stack == stack]
+            for br, score in zip(in_stack, normalise(np.array([br.outlier_ratio for br in in_stack]))):
+                br.layer_score = float(score)
+                layer_score[(stack, br.block)] = br.layer_score
         r = np.array([tr.outlier_ratio for tr in trs])
         n = np.array([tr.numel for tr in trs], dtype=np.float64)
         x = r / r.mean() if r.mean() > 0 else np.zeros_like(r)
@@ -318,7 +349,7 @@ class DPPA(DeltaMethod):
         for tr, tscore in zip(trs, T):
             tr.linear_score = float(tscore)
             for rate in self.rates:
-                d = (1 - rate) + lam * layer_score[tr.block] + lam * tr.linear_score
+                d = (1 - rate) + lam * layer_score[(tr.stack, tr.block)] + lam * tr.linear_score
                 tr.clamped.append(not (1 / tr.numel <= d <= 1))
                 tr.densities.append(min(1.0, max(1 / tr.numel, d)))
         return ModelReport(model, brs, trs)
