@@ -432,3 +432,19 @@ def _nothing_found(tensors, linear_filter) -> str:
             "^(?:" + "|".join(re.escape(n) for n in examples) + ")$"
     return (f"{head}; tensors with >= 2 dimensions include {', '.join(repr(e) for e in examples)}; "
             f"set linear_filter (group 1 = block index), e.g. linear_filter: '{suggestion}'")
+
+
+def layer_positions(names) -> dict[str, float]:
+    """mergekit's t of every tensor: layer i of a stack of L layers gets i/(L-1) (1 for a
+    one-layer stack); tensors outside the stacks (embeddings, final norms, heads) get 0."""
+    from .params import layer_position
+
+    found = {}
+    for name in names:
+        m = _STACK_RE.search(name)
+        if m is not None:
+            found[name] = (name[: m.start(1) - 1], int(m.group(1)))
+    layers: dict[str, int] = {}
+    for stack, index in found.values():
+        layers[stack] = max(layers.get(stack, 0), index + 1)
+    return {name: layer_position(found[name][1], layers[found[name][0]]) if name in found else 0.0 for name in names}

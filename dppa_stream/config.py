@@ -15,10 +15,10 @@ import yaml
 
 from .errors import UsageError
 from .methods import METHODS, REQUIRED, Param
+from .params import MISSING, check_shape, finite, forms, resolve
 
-TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
+TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype"}
 UNSUPPORTED = {
-    "slices": "layer slices (frankenmerges) are not supported; list whole models under 'models:'",
     "modules": "per-module configs are not supported; list whole models under 'models:'",
     "tokenizer_source": "tokenizer merging is not supported; the base model's tokenizer is copied",
     "tokenizer": "tokenizer merging is not supported; the base model's tokenizer is copied",
@@ -34,6 +34,24 @@ class ModelSpec:
 
 
 @dataclass
+class SourceSpec:
+    """One source of a slice: a model's layers [layer_range[0], layer_range[1])."""
+
+    path: str
+    layer_range: tuple[int, int]
+    params: dict
+
+
+@dataclass
+class SliceSpec:
+    """One output slice: its models (the base, if any, apart), and its own parameters."""
+
+    sources: list[SourceSpec]
+    base: SourceSpec | None
+    params: dict
+
+
+@dataclass
 class MergeConfig:
     merge_method: str
     models: list[ModelSpec]
@@ -43,25 +61,50 @@ class MergeConfig:
     out_dtype: str | None = None
     text: str = ""  # the YAML as written, for the model card
     source: str = "<config>"
+    slices: list[SliceSpec] | None = None  # `slices:` configs (frankenmerges, merged slices)
 
     def method(self, seed: int = 0):
-        """Instantiate the merge method with resolved global and per-model parameters."""
+        """Instantiate the merge method with its model-wide parameters (those that cannot vary by
+        tensor); everything else reaches it per tensor (`tensor_params`)."""
         cls = METHODS[self.merge_method]
-        return cls(self.resolved_globals(), [self.resolved_model(m) for m in self.models], seed)
+        glob = {k: self.parameters.get(k, p.default) for k, p in cls.global_params.items() if not p.per_tensor}
+        models = [{k: self._model_value(m, k, p, "", 0.0) for k, p in cls.model_params.items() if not p.per_tensor}
+                  for m in self.models]
+        return cls(glob, models, seed, bool(self.base_model))
 
-    def resolved_globals(self) -> dict:
+    def tensor_params(self, tensor: str, t: float, specs: tuple | None = None, inputs: list[str] | None = None,
+                      slice_params: dict | None = None) -> tuple[dict, tuple[dict, ...]]:
+        """Shared and per-model parameter values for one output tensor at layer position t.
+        Per-model values come from the model's (or slice source's) own specs, then the slice's,
+        then the global ones, matching filters against the model's input tensor name (`inputs`);
+        shared values from the slice's, then the global ones, matching the output name, as
+        mergekit 0.1.5 does. `specs` defaults to the `models:` entries' parameters."""
         cls = METHODS[self.merge_method]
-        return {k: self.parameters.get(k, p.default) for k, p in cls.global_params.items()}
+        scopes = [slice_params or {}, self.parameters]
+        glob = {}
+        for k, p in cls.global_params.items():
+            glob[k] = self._value(scopes, k, p, tensor, t, None)
+        models = []
+        for i, own in enumerate(specs if specs is not None else [m.params for m in self.models]):
+            name = inputs[i] if inputs else tensor
+            models.append({k: self._value([own, *scopes], k, p, name, t, i) for k, p in cls.model_params.items()})
+        return glob, tuple(models)
 
-    def resolved_model(self, m: ModelSpec) -> dict:
-        cls = METHODS[self.merge_method]
-        out = {}
-        for k, p in cls.model_params.items():
-            v = m.params.get(k, self.parameters.get(k, p.default))
-            if v is REQUIRED:
-                raise UsageError(f"{self.source}: models[{m.path}].parameters.{k} is required for {self.merge_method}")
-            out[k] = v
-        return out
+    def _value(self, scopes: list[dict], key: str, p, tensor: str, t: float, model: int | None):
+        list_valued = list in _kinds(p)
+        for spec in scopes:
+            if key in spec:
+                v = resolve(spec[key], tensor, t, list_valued)
+                if v is not MISSING:
+                    return v
+        if p.default is REQUIRED:
+            who = "parameters" if model is None else f"models[{model}].parameters"
+            raise UsageError(f"{self.source}: {who}.{key} is required for {self.merge_method}"
+                             + (f" (no value for tensor {tensor!r})" if tensor else ""))
+        return p.default
+
+    def _model_value(self, m: ModelSpec, key: str, p, tensor: str, t: float):
+        return self._value([m.params, self.parameters], key, p, tensor, t, 0)
 
     @property
     def output_dtype(self) -> str | None:
@@ -145,7 +188,7 @@ def parse_config(text: str, source: str = "<config>") -> MergeConfig:
     base = data.get("base_model")
     if base is not None and not isinstance(base, str):
         raise UsageError(f"{_where(source, data, 'base_model')}: base_model must be a path")
-    if cls.needs_base and not base:
+    if cls.needs_base and not base and "slices" not in data:
         raise UsageError(f"{source}: merge_method {method!r} needs a 'base_model'")
     base_path = _norm(base) if base else None
 
@@ -158,6 +201,42 @@ def parse_config(text: str, source: str = "<config>") -> MergeConfig:
             raise _unknown(source, params, k, allowed_global, "parameters.")
         _check_value(source, params, k, v, {**cls.model_params, **cls.global_params}[k], f"parameters.{k}")
 
+    if "models" in data and "slices" in data:
+        raise UsageError(f"{source}: give either 'models:' (whole models) or 'slices:' (layer ranges), not both")
+    slices = None
+    if "slices" in data:
+        slices = _parse_slices(source, data, cls, method, base_path)
+        seen_paths = dict.fromkeys(src.path for sl in slices for src in sl.sources)
+        models = [ModelSpec(p, {}) for p in seen_paths]
+        if cls.base_is_input:
+            base_path = None
+    else:
+        models, base_path = _parse_models(source, data, cls, method, base_path)
+    dtypes = {}
+    for key in ("dtype", "out_dtype"):
+        v = data.get(key)
+        if v is not None and (not isinstance(v, str) or v not in DTYPE_NAMES):
+            raise UsageError(f"{_where(source, data, key)}: {key} {v!r} is not one of float32, float16, bfloat16")
+        dtypes[key] = DTYPE_NAMES[v] if v else None
+    cfg = MergeConfig(method, models, base_path, dict(params), dtypes["dtype"], dtypes["out_dtype"], text, source,
+                      slices)
+    owners = [(f"models[{m.path}]", m.params, {}) for m in cfg.models] if not slices else \
+        [(f"slices[{s}].sources[{j}] ({src.path})", src.params, sl.params) for s, sl in enumerate(slices)
+         for j, src in enumerate(sl.sources)]
+    for who, own, slice_params in owners:  # required parameters present (somewhere)
+        for k, p in cls.model_params.items():
+            if p.default is REQUIRED and k not in own and k not in slice_params and k not in cfg.parameters:
+                raise UsageError(f"{source}: {who}.parameters.{k} is required for {method}")
+    for k, p in cls.global_params.items():
+        if p.default is REQUIRED and k not in cfg.parameters and not all(k in sl.params for sl in slices or [SliceSpec([], None, {})]):
+            raise UsageError(f"{source}: parameters.{k} is required for {method}")
+    problem = cls.check_params(cfg.parameters, [m.params for m in cfg.models])
+    if problem:
+        raise UsageError(f"{source}: {problem}")
+    return cfg
+
+
+def _parse_models(source, data, cls, method, base_path):
     models_raw = data.get("models")
     if not isinstance(models_raw, list) or not models_raw:
         raise UsageError(f"{_where(source, data, 'models')}: 'models' must be a non-empty list of {{model: PATH}} entries")
@@ -172,57 +251,136 @@ def parse_config(text: str, source: str = "<config>") -> MergeConfig:
             if k not in ("model", "parameters"):
                 raise _unknown(source, entry, k, {"model", "parameters"}, f"models[{i}].")
         path = _norm(entry["model"])
-        mparams = entry.get("parameters") or {}
-        if not isinstance(mparams, dict):
-            raise UsageError(f"{_where(source, entry, 'parameters')}: models[{i}].parameters must be a mapping")
-        if path == base_path and cls.needs_base:
+        mparams = _model_params(source, entry, cls, f"models[{i}]")
+        if path == base_path and not cls.base_is_input:
             if mparams:
                 raise UsageError(f"{_where(source, entry, 'model')}: models[{i}] is the base model; it takes no parameters")
             continue  # mergekit configs often list the base among the models
         if path in seen:
             raise UsageError(f"{_where(source, entry, 'model')}: models[{i}] repeats models[{seen[path]}] ({entry['model']})")
         seen[path] = i
-        for k, v in mparams.items():
-            if k not in cls.model_params:
-                what = "is a global parameter; set it under top-level 'parameters'" if k in cls.global_params else None
-                if what:
-                    raise UsageError(f"{_where(source, mparams, k)}: models[{i}].parameters.{k} {what}")
-                raise _unknown(source, mparams, k, set(cls.model_params), f"models[{i}].parameters.")
-            _check_value(source, mparams, k, v, cls.model_params[k], f"models[{i}].parameters.{k}")
-        models.append(ModelSpec(path, dict(mparams)))
+        models.append(ModelSpec(path, mparams))
+    if cls.base_is_input and base_path:  # linear, karcher, passthrough: the base is one more input (last)
+        if base_path not in seen:
+            models.append(ModelSpec(base_path, {}))
+        base_path = None
     if not models:
         raise UsageError(f"{source}: 'models' lists no model besides the base")
+    _check_count(source, cls, method, len(models), "")
+    return models, base_path
 
-    dtypes = {}
-    for key in ("dtype", "out_dtype"):
-        v = data.get(key)
-        if v is not None and (not isinstance(v, str) or v not in DTYPE_NAMES):
-            raise UsageError(f"{_where(source, data, key)}: {key} {v!r} is not one of float32, float16, bfloat16")
-        dtypes[key] = DTYPE_NAMES[v] if v else None
-    cfg = MergeConfig(method, models, base_path, dict(params), dtypes["dtype"], dtypes["out_dtype"], text, source)
-    for m in cfg.models:
-        cfg.resolved_model(m)  # required parameters present
-    return cfg
+
+def _model_params(source, entry, cls, where: str) -> dict:
+    """A model's (or slice source's) parameters, validated."""
+    mparams = entry.get("parameters") or {}
+    if not isinstance(mparams, dict):
+        raise UsageError(f"{_where(source, entry, 'parameters')}: {where}.parameters must be a mapping")
+    for k, v in mparams.items():
+        if k not in cls.model_params:
+            if k in cls.global_params:
+                raise UsageError(f"{_where(source, mparams, k)}: {where}.parameters.{k} is a global parameter; "
+                                 "set it under top-level (or slice) 'parameters'")
+            raise _unknown(source, mparams, k, set(cls.model_params), f"{where}.parameters.")
+        _check_value(source, mparams, k, v, cls.model_params[k], f"{where}.parameters.{k}")
+    return dict(mparams)
+
+
+def _check_count(source, cls, method, n: int, where: str) -> None:
+    low, high = cls.inputs
+    if n < low or (high is not None and n > high):
+        want = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+        raise UsageError(f"{source}: {where}merge_method {method!r} takes {want} model(s) besides the base, not {n}")
+
+
+def _parse_slices(source, data, cls, method, base_path) -> list[SliceSpec]:
+    """mergekit's `slices:`: each with `sources` (model + layer_range [+ parameters]), optional
+    `parameters` and `base_model`. A base must be one of the slice's sources (mergekit does not add it)."""
+    if not cls.local:
+        raise UsageError(f"{_where(source, data, 'slices')}: slices are not supported for {method} (its densities "
+                         "are normalised across a whole model); list whole models under 'models:'")
+    raw = data["slices"]
+    if not isinstance(raw, list) or not raw:
+        raise UsageError(f"{_where(source, data, 'slices')}: 'slices' must be a non-empty list of {{sources: [...]}}")
+    out = []
+    for s, sl in enumerate(raw):
+        where = f"slices[{s}]"
+        if not isinstance(sl, dict):
+            raise UsageError(f"{source}: {where} must be a mapping with 'sources'")
+        for k in sl:
+            if k not in ("sources", "parameters", "base_model", "residual_weight"):
+                raise _unknown(source, sl, k, {"sources", "parameters", "base_model"}, f"{where}.")
+        params = sl.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise UsageError(f"{_where(source, sl, 'parameters')}: {where}.parameters must be a mapping")
+        allowed = {**cls.model_params, **cls.global_params}
+        for k, v in params.items():
+            if k not in allowed:
+                raise _unknown(source, params, k, set(allowed), f"{where}.parameters.")
+            _check_value(source, params, k, v, allowed[k], f"{where}.parameters.{k}")
+        base = sl.get("base_model", base_path)
+        if base is not None and not isinstance(base, str):
+            raise UsageError(f"{_where(source, sl, 'base_model')}: {where}.base_model must be a path")
+        base = _norm(base) if base else None
+        sources_raw = sl.get("sources")
+        if not isinstance(sources_raw, list) or not sources_raw:
+            raise UsageError(f"{_where(source, sl, 'sources')}: {where}.sources must be a non-empty list")
+        sources, base_src = [], None
+        for j, e in enumerate(sources_raw):
+            sw = f"{where}.sources[{j}]"
+            if not isinstance(e, dict) or not isinstance(e.get("model"), str):
+                raise UsageError(f"{source}: {sw} needs 'model: PATH' and 'layer_range: [START, END]'")
+            for k in e:
+                if k not in ("model", "layer_range", "parameters"):
+                    raise _unknown(source, e, k, {"model", "layer_range", "parameters"}, f"{sw}.")
+            lr = e.get("layer_range")
+            if (not isinstance(lr, list) or len(lr) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                                    for x in lr) or not 0 <= lr[0] < lr[1]):
+                raise UsageError(f"{_where(source, e, 'layer_range') if 'layer_range' in e else source}: "
+                                 f"{sw}.layer_range must be [START, END] with 0 <= START < END")
+            spec = SourceSpec(_norm(e["model"]), (lr[0], lr[1]), _model_params(source, e, cls, sw))
+            if base and spec.path == base and not cls.base_is_input:
+                base_src = spec
+                continue
+            sources.append(spec)
+        if cls.needs_base and base_src is None:
+            raise UsageError(f"{source}: {where}: merge_method {method!r} needs its base model "
+                             + (f"{base} among the slice's sources" if base else "(set base_model)"))
+        _check_count(source, cls, method, len(sources), f"{where}: ")
+        out.append(SliceSpec(sources, base_src, dict(params)))
+    return out
 
 
 def _norm(p: str) -> str:
     return os.path.abspath(os.path.expanduser(p))
 
 
+def _kinds(spec: Param) -> tuple:
+    return spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
+
+
 def _check_value(src, d, key, value, spec: Param, name: str) -> None:
-    kinds = spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
-    if isinstance(value, (list, dict)) and type(value) not in kinds:
-        raise UsageError(
-            f"{_where(src, d, key)}: {name}: per-tensor filters and layer gradients are not supported yet; use a single value"
-        )
-    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
-    if not ok:
-        want = " or ".join(dict.fromkeys("number" if k in (int, float) else k.__name__ for k in kinds))
-        raise UsageError(f"{_where(src, d, key)}: {name} must be a {want}, not {value!r}")
-    if spec.check:
-        problem = spec.check(value)
-        if problem:
-            raise UsageError(f"{_where(src, d, key)}: {name} = {value!r} {problem}")
+    """A value spec: a plain value, a gradient or a filter list (see params.py), each of whose
+    values has the parameter's type and passes its check. Model-wide parameters take plain values."""
+    kinds = _kinds(spec)
+    list_valued = list in kinds
+    plain = not (isinstance(value, list) and not list_valued) and not isinstance(value, dict)
+    if not spec.per_tensor and not plain:
+        raise UsageError(f"{_where(src, d, key)}: {name} is one value for the whole model; gradients and filter "
+                         "lists are not accepted for it")
+    problem = check_shape(value, list_valued)
+    if problem:
+        raise UsageError(f"{_where(src, d, key)}: {name}: {problem}")
+    for v in forms(value, list_valued):
+        ok = isinstance(v, kinds) and not (isinstance(v, bool) and bool not in kinds)
+        if not ok:
+            want = " or ".join(dict.fromkeys("number" if k in (int, float) else k.__name__ for k in kinds))
+            raise UsageError(f"{_where(src, d, key)}: {name} must be a {want}, not {v!r}")
+        if not finite(v) or (isinstance(v, list) and not all(finite(x) for x in v)):
+            raise UsageError(f"{_where(src, d, key)}: {name} = {v!r} is not a finite number")
+        if spec.check:
+            problem = spec.check(v)
+            if problem:
+                raise UsageError(f"{_where(src, d, key)}: {name} = {v!r} {problem}")
 
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(?:([kmgt])(i?))?(b?)\s*$", re.I)

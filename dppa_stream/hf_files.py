@@ -17,8 +17,12 @@ TOKENIZER_FILES = (
 TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-def copy_model_files(src_folder: str | None, out: str, out_dtype: str | None) -> list[str]:
-    """Copy config.json (dtype set to the output dtype) and tokenizer files; returns names copied."""
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def copy_model_files(src_folder: str | None, out: str, out_dtype: str | None, layers: int | None = None) -> list[str]:
+    """Copy config.json (dtype set to the output dtype; the layer count set to `layers` when slices
+    changed it) and tokenizer files; returns names copied."""
     copied = []
     if not src_folder:
         return copied
@@ -26,6 +30,9 @@ def copy_model_files(src_folder: str | None, out: str, out_dtype: str | None) ->
     if os.path.isfile(cfg_path):
         with open(cfg_path, encoding="utf-8") as f:
             cfg = json.load(f)
+        if layers is not None and isinstance(cfg, dict):
+            key = next((k for k in LAYER_COUNT_KEYS if k in cfg), LAYER_COUNT_KEYS[0])
+            cfg[key] = layers
         if out_dtype and isinstance(cfg, dict):
             name = TORCH_DTYPE_NAMES[out_dtype]
             if "dtype" in cfg:

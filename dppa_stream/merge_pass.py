@@ -16,7 +16,7 @@ import numpy as np
 from . import kernels
 from .checkpoint import FLOAT_DTYPES, Placement, ShardLayout, write_rows
 from .hf_files import copy_model_files, write_model_card
-from .methods.base import Catalogue
+from .methods.base import Catalogue, TensorInfo
 from .output import WORK_DIR, Manifest
 from .statistics import check_nonfinite, drive, inline
 from .units import UnitInputs, UnitRows
@@ -24,21 +24,20 @@ from .units import UnitInputs, UnitRows
 
 def output_dtypes(inputs, out_dtype: str | None) -> dict[str, str]:
     """Per tensor, the dtype written: `out_dtype` (or `dtype`) for float tensors, else unchanged."""
-    return {t: (out_dtype or e.dtype) if e.dtype in FLOAT_DTYPES else e.dtype
-            for t, e in inputs.reference.tensors.items()}
+    return {t: (out_dtype or inputs.entry(t).dtype) if inputs.entry(t).dtype in FLOAT_DTYPES else inputs.entry(t).dtype
+            for t in inputs.names}
 
 
 def merge_task(method, inp: UnitInputs, plan, folder: str, place: Placement, out_dtype: str,
                check_finite: bool = True) -> int:
-    """Merge one unit and write it at its final place; returns bytes written."""
+    """Merge one unit and write it at its final place; returns bytes written. `plan` is the
+    tensor's plan, or its TensorInfo when the task plans it (a local method's one-unit tensor)."""
     u = inp.unit
     rows = UnitRows(inp)
     if not rows.is_float:  # integer buffers: copied from the base (or the first model) unchanged
         return write_rows(folder, place, u.row_start, rows.raw[0])
-    if plan is None:  # a one-unit tensor of a local method: plan it from the rows in memory
-        entry = inp.base or inp.models[0]
-        catalogue = Catalogue({u.tensor: entry}, None, len(inp.models))
-        plan = drive(method, catalogue, [u.tensor], inline(rows, check_finite)).tensors[u.tensor]
+    if isinstance(plan, TensorInfo):  # plan it here, from the rows in memory
+        plan = drive(method, Catalogue({u.tensor: plan}, None), [u.tensor], inline(rows, check_finite)).tensors[u.tensor]
     out = np.empty(u.numel, kernels.CONTAINER[out_dtype])
     bad = method.merge_unit(rows, plan, out, kernels.CODES[out_dtype])
     if check_finite:
@@ -54,7 +53,7 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
     partial = out + ".partial"
     ref = inputs.reference
     out_dtypes = output_dtypes(inputs, cfg.output_dtype)
-    layout = ShardLayout([(t, out_dtypes[t], ref.tensors[t].shape) for t in inputs.names], shard_size)
+    layout = ShardLayout([(t, out_dtypes[t], inputs.entry(t).shape) for t in inputs.names], shard_size)
     if done:
         layout.check_preallocated(partial)
     else:
@@ -62,12 +61,14 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
 
     calls, sizes = [], []
     shared = session.executor.share(method)
+    infos = session.catalogue.tensors
     for t in inputs.names:
         for u in session.units[t]:
             if (t, u.index) in done:
                 continue
             inp = UnitInputs(u, *inputs.entries(t))
-            calls.append((shared, inp, plans.get(t), partial, layout.placements[t], out_dtypes[t], session.check_finite))
+            calls.append((shared, inp, plans.get(t, infos[t]), partial, layout.placements[t], out_dtypes[t],
+                          session.check_finite))
             sizes.append(inp.nbytes)
     with Manifest(partial) as manifest:
         def record(i, _):
@@ -78,7 +79,7 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
             written = session.executor.map(merge_task, calls, sizes, step, record)
 
     layout.finish(partial)
-    copy_model_files(ref.folder, partial, cfg.output_dtype)
+    copy_model_files(ref.folder, partial, cfg.output_dtype, inputs.layers)
     write_model_card(partial, cfg, method.describe(), cfg.base_model, [m.path for m in cfg.models])
     shutil.rmtree(os.path.join(partial, WORK_DIR))
     return sum(written), sum(sizes)

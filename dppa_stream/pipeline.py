@@ -10,6 +10,7 @@ across tensors (DPPA), are planned up front from Dask passes with tree reduction
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -83,6 +84,7 @@ class MergeResult:
 class Session:
     """Everything a run needs once inputs are open and the cluster is up."""
 
+    cfg: MergeConfig
     inputs: Inputs
     method: object
     executor: Executor
@@ -91,15 +93,13 @@ class Session:
     budget: int
     check_finite: bool = True
 
-    @property
+    @functools.cached_property
     def catalogue(self) -> Catalogue:
-        ref = self.inputs.reference
-        return Catalogue({t: ref.tensors[t] for t in self.inputs.names}, ref.read_config(), len(self.inputs.models))
+        return catalogue(self.cfg, self.inputs)
 
     @property
     def float_tensors(self) -> list[str]:
-        ref = self.inputs.reference
-        return [t for t in self.inputs.names if ref.tensors[t].dtype in FLOAT_DTYPES]
+        return [t for t in self.inputs.names if self.inputs.entry(t).dtype in FLOAT_DTYPES]
 
     def engine(self, store=None) -> StatsEngine:
         return StatsEngine(self.executor, self.inputs, self.units, self.progress, store, self.check_finite)
@@ -114,12 +114,30 @@ class Session:
         return drive(method, self.catalogue, tensors, engine)
 
 
+def catalogue(cfg: MergeConfig, inputs: Inputs) -> Catalogue:
+    """Every output tensor with the parameter values that apply to it (gradients and filters
+    resolved at its layer position), and the reference's config.json."""
+    from .methods.base import TensorInfo
+
+    infos = {}
+    for name in inputs.names:
+        out = inputs.outputs[name]
+        glob, models = cfg.tensor_params(name, out.t, out.specs, [m.name for m in out.models], out.slice_params)
+        infos[name] = TensorInfo(name, out.entry.dtype, out.entry.shape, glob, models)
+    return Catalogue(infos, inputs.reference.read_config())
+
+
 def _rows_per_unit(inputs: Inputs, cfg: MergeConfig, unit_bytes: int) -> dict[str, int]:
     from .checkpoint import DTYPE_SIZES
     from .merge_pass import output_dtypes
 
     out = {t: DTYPE_SIZES[d] for t, d in output_dtypes(inputs, cfg.output_dtype).items()}
-    return plan_units(inputs.names, inputs.reference.tensors, len(inputs.all), out, unit_bytes)
+    counts = {t: sum(1 for e in (inputs.outputs[t].base, *inputs.outputs[t].models) if e is not None) for t in inputs.names}
+    return plan_units(inputs.names, _entries(inputs), counts, out, unit_bytes)
+
+
+def _entries(inputs: Inputs) -> dict:
+    return {t: inputs.entry(t) for t in inputs.names}
 
 
 @contextlib.contextmanager
@@ -138,11 +156,11 @@ def session(cfg: MergeConfig, opts: MergeOptions, out: str | None = None):
         wanted = opts.unit_bytes or (MAX_UNIT_BYTES if spec.kind in ("threads", "processes") else MAX_UNIT_BYTES // 4)
         # local runs know their memory budget; a cluster's workers enforce their own limits
         ub = min(wanted, unit_budget(budget, workers, procs)) if spec.kind in ("threads", "processes") else wanted
-        units = units_from_plan(inputs.names, inputs.reference.tensors, _rows_per_unit(inputs, cfg, ub))
+        units = units_from_plan(inputs.names, _entries(inputs), _rows_per_unit(inputs, cfg, ub))
         log.info("scheduler %s with %d worker thread(s); memory limit %.0f MiB; work unit <= %.1f MiB; "
                  "%d tensors in %d units (%d split)", spec.kind, workers, budget / 2**20, ub / 2**20, len(units),
                  sum(len(u) for u in units.values()), sum(1 for u in units.values() if len(u) > 1))
-        yield Session(inputs, method, ex, units, Progress(opts.quiet), budget, not opts.allow_nonfinite)
+        yield Session(cfg, inputs, method, ex, units, Progress(opts.quiet), budget, not opts.allow_nonfinite)
     finally:
         ex.close()
 
@@ -172,7 +190,7 @@ def _run(cfg, out, opts, s: Session) -> MergeResult:
                                   opts.overwrite, rows)
     if saved != rows:  # resume with the interrupted run's units: the manifest names units of that plan
         log.info("reusing the work-unit plan of the interrupted run")
-        s.units = units_from_plan(s.inputs.names, s.inputs.reference.tensors, saved)
+        s.units = units_from_plan(s.inputs.names, _entries(s.inputs), saved)
     engine = s.engine(StatsStore(os.path.join(partial, WORK_DIR, "stats.zarr")))
     plan = s.plan(engine)
     dp = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -32,7 +33,16 @@ class Stat:
            when deltas are float32 — bf16 deltas get them from the histogram for free);
            "bins": per unit, the low-16-bit counts of |delta| inside the top-16-bit bins `args`
            (resolves a threshold exactly and gives the ties before each unit);
-           "dare": exact Σ|delta| and Σ|delta * keep-mask| for the counter RNG `args = (key, limit)`.
+           "dare": exact Σ|delta| and Σ|delta * keep-mask| for the counter RNG `args = (key, limit)`;
+           "della": the same for DELLA's rank-based mask, `args = (key, density, epsilon)`;
+           "gram": exact pairwise dot products of the models' deltas (`args=("deltas",)`) or of
+           the inputs themselves (`("inputs",)`), upper triangle in row-major order;
+           "var" / "var_bins": histogram (and non-zero count) / boundary-bin counts of the
+           per-element variance of the deltas across models (SCE);
+           "sce_sq": per model, exact Σ delta² over the elements SCE selects, `args = (kind,
+           value, ties kept, ties before each unit)`;
+           "ram": per model, its changed elements shared with others and unique to it (`args=(eps,)`);
+           "arcee" / "arcee_bins": histogram / boundary-bin counts of Arcee fusion's importance.
     model  the fine-tune (0-based, excluding the base).
     span   flat element range inside the tensor (one expert of a fused tensor), None for all of it.
     bf16   deltas rounded to bfloat16 (DPPA's reference semantics).
@@ -88,7 +98,7 @@ def compute(rows, stats: list[Stat], check_finite: bool) -> dict[Stat, object]:
                               np.uint64(limit), full, kept, bad)
             out[st] = (full, kept)
         else:
-            raise ValueError(f"unknown statistic {st.kind!r}")
+            out[st] = _compute_more(rows, st, code, rng, bad)
     for (rng, bf16, sums), group in groups.items():
         models = np.array([st.model for st in group], np.int64)
         hists = np.zeros((len(group), summaries.HIST_BINS), np.int64)
@@ -101,16 +111,90 @@ def compute(rows, stats: list[Stat], check_finite: bool) -> dict[Stat, object]:
     return out
 
 
+def _compute_more(rows, st: Stat, code: int, rng: tuple[int, int], bad: np.ndarray):
+    """The statistics of the methods beyond the delta family (whole units: no spans)."""
+    unit = rows.inp.unit
+    lo, hi = rng
+    if st.kind == "gram":
+        deltas = st.args[0] == "deltas"
+        n = rows.src.shape[0] - (1 if deltas else 0)
+        words = np.zeros((2, n * (n + 1) // 2, kernels.GRAM_BUCKETS), np.int64)
+        kernels.gram_sums(rows.src, code, lo, hi, deltas, words[0], words[1], bad)
+        return words
+    if st.kind in ("var", "var_bins", "arcee", "arcee_bins"):
+        bins = np.array(st.args, np.int64)
+        hist = np.zeros(summaries.HIST_BINS * (2 if st.kind.startswith("arcee") else 1), np.int64)
+        counts = np.zeros((len(bins), 1 << 16), np.int64)
+        if st.kind.startswith("var"):
+            if bins.size:
+                kernels.variance_bins(rows.src, code, lo, hi, bins, counts, bad)
+            else:
+                nnz = kernels.variance_hist(rows.src, code, lo, hi, hist, bad)
+                return Summary(hi - lo, hist).compact(), int(nnz)
+        else:
+            row_len = rows.inp.models[0].shape[-1] if rows.inp.models[0].shape else 1
+            kernels.arcee_importance(rows.src, code, lo // row_len, hi // row_len, row_len, bins, hist, counts, bad)
+            if not bins.size:
+                return hist
+        return {unit.index: [_sparse(c) for c in counts]}
+    if st.kind == "sce_sq":
+        kind, value, _, starts = st.args
+        budget = np.array([dict(starts).get(unit.index, (0,))[0]], np.int64)
+        budget[0] = max(0, st.args[2] - budget[0])
+        K = rows.src.shape[0] - 1
+        words = np.zeros((2, K, kernels.GRAM_BUCKETS), np.int64)
+        kernels.sce_squares(rows.src, code, lo, hi, kind, np.float32(value), budget, words[0], words[1], bad)
+        return words
+    if st.kind == "ram":
+        K = rows.src.shape[0] - 1
+        shared, unique = np.zeros(K, np.int64), np.zeros(K, np.int64)
+        kernels.ram_counts(rows.src, code, lo, hi, np.float32(st.args[0]), shared, unique, bad)
+        return shared, unique
+    if st.kind == "della":
+        from .methods.gta import della_layout
+
+        key, density, epsilon = st.args
+        mask = np.zeros(unit.numel, np.uint8)
+        d1, rest, slices = della_layout(rows.inp.models[0].shape, unit)
+        kernels.della_mask(rows.src, code, st.model, 0, slices, d1, rest, unit.flat_start, np.uint64(key), density,
+                           epsilon, mask, bad)
+        full, kept = np.zeros(256, np.int64), np.zeros(256, np.int64)
+        kernels.masked_abs_sums(rows.src, code, st.model, lo, hi, mask, full, kept, bad)
+        return full, kept
+    raise ValueError(f"unknown statistic {st.kind!r}")
+
+
+def exact_products(words: np.ndarray) -> list[float]:
+    """The sums `gram_sums`/`sce_squares` accumulated (two int64 words per exponent bucket),
+    exactly rounded to float64."""
+    out = []
+    for high, low in zip(words[0], words[1]):
+        total = 0
+        for e in np.flatnonzero(high | low):
+            total += ((int(high[e]) << 30) + int(low[e])) << int(e)
+        out.append(float(Fraction(total, 1 << 300)))
+    return out
+
+
 def _sparse(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     nz = np.flatnonzero(counts)
     return nz.astype(np.int64), counts[nz]
 
 
+_PER_UNIT = ("bins", "var_bins", "arcee_bins")
+
+
 def _empty(stat: Stat, unit):
     if stat.kind == "abs":
         return Summary()
-    if stat.kind == "bins":
+    if stat.kind == "arcee":
+        return np.zeros(2 * summaries.HIST_BINS, np.int64)
+    if stat.kind in _PER_UNIT:
         return {}
+    if stat.kind == "var":
+        return Summary(), 0
+    if stat.kind in ("gram", "sce_sq"):
+        return None
     return (np.zeros(256, np.int64), np.zeros(256, np.int64))
 
 
@@ -118,14 +202,24 @@ def combine(stat: Stat, a, b):
     """Merge two partial results of the same statistic (associative and commutative)."""
     if stat.kind == "abs":
         return (a + b).compact()
-    if stat.kind == "bins":
+    if stat.kind == "arcee":
+        return a + b
+    if stat.kind in _PER_UNIT:
         return {**a, **b}
+    if stat.kind in ("gram", "sce_sq"):
+        return b if a is None else a if b is None else a + b
+    if stat.kind == "var":
+        return (a[0] + b[0]).compact(), a[1] + b[1]
     return (a[0] + b[0], a[1] + b[1])
 
 
 def finalize(stat: Stat, partial):
-    if stat.kind == "dare":
+    if stat.kind in ("dare", "della"):
         return DareSums(summaries.exact_sum(partial[0]), summaries.exact_sum(partial[1]))
+    if stat.kind in ("gram", "sce_sq"):
+        return [] if partial is None else exact_products(partial)
+    if stat.kind == "ram":
+        return [int(x) for x in partial[0]], [int(x) for x in partial[1]]
     return partial
 
 
@@ -245,7 +339,7 @@ class StatsEngine:
         calls, sizes, groups = [], [], []
         for t, stats in todo.items():
             entries = self.inputs.entries(t)
-            numel = self.inputs.reference.tensors[t].numel
+            numel = self.inputs.entry(t).numel
             for u in self.units[t]:
                 need = [st for st in stats if _local_range(st, u, numel) is not None]
                 if need:

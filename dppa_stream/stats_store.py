@@ -14,11 +14,31 @@ from .statistics import DareSums, Stat
 from .summaries import Summary
 
 
+def _pack_summary(value: Summary) -> np.ndarray:
+    nz = np.nonzero(value.hist)[0]
+    return np.concatenate([[value.numel, len(nz)], nz, value.hist[nz], value.mant_sums]).astype(np.int64)
+
+
+def _unpack_summary(a: np.ndarray) -> Summary:
+    numel, n = int(a[0]), int(a[1])
+    sparse = (a[2:2 + n].astype(np.int32), a[2 + n:2 + 2 * n].copy())
+    return Summary(numel, None, a[2 + 2 * n:2 + 2 * n + 256].copy(), sparse=sparse)
+
+
 def pack(stat: Stat, value) -> np.ndarray:
+    """One statistic's result as an int64 array (float64 values stored by their bits)."""
     if stat.kind == "abs":
-        nz = np.nonzero(value.hist)[0]
-        return np.concatenate([[value.numel, len(nz)], nz, value.hist[nz], value.mant_sums]).astype(np.int64)
-    if stat.kind == "bins":
+        return _pack_summary(value)
+    if stat.kind == "arcee":
+        nz = np.flatnonzero(value)
+        return np.concatenate([[len(value)], nz, value[nz]]).astype(np.int64)
+    if stat.kind == "var":
+        return np.concatenate([[value[1]], _pack_summary(value[0])]).astype(np.int64)
+    if stat.kind in ("gram", "sce_sq"):
+        return np.array(value, np.float64).view(np.int64)
+    if stat.kind == "ram":
+        return np.array([*value[0], *value[1]], np.int64)
+    if stat.kind in ("bins", "var_bins", "arcee_bins"):
         out = [len(value)]
         for unit in sorted(value):
             out += [unit, len(value[unit])]
@@ -30,10 +50,20 @@ def pack(stat: Stat, value) -> np.ndarray:
 
 def unpack(stat: Stat, a: np.ndarray):
     if stat.kind == "abs":
-        numel, n = int(a[0]), int(a[1])
-        sparse = (a[2:2 + n].astype(np.int32), a[2 + n:2 + 2 * n].copy())
-        return Summary(numel, None, a[2 + 2 * n:2 + 2 * n + 256].copy(), sparse=sparse)
-    if stat.kind == "bins":
+        return _unpack_summary(a)
+    if stat.kind == "arcee":
+        hist = np.zeros(int(a[0]), np.int64)
+        n = (len(a) - 1) // 2
+        hist[a[1:1 + n]] = a[1 + n:]
+        return hist
+    if stat.kind == "var":
+        return _unpack_summary(a[1:]), int(a[0])
+    if stat.kind in ("gram", "sce_sq"):
+        return a.view(np.float64).tolist()
+    if stat.kind == "ram":
+        half = len(a) // 2
+        return [int(x) for x in a[:half]], [int(x) for x in a[half:]]
+    if stat.kind in ("bins", "var_bins", "arcee_bins"):
         pos, out = 1, {}
         for _ in range(int(a[0])):
             unit, nb = int(a[pos]), int(a[pos + 1])

@@ -188,6 +188,12 @@ def count_le(hist: np.ndarray, details, t: Threshold) -> int:
     return below + sum(int(c[v <= low].sum()) for v, c in details)
 
 
+def count_lt(hist: np.ndarray, details, bits: int) -> int:
+    """Exact count of |delta| whose bits are below `bits`, given the details of bin bits >> 16."""
+    low = bits & 0xFFFF
+    return int(hist[:bits >> 16].sum()) + sum(int(c[v < low].sum()) for v, c in details)
+
+
 def count_gt_bits(hist: np.ndarray, details: list[tuple[np.ndarray, np.ndarray]], bits: int) -> int:
     """Exact count of |delta| whose bits exceed `bits`, given the details of bin bits >> 16."""
     low = bits & 0xFFFF

@@ -62,23 +62,26 @@ def unit_memory_per_element(entry: TensorEntry, inputs: int, out_itemsize: int) 
     return entry.itemsize * inputs + out_itemsize
 
 
-def plan_units(names: list[str], entries: dict[str, TensorEntry], inputs: int, out_itemsize: dict[str, int],
+def plan_units(names: list[str], entries: dict[str, TensorEntry], inputs: dict[str, int], out_itemsize: dict[str, int],
                unit_bytes: int) -> dict[str, int]:
-    """Rows per unit for every tensor, so that one unit's memory fits `unit_bytes`."""
+    """Rows per unit for every tensor (read from `inputs[name]` inputs), so that one unit's memory
+    fits `unit_bytes`."""
     rows = {}
     for name in names:
         e = entries[name]
-        per_row = e.row_numel * unit_memory_per_element(e, inputs, out_itemsize[name])
+        per_row = e.row_numel * unit_memory_per_element(e, inputs[name], out_itemsize[name])
         rows[name] = max(1, unit_bytes // max(1, per_row))
     return rows
 
 
 def units_from_plan(names: list[str], entries: dict[str, TensorEntry], rows_per_unit: dict[str, int]) -> dict[str, list[Unit]]:
-    """The units of every tensor; a tensor with no elements (a zero in its shape) is one empty unit."""
+    """The units of every tensor. A tensor with no elements (a zero in its shape) is one empty
+    unit, and so is a tensor of at most one dimension (biases, norms: small, and methods that rank
+    or normalise along a vector need it whole)."""
     units = {}
     for name in names:
         e = entries[name]
-        if e.numel == 0:
+        if e.numel == 0 or len(e.shape) <= 1:
             units[name] = [Unit(name, 0, 0, e.rows, e.row_numel)]
             continue
         step = rows_per_unit[name]

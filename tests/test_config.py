@@ -35,7 +35,8 @@ def test_valid_config():
     cfg = parse_config(ties(extra="parameters: {normalize: false, lambda: 1}\ndtype: bfloat16\n"), SRC)
     assert cfg.merge_method == "ties" and cfg.base_model == "/m/base" and cfg.dtype == "BF16"
     assert [m.path for m in cfg.models] == ["/m/a"]
-    assert cfg.resolved_model(cfg.models[0]) == {"weight": 0.5, "density": 0.5}
+    glob, models = cfg.tensor_params("model.layers.0.mlp.up_proj.weight", 0.5)
+    assert models == ({"weight": 0.5, "density": 0.5},) and glob["normalize"] is False and glob["lambda"] == 1
 
 
 # --- YAML itself ---------------------------------------------------------------------------------
@@ -72,10 +73,27 @@ def test_unknown_top_level_key_without_close_match_lists_allowed():
     expect(ties(extra="zzz: 1\n"), "unknown key 'zzz'", "allowed:", "merge_method")
 
 
-def test_slices_refused():
-    text = ("merge_method: ties\nbase_model: /m/base\nslices:\n  - sources:\n      - model: /m/a\n"
-            "        layer_range: [0, 16]\n")
-    expect(text, f"{SRC}:3:", "'slices'", "not supported", "models:")
+def test_slices_parsed():
+    text = ("merge_method: ties\nbase_model: /m/base\nslices:\n  - sources:\n      - model: /m/base\n"
+            "        layer_range: [0, 16]\n      - model: /m/a\n        layer_range: [4, 20]\n"
+            "        parameters: {weight: 0.5, density: 0.3}\n    parameters: {lambda: 0.9}\n")
+    cfg = parse_config(text, SRC)
+    (sl,) = cfg.slices
+    assert sl.base.path == "/m/base" and sl.base.layer_range == (0, 16)
+    assert [(s.path, s.layer_range) for s in sl.sources] == [("/m/a", (4, 20))] and sl.params == {"lambda": 0.9}
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("merge_method: ties\nbase_model: /m/base\nslices:\n  - sources:\n      - model: /m/a\n"
+     "        layer_range: [0, 16]\n        parameters: {weight: 1}\n", ["slices[0]", "base model", "/m/base"]),
+    ("merge_method: passthrough\nslices:\n  - sources:\n      - model: /m/a\n        layer_range: [3, 2]\n",
+     ["slices[0].sources[0].layer_range"]),
+    ("merge_method: passthrough\nmodels:\n  - model: /m/a\nslices:\n  - sources: []\n", ["either", "not both"]),
+    ("merge_method: dppa\nbase_model: /m/b\nslices:\n  - sources:\n      - model: /m/b\n        layer_range: [0, 2]\n",
+     ["slices are not supported for dppa"]),
+])
+def test_bad_slices(text, needles):
+    expect(text, *needles)
 
 
 @pytest.mark.parametrize("key", ["tokenizer_source", "modules", "chat_template"])
@@ -176,15 +194,31 @@ def test_density_bounds_accepted():
         parse_config(ties(f"  - model: /m/a\n    parameters: {{weight: 1, density: {d}}}\n"), SRC)
 
 
-@pytest.mark.parametrize("value", [
-    "[{filter: self_attn, value: 0.5}, {value: 1.0}]",  # mergekit per-tensor filter list
-    "[0.1, 0.5, 0.9]",  # layer gradient
-    "{filter: mlp, value: 0.5}",
+@pytest.mark.parametrize("value,layer0,mlp_layer2", [
+    ("[{filter: self_attn, value: 0.5}, {value: 1.0}]", 0.5, 1.0),  # mergekit per-tensor filter list
+    ("[0.1, 0.5, 0.9]", 0.1, 0.9),  # layer gradient over 3 layers: t = 0, 0.5, 1
+    ("{filter: mlp, value: 0.5}", None, 0.5),  # one filter entry; no match falls back to the next scope
 ])
-def test_per_tensor_filters_refused(value):
-    expect(ties(f"  - model: /m/a\n    parameters:\n      weight: {value}\n"), f"{SRC}:6:",
-           "models[0].parameters.weight", "per-tensor filters", "not supported")
-    expect(ties(extra=f"parameters:\n  density: {value}\n"), "parameters.density", "per-tensor filters")
+def test_per_tensor_values(value, layer0, mlp_layer2):
+    cfg = parse_config(ties(f"  - model: /m/a\n    parameters:\n      weight: {value}\n      density: 0.5\n",
+                            extra="parameters: {weight: 0.25}\n"), SRC)
+    attn0 = cfg.tensor_params("model.layers.0.self_attn.q_proj.weight", 0.0)[1][0]["weight"]
+    mlp2 = cfg.tensor_params("model.layers.2.mlp.up_proj.weight", 1.0)[1][0]["weight"]
+    assert attn0 == (0.25 if layer0 is None else layer0) and mlp2 == mlp_layer2
+
+
+@pytest.mark.parametrize("value,needle", [("[[0.1, 0.2]]", "gradient"), ("[{filter: a}]", "needs a 'value'"),
+                                          ("[{filter: 3, value: 1}]", "'filter' must be a string"),
+                                          ("[{filter: a, value: 1, extra: 2}]", "unknown key"),
+                                          ("[0.1, .nan]", "finite"), ("[0.5, 2.0]", "must be in (0, 1]")])
+def test_bad_per_tensor_values(value, needle):
+    expect(ties(f"  - model: /m/a\n    parameters:\n      weight: 1\n      density: {value}\n"), f"{SRC}:7:",
+           "models[0].parameters.density", needle)
+
+
+def test_model_wide_parameters_take_plain_values():
+    text = "merge_method: dppa\nbase_model: /m/b\nmodels:\n  - model: /m/a\nparameters:\n  lamda: [0.1, 0.2]\n"
+    expect(text, "parameters.lamda", "one value for the whole model")
 
 
 # --- files and sizes -----------------------------------------------------------------------------
@@ -230,7 +264,7 @@ def _cli(tmp_path, text, *extra):
 
 @pytest.mark.parametrize("text,needle", [
     ("merge_method: ties\nmodels: [\n", "cfg.yml:3: YAML syntax error"),
-    (ties(extra="slices: []\n"), "'slices'"),
+    (ties(extra="slices: []\n"), "'slices:'"),
     (ties("  - model: /m/a\n    parameters: {weight: abc}\n"), "must be a number"),
 ], ids=["yaml-syntax", "slices", "wrong-type"])
 def test_cli_usage_error(tmp_path, text, needle):

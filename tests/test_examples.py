@@ -26,8 +26,8 @@ def test_example_config_parses(path):
     with open(path, encoding="utf-8") as f:
         cfg = parse_config(f.read(), path)
     assert cfg.merge_method == os.path.splitext(os.path.basename(path))[0]
-    assert len(cfg.models) == 2
-    assert all("/models/ft" in m.path for m in cfg.models)
+    assert 1 <= len(cfg.models) <= 2
+    assert all("/models/" in m.path for m in cfg.models)
     cfg.method()  # every parameter resolves and the method accepts it
 
 

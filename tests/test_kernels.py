@@ -169,7 +169,7 @@ def _gta(src, name, sparse, weights, consensus=False, normalize=False, lam=1.0, 
     divisor = torch_order_sum(weights)
     kn.gta(src, kn.CODES[name], 0, n, flat0, bf16_delta, arr["mode"], arr["kinds"], arr["values"], arr["budget"],
            arr["factors"], arr["nlev"], arr["dense"], arr["use_dense"], arr["keys"], arr["limits"], arr["scales"],
-           arr["use_scale"], w, w != 1, consensus, normalize, divisor, np.float32(lam), lam != 1, out,
+           arr["use_scale"], np.zeros((K, 3), np.int64), np.zeros((K, 1), np.uint8), w, w != 1, consensus, normalize, divisor, np.float32(lam), lam != 1, out,
            kn.CODES[out_name], np.zeros(K + 1, np.int64))
     return from_bits(out, DTYPES[out_name])
 

@@ -45,7 +45,8 @@ def apply_threshold(x: torch.Tensor, t: summaries.Threshold, ties_before: int) -
 
     out = np.empty(x.numel(), np.uint32)
     w = np.ones(1, np.float32)
-    kernels.gta(_src(x), kernels.F32, 0, x.numel(), 0, False, *_sparse_arrays((sparse,), 0), w, w != 1, False, False,
+    kernels.gta(_src(x), kernels.F32, 0, x.numel(), 0, False, *_sparse_arrays((sparse,), 0), np.zeros((1, 1), np.uint8),
+                w, w != 1, False, False,
                 np.float32(1), np.float32(1), False, out, kernels.F32, np.zeros(2, np.int64))
     return torch.from_numpy(out.view(np.float32))
 
@@ -107,8 +108,9 @@ def test_counter_rng_is_chunk_invariant_and_fair():
     from dppa_stream import rng
 
     key, limit = rng.stream_key(0, 1, "x"), int(0.3 * (1 << 24))
+    key = np.uint64(key)
     whole = kernels.keep_mask(key, 0, 100_000, limit)
     pieces = np.concatenate([kernels.keep_mask(key, a, b - a, limit) for a, b in ((0, 123), (123, 60_000), (60_000, 100_000))])
     assert np.array_equal(whole, pieces)
     assert abs(whole.mean() - 0.3) < 0.01
-    assert not np.array_equal(whole, kernels.keep_mask(rng.stream_key(0, 2, "x"), 0, 100_000, limit))
+    assert not np.array_equal(whole, kernels.keep_mask(np.uint64(rng.stream_key(0, 2, "x")), 0, 100_000, limit))

@@ -2,10 +2,13 @@
 
 from .base import MergeMethod, Param, REQUIRED
 from .dppa import DP, DPPA
-from .gta import DareLinear, DareTies, Linear, Magnitude, TaskArithmetic, Ties
+from .gta import DELTA_METHODS, Linear
+from .interp import ArceeFusion, Karcher, ModelStock, Multislerp, Nearswap, Nuslerp, Passthrough, Slerp
+from .selective import Ram, RamPlusTl, Sce
 
 METHODS: dict[str, type[MergeMethod]] = {
-    m.name: m for m in (Linear, TaskArithmetic, Ties, DareLinear, DareTies, Magnitude, DP, DPPA)
+    m.name: m for m in (Linear, *DELTA_METHODS, Slerp, Nuslerp, Multislerp, Karcher, ModelStock, Nearswap,
+                        ArceeFusion, Passthrough, Sce, Ram, RamPlusTl, DP, DPPA)
 }
 
 __all__ = ["METHODS", "MergeMethod", "Param", "REQUIRED"]

@@ -11,6 +11,7 @@ held in a single work unit is then planned inside its pass-2 task, from rows alr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -27,6 +28,7 @@ class Param:
     kind: type | tuple = float
     check: Any = None  # callable(value) -> error text or None
     doc: str = ""
+    per_tensor: bool = True  # may vary by tensor (gradients, filter lists); else one value for the model
 
 
 def density_check(v):
@@ -34,13 +36,28 @@ def density_check(v):
 
 
 @dataclass(frozen=True)
+class TensorInfo:
+    """One output tensor as planning sees it: dtype and shape, and the parameter values that
+    apply to it (shared ones, and one dict per fine-tune) after gradients and filters."""
+
+    name: str
+    dtype: str
+    shape: tuple
+    globals: dict
+    models: tuple
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
 class Catalogue:
-    """What planning may know about the inputs: the reference checkpoint's tensors (name ->
-    TensorEntry: dtype and shape) in output order, its config.json, and the fine-tune count."""
+    """What planning may know about the inputs: the output tensors (name -> TensorInfo) in
+    output order, and the reference checkpoint's config.json."""
 
     tensors: dict
     config: dict | None
-    models: int
 
 
 @dataclass
@@ -56,15 +73,19 @@ class MergeMethod:
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
-    needs_base: ClassVar[bool] = True
+    needs_base: ClassVar[bool] = True  # a base_model is required
+    base_optional: ClassVar[bool] = False  # a base_model is used when given (nuslerp, multislerp)
+    base_is_input: ClassVar[bool] = False  # the base_model is merged as one more model (linear, karcher)
+    inputs: ClassVar[tuple] = (1, None)  # fewest and most models besides the base
     local: ClassVar[bool] = True
     global_params: ClassVar[dict[str, Param]] = {}
     model_params: ClassVar[dict[str, Param]] = {}
 
-    def __init__(self, params: dict, model_params: list[dict], seed: int):
+    def __init__(self, params: dict, model_params: list[dict], seed: int, has_base: bool = True):
         self.params = params
         self.mparams = model_params
         self.seed = seed
+        self.has_base = has_base
 
     @classmethod
     def check_params(cls, params: dict, models: list[dict]) -> str | None:
@@ -83,10 +104,10 @@ class MergeMethod:
     def plan(self, catalogue: Catalogue, tensors: list[str], got) -> Plan:
         return Plan({t: self.tensor_plan(catalogue.tensors[t], got.of(t)) for t in tensors})
 
-    def tensor_statistics(self, entry, got) -> list:
+    def tensor_statistics(self, info: TensorInfo, got) -> list:
         return []
 
-    def tensor_plan(self, entry, got) -> Any:
+    def tensor_plan(self, info: TensorInfo, got) -> Any:
         return None
 
     def merge_unit(self, rows, plan, out: np.ndarray, out_code: int) -> np.ndarray:

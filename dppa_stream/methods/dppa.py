@@ -149,24 +149,26 @@ class DPPA(DeltaMethod):
     summary = "DPPA: dynamic pruning of each fine-tune's delta with partition amplification, then combined"
     local = False  # densities are normalised across the whole model
     global_params = {
-        "pruning_rates": Param([0.9, 0.8], list, _rates_check, "DP pruning rates, one partition each (decreasing)"),
-        "lamda": Param(0.08, (int, float), lambda v: None if 0 <= v <= 1 else "must be in [0, 1]", "DP amplitude"),
-        "outlier_multiple": Param(5.0, (int, float), lambda v: None if v > 0 else "must be > 0", "linear-level outlier multiple M"),
-        "layer_outlier_multiple": Param(3.0, (int, float), lambda v: None if v > 0 else "must be > 0", "block-level multiple (reference: 3)"),
-        "semantics": Param("reference", str, _choice("reference", "exact"), "reference (authors' code) or exact"),
-        "amplify_unpruned": Param(True, bool, doc="amplify tensors DP does not prune (reference: true)"),
-        "combine": Param("sum", str, _choice("sum", "mean", "ties"), "how the fine-tunes' deltas are combined"),
+        "pruning_rates": Param([0.9, 0.8], list, _rates_check, "DP pruning rates, one partition each (decreasing)", False),
+        "lamda": Param(0.08, (int, float), lambda v: None if 0 <= v <= 1 else "must be in [0, 1]", "DP amplitude", False),
+        "outlier_multiple": Param(5.0, (int, float), lambda v: None if v > 0 else "must be > 0",
+                                  "linear-level outlier multiple M", False),
+        "layer_outlier_multiple": Param(3.0, (int, float), lambda v: None if v > 0 else "must be > 0",
+                                        "block-level multiple (reference: 3)", False),
+        "semantics": Param("reference", str, _choice("reference", "exact"), "reference (authors' code) or exact", False),
+        "amplify_unpruned": Param(True, bool, doc="amplify tensors DP does not prune (reference: true)", per_tensor=False),
+        "combine": Param("sum", str, _choice("sum", "mean", "ties"), "how the fine-tunes' deltas are combined", False),
         "linear_filter": Param(None, str, _regex_check, "regex for DP tensors (default: found from the names of "
-                               "any architecture's block stacks); group 1 = block id"),
+                               "any architecture's block stacks); group 1 = block id", False),
     }
     model_params = {
         "weight": Param(1.0, (int, float), doc="scale of this model's delta in the combination"),
-        "amplification": Param([1.8, 0.0], list, _factors_check, "DPA factor per pruning rate (reference start: [1.8, 0.0])"),
+        "amplification": Param([1.8, 0.0], list, _factors_check, "DPA factor per pruning rate (reference start: [1.8, 0.0])",
+                               False),
     }
 
-    def __init__(self, params, model_params, seed):
-        super().__init__({**params, "normalize": params["combine"] in ("mean", "ties"), "lambda": 1.0},
-                         model_params, seed)
+    def __init__(self, params, model_params, seed, has_base=True):
+        super().__init__(params, model_params, seed, has_base)
         self.consensus = params["combine"] == "ties"
         self.bf16_deltas = params["semantics"] == "reference"
         self.exact = not self.bf16_deltas
@@ -174,11 +176,14 @@ class DPPA(DeltaMethod):
 
     @classmethod
     def check_params(cls, params, models):
-        rates = params.get("pruning_rates", [params.get("pruning_rate")])
-        for i, m in enumerate(models):
-            if "amplification" in m and len(m["amplification"]) != len(rates):
-                return (f"models[{i}] amplification {m['amplification']} needs one factor per pruning rate "
-                        f"({len(rates)}: {rates})")
+        if "amplification" not in cls.model_params:
+            return None
+        rates = params.get("pruning_rates", cls.global_params["pruning_rates"].default)
+        given = [("parameters", params)] + [(f"models[{i}].parameters", m) for i, m in enumerate(models)]
+        for where, p in given:
+            amp = p.get("amplification")
+            if isinstance(amp, list) and len(amp) != len(rates):
+                return f"{where}.amplification {amp} needs one factor per pruning rate ({len(rates)}: {rates})"
         return None
 
     def pruning_rates(self) -> list[float]:
@@ -206,7 +211,7 @@ class DPPA(DeltaMethod):
 
     def statistics(self, catalogue, tensors, got):
         lins = self.linears(catalogue, tensors)
-        k = catalogue.models
+        k = len(self.mparams)
         wanted: dict[str, list] = {}
         for lin in lins:
             wanted.setdefault(lin.tensor, []).extend(self._hist(i, lin.span) for i in range(k))
@@ -260,7 +265,7 @@ class DPPA(DeltaMethod):
     # -- the plan ----------------------------------------------------------------------------------
     def plan(self, catalogue, tensors, got):
         lins = self.linears(catalogue, tensors)
-        k = catalogue.models
+        k = len(self.mparams)
         counts = self._outlier_counts(self._outlier_bins(lins, catalogue, got, k), catalogue, got) if self.exact else None
         reports = [self._report(i, lins, catalogue, got, counts) for i in range(k)]
         parts: dict[str, dict] = {}  # tensor -> span -> one Sparse per model
@@ -269,12 +274,14 @@ class DPPA(DeltaMethod):
             for tr in rep.tensors:
                 parts.setdefault(tr.name, {}).setdefault(tr.span, [None] * k)[i] = self._partition(tr, i, bands, got)
         plans = {}
+        normalize = self.params["combine"] in ("mean", "ties")
         for t in tensors:
+            weights = tuple(float(m["weight"]) for m in catalogue.tensors[t].models)
             if t in parts:
-                plans[t] = Segments(tuple((span, tuple(sp)) for span, sp in parts[t].items()))
+                plans[t] = Segments(tuple((span, tuple(sp)) for span, sp in parts[t].items()), weights, normalize)
             else:  # not pruned by DP: its dense delta, amplified by max(alpha) like the reference
                 dense = [max(self.factors(m)) if self.params["amplify_unpruned"] else 1.0 for m in self.mparams]
-                plans[t] = Segments(((None, tuple(Sparse(dense=f) for f in dense)),))
+                plans[t] = Segments(((None, tuple(Sparse(dense=f) for f in dense)),), weights, normalize)
         return Plan(plans, reports)
 
     def _partition(self, tr: TensorReport, model: int, bands: list[float], got) -> Sparse:
@@ -369,14 +376,14 @@ class DP(DPPA):
     name = "dp"
     summary = "DP: dynamic (layer- and linear-level) magnitude pruning of each fine-tune's delta, then combined"
     global_params = {
-        "pruning_rate": Param(0.8, (int, float), lambda v: None if 0 <= v < 1 else "must be in [0, 1)", "DP pruning rate"),
+        "pruning_rate": Param(0.8, (int, float), lambda v: None if 0 <= v < 1 else "must be in [0, 1)", "DP pruning rate", False),
         **{k: v for k, v in DPPA.global_params.items() if k not in ("pruning_rates", "amplify_unpruned")},
     }
     model_params = {"weight": Param(1.0, (int, float), doc="scale of this model's delta in the combination")}
 
-    def __init__(self, params, model_params, seed):
+    def __init__(self, params, model_params, seed, has_base=True):
         super().__init__({**params, "pruning_rates": [params["pruning_rate"]], "amplify_unpruned": False},
-                         model_params, seed)
+                         model_params, seed, has_base)
 
     def factors(self, m):
         return [1.0]

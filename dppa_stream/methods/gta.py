@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import kernels, rng
 from .base import MergeMethod, Param, REQUIRED, density_check, torch_order_sum
-from .sparsify import Bernoulli, PruneLE, Sparse, Sparsifier, TopK
+from .sparsify import Band, Bernoulli, MagPrune, PruneLE, Sparse, Sparsifier, TopK
 
 _WEIGHT = Param(REQUIRED, (int, float), doc="scale of this model's delta")
 _DENSITY = Param(1.0, (int, float), density_check, "fraction of the delta kept")
@@ -26,9 +26,13 @@ _NO_RESCALE = Param(False, bool, lambda v: "is not supported for this method yet
 
 @dataclass(frozen=True)
 class Segments:
-    """Pass-2 plan of one tensor: (flat span or None for all of it, one `Sparse` per model)."""
+    """Pass-2 plan of one tensor: parts (flat span or None for all of it, one `Sparse` per
+    model), the models' weights, and the combination's normalisation and lambda."""
 
     parts: tuple
+    weights: tuple
+    normalize: bool = False
+    lam: float = 1.0
 
 
 class DeltaMethod(MergeMethod):
@@ -44,27 +48,24 @@ class DeltaMethod(MergeMethod):
     }
     model_params = {"weight": _WEIGHT}
 
-    def __init__(self, params, model_params, seed):
-        super().__init__(params, model_params, seed)
-        self.weights = np.array([float(m["weight"]) for m in model_params], np.float32)
-
-    def sparsifier(self, model: int, tensor: str) -> Sparsifier:
+    def sparsifier(self, model: int, info) -> Sparsifier:
         return Sparsifier()
 
-    def tensor_statistics(self, entry, got):
-        return [s for i in range(len(self.mparams)) for s in self.sparsifier(i, entry.name).needs(i, entry.numel, None, got)]
+    def tensor_statistics(self, info, got):
+        return [s for i in range(len(info.models)) for s in self.sparsifier(i, info).needs(i, info.numel, None, got)]
 
-    def tensor_plan(self, entry, got):
-        return Segments(((None, tuple(self.sparsifier(i, entry.name).decide(i, entry.numel, None, got)
-                                      for i in range(len(self.mparams)))),))
+    def tensor_plan(self, info, got):
+        sparse = tuple(self.sparsifier(i, info).decide(i, info.numel, None, got) for i in range(len(info.models)))
+        return Segments(((None, sparse),), tuple(float(m["weight"]) for m in info.models),
+                        bool(info.globals["normalize"]), float(info.globals["lambda"]))
 
     def merge_unit(self, rows, plan: Segments, out, out_code):
         unit = rows.inp.unit
         code = kernels.CODES[rows.dtype]
         bad = np.zeros(rows.src.shape[0], np.int64)
-        weights = self.weights
+        weights = np.array(plan.weights, np.float32)
         use_w = weights != 1
-        normalize, lam = bool(self.params["normalize"]), np.float32(self.params["lambda"])
+        normalize, lam = plan.normalize, np.float32(plan.lam)
         divisor = torch_order_sum(weights)
         if abs(divisor) < 1e-8:
             divisor = np.float32(1.0)
@@ -73,9 +74,36 @@ class DeltaMethod(MergeMethod):
                                                             min(span[1] - unit.flat_start, unit.numel))
             if lo >= hi:
                 continue
+            masks = della_masks(rows, sparse, bad)
             kernels.gta(rows.src, code, lo, hi, unit.flat_start + lo, self.bf16_deltas, *_sparse_arrays(sparse, unit.index),
-                        weights, use_w, self.consensus, normalize, divisor, lam, lam != 1, out, out_code, bad)
+                        masks, weights, use_w, self.consensus, normalize, divisor, lam, lam != 1, out, out_code, bad)
         return bad
+
+
+def della_masks(rows, sparse: tuple[Sparse, ...], bad) -> np.ndarray:
+    """DELLA's keep masks of the unit, one row per model (a 1 x 1 placeholder when no model uses
+    one): ranks along dim 1 need whole vectors, so they are made for the unit before merging."""
+    if not any(s.mode == kernels.SP_MASK for s in sparse):
+        return np.zeros((len(sparse), 1), np.uint8)
+    unit = rows.inp.unit
+    masks = np.zeros((len(sparse), unit.numel), np.uint8)
+    d1, rest, slices = della_layout(rows.inp.models[0].shape, unit)
+    for k, s in enumerate(sparse):
+        if s.mode == kernels.SP_MASK:
+            kernels.della_mask(rows.src, kernels.CODES[rows.dtype], k, 0, slices, d1, rest, unit.flat_start,
+                               np.uint64(s.key), s.della[0], s.della[1], masks[k], bad)
+    return masks
+
+
+def della_layout(shape: tuple, unit) -> tuple[int, int, int]:
+    """(vector length along dim 1, elements between a vector's neighbours, dim-0 slices in the
+    unit); a 1-D tensor is one vector, as mergekit unsqueezes it."""
+    if len(shape) < 2:
+        return max(1, unit.numel), 1, 1 if unit.numel else 0
+    rest = 1
+    for n in shape[2:]:
+        rest *= n
+    return shape[1], rest, unit.row_stop - unit.row_start
 
 
 def _sparse_arrays(sparse: tuple[Sparse, ...], unit: int) -> tuple:
@@ -96,11 +124,12 @@ def _sparse_arrays(sparse: tuple[Sparse, ...], unit: int) -> tuple:
             np.array([len(s.kinds) for s in sparse], np.int64),
             np.array([s.dense for s in sparse], np.float32), np.array([s.dense != 1 for s in sparse]),
             np.array([s.key for s in sparse], np.uint64), np.array([s.limit for s in sparse], np.uint64),
-            np.array([s.scale for s in sparse], np.float32), np.array([s.scale != 1 for s in sparse]))
+            np.array([s.scale for s in sparse], np.float32), np.array([s.scale != 1 for s in sparse]),
+            np.array([s.windows or (0, 0, 0) for s in sparse], np.int64).reshape(K, 3))
 
 
 def _delta_method(name: str, summary: str, sparsifier=None, consensus: bool = False, normalize: bool = False,
-                  rescale: str = "ignored") -> type[DeltaMethod]:
+                  rescale: str = "ignored", extra: dict | None = None) -> type[DeltaMethod]:
     """One member of the family: its sparsifier (built per model and tensor from the model's
     parameters), whether signs are elected, and mergekit's defaults. `rescale`: "ignored"
     (accepted, no effect), "refused" (true is an error) or "default" (L1 rescale, on by default)."""
@@ -110,26 +139,45 @@ def _delta_method(name: str, summary: str, sparsifier=None, consensus: bool = Fa
     elif rescale == "default":
         params["rescale"] = Param(True, bool, doc="L1-norm rescale of kept deltas")
     attrs = {"name": name, "summary": summary, "consensus": consensus, "global_params": params,
-             "model_params": {"weight": _WEIGHT, **({"density": _DENSITY} if sparsifier else {})}}
+             "model_params": {"weight": _WEIGHT, **({"density": _DENSITY} if sparsifier else {}), **(extra or {})}}
     if sparsifier is not None:
-        attrs["sparsifier"] = lambda self, model, tensor: sparsifier(self, model, tensor)
+        attrs["sparsifier"] = lambda self, model, info: sparsifier(self, model, info)
     return type("".join(w.title() for w in name.split("_")), (DeltaMethod,), attrs)
 
 
-def _topk(method, model, tensor):
-    return TopK(method.mparams[model]["density"])
+def _topk(method, model, info):
+    return TopK(info.models[model]["density"])
 
 
-def _bernoulli(method, model, tensor):
-    return Bernoulli(method.mparams[model]["density"], method.params["rescale"], rng.stream_key(method.seed, model, tensor))
+def _bernoulli(method, model, info):
+    return Bernoulli(info.models[model]["density"], info.globals["rescale"], rng.stream_key(method.seed, model, info.name))
 
 
-def _prune_le(method, model, tensor):
-    return PruneLE(1.0 - method.mparams[model]["density"])
+def _prune_le(method, model, info):
+    return PruneLE(1.0 - info.models[model]["density"])
 
+
+def _band(method, model, info):
+    return Band(info.models[model]["density"], info.models[model]["gamma"])
+
+
+def _della(method, model, info):
+    d, eps = info.models[model]["density"], info.models[model]["epsilon"]
+    if 0 < d < 1 and not (0 < d - eps and d + eps < 1):
+        from ..errors import UsageError
+
+        raise UsageError(f"tensor {info.name!r}: models[{model}] density {d} +/- epsilon {eps} must stay in (0, 1)")
+    return MagPrune(d, eps, info.globals["rescale"], rng.stream_key(method.seed, model, info.name))
+
+
+_GAMMA = {"gamma": Param(0.01, (int, float), lambda v: None if 0 <= v <= 1 else "must be in [0, 1]",
+                         "fraction of the largest |delta| dropped")}
+_EPSILON = {"epsilon": Param(0.15, (int, float), lambda v: None if v >= 0 else "must be >= 0",
+                             "half-width of the keep-probability window")}
 
 # The family, one line each (names bound here so that pickling finds the classes).
-TaskArithmetic, Ties, DareLinear, DareTies, Magnitude = DELTA_METHODS = (
+(TaskArithmetic, Ties, DareLinear, DareTies, Magnitude, Breadcrumbs, BreadcrumbsTies, Della,
+ DellaLinear) = DELTA_METHODS = (
     _delta_method("task_arithmetic", "base + lambda * sum_i weight_i * (model_i - base)"),
     _delta_method("ties", "TIES: keep the top-density |delta| per tensor, elect signs by weighted sum, disjoint mean",
                   _topk, consensus=True, normalize=True, rescale="refused"),
@@ -139,6 +187,15 @@ TaskArithmetic, Ties, DareLinear, DareTies, Magnitude = DELTA_METHODS = (
                   _bernoulli, consensus=True, rescale="default"),
     _delta_method("magnitude", "delta magnitude pruning (DPPA reference semantics: prune |delta| <= the "
                   "int(n*(1-density))-th smallest), then weighted sum", _prune_le, rescale="refused"),
+    _delta_method("breadcrumbs", "Model Breadcrumbs: drop the largest (gamma) and smallest |delta|, keep density, "
+                  "weighted sum", _band, rescale="refused", extra=_GAMMA),
+    _delta_method("breadcrumbs_ties", "Model Breadcrumbs with TIES sign election", _band, consensus=True,
+                  rescale="refused", extra=_GAMMA),
+    _delta_method("della", "DELLA: keep each delta with a probability rising with its rank in its row, L1 "
+                  "rescale, TIES sign election, disjoint mean", _della, consensus=True, normalize=True,
+                  rescale="default", extra=_EPSILON),
+    _delta_method("della_linear", "DELLA's rank-based drop and L1 rescale, then weighted sum", _della,
+                  rescale="default", extra=_EPSILON),
 )
 
 
@@ -146,12 +203,16 @@ class Linear(MergeMethod):
     name = "linear"
     summary = "weighted average of the models' weights: sum_i w_i x_i / sum_i w_i"
     needs_base = False
+    base_is_input = True
     global_params = {"normalize": Param(True, bool, doc="divide by the sum of weights")}
     model_params = {"weight": _WEIGHT}
 
+    def tensor_plan(self, info, got):
+        return (tuple(float(m["weight"]) for m in info.models), bool(info.globals["normalize"]))
+
     def merge_unit(self, rows, plan, out, out_code):
-        weights = np.array([float(m["weight"]) for m in self.mparams], np.float32)
+        weights = np.array(plan[0], np.float32)
         bad = np.zeros(rows.src.shape[0], np.int64)
         kernels.weighted_sum(rows.src, kernels.CODES[rows.dtype], 0, rows.inp.unit.numel, weights,
-                             bool(self.params["normalize"]), torch_order_sum(weights), out, out_code, bad)
+                             plan[1], torch_order_sum(weights), out, out_code, bad)
         return bad

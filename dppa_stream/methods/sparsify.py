@@ -31,13 +31,18 @@ class Sparse:
     tie_starts: tuple = ()
     factors: tuple = ()
     dense: float = 1.0  # SP_NONE: multiply the delta (DPA on tensors DP does not prune)
-    key: int = 0  # SP_BERNOULLI: counter RNG stream and keep limit
-    limit: int = 0
-    scale: float = 1.0  # SP_BERNOULLI: L1 rescale
+    key: int = 0  # SP_BERNOULLI, SP_MASK: counter RNG stream
+    limit: int = 0  # SP_BERNOULLI: keep limit
+    scale: float = 1.0  # SP_BERNOULLI, SP_MASK, SP_RANGE: L1 rescale
+    windows: tuple = ()  # SP_RANGE: tie-index windows (lo start, lo stop, hi stop)
+    della: tuple = ()  # SP_MASK: (density, epsilon) of DELLA's rank-based keep probabilities
 
     def budgets(self, unit: int) -> list[int]:
-        """Ties each level may still keep in this unit."""
+        """Per level: ties it may still keep in this unit (SP_RANGE: the running tie indices the
+        unit starts at)."""
         starts = dict(self.tie_starts).get(unit, (0,) * len(self.ties))
+        if self.mode == kernels.SP_RANGE:
+            return list(starts)
         return [max(0, t - s) for t, s in zip(self.ties, starts)]
 
 
@@ -130,6 +135,84 @@ class PruneLE(Sparsifier):
         t = summaries.smallest(summaries.rank_for_prune_le(numel, self.sparsity), hist, [d[0] for d in details])
         kind, value = level(t, tracked=False)
         return Sparse(kernels.SP_SHRINK, (kind,), (value,), (0,))
+
+
+class Band(Sparsifier):
+    """Breadcrumbs (mergekit `magnitude_outliers`): drop the n_top = int(gamma n) largest |delta|
+    and the smallest, keeping target = int(density n): ranks [n_bot, n_bot + target) of the
+    ascending order, n_bot = max(0, n - target - n_top). Ties at either boundary are ranked by flat
+    index (mergekit's argsort breaks them arbitrarily)."""
+
+    def __init__(self, density: float, gamma: float):
+        self.density, self.gamma = density, gamma
+
+    def _ranks(self, numel: int) -> tuple[int, int]:
+        target = int(self.density * numel)
+        n_bot = max(0, numel - target - int(self.gamma * numel))
+        return n_bot, target
+
+    def needs(self, model, numel, span, got):
+        n_bot, target = self._ranks(numel)
+        if self.density >= 1 or target <= 0:
+            return []
+        hist = Stat("abs", model, span)
+        if hist not in got:
+            return [hist]
+        h = got[hist].hist
+        return [Stat("bins", model, span, args=(summaries.locate(h, n_bot + 1)[0], summaries.locate(h, n_bot + target)[0]))]
+
+    def decide(self, model, numel, span, got):
+        n_bot, target = self._ranks(numel)
+        if self.density >= 1:
+            return Sparse()
+        if target <= 0:
+            return Sparse(kernels.SP_SHRINK, (kernels.TH_NONE,), (0.0,), (0,))
+        hist = got[Stat("abs", model, span)].hist
+        stat = self.needs(model, numel, span, got)[0]
+        units, details = unit_details(got, stat)
+        lo = summaries.smallest(n_bot + 1, hist, [d[0] for d in details])
+        hi = summaries.smallest(n_bot + target, hist, [d[1] for d in details])
+        below_lo = summaries.count_lt(hist, [d[0] for d in details], lo.bits)
+        below_hi = summaries.count_lt(hist, [d[1] for d in details], hi.bits)
+        if lo.bits == hi.bits:  # one tie class holds both boundaries
+            windows = (n_bot - below_lo, n_bot + target - below_lo, 0)
+        else:
+            windows = (n_bot - below_lo, lo.ties_total, n_bot + target - below_hi)
+        starts = [[], []]
+        for j, t in enumerate((lo, hi)):
+            run = 0
+            for d in details:
+                starts[j].append(run)
+                vals, counts = d[j]
+                run += int(counts[vals == (t.bits & 0xFFFF)].sum())
+        return Sparse(kernels.SP_RANGE, (kernels.TH_VALUE, kernels.TH_VALUE), (lo.value, hi.value), (0, 0),
+                      tie_starts(units, starts), windows=windows)
+
+
+class MagPrune(Sparsifier):
+    """DELLA's MagPrune (mergekit `della_magprune`): within each vector along dim 1, rank |delta|; keep each
+    element with probability density - epsilon + 2 epsilon (rank - 1) / (n - 1), drawn from the
+    counter RNG; `rescale`: L1 rescale as DARE's."""
+
+    def __init__(self, density: float, epsilon: float, rescale: bool, key: int):
+        self.density, self.epsilon, self.rescale, self.key = density, epsilon, rescale, key
+
+    def needs(self, model, numel, span, got):
+        if not 0 < self.density < 1 or not self.rescale or not numel:
+            return []
+        return [Stat("della", model, span, args=(self.key, self.density, self.epsilon))]
+
+    def decide(self, model, numel, span, got):
+        if self.density >= 1:
+            return Sparse()
+        if self.density <= 0:
+            return Sparse(kernels.SP_SHRINK, (kernels.TH_NONE,), (0.0,), (0,))
+        scale = 1.0
+        if self.rescale and numel:
+            sums = got[self.needs(model, numel, span, got)[0]]
+            if sums.full >= 1e-7 and sums.kept >= 1e-7:
+                scale = sums.full / sums.kept
+        return Sparse(kernels.SP_MASK, key=self.key, scale=scale, della=(self.density, self.epsilon))
 
 
 class Bernoulli(Sparsifier):

@@ -32,7 +32,7 @@ HIST_BINS = 1 << 15
 _F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 # sparsifier modes (per model) and threshold kinds (per level)
-SP_NONE, SP_SHRINK, SP_BERNOULLI, SP_BANDS = 0, 1, 2, 3
+SP_NONE, SP_SHRINK, SP_BERNOULLI, SP_BANDS, SP_RANGE, SP_MASK = 0, 1, 2, 3, 4, 5
 TH_VALUE, TH_ALL, TH_NONE, TH_GT = 0, 1, 2, 3
 
 
@@ -344,9 +344,32 @@ def _bands_row(row, m, kinds, values, factors, nlev, budget, k, fac):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
+def _range_row(row, m, lo_value, hi_value, counters, windows, k):
+    """Breadcrumbs: keep |x| strictly between the two boundary values, and the elements tied at a
+    boundary whose running tie index falls in that boundary's window (ascending rank order with
+    ties by flat index); x * 0 elsewhere. counters[k, 0|1] run over the ties at lo|hi."""
+    x = row[:m]
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    for j in range(m):
+        a = abs(x[j])
+        if a == lo_value:
+            i = counters[k, 0]
+            counters[k, 0] += 1
+            keep = windows[k, 0] <= i < windows[k, 1]
+        elif a == hi_value:
+            i = counters[k, 1]
+            counters[k, 1] += 1
+            keep = i < windows[k, 2]
+        else:
+            keep = lo_value < a < hi_value
+        x[j] = x[j] * (one if keep else zero)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
 def gta(src, code, lo, hi, flat0, bf16_delta,
         sp_mode, th_kind, th_value, budget, factors, nlev, dense, use_dense,
-        keys, limits, scales, use_scale,
+        keys, limits, scales, use_scale, windows, masks,
         weights, use_w, consensus, normalize, divisor, lam, use_lam,
         out, out_code, bad):
     """Generalized task arithmetic over elements [lo, hi): per fine-tune delta -> sparsify ->
@@ -358,6 +381,9 @@ def gta(src, code, lo, hi, flat0, bf16_delta,
       SP_SHRINK     TIES/magnitude threshold of level 0 (kind th_kind[k, 0])
       SP_BERNOULLI  delta * keep-mask (counter RNG keys[k], limits[k]), times scales[k] if use_scale[k]
       SP_BANDS      DPA: delta * max over levels j of (kept at j ? factors[k, j] : 0)
+      SP_RANGE      breadcrumbs: a band of ranks between th_value[k, 0] and th_value[k, 1]
+                    (`_range_row`; budget[k] holds its running tie counters), times scales[k]
+      SP_MASK       delta * masks[k, i] (DELLA's mask, made before), times scales[k] if use_scale[k]
     `budget` holds the remaining tie budget per model and level; it is updated in place. `out`
     is the whole unit's output: element i of the range lands at out[i].
     """
@@ -385,11 +411,18 @@ def gta(src, code, lo, hi, flat0, bf16_delta,
                         x[j] = x[j] * f
             elif mode == SP_SHRINK:
                 _shrink_row(row, m, th_kind[k, 0], th_value[k, 0], budget, k)
-            elif mode == SP_BERNOULLI:
-                key = keys[k]
-                lim = limits[k]
-                for j in range(m):
-                    x[j] = x[j] * (one if keep_draw(key, first + j, lim) else zero)
+            elif mode == SP_BERNOULLI or mode == SP_MASK or mode == SP_RANGE:
+                if mode == SP_BERNOULLI:
+                    key = keys[k]
+                    lim = limits[k]
+                    for j in range(m):
+                        x[j] = x[j] * (one if keep_draw(key, first + j, lim) else zero)
+                elif mode == SP_MASK:
+                    mk = masks[k, s:s + m]
+                    for j in range(m):
+                        x[j] = x[j] * (one if mk[j] else zero)
+                else:
+                    _range_row(row, m, th_value[k, 0], th_value[k, 1], budget, windows, k)
                 if use_scale[k]:
                     f = scales[k]
                     for j in range(m):

@@ -1,0 +1,466 @@
+"""Kernels of the methods beyond the delta family: exact products (Gram matrices), row-wise
+statistics and combinations, DELLA's rank-based masks, SCE's variance selection, RAM, nearswap and
+Arcee fusion. Same conventions as `core`: raw unsigned rows in, float32 arithmetic in the formula's
+written order, output narrowed into `out` at the element's unit-local index."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from .core import BLOCK, TH_ALL, TH_NONE, bits_of_f32, keep_draw, narrow_block, widen_block
+
+GRAM_BUCKETS = 512  # sums of two float32 exponent fields (each 1..254) index the product buckets
+_LOW_BITS = 30
+
+
+# --- exact sums of products ------------------------------------------------------------------------
+
+@njit(inline="always")
+def _split(x):
+    """A float32 as (signed integer significand, exponent field >= 1): x = sig * 2**(e - 150)."""
+    u = bits_of_f32(x)
+    e = np.int64((u >> np.uint32(23)) & np.uint32(0xFF))
+    sig = np.int64(u & np.uint32(0x7FFFFF))
+    if e > 0:
+        sig += np.int64(1 << 23)
+    else:
+        e = np.int64(1)
+    if u >> np.uint32(31):
+        sig = -sig
+    return sig, e
+
+
+@njit(inline="always")
+def _flush(block, high, low):
+    """Move per-block bucket sums (each < 2**60) into the two-word accumulators, exactly."""
+    for p in range(block.shape[0]):
+        for e in range(GRAM_BUCKETS):
+            v = block[p, e]
+            if v != 0:
+                high[p, e] += v >> _LOW_BITS
+                low[p, e] += v & ((1 << _LOW_BITS) - 1)
+                block[p, e] = 0
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def gram_sums(src, code, lo, hi, deltas, high, low, bad):
+    """Exact sums over elements [lo, hi) of the pairwise products of the vectors (every input row
+    of src, or each model minus the base when `deltas`), for pairs (a, b) with a <= b in row-major
+    order. Products of float32 values are exact integers times powers of two; they are summed per
+    exponent bucket as integers (value of bucket e: (high * 2**30 + low) * 2**(e - 300)), so the
+    result does not depend on order or chunking."""
+    n_in = src.shape[0]
+    nv = n_in - 1 if deltas else n_in
+    vals = np.empty((nv, BLOCK), np.float32)
+    base = np.empty(BLOCK, np.float32)
+    block = np.zeros((high.shape[0], GRAM_BUCKETS), np.int64)
+    sig = np.empty(nv, np.int64)
+    exp = np.empty(nv, np.int64)
+    for s in range(lo, hi, BLOCK):
+        m = min(BLOCK, hi - s)
+        if deltas:
+            bad[0] += widen_block(src[0], code, s, m, base)
+            for k in range(nv):
+                row = vals[k]
+                bad[k + 1] += widen_block(src[k + 1], code, s, m, row)
+                for j in range(m):
+                    row[j] = row[j] - base[j]
+        else:
+            for k in range(nv):
+                bad[k] += widen_block(src[k], code, s, m, vals[k])
+        for j in range(m):
+            for k in range(nv):
+                sig[k], exp[k] = _split(vals[k, j])
+            p = 0
+            for a in range(nv):
+                for b in range(a, nv):
+                    block[p, exp[a] + exp[b]] += sig[a] * sig[b]
+                    p += 1
+        _flush(block, high, low)
+
+
+# --- row-wise statistics and combinations ----------------------------------------------------------
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def row_gram(src, code, lo, hi, row_len, deltas, out, bad):
+    """Per row (row_len consecutive elements, rows [lo, hi) of the unit) the pairwise dot products
+    of the vectors, in float64, summed in element order (rows are never split, so this is the
+    same for any chunking)."""
+    n_in = src.shape[0]
+    nv = n_in - 1 if deltas else n_in
+    base = np.empty(row_len, np.float32)
+    vals = np.empty((nv, row_len), np.float32)
+    for r in range(lo, hi):
+        s = r * row_len
+        if deltas:
+            bad[0] += widen_block(src[0], code, s, row_len, base)
+            for k in range(nv):
+                row = vals[k]
+                bad[k + 1] += widen_block(src[k + 1], code, s, row_len, row)
+                for j in range(row_len):
+                    row[j] = row[j] - base[j]
+        else:
+            for k in range(nv):
+                bad[k] += widen_block(src[k], code, s, row_len, vals[k])
+        p = 0
+        for a in range(nv):
+            for b in range(a, nv):
+                acc = 0.0
+                for j in range(row_len):
+                    acc += np.float64(vals[a, j]) * np.float64(vals[b, j])
+                out[r - lo, p] = acc
+                p += 1
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def row_combine(src, code, lo, hi, row_len, coeffs, deltas, out, out_code, bad):
+    """Rows [lo, hi): out = base + sum_k c[r, k] * (model_k - base) when `deltas`, else
+    sum_k c[r, k] * input_k, with float32 coefficients per row (in input order, from 0.0)."""
+    n_in = src.shape[0]
+    base = np.empty(row_len, np.float32)
+    x = np.empty(row_len, np.float32)
+    acc = np.empty(row_len, np.float32)
+    for r in range(lo, hi):
+        s = r * row_len
+        c = coeffs[r - lo]
+        for j in range(row_len):
+            acc[j] = np.float32(0.0)
+        if deltas:
+            bad[0] += widen_block(src[0], code, s, row_len, base)
+            for k in range(n_in - 1):
+                bad[k + 1] += widen_block(src[k + 1], code, s, row_len, x)
+                w = c[k]
+                for j in range(row_len):
+                    acc[j] = acc[j] + w * (x[j] - base[j])
+            for j in range(row_len):
+                acc[j] = base[j] + acc[j]
+        else:
+            for k in range(n_in):
+                bad[k] += widen_block(src[k], code, s, row_len, x)
+                w = c[k]
+                for j in range(row_len):
+                    acc[j] = acc[j] + w * x[j]
+        narrow_block(acc, row_len, out, s, out_code)
+
+
+# --- DELLA -----------------------------------------------------------------------------------------
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def della_mask(src, code, model, lo_slice, hi_slice, d1, rest, flat0, key, density, epsilon, mask, bad):
+    """DELLA's keep mask for dim-0 slices [lo_slice, hi_slice) of the unit (each d1 x rest
+    elements): within each vector along dim 1, rank |delta| ascending (ties by position), q =
+    (rank - 1) / (d1 - 1) (0.5 for a single element), keep probability p = density - epsilon +
+    2 epsilon q, drawn from the counter RNG (element's tensor-wide index flat0 + local index)."""
+    size = d1 * rest
+    base = np.empty(size, np.float32)
+    d = np.empty(size, np.float32)
+    mag = np.empty(d1, np.float32)
+    k = np.uint64(key)
+    for sl in range(lo_slice, hi_slice):
+        s = sl * size
+        bad[0] += widen_block(src[0], code, s, size, base)
+        bad[model + 1] += widen_block(src[model + 1], code, s, size, d)
+        for j in range(size):
+            d[j] = d[j] - base[j]
+        for c in range(rest):
+            for i in range(d1):
+                mag[i] = abs(d[i * rest + c])
+            order = np.argsort(mag, kind="mergesort")
+            for rank0 in range(d1):
+                i = order[rank0]
+                q = rank0 / (d1 - 1) if d1 > 1 else 0.5
+                p = density - epsilon + 2.0 * epsilon * q
+                lim = np.uint64(max(0.0, min(1.0, p)) * 16777216.0)
+                idx = s + i * rest + c
+                mask[idx] = 1 if keep_draw(k, flat0 + idx, lim) else 0
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def masked_abs_sums(src, code, model, lo, hi, mask, full, kept, bad):
+    """Exact per-exponent significand sums of |delta| and of |delta * mask| over [lo, hi)."""
+    b = np.empty(BLOCK, np.float32)
+    d = np.empty(BLOCK, np.float32)
+    for s in range(lo, hi, BLOCK):
+        m = min(BLOCK, hi - s)
+        bad[0] += widen_block(src[0], code, s, m, b)
+        bad[model + 1] += widen_block(src[model + 1], code, s, m, d)
+        for j in range(m):
+            x = d[j] - b[j]
+            _add_sig(x, full)
+            _add_sig(x * (np.float32(1.0) if mask[s + j] else np.float32(0.0)), kept)
+
+
+@njit(inline="always")
+def _add_sig(x, mant):
+    bits = bits_of_f32(x) & np.uint32(0x7FFFFFFF)
+    e = bits >> np.uint32(23)
+    sig = bits & np.uint32(0x7FFFFF)
+    if e > 0:
+        sig |= np.uint32(0x800000)
+    mant[e] += sig
+
+
+# --- SCE -------------------------------------------------------------------------------------------
+
+@njit(inline="always")
+def _variance(vals, K, j):
+    """Population variance across models of element j, in float64 (torch accumulates var in
+    double), rounded to float32."""
+    mean = 0.0
+    for k in range(K):
+        mean += np.float64(vals[k, j])
+    mean /= K
+    acc = 0.0
+    for k in range(K):
+        dv = np.float64(vals[k, j]) - mean
+        acc += dv * dv
+    return np.float32(acc / K)
+
+
+@njit(inline="always")
+def _delta_block(src, code, s, m, base, vals, bad):
+    bad[0] += widen_block(src[0], code, s, m, base)
+    for k in range(vals.shape[0]):
+        row = vals[k]
+        bad[k + 1] += widen_block(src[k + 1], code, s, m, row)
+        for j in range(m):
+            row[j] = row[j] - base[j]
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def variance_hist(src, code, lo, hi, hist, bad):
+    """Histogram of the top 16 bits of the per-element variance of the deltas across models;
+    returns how many variances are non-zero."""
+    K = src.shape[0] - 1
+    base = np.empty(BLOCK, np.float32)
+    vals = np.empty((K, BLOCK), np.float32)
+    nnz = 0
+    for s in range(lo, hi, BLOCK):
+        m = min(BLOCK, hi - s)
+        _delta_block(src, code, s, m, base, vals, bad)
+        for j in range(m):
+            bits = bits_of_f32(_variance(vals, K, j))
+            hist[bits >> np.uint32(16)] += 1
+            nnz += (bits & np.uint32(0x7FFFFFFF)) != 0
+    return nnz
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def variance_bins(src, code, lo, hi, bins, counts, bad):
+    K = src.shape[0] - 1
+    base = np.empty(BLOCK, np.float32)
+    vals = np.empty((K, BLOCK), np.float32)
+    for s in range(lo, hi, BLOCK):
+        m = min(BLOCK, hi - s)
+        _delta_block(src, code, s, m, base, vals, bad)
+        for j in range(m):
+            bits = bits_of_f32(_variance(vals, K, j))
+            top = np.int64(bits >> np.uint32(16))
+            for i in range(bins.shape[0]):
+                if top == bins[i]:
+                    counts[i, bits & np.uint32(0xFFFF)] += 1
+
+
+@njit(inline="always")
+def _selected(v, kind, value, budget):
+    """Variance top-k selection with ties at the threshold kept while budget[0] lasts."""
+    if kind == TH_ALL:
+        return True
+    if kind == TH_NONE:
+        return False
+    if v == value:
+        if budget[0] > 0:
+            budget[0] -= 1
+            return True
+        return False
+    return v > value
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def sce_squares(src, code, lo, hi, kind, value, budget, high, low, bad):
+    """Per model, exact sums of (delta * selected)^2 (SCE's model weights), as `gram_sums` words."""
+    K = src.shape[0] - 1
+    base = np.empty(BLOCK, np.float32)
+    vals = np.empty((K, BLOCK), np.float32)
+    block = np.zeros((K, GRAM_BUCKETS), np.int64)
+    for s in range(lo, hi, BLOCK):
+        m = min(BLOCK, hi - s)
+        _delta_block(src, code, s, m, base, vals, bad)
+        for j in range(m):
+            if _selected(_variance(vals, K, j), kind, value, budget):
+                for k in range(K):
+                    sg, e = _split(vals[k, j])
+                    block[k, e + e] += sg * sg
+        _flush(block, high, low)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def sce_merge(src, code, lo, hi, kind, value, budget, omega, out, out_code, bad):
+    """SCE: keep the elements whose variance across models is selected, elect signs by the sum of
+    the kept deltas, and average the agreeing deltas weighted by omega: base + sum_i d_i e_i /
+    max(sum_i e_i, 1e-6) with e_i = omega_i [sign d_i == majority]."""
+    K = src.shape[0] - 1
+    base = np.empty(BLOCK, np.float32)
+    vals = np.empty((K, BLOCK), np.float32)
+    acc = np.empty(BLOCK, np.float32)
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    for s in range(lo, hi, BLOCK):
+        m = min(BLOCK, hi - s)
+        _delta_block(src, code, s, m, base, vals, bad)
+        for j in range(m):
+            keep = _selected(_variance(vals, K, j), kind, value, budget)
+            total = zero
+            for k in range(K):
+                x = vals[k, j] if keep else zero
+                vals[k, j] = x
+                total = x if k == 0 else total + x
+            majority = one if total >= zero else -one
+            num = zero
+            den = zero
+            for k in range(K):
+                x = vals[k, j]
+                sgn = one if x > zero else (-one if x < zero else zero)
+                e = omega[k] if sgn == majority else zero
+                num = x * e if k == 0 else num + x * e
+                den = e if k == 0 else den + e
+            acc[j] = base[j] + num / max(den, np.float32(1e-6))
+        narrow_block(acc, m, out, s, out_code)
+
+
+# --- RAM -------------------------------------------------------------------------------------------
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def ram_counts(src, code, lo, hi, eps, shared, unique, bad):
+    """Per model: how many of its changed elements (|delta| > eps) it shares with another model,
+    and how many only it changes (RAM+'s boost)."""
+    K = src.shape[0] - 1
+    base = np.empty(BLOCK, np.float32)
+    vals = np.empty((K, BLOCK), np.float32)
+    for s in range(lo, hi, BLOCK):
+        m = min(BLOCK, hi - s)
+        _delta_block(src, code, s, m, base, vals, bad)
+        for j in range(m):
+            cnt = 0
+            for k in range(K):
+                cnt += abs(vals[k, j]) > eps
+            for k in range(K):
+                if abs(vals[k, j]) > eps:
+                    if cnt == 1:
+                        unique[k] += 1
+                    else:
+                        shared[k] += 1
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def ram_merge(src, code, lo, hi, eps, boost, out, out_code, bad):
+    """RAM: an element changed by one model takes that model's delta (times boost[k], RAM+), one
+    changed by several takes their mean, one changed by none stays at the base."""
+    K = src.shape[0] - 1
+    base = np.empty(BLOCK, np.float32)
+    vals = np.empty((K, BLOCK), np.float32)
+    acc = np.empty(BLOCK, np.float32)
+    for s in range(lo, hi, BLOCK):
+        m = min(BLOCK, hi - s)
+        _delta_block(src, code, s, m, base, vals, bad)
+        for j in range(m):
+            cnt = 0
+            for k in range(K):
+                cnt += abs(vals[k, j]) > eps
+            total = np.float32(0.0)
+            for k in range(K):
+                x = vals[k, j]
+                if abs(x) > eps:
+                    total = total + (x * boost[k] if cnt == 1 else x / np.float32(cnt))
+            acc[j] = base[j] + total
+        narrow_block(acc, m, out, s, out_code)
+
+
+# --- nearswap --------------------------------------------------------------------------------------
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def nearswap(src, code, lo, hi, t, out, out_code, bad):
+    """w = clamp(t / max(|base - x|, 1e-6), 0, 1); out = w x + (1 - w) base."""
+    base = np.empty(BLOCK, np.float32)
+    x = np.empty(BLOCK, np.float32)
+    acc = np.empty(BLOCK, np.float32)
+    one = np.float32(1.0)
+    for s in range(lo, hi, BLOCK):
+        m = min(BLOCK, hi - s)
+        bad[0] += widen_block(src[0], code, s, m, base)
+        bad[1] += widen_block(src[1], code, s, m, x)
+        for j in range(m):
+            w = t / max(abs(base[j] - x[j]), np.float32(1e-6))
+            w = min(max(w, np.float32(0.0)), one)
+            acc[j] = w * x[j] + (one - w) * base[j]
+        narrow_block(acc, m, out, s, out_code)
+
+
+# --- Arcee fusion ----------------------------------------------------------------------------------
+
+@njit(inline="always")
+def _kl_row(x, b, n):
+    """KL(softmax(x) + 1e-8 || softmax(b) + 1e-8) of one row, in float32."""
+    mx = x[0]
+    mb = b[0]
+    for j in range(1, n):
+        mx = max(mx, x[j])
+        mb = max(mb, b[j])
+    sx = np.float32(0.0)
+    sb = np.float32(0.0)
+    for j in range(n):
+        sx += np.float32(math.exp(x[j] - mx))
+        sb += np.float32(math.exp(b[j] - mb))
+    kl = np.float32(0.0)
+    for j in range(n):
+        p = np.float32(math.exp(x[j] - mx)) / sx + np.float32(1e-8)
+        q = np.float32(math.exp(b[j] - mb)) / sb + np.float32(1e-8)
+        kl += p * np.float32(math.log(p / q))
+    return kl
+
+
+@njit(inline="always")
+def sort_key(f):
+    """An unsigned key that orders float32 values as numbers (negatives included)."""
+    u = bits_of_f32(f)
+    return ~u if u >> np.uint32(31) else u | np.uint32(0x80000000)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def arcee_importance(src, code, lo, hi, row_len, bins, hist, counts, bad):
+    """Importance |x - base| * KL(row) of rows [lo, hi) (KL can round below zero): the histogram
+    of the top 16 bits of its `sort_key` (65536 bins), and the low-16-bit counts inside `bins`."""
+    b = np.empty(row_len, np.float32)
+    x = np.empty(row_len, np.float32)
+    for r in range(lo, hi):
+        s = r * row_len
+        bad[0] += widen_block(src[0], code, s, row_len, b)
+        bad[1] += widen_block(src[1], code, s, row_len, x)
+        kl = _kl_row(x, b, row_len)
+        for j in range(row_len):
+            bits = sort_key(abs(x[j] - b[j]) * kl)
+            top = np.int64(bits >> np.uint32(16))
+            hist[top] += 1
+            for i in range(bins.shape[0]):
+                if top == bins[i]:
+                    counts[i, bits & np.uint32(0xFFFF)] += 1
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def arcee_merge(src, code, lo, hi, row_len, threshold, out, out_code, bad):
+    """base + (x - base) where the importance reaches the threshold."""
+    b = np.empty(row_len, np.float32)
+    x = np.empty(row_len, np.float32)
+    acc = np.empty(row_len, np.float32)
+    for r in range(lo, hi):
+        s = r * row_len
+        bad[0] += widen_block(src[0], code, s, row_len, b)
+        bad[1] += widen_block(src[1], code, s, row_len, x)
+        kl = _kl_row(x, b, row_len)
+        for j in range(row_len):
+            d = x[j] - b[j]
+            acc[j] = b[j] + (d if abs(d) * kl >= threshold else np.float32(0.0)) * np.float32(1.0)
+        narrow_block(acc, row_len, out, s, out_code)

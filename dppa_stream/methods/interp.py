@@ -1,0 +1,445 @@
+"""mergekit's interpolation methods: slerp, nuslerp, multislerp, karcher, model_stock, nearswap,
+arcee_fusion and passthrough, with mergekit 0.1.5's names, parameters and formulas (docs/mergekit.md).
+
+Every whole-tensor quantity these methods need is a function of the Gram matrix of the vectors
+they interpolate (norms and dot products), gathered exactly in pass 1 (`Stat("gram")`: integer
+sums of exact float32 products, so any chunking gives the same numbers); the plan turns it into
+the coefficients of a linear combination, and pass 2 applies that combination in one sweep.
+Karcher's iterative mean is a linear combination of its inputs at every step, so it iterates on
+the coefficients, in float64, from the Gram matrix alone. Row-wise variants (nuslerp without
+flattening, model_stock filter_wise) compute each row's Gram matrix inside the pass-2 task:
+rows are never split across work units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import kernels, summaries
+from ..statistics import Stat
+from .base import MergeMethod, Param, REQUIRED
+
+_WEIGHT = Param(REQUIRED, (int, float), doc="this model's weight")
+
+
+@dataclass(frozen=True)
+class Combination:
+    """Pass-2 plan: out = sum_k c_k input_k (inputs: base first if any), or, with `deltas`,
+    base + sum_k c_k (model_k - base); per-row coefficients when `rows` (row-wise methods)."""
+
+    coeffs: tuple = ()
+    deltas: bool = False
+    rows: str = ""  # "", or the row-wise method: "nuslerp" | "model_stock"
+    params: tuple = ()
+
+
+def gram_matrix(flat: np.ndarray, n: int) -> np.ndarray:
+    """The symmetric n x n matrix from its upper triangle in row-major order."""
+    g = np.zeros((n, n))
+    p = 0
+    for a in range(n):
+        for b in range(a, n):
+            g[a, b] = g[b, a] = flat[p]
+            p += 1
+    return g
+
+
+class GramMethod(MergeMethod):
+    """A method whose plan needs the tensor's Gram matrix: of the models' deltas (`deltas`) or of
+    the inputs themselves (the base first when there is one)."""
+
+    deltas = True
+
+    def _gram_stat(self, info) -> Stat:
+        return Stat("gram", -1, None, False, ("deltas" if self.deltas and self.has_base else "inputs",))
+
+    def tensor_statistics(self, info, got):
+        return [self._gram_stat(info)] if info.numel else []
+
+    def plan(self, catalogue, tensors, got):
+        """Empty tensors have no Gram matrix: any coefficients merge them."""
+        from .base import Plan
+
+        plans = super().plan(catalogue, [t for t in tensors if catalogue.tensors[t].numel], got).tensors
+        for t in tensors:
+            if t not in plans:
+                info = catalogue.tensors[t]
+                plans[t] = Combination((0.0,) * (len(info.models) + int(self.has_base and not self.deltas)),
+                                       self.deltas and self.has_base)
+        return Plan(plans)
+
+    def gram(self, info, got) -> np.ndarray:
+        n = len(info.models) + (0 if self.deltas and self.has_base else int(self.has_base))
+        if not info.numel:
+            return np.zeros((n, n))
+        return gram_matrix(got[self._gram_stat(info)], n)
+
+    def merge_unit(self, rows, plan: Combination, out, out_code):
+        unit = rows.inp.unit
+        code = kernels.CODES[rows.dtype]
+        bad = np.zeros(rows.src.shape[0], np.int64)
+        if plan.rows:  # row-wise methods run on tensors with >= 2 dims: rows along the last one
+            row_len = rows.inp.models[0].shape[-1]
+            nrows = unit.numel // row_len if row_len else 0
+            grams = np.zeros((nrows, _pairs(rows.src.shape[0] - (1 if plan.deltas else 0))))
+            kernels.row_gram(rows.src, code, 0, nrows, row_len, plan.deltas, grams, bad)
+            coeffs = np.array([self.row_coefficients(gram_matrix(g, _size(len(g))), plan) for g in grams], np.float32)
+            kernels.row_combine(rows.src, code, 0, nrows, row_len, coeffs.reshape(nrows, -1), plan.deltas, out, out_code, bad)
+            return bad
+        c = np.array(plan.coeffs, np.float32)
+        if plan.deltas:
+            K = len(c)
+            zeros = _no_sparsify(K)
+            kernels.gta(rows.src, code, 0, unit.numel, unit.flat_start, False, *zeros, c, np.ones(K, bool), False, False,
+                        np.float32(1), np.float32(1), False, out, out_code, bad)
+        else:
+            kernels.weighted_sum(rows.src, code, 0, unit.numel, c, False, np.float32(1), out, out_code, bad)
+        return bad
+
+    def row_coefficients(self, gram: np.ndarray, plan: Combination) -> list[float]:
+        raise NotImplementedError
+
+
+def _pairs(n: int) -> int:
+    return n * (n + 1) // 2
+
+
+def _size(pairs: int) -> int:
+    return int((math.isqrt(8 * pairs + 1) - 1) // 2)
+
+
+def _no_sparsify(K: int) -> tuple:
+    """The gta kernel's sparsifier arrays for 'no sparsification' on K models."""
+    return (np.zeros(K, np.int64), np.zeros((K, 1), np.int64), np.zeros((K, 1), np.float32), np.zeros((K, 1), np.int64),
+            np.zeros((K, 1), np.float32), np.ones(K, np.int64), np.ones(K, np.float32), np.zeros(K, bool),
+            np.zeros(K, np.uint64), np.zeros(K, np.uint64), np.ones(K, np.float32), np.zeros(K, bool),
+            np.zeros((K, 3), np.int64), np.zeros((K, 1), np.uint8))
+
+
+# --- slerp -------------------------------------------------------------------------------------------
+
+def slerp_coefficients(t: float, gram: np.ndarray) -> tuple[float, float]:
+    """mergekit's slerp of base a and model b, as coefficients of (a, b): lerp when the normalised
+    vectors are (anti)parallel beyond 0.9995, else sin((1-t)θ)/sinθ and sin(tθ)/sinθ."""
+    na, nb = math.sqrt(gram[0, 0]), math.sqrt(gram[1, 1])
+    na, nb = (na if na > 1e-8 else 1.0), (nb if nb > 1e-8 else 1.0)
+    dot = max(-1.0, min(1.0, gram[0, 1] / (na * nb)))
+    if abs(dot) > 0.9995:
+        return 1 - t, t
+    theta = math.acos(dot)
+    s = math.sin(theta)
+    return math.sin((1 - t) * theta) / s, math.sin(t * theta) / s
+
+
+class Slerp(GramMethod):
+    name = "slerp"
+    summary = "spherical interpolation of the base towards one model by t (per tensor)"
+    deltas = False
+    global_params = {"t": Param(REQUIRED, (int, float), doc="0 = base, 1 = the other model")}
+    model_params = {}
+    inputs = (1, 1)
+
+    def tensor_plan(self, info, got):
+        return Combination(slerp_coefficients(float(info.globals["t"]), self.gram(info, got)))
+
+
+# --- nuslerp -----------------------------------------------------------------------------------------
+
+def nuslerp_coefficients(t: float, gram: np.ndarray) -> tuple[float, float]:
+    """mergekit's nuslerp of v0, v1 (unnormalised): lerp when colinear (1 - c^2 <= 1e-16)."""
+    n0, n1 = max(math.sqrt(gram[0, 0]), 1e-7), max(math.sqrt(gram[1, 1]), 1e-7)
+    c = max(-1.0, min(1.0, gram[0, 1] / (n0 * n1)))
+    if 1 - c * c <= 1e-16:
+        return 1 - t, t
+    theta = math.acos(c)
+    s = math.sin(theta)
+    return math.sin((1 - t) * theta) / s, math.sin(t * theta) / s
+
+
+class Nuslerp(GramMethod):
+    name = "nuslerp"
+    summary = "slerp of two models (or of their deltas from an optional base) with t = w1 / (w0 + w1)"
+    needs_base = False
+    base_optional = True
+    global_params = {
+        "nuslerp_flatten": Param(True, bool, doc="one vector per tensor (else per row)"),
+        "nuslerp_row_wise": Param(False, bool, doc="with nuslerp_flatten: false, interpolate columns instead of rows"),
+    }
+    model_params = {"weight": _WEIGHT}
+    inputs = (2, 2)
+
+    @classmethod
+    def check_params(cls, params, models):
+        if params.get("nuslerp_flatten") is False and params.get("nuslerp_row_wise") is True:
+            return ("nuslerp_row_wise: true with nuslerp_flatten: false (slerp of column vectors) is not supported "
+                    "yet; use row vectors (nuslerp_row_wise: false) or the whole tensor (nuslerp_flatten: true)")
+        return None
+
+    def _t(self, info) -> float:
+        w0, w1 = (float(m["weight"]) for m in info.models)
+        return 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+
+    def tensor_statistics(self, info, got):
+        return super().tensor_statistics(info, got) if self._flat(info) else []
+
+    def _flat(self, info) -> bool:
+        return bool(info.globals["nuslerp_flatten"]) or len(info.shape) < 2
+
+    def tensor_plan(self, info, got):
+        t = self._t(info)
+        deltas = self.has_base
+        if not self._flat(info):
+            return Combination(deltas=deltas, rows="nuslerp", params=(t,))
+        return Combination(nuslerp_coefficients(t, self.gram(info, got)), deltas)
+
+    def row_coefficients(self, gram, plan):
+        return list(nuslerp_coefficients(plan.params[0], gram))
+
+
+# --- multislerp --------------------------------------------------------------------------------------
+
+def multislerp_coefficients(weights: list[float], gram: np.ndarray, normalize: bool, eps: float) -> np.ndarray:
+    """mergekit's multislerp as coefficients of the task vectors: the result is a linear
+    combination of them whose coefficients depend only on their Gram matrix and the weights."""
+    w = np.array(weights, np.float64)
+    n = len(w)
+    if n == 1:
+        return np.ones(1)
+    if normalize:
+        w = w / w.sum()
+    norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
+    c = w / (norms + eps)  # m = sum_i c_i v_i
+    m_norm = math.sqrt(max(c @ gram @ c, 0.0))
+    if m_norm < eps:
+        if n == 2:
+            return w.copy()
+        raise ValueError("the weighted sum of the unit task vectors is zero; multislerp is undefined here")
+    c = c / m_norm
+    dots = (gram @ c) / (norms + eps)  # <u_i, m>
+    t = w / (norms + eps) - (w @ dots) * c  # tau = sum_i t_i v_i
+    s = math.sqrt(max(t @ gram @ t, 0.0)) + eps
+    return (c * math.cos(s) + t * (math.sin(s) / s)) * float(w @ norms)
+
+
+class Multislerp(GramMethod):
+    name = "multislerp"
+    summary = "spherical weighted mean of any number of models (or of their deltas from an optional base)"
+    needs_base = False
+    base_optional = True
+    global_params = {
+        "normalize_weights": Param(True, bool, doc="divide the weights by their sum"),
+        "eps": Param(1e-8, (int, float), doc="added to norms"),
+    }
+    model_params = {"weight": _WEIGHT}
+    inputs = (1, None)
+
+    def tensor_plan(self, info, got):
+        weights = [float(m["weight"]) for m in info.models]
+        try:
+            c = multislerp_coefficients(weights, self.gram(info, got), bool(info.globals["normalize_weights"]),
+                                        float(info.globals["eps"]))
+        except ValueError as e:
+            from ..errors import InputError
+
+            raise InputError(f"tensor {info.name!r}: {e}") from None
+        return Combination(tuple(c), self.has_base)
+
+
+# --- karcher -----------------------------------------------------------------------------------------
+
+def karcher_coefficients(gram: np.ndarray, max_iter: int, tol: float) -> np.ndarray:
+    """mergekit's Karcher mean (uniform weights) as coefficients of the inputs. Every iterate is a
+    linear combination of the unit inputs, so the iteration runs on coefficients with the Gram
+    matrix giving every inner product."""
+    n = len(gram)
+    norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
+    alpha = np.full(n, 1.0 / n)
+    if n == 1:
+        return np.ones(1)
+    unit = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0)  # u_i = unit_i * x_i
+    G = gram * np.outer(unit, unit)  # Gram of the unit vectors
+    valid = norms > tol
+    if not valid.any():
+        return np.zeros(n)
+    a = np.where(valid, alpha, 0.0)
+    a = a / a.sum()
+    mean = a.copy()  # in the basis of unit vectors
+    mnorm = math.sqrt(max(mean @ G @ mean, 0.0))
+    if mnorm < tol:
+        mean = np.zeros(n)
+        mean[int(np.argmax(valid))] = 1.0
+    else:
+        mean = mean / mnorm
+    for _ in range(max_iter):
+        tangent = np.zeros(n)
+        for i in range(n):
+            if not valid[i]:
+                continue
+            dot = max(-1.0, min(1.0, float(mean @ G[:, i])))
+            theta = math.acos(dot)
+            if theta < tol:
+                continue
+            e = np.zeros(n)
+            e[i] = 1.0
+            tangent += a[i] * (theta / math.sin(theta)) * (e - dot * mean)
+        tnorm = math.sqrt(max(tangent @ G @ tangent, 0.0))
+        if tnorm < tol:
+            break
+        mean = math.cos(tnorm) * mean + math.sin(tnorm) * tangent / tnorm
+        mnorm = math.sqrt(max(mean @ G @ mean, 0.0))
+        if mnorm > tol:
+            mean = mean / mnorm
+    return mean * unit * float(alpha @ norms)
+
+
+class Karcher(GramMethod):
+    name = "karcher"
+    summary = "Karcher (Riemannian) mean of the models on the sphere, scaled by their mean norm"
+    needs_base = False
+    deltas = False
+    global_params = {
+        "max_iter": Param(10, int, lambda v: None if v >= 0 else "must be >= 0", "iterations at most"),
+        "tol": Param(1e-5, (int, float), lambda v: None if v > 0 else "must be > 0", "convergence tolerance"),
+    }
+    model_params = {}
+    inputs = (1, None)
+    base_is_input = True
+
+    def tensor_plan(self, info, got):
+        return Combination(tuple(karcher_coefficients(self.gram(info, got), int(info.globals["max_iter"]),
+                                                      float(info.globals["tol"]))))
+
+
+# --- model_stock -------------------------------------------------------------------------------------
+
+def model_stock_t(gram: np.ndarray) -> float:
+    """mergekit's model_stock interpolation ratio from the Gram matrix of the offsets."""
+    n = len(gram)
+    norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
+    cos = [max(-1.0, min(1.0, gram[i, j] / max(norms[i] * norms[j], 1e-6))) for i in range(n) for j in range(i + 1, n)]
+    c = sum(cos) / len(cos)
+    return 0.0 if abs(1 + (n - 1) * c) < 1e-6 else n * c / (1 + (n - 1) * c)
+
+
+class ModelStock(GramMethod):
+    name = "model_stock"
+    summary = "model soup placed by the angle between the fine-tunes' deltas: t * mean(models) + (1 - t) * base"
+    global_params = {"filter_wise": Param(False, bool, doc="one ratio per row instead of per tensor")}
+    model_params = {}
+    inputs = (2, None)
+
+    def tensor_statistics(self, info, got):
+        return super().tensor_statistics(info, got) if not self._rows(info) else []
+
+    def _rows(self, info) -> bool:
+        return bool(info.globals["filter_wise"]) and len(info.shape) >= 2
+
+    def tensor_plan(self, info, got):
+        if self._rows(info):
+            return Combination(deltas=True, rows="model_stock")
+        return Combination(self._coeffs(model_stock_t(self.gram(info, got)), len(info.models)), True)
+
+    @staticmethod
+    def _coeffs(t: float, n: int) -> tuple:
+        return (t / n,) * n  # base + t * (mean(models) - base)
+
+    def row_coefficients(self, gram, plan):
+        return list(self._coeffs(model_stock_t(gram), len(gram)))
+
+
+# --- nearswap, passthrough -----------------------------------------------------------------------------
+
+class Nearswap(MergeMethod):
+    name = "nearswap"
+    summary = "take the model's value where it is within t of the base, interpolate towards the base elsewhere"
+    global_params = {"t": Param(REQUIRED, (int, float), doc="distance scale")}
+    model_params = {}
+    inputs = (1, 1)
+
+    def tensor_plan(self, info, got):
+        return float(info.globals["t"])
+
+    def merge_unit(self, rows, plan, out, out_code):
+        bad = np.zeros(rows.src.shape[0], np.int64)
+        kernels.nearswap(rows.src, kernels.CODES[rows.dtype], 0, rows.inp.unit.numel, np.float32(plan), out, out_code, bad)
+        return bad
+
+
+class Passthrough(MergeMethod):
+    name = "passthrough"
+    summary = "copy the one input (optionally scaled); with slices, a frankenmerge"
+    needs_base = False
+    global_params = {}
+    model_params = {"scale": Param(None, (int, float), doc="multiply the weights (default: copy them)")}
+    inputs = (1, 1)
+    base_is_input = True
+
+    def tensor_plan(self, info, got):
+        return info.models[0]["scale"]
+
+    def merge_unit(self, rows, plan, out, out_code):
+        bad = np.zeros(rows.src.shape[0], np.int64)
+        unit = rows.inp.unit
+        code = kernels.CODES[rows.dtype]
+        if plan is None and out_code == code:  # a copy of the stored bits
+            out[:] = rows.src[0]
+            return bad
+        scale = np.array([1.0 if plan is None else plan], np.float32)
+        kernels.weighted_sum(rows.src, code, 0, unit.numel, scale, False, np.float32(1), out, out_code, bad)
+        return bad
+
+
+# --- arcee_fusion --------------------------------------------------------------------------------------
+
+def _from_key(key: int) -> np.float32:
+    """The float32 whose `kernels.sort_key` is `key`."""
+    key &= 0xFFFFFFFF
+    bits = key ^ 0x80000000 if key & 0x80000000 else ~key & 0xFFFFFFFF
+    return np.array(bits, np.uint32).view(np.float32)[()]
+
+
+class ArceeFusion(MergeMethod):
+    name = "arcee_fusion"
+    summary = "keep the model's changes whose importance (|delta| x KL of the row's softmax) is an outlier"
+    global_params = {}
+    model_params = {}
+    inputs = (1, 1)
+
+    QUANTILES = (0.25, 0.5, 0.75)
+
+    @staticmethod
+    def _row_len(info) -> int:
+        return info.shape[-1] if info.shape else 1
+
+    def _ranks(self, n: int) -> list[int]:
+        """1-based ranks of mergekit's quantile indices floor(q * (n - 1)) (q as float32)."""
+        return [int(np.float32(q) * np.float32(n - 1)) + 1 for q in self.QUANTILES]
+
+    def tensor_statistics(self, info, got):
+        if not info.numel:
+            return []
+        hist = Stat("arcee", 0)
+        if hist not in got:
+            return [hist]
+        return [Stat("arcee_bins", 0, args=tuple(summaries.locate(got[hist], r)[0] for r in self._ranks(info.numel)))]
+
+    def tensor_plan(self, info, got):
+        if not info.numel:
+            return 0.0
+        hist = got[Stat("arcee", 0)]
+        per_unit = got[self.tensor_statistics(info, got)[0]]
+        details = [per_unit[u] for u in sorted(per_unit)]
+        q1, med, q3 = (_from_key(summaries.smallest(r, hist, [d[j] for d in details]).bits)
+                       for j, r in enumerate(self._ranks(info.numel)))
+        return float(med + np.float32(1.5) * (q3 - q1))
+
+    def merge_unit(self, rows, plan, out, out_code):
+        bad = np.zeros(rows.src.shape[0], np.int64)
+        n = rows.inp.unit.numel
+        row_len = self._row_len(rows.inp.models[0])
+        kernels.arcee_merge(rows.src, kernels.CODES[rows.dtype], 0, n // row_len if row_len else 0, row_len,
+                            np.float32(plan), out, out_code, bad)
+        return bad
