@@ -118,7 +118,7 @@ def _report(res, quiet, json_out):
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write all statistics as JSON ('-' for stdout).")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of outlier ratios and densities across layers.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of outlier ratios and densities across blocks.")
 @click.option("--experts", type=click.Choice(["auto", "each", "summary"]), default="auto", show_default=True,
               metavar="MODE",
               help="Table rows for MoE experts: auto, each (a row per expert) or summary (a row per expert tensor "
@@ -131,7 +131,9 @@ def _report(res, quiet, json_out):
 def stats(config, json_out, plot, experts, memory_limit, scheduler, scheduler_file, quiet, debug):
     """Run pass 1 of a dp/dppa CONFIG and report DP statistics: outlier ratios, densities, thresholds.
 
-    The table has a section per fine-tune and per stack of blocks; --json has every stack, block and linear."""
+    The table has a section per fine-tune and per stack of blocks; --json has every stack, block and linear;
+    --plot draws, per stack, the block signal, the linear outlier ratios and the densities across the blocks,
+    coloured by linear kind."""
 
     def go():
         from dppa_stream import stats_report

@@ -2,7 +2,8 @@
 
 Reports per stack, block and linear: mean |delta|, outlier ratios, the scores they normalise to,
 chosen densities, thresholds, realised kept counts (ties pruned) and clamps; as JSON, a text table
-and a plot of densities and outlier ratios across layers.
+and a plot of the block signal, the linear signal and the densities across the blocks of each
+stack, coloured by linear kind (blocks.KINDS). matplotlib is imported by `figure` (and `plot`) only.
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ EXPERT_ROWS_MAX = 4
 EXPERT_MODES = ("auto", "each", "summary")
 LABEL_MAX = 44  # longer labels are shortened in the middle
 
+# One colour per linear kind, the same in every panel and every run. Kinds that share a block get
+# clearly different colours (Llama: q k v o gate up down; MoE: q k v o + the experts' kinds, plus a
+# shared expert's gate up down; GPT-2: qkv o fc_in fc_out; T5/BERT: q k v o fc_in fc_out).
+KIND_COLOURS = {
+    "q": "#1f77b4", "k": "#ff7f0e", "v": "#2ca02c", "o": "#d62728", "qkv": "#17becf",
+    "gate": "#9467bd", "up": "#8c564b", "gate_up": "#bcbd22", "down": "#e377c2",
+    "fc_in": "#f032e6", "fc_out": "#808000",
+    "expert_gate_up": "#000075", "expert_down": "#800000", "expert": "#469990",
+    "attn": "#9a6324", "mlp": "#b15928", "other": "#7f7f7f",
+}
 _ATTN_KINDS = ("q", "k", "v", "o", "qkv", "attn")
 
 
@@ -272,45 +283,184 @@ def _names(paths: list[str]) -> list[str]:
     return [f"{i}: {n}" for i, n in enumerate(names)]
 
 
+# -- the plot ------------------------------------------------------------------------------------
+
+_STYLES = ("-", "--", ":", "-.")
+_LEGEND_W = 2.6  # at most this many inches right of the last column for the legends
+
+
+def _line_keys(per_model: list[list]) -> dict:
+    """How the linears of one stack (a list per fine-tune) become lines: id(tr) -> (kind, module or "").
+    A kind with one linear per block is one line. A kind with several per block is one line per
+    module when they are distinct modules (T5's SelfAttention.q and EncDecAttention.q: same colour,
+    own line style), and one line (median, min-max band) when they are experts or more than
+    len(_STYLES) modules. The same for every fine-tune."""
+    per_block: dict[tuple, int] = {}
+    modules: dict[str, list] = {}
+    for i, trs in enumerate(per_model):
+        for tr in trs:
+            per_block[(i, tr.kind, tr.block)] = per_block.get((i, tr.kind, tr.block), 0) + 1
+            mod = _module(tr)
+            if mod not in modules.setdefault(tr.kind, []):
+                modules[tr.kind].append(mod)
+    multi = {k for (_, k, _), c in per_block.items() if c > 1}
+    split = {k for k in multi if not k.startswith("expert") and len(modules[k]) <= len(_STYLES)}
+    return {id(tr): (tr.kind, _module(tr) if tr.kind in split else "") for trs in per_model for tr in trs}
+
+
+def _module(tr) -> str:
+    return tr.label.rsplit(".", 1)[0] if "." in tr.label else ""
+
+
+def _series(trs, keys: dict, value) -> dict:
+    """line key -> (blocks, median, min, max, linears per block) over the linears of a key per block."""
+    import numpy as np
+
+    per: dict[tuple, dict[int, list]] = {}
+    for tr in trs:
+        per.setdefault(keys[id(tr)], {}).setdefault(tr.block, []).append(value(tr))
+    out = {}
+    for key in sorted(per, key=lambda k: (_kind_index(k[0]), k[1])):
+        bl = sorted(per[key])
+        vals = [np.asarray(per[key][b], dtype=float) for b in bl]
+        out[key] = (np.array(bl), np.array([np.median(v) for v in vals]), np.array([v.min() for v in vals]),
+                    np.array([v.max() for v in vals]), max(len(v) for v in vals))
+    return out
+
+
+def _g(v) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
+def _block_ticks(ax, nblocks: int) -> None:
+    from matplotlib.ticker import MaxNLocator, MultipleLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=min(12, max(nblocks, 1)), integer=True, steps=[1, 2, 4, 5, 10]))
+    if nblocks <= 32:  # a minor tick per block (beyond that, ticks cost more to lay out than they help)
+        ax.xaxis.set_minor_locator(MultipleLocator(1))
+
+
 def plot(result: StatsResult, path: str) -> None:
-    """PNG: per layer, block outlier ratio and per-linear densities (first pruning rate)."""
-    import matplotlib
+    """Write `figure(result)` as a PNG."""
+    figure(result).savefig(path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    n = len(result.models)
-    fig, axes = plt.subplots(2, n, figsize=(6 * n, 7), squeeze=False)
-    for col, (mpath, rep) in enumerate(zip(result.model_paths, result.models)):
-        ax = axes[0][col]
-        kinds = sorted({tr.name.split(f"layers.{tr.block}.")[-1] for tr in rep.tensors})
-        for kind in kinds:
-            pts = [(tr.block, tr.outlier_ratio) for tr in rep.tensors if tr.name.endswith(kind)]
-            ax.plot(*zip(*pts), ".--", alpha=0.7, label=f"{kind.replace('.weight', '')}")
-        ax.set_ylabel(f"linear outlier ratio r_ij (% > {result.params.get('outlier_multiple')} x mean)")
-        twin = ax.twinx()
-        twin.plot([b.block for b in rep.blocks], [b.outlier_ratio for b in rep.blocks], "ko-", lw=2,
-                  label=f"block D_i (% > {result.params.get('layer_outlier_multiple')} x block mean)")
-        twin.set_ylabel("block outlier ratio D_i (%)")
-        twin.legend(fontsize=7, loc="upper right")
-        ax.set_title(f"outlier ratios: {mpath.rstrip('/').split('/')[-1]}")
-        ax.set_xlabel("layer")
-        ax.legend(fontsize=7, loc="upper left")
-        ax = axes[1][col]
-        for kind in kinds:
-            pts = [(tr.block, tr.densities[0]) for tr in rep.tensors if tr.name.endswith(kind)]
-            ax.plot(*zip(*pts), "o-", alpha=0.8, label=kind.replace(".weight", ""))
-        rate = result.params.get("pruning_rates", [None])[0]
-        if rate is not None:
-            ax.axhline(1 - rate, color="k", lw=0.8, ls=":", label=f"uniform 1 - s = {1 - rate:.2f}")
-        ax.set_title(f"DP density per linear (rate {rate}, lamda {result.params.get('lamda')})")
-        ax.set_xlabel("layer")
-        ax.set_ylabel("density kept")
-        ax.legend(fontsize=7)
-    from matplotlib.ticker import MaxNLocator
+def figure(result: StatsResult):
+    """The plot as a matplotlib Figure (made without pyplot, so no global backend or state): one
+    column per fine-tune; per stack three panels over its blocks: the block signal D_i, the linear
+    outlier ratios r_ij and the densities at the first pruning rate (with the uniform 1 - s and the
+    clamped linears). One colour per linear kind (KIND_COLOURS). Several linears of a
+    kind in a block are drawn as their median with a min-max band (experts), or one line style per
+    module (T5's self- and cross-attention). Legends sit right of the last column, outside every axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    for ax in axes.flat:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    rs = rates(result)
+    s0 = rs[0]
+    p = result.params
+    lm, m = p.get("layer_outlier_multiple"), p.get("outlier_multiple")
+    names = _names(result.model_paths)
+    n = max(len(result.models), 1)
+    all_stacks: dict[str, set] = {}
+    for rep in result.models:
+        for st in stacks(rep):
+            all_stacks.setdefault(st["name"], set()).update(st["blocks"])
+    stack_names = list(all_stacks) or [""]
+    S = len(stack_names)
+    # columns widen with the number of blocks (up to 80), within a total width of about 26 inches;
+    # an empty last column holds the legends (kept out of the layout, so they do not stretch rows)
+    most = max((max(b) + 1 for b in all_stacks.values() if b), default=1)
+    col_w = max(4.2, min(4.6 + 0.05 * max(0, most - 24), 7.0, (26 - 1.0 - _LEGEND_W) / n))
+    fig = Figure(figsize=(1.0 + col_w * n + _LEGEND_W, 0.9 + 5.0 * S), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)  # fig.canvas.draw() lays it out and renders, as savefig does
+    gs = fig.add_gridspec(3 * S, n + 1, height_ratios=[1.0, 1.6, 1.6] * S, width_ratios=[col_w] * n + [_LEGEND_W])
+    base = f" of {_names([result.base_model])[0]}" if result.base_model else ""
+    fig.suptitle(f"DP statistics ({result.method}) of {', '.join(names)}{base}\n"
+                 f"pruning rates s = {'/'.join(_g(s) for s in rs)},  λ = {_g(p.get('lamda'))},  M = {_g(m)},  "
+                 f"block multiple {_g(lm)},  semantics {p.get('semantics')}", fontsize=11)
+    first_axes: dict[tuple, object] = {}
+    longest = 0  # characters in the longest legend line
+    for si, sname in enumerate(stack_names):
+        nblocks = max(all_stacks[sname]) + 1 if all_stacks.get(sname) else 1
+        markers = nblocks <= 24
+        in_stack = [[tr for tr in rep.tensors if tr.stack == sname] for rep in result.models]
+        keys = _line_keys(in_stack)
+        count: dict[str, int] = {}  # kind -> most linears of it in one block
+        styles: dict[str, str] = {}  # module -> line style, for kinds drawn per module
+        banded = clamped_any = False
+        for col, (mname, rep, trs) in enumerate(zip(names, result.models, in_stack)):
+            axs = []
+            for r in range(3):
+                ax = fig.add_subplot(gs[3 * si + r, col], sharey=first_axes.get((si, r)),
+                                     sharex=axs[0] if axs else first_axes.get((si, 0)))
+                first_axes.setdefault((si, r), ax)
+                axs.append(ax)
+            a_d, a_r, a_k = axs
+            brs = sorted((br for br in rep.blocks if br.stack == sname), key=lambda br: br.block)
+            st = next((x for x in stacks(rep) if x["name"] == sname), None)
+            a_d.plot([br.block for br in brs], [br.outlier_ratio for br in brs], "-", color="black", lw=1.6,
+                     marker="o" if markers else None, ms=3.5)
+            a_d.set_title(f"{shorten(mname, 60)}\n{shorten(sname or 'blocks', 40)}: {len(brs)} blocks × "
+                          f"{_per_block(st) if st else 0} linears", fontsize=9.5)
+            for ax, value in ((a_r, lambda tr: tr.outlier_ratio), (a_k, lambda tr: tr.densities[0])):
+                for (kind, module), (x, med, lo, hi, cnt) in _series(trs, keys, value).items():
+                    colour = KIND_COLOURS.get(kind, KIND_COLOURS["other"])
+                    count[kind] = max(count.get(kind, 0), cnt)
+                    ls = "-"
+                    if module:
+                        ls = styles.setdefault(module, _STYLES[len(styles) % len(_STYLES)])
+                    if cnt > 1:
+                        banded = True
+                        ax.fill_between(x, lo, hi, color=colour, alpha=0.12, lw=0)
+                        for edge in (lo, hi):
+                            ax.plot(x, edge, "-", color=colour, lw=0.6, alpha=0.5)
+                    ax.plot(x, med, ls, color=colour, lw=1.5, alpha=0.95, marker="o" if markers else None, ms=3)
+            clamped = [(tr.block, tr.densities[0]) for tr in trs if tr.clamped and tr.clamped[0]]
+            if clamped:
+                clamped_any = True
+                a_k.plot(*zip(*sorted(set(clamped))), "x", color="black", ms=6 if markers else 4.5, mew=1.2 if markers else 0.9,
+                         ls="none", zorder=5)
+            a_k.axhline(1 - s0, color="black", lw=1.0, ls=":")
+            for ax in axs:
+                ax.grid(True, which="major", alpha=0.25, lw=0.6)
+                ax.tick_params(labelsize=8.5)
+                ax.set_xlim(-0.5, nblocks - 0.5)
+                _block_ticks(ax, nblocks)
+            for ax in axs[:2]:
+                ax.tick_params(labelbottom=False)
+            a_k.set_xlabel(f"block of {sname}" if sname else "block", fontsize=9.5)
+            if col == 0:
+                a_d.set_ylabel(f"block D_i %\n(|δ| > {_g(lm)}× block mean)", fontsize=9)
+                a_r.set_ylabel(f"linear r_ij %\n(|δ| > {_g(m)}× its mean)", fontsize=9)
+                a_k.set_ylabel(f"density kept at s = {_g(s0)}", fontsize=9)
+            else:
+                for ax in axs:
+                    ax.tick_params(labelleft=False)
+        # the density axis starts just below 0, so that clamped (emptied) linears show
+        top = first_axes[(si, 2)].get_ylim()[1]
+        first_axes[(si, 2)].set_ylim(-0.04 * top, top)
+        legend = dict(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8.5,
+                      frameon=False, alignment="left")
+        split = {k for k, mod in keys.values() if mod}
+        handles = [Line2D([], [], color=KIND_COLOURS.get(k, KIND_COLOURS["other"]), lw=2,
+                          label=k if c == 1 or k in split else f"{k} (median of ×{c})") for k, c in count.items()]
+        handles += [Line2D([], [], color="0.3", lw=1.5, ls=ls, label=shorten(mod, 30)) for mod, ls in styles.items()]
+        handles.append(Line2D([], [], color="black", lw=1.0, ls=":", label=f"uniform 1 − s = {1 - s0:.2f}"))
+        if banded:
+            handles.append(Patch(facecolor="0.85", edgecolor="0.5", lw=0.6, label="min–max of a kind's\nlinears in a block"))
+        if clamped_any:
+            handles.append(Line2D([], [], color="black", marker="x", ls="none", label="clamped to [1/n, 1]"))
+        a_d, a_r, a_k = (ax for ax in fig.axes[-3:])
+        # centred on the gap between the r_ij and density panels: it is the key to both
+        leg = a_r.legend(handles=handles, title="linear kind" + (" / module" if styles else ""), title_fontsize=9,
+                         **{**legend, "loc": "center left", "bbox_to_anchor": (1.02, -0.03)})
+        leg.set_in_layout(False)
+        longest = max([longest] + [len(line) for h in handles for line in h.get_label().split("\n")])
+        leg = a_d.legend(handles=[Line2D([], [], color="black", lw=1.6, label="block D_i")], **legend)
+        leg.set_in_layout(False)
+    legend_w = min(max(0.75 + 0.06 * longest, 1.4), _LEGEND_W)  # the legend column, fitted to the labels
+    fig.set_size_inches(1.0 + col_w * n + legend_w, fig.get_size_inches()[1])
+    gs.set_width_ratios([col_w] * n + [legend_w])
+    return fig

@@ -1,5 +1,6 @@
-"""The `stats` report (table, JSON) on ModelReports built directly, without a merge: aligned table
-columns whatever the label lengths, MoE summary rows, stacks/blocks/tensors in the JSON."""
+"""The `stats` report (table, JSON, plot) on ModelReports built directly, without a merge: aligned
+table columns whatever the label lengths, stacks/blocks/tensors in the JSON, a PNG per stack with
+one colour per kind and legends outside every axes, for two-stack and MoE reports."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import re
 import pytest
 
 from dppa_stream import stats_report
+from dppa_stream.blocks import KINDS
 from dppa_stream.methods.dppa import BlockReport, ModelReport, TensorReport
-from dppa_stream.stats_report import StatsResult, table
+from dppa_stream.stats_report import KIND_COLOURS, StatsResult, figure, plot, table
 
 LLAMA = [("self_attn.q_proj", "q"), ("self_attn.k_proj", "k"), ("self_attn.v_proj", "v"),
          ("self_attn.o_proj", "o"), ("mlp.gate_proj", "gate"), ("mlp.up_proj", "up"), ("mlp.down_proj", "down")]
@@ -156,8 +158,80 @@ def test_json_has_stacks_blocks_and_tensors():
         assert m["summary"]["linears"] == 42
 
 
-def test_cli_table_and_json(tmp_path, monkeypatch):
-    """`dppa-stream stats` prints the table (with --experts) and writes the JSON."""
+def _drawn(fig):
+    fig.canvas.draw()
+    data_axes = [ax for ax in fig.axes if ax.axison]
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    return data_axes, legends
+
+
+def _check_legends_outside(fig, stacks: int, models: int):
+    data_axes, legends = _drawn(fig)
+    assert len(data_axes) == 3 * stacks * models
+    assert len(legends) == 2 * stacks  # block signal, kinds (right of the last column)
+    for leg in legends:
+        box = leg.get_window_extent()
+        assert box.width > 0 and box.height > 0
+        for ax in data_axes:
+            assert not box.overlaps(ax.get_window_extent()), "a legend covers a panel"
+        assert box.x1 <= fig.bbox.x1 + 1, "a legend is cut off"
+    return [t.get_text() for leg in legends for t in leg.get_texts()]
+
+
+def _line_colours(fig) -> set:
+    import matplotlib.colors as mc
+
+    out = set()
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            out.add(mc.to_hex(line.get_color()))
+    return out
+
+
+def test_plot_two_stacks(tmp_path):
+    from matplotlib.image import imread
+
+    res = result([("encoder.block", 6, T5_ENC), ("decoder.block", 8, T5_DEC)])
+    fig = figure(res)
+    labels = _check_legends_outside(fig, 2, 2)
+    assert _line_colours(fig) <= set(KIND_COLOURS.values()) | {"#000000"}
+    assert {"q", "k", "v", "o", "fc_in", "fc_out", "layer.0.SelfAttention", "layer.1.EncDecAttention"} <= set(labels)
+    path = tmp_path / "t5.png"
+    plot(result([("encoder.block", 6, T5_ENC), ("decoder.block", 8, T5_DEC)], 1), str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = imread(str(path))
+    assert img.shape[0] > 800 and img.shape[1] > 600
+
+
+def test_plot_moe_and_many_blocks(tmp_path):
+    res = result([("model.layers", 48, moe(32))], 1)
+    fig = figure(res)
+    labels = _check_legends_outside(fig, 1, 1)
+    assert "expert_gate_up (median of ×32)" in labels and "expert_down (median of ×32)" in labels
+    a_r = fig.axes[1]
+    assert len(a_r.collections) == 2, "one min-max band per expert kind, not one line per expert"
+    assert len(a_r.get_lines()) == 4 + 2 * 3  # q k v o; per expert kind a median and two band edges
+    ticks = [t for t in fig.axes[2].get_xticks() if 0 <= t <= 47]
+    assert all(float(t).is_integer() for t in ticks) and 5 <= len(ticks) <= 13
+    plot(res, str(tmp_path / "moe.png"))
+    assert (tmp_path / "moe.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("models", [1, 3])
+def test_plot_layouts(models):
+    fig = figure(result([("model.layers", 80, LLAMA)], models))
+    _check_legends_outside(fig, 1, models)
+    w, h = fig.get_size_inches()
+    assert 8 < w <= 27 and 5 < h < 8
+
+
+def test_kind_colours_fixed_and_distinct():
+    assert set(KIND_COLOURS) == set(KINDS)
+    assert len(set(KIND_COLOURS.values())) == len(KINDS)
+
+
+def test_cli_table_json_and_plot(tmp_path, monkeypatch):
+    """`dppa-stream stats` prints the table (with --experts), writes the JSON and the PNG."""
     from click.testing import CliRunner
 
     import dppa_stream.config
@@ -172,3 +246,11 @@ def test_cli_table_and_json(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "s.json").read_text())["models"][0]["stacks"][0]["name"] == "model.layers"
     out = CliRunner().invoke(main, ["stats", "c.yml", "--experts", "nope"])
     assert out.exit_code == 2
+
+
+def test_matplotlib_imported_only_by_plot():
+    import subprocess
+    import sys
+
+    code = "import sys, dppa_stream.stats_report; assert 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
