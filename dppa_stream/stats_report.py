@@ -374,8 +374,9 @@ def figure(result: StatsResult):
     most = max((max(b) + 1 for b in all_stacks.values() if b), default=1)
     col_w = max(4.2, min(4.6 + 0.05 * max(0, most - 24), 7.0, (26 - 1.0 - _LEGEND_W) / n))
     fig = Figure(figsize=(1.0 + col_w * n + _LEGEND_W, 0.9 + 5.0 * S), dpi=110, layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.08, h_pad=0.06)  # room for label descenders at the edges
     FigureCanvasAgg(fig)  # fig.canvas.draw() lays it out and renders, as savefig does
-    gs = fig.add_gridspec(3 * S, n + 1, height_ratios=[1.0, 1.6, 1.6] * S, width_ratios=[col_w] * n + [_LEGEND_W])
+    gs = fig.add_gridspec(3 * S, n + 1, height_ratios=[1.15, 1.6, 1.6] * S, width_ratios=[col_w] * n + [_LEGEND_W])
     base = f" of {_names([result.base_model])[0]}" if result.base_model else ""
     fig.suptitle(f"DP statistics ({result.method}) of {', '.join(names)}{base}\n"
                  f"pruning rates s = {'/'.join(_g(s) for s in rs)},  λ = {_g(p.get('lamda'))},  M = {_g(m)},  "
@@ -432,8 +433,8 @@ def figure(result: StatsResult):
                 ax.tick_params(labelbottom=False)
             a_k.set_xlabel(f"block of {sname}" if sname else "block", fontsize=9.5)
             if col == 0:
-                a_d.set_ylabel(f"block D_i %\n(|δ| > {_g(lm)}× block mean)", fontsize=9)
-                a_r.set_ylabel(f"linear r_ij %\n(|δ| > {_g(m)}× its mean)", fontsize=9)
+                a_d.set_ylabel(f"block D_i %\n|δ| > {_g(lm)}× its mean", fontsize=9)
+                a_r.set_ylabel(f"linear r_ij %\n|δ| > {_g(m)}× its mean", fontsize=9)
                 a_k.set_ylabel(f"density kept at s = {_g(s0)}", fontsize=9)
             else:
                 for ax in axs:
