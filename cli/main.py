@@ -118,14 +118,22 @@ def _report(res, quiet, json_out):
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write all statistics as JSON ('-' for stdout).")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of outlier ratios and densities across layers.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of outlier ratios and densities across blocks.")
+@click.option("--experts", type=click.Choice(["auto", "each", "summary"]), default="auto", show_default=True,
+              metavar="MODE",
+              help="Table rows for MoE experts: auto, each (a row per expert) or summary (a row per expert tensor "
+              "and block: medians and the density range); auto is each up to 4 experts, summary above.")
 @click.option("--memory-limit", help="Memory budget, e.g. 4GiB [default: half the available memory].")
 @click.option("--scheduler", default=None, help=_SCHED_HELP)
 @click.option("--scheduler-file", type=click.Path(dir_okay=False), help="Connect to the Dask scheduler described in this file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or table.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def stats(config, json_out, plot, memory_limit, scheduler, scheduler_file, quiet, debug):
-    """Run pass 1 of a dp/dppa CONFIG and report DP statistics: outlier ratios, densities, thresholds."""
+def stats(config, json_out, plot, experts, memory_limit, scheduler, scheduler_file, quiet, debug):
+    """Run pass 1 of a dp/dppa CONFIG and report DP statistics: outlier ratios, densities, thresholds.
+
+    The table has a section per fine-tune and per stack of blocks; --json has every stack, block and linear;
+    --plot draws, per stack, the block signal, the linear outlier ratios and the densities across the blocks,
+    coloured by linear kind."""
 
     def go():
         from dppa_stream import stats_report
@@ -135,7 +143,7 @@ def stats(config, json_out, plot, memory_limit, scheduler, scheduler_file, quiet
         res = stats_report.collect_stats(load_config(config), MergeOptions(_size(memory_limit, "--memory-limit"),
                                                                            scheduler, scheduler_file, quiet=quiet))
         if not quiet:
-            click.echo(stats_report.table(res))
+            click.echo(stats_report.table(res, experts))
             click.echo(f"pass 1 read {res.bytes_read / 1e9:.2f} GB in {res.wall_seconds:.1f}s; "
                        f"peak memory {res.peak_anon_bytes / 2**20:.0f} MiB", err=True)
         if json_out:
