@@ -18,12 +18,13 @@ from dataclasses import asdict, dataclass
 
 from .checkpoint import FLOAT_DTYPES, ShardLayout
 from .config import MergeConfig
-from .errors import UsageError
+from .errors import InputError, UsageError
 from .executor import Executor, Progress, SchedulerSpec
 from .hf_files import copy_model_files, write_model_card
-from .inputs import Inputs, open_inputs
+from .inputs import Inputs, open_inputs, verify_unchanged
 from .memory import PeakSampler, default_budget
-from .output import WORK_DIR, Manifest, check_output, fingerprint, prepare_partial, publish
+from .output import (WORK_DIR, Manifest, check_output, discard_partial, fingerprint, prepare_partial, publish,
+                     release_reserve, space_needed)
 from .stats_store import StatsStore
 from .tasks import Unit, UnitInputs, combine_summaries, merge_task, stats_task
 
@@ -268,8 +269,12 @@ def merge(cfg: MergeConfig, out: str, opts: MergeOptions | None = None) -> Merge
     out = os.path.abspath(out)
     t0 = time.perf_counter()
     with PeakSampler() as sampler:
-        with session(cfg, opts, out) as s:
-            result = _run(cfg, out, opts, s)
+        try:
+            with session(cfg, opts, out) as s:
+                result = _run(cfg, out, opts, s)
+        except (InputError, UsageError):
+            discard_partial(out + ".partial")  # a usage or input error leaves nothing behind
+            raise
     result.wall_seconds = time.perf_counter() - t0
     result.peak_anon_bytes = sampler.peak
     result.scheduler = opts.scheduler_file or opts.scheduler or "threads"
@@ -280,7 +285,8 @@ def merge(cfg: MergeConfig, out: str, opts: MergeOptions | None = None) -> Merge
 def _run(cfg, out, opts, s: Session) -> MergeResult:
     partial = out + ".partial"
     plan = {t: us[0].row_stop - us[0].row_start for t, us in s.units.items()}
-    done, saved = prepare_partial(partial, fingerprint(cfg, s.inputs, opts.seed, opts.shard_size), opts.resume, opts.overwrite, plan)
+    done, saved = prepare_partial(partial, fingerprint(cfg, s.inputs, opts.seed, opts.shard_size), opts.resume, opts.overwrite, plan,
+                                  space_needed(s.inputs, cfg))
     if saved != plan:  # resume with the interrupted run's units: the manifest names units of that plan
         log.info("reusing the work-unit plan of the interrupted run")
         s.units = units_from_plan(s.inputs, saved)
@@ -328,9 +334,11 @@ def write_output(cfg: MergeConfig, out: str, opts: MergeOptions, s: Session, dec
         with s.progress.phase("merge", sum(sizes)) as step:
             written = s.executor.map(merge_task, calls, sizes, step, record)
 
+    release_reserve(partial)
     layout.finish(partial)
     copy_model_files(ref.folder, partial, cfg.output_dtype)
     write_model_card(partial, cfg, method.describe(), cfg.base_model, [m.path for m in cfg.models])
+    verify_unchanged(inputs)
     shutil.rmtree(os.path.join(partial, WORK_DIR))
-    publish(partial, out)
+    publish(partial, out, opts.overwrite)
     return sum(written), sum(sizes)
