@@ -48,6 +48,13 @@ class MergeMethod:
         self.mparams = model_params
         self.seed = seed
 
+    @classmethod
+    def check_params(cls, globals: dict, models: list[dict]) -> str | None:
+        """Checks across parameters, run when the config is parsed (so a bad config fails before
+        any tensor is read): the problem as text, or None. `globals` and each of `models` are
+        resolved parameter dicts."""
+        return None
+
     def sparsifier(self, model: int, tensor: str) -> Sparsifier:
         return Sparsifier()
 

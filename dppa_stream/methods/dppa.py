@@ -176,6 +176,26 @@ class DPPA(TaskArithmetic):
             if len(self.factors(m)) != len(self.rates):
                 raise ValueError("amplification needs one factor per pruning rate")
 
+    @classmethod
+    def check_params(cls, globals: dict, models: list[dict]) -> str | None:
+        """One amplification factor per pruning rate, for every model; a linear_filter with a
+        capturing group (the block number)."""
+        rates = globals.get("pruning_rates")
+        for i, m in enumerate(models):
+            amp = m.get("amplification")
+            if isinstance(rates, list) and isinstance(amp, list) and len(amp) != len(rates):
+                return (f"models[{i}]: amplification has {len(amp)} factor(s) but pruning_rates has {len(rates)}; "
+                        "give one factor per pruning rate")
+        filt = globals.get("linear_filter")
+        try:
+            groups = re.compile(filt).groups if isinstance(filt, str) else 1
+        except re.error:
+            groups = 1  # reported by the parameter's own check
+        if groups < 1:
+            return (f"parameters.linear_filter {filt!r} needs a capturing group for the block number, "
+                    r"like (?:^|\.)layers\.(\d+)\.")
+        return None
+
     def pruning_rates(self) -> list[float]:
         return list(self.params["pruning_rates"])
 
