@@ -16,7 +16,7 @@ from fractions import Fraction
 
 import yaml
 
-from .errors import UsageError, short
+from .errors import UsageError, printable, short
 from .methods import METHODS, REQUIRED, Param
 
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
@@ -102,7 +102,17 @@ def _construct_mapping(loader, node):
     return d
 
 
+def _construct_int(loader, node):
+    """YAML integers, refusing ones Python will not convert (over 4300 digits) with their line."""
+    try:
+        return yaml.SafeLoader.construct_yaml_int(loader, node)
+    except ValueError:
+        raise UsageError(f"line {node.start_mark.line + 1}: an integer of {len(str(node.value))} characters "
+                         "is not a parameter value") from None
+
+
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 def _where(src: str, d, key) -> str:
@@ -180,7 +190,7 @@ def parse_config(text: str, source: str = "<config>") -> MergeConfig:
     except RecursionError:
         raise UsageError(f"{source}: YAML nested too deeply; not a merge config") from None
     except (ValueError, OverflowError) as e:  # int('9' * 5000) inside the YAML constructor
-        raise UsageError(f"{source}: YAML value cannot be read ({short(str(e), 80)})") from None
+        raise UsageError(f"{source}: YAML value cannot be read ({printable(str(e), 80)})") from None
     if not isinstance(data, dict):
         raise UsageError(f"{source}: the config must be a YAML mapping with 'merge_method' and 'models'")
     for key in data:

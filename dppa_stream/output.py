@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from . import __version__
 from .checkpoint.format import DTYPES
 from .checkpoint.reader import model_roots
-from .errors import InputError, OutputError, short
+from .errors import InputError, OutputError, UsageError, short
 
 log = logging.getLogger("dppa_stream")
 
@@ -145,8 +145,9 @@ def _check_free(folder: str, need: int) -> None:
         return
     free = st.f_bavail * st.f_frsize
     if need > free:
-        raise OutputError(f"{folder}: needs about {need / 1e9:.2f} GB of free disk space but the disk has "
-                          f"{free / 1e9:.2f} GB; free space (then rerun with --resume) or write elsewhere")
+        raise OutputError(f"{folder}: needs about {need / 1e6:.1f} MB of free disk space but the disk has "
+                          f"{free / 1e6:.1f} MB; free space (then rerun, with --resume if OUT.partial exists) "
+                          "or write elsewhere")
 
 
 def reserve(partial: str, space: Space, resumed: bool) -> None:
@@ -268,6 +269,8 @@ def prepare_partial(partial: str, fp: str, resume: bool, overwrite: bool, plan: 
             shutil.rmtree(partial)  # ours (it holds our run state) and --overwrite asks for a fresh start
         except OSError as e:
             raise OutputError(f"{partial}: cannot remove the stale partial output ({e.strerror})") from None
+    if space is not None:
+        _check_free(os.path.dirname(os.path.abspath(partial)), space.total)  # before creating anything
     try:
         os.makedirs(work)
     except OSError as e:
@@ -428,13 +431,18 @@ def publish(partial: str, out: str, overwrite: bool = True) -> None:
             log.warning("could not remove the replaced output %s (%s)", short(aside), e.strerror)
 
 
-def discard_partial(partial: str) -> bool:
-    """Remove OUT.partial if this process created it (a run that ends with a usage or input error
-    leaves nothing behind); a partial that an earlier run made is never removed. Returns whether
-    it was removed."""
+@contextlib.contextmanager
+def removed_on_bad_input(partial: str):
+    """Wrap one run: if it ends with a usage or input error, OUT.partial is removed when this run
+    created it (so nothing is left behind and the corrected rerun just works); a partial that an
+    earlier run made and this run only resumed is never removed."""
     real = os.path.realpath(partial)
-    if real not in _created:
-        return False
-    _created.discard(real)
-    shutil.rmtree(partial, ignore_errors=True)
-    return not os.path.lexists(partial)
+    _created.discard(real)  # only what is created inside this block counts
+    try:
+        yield
+    except (InputError, UsageError):
+        if real in _created:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        _created.discard(real)

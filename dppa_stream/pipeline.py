@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass
 
 from .checkpoint import FLOAT_DTYPES, ShardLayout
 from .config import MergeConfig
-from .errors import InputError, UsageError
+from .errors import UsageError
 from .executor import Executor, Progress, SchedulerSpec
 from .hf_files import copy_model_files, write_model_card
 from .inputs import Inputs, open_inputs, verify_unchanged
 from .memory import PeakSampler, default_budget
-from .output import (WORK_DIR, Manifest, check_output, discard_partial, fingerprint, prepare_partial, publish,
-                     release_reserve, space_needed)
+from .output import (WORK_DIR, Manifest, check_output, fingerprint, prepare_partial, publish, release_reserve,
+                     removed_on_bad_input, space_needed)
 from .stats_store import StatsStore
 from .tasks import Unit, UnitInputs, combine_summaries, merge_task, stats_task
 
@@ -269,12 +269,8 @@ def merge(cfg: MergeConfig, out: str, opts: MergeOptions | None = None) -> Merge
     out = os.path.abspath(out)
     t0 = time.perf_counter()
     with PeakSampler() as sampler:
-        try:
-            with session(cfg, opts, out) as s:
-                result = _run(cfg, out, opts, s)
-        except (InputError, UsageError):
-            discard_partial(out + ".partial")  # a usage or input error leaves nothing behind
-            raise
+        with removed_on_bad_input(out + ".partial"), session(cfg, opts, out) as s:
+            result = _run(cfg, out, opts, s)
     result.wall_seconds = time.perf_counter() - t0
     result.peak_anon_bytes = sampler.peak
     result.scheduler = opts.scheduler_file or opts.scheduler or "threads"

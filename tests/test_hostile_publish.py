@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from dppa_stream.errors import OutputError
-from dppa_stream.output import discard_partial, prepare_partial, publish
+from dppa_stream.errors import InputError, OutputError
+from dppa_stream.output import prepare_partial, publish, removed_on_bad_input
 
 from .test_hostile_cli import config, digest, one_line_error, run, tensors, tiny_pair, write_model
 
@@ -132,12 +132,20 @@ def test_publish_leaves_every_old_named_sibling_alone(tmp_path):
     assert _listing(tmp_path) == [".out.replaced-keep", "out", "out.old"]
 
 
-def test_discard_removes_only_what_this_run_created(tmp_path):
+def test_only_a_partial_created_in_this_run_is_removed_on_bad_input(tmp_path):
     fresh = str(tmp_path / "a.partial")
-    prepare_partial(fresh, "fp", False, False, {"w": 1})
-    assert discard_partial(fresh) and not os.path.exists(fresh)
+    with pytest.raises(InputError), removed_on_bad_input(fresh):
+        prepare_partial(fresh, "fp", False, False, {"w": 1})
+        raise InputError("bad input")
+    assert not os.path.exists(fresh)
     old = tmp_path / "b.partial" / ".dppa-stream"
     os.makedirs(old)
     (old / "run.json").write_text('{"fingerprint": "fp", "rows_per_unit": {"w": 1}}')
-    prepare_partial(str(tmp_path / "b.partial"), "fp", True, False, {"w": 1})  # resumed, not created
-    assert not discard_partial(str(tmp_path / "b.partial")) and old.exists()
+    with pytest.raises(InputError), removed_on_bad_input(str(tmp_path / "b.partial")):
+        prepare_partial(str(tmp_path / "b.partial"), "fp", True, False, {"w": 1})  # resumed, not created
+        raise InputError("bad input")
+    assert old.exists()
+    with pytest.raises(OutputError), removed_on_bad_input(fresh):  # disk full: kept for --resume
+        prepare_partial(fresh, "fp", False, False, {"w": 1})
+        raise OutputError("disk full")
+    assert os.path.exists(fresh)
