@@ -111,6 +111,21 @@ def _out_file(path: str | None, option: str, suffixes: tuple = ()) -> None:
         raise UsageError(f"{option} {path}: unsupported file type {ext!r}; use one of {', '.join(suffixes)}")
 
 
+def _not_an_input(cfg, *paths) -> None:
+    """A report file (--json, --plot) must not overwrite an input or land inside a model folder."""
+    from dppa_stream.checkpoint.reader import model_roots
+
+    models = ([cfg.base_model] if cfg.base_model else []) + [m.path for m in cfg.models]
+    for option, path in paths:
+        if not path or path == "-":
+            continue
+        real = os.path.realpath(path)
+        for m in models:
+            roots = model_roots(m) if os.path.isdir(m) else (os.path.realpath(m),)
+            if any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+                raise UsageError(f"{option} {path}: would write into the input {m}")
+
+
 def _write_text(path: str, text: str) -> None:
     try:
         with open(path, "w", encoding="utf-8") as f:
@@ -189,8 +204,12 @@ def merge(config, out, memory_limit, scheduler, scheduler_file, shard_size, seed
                             _size(shard_size, "--shard-size"), seed, overwrite, quiet,
                             _size(unit_size, "--unit-size"), resume, allow_nonfinite)
         _scheduler(scheduler, scheduler_file)
+        if not out.strip():
+            raise UsageError("OUT is empty; give the folder to create")
         _out_file(json_out, "--json")
-        res = run_merge(load_config(config), out, opts)
+        cfg = load_config(config)
+        _not_an_input(cfg, ("--json", json_out))
+        res = run_merge(cfg, out, opts)
         _report(res, quiet, json_out)
 
     _run(debug, go, out)
@@ -240,7 +259,9 @@ def stats(config, json_out, plot, memory_limit, scheduler, scheduler_file, quiet
         _scheduler(scheduler, scheduler_file)
         _out_file(json_out, "--json")
         _out_file(plot, "--plot", ("png", "pdf", "svg"))
-        res = stats_report.collect_stats(load_config(config), opts)
+        cfg = load_config(config)
+        _not_an_input(cfg, ("--json", json_out), ("--plot", plot))
+        res = stats_report.collect_stats(cfg, opts)
         if not quiet:
             click.echo(stats_report.table(res))
             click.echo(f"pass 1 read {res.bytes_read / 1e9:.2f} GB in {res.wall_seconds:.1f}s; "

@@ -151,9 +151,12 @@ def _connect(address: str):
         raise UsageError(f"cannot reach the Dask scheduler at {address}: {short(str(e), 200)}") from None
 
 
+MAX_WORKERS = 1024  # threads or processes on one machine; more is a typo (and would exhaust it)
+
+
 def _count(n: str, spec: str) -> int:
-    if not n.isdigit() or int(n) < 1:
-        raise UsageError(f"--scheduler {spec!r}: the worker count must be a positive integer")
+    if not (n.isascii() and n.isdigit()) or len(n) > 6 or not 1 <= int(n) <= MAX_WORKERS:
+        raise UsageError(f"--scheduler {short(spec)}: the worker count must be an integer from 1 to {MAX_WORKERS}")
     return int(n)
 
 
