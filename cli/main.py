@@ -229,7 +229,7 @@ def _logging(verbose: int) -> None:
 
 def _report(res, quiet, json_out):
     if not quiet:
-        click.echo(res.summary_line(), err=True)
+        click.echo(printable(res.summary_line()), err=True)
     if json_out:
         text = json.dumps(res.to_json(), indent=2)
         if json_out == "-":

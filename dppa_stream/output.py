@@ -127,7 +127,7 @@ def space_needed(inputs, cfg, model_files: list | None = None) -> Space:
         dt = (cfg.output_dtype or e.dtype) if e.dtype in FLOAT_DTYPES else e.dtype
         shards += e.numel * DTYPES[dt][1] + len(name.encode()) + 96
         if e.dtype in FLOAT_DTYPES:  # a statistics record per model, and manifest lines
-            state += len(inputs.models) * (min(e.numel, 1 << 16) * 8 + 4096)
+            state += len(inputs.models) * (min(e.numel, 1 << 15) * 4 + 2048)
         state += 64 + len(name.encode())
     card = 4096 + 2 * len(cfg.text.encode("utf-8", "surrogateescape")) + sum(len(m.path) + 8 for m in inputs.all)
     final = {"README.md": card, "dppa_stream_config.yml": len(cfg.text.encode("utf-8", "surrogateescape")),
@@ -253,16 +253,16 @@ def prepare_partial(partial: str, fp: str, resume: bool, overwrite: bool, plan: 
         if not ours or (not os.path.lexists(run_json) and not overwrite):
             raise OutputError(f"{partial}: exists and was not made by dppa-stream (or holds no run state); remove it")
         if resume:
-            saved = _load_run_state(run_json, partial)
-            rows = _check_plan(saved, run_json, partial) if saved["fingerprint"] == fp else {}
-            if saved["fingerprint"] != fp or set(rows) != set(plan):
-                raise OutputError(f"{partial}: was made with a different config or different inputs; "
-                                  "remove it or pass --overwrite to start over")
-            done = read_manifest(os.path.join(work, MANIFEST), rows)
-            log.info("resuming %s: %d units already written", partial, len(done))
-            if space is not None:
-                reserve(partial, space, resumed=True)
-            return done, rows
+            try:
+                done, rows = _resume(partial, fp, plan)
+            except OutputError:  # damaged or another run's state: --overwrite (if given) starts over
+                if not overwrite:
+                    raise
+                log.info("%s cannot be resumed; starting over (--overwrite)", partial)
+            else:
+                if space is not None:
+                    reserve(partial, space, resumed=True)
+                return done, rows
         if not overwrite:
             raise OutputError(f"{partial}: holds an interrupted run; pass --resume to continue it or --overwrite to start over")
         try:
@@ -280,6 +280,20 @@ def prepare_partial(partial: str, fp: str, resume: bool, overwrite: bool, plan: 
     if space is not None:
         reserve(partial, space, resumed=False)
     return set(), plan
+
+
+def _resume(partial: str, fp: str, plan: dict) -> tuple[set, dict]:
+    """The finished units and plan of a partial output whose run state matches this run."""
+    work = os.path.join(partial, WORK_DIR)
+    run_json = os.path.join(work, RUN_STATE)
+    saved = _load_run_state(run_json, partial)
+    rows = _check_plan(saved, run_json, partial) if saved["fingerprint"] == fp else {}
+    if saved["fingerprint"] != fp or set(rows) != set(plan):
+        raise OutputError(f"{partial}: was made with a different config or different inputs; "
+                          "remove it or pass --overwrite to start over")
+    done = read_manifest(os.path.join(work, MANIFEST), rows)
+    log.info("resuming %s: %d units already written", partial, len(done))
+    return done, rows
 
 
 def _record(line: bytes, plan: dict | None):
@@ -415,10 +429,10 @@ def publish(partial: str, out: str, overwrite: bool = True) -> None:
                 os.rmdir(aside)
                 aside = None
             raise
-        fsync_dir(parent)
     except OSError as e:
         raise OutputError(f"{out}: cannot move the finished output into place ({e.strerror}); it is complete in {partial}") from None
-    _created.discard(os.path.realpath(partial))
+    with contextlib.suppress(OSError):
+        fsync_dir(parent)  # the rename is durable
     if aside:
         old = os.path.join(aside, "old")
         try:

@@ -122,6 +122,14 @@ def test_damaged_run_json_is_exit_4_with_the_way_out(interrupted, damage):
     same_tree(tmp_path / "ref", tmp_path / "out")
 
 
+def test_resume_with_overwrite_starts_over_when_state_is_damaged(interrupted):
+    tmp_path, cfg = interrupted
+    (tmp_path / "out.partial" / WORK_DIR / "run.json").write_text("{")
+    code, lines, _ = run("merge", cfg, tmp_path / "out", "-q", "--resume", "--overwrite")
+    assert code == 0, lines
+    same_tree(tmp_path / "ref", tmp_path / "out")
+
+
 def test_damaged_manifest_middle_via_cli(interrupted):
     tmp_path, cfg = interrupted
     mf = tmp_path / "out.partial" / WORK_DIR / MANIFEST
