@@ -36,9 +36,26 @@ def vet_model_files(folder: str | None) -> list[tuple[str, Stamp]]:
             out.append((name, Stamp.take(full, fd, st)))
         finally:
             os.close(fd)
-        if name == "config.json" and not isinstance(read_json_file(full, where), dict):
-            raise InputError(f"{where}: not a JSON object")
+        if name == "config.json":
+            _config_text(full, where, None)  # parses and writes back now, not after the merge
     return out
+
+
+def _config_text(path: str, where: str, out_dtype: str | None) -> str:
+    """config.json with its dtype set to the output dtype, as the text we write."""
+    cfg = read_json_file(path, where)
+    if not isinstance(cfg, dict):
+        raise InputError(f"{where}: not a JSON object")
+    if out_dtype:
+        dt = TORCH_DTYPE_NAMES[out_dtype]
+        if "dtype" in cfg:
+            cfg["dtype"] = dt
+        if "torch_dtype" in cfg or "dtype" not in cfg:
+            cfg["torch_dtype"] = dt
+    try:
+        return json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError, RecursionError) as e:
+        raise InputError(f"{where}: cannot be written back as JSON ({type(e).__name__})") from None
 
 
 def _write(path: str, data: bytes) -> None:
@@ -50,7 +67,7 @@ def _write(path: str, data: bytes) -> None:
 
 
 def _copy(src: str, where: str, dst: str) -> None:
-    """Copy a vetted file: opened without following a link swapped in since, regular files only."""
+    """Copy a vetted file in blocks (a regular file: checked again when opened)."""
     fd, _ = open_regular(src, where)
     try:
         with open(dst, "wb") as f:
@@ -78,18 +95,7 @@ def copy_model_files(src_folder: str | None, out: str, out_dtype: str | None) ->
     for name, stamp in vet_model_files(src_folder):
         where, dst = os.path.join(src_folder, name), os.path.join(out, name)
         if name == "config.json":
-            cfg = read_json_file(stamp.path, where)
-            if out_dtype:
-                dt = TORCH_DTYPE_NAMES[out_dtype]
-                if "dtype" in cfg:
-                    cfg["dtype"] = dt
-                if "torch_dtype" in cfg or "dtype" not in cfg:
-                    cfg["torch_dtype"] = dt
-            try:
-                text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
-            except (TypeError, ValueError, RecursionError) as e:
-                raise InputError(f"{where}: cannot be written back as JSON ({e})") from None
-            _write(dst, text.encode())
+            _write(dst, _config_text(stamp.path, where, out_dtype).encode())
         else:
             _copy(stamp.path, where, dst)
         copied.append(name)
