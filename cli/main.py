@@ -6,7 +6,10 @@ Errors the user can fix print one line and exit with their kind's code (2 usage,
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import math
 import os
 import signal
 import sys
@@ -14,30 +17,69 @@ import sys
 import click
 
 from dppa_stream import __version__
-from dppa_stream.errors import EXIT_INTERNAL, DppaError
+from dppa_stream.errors import EXIT_INTERNAL, EXIT_OUTPUT, EXIT_USAGE, DppaError, OutputError, UsageError, printable
 
 _SCHED_HELP = "threads (default), threads:N, processes:N (a local Dask cluster) or tcp://HOST:PORT (an existing cluster)"
+EXIT_INTERRUPTED = 130
+# errno values that mean "the output could not be written", wherever they escape from
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
-def _run(debug: bool, fn):
-    # A file-size limit (ulimit -f) must surface as a write error (EFBIG), not kill us silently.
-    if hasattr(signal, "SIGXFSZ"):
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+def _fail(message: str, code: int) -> None:
+    """The last line of defence: whatever the message holds, the user sees exactly one line."""
+    click.echo(printable(message, 4000), err=True)
+    sys.exit(code)
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def _resume_hint(out: str | None) -> str:
+    """How to continue after an interruption or a write failure of `merge OUT`."""
+    if not out:
+        return "; nothing was published: rerun the command"
+    partial = os.path.abspath(out) + ".partial"
+    if os.path.isfile(os.path.join(partial, ".dppa-stream", "run.json")):
+        return f"; the finished work is kept in {partial}: rerun the same command with --resume to continue"
+    return "; rerun the same command (with --resume if OUT.partial exists)"
+
+
+def _run(debug: bool, fn, out: str | None = None):
+    """Run a command: DppaError -> one line and its exit code; Ctrl-C or SIGTERM -> one line saying
+    how to resume, exit 130; a full disk anywhere -> exit 4; anything else is a bug (exit 1)."""
+    handlers = {}
+    for sig, handler in ((getattr(signal, "SIGXFSZ", None), signal.SIG_IGN), (signal.SIGTERM, _interrupt)):
+        # SIGXFSZ: a file-size limit (ulimit -f) must surface as a write error (EFBIG), not kill us
+        if sig is not None:
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                handlers[sig] = signal.signal(sig, handler)
     try:
         return fn()
     except DppaError as e:
         if debug:
             raise
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
+        msg = str(e)
+        if e.exit_code == EXIT_OUTPUT and out is not None and "--resume" not in msg and "--overwrite" not in msg:
+            msg += _resume_hint(out)
+        _fail(f"error: {msg}", e.exit_code)
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+        _fail("interrupted" + (_resume_hint(out) if out is not None else "; nothing was published"), EXIT_INTERRUPTED)
+    except OSError as e:
+        if debug:
+            raise
+        if e.errno in _WRITE_ERRNOS:
+            where = f"{e.filename}: " if e.filename else ""
+            _fail(f"error: {where}write failed ({e.strerror}){_resume_hint(out) if out is not None else ''}", EXIT_OUTPUT)
+        _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", EXIT_INTERNAL)
     except Exception as e:  # a bug: say so, briefly
         if debug:
             raise
-        click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
-        sys.exit(EXIT_INTERNAL)
+        _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", EXIT_INTERNAL)
+    finally:
+        for sig, old in handlers.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, old)
 
 
 def _size(value, option: str):
@@ -47,7 +89,81 @@ def _size(value, option: str):
     return None if value is None else parse_size(value, option)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def _out_file(path: str | None, option: str, suffixes: tuple = ()) -> None:
+    """An output file named by an option (--json, --plot) must be writable before the run starts,
+    not fail after it."""
+    if path is None or path == "-":
+        return
+    if "\0" in path:
+        raise UsageError(f"{option} {path}: not a valid file name")
+    full = os.path.abspath(path)
+    parent = os.path.dirname(full)
+    if os.path.isdir(full):
+        raise UsageError(f"{option} {path}: is a folder; give a file name")
+    if os.path.lexists(full) and not os.path.isfile(full):
+        raise UsageError(f"{option} {path}: exists and is not a regular file")
+    if not os.path.isdir(parent):
+        raise UsageError(f"{option} {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(full) and not os.access(full, os.W_OK)):
+        raise UsageError(f"{option} {path}: not writable")
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    if suffixes and ext and ext not in suffixes:
+        raise UsageError(f"{option} {path}: unsupported file type {ext!r}; use one of {', '.join(suffixes)}")
+
+
+def _not_an_input(cfg, *paths) -> None:
+    """A report file (--json, --plot) must not overwrite an input or land inside a model folder."""
+    from dppa_stream.checkpoint.reader import model_roots
+
+    models = ([cfg.base_model] if cfg.base_model else []) + [m.path for m in cfg.models]
+    for option, path in paths:
+        if not path or path == "-":
+            continue
+        real = os.path.realpath(path)
+        for m in models:
+            roots = model_roots(m) if os.path.isdir(m) else (os.path.realpath(m),)
+            if any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+                raise UsageError(f"{option} {path}: would write into the input {m}")
+
+
+def _write_text(path: str, text: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise OutputError(f"{path}: write failed ({e.strerror})") from None
+
+
+def _scheduler(scheduler, scheduler_file) -> None:
+    """Check --scheduler / --scheduler-file before anything is read."""
+    from dppa_stream.executor import SchedulerSpec
+
+    SchedulerSpec.parse(scheduler, scheduler_file)
+
+
+def _finite(value: float, option: str, positive: bool = False) -> None:
+    if not math.isfinite(value) or (positive and value <= 0) or value < 0:
+        raise UsageError(f"{option} {value}: must be a finite {'positive' if positive else 'non-negative'} number")
+
+
+class _Group(click.Group):
+    """Click's own usage errors (unknown option, missing argument) also print one line, exit 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.Abort:
+            _fail("interrupted", EXIT_INTERRUPTED)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            see = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            _fail(f"error: {e.format_message()}{see}", EXIT_USAGE)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="dppa-stream")
 def main():
     """Merge fine-tuned LLM checkpoints out of core: DPPA, TIES, DARE, task arithmetic."""
@@ -82,13 +198,21 @@ def merge(config, out, memory_limit, scheduler, scheduler_file, shard_size, seed
         from dppa_stream.config import load_config
         from dppa_stream.pipeline import MergeOptions, merge as run_merge
 
+        if not -(2**63) <= seed < 2**63:
+            raise UsageError(f"--seed {seed}: must fit in 64 bits")
         opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, scheduler_file,
                             _size(shard_size, "--shard-size"), seed, overwrite, quiet,
                             _size(unit_size, "--unit-size"), resume, allow_nonfinite)
-        res = run_merge(load_config(config), out, opts)
+        _scheduler(scheduler, scheduler_file)
+        if not out.strip():
+            raise UsageError("OUT is empty; give the folder to create")
+        _out_file(json_out, "--json")
+        cfg = load_config(config)
+        _not_an_input(cfg, ("--json", json_out))
+        res = run_merge(cfg, out, opts)
         _report(res, quiet, json_out)
 
-    _run(debug, go)
+    _run(debug, go, out)
 
 
 def _logging(verbose: int) -> None:
@@ -105,14 +229,13 @@ def _logging(verbose: int) -> None:
 
 def _report(res, quiet, json_out):
     if not quiet:
-        click.echo(res.summary_line(), err=True)
+        click.echo(printable(res.summary_line()), err=True)
     if json_out:
         text = json.dumps(res.to_json(), indent=2)
         if json_out == "-":
             click.echo(text)
         else:
-            with open(json_out, "w") as f:
-                f.write(text + "\n")
+            _write_text(json_out, text + "\n")
 
 
 @main.command()
@@ -140,16 +263,23 @@ def stats(config, json_out, plot, experts, memory_limit, scheduler, scheduler_fi
         from dppa_stream.config import load_config
         from dppa_stream.pipeline import MergeOptions
 
-        res = stats_report.collect_stats(load_config(config), MergeOptions(_size(memory_limit, "--memory-limit"),
-                                                                           scheduler, scheduler_file, quiet=quiet))
+        opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, scheduler_file, quiet=quiet)
+        _scheduler(scheduler, scheduler_file)
+        _out_file(json_out, "--json")
+        _out_file(plot, "--plot", ("png", "pdf", "svg"))
+        cfg = load_config(config)
+        _not_an_input(cfg, ("--json", json_out), ("--plot", plot))
+        res = stats_report.collect_stats(cfg, opts)
         if not quiet:
             click.echo(stats_report.table(res, experts))
             click.echo(f"pass 1 read {res.bytes_read / 1e9:.2f} GB in {res.wall_seconds:.1f}s; "
                        f"peak memory {res.peak_anon_bytes / 2**20:.0f} MiB", err=True)
-        if json_out:
-            stats_report.write_json(res, json_out)
-        if plot:
-            stats_report.plot(res, plot)
+        for path, write in ((json_out, stats_report.write_json), (plot, stats_report.plot)):
+            if path:
+                try:
+                    write(res, path)
+                except OSError as e:
+                    raise OutputError(f"{path}: write failed ({e.strerror})") from None
 
     _run(debug, go)
 
@@ -186,7 +316,15 @@ def search(config, out, eval_cmds, dense, start, step, max_evals, memory_limit, 
             start_list = [float(x) for x in start.split(",")] if start else None
         except ValueError:
             raise UsageError(f"--start {start!r}: give comma-separated numbers like 1.8,0.0") from None
+        for x in start_list or []:
+            _finite(x, "--start")
+        for x in dense:
+            _finite(x, "--dense-score", positive=True)
+        _finite(step, "--step", positive=True)
+        if max_evals < 1:
+            raise UsageError(f"--max-evals {max_evals}: must be at least 1")
         opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, scheduler_file, overwrite=overwrite, quiet=True)
+        _scheduler(scheduler, scheduler_file)
         res = run_search(load_config(config), out, list(eval_cmds), opts, start_list, step, list(dense) or None,
                          max_evals, echo=(lambda *a: None) if quiet else (lambda m: click.echo(m, err=True)))
         if not quiet:

@@ -7,15 +7,18 @@ support yet (slices, tokenizer surgery, per-tensor filters and gradients) are re
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import yaml
 
-from .errors import UsageError
+from .errors import UsageError, printable, short
 from .methods import METHODS, REQUIRED, Param
-from .params import MISSING, check_shape, finite, forms, resolve
+from .params import MISSING, check_shape, forms, resolve
 
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype"}
 UNSUPPORTED = {
@@ -25,6 +28,10 @@ UNSUPPORTED = {
     "chat_template": "chat templates are not set by dppa-stream; the base model's tokenizer files are copied",
 }
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+MAX_CONFIG_BYTES = 1 << 20  # a merge config is a few hundred bytes; this bounds /dev/zero and friends
+MAX_CONFIG_VALUES = 100_000  # values after YAML aliases are expanded: refuses alias bombs
+MAX_NUMBER = 1e15  # parameters are weights, densities and factors; beyond this is a typo or an attack
+MAX_SIZE = 1 << 60  # 1 EiB
 
 
 @dataclass
@@ -125,16 +132,30 @@ def _construct_mapping(loader, node):
     d.lines = {}
     for k_node, v_node in node.value:
         key = loader.construct_object(k_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            key = [key]  # unhashable: refused just below
         if isinstance(key, (list, dict)):
             raise UsageError(f"line {k_node.start_mark.line + 1}: a key must be a plain value, not a {type(key).__name__}")
         if key in d:
-            raise UsageError(f"line {k_node.start_mark.line + 1}: duplicate key {key!r}")
+            raise UsageError(f"line {k_node.start_mark.line + 1}: duplicate key {short(key)}")
         d[key] = loader.construct_object(v_node, deep=True)
         d.lines[key] = k_node.start_mark.line + 1
     return d
 
 
+def _construct_int(loader, node):
+    """YAML integers, refusing ones Python will not convert (over 4300 digits) with their line."""
+    try:
+        return yaml.SafeLoader.construct_yaml_int(loader, node)
+    except ValueError:
+        raise UsageError(f"line {node.start_mark.line + 1}: an integer of {len(str(node.value))} characters "
+                         "is not a parameter value") from None
+
+
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 def _where(src: str, d, key) -> str:
@@ -145,31 +166,74 @@ def _where(src: str, d, key) -> str:
 def _unknown(src, d, key, allowed, ctx):
     hint = difflib.get_close_matches(str(key), sorted(allowed), n=1)
     extra = f" (did you mean {hint[0]!r}?)" if hint else f" (allowed: {', '.join(sorted(allowed))})"
-    return UsageError(f"{_where(src, d, key)}: unknown key {ctx}{key!r}{extra}")
+    return UsageError(f"{_where(src, d, key)}: unknown key {ctx}{short(key)}{extra}")
 
 
 def load_config(path: str) -> MergeConfig:
-    """Read and validate a YAML config file."""
+    """Read and validate a YAML config file: a regular file of at most 1 MiB (a FIFO must not
+    block us, /dev/zero must not fill memory)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise UsageError(f"{path}: cannot read config ({e.strerror})") from None
+    except ValueError:
+        raise UsageError(f"{path}: not a valid file name") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"{path}: the config must be a regular file (not a folder, FIFO or device)")
+        raw = b""
+        while len(raw) <= MAX_CONFIG_BYTES:
+            block = os.read(fd, MAX_CONFIG_BYTES + 1 - len(raw))
+            if not block:
+                break
+            raw += block
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read config ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise UsageError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a merge config")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise UsageError(f"{path}: config is not UTF-8 text") from None
     return parse_config(text, path)
 
 
+def _count_values(data, budget: int) -> None:
+    """Refuse configs that expand to more than `budget` values (YAML alias bombs): aliases share
+    one object, so this walk counts each reference, and stops as soon as the budget is spent."""
+    stack, seen = [data], 0
+    while stack:
+        v = stack.pop()
+        seen += 1
+        if seen > budget:
+            raise UsageError(f"expands to more than {budget} values (YAML aliases?); not a merge config")
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+
+
 def parse_config(text: str, source: str = "<config>") -> MergeConfig:
+    if len(text) > MAX_CONFIG_BYTES:
+        raise UsageError(f"{source}: larger than {MAX_CONFIG_BYTES} characters; not a merge config")
     try:
         data = yaml.load(text, Loader=_Loader)
+        _count_values(data, MAX_CONFIG_VALUES)
     except UsageError as e:
-        raise UsageError(f"{source}:{str(e)[5:]}") from None
+        msg = str(e)
+        raise UsageError(f"{source}:{msg[5:]}" if msg.startswith("line ") else f"{source}: {msg}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise UsageError(f"{source}{line}: YAML syntax error: {problem}") from None
+    except RecursionError:
+        raise UsageError(f"{source}: YAML nested too deeply; not a merge config") from None
+    except (ValueError, OverflowError) as e:  # int('9' * 5000) inside the YAML constructor
+        raise UsageError(f"{source}: YAML value cannot be read ({printable(str(e), 80)})") from None
     if not isinstance(data, dict):
         raise UsageError(f"{source}: the config must be a YAML mapping with 'merge_method' and 'models'")
     for key in data:
@@ -183,14 +247,14 @@ def parse_config(text: str, source: str = "<config>") -> MergeConfig:
     if not isinstance(method, str) or method not in METHODS:
         hint = difflib.get_close_matches(str(method), sorted(METHODS), n=1)
         more = f"did you mean {hint[0]!r}?" if hint else f"choose one of: {', '.join(sorted(METHODS))}"
-        raise UsageError(f"{_where(source, data, 'merge_method')}: unknown merge_method {method!r}; {more}")
+        raise UsageError(f"{_where(source, data, 'merge_method')}: unknown merge_method {short(method)}; {more}")
     cls = METHODS[method]
     base = data.get("base_model")
     if base is not None and not isinstance(base, str):
         raise UsageError(f"{_where(source, data, 'base_model')}: base_model must be a path")
     if cls.needs_base and not base and "slices" not in data:
         raise UsageError(f"{source}: merge_method {method!r} needs a 'base_model'")
-    base_path = _norm(base) if base else None
+    base_path = _path(base, _where(source, data, "base_model"), "base_model") if base else None
 
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
@@ -216,7 +280,7 @@ def parse_config(text: str, source: str = "<config>") -> MergeConfig:
     for key in ("dtype", "out_dtype"):
         v = data.get(key)
         if v is not None and (not isinstance(v, str) or v not in DTYPE_NAMES):
-            raise UsageError(f"{_where(source, data, key)}: {key} {v!r} is not one of float32, float16, bfloat16")
+            raise UsageError(f"{_where(source, data, key)}: {key} {short(v)} is not one of float32, float16, bfloat16")
         dtypes[key] = DTYPE_NAMES[v] if v else None
     cfg = MergeConfig(method, models, base_path, dict(params), dtypes["dtype"], dtypes["out_dtype"], text, source,
                       slices)
@@ -250,7 +314,7 @@ def _parse_models(source, data, cls, method, base_path):
         for k in entry:
             if k not in ("model", "parameters"):
                 raise _unknown(source, entry, k, {"model", "parameters"}, f"models[{i}].")
-        path = _norm(entry["model"])
+        path = _path(entry["model"], _where(source, entry, "model"), f"models[{i}].model")
         mparams = _model_params(source, entry, cls, f"models[{i}]")
         if path == base_path and not cls.base_is_input:
             if mparams:
@@ -320,7 +384,7 @@ def _parse_slices(source, data, cls, method, base_path) -> list[SliceSpec]:
         base = sl.get("base_model", base_path)
         if base is not None and not isinstance(base, str):
             raise UsageError(f"{_where(source, sl, 'base_model')}: {where}.base_model must be a path")
-        base = _norm(base) if base else None
+        base = _path(base, _where(source, sl, "base_model"), f"{where}.base_model") if base else None
         sources_raw = sl.get("sources")
         if not isinstance(sources_raw, list) or not sources_raw:
             raise UsageError(f"{_where(source, sl, 'sources')}: {where}.sources must be a non-empty list")
@@ -337,7 +401,8 @@ def _parse_slices(source, data, cls, method, base_path) -> list[SliceSpec]:
                                                                     for x in lr) or not 0 <= lr[0] < lr[1]):
                 raise UsageError(f"{_where(source, e, 'layer_range') if 'layer_range' in e else source}: "
                                  f"{sw}.layer_range must be [START, END] with 0 <= START < END")
-            spec = SourceSpec(_norm(e["model"]), (lr[0], lr[1]), _model_params(source, e, cls, sw))
+            spec = SourceSpec(_path(e["model"], _where(source, e, "model"), f"{sw}.model"), (lr[0], lr[1]),
+                              _model_params(source, e, cls, sw))
             if base and spec.path == base and not cls.base_is_input:
                 base_src = spec
                 continue
@@ -352,6 +417,26 @@ def _parse_slices(source, data, cls, method, base_path) -> list[SliceSpec]:
 
 def _norm(p: str) -> str:
     return os.path.abspath(os.path.expanduser(p))
+
+
+def _path(p: str, where: str, key: str) -> str:
+    """A model path from the config: a usable file name (no NUL byte, no lone surrogate)."""
+    try:
+        if not p or "\0" in p:
+            raise ValueError
+        os.fsencode(p)
+    except (ValueError, UnicodeEncodeError):
+        raise UsageError(f"{where}: {key} {short(p)} is not a usable path") from None
+    return _norm(p)
+
+
+def _bad_number(v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return not (math.isfinite(float(v)) and abs(v) <= MAX_NUMBER)
+    except OverflowError:
+        return True
 
 
 def _kinds(spec: Param) -> tuple:
@@ -374,13 +459,13 @@ def _check_value(src, d, key, value, spec: Param, name: str) -> None:
         ok = isinstance(v, kinds) and not (isinstance(v, bool) and bool not in kinds)
         if not ok:
             want = " or ".join(dict.fromkeys("number" if k in (int, float) else k.__name__ for k in kinds))
-            raise UsageError(f"{_where(src, d, key)}: {name} must be a {want}, not {v!r}")
-        if not finite(v) or (isinstance(v, list) and not all(finite(x) for x in v)):
-            raise UsageError(f"{_where(src, d, key)}: {name} = {v!r} is not a finite number")
+            raise UsageError(f"{_where(src, d, key)}: {name} must be a {want}, not {short(v)}")
+        if any(_bad_number(x) for x in (v if isinstance(v, list) else [v])):
+            raise UsageError(f"{_where(src, d, key)}: {name} = {short(v)} must be finite, within +-{MAX_NUMBER:g}")
         if spec.check:
             problem = spec.check(v)
             if problem:
-                raise UsageError(f"{_where(src, d, key)}: {name} = {v!r} {problem}")
+                raise UsageError(f"{_where(src, d, key)}: {name} = {short(v)} {problem}")
 
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(?:([kmgt])(i?))?(b?)\s*$", re.I)
@@ -391,12 +476,14 @@ def parse_size(text: str | int, what: str = "size") -> int:
     if isinstance(text, int) and not isinstance(text, bool):
         value = text
     else:
-        m = _SIZE.match(str(text))
+        m = _SIZE.match(text) if isinstance(text, str) and len(text) < 1000 else None
         if not m:
-            raise UsageError(f"{what} {text!r} is not a size like 5GB, 1.5GiB or 500M")
+            raise UsageError(f"{what} {short(text, 60)} is not a size like 5GB, 1.5GiB or 500M")
         num, unit, binary, _ = m.groups()
         power = "kmgt".find(unit.lower()) + 1 if unit else 0
-        value = int(float(num) * (1024 if binary else 1000) ** power)
+        value = int(Fraction(num) * (1024 if binary else 1000) ** power)  # exact: no float overflow
     if value <= 0:
-        raise UsageError(f"{what} {text!r} must be positive")
+        raise UsageError(f"{what} {short(text, 60)} must be positive")
+    if value > MAX_SIZE:
+        raise UsageError(f"{what} {short(text, 60)} is too large (at most 1 EiB)")
     return value

@@ -12,13 +12,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import stat
 import sys
+import threading
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import click
 
-from .errors import UsageError
+from .errors import UsageError, short
 
 log = logging.getLogger("dppa_stream")
 
@@ -55,10 +59,25 @@ class SchedulerSpec:
             n = spec.partition(":")[2]
             return cls("processes", _count(n, spec) if n else (os.cpu_count() or 1))
         if spec.startswith(("tcp://", "tls://", "inproc://", "ws://", "wss://")):
-            return cls("address", address=spec)
+            return cls("address", address=check_address(spec, "--scheduler"))
         raise UsageError(
-            f"--scheduler {spec!r}: use 'threads', 'threads:N', 'processes:N' or a scheduler address like tcp://HOST:8786"
+            f"--scheduler {short(spec)}: use 'threads', 'threads:N', 'processes:N' or a scheduler address like tcp://HOST:8786"
         )
+
+
+def check_address(address: str, what: str) -> str:
+    """A scheduler address must name a host and a port (tcp://HOST:PORT, tcp://[::1]:PORT):
+    distributed turns a malformed one into a 40 s hang and a traceback at exit."""
+    if address.startswith("inproc://"):
+        return address
+    try:
+        parts = urlsplit(address)
+        ok = bool(parts.hostname) and parts.port is not None and 0 < parts.port < 65536 and parts.path in ("", "/")
+    except ValueError:  # "[::1" (no closing bracket), a port that is not a number
+        ok = False
+    if not ok or not address.isprintable() or " " in address:
+        raise UsageError(f"{what} {short(address)}: not a scheduler address like tcp://HOST:8786 or tcp://[::1]:8786")
+    return address
 
 
 def _address_from_file(path: str) -> str:
@@ -67,20 +86,69 @@ def _address_from_file(path: str) -> str:
     import json
 
     try:
-        with open(path) as f:
-            address = json.load(f)["address"]
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block us
     except FileNotFoundError:
         raise UsageError(f"--scheduler-file {path}: no such file (start the scheduler with --scheduler-file first)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--scheduler-file {path}: cannot open ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 1 << 20:
+            raise UsageError(f"--scheduler-file {path}: not a Dask scheduler file (not a small regular file)")
+        address = json.loads(os.pread(fd, st.st_size, 0).decode("utf-8"))["address"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise UsageError(f"--scheduler-file {path}: not a Dask scheduler file ({type(e).__name__})") from None
+    finally:
+        os.close(fd)
     if not isinstance(address, str):
         raise UsageError(f"--scheduler-file {path}: 'address' is not a string")
-    return address
+    return check_address(address, f"--scheduler-file {path}: address")
+
+
+@contextlib.contextmanager
+def sigint_ignored():
+    """Ignore Ctrl-C while a cluster starts or stops. Worker processes started meanwhile inherit
+    "ignored" (the only signal state that survives their start), so later a Ctrl-C reaches only
+    this process: no worker tracebacks, and no half-started cluster for atexit to trip over. The
+    price: a Ctrl-C during these few seconds is dropped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
+def _connect(address: str):
+    """A Client of an existing scheduler. If connecting fails, the half-made client is marked
+    closed: its destructor would otherwise wait 40 s and print a traceback at exit."""
+    from distributed import Client
+
+    made = []
+
+    class _Client(Client):
+        def start(self, **kwargs):
+            made.append(self)
+            return super().start(**kwargs)
+
+    try:
+        return _Client(address, timeout="20s", set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as e:
+        for c in made:
+            c.status = "closed"
+            with contextlib.suppress(Exception):
+                c._loop_runner.stop()
+        raise UsageError(f"cannot reach the Dask scheduler at {address}: {short(str(e), 200)}") from None
+
+
+MAX_WORKERS = 1024  # threads or processes on one machine; more is a typo (and would exhaust it)
 
 
 def _count(n: str, spec: str) -> int:
-    if not n.isdigit() or int(n) < 1:
-        raise UsageError(f"--scheduler {spec!r}: the worker count must be a positive integer")
+    if not (n.isascii() and n.isdigit()) or len(n) > 6 or not 1 <= int(n) <= MAX_WORKERS:
+        raise UsageError(f"--scheduler {short(spec)}: the worker count must be an integer from 1 to {MAX_WORKERS}")
     return int(n)
 
 
@@ -122,12 +190,23 @@ class Executor:
     """Submits tasks to a Dask cluster and gathers results with progress."""
 
     def __init__(self, spec: SchedulerSpec, worker_memory: int):
-        from distributed import Client, LocalCluster
+        import distributed  # noqa: F401 - first: importing it configures its loggers, which we then quiet
 
         self.spec = spec
         self._cluster = None
+        self.client = None
         if not DASK_LOGS:  # our own errors reach the user as one line; distributed's copies are noise
-            logging.getLogger("distributed").setLevel(logging.CRITICAL)
+            logging.getLogger("distributed").setLevel(logging.CRITICAL + 1)
+        try:
+            with sigint_ignored():
+                self._start(spec, worker_memory)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, spec: SchedulerSpec, worker_memory: int) -> None:
+        from distributed import Client, LocalCluster
+
         if spec.kind == "threads":
             self._cluster = LocalCluster(n_workers=1, threads_per_worker=spec.workers, processes=False,
                                          dashboard_address="127.0.0.1:0",
@@ -137,14 +216,11 @@ class Executor:
             self._cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=1, processes=True,
                                          dashboard_address="127.0.0.1:0",
                                          worker_dashboard_address="127.0.0.1:0", memory_limit=worker_memory,
-                                         silence_logs=logging.INFO if DASK_LOGS else logging.CRITICAL)
+                                         silence_logs=logging.INFO if DASK_LOGS else logging.CRITICAL + 1)
             self.client = Client(self._cluster, set_as_default=False)
         else:
             address = _address_from_file(spec.address) if spec.kind == "file" else spec.address
-            try:
-                self.client = Client(address, timeout="20s", set_as_default=False)
-            except (OSError, TimeoutError, ValueError) as e:
-                raise UsageError(f"cannot reach the Dask scheduler at {address}: {e}") from None
+            self.client = _connect(address)
 
     @property
     def worker_count(self) -> int:
@@ -207,8 +283,10 @@ class Executor:
         trim_memory()
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.client.close()
-        if self._cluster is not None:
-            with contextlib.suppress(Exception):
-                self._cluster.close()
+        with sigint_ignored():  # a second Ctrl-C must not leave workers behind (or tracebacks)
+            if self.client is not None:
+                with contextlib.suppress(Exception):
+                    self.client.close()
+            if self._cluster is not None:
+                with contextlib.suppress(Exception):
+                    self._cluster.close()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 from . import __version__
+from .checkpoint.reader import Stamp, open_regular, read_json_file, resolve_inside
+from .errors import InputError
+from .output import write_failed
 
 # Copied verbatim from the base model when present (the list mergekit copies).
 TOKENIZER_FILES = (
@@ -15,39 +17,95 @@ TOKENIZER_FILES = (
     "generation_config.json", "video_preprocessor_config.json", "preprocessor_config.json",
 )
 TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+MODEL_FILES = ("config.json", *TOKENIZER_FILES)
+COPY_BLOCK = 1 << 20
+
+
+def vet_model_files(folder: str | None) -> list[tuple[str, Stamp]]:
+    """The files `copy_model_files` will copy from `folder`, checked now, before any tensor is read:
+    each resolved under the symlink policy (inside the model folder or its Hugging Face cache
+    repository), a regular file, and config.json a JSON object. Returns (name, stamp) pairs."""
+    out: list[tuple[str, Stamp]] = []
+    for name in MODEL_FILES if folder else ():
+        where = os.path.join(folder, name)
+        if not os.path.lexists(where):
+            continue
+        full = resolve_inside(folder, name, where)
+        fd, st = open_regular(full, where)
+        try:
+            out.append((name, Stamp.take(full, fd, st)))
+        finally:
+            os.close(fd)
+        if name == "config.json":
+            _config_text(full, where, None)  # parses and writes back now, not after the merge
+    return out
 
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
+def _config_text(path: str, where: str, out_dtype: str | None, layers: int | None = None) -> str:
+    """config.json with its dtype set to the output dtype (and its layer count to `layers`), as
+    the text we write."""
+    cfg = read_json_file(path, where)
+    if not isinstance(cfg, dict):
+        raise InputError(f"{where}: not a JSON object")
+    if layers is not None:
+        cfg[next((k for k in LAYER_COUNT_KEYS if k in cfg), LAYER_COUNT_KEYS[0])] = layers
+    if out_dtype:
+        dt = TORCH_DTYPE_NAMES[out_dtype]
+        if "dtype" in cfg:
+            cfg["dtype"] = dt
+        if "torch_dtype" in cfg or "dtype" not in cfg:
+            cfg["torch_dtype"] = dt
+    try:
+        return json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError, RecursionError) as e:
+        raise InputError(f"{where}: cannot be written back as JSON ({type(e).__name__})") from None
+
+
+def _write(path: str, data: bytes) -> None:
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        raise write_failed(path, e) from None
+
+
+def _copy(src: str, where: str, dst: str) -> None:
+    """Copy a vetted file in blocks (a regular file: checked again when opened)."""
+    fd, _ = open_regular(src, where)
+    try:
+        with open(dst, "wb") as f:
+            while True:
+                try:
+                    block = os.read(fd, COPY_BLOCK)
+                except OSError as e:
+                    raise InputError(f"{where}: cannot read ({e.strerror})") from None
+                if not block:
+                    break
+                try:
+                    f.write(block)
+                except OSError as e:
+                    raise write_failed(dst, e) from None
+    except OSError as e:
+        raise write_failed(dst, e) from None
+    finally:
+        os.close(fd)
+
+
 def copy_model_files(src_folder: str | None, out: str, out_dtype: str | None, layers: int | None = None) -> list[str]:
-    """Copy config.json (dtype set to the output dtype; the layer count set to `layers` when slices
-    changed it) and tokenizer files; returns names copied."""
+    """Copy config.json (dtype set to the output dtype; its layer count set to `layers` when slices
+    changed it) and tokenizer files; returns names copied. The files are vetted again here
+    (`vet_model_files`), so nothing outside the model is read."""
     copied = []
-    if not src_folder:
-        return copied
-    cfg_path = os.path.join(src_folder, "config.json")
-    if os.path.isfile(cfg_path):
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-        if layers is not None and isinstance(cfg, dict):
-            key = next((k for k in LAYER_COUNT_KEYS if k in cfg), LAYER_COUNT_KEYS[0])
-            cfg[key] = layers
-        if out_dtype and isinstance(cfg, dict):
-            name = TORCH_DTYPE_NAMES[out_dtype]
-            if "dtype" in cfg:
-                cfg["dtype"] = name
-            if "torch_dtype" in cfg or "dtype" not in cfg:
-                cfg["torch_dtype"] = name
-        with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
-            f.write("\n")
-        copied.append("config.json")
-    for name in TOKENIZER_FILES:
-        p = os.path.join(src_folder, name)
-        if os.path.isfile(p):
-            shutil.copyfile(p, os.path.join(out, name))
-            copied.append(name)
+    for name, stamp in vet_model_files(src_folder):
+        where, dst = os.path.join(src_folder, name), os.path.join(out, name)
+        if name == "config.json":
+            _write(dst, _config_text(stamp.path, where, out_dtype, layers).encode())
+        else:
+            _copy(stamp.path, where, dst)
+        copied.append(name)
     return copied
 
 
@@ -74,7 +132,5 @@ def write_model_card(out: str, cfg, method_summary: str, base: str | None, model
         lines.append(f"- base: `{base}`")
     lines += [f"- `{m}`" for m in models]
     lines += ["", "## Configuration", "", "```yaml", cfg.text.rstrip("\n"), "```", ""]
-    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
-    with open(os.path.join(out, "dppa_stream_config.yml"), "w", encoding="utf-8") as f:
-        f.write(cfg.text)
+    _write(os.path.join(out, "README.md"), "\n".join(lines).encode("utf-8", "surrogateescape"))
+    _write(os.path.join(out, "dppa_stream_config.yml"), cfg.text.encode("utf-8", "surrogateescape"))

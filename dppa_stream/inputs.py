@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from .blocks import layer_positions
 from .checkpoint import Checkpoint, TensorEntry
 from .config import MergeConfig
-from .errors import InputError, UsageError
+from .errors import InputError, UsageError, printable, short
+from .hf_files import vet_model_files
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|block|blocks)\.([0-9]+)\.")
 _PRE = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings", "shared.")
@@ -50,6 +51,7 @@ class Inputs:
     outputs: dict[str, Output]
     layers: int | None = None  # the output's layer count when slices renumber layers
     models: list[Checkpoint] = field(default_factory=list)
+    model_files: list = field(default_factory=list)  # (name, Stamp) of the config/tokenizer files copied
 
     @property
     def reference(self) -> Checkpoint:
@@ -87,7 +89,18 @@ def open_inputs(cfg: MergeConfig) -> Inputs:
     t = layer_positions(names)
     outputs = {n: Output(n, base.tensors[n] if base else None, tuple(m.tensors[n] for m in models),
                          tuple(m.params for m in cfg.models), {}, t[n]) for n in names}
-    return Inputs(list(opened.values()), ref, names, outputs, None, models)
+    return Inputs(list(opened.values()), ref, names, outputs, None, models, vet_model_files(ref.folder))
+
+
+def verify_unchanged(inputs: Inputs) -> None:
+    """Refuse to publish if any input file changed since it was catalogued (replaced, rewritten in
+    place even with the same size and mtime): the output would match neither version."""
+    stamps = [s for ck in inputs.all for s in ck.stamps.values()] + [s for _, s in inputs.model_files]
+    for stamp in stamps:
+        why = stamp.changed()
+        if why:
+            raise InputError(f"{stamp.path}: changed while the merge was running ({why}); nothing was published, "
+                             "rerun the merge once the inputs are final")
 
 
 def _check_same(ref: Checkpoint, other: Checkpoint) -> None:
@@ -96,9 +109,9 @@ def _check_same(ref: Checkpoint, other: Checkpoint) -> None:
         missing, extra = sorted(a - b), sorted(b - a)
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(printable(n, 80) for n in missing[:3])})")
         if extra:
-            parts.append(f"{len(extra)} extra (e.g. {', '.join(extra[:3])})")
+            parts.append(f"{len(extra)} extra (e.g. {', '.join(printable(n, 80) for n in extra[:3])})")
         raise InputError(f"{other.path}: tensor names differ from {ref.path}: {'; '.join(parts)}")
     for name, e in ref.tensors.items():
         _check_pair(ref, e, other, other.tensors[name])
@@ -107,10 +120,10 @@ def _check_same(ref: Checkpoint, other: Checkpoint) -> None:
 def _check_pair(ref: Checkpoint, e: TensorEntry, other: Checkpoint, o: TensorEntry) -> None:
     if o.shape != e.shape:
         hint = " (vocabulary sizes differ?)" if "embed" in e.name or "lm_head" in e.name else ""
-        raise InputError(f"{other.path}: tensor {o.name!r} has shape {list(o.shape)} but {ref.path} has "
-                         f"{list(e.shape)} for {e.name!r}{hint}")
+        raise InputError(f"{other.path}: tensor {short(o.name)} has shape {list(o.shape)} but {ref.path} has "
+                         f"{list(e.shape)}{'' if o.name == e.name else ' for ' + short(e.name)}{hint}")
     if o.dtype != e.dtype:
-        raise InputError(f"{other.path}: tensor {o.name!r} is {o.dtype} but {ref.path} has {e.dtype}")
+        raise InputError(f"{other.path}: tensor {short(o.name)} is {o.dtype} but {ref.path} has {e.dtype}")
 
 
 @dataclass
@@ -205,4 +218,4 @@ def _sliced(cfg: MergeConfig, ck) -> Inputs:
             names.append(name)
     donor = ck(cfg.base_model) if cfg.base_model else ck(cfg.slices[0].sources[0].path)
     checkpoints = list({id(c): c for c in (ck(p) for p in layouts)}.values())
-    return Inputs(checkpoints, donor, pre + layer_names + post, outputs, out_layer)
+    return Inputs(checkpoints, donor, pre + layer_names + post, outputs, out_layer, [], vet_model_files(donor.folder))

@@ -17,7 +17,8 @@ from . import kernels
 from .checkpoint import FLOAT_DTYPES, Placement, ShardLayout, write_rows
 from .hf_files import copy_model_files, write_model_card
 from .methods.base import Catalogue, TensorInfo
-from .output import WORK_DIR, Manifest
+from .inputs import verify_unchanged
+from .output import WORK_DIR, Manifest, release_reserve
 from .statistics import check_nonfinite, drive, inline
 from .units import UnitInputs, UnitRows
 
@@ -78,8 +79,10 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
         with session.progress.phase("merge", sum(sizes)) as step:
             written = session.executor.map(merge_task, calls, sizes, step, record)
 
+    release_reserve(partial)
     layout.finish(partial)
     copy_model_files(ref.folder, partial, cfg.output_dtype, inputs.layers)
     write_model_card(partial, cfg, method.describe(), cfg.base_model, [m.path for m in cfg.models])
+    verify_unchanged(inputs)
     shutil.rmtree(os.path.join(partial, WORK_DIR))
     return sum(written), sum(sizes)

@@ -1,54 +1,96 @@
 """The output folder's life cycle: where it may go, OUT.partial and its run state (fingerprint,
-work-unit plan, manifest of finished units), resume, and publishing the finished folder.
+work-unit plan, manifest of finished units), disk space, resume, and publishing the result.
 
 Work happens in OUT.partial; OUT appears only when complete. A partial output is continued only
-by a run with the same fingerprint (config, seed, output options, inputs' sizes and mtimes).
+by a run with the same fingerprint (config, seed, output options, inputs' identities).
+
+Rules (SECURITY.md): nothing is deleted or renamed that this tool did not create, except an
+existing OUT (with --overwrite, only once the new output is complete) and a stale OUT.partial
+holding our run state (with --overwrite). Run state is written atomically (write, fsync,
+rename); a unit is listed as done only after its bytes are on disk; damaged state is exit 4
+with the way out.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
+import tempfile
+import time
+from dataclasses import dataclass
 
 from . import __version__
-from .errors import OutputError
+from .checkpoint.reader import model_roots
+from .errors import InputError, OutputError, UsageError, short
 
 log = logging.getLogger("dppa_stream")
 
 WORK_DIR = ".dppa-stream"
+RUN_STATE = "run.json"
+MANIFEST = "done.txt"
+RESERVE_DIR = "reserve"  # placeholder files holding the space of what is written last
+MANIFEST_INTERVAL = 1.0  # seconds between manifest batches (each costs an fdatasync of the shards)
+
+_created: set[str] = set()  # OUT.partial folders this process created (and so may remove again)
+
+
+def _state_error(path: str, partial: str, problem: str) -> OutputError:
+    return OutputError(f"{path}: {problem}; the run state of {partial} is damaged: remove {partial} "
+                       "or pass --overwrite to start over")
+
+
+def write_failed(path: str, e: OSError) -> OutputError:
+    """The one message for a failed write: what failed and how to continue."""
+    return OutputError(f"{path}: write failed ({e.strerror or e}); free space or fix the cause, then rerun with --resume")
 
 
 def fingerprint(cfg, inputs, seed: int, shard_size: int) -> str:
-    """Identity of a run's output: config, seed, output options and the inputs' headers/sizes."""
+    """Identity of a run's output: config, seed, output options and each input file's identity
+    (path, size, mtime, inode, ctime: a file rewritten in place between runs changes it)."""
     h = hashlib.sha256()
-    h.update(cfg.text.encode())
+    h.update(cfg.text.encode("utf-8", "surrogateescape"))
     h.update(json.dumps([seed, shard_size, __version__]).encode())
     for ck in inputs.all:
         for f in ck.files:
-            st = os.stat(f)
-            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+            try:
+                st = os.stat(f)
+            except OSError as e:
+                raise InputError(f"{f}: cannot read ({e.strerror})") from None
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
 def check_output(out: str, inputs, overwrite: bool) -> None:
-    """Refuse outputs that could touch an input: the same folder, inside one, or containing one
-    (replacing such a folder with --overwrite would delete the input)."""
+    """Refuse outputs that could touch an input: OUT or OUT.partial being, containing or lying
+    inside an input (its folder, its Hugging Face cache repository, or any weight file)."""
     real = os.path.realpath(out)
+    partial = os.path.realpath(out + ".partial")
     for ck in inputs.all:
-        paths = [os.path.realpath(ck.folder)] if ck.folder else [os.path.realpath(ck.path)]
-        paths += [os.path.realpath(f) for f in ck.files]
-        for p in paths:
-            if real == p or p.startswith(real + os.sep):
-                raise OutputError(f"{out}: the output would contain or replace the input {p}")
-        if ck.folder and real.startswith(os.path.realpath(ck.folder) + os.sep):
-            raise OutputError(f"{out}: the output folder must not be inside the input folder {ck.folder}")
-    if os.path.exists(out) and not overwrite:
+        roots = list(model_roots(ck.folder)) if ck.folder else [os.path.realpath(ck.path)]
+        files = [os.path.realpath(f) for f in ck.files]
+        for mine in (real, partial):
+            for p in roots + files:
+                if _inside(p, mine):
+                    raise OutputError(f"{out}: the output would contain or replace the input {p}")
+            for r in roots:
+                if _inside(mine, r) and ck.folder:
+                    raise OutputError(f"{out}: the output folder must not be inside the input folder {r}")
+    if os.path.lexists(out) and not overwrite:
         raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
-    if os.path.exists(out) and not os.path.isdir(out):
+    if os.path.lexists(out) and not os.path.isdir(out):
         raise OutputError(f"{out}: exists and is not a folder")
+    p = out + ".partial"
+    if os.path.lexists(p) and (os.path.islink(p) or not os.path.isdir(p)):
+        raise OutputError(f"{p}: exists and is not a folder made by dppa-stream; remove it")
     parent = os.path.dirname(real) or "."
     if not os.path.isdir(parent):
         raise OutputError(f"{out}: parent folder {parent} does not exist")
@@ -56,77 +98,364 @@ def check_output(out: str, inputs, overwrite: bool) -> None:
         raise OutputError(f"{out}: parent folder {parent} is not writable")
 
 
-def prepare_partial(partial: str, fp: str, resume: bool, overwrite: bool, plan: dict) -> tuple[set, dict]:
+# --- disk space ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Space:
+    """Bytes a run will write: shards (pre-allocated by the layout), small files written at the
+    end (reserved now as placeholder files: name -> bytes), and state that grows during the run
+    (statistics, manifest; checked, not reserved)."""
+
+    shards: int
+    final: dict
+    state: int
+
+    @property
+    def total(self) -> int:
+        return self.shards + sum(self.final.values()) + self.state
+
+
+def space_needed(inputs, cfg, model_files: list | None = None) -> Space:
+    """Estimate what the run writes (from headers alone)."""
+    from .checkpoint import DTYPE_SIZES, FLOAT_DTYPES
+
+    shards = state = 0
+    for name in inputs.names:
+        e = inputs.entry(name)
+        dt = (cfg.output_dtype or e.dtype) if e.dtype in FLOAT_DTYPES else e.dtype
+        shards += e.numel * DTYPE_SIZES[dt] + len(name.encode()) + 96
+        if e.dtype in FLOAT_DTYPES:  # a statistics record per model, and manifest lines
+            state += len(inputs.outputs[name].models) * (min(e.numel, 1 << 15) * 4 + 2048)
+        state += 64 + len(name.encode())
+    card = 4096 + 2 * len(cfg.text.encode("utf-8", "surrogateescape")) + sum(len(m.path) + 8 for m in inputs.all)
+    final = {"README.md": card, "dppa_stream_config.yml": len(cfg.text.encode("utf-8", "surrogateescape")),
+             "model.safetensors.index.json": 4096 + sum(len(n.encode()) + 48 for n in inputs.names)}
+    for name, stamp in (model_files if model_files is not None else getattr(inputs, "model_files", [])):
+        size = stamp.identity[3]
+        final[name] = 2 * size + 4096 if name == "config.json" else size  # config.json is re-indented
+    return Space(shards, final, state)
+
+
+def _check_free(folder: str, need: int) -> None:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        raise OutputError(f"{folder}: needs about {need / 1e6:.1f} MB of free disk space but the disk has "
+                          f"{free / 1e6:.1f} MB; free space (then rerun, with --resume if OUT.partial exists) "
+                          "or write elsewhere")
+
+
+def reserve(partial: str, space: Space, resumed: bool) -> None:
+    """Check the free space for everything still to be written and hold the space of the files
+    written last, so a full disk fails now, not at the end after hours of work."""
+    rdir = os.path.join(partial, WORK_DIR, RESERVE_DIR)
+    held = 0
+    if os.path.isdir(rdir):
+        held = sum(os.path.getsize(os.path.join(rdir, f)) for f in os.listdir(rdir))
+    shards = 0 if resumed else space.shards
+    _check_free(partial, shards + sum(space.final.values()) + space.state - held)
+    try:
+        os.makedirs(rdir, exist_ok=True)
+        for i, size in enumerate(space.final.values()):
+            path = os.path.join(rdir, f"{i:03d}")
+            with open(path, "ab") as f:
+                if size > 0:
+                    try:
+                        os.posix_fallocate(f.fileno(), 0, size)
+                    except OSError as e:
+                        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                            raise
+                        f.truncate(size)
+    except OSError as e:
+        raise OutputError(f"{partial}: cannot reserve {sum(space.final.values()) / 1e6:.1f} MB for the tokenizer, "
+                          f"config and model card ({e.strerror}); free space, then rerun with --resume") from None
+
+
+def release_reserve(folder: str) -> None:
+    """Give back the reserved space right before the final small files are written."""
+    shutil.rmtree(os.path.join(folder, WORK_DIR, RESERVE_DIR), ignore_errors=True)
+
+
+# --- run state ----------------------------------------------------------------------------------
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write a file so that it is either absent, the old version or complete: write a temporary
+    file, fsync it, rename it over `path`, fsync the folder."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path))
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise write_failed(path, e) from None
+
+
+def fsync_dir(folder: str) -> None:
+    fd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view, done = memoryview(data), 0
+    while done < len(view):
+        done += os.write(fd, view[done:])
+
+
+def _load_run_state(run_json: str, partial: str) -> dict:
+    try:
+        with open(run_json, "rb") as f:
+            saved = json.loads(f.read().decode("utf-8"))
+    except OSError as e:
+        raise _state_error(run_json, partial, f"cannot read ({e.strerror})") from None
+    except (ValueError, RecursionError):
+        raise _state_error(run_json, partial, "not valid JSON (a torn write?)") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("fingerprint"), str):
+        raise _state_error(run_json, partial, "no fingerprint")
+    return saved
+
+
+def _check_plan(saved: dict, run_json: str, partial: str) -> dict:
+    rows = saved.get("rows_per_unit")
+    if not isinstance(rows, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                             for v in rows.values()):
+        raise _state_error(run_json, partial, "malformed work-unit plan")
+    return rows
+
+
+def prepare_partial(partial: str, fp: str, resume: bool, overwrite: bool, plan: dict,
+                    space: Space | None = None) -> tuple[set, dict]:
     """Create OUT.partial for a fresh run, or validate it for --resume. Returns the finished units
-    and the work-unit plan (rows per unit, per tensor) they belong to.
+    and the work-unit plan (rows per unit, per tensor) they belong to. With `space`, check the
+    free disk space and reserve what is written last.
 
     A partial output is only continued when its fingerprint (config, seed, shard size, inputs'
-    sizes and mtimes, version) matches; otherwise it is refused, never silently mixed."""
+    identities, version) matches; otherwise it is refused, never silently mixed."""
     work = os.path.join(partial, WORK_DIR)
-    run_json = os.path.join(work, "run.json")
-    if os.path.exists(partial):
-        if not os.path.isfile(run_json):
-            raise OutputError(f"{partial}: exists and was not made by dppa-stream; remove it")
+    run_json = os.path.join(work, RUN_STATE)
+    if os.path.lexists(partial):
+        ours = os.path.isdir(work) and not os.path.islink(partial)
+        if not ours or (not os.path.lexists(run_json) and not overwrite):
+            raise OutputError(f"{partial}: exists and was not made by dppa-stream (or holds no run state); remove it")
         if resume:
-            with open(run_json) as f:
-                saved = json.load(f)
-            if saved.get("fingerprint") != fp or set(saved.get("rows_per_unit", {})) != set(plan):
-                raise OutputError(f"{partial}: was made with a different config or different inputs; "
-                                  "remove it or pass --overwrite to start over")
-            done = read_manifest(os.path.join(work, "done.txt"))
-            log.info("resuming %s: %d units already written", partial, len(done))
-            return done, saved["rows_per_unit"]
+            try:
+                done, rows = _resume(partial, fp, plan)
+            except OutputError:  # damaged or another run's state: --overwrite (if given) starts over
+                if not overwrite:
+                    raise
+                log.info("%s cannot be resumed; starting over (--overwrite)", partial)
+            else:
+                if space is not None:
+                    reserve(partial, space, resumed=True)
+                return done, rows
         if not overwrite:
             raise OutputError(f"{partial}: holds an interrupted run; pass --resume to continue it or --overwrite to start over")
-        shutil.rmtree(partial)
+        try:
+            shutil.rmtree(partial)  # ours (it holds our run state) and --overwrite asks for a fresh start
+        except OSError as e:
+            raise OutputError(f"{partial}: cannot remove the stale partial output ({e.strerror})") from None
+    if space is not None:
+        _check_free(os.path.dirname(os.path.abspath(partial)), space.total)  # before creating anything
     try:
         os.makedirs(work)
-        with open(run_json, "w") as f:
-            json.dump({"fingerprint": fp, "version": __version__, "rows_per_unit": plan}, f)
     except OSError as e:
         raise OutputError(f"{partial}: cannot create the output folder ({e.strerror})") from None
+    _created.add(os.path.realpath(partial))
+    write_atomic(run_json, json.dumps({"fingerprint": fp, "version": __version__, "rows_per_unit": plan}).encode())
+    if space is not None:
+        reserve(partial, space, resumed=False)
     return set(), plan
 
 
-def read_manifest(path: str) -> set:
+def _resume(partial: str, fp: str, plan: dict) -> tuple[set, dict]:
+    """The finished units and plan of a partial output whose run state matches this run."""
+    work = os.path.join(partial, WORK_DIR)
+    run_json = os.path.join(work, RUN_STATE)
+    saved = _load_run_state(run_json, partial)
+    rows = _check_plan(saved, run_json, partial) if saved["fingerprint"] == fp else {}
+    if saved["fingerprint"] != fp or set(rows) != set(plan):
+        raise OutputError(f"{partial}: was made with a different config or different inputs; "
+                          "remove it or pass --overwrite to start over")
+    done = read_manifest(os.path.join(work, MANIFEST), rows)
+    log.info("resuming %s: %d units already written", partial, len(done))
+    return done, rows
+
+
+def _record(line: bytes, plan: dict | None):
+    """(tensor, unit) from one manifest line, or None if the line is damaged."""
+    try:
+        rec = json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    if (isinstance(rec, list) and len(rec) == 2 and isinstance(rec[0], str) and isinstance(rec[1], int)
+            and not isinstance(rec[1], bool) and rec[1] >= 0 and (plan is None or rec[0] in plan)):
+        return rec[0], rec[1]
+    return None
+
+
+def _manifest_lines(data: bytes) -> tuple[list[bytes], int]:
+    """Complete lines, and the length of the part worth keeping: a torn tail (no newline, or a
+    damaged last line) is dropped."""
+    lines = data.split(b"\n")
+    lines.pop()  # after the last newline: empty, or the torn tail of an interrupted write
+    keep = sum(len(line) + 1 for line in lines)
+    if lines and _record(lines[-1], None) is None:
+        keep -= len(lines.pop()) + 1
+    return lines, keep
+
+
+def read_manifest(path: str, plan: dict | None = None) -> set:
+    """Finished units: one JSON array [tensor, unit index] per line, so no tensor name can forge a
+    record. A damaged last line is a torn write and ignored; damage before it is refused."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return set()
+    except OSError as e:
+        raise _state_error(path, os.path.dirname(os.path.dirname(path)), f"cannot read ({e.strerror})") from None
     done = set()
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                parts = line.rstrip("\n").split("\t")
-                if line.endswith("\n") and len(parts) == 2 and parts[1].isdigit():
-                    done.add((parts[0], int(parts[1])))
+    for i, line in enumerate(_manifest_lines(data)[0]):
+        rec = _record(line, plan)
+        if rec is None:
+            raise _state_error(path, os.path.dirname(os.path.dirname(path)), f"line {i + 1} is damaged")
+        done.add(rec)
     return done
 
 
-class Manifest:
-    """Appends finished units to OUT.partial/.dppa-stream/done.txt."""
+def sync_outputs(folder: str) -> None:
+    """fdatasync every shard in `folder`: the bytes the workers wrote reach the disk."""
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
 
-    def __init__(self, partial: str):
-        self._f = open(os.path.join(partial, WORK_DIR, "done.txt"), "a")
+
+class Manifest:
+    """Appends finished units to OUT.partial/.dppa-stream/done.txt, in batches: every second the
+    shards are synced (fdatasync), then the batch is appended and fsynced. A unit is listed only
+    once its bytes are durable, so --resume after a crash or power loss never skips lost data."""
+
+    def __init__(self, partial: str, interval: float = MANIFEST_INTERVAL):
+        self.partial, self.interval = partial, interval
+        self.path = os.path.join(partial, WORK_DIR, MANIFEST)
+        self._pending: list[str] = []
+        self._last = time.monotonic()
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            size = os.fstat(self._fd).st_size
+            keep = _manifest_lines(os.pread(self._fd, size, 0))[1] if size else 0
+            if keep != size:  # drop a torn tail, or the next record would be glued onto it
+                os.ftruncate(self._fd, keep)
+                os.fsync(self._fd)
+        except OSError as e:
+            raise write_failed(self.path, e) from None
 
     def record(self, tensor: str, index: int) -> None:
-        self._f.write(f"{tensor}\t{index}\n")
-        self._f.flush()
+        self._pending.append(json.dumps([tensor, index]) + "\n")
+        if time.monotonic() - self._last >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            try:
+                sync_outputs(self.partial)
+                _write_all(self._fd, "".join(self._pending).encode())
+                os.fsync(self._fd)
+            except OSError as e:
+                raise write_failed(self.path, e) from None
+            self._pending.clear()
+        self._last = time.monotonic()
 
     def close(self) -> None:
-        self._f.close()
+        if self._fd < 0:
+            return
+        try:
+            self.flush()
+        finally:
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        try:
+            self.close()
+        except OutputError:
+            if exc_type is None:
+                raise  # else: keep the error that ended the run
 
 
-def publish(partial: str, out: str) -> None:
-    """Move the finished output into place; an old output is replaced only now."""
-    old = None
-    if os.path.exists(out):
-        old = out + ".old"
-        if os.path.exists(old):
-            shutil.rmtree(old)
-        os.rename(out, old)
-    os.rename(partial, out)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+# --- the end of a run ---------------------------------------------------------------------------
+
+
+def publish(partial: str, out: str, overwrite: bool = True) -> None:
+    """Move the finished output into place. An existing OUT is first moved into a fresh folder
+    that this call creates (never an existing OUT.old), and removed only after the new output is
+    in place; if anything fails, OUT is put back."""
+    parent = os.path.dirname(os.path.abspath(out))
+    aside = None
+    try:
+        if os.path.lexists(out):
+            if not overwrite:
+                raise OutputError(f"{out}: appeared while the merge was running; pass --overwrite to replace it "
+                                  f"(the finished output is kept in {partial})")
+            aside = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.replaced-", dir=parent)
+            os.rename(out, os.path.join(aside, "old"))
+        try:
+            os.rename(partial, out)
+        except OSError:
+            if aside:
+                os.rename(os.path.join(aside, "old"), out)
+                os.rmdir(aside)
+                aside = None
+            raise
+    except OSError as e:
+        raise OutputError(f"{out}: cannot move the finished output into place ({e.strerror}); it is complete in {partial}") from None
+    with contextlib.suppress(OSError):
+        fsync_dir(parent)  # the rename is durable
+    if aside:
+        old = os.path.join(aside, "old")
+        try:
+            if os.path.islink(old) or not os.path.isdir(old):
+                os.remove(old)
+            else:
+                shutil.rmtree(old)
+            os.rmdir(aside)
+        except OSError as e:
+            log.warning("could not remove the replaced output %s (%s)", short(aside), e.strerror)
+
+
+@contextlib.contextmanager
+def removed_on_bad_input(partial: str):
+    """Wrap one run: if it ends with a usage or input error, OUT.partial is removed when this run
+    created it (so nothing is left behind and the corrected rerun just works); a partial that an
+    earlier run made and this run only resumed is never removed."""
+    real = os.path.realpath(partial)
+    _created.discard(real)  # only what is created inside this block counts
+    try:
+        yield
+    except (InputError, UsageError):
+        if real in _created:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        _created.discard(real)

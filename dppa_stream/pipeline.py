@@ -22,7 +22,7 @@ from .executor import Executor, Progress, SchedulerSpec
 from .inputs import Inputs, open_inputs
 from .memory import PeakSampler, default_budget
 from .methods.base import Catalogue, Plan
-from .output import WORK_DIR, check_output, fingerprint, prepare_partial, publish
+from .output import WORK_DIR, check_output, fingerprint, prepare_partial, publish, removed_on_bad_input, space_needed
 from .statistics import StatsEngine, drive
 from .units import MAX_UNIT_BYTES, plan_units, unit_budget, units_from_plan
 
@@ -171,7 +171,7 @@ def merge(cfg: MergeConfig, out: str, opts: MergeOptions | None = None) -> Merge
     out = os.path.abspath(out)
     t0 = time.perf_counter()
     with PeakSampler() as sampler:
-        with session(cfg, opts, out) as s:
+        with removed_on_bad_input(out + ".partial"), session(cfg, opts, out) as s:
             result = _run(cfg, out, opts, s)
     result.wall_seconds = time.perf_counter() - t0
     result.peak_anon_bytes = sampler.peak
@@ -187,7 +187,8 @@ def _run(cfg, out, opts, s: Session) -> MergeResult:
     partial = out + ".partial"
     rows = {t: us[0].row_stop - us[0].row_start for t, us in s.units.items()}
     done, saved = prepare_partial(partial, fingerprint(cfg, s.inputs, opts.seed, opts.shard_size), opts.resume,
-                                  opts.overwrite, rows)
+                                  opts.overwrite, rows,
+                                  space_needed(s.inputs, cfg))
     if saved != rows:  # resume with the interrupted run's units: the manifest names units of that plan
         log.info("reusing the work-unit plan of the interrupted run")
         s.units = units_from_plan(s.inputs.names, _entries(s.inputs), saved)
@@ -202,7 +203,7 @@ def _run(cfg, out, opts, s: Session) -> MergeResult:
             for c in m["clamped"]:
                 log.info("DP clamped %s of %s: densities %s, kept %s", c["tensor"], m["path"], c["densities"], c["kept"])
     written, read = write_output(cfg, out, s, plan.tensors, done, opts.shard_size)
-    publish(partial, out)
+    publish(partial, out, opts.overwrite)
     n_units = sum(len(u) for u in s.units.values())
     return MergeResult(out, cfg.merge_method, 0.0, engine.bytes_read + read, written, 0, len(s.inputs.names), n_units,
                        sum(1 for u in s.units.values() if len(u) > 1), "", 0, resumed_units=len(done), dp=dp)

@@ -8,10 +8,39 @@ attributes mapping "tensor|stat key" to (offset, length).
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 import numpy as np
 
+from .errors import OutputError, printable
 from .statistics import DareSums, Stat
 from .summaries import Summary
+
+
+def _digest(data: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(data, np.int64).tobytes()).hexdigest()
+
+
+def _damaged(path: str, e: Exception) -> OutputError:
+    return OutputError(f"{path}: the statistics store is damaged ({printable(str(e) or type(e).__name__, 100)}); delete "
+                       "this folder (the statistics are recomputed) or pass --overwrite to start over")
+
+
+def _fsync_tree(folder: str) -> None:
+    """Make a written round durable: its files, then its folders."""
+    for root, _, files in os.walk(folder):
+        for f in files:
+            fd = os.open(os.path.join(root, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _pack_summary(value: Summary) -> np.ndarray:
@@ -80,35 +109,64 @@ def unpack(stat: Stat, a: np.ndarray):
 
 
 class StatsStore:
-    """Statistics by (tensor, Stat), persisted in a zarr group, one array per round."""
+    """Statistics by (tensor, Stat), persisted in a zarr group, one array per round.
+
+    A round is committed by its attributes (index and sha256 of the data), written after the data
+    is synced; a round without them is an interrupted write and ignored. A committed round that
+    does not verify, or a store that cannot be read or written, is an OutputError (exit 4) that
+    says how to go on."""
 
     def __init__(self, path: str):
         import zarr  # imported here: it adds ~0.3 s to every start-up otherwise
 
-        self.group = zarr.open_group(path, mode="a")
+        self.path = path
         self._records: dict[str, np.ndarray] = {}
-        for name in sorted(self.group.array_keys()):
-            arr = self.group[name]
-            data = arr[:]
-            for key, (off, length) in arr.attrs["index"].items():
-                self._records[key] = data[off:off + length]
+        try:
+            self.group = zarr.open_group(path, mode="a")
+            names = sorted(self.group.array_keys())
+        except Exception as e:  # noqa: BLE001 - any failure to open our own cache is damage
+            raise _damaged(path, e) from None
+        for name in names:
+            try:
+                arr = self.group[name]
+                attrs = dict(arr.attrs)
+                if "index" not in attrs:
+                    continue  # never committed: a run stopped while writing it
+                data = arr[:]
+                if "sha256" in attrs and _digest(data) != attrs["sha256"]:
+                    raise ValueError(f"{name} does not match its checksum")
+                for key, (off, length) in attrs["index"].items():
+                    if not (isinstance(key, str) and 0 <= off and off + length <= len(data)):
+                        raise ValueError(f"{name} has a bad index")
+                    self._records[key] = data[off:off + length]
+            except Exception as e:  # noqa: BLE001
+                raise _damaged(path, e) from None
+
+    def _save(self, records: dict[str, np.ndarray]) -> None:
+        if not records:
+            return
+        index, parts, off = {}, [], 0
+        for key, packed in records.items():
+            index[key] = (off, len(packed))
+            parts.append(packed)
+            off += len(packed)
+        data = np.concatenate(parts)
+        name = f"round-{len(list(self.group.array_keys())):04d}"
+        try:
+            arr = self.group.create_array(name=name, data=data, overwrite=True)
+            _fsync_tree(os.path.join(self.path, name))
+            arr.attrs.update({"index": index, "sha256": _digest(data)})  # the commit
+            _fsync_tree(os.path.join(self.path, name))
+        except Exception as e:  # noqa: BLE001 - disk full, quota, I/O error: all exit 4
+            reason = getattr(e, "strerror", None) or type(e).__name__
+            raise OutputError(f"{self.path}: cannot save statistics ({reason}); free space, then rerun with "
+                              "--resume (finished statistics are kept)") from None
+        self._records.update(records)
 
     def get(self, tensor: str, stat: Stat):
         rec = self._records.get(f"{tensor}|{stat.key()}")
         return unpack(stat, rec) if rec is not None else None
 
     def put(self, items: dict) -> None:
-        """Save {(tensor, Stat): value} as one array."""
-        if not items:
-            return
-        index, parts, off = {}, [], 0
-        for (tensor, stat), value in items.items():
-            packed = pack(stat, value)
-            key = f"{tensor}|{stat.key()}"
-            index[key] = (off, len(packed))
-            parts.append(packed)
-            self._records[key] = packed
-            off += len(packed)
-        arr = self.group.create_array(name=f"round-{len(list(self.group.array_keys())):04d}",
-                                      data=np.concatenate(parts), overwrite=True)
-        arr.attrs["index"] = index
+        """Save {(tensor, Stat): value} as one round."""
+        self._save({f"{tensor}|{stat.key()}": pack(stat, value) for (tensor, stat), value in items.items()})

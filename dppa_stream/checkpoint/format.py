@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 
-from ..errors import InputError
+from ..errors import InputError, short
 
 MAX_HEADER_SIZE = 100_000_000  # the limit safetensors itself enforces
 
@@ -75,6 +76,55 @@ class TensorEntry:
         return math.prod(self.shape[1:]) if self.shape else 1
 
 
+MAX_INT = 2**63 - 1  # sizes and offsets are int64 everywhere downstream (torch, numpy, the OS)
+# Quantized float formats: merging them needs their scales, which live in other tensors. Refused.
+QUANTIZED = re.compile(r"F[468](_|$)", re.I)  # F8_E4M3, F8_E5M2, F8_E8M0, F6_E2M3, F4, ...
+
+
+def loads_untrusted(text: str, where: str) -> object:
+    """`json.loads` for checkpoint JSON: every way it can fail (syntax, 5000-digit integers, 100k
+    levels of nesting, duplicate keys) becomes one InputError naming `where`."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: not valid JSON ({e.msg} at char {e.pos})") from None
+    except _Duplicate as e:
+        raise InputError(f"{where}: key {short(e.args[0])} appears twice") from None
+    except RecursionError:
+        raise InputError(f"{where}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # int('9' * 5000): Python's integer-size guard
+        raise InputError(f"{where}: not valid JSON ({short(str(e), 80)})") from None
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+def is_text(value) -> bool:
+    """A string that is valid Unicode (JSON escapes can produce lone surrogates, which cannot be
+    written back to UTF-8 or used as a file name)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_INT
+
+
 def read_header(path: str, fd: int, file_size: int) -> tuple[dict, int]:
     """Return (header dict, data start offset) of an open safetensors file, validated for sanity."""
     import os
@@ -88,14 +138,13 @@ def read_header(path: str, fd: int, file_size: int) -> tuple[dict, int]:
     if 8 + n > file_size:
         raise InputError(f"{path}: header length {n} runs past the end of the file ({file_size} bytes); truncated?")
     raw = os.pread(fd, n, 8)
+    if len(raw) != n:
+        raise InputError(f"{path}: short read of the header (file changed or truncated?)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise InputError(f"{path}: header is not valid UTF-8") from None
-    try:
-        header = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: header is not valid JSON ({e.msg} at char {e.pos})") from None
+    header = loads_untrusted(text, f"{path}: header")
     if not isinstance(header, dict):
         raise InputError(f"{path}: header is not a JSON object")
     return header, 8 + n
@@ -104,36 +153,40 @@ def read_header(path: str, fd: int, file_size: int) -> tuple[dict, int]:
 def parse_entries(path: str, header: dict, data_start: int, file_size: int) -> list[TensorEntry]:
     """Validate a parsed header and return its tensors sorted by offset.
 
-    Checks: known dtype, integer non-negative shape, byte count = numel x itemsize, offsets inside
-    the file, contiguous from 0 with no overlaps or holes (as safetensors requires), file size exact.
+    Checks: valid Unicode names, known unquantized dtype, shape of int64-sized non-negative
+    integers, byte count = numel x itemsize, offsets inside the file, contiguous from 0 with no
+    overlaps or holes (as safetensors requires), file size exact. Zero-size and 0-D tensors are
+    valid safetensors and accepted.
     """
     entries = []
     for name, info in header.items():
         if name == "__metadata__":
             if info is not None and not (
-                isinstance(info, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in info.items())
+                isinstance(info, dict) and all(is_text(k) and is_text(v) for k, v in info.items())
             ):
                 raise InputError(f"{path}: __metadata__ must map strings to strings")
             continue
-        where = f"{path}: tensor {name!r}"
+        where = f"{path}: tensor {short(name)}"
+        if not is_text(name):
+            raise InputError(f"{where}: the tensor name is not valid Unicode (lone surrogate)")
         if not isinstance(info, dict):
             raise InputError(f"{where}: entry is not an object")
         dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if isinstance(dtype, str) and QUANTIZED.match(dtype):
+            raise InputError(f"{where}: dtype {short(dtype)} is a quantized (8/6/4-bit float) format, which cannot be "
+                             "merged; dequantize the checkpoint to bf16, fp16 or fp32 first")
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-            raise InputError(f"{where}: unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-            raise InputError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-        if (
-            not isinstance(offs, list)
-            or len(offs) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs)
-            or offs[0] > offs[1]
-        ):
-            raise InputError(f"{where}: data_offsets {offs!r} are not two ordered non-negative integers")
+            raise InputError(f"{where}: unsupported dtype {short(dtype)}")
+        if not isinstance(shape, list) or not all(_is_int(s) for s in shape):
+            raise InputError(f"{where}: shape {short(shape)} is not a list of non-negative integers below 2**63")
+        if math.prod(s for s in shape if s) > MAX_INT:
+            raise InputError(f"{where}: shape {short(shape)} has more than 2**63 elements")
+        if not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs) or offs[0] > offs[1]:
+            raise InputError(f"{where}: data_offsets {short(offs)} are not two ordered non-negative integers")
         nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
         if offs[1] - offs[0] != nbytes:
             raise InputError(
-                f"{where}: holds {offs[1] - offs[0]} bytes but shape {shape} x {dtype} needs {nbytes}"
+                f"{where}: holds {offs[1] - offs[0]} bytes but shape {short(shape)} x {dtype} needs {nbytes}"
             )
         if data_start + offs[1] > file_size:
             raise InputError(f"{where}: data ends at byte {data_start + offs[1]}, past the end of the file ({file_size}); truncated?")
@@ -142,9 +195,9 @@ def parse_entries(path: str, header: dict, data_start: int, file_size: int) -> l
     pos = data_start
     for e in entries:
         if e.offset < pos:
-            raise InputError(f"{path}: tensor {e.name!r} overlaps the previous tensor")
+            raise InputError(f"{path}: tensor {short(e.name)} overlaps the previous tensor")
         if e.offset > pos:
-            raise InputError(f"{path}: {e.offset - pos} unused bytes before tensor {e.name!r} (a hole)")
+            raise InputError(f"{path}: {e.offset - pos} unused bytes before tensor {short(e.name)} (a hole)")
         pos = e.offset + e.nbytes
     if pos != file_size:
         raise InputError(f"{path}: {file_size - pos} bytes after the last tensor; the file is malformed")

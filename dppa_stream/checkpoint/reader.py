@@ -9,26 +9,47 @@ killed (engineering-notes §3.6); plain reads keep memory accounting honest and 
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
 import os
+import stat
 import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InputError
-from .format import TensorEntry, parse_entries, read_header
+from ..errors import InputError, short
+from .format import TensorEntry, is_text, loads_untrusted, parse_entries, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MAX_JSON_FILE = 100_000_000  # an index or config.json larger than this is not a real one
+SAMPLE = 1 << 16  # bytes hashed at the start, middle and end of each file: catches same-size rewrites
 
 _fds: dict[str, tuple[tuple, int]] = {}  # path -> (file identity, descriptor)
 _fds_lock = threading.Lock()
 
 
 def _identity(st: os.stat_result) -> tuple:
-    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+    """What changes when a file is replaced or rewritten: device, inode, mtime, size and ctime
+    (which no tool can set back, unlike mtime)."""
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
+
+
+def open_regular(path: str, what: str = "") -> tuple[int, os.stat_result]:
+    """Open a file read-only, refusing anything but a regular file. O_NONBLOCK: opening a FIFO
+    planted in a model folder must fail, not wait forever for a writer."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise InputError(f"{what or path}: cannot open ({e.strerror})") from None
+    except ValueError:  # an embedded NUL byte
+        raise InputError(f"{what or path}: not a valid file name") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise InputError(f"{what or path}: not a regular file")
+    return fd, st
 
 
 def _fd(entry: TensorEntry) -> int:
@@ -41,11 +62,8 @@ def _fd(entry: TensorEntry) -> int:
         got = _fds.get(entry.file)
         if got is not None and got[0] == entry.file_id:
             return got[1]
-        try:
-            fd = os.open(entry.file, os.O_RDONLY)
-        except OSError as e:
-            raise InputError(f"{entry.file}: cannot open ({e.strerror})") from None
-        if entry.file_id and _identity(os.fstat(fd)) != entry.file_id:
+        fd, st = open_regular(entry.file)
+        if entry.file_id and _identity(st) != entry.file_id:
             os.close(fd)
             raise InputError(f"{entry.file}: the file changed while the merge was running")
         if got is not None:
@@ -70,29 +88,110 @@ def _pickle_hint(path: str) -> InputError:
     )
 
 
-def _scan_file(path: str) -> list[TensorEntry]:
+def sample_digest(fd: int, size: int) -> str:
+    """sha256 of the first, middle and last 64 KiB: a cheap content check that, with the file's
+    identity, tells whether a file was rewritten in place (even with its mtime set back)."""
+    h = hashlib.sha256()
+    for off in sorted({0, max(0, size // 2 - SAMPLE // 2), max(0, size - SAMPLE)}):
+        h.update(os.pread(fd, SAMPLE, off))
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """A file as it was when catalogued; `changed()` says how it differs now (or None)."""
+
+    path: str
+    identity: tuple
+    digest: str
+
+    @classmethod
+    def take(cls, path: str, fd: int, st: os.stat_result) -> "Stamp":
+        return cls(path, _identity(st), sample_digest(fd, st.st_size))
+
+    def changed(self) -> str | None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            return f"it can no longer be opened ({e.strerror})"
+        try:
+            now = os.fstat(fd)
+            if _identity(now) != self.identity:
+                return "its size, times or inode changed"
+            if sample_digest(fd, now.st_size) != self.digest:
+                return "its content changed"
+        finally:
+            os.close(fd)
+        return None
+
+
+def _scan_file(path: str, stamps: dict | None = None) -> list[TensorEntry]:
+    fd, st = open_regular(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise InputError(f"{path}: cannot open ({e.strerror})") from None
-    try:
-        st = os.fstat(fd)
         header, data_start = read_header(path, fd, st.st_size)
+        if stamps is not None:
+            stamps[path] = Stamp.take(path, fd, st)
     finally:
         os.close(fd)
     ident = _identity(st)
     return [dataclasses.replace(e, file_id=ident) for e in parse_entries(path, header, data_start, st.st_size)]
 
 
-def _inside(folder: str, rel: str, index_path: str) -> str:
-    """Resolve a shard filename from an index, refusing anything that leaves the folder."""
-    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel:
-        raise InputError(f"{index_path}: shard filename {rel!r} must be a relative path inside the checkpoint folder")
-    full = os.path.realpath(os.path.join(folder, rel))
-    root = os.path.realpath(folder)
-    if os.path.commonpath([full, root]) != root:
-        raise InputError(f"{index_path}: shard filename {rel!r} points outside the checkpoint folder")
+# --- where a model's files may live -------------------------------------------------------------
+
+
+def model_roots(folder: str) -> tuple[str, ...]:
+    """The folders a model folder's files may resolve into: the folder itself and, when it is a
+    Hugging Face cache snapshot (models--ORG--NAME/snapshots/REV/...), the cache repository folder
+    models--ORG--NAME, whose blobs/ the snapshot's symlinks point into. Nothing else."""
+    real = os.path.realpath(folder)
+    roots = [real]
+    child, up = real, os.path.dirname(real)
+    while up != child:
+        if os.path.basename(up) == "snapshots" and child != up:
+            repo = os.path.dirname(up)
+            if os.path.basename(repo).startswith("models--") and os.path.isdir(os.path.join(repo, "blobs")):
+                roots.append(repo)
+            break
+        child, up = up, os.path.dirname(up)
+    return tuple(roots)
+
+
+def check_relative(rel, where: str, what: str = "file name") -> None:
+    """A name from an untrusted index must be a plain relative path inside the folder."""
+    if not is_text(rel) or not rel or "\0" in rel or "\\" in rel or os.path.isabs(rel):
+        raise InputError(f"{where}: {what} {short(rel)} must be a relative path inside the checkpoint folder")
+    if ".." in rel.split("/"):
+        raise InputError(f"{where}: {what} {short(rel)} contains '..'; names that may lead outside the checkpoint folder are refused")
+
+
+def resolve_inside(folder: str, rel: str, where: str, what: str = "file name") -> str:
+    """The real path of `folder/rel`, following symlinks only while they stay inside the model's
+    folder or its Hugging Face cache repository folder (see `model_roots`); InputError otherwise."""
+    check_relative(rel, where, what)
+    roots = model_roots(folder)
+    full = os.path.realpath(os.path.join(roots[0], rel))
+    if not any(os.path.commonpath([full, r]) == r for r in roots):
+        raise InputError(f"{where}: {what} {short(rel)} points outside the checkpoint folder (to {full}); "
+                         "only links inside the model folder or its Hugging Face cache folder are followed")
     return full
+
+
+def read_json_file(path: str, where: str | None = None):
+    """A small JSON file from a checkpoint folder (index, config.json), parsed defensively."""
+    where = where or path
+    fd, st = open_regular(path, where)
+    try:
+        if st.st_size > MAX_JSON_FILE:
+            raise InputError(f"{where}: {st.st_size} bytes is too large for a JSON file of a checkpoint")
+        raw = os.pread(fd, st.st_size + 1, 0)
+    finally:
+        os.close(fd)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{where}: not valid UTF-8") from None
+    return loads_untrusted(text, where)
 
 
 @dataclass
@@ -103,73 +202,73 @@ class Checkpoint:
     tensors: dict[str, TensorEntry]
     folder: str | None = None  # where config.json / tokenizer files live, if any
     files: list[str] = field(default_factory=list)
+    stamps: dict[str, Stamp] = field(default_factory=dict)  # each weight file as catalogued
 
     @classmethod
     def open(cls, path: str) -> "Checkpoint":
         path = os.path.abspath(os.path.expanduser(path))
+        stamps: dict[str, Stamp] = {}
         if os.path.isfile(path):
             if path.endswith(PICKLE_SUFFIXES):
                 raise _pickle_hint(path)
-            entries = _scan_file(path)
-            return cls(path, _catalogue(entries, path), None, [path])
+            entries = _scan_file(path, stamps)
+            return cls(path, _catalogue(entries, path), None, [path], stamps)
         if not os.path.isdir(path):
+            if os.path.exists(path):
+                raise InputError(f"{path}: not a checkpoint file or folder (a device, FIFO or socket?)")
             raise InputError(f"{path}: no such checkpoint file or folder")
         index = os.path.join(path, INDEX_NAME)
         single = os.path.join(path, SINGLE_NAME)
-        if os.path.isfile(index):
-            files, entries = cls._read_index(path, index)
-        elif os.path.isfile(single):
-            files, entries = [single], _scan_file(single)
+        if os.path.lexists(index):
+            files, entries = cls._read_index(path, resolve_inside(path, INDEX_NAME, index, "index"), stamps)
+        elif os.path.lexists(single):
+            full = resolve_inside(path, SINGLE_NAME, single, "weights file")
+            files, entries = [full], _scan_file(full, stamps)
         else:
             pickled = sorted(f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES))
             if pickled:
                 raise _pickle_hint(os.path.join(path, pickled[0]))
             raise InputError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME} in this folder")
-        return cls(path, _catalogue(entries, path), path, files)
+        return cls(path, _catalogue(entries, path), path, files, stamps)
 
     @staticmethod
-    def _read_index(folder: str, index: str) -> tuple[list[str], list[TensorEntry]]:
-        try:
-            with open(index, "rb") as f:
-                data = json.loads(f.read().decode("utf-8"))
-        except OSError as e:
-            raise InputError(f"{index}: cannot read ({e.strerror})") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{index}: not valid JSON ({e})") from None
+    def _read_index(folder: str, index: str, stamps: dict) -> tuple[list[str], list[TensorEntry]]:
+        data = read_json_file(index)
         wmap = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(wmap, dict) or not wmap:
             raise InputError(f"{index}: needs a non-empty 'weight_map' object")
         files: dict[str, str] = {}
         for name, rel in wmap.items():
-            if not isinstance(rel, str) or rel not in files:  # _inside refuses non-strings
-                files[rel] = _inside(folder, rel, index)
+            if not is_text(name):
+                raise InputError(f"{index}: tensor name {short(name)} is not valid Unicode")
+            if not isinstance(rel, str) or rel not in files:
+                files[rel] = resolve_inside(folder, rel, index, "shard filename")
         entries = []
         for rel, full in files.items():
             if not os.path.isfile(full):
-                raise InputError(f"{index}: shard {rel!r} is missing")
-            got = _scan_file(full)
+                what = "missing" if not os.path.lexists(full) else "not a regular file"
+                raise InputError(f"{index}: shard {short(rel)} is {what}")
+            got = _scan_file(full, stamps)
             for e in got:
                 if wmap.get(e.name) != rel:
-                    raise InputError(f"{full}: tensor {e.name!r} is not mapped to this shard in {INDEX_NAME}")
+                    raise InputError(f"{full}: tensor {short(e.name)} is not mapped to this shard in {INDEX_NAME}")
             missing = {n for n, r in wmap.items() if r == rel} - {e.name for e in got}
             if missing:
-                raise InputError(f"{index}: tensor {sorted(missing)[0]!r} is mapped to {rel!r} but not stored there")
+                raise InputError(f"{index}: tensor {short(sorted(missing)[0])} is mapped to {short(rel)} but not stored there")
             entries.extend(got)
         return list(files.values()), entries
 
     def read_config(self) -> dict | None:
-        """config.json of a folder checkpoint, or None."""
+        """config.json of a folder checkpoint, or None; InputError if present but not a JSON object."""
         if not self.folder:
             return None
         p = os.path.join(self.folder, "config.json")
-        if not os.path.isfile(p):
+        if not os.path.lexists(p):
             return None
-        try:
-            with open(p, encoding="utf-8") as f:
-                cfg = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{p}: not valid JSON ({e})") from None
-        return cfg if isinstance(cfg, dict) else None
+        cfg = read_json_file(resolve_inside(self.folder, "config.json", p), p)
+        if not isinstance(cfg, dict):
+            raise InputError(f"{p}: not a JSON object")
+        return cfg
 
     @property
     def nbytes(self) -> int:
@@ -180,8 +279,10 @@ def _catalogue(entries: list[TensorEntry], where: str) -> dict[str, TensorEntry]
     out: dict[str, TensorEntry] = {}
     for e in entries:
         if e.name in out:
-            raise InputError(f"{where}: tensor {e.name!r} is stored twice")
+            raise InputError(f"{where}: tensor {short(e.name)} is stored twice")
         out[e.name] = e
+    if not out:
+        raise InputError(f"{where}: holds no tensors")
     return out
 
 
@@ -193,7 +294,7 @@ def read_into(entry: TensorEntry, start: int, stop: int, buf: np.ndarray) -> Non
         return
     got = os.preadv(_fd(entry), [buf], entry.offset + start * entry.row_numel * entry.itemsize)
     if got != nbytes:
-        raise InputError(f"{entry.file}: short read of tensor {entry.name!r} (file changed or truncated?)")
+        raise InputError(f"{entry.file}: short read of tensor {short(entry.name)} (file changed or truncated?)")
 
 
 def read_rows(entry: TensorEntry, start: int, stop: int):

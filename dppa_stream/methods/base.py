@@ -89,7 +89,9 @@ class MergeMethod:
 
     @classmethod
     def check_params(cls, params: dict, models: list[dict]) -> str | None:
-        """A problem with the resolved parameters taken together (one line), or None."""
+        """Checks across parameters, run when the config is parsed (so a bad config fails before
+        any tensor is read): the problem as one line, or None. `params` and each of `models` are
+        the specs as written (defaults not filled in)."""
         return None
 
     def statistics(self, catalogue: Catalogue, tensors: list[str], got) -> dict[str, list]:

@@ -138,6 +138,8 @@ def clamp_notes(reports: list, paths: list[str]) -> dict:
 
 def normalise(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """(v - mean) / max|v - mean|, numel-weighted mean if weights given; zero spread -> zeros."""
+    if not len(values):
+        return values
     centre = (values * weights).sum() / weights.sum() if weights is not None else values.mean()
     y = values - centre
     spread = np.abs(y).max() if len(y) else 0.0
@@ -183,7 +185,8 @@ class DPPA(DeltaMethod):
         for where, p in given:
             amp = p.get("amplification")
             if isinstance(amp, list) and len(amp) != len(rates):
-                return f"{where}.amplification {amp} needs one factor per pruning rate ({len(rates)}: {rates})"
+                return (f"{where}.amplification has {len(amp)} factor(s) but pruning_rates has {len(rates)} "
+                        f"({rates}); give one factor per pruning rate")
         return None
 
     def pruning_rates(self) -> list[float]:
@@ -203,6 +206,7 @@ class DPPA(DeltaMethod):
         except ValueError as e:
             raise InputError(str(e)) from None
         stacks = list(dict.fromkeys(lin.stack for lin in found))
+        found = [lin for lin in found if lin.numel]  # an empty weight has nothing to prune
         return sorted(found, key=lambda lin: (stacks.index(lin.stack), lin.block, lin.tensor, lin.span))
 
     # -- statistics: what DP needs, round by round -------------------------------------------------
@@ -351,7 +355,7 @@ class DPPA(DeltaMethod):
                 layer_score[(stack, br.block)] = br.layer_score
         r = np.array([tr.outlier_ratio for tr in trs])
         n = np.array([tr.numel for tr in trs], dtype=np.float64)
-        x = r / r.mean() if r.mean() > 0 else np.zeros_like(r)
+        x = r / r.mean() if len(r) and r.mean() > 0 else np.zeros_like(r)
         T = normalise(x, n)
         for tr, tscore in zip(trs, T):
             tr.linear_score = float(tscore)
