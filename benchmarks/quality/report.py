@@ -371,7 +371,8 @@ def write_readme_block(results: dict, readme: str, search: bool = False) -> bool
 
 def main(argv=None) -> int:
     """Re-write tables.md and retention.png (and with --readme the README's results block) from a
-    quality.json, e.g. after editing this module."""
+    quality.json, or search.md (and the README's search block) from a search.json, e.g. after
+    editing this module."""
     import argparse
     import json
 
@@ -382,6 +383,12 @@ def main(argv=None) -> int:
     with open(args.json) as f:
         results = json.load(f)
     folder = os.path.dirname(os.path.abspath(args.json))
+    if results["seeds"] and "search" in results["seeds"][0] and "table1" not in results["seeds"][0]:
+        with open(os.path.join(folder, "search.md"), "w") as f:  # a search.json (run.py --tables search)
+            f.write(search_markdown(results) + "\n")
+        if args.readme and not write_readme_block(results, args.readme, search=True):
+            raise SystemExit(f"{args.readme}: no search markers")
+        return 0
     with open(os.path.join(folder, "tables.md"), "w") as f:
         f.write(markdown(results) + "\n")
     plot(results, os.path.join(folder, "retention.png"))
