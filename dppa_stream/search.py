@@ -104,6 +104,10 @@ class SearchResult:
         """Per fine-tune: (start factors, kept factors), or None where they are equal."""
         return [None if a == b else (a, b) for a, b in zip(self.start_factors, self.best_factors)]
 
+    def _scores(self, n: int) -> str:
+        ev = self.log[n - 1] if 0 < n <= len(self.log) else None
+        return f" (scores {', '.join(f'{x:g}' for x in ev.scores)})" if ev is not None and len(ev.scores) > 1 else ""
+
     def report(self) -> str:
         """The final report (stderr and search_log.md)."""
         n = len(self.log)
@@ -111,9 +115,9 @@ class SearchResult:
         lines = [f"search ({self.strategy}, objective {self.objective_name}, min gain {self.min_gain:g}): "
                  f"{n} evaluations" + (f" ({replayed} replayed from the log)" if replayed else "")
                  + f" in {self.wall_seconds:.1f}s",
-                 f"  start: {_fmt(self.start_factors)}, objective {self.start_score:.6g}",
-                 f"  best:  {_fmt(self.best_factors)}, objective {self.best_score:.6g} (evaluation {self.best_index}, "
-                 f"{self.best_score - self.start_score:+.6g} over the start)"]
+                 f"  start: {_fmt(self.start_factors)}, objective {self.start_score:.6g}{self._scores(1)}",
+                 f"  kept:  {_fmt(self.best_factors)}, objective {self.best_score:.6g}{self._scores(self.best_index)} "
+                 f"(evaluation {self.best_index}, {self.best_score - self.start_score:+.6g} over the start)"]
         if self.beat_start:
             for i, ch in enumerate(self.changed):
                 name = os.path.basename(self.models[i].rstrip("/")) if i < len(self.models) else str(i)
