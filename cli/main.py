@@ -290,46 +290,63 @@ def stats(config, json_out, plot, experts, memory_limit, scheduler, scheduler_fi
 @click.option("--eval-cmd", "eval_cmds", multiple=True, required=True,
               help="Command scoring a model folder, with {model} in it; its last printed number is the score. Repeatable.")
 @click.option("--dense-score", "dense", type=float, multiple=True,
-              help="Reference score per --eval-cmd (e.g. the dense fine-tune's); the objective is the geometric mean of score/reference.")
-@click.option("--start", help="Starting factors, comma-separated, one per pruning rate [default: the config's amplification].")
-@click.option("--step", type=float, default=0.1, show_default=True, help="Step of the coordinate walk.")
-@click.option("--max-evals", type=int, default=100, show_default=True, help="Stop after this many evaluations.")
+              help="Reference score per --eval-cmd (e.g. the dense fine-tune's): each score is divided by it before "
+                   "the scores are combined.")
+@click.option("--strategy", type=click.Choice(["tpe", "reference"]), default="tpe", show_default=True,
+              help="tpe: each fine-tune's own factors, searched up and down in [0, --max-factor] by optuna's seeded "
+                   "TPE sampler; reference: the authors' greedy walk (one shared vector, +--step moves only).")
+@click.option("--objective", type=click.Choice(["mean", "geomean", "min"]), default="geomean", show_default=True,
+              help="How several scores (each / its --dense-score) combine. geomean floors each ratio at 0.01, so one "
+                   "task scoring 0 does not zero it. With one --eval-cmd all three are the score.")
+@click.option("--min-gain", type=float, default=None,
+              help="Noise margin: a candidate replaces the best so far only if it beats it by more than this (objective "
+                   "units); if none beats the start, the start is kept [default: 0.01 for tpe, 0 for reference].")
+@click.option("--max-evals", type=int, default=100, show_default=True, help="Budget: at most this many evaluations.")
+@click.option("--start", help="Starting factors: one vector for every fine-tune ('1.8,0.0') or one per fine-tune "
+              "('1.8,0.0;1.5,0.5') [default: the config's amplification].")
+@click.option("--step", type=float, default=0.1, show_default=True,
+              help="Step of the reference walk; grid of the factors tpe tries.")
+@click.option("--max-factor", type=float, default=4.0, show_default=True, help="Upper bound of every factor (tpe).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the optimiser (tpe).")
+@click.option("--resume", is_flag=True, help="Reuse the evaluations logged in OUT.search/search_log.jsonl by an "
+              "interrupted search (none is run again) and continue to --max-evals.")
 @click.option("--memory-limit", help="Memory budget, e.g. 4GiB [default: half the available memory].")
 @click.option("--scheduler", default=None, help=_SCHED_HELP)
 @click.option("--scheduler-file", type=click.Path(dir_okay=False), help="Connect to the Dask scheduler described in this file.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--quiet", "-q", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True, help="No per-evaluation lines or final report.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def search(config, out, eval_cmds, dense, start, step, max_evals, memory_limit, scheduler, scheduler_file, overwrite,
-           quiet, debug):
-    """Search DPA amplification factors for a dppa CONFIG by greedy coordinate ascent; keep the best model in OUT.
+def search(config, out, eval_cmds, dense, strategy, objective, min_gain, max_evals, start, step, max_factor, seed,
+           resume, memory_limit, scheduler, scheduler_file, overwrite, quiet, debug):
+    """Search the DPA amplification factors of a dppa CONFIG on validation scores; keep the best model in OUT.
+
+    Pass 1 runs once (statistics in OUT.search/stats.zarr); each candidate costs one pass 2 and one run of
+    every --eval-cmd. Every evaluation is logged in OUT.search/search_log.jsonl; the final report (stderr,
+    OUT/search_log.json, OUT/search_log.md) gives the start and best factors and scores, what changed per
+    model, and says when no candidate beat the start by more than --min-gain (then the start is kept).
 
     Score on a validation split, not on the test set you report (the reference tuned on test data)."""
 
     def go():
         from dppa_stream.config import load_config
-        from dppa_stream.errors import UsageError
         from dppa_stream.pipeline import MergeOptions
-        from dppa_stream.search import search as run_search
+        from dppa_stream.search import parse_start, search as run_search
 
-        try:
-            start_list = [float(x) for x in start.split(",")] if start else None
-        except ValueError:
-            raise UsageError(f"--start {start!r}: give comma-separated numbers like 1.8,0.0") from None
-        for x in start_list or []:
-            _finite(x, "--start")
+        start_m = parse_start(start)
         for x in dense:
             _finite(x, "--dense-score", positive=True)
         _finite(step, "--step", positive=True)
         if max_evals < 1:
             raise UsageError(f"--max-evals {max_evals}: must be at least 1")
-        opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, scheduler_file, overwrite=overwrite, quiet=True)
+        opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, scheduler_file, seed=seed,
+                            overwrite=overwrite, quiet=True)
         _scheduler(scheduler, scheduler_file)
-        res = run_search(load_config(config), out, list(eval_cmds), opts, start_list, step, list(dense) or None,
-                         max_evals, echo=(lambda *a: None) if quiet else (lambda m: click.echo(m, err=True)))
+        res = run_search(load_config(config), out, list(eval_cmds), opts, start_m, step, list(dense) or None,
+                         max_evals, echo=(lambda *a: None) if quiet else (lambda m: click.echo(m, err=True)),
+                         strategy=strategy, objective=objective, min_gain=min_gain, max_factor=max_factor,
+                         resume=resume)
         if not quiet:
-            click.echo(f"best amplification {res.best_amplification} (score {res.best_score:.6g}) after "
-                       f"{len(res.log)} evaluations in {res.wall_seconds:.1f}s; model in {res.out}", err=True)
+            click.echo(res.report(), err=True)
 
     _run(debug, go)
 

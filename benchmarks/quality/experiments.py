@@ -60,6 +60,9 @@ class Plan:
     search_start: tuple = (1.0, 0.0)
     search_step: float = 0.1
     search_max_evals: int = 16
+    # the search table: both strategies of `dppa-stream search` at the same budget, tuned on val, test reported
+    strategies: tuple = ("reference", "tpe")
+    strategy_max_evals: int = 16
     n_val: int = 100
     n_test: int = 200
 
@@ -73,7 +76,7 @@ def smoke_plan() -> Plan:
     return Plan(shape=M.ModelShape(hidden=32, layers=2, heads=2, intermediate=64), domains=("count",),
                 base_steps=60, base_batch=32, ft_batch=32, regimes=(Regime("complex", 40, 3e-3),),
                 rates=(0.8,), table1_methods=("dare", "dppa"), table2_methods=("task_arithmetic", "dppa"),
-                lambdas=(1.0,), dppa_weights=("1",), search_max_evals=3, n_val=20, n_test=20)
+                lambdas=(1.0,), dppa_weights=("1",), search_max_evals=3, strategy_max_evals=3, n_val=20, n_test=20)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +231,7 @@ class SeedRun:
             rates = [rate, round(max(rate - 0.1, 0.0), 6)]
             write_config(cfg, "dppa", self.base, [(ft, {})], {"pruning_rates": rates,
                                                              "amplification": list(self.plan.search_start)})
-            self.cli(["search", cfg, out, "--eval-cmd", eval_cmd(domain), "--start",
+            self.cli(["search", cfg, out, "--eval-cmd", eval_cmd(domain), "--strategy", "reference", "--start",
                       ",".join(f"{a:g}" for a in self.plan.search_start), "--step", f"{self.plan.search_step:g}",
                       "--max-evals", str(self.plan.search_max_evals), "--overwrite", "--quiet"])
             slog = read_search_log(out)
@@ -292,7 +295,8 @@ class SeedRun:
                     args += ["--eval-cmd", eval_cmd(d)]
                 for d in p.domains:  # floored at one example's worth: a score of 0 is refused (see README)
                     args += ["--dense-score", f"{max(dense_val[d], 1 / p.n_val):.6g}"]
-                self.cli(args + ["--start", ",".join(f"{a:g}" for a in p.search_start), "--step", f"{p.search_step:g}",
+                self.cli(args + ["--strategy", "reference", "--start", ",".join(f"{a:g}" for a in p.search_start),
+                                 "--step", f"{p.search_step:g}",
                                  "--max-evals", str(p.search_max_evals), "--overwrite", "--quiet"])
                 slog = read_search_log(out)
                 found[w] = {"weight": w, "amplification": slog["best_amplification"], "val_objective": slog["best_score"],
@@ -327,12 +331,66 @@ class SeedRun:
             yield "tuned", {"lambda": best, "val_objective": grid[best]["val_objective"], "acc": grid[best]["acc"],
                             "kept": one["kept"], "grid": {str(k): v["val_objective"] for k, v in grid.items()}}
 
+    # -- the search table: both strategies at the same budget ----------------------------------
+    def search_table(self):
+        """`dppa-stream search` with each strategy at the same --max-evals, tuned on validation and
+        scored on test: pruning one fine-tune (dppa, rates table2_rates) and merging all fine-tunes
+        of a regime (dppa, weight 1/K, combine sum, objective: geomean of accuracy / dense accuracy).
+        Both start at search_start and use the CLI's defaults otherwise (--min-gain: 0 for the
+        reference walk, 0.01 for tpe; --objective geomean; --max-factor 4; --seed 0)."""
+        t0 = time.perf_counter()
+        p = self.plan
+        rows = []
+        start = ",".join(f"{a:g}" for a in p.search_start)
+        for r in p.regimes:
+            dense_val = {d: self.dense[(r.name, d)]["val"][d] for d in p.domains}
+            dense_test = {d: self.dense[(r.name, d)]["test"][d] for d in p.domains}
+            jobs = [("prune", d, [(self.fts[(r.name, d)], {})], [d]) for d in p.domains]
+            K = len(p.domains)
+            jobs.append(("merge", "all", [(self.fts[(r.name, d)], {"weight": round(1 / K, 6)}) for d in p.domains],
+                         list(p.domains)))
+            for task, domain, models, doms in jobs:
+                for strategy in p.strategies:
+                    tag = f"s-{r.name}-{task}-{domain}-{strategy}"
+                    cfg = os.path.join(self.work, tag + ".yml")
+                    out = os.path.join(self.work, tag)
+                    write_config(cfg, "dppa", self.base, models, {"pruning_rates": list(p.table2_rates),
+                                                                  "amplification": list(p.search_start)})
+                    args = ["search", cfg, out]
+                    for d in doms:
+                        args += ["--eval-cmd", eval_cmd(d)]
+                    if task == "merge":  # floored at one example's worth, like Table 2
+                        for d in doms:
+                            args += ["--dense-score", f"{max(dense_val[d], 1 / p.n_val):.6g}"]
+                    t1 = time.perf_counter()
+                    self.cli(args + ["--strategy", strategy, "--start", start, "--max-evals", str(p.strategy_max_evals),
+                                     "--seed", "0", "--overwrite", "--quiet"])
+                    wall = time.perf_counter() - t1
+                    slog = read_search_log(out)
+                    acc = self.ev.accuracies(out, doms, "test")
+                    shutil.rmtree(out, ignore_errors=True)
+                    norm = {d: acc[d] / dense_test[d] if dense_test[d] > 0 else float("nan") for d in doms}
+                    row = {"regime": r.name, "task": task, "domain": domain, "strategy": strategy,
+                           "start_factors": slog["start_factors"], "best_factors": slog["best_factors"],
+                           "val_start": slog["start_score"], "val_best": slog["best_score"],
+                           "beat_start": slog["beat_start"], "evals": slog["evaluations_used"],
+                           "max_evals": p.strategy_max_evals, "min_gain": slog["min_gain"], "wall_seconds": round(wall, 2),
+                           "acc": acc, "retention": sum(norm.values()) / len(norm)}
+                    rows.append(row)
+                    self.log(f"  search seed {self.seed} {r.name:7s} {task} {domain:5s} {strategy:9s} "
+                             f"val {row['val_start']:.3f} -> {row['val_best']:.3f}, test retention "
+                             f"{100 * row['retention']:.1f} %, {row['evals']} evals, {wall:.0f}s")
+        self.result["search"] = rows
+        self._clock("search", t0)
+
     def run(self, tables=("table1", "table2")) -> dict:
         self.checkpoints()
         if "table1" in tables:
             self.table1()
         if "table2" in tables:
             self.table2()
+        if "search" in tables:
+            self.search_table()
         return self.result
 
 

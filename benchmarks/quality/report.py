@@ -283,30 +283,96 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def search_markdown(results: dict) -> str:
+    """The search-strategy table: each strategy at the same budget, tuned on val, scored on test."""
+    seeds = results["seeds"]
+    plan = results["plan"]
+    rows = [s.get("search", []) for s in seeds]
+    regimes = [r["name"] for r in plan["regimes"]]
+    strategies = plan.get("strategies", ["reference", "tpe"])
+    n = len(seeds)
+    spread = f"mean ± sample std over {n} seeds" if n > 1 else "one seed"
+    rates = ", ".join(f"{r:g}" for r in plan["table2_rates"])
+    L = ["### Factor search: `--strategy reference` vs `--strategy tpe` at the same budget", "",
+         f"`dppa-stream search --max-evals {plan.get('strategy_max_evals')}` with each strategy, start "
+         f"[{', '.join(f'{a:g}' for a in plan['search_start'])}], CLI defaults otherwise; factors tuned on the "
+         f"validation split, accuracy reported on the test split; {spread} (seeds "
+         f"{', '.join(str(s['seed']) for s in seeds)}). **Pruning**: dppa with pruning_rates [{rates}] on one fine-tune, "
+         "test accuracy as % of the dense fine-tune's, mean over domains. **Merging**: dppa of the "
+         f"{len(plan['domains'])} fine-tunes (weight 1/{len(plan['domains'])} each, combine sum, objective geomean of "
+         "accuracy / dense accuracy), average normalised test accuracy. `val` = the search's objective at the start → at "
+         "the kept factors; `beat start` = searches whose kept model beat the start by more than --min-gain; "
+         "`wall` = seconds per search (writing and evaluating every candidate).", "",
+         "| task | regime | strategy | test (% of dense) | Δ vs reference (per seed) | val start → kept | beat start | evals | wall s |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for task in ("prune", "merge"):
+        for reg in regimes:
+            per_seed = {}
+            for strat in strategies:
+                vals = []
+                for sr in rows:
+                    sel = [r for r in sr if r["task"] == task and r["regime"] == reg and r["strategy"] == strat]
+                    if sel:
+                        vals.append(statistics.fmean(r["retention"] for r in sel))
+                per_seed[strat] = vals
+            for strat in strategies:
+                sel = [r for sr in rows for r in sr if r["task"] == task and r["regime"] == reg and r["strategy"] == strat]
+                if not sel:
+                    continue
+                ref = per_seed.get("reference", [])
+                if strat != "reference" and ref and len(ref) == len(per_seed[strat]):
+                    d = [100 * (a - b) for a, b in zip(per_seed[strat], ref)]
+                    delta = f"{statistics.fmean(d):+.1f} ({', '.join(f'{x:+.1f}' for x in d)})"
+                else:
+                    delta = "–"
+                vs = statistics.fmean(r["val_start"] for r in sel)
+                vb = statistics.fmean(r["val_best"] for r in sel)
+                beat = sum(bool(r["beat_start"]) for r in sel)
+                evals = statistics.fmean(r["evals"] for r in sel)
+                wall = statistics.fmean(r["wall_seconds"] for r in sel)
+                L.append(f"| {task} | {reg} | {strat} | **{pct(per_seed[strat], 1)}** | {delta} | {vs:.3f} → {vb:.3f} | "
+                         f"{beat} / {len(sel)} | {evals:.1f} | {wall:.0f} |")
+    L += ["", f"Kept factors (seed {seeds[0]['seed']}; tpe: one vector per fine-tune):", "",
+          "| task | regime | domain | strategy | kept factors | test accuracy |", "|---|---|---|---|---|---|"]
+    for r in rows[0] if rows else []:
+        m = r["best_factors"]
+        fac = ("[" + ", ".join(f"{a:g}" for a in m[0]) + "]") if len({tuple(x) for x in m}) == 1 else \
+            "; ".join("[" + ", ".join(f"{a:g}" for a in x) + "]" for x in m)
+        acc = ", ".join(f"{d} {100 * v:.0f}" for d, v in r["acc"].items())
+        L.append(f"| {r['task']} | {r['regime']} | {r['domain']} | {r['strategy']} | {fac}"
+                 f"{'' if r['beat_start'] else ' (start kept)'} | {acc} |")
+    return "\n".join(L) + "\n"
+
+
 BEGIN, END = "<!-- results:begin (written by run.py) -->", "<!-- results:end -->"
+SEARCH_BEGIN, SEARCH_END = "<!-- search:begin (written by run.py --tables search) -->", "<!-- search:end -->"
 
 
-def write_readme_block(results: dict, readme: str) -> bool:
-    """Replace the text between the README's result markers with the generated tables."""
+def write_readme_block(results: dict, readme: str, search: bool = False) -> bool:
+    """Replace the text between the README's result markers (or its search markers) with the
+    generated tables."""
     if not os.path.isfile(readme):
         return False
     with open(readme) as f:
         text = f.read()
-    if BEGIN not in text or END not in text:
+    begin, end = (SEARCH_BEGIN, SEARCH_END) if search else (BEGIN, END)
+    if begin not in text or end not in text:
         return False
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
     t = results["timing"]
     block = (f"\n_Generated by `{results['environment']['command']}`: {len(results['seeds'])} seed(s), "
-             f"{t['wall_seconds']:.0f} s wall, {t['cpu_seconds']:.0f} s CPU._\n\n" + markdown(results) + "\n")
+             f"{t['wall_seconds']:.0f} s wall, {t['cpu_seconds']:.0f} s CPU._\n\n"
+             + (search_markdown(results) if search else markdown(results)) + "\n")
     with open(readme, "w") as f:
-        f.write(head + BEGIN + block + END + tail)
+        f.write(head + begin + block + end + tail)
     return True
 
 
 def main(argv=None) -> int:
     """Re-write tables.md and retention.png (and with --readme the README's results block) from a
-    quality.json, e.g. after editing this module."""
+    quality.json, or search.md (and the README's search block) from a search.json, e.g. after
+    editing this module."""
     import argparse
     import json
 
@@ -317,6 +383,12 @@ def main(argv=None) -> int:
     with open(args.json) as f:
         results = json.load(f)
     folder = os.path.dirname(os.path.abspath(args.json))
+    if results["seeds"] and "search" in results["seeds"][0] and "table1" not in results["seeds"][0]:
+        with open(os.path.join(folder, "search.md"), "w") as f:  # a search.json (run.py --tables search)
+            f.write(search_markdown(results) + "\n")
+        if args.readme and not write_readme_block(results, args.readme, search=True):
+            raise SystemExit(f"{args.readme}: no search markers")
+        return 0
     with open(os.path.join(folder, "tables.md"), "w") as f:
         f.write(markdown(results) + "\n")
     plot(results, os.path.join(folder, "retention.png"))

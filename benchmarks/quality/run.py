@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds [default: 0,1,2; smoke: 0]")
     ap.add_argument("--sweep-rates", default=None,
                     help="Table 1 rates for every seed after the first (e.g. 0.8,0.9) [default: all rates]")
-    ap.add_argument("--tables", default="table1,table2", help="which tables to run")
+    ap.add_argument("--tables", default="table1,table2",
+                    help="which tables to run: table1, table2, search (the search strategies; results in search.json)")
     ap.add_argument("--out", default=None, help=f"results folder [default: {RESULTS}; smoke: cache/smoke/results]")
     ap.add_argument("--cache", default=None, help="checkpoint cache [default: benchmarks/quality/cache]")
     ap.add_argument("--cli", choices=("inproc", "subprocess"), default="inproc",
@@ -179,18 +180,29 @@ def _write(results, out, t0, c0, cli_calls, cli_seconds, args, final: bool):
     results["environment"] = {"python": platform.python_version(), "torch": torch.__version__,
                               "cpus": os.cpu_count(), "torch_threads": args.threads,
                               "command": " ".join(["python -m benchmarks.quality.run"] + sys.argv[1:])}
-    results["summary"] = report.aggregate(results)
-    with open(os.path.join(out, "quality.json"), "w") as f:
+    tables = set(args.tables.split(","))
+    main_tables = bool(tables & {"table1", "table2"})
+    if main_tables:
+        results["summary"] = report.aggregate(results)
+    # the search comparison alone (--tables search) goes to search.json, leaving quality.json alone
+    with open(os.path.join(out, "quality.json" if main_tables else "search.json"), "w") as f:
         json.dump(results, f, indent=1)
     if not final:
         return
-    md = report.markdown(results)
-    with open(os.path.join(out, "tables.md"), "w") as f:
-        f.write(md + "\n")
-    if results["seeds"] and results["seeds"][0].get("table1"):
-        report.plot(results, os.path.join(out, "retention.png"))
+    if main_tables:
+        md = report.markdown(results)
+        with open(os.path.join(out, "tables.md"), "w") as f:
+            f.write(md + "\n")
+        if results["seeds"] and results["seeds"][0].get("table1"):
+            report.plot(results, os.path.join(out, "retention.png"))
+    if "search" in tables:
+        with open(os.path.join(out, "search.md"), "w") as f:
+            f.write(report.search_markdown(results) + "\n")
     if not args.smoke and os.path.abspath(out) == RESULTS:
-        report.write_readme_block(results, README)
+        if main_tables:
+            report.write_readme_block(results, README)
+        if "search" in tables:
+            report.write_readme_block(results, README, search=True)
 
 
 if __name__ == "__main__":
