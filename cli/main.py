@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import sys
+import time
 
 import click
 
@@ -23,6 +24,9 @@ _SCHED_HELP = "threads (default), threads:N, processes:N (a local Dask cluster) 
 EXIT_INTERRUPTED = 130
 # errno values that mean "the output could not be written", wherever they escape from
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+STARTED = time.perf_counter()  # the command's clock: reported times include its imports
 
 
 def _fail(message: str, code: int) -> None:
@@ -64,6 +68,8 @@ def _run(debug: bool, fn, out: str | None = None):
             msg += _resume_hint(out)
         _fail(f"error: {msg}", e.exit_code)
     except KeyboardInterrupt:
+        with contextlib.suppress(ValueError):  # a second Ctrl-C while shutting down must not cut the message short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         _fail("interrupted" + (_resume_hint(out) if out is not None else "; nothing was published"), EXIT_INTERRUPTED)
     except OSError as e:
         if debug:
@@ -202,7 +208,7 @@ def merge(config, out, memory_limit, scheduler, scheduler_file, shard_size, seed
             raise UsageError(f"--seed {seed}: must fit in 64 bits")
         opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, scheduler_file,
                             _size(shard_size, "--shard-size"), seed, overwrite, quiet,
-                            _size(unit_size, "--unit-size"), resume, allow_nonfinite)
+                            _size(unit_size, "--unit-size"), resume, allow_nonfinite, started=STARTED)
         _scheduler(scheduler, scheduler_file)
         if not out.strip():
             raise UsageError("OUT is empty; give the folder to create")

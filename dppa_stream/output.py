@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -348,6 +349,17 @@ def sync_outputs(folder: str) -> None:
                 os.close(fd)
 
 
+def fault_point(point: str, count: int) -> None:
+    """Crash tests only: with DPPA_STREAM_FAULT="POINT:N" in the environment, this process SIGKILLs
+    itself at `point` ("units": once N units are recorded as done; "stats": once N statistics
+    rounds are saved), so a test can crash a run at a chosen place instead of racing a timer."""
+    spec = os.environ.get("DPPA_STREAM_FAULT")
+    if spec:
+        name, _, n = spec.partition(":")
+        if name == point and count >= int(n or 0):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class Manifest:
     """Appends finished units to OUT.partial/.dppa-stream/done.txt, in batches: every second the
     shards are synced (fdatasync), then the batch is appended and fsynced. A unit is listed only
@@ -357,6 +369,7 @@ class Manifest:
         self.partial, self.interval = partial, interval
         self.path = os.path.join(partial, WORK_DIR, MANIFEST)
         self._pending: list[str] = []
+        self._recorded = 0
         self._last = time.monotonic()
         try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -370,8 +383,10 @@ class Manifest:
 
     def record(self, tensor: str, index: int) -> None:
         self._pending.append(json.dumps([tensor, index]) + "\n")
-        if time.monotonic() - self._last >= self.interval:
+        self._recorded += 1
+        if time.monotonic() - self._last >= self.interval or "DPPA_STREAM_FAULT" in os.environ:
             self.flush()
+            fault_point("units", self._recorded)
 
     def flush(self) -> None:
         if self._pending:

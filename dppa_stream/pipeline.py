@@ -43,6 +43,7 @@ class MergeOptions:
     unit_bytes: int | None = None  # unit size instead of the 64 MiB default (still bounded by the memory limit)
     resume: bool = False  # continue an interrupted run found at OUT.partial
     allow_nonfinite: bool = False  # merge inputs that contain NaN/Inf instead of refusing them
+    started: float | None = None  # time.perf_counter() when the command started (its imports count too)
 
 
 @dataclass
@@ -60,11 +61,13 @@ class MergeResult:
     memory_limit: int
     resumed_units: int = 0
     dp: dict | None = None  # DP's clamped and emptied linears (dp, dppa)
+    startup_seconds: float = 0.0  # of wall_seconds: from the command's start to the merge's (imports)
 
     def summary_line(self) -> str:
         resumed = f" (resumed: {self.resumed_units} units were already done)" if self.resumed_units else ""
         line = (
-            f"merged {self.tensors} tensors ({self.units} work units) into {self.out} in {self.wall_seconds:.1f}s: "
+            f"merged {self.tensors} tensors ({self.units} work units) into {self.out} in {self.wall_seconds:.1f}s"
+            f"{f' ({self.startup_seconds:.1f}s start-up)' if self.startup_seconds >= 0.05 else ''}: "
             f"read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB "
             f"({self.bytes_read / max(self.wall_seconds, 1e-9) / 1e6:.0f} MB/s read), "
             f"peak memory {self.peak_anon_bytes / 2**20:.0f} MiB (anonymous, process tree){resumed}"
@@ -169,11 +172,13 @@ def merge(cfg: MergeConfig, out: str, opts: MergeOptions | None = None) -> Merge
     """Merge the checkpoints named in `cfg` into the folder `out` (created when complete)."""
     opts = opts or MergeOptions()
     out = os.path.abspath(out)
-    t0 = time.perf_counter()
+    t0 = opts.started if opts.started is not None else time.perf_counter()
+    startup = time.perf_counter() - t0
     with PeakSampler() as sampler:
         with removed_on_bad_input(out + ".partial"), session(cfg, opts, out) as s:
             result = _run(cfg, out, opts, s)
     result.wall_seconds = time.perf_counter() - t0
+    result.startup_seconds = startup
     result.peak_anon_bytes = sampler.peak
     result.scheduler = opts.scheduler_file or opts.scheduler or "threads"
     result.memory_limit = s.budget

@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from .errors import OutputError, printable
+from .output import fault_point
 from .statistics import DareSums, Stat
 from .summaries import Summary
 
@@ -162,6 +163,8 @@ class StatsStore:
             raise OutputError(f"{self.path}: cannot save statistics ({reason}); free space, then rerun with "
                               "--resume (finished statistics are kept)") from None
         self._records.update(records)
+        self._rounds = getattr(self, "_rounds", 0) + 1
+        fault_point("stats", self._rounds)
 
     def get(self, tensor: str, stat: Stat):
         rec = self._records.get(f"{tensor}|{stat.key()}")

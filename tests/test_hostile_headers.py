@@ -145,25 +145,37 @@ def _corner_pair(tmp_path, extra_shape, name):
 
 METHOD_PARAMS = {"task_arithmetic": "{weight: 1.0}", "linear": "{weight: 1.0}", "ties": "{weight: 1.0, density: 0.5}",
                  "dare_ties": "{weight: 1.0, density: 0.5}", "magnitude": "{weight: 1.0, density: 0.5}",
-                 "dppa": "{amplification: [1.8, 1.0]}", "dp": None}
+                 "dppa": "{amplification: [1.8, 1.0]}", "dp": None,
+                 "dare_linear": "{weight: 1.0, density: 0.5}", "breadcrumbs": "{weight: 1.0, density: 0.5}",
+                 "breadcrumbs_ties": "{weight: 1.0, density: 0.5}", "della": "{weight: 1.0, density: 0.5}",
+                 "della_linear": "{weight: 1.0, density: 0.5}", "slerp": None, "multislerp": "{weight: 1.0}",
+                 "karcher": None, "sce": None, "nearswap": None, "arcee_fusion": None, "passthrough": None,
+                 "ram": None, "ramplus_tl": None}
+# global parameters some methods need; linear and karcher merge a base_model as one more model
+METHOD_EXTRA = {"linear": "parameters: {weight: 1.0}\n", "slerp": "parameters: {t: 0.3}\n",
+                "nearswap": "parameters: {t: 0.01}\n", "sce": "parameters: {select_topk: 0.5}\n"}
+
+
+def _corner_config(tmp_path, base, ft, method):
+    if method == "passthrough":  # exactly one input, no base
+        (tmp_path / "c.yml").write_text(f"merge_method: passthrough\nmodels:\n  - model: {json.dumps(str(ft))}\n")
+        return str(tmp_path / "c.yml")
+    return config(tmp_path / "c.yml", base, ft, method=method, params=METHOD_PARAMS[method],
+                  extra=METHOD_EXTRA.get(method, ""))
 
 
 @pytest.mark.parametrize("method", list(METHOD_PARAMS))
 def test_scalar_tensor_merges(tmp_path, method):
     base, ft, sds = _corner_pair(tmp_path, (), "model.scale")
-    # linear merges a base_model as one more model (mergekit): it needs a weight too
-    extra = "parameters: {weight: 1.0}\n" if method == "linear" else ""
-    cfg = config(tmp_path / "c.yml", base, ft, method=method, params=METHOD_PARAMS[method], extra=extra)
-    code, lines, _ = run("merge", cfg, tmp_path / "out", "-q")
+    code, lines, _ = run("merge", _corner_config(tmp_path, base, ft, method), tmp_path / "out", "-q")
     assert code == 0, lines
     assert load_file(str(tmp_path / "out" / "model.safetensors"))["model.scale"].shape == ()
 
 
-@pytest.mark.parametrize("method", ["dppa", "ties"])
+@pytest.mark.parametrize("method", list(METHOD_PARAMS))
 def test_zero_size_linear_merges(tmp_path, method):
     base, ft, _ = _corner_pair(tmp_path, (0, 4), "model.layers.0.self_attn.q_proj.weight")
-    cfg = config(tmp_path / "c.yml", base, ft, method=method, params=METHOD_PARAMS[method])
-    code, lines, _ = run("merge", cfg, tmp_path / "out", "-q")
+    code, lines, _ = run("merge", _corner_config(tmp_path, base, ft, method), tmp_path / "out", "-q")
     assert code == 0, lines
     assert load_file(str(tmp_path / "out" / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"].shape == (0, 4)
 

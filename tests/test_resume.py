@@ -8,7 +8,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -38,21 +37,13 @@ def _same_tree(a, b):
         assert filecmp.cmp(os.path.join(a, n), os.path.join(b, n), shallow=False), n
 
 
-def _merge_then_kill(cfg, out, lines: int, need_stats: bool = False) -> None:
-    """Start a merge (200 KB units, one thread) and SIGKILL it once the manifest has `lines` units."""
-    work = out.parent / (out.name + ".partial") / ".dppa-stream"
-    proc = subprocess.Popen([sys.executable, "-m", "dppa_stream.cli.main", "merge", cfg, str(out), "-q",
-                             "--unit-size", "200KB", "--scheduler", "threads:1"], start_new_session=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        got = (work / "done.txt").read_text().count("\n") if (work / "done.txt").exists() else -1
-        if got >= lines and (not need_stats or (work / "stats.zarr").exists()):
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    if proc.returncode == 0:
-        pytest.skip("the run finished before it could be killed")
+def _merge_then_kill(cfg, out, fault: str) -> None:
+    """Run a merge (200 KB units, one thread) that SIGKILLs itself at a chosen point (`fault`:
+    "units:N" once N units are recorded, "stats:1" once pass-1 statistics are stored)."""
+    env = dict(os.environ, DPPA_STREAM_FAULT=fault)
+    proc = subprocess.run([sys.executable, "-m", "dppa_stream.cli.main", "merge", cfg, str(out), "-q",
+                           "--unit-size", "200KB", "--scheduler", "threads:1"], env=env, capture_output=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +55,16 @@ def reference_out(mid_set):
     return out
 
 
-@pytest.mark.parametrize("kill_after_lines", [0, 40])
-def test_sigkill_then_resume_is_byte_identical(tmp_path, mid_set, reference_out, kill_after_lines):
+@pytest.mark.parametrize("fault", ["stats:1", "units:40"])
+def test_sigkill_then_resume_is_byte_identical(tmp_path, mid_set, reference_out, fault):
     _, cfg = mid_set
     out = tmp_path / "out"
     done = tmp_path / "out.partial" / ".dppa-stream" / "done.txt"
-    # 0 lines: kill once pass-1 statistics are stored, before any pass-2 unit is recorded
-    _merge_then_kill(cfg, out, kill_after_lines, need_stats=not kill_after_lines)
+    # stats:1: killed once pass-1 statistics are stored, before any pass-2 unit is recorded
+    _merge_then_kill(cfg, out, fault)
     assert not out.exists() and (tmp_path / "out.partial").exists()
     finished = done.read_text().count("\n") if done.exists() else 0
+    assert finished == (0 if fault.startswith("stats") else 40)
 
     refused = _cli("merge", cfg, str(out), "-q", "--unit-size", "200KB")
     assert refused.returncode == 4 and "--resume" in refused.stderr
@@ -118,7 +110,7 @@ def test_resume_keeps_the_interrupted_runs_unit_plan(tmp_path, mid_set, referenc
     reuse that plan, not mix two."""
     _, cfg = mid_set
     out = tmp_path / "out"
-    _merge_then_kill(cfg, out, 30)
+    _merge_then_kill(cfg, out, "units:30")
     res = _cli("merge", cfg, str(out), "-q", "--unit-size", "90KB", "--resume")
     assert res.returncode == 0, res.stderr
     _same_tree(reference_out, out)
