@@ -35,7 +35,7 @@ def test_a_resumed_partial_is_kept_on_input_error(tmp_path, monkeypatch):
         def full(self, folder):
             raise OutputError(f"{folder}: write failed (No space left on device)")
 
-        m.setattr("dppa_stream.pipeline.ShardLayout.preallocate", full)
+        m.setattr("dppa_stream.merge_pass.ShardLayout.preallocate", full)
         code, lines, _ = run("merge", cfg, tmp_path / "out", "-q", "--allow-nonfinite")
     one_line_error(code, lines, 4, "--resume")
     code, lines, _ = run("merge", cfg, tmp_path / "out", "-q", "--resume")  # forgot --allow-nonfinite
@@ -51,9 +51,9 @@ def test_input_rewritten_in_place_during_the_run_is_not_published(tmp_path, monk
     ft = write_model(tmp_path / "in" / "ft", {k: v + 1 for k, v in tensors(0).items()})
     cfg = config(tmp_path / "c.yml", base, ft)
     shard = os.path.join(ft, "model.safetensors")
-    import dppa_stream.pipeline as pipeline
+    import dppa_stream.merge_pass as merge_pass
 
-    real = pipeline.write_model_card
+    real = merge_pass.write_model_card
 
     def rewrite_then_card(*a, **k):  # same size, other values, mtime optionally set back
         st = os.stat(shard)
@@ -66,7 +66,7 @@ def test_input_rewritten_in_place_during_the_run_is_not_published(tmp_path, monk
         assert os.path.getsize(shard) == st.st_size
         return real(*a, **k)
 
-    monkeypatch.setattr(pipeline, "write_model_card", rewrite_then_card)
+    monkeypatch.setattr(merge_pass, "write_model_card", rewrite_then_card)
     code, lines, _ = run("merge", cfg, tmp_path / "out", "-q")
     one_line_error(code, lines, 3, "model.safetensors", "changed while the merge was running")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
@@ -95,7 +95,7 @@ def test_replaced_input_between_runs_is_not_resumed(tmp_path, monkeypatch):
         def full(*a, **k):
             raise OutputError("config.json: write failed (No space left on device)")
 
-        m.setattr("dppa_stream.pipeline.copy_model_files", full)
+        m.setattr("dppa_stream.merge_pass.copy_model_files", full)
         code, lines, _ = run("merge", cfg, tmp_path / "out", "-q")
     assert code == 4
     shard = os.path.join(ft, "model.safetensors")

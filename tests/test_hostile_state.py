@@ -10,6 +10,7 @@ import pytest
 from dppa_stream import output
 from dppa_stream.errors import OutputError
 from dppa_stream.output import MANIFEST, WORK_DIR, Manifest, prepare_partial, read_manifest, write_atomic
+from dppa_stream.statistics import Stat
 from dppa_stream.stats_store import StatsStore
 from dppa_stream.summaries import HIST_BINS, Summary
 
@@ -96,7 +97,7 @@ def interrupted(tmp_path, monkeypatch):
     code, lines, _ = run("merge", cfg, tmp_path / "ref", "-q")
     assert code == 0, lines
     with monkeypatch.context() as m:
-        m.setattr("dppa_stream.pipeline.copy_model_files", _disk_full)
+        m.setattr("dppa_stream.merge_pass.copy_model_files", _disk_full)
         code, lines, _ = run("merge", cfg, tmp_path / "out", "-q")
     one_line_error(code, lines, 4, "--resume")
     assert (tmp_path / "out.partial" / WORK_DIR / "run.json").exists()
@@ -150,12 +151,12 @@ def test_resume_after_write_failure_is_byte_identical(interrupted):
 
 
 def _summary(n=100):
-    return Summary(n, np.bincount(np.arange(n) % 7, minlength=HIST_BINS).astype(np.int64), np.zeros(256, np.int64), None)
+    return Summary(n, np.bincount(np.arange(n) % 7, minlength=HIST_BINS).astype(np.int64), np.zeros(256, np.int64))
 
 
 def _store(tmp_path):
     path = str(tmp_path / "stats.zarr")
-    StatsStore(path).put_summaries({(0, "a"): _summary(), (1, "b"): _summary(50)})
+    StatsStore(path).put({("a", Stat("abs", 0)): _summary(), ("b", Stat("abs", 1)): _summary(50)})
     return path
 
 
@@ -165,7 +166,7 @@ def _round_files(path):
 
 def test_store_round_trip(tmp_path):
     path = _store(tmp_path)
-    got = StatsStore(path).get_summary(0, "a")
+    got = StatsStore(path).get("a", Stat("abs", 0))
     assert got is not None and got.numel == 100
 
 
@@ -195,9 +196,9 @@ def test_uncommitted_round_is_ignored(tmp_path):
     arr = store.group.create_array(name="round-0001", data=np.arange(10), overwrite=True)  # a write cut short
     assert "index" not in arr.attrs
     again = StatsStore(path)
-    assert again.get_summary(1, "b") is not None
-    again.put_summaries({(2, "c"): _summary(9)})  # and later rounds still save and load
-    assert StatsStore(path).get_summary(2, "c").numel == 9
+    assert again.get("b", Stat("abs", 1)) is not None
+    again.put({("c", Stat("abs", 2)): _summary(9)})  # and later rounds still save and load
+    assert StatsStore(path).get("c", Stat("abs", 2)).numel == 9
 
 
 def test_store_write_failure_is_exit_4(tmp_path, monkeypatch):
@@ -209,5 +210,5 @@ def test_store_write_failure_is_exit_4(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(store.group), "create_array", full)
     with pytest.raises(OutputError) as e:
-        store.put_summaries({(3, "d"): _summary()})
+        store.put({("d", Stat("abs", 3)): _summary()})
     assert "No space left" in str(e.value) and "--resume" in str(e.value)

@@ -158,7 +158,8 @@ def test_parse_start_and_per_model_config(tmp_path):
     cfg = parse_config("merge_method: dppa\nbase_model: /b\nmodels:\n  - /b\n  - model: /m1\n    parameters: {weight: 0.5}\n"
                        "  - /m2\nparameters: {amplification: [1.8, 0.0]}\n")
     per = with_factors(cfg, [[0.5, 0.0], [2.0, 1.0]], shared=False).method()
-    assert [per.factors(m) for m in per.mparams] == [[0.5, 0.0], [2.0, 1.0]] and per.mparams[0]["weight"] == 0.5
+    assert [per.factors(m) for m in per.mparams] == [[0.5, 0.0], [2.0, 1.0]]
+    assert with_factors(cfg, [[0.5, 0.0], [2.0, 1.0]], shared=False).models[0].params["weight"] == 0.5
     shared = with_factors(cfg, [[1.1, 0.2], [1.1, 0.2]], shared=True).method()
     assert [shared.factors(m) for m in shared.mparams] == [[1.1, 0.2], [1.1, 0.2]]
 

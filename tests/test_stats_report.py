@@ -238,7 +238,9 @@ def test_cli_table_json_and_plot(tmp_path, monkeypatch):
     from dppa_stream.cli.main import main
 
     res = result([("model.layers", 2, moe(8))], 1)
-    monkeypatch.setattr(dppa_stream.config, "load_config", lambda path: None)
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(dppa_stream.config, "load_config", lambda path: SimpleNamespace(base_model=None, models=[]))
     monkeypatch.setattr(stats_report, "collect_stats", lambda cfg, opts: res)
     out = CliRunner().invoke(main, ["stats", "c.yml", "--experts", "each", "--json", str(tmp_path / "s.json")])
     assert out.exit_code == 0, out.output
