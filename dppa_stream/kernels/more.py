@@ -10,10 +10,28 @@ import math
 import numpy as np
 from numba import njit
 
-from .core import BLOCK, TH_ALL, TH_NONE, bits_of_f32, keep_draw, narrow_block, widen_block
+from .core import BLOCK, TH_ALL, TH_NONE, _add_abs, bits_of_f32, keep_draw, narrow_block, widen_block
 
 GRAM_BUCKETS = 512  # sums of two float32 exponent fields (each 1..254) index the product buckets
 _LOW_BITS = 30
+
+
+# --- the vectors a method combines ----------------------------------------------------------------
+
+@njit(inline="always")
+def _vectors(src, code, s, m, deltas, base, vals, bad):
+    """vals[k, :m] = the k-th vector at elements [s, s+m): model k minus the base when `deltas`
+    (row 0 of src is the base), else input k itself."""
+    if deltas:
+        bad[0] += widen_block(src[0], code, s, m, base)
+        for k in range(vals.shape[0]):
+            row = vals[k]
+            bad[k + 1] += widen_block(src[k + 1], code, s, m, row)
+            for j in range(m):
+                row[j] = row[j] - base[j]
+    else:
+        for k in range(vals.shape[0]):
+            bad[k] += widen_block(src[k], code, s, m, vals[k])
 
 
 # --- exact sums of products ------------------------------------------------------------------------
@@ -61,16 +79,7 @@ def gram_sums(src, code, lo, hi, deltas, high, low, bad):
     exp = np.empty(nv, np.int64)
     for s in range(lo, hi, BLOCK):
         m = min(BLOCK, hi - s)
-        if deltas:
-            bad[0] += widen_block(src[0], code, s, m, base)
-            for k in range(nv):
-                row = vals[k]
-                bad[k + 1] += widen_block(src[k + 1], code, s, m, row)
-                for j in range(m):
-                    row[j] = row[j] - base[j]
-        else:
-            for k in range(nv):
-                bad[k] += widen_block(src[k], code, s, m, vals[k])
+        _vectors(src, code, s, m, deltas, base, vals, bad)
         for j in range(m):
             for k in range(nv):
                 sig[k], exp[k] = _split(vals[k, j])
@@ -95,16 +104,7 @@ def row_gram(src, code, lo, hi, row_len, deltas, out, bad):
     vals = np.empty((nv, row_len), np.float32)
     for r in range(lo, hi):
         s = r * row_len
-        if deltas:
-            bad[0] += widen_block(src[0], code, s, row_len, base)
-            for k in range(nv):
-                row = vals[k]
-                bad[k + 1] += widen_block(src[k + 1], code, s, row_len, row)
-                for j in range(row_len):
-                    row[j] = row[j] - base[j]
-        else:
-            for k in range(nv):
-                bad[k] += widen_block(src[k], code, s, row_len, vals[k])
+        _vectors(src, code, s, row_len, deltas, base, vals, bad)
         p = 0
         for a in range(nv):
             for b in range(a, nv):
@@ -189,18 +189,8 @@ def masked_abs_sums(src, code, model, lo, hi, mask, full, kept, bad):
         bad[model + 1] += widen_block(src[model + 1], code, s, m, d)
         for j in range(m):
             x = d[j] - b[j]
-            _add_sig(x, full)
-            _add_sig(x * (np.float32(1.0) if mask[s + j] else np.float32(0.0)), kept)
-
-
-@njit(inline="always")
-def _add_sig(x, mant):
-    bits = bits_of_f32(x) & np.uint32(0x7FFFFFFF)
-    e = bits >> np.uint32(23)
-    sig = bits & np.uint32(0x7FFFFF)
-    if e > 0:
-        sig |= np.uint32(0x800000)
-    mant[e] += sig
+            _add_abs(x, full)
+            _add_abs(x * (np.float32(1.0) if mask[s + j] else np.float32(0.0)), kept)
 
 
 # --- SCE -------------------------------------------------------------------------------------------
@@ -220,16 +210,6 @@ def _variance(vals, K, j):
     return np.float32(acc / K)
 
 
-@njit(inline="always")
-def _delta_block(src, code, s, m, base, vals, bad):
-    bad[0] += widen_block(src[0], code, s, m, base)
-    for k in range(vals.shape[0]):
-        row = vals[k]
-        bad[k + 1] += widen_block(src[k + 1], code, s, m, row)
-        for j in range(m):
-            row[j] = row[j] - base[j]
-
-
 @njit(nogil=True, cache=True, error_model="numpy")
 def variance_hist(src, code, lo, hi, hist, bad):
     """Histogram of the top 16 bits of the per-element variance of the deltas across models;
@@ -240,7 +220,7 @@ def variance_hist(src, code, lo, hi, hist, bad):
     nnz = 0
     for s in range(lo, hi, BLOCK):
         m = min(BLOCK, hi - s)
-        _delta_block(src, code, s, m, base, vals, bad)
+        _vectors(src, code, s, m, True, base, vals, bad)
         for j in range(m):
             bits = bits_of_f32(_variance(vals, K, j))
             hist[bits >> np.uint32(16)] += 1
@@ -255,7 +235,7 @@ def variance_bins(src, code, lo, hi, bins, counts, bad):
     vals = np.empty((K, BLOCK), np.float32)
     for s in range(lo, hi, BLOCK):
         m = min(BLOCK, hi - s)
-        _delta_block(src, code, s, m, base, vals, bad)
+        _vectors(src, code, s, m, True, base, vals, bad)
         for j in range(m):
             bits = bits_of_f32(_variance(vals, K, j))
             top = np.int64(bits >> np.uint32(16))
@@ -288,7 +268,7 @@ def sce_squares(src, code, lo, hi, kind, value, budget, high, low, bad):
     block = np.zeros((K, GRAM_BUCKETS), np.int64)
     for s in range(lo, hi, BLOCK):
         m = min(BLOCK, hi - s)
-        _delta_block(src, code, s, m, base, vals, bad)
+        _vectors(src, code, s, m, True, base, vals, bad)
         for j in range(m):
             if _selected(_variance(vals, K, j), kind, value, budget):
                 for k in range(K):
@@ -310,7 +290,7 @@ def sce_merge(src, code, lo, hi, kind, value, budget, omega, out, out_code, bad)
     one = np.float32(1.0)
     for s in range(lo, hi, BLOCK):
         m = min(BLOCK, hi - s)
-        _delta_block(src, code, s, m, base, vals, bad)
+        _vectors(src, code, s, m, True, base, vals, bad)
         for j in range(m):
             keep = _selected(_variance(vals, K, j), kind, value, budget)
             total = zero
@@ -342,7 +322,7 @@ def ram_counts(src, code, lo, hi, eps, shared, unique, bad):
     vals = np.empty((K, BLOCK), np.float32)
     for s in range(lo, hi, BLOCK):
         m = min(BLOCK, hi - s)
-        _delta_block(src, code, s, m, base, vals, bad)
+        _vectors(src, code, s, m, True, base, vals, bad)
         for j in range(m):
             cnt = 0
             for k in range(K):
@@ -365,7 +345,7 @@ def ram_merge(src, code, lo, hi, eps, boost, out, out_code, bad):
     acc = np.empty(BLOCK, np.float32)
     for s in range(lo, hi, BLOCK):
         m = min(BLOCK, hi - s)
-        _delta_block(src, code, s, m, base, vals, bad)
+        _vectors(src, code, s, m, True, base, vals, bad)
         for j in range(m):
             cnt = 0
             for k in range(K):

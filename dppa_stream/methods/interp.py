@@ -121,17 +121,20 @@ def _no_sparsify(K: int) -> tuple:
 
 # --- slerp -------------------------------------------------------------------------------------------
 
+def _arc(t: float, cos: float) -> tuple[float, float]:
+    """Spherical interpolation weights of two vectors at angle acos(cos): sin((1-t)θ)/sinθ, sin(tθ)/sinθ."""
+    theta = math.acos(cos)
+    s = math.sin(theta)
+    return math.sin((1 - t) * theta) / s, math.sin(t * theta) / s
+
+
 def slerp_coefficients(t: float, gram: np.ndarray) -> tuple[float, float]:
     """mergekit's slerp of base a and model b, as coefficients of (a, b): lerp when the normalised
     vectors are (anti)parallel beyond 0.9995, else sin((1-t)θ)/sinθ and sin(tθ)/sinθ."""
     na, nb = math.sqrt(gram[0, 0]), math.sqrt(gram[1, 1])
     na, nb = (na if na > 1e-8 else 1.0), (nb if nb > 1e-8 else 1.0)
     dot = max(-1.0, min(1.0, gram[0, 1] / (na * nb)))
-    if abs(dot) > 0.9995:
-        return 1 - t, t
-    theta = math.acos(dot)
-    s = math.sin(theta)
-    return math.sin((1 - t) * theta) / s, math.sin(t * theta) / s
+    return (1 - t, t) if abs(dot) > 0.9995 else _arc(t, dot)
 
 
 class Slerp(GramMethod):
@@ -152,11 +155,7 @@ def nuslerp_coefficients(t: float, gram: np.ndarray) -> tuple[float, float]:
     """mergekit's nuslerp of v0, v1 (unnormalised): lerp when colinear (1 - c^2 <= 1e-16)."""
     n0, n1 = max(math.sqrt(gram[0, 0]), 1e-7), max(math.sqrt(gram[1, 1]), 1e-7)
     c = max(-1.0, min(1.0, gram[0, 1] / (n0 * n1)))
-    if 1 - c * c <= 1e-16:
-        return 1 - t, t
-    theta = math.acos(c)
-    s = math.sin(theta)
-    return math.sin((1 - t) * theta) / s, math.sin(t * theta) / s
+    return (1 - t, t) if 1 - c * c <= 1e-16 else _arc(t, c)
 
 
 class Nuslerp(GramMethod):
