@@ -43,7 +43,9 @@ Comparison rules (a = ours, b = mergekit, per tensor; max|b| over the tensor):
   * with three fine-tunes the two outputs are independent draws: per tensor, for f = the merged
     delta projected on sign(sum_i w_i delta_i) and f = [merged != base], the paired statistic
     T = sum_e (f_a - f_b) / sqrt(sum_e (f_a - f_b)^2) must satisfy |T| <= 5.
-- config.json's num_hidden_layers must agree (slices renumber layers), and so must the tensor names.
+- config.json's num_hidden_layers must agree (slices renumber layers), and so must the tensor names;
+  with a top-level base_model, config.json must be the base model's (also where the base is merged
+  as an input).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ SHAPE = LlamaShape(hidden=32, intermediate=80, layers=4, vocab=72, heads=4, kv_h
 DRIFT = 3e-3
 SEED = 1
 REL, FLOOR = 1e-5, 1e-6  # |a - b| <= REL * |b| + FLOOR * max|b|
+BASE_EPS = 1e-6  # rms_norm_eps of the base's config.json (the fine-tunes have 1e-5)
 Z = 5.0  # bound on every z or T statistic of the distribution checks
 
 
@@ -238,6 +241,10 @@ def parity(tmp_path_factory):
     """Both tools' outputs for every config: {name: {"ours": dir | error, "mk": dir | error, ...}}."""
     root = tmp_path_factory.mktemp("parity")
     main = write_llama_set(str(root / "main"), SHAPE, 3, torch.float32, seed=11, drift=DRIFT)
+    with open(os.path.join(main[0], "config.json")) as f:  # tell the base's config.json from the others'
+        cfg = json.load(f)
+    with open(os.path.join(main[0], "config.json"), "w") as f:
+        json.dump(dict(cfg, rms_norm_eps=BASE_EPS), f)
     _bf16_origin(main, str(root / "ties"))
     sets = {"main": _paths(str(root / "main")), "ties": _paths(str(root / "ties"))}
     jobs, runs = [], {}
@@ -494,10 +501,15 @@ def _compare(name: str, run: dict) -> dict:
     kind = run["kind"]
     ours, mk = load_model(run["ours"]), load_model(run["mk"])
     assert set(ours) == set(mk), f"tensor names differ: {sorted(set(ours) ^ set(mk))}"
+    donor = {}
     for tool, folder in (("ours", run["ours"]), ("mergekit", run["mk"])):
         with open(os.path.join(folder, "config.json")) as f:
-            run.setdefault("layers", {})[tool] = json.load(f)["num_hidden_layers"]
+            cfg = json.load(f)
+        run.setdefault("layers", {})[tool] = cfg["num_hidden_layers"]
+        donor[tool] = cfg["rms_norm_eps"]
     assert run["layers"]["ours"] == run["layers"]["mergekit"], f"num_hidden_layers: {run['layers']}"
+    if "\nbase_model:" in "\n" + run["text"]:  # config.json comes from base_model (else mergekit's choice is arbitrary)
+        assert donor["ours"] == donor["mergekit"] == BASE_EPS, f"config.json not the base model's: {donor}"
     for t in (*ours.values(), *mk.values()):
         assert t.dtype == torch.float32
     base_m = load_model(run["inputs"]["base"])
