@@ -69,6 +69,7 @@ class MergeConfig:
     text: str = ""  # the YAML as written, for the model card
     source: str = "<config>"
     slices: list[SliceSpec] | None = None  # `slices:` configs (frankenmerges, merged slices)
+    donor: str | None = None  # the base_model when it is merged as an input: config.json and tokenizer come from it
 
     def method(self, seed: int = 0):
         """Instantiate the merge method with its model-wide parameters (those that cannot vary by
@@ -272,10 +273,11 @@ def parse_config(text: str, source: str = "<config>") -> MergeConfig:
         slices = _parse_slices(source, data, cls, method, base_path)
         seen_paths = dict.fromkeys(src.path for sl in slices for src in sl.sources)
         models = [ModelSpec(p, {}) for p in seen_paths]
+        donor = None
         if cls.base_is_input:
-            base_path = None
+            base_path, donor = None, base_path
     else:
-        models, base_path = _parse_models(source, data, cls, method, base_path)
+        models, base_path, donor = _parse_models(source, data, cls, method, base_path)
     dtypes = {}
     for key in ("dtype", "out_dtype"):
         v = data.get(key)
@@ -283,7 +285,7 @@ def parse_config(text: str, source: str = "<config>") -> MergeConfig:
             raise UsageError(f"{_where(source, data, key)}: {key} {short(v)} is not one of float32, float16, bfloat16")
         dtypes[key] = DTYPE_NAMES[v] if v else None
     cfg = MergeConfig(method, models, base_path, dict(params), dtypes["dtype"], dtypes["out_dtype"], text, source,
-                      slices)
+                      slices, donor)
     owners = [(f"models[{m.path}]", m.params, {}) for m in cfg.models] if not slices else \
         [(f"slices[{s}].sources[{j}] ({src.path})", src.params, sl.params) for s, sl in enumerate(slices)
          for j, src in enumerate(sl.sources)]
@@ -324,14 +326,15 @@ def _parse_models(source, data, cls, method, base_path):
             raise UsageError(f"{_where(source, entry, 'model')}: models[{i}] repeats models[{seen[path]}] ({entry['model']})")
         seen[path] = i
         models.append(ModelSpec(path, mparams))
+    donor = None
     if cls.base_is_input and base_path:  # linear, karcher, passthrough: the base is one more input (last)
         if base_path not in seen:
             models.append(ModelSpec(base_path, {}))
-        base_path = None
+        base_path, donor = None, base_path  # ... whose config.json and tokenizer are still the ones copied
     if not models:
         raise UsageError(f"{source}: 'models' lists no model besides the base")
     _check_count(source, cls, method, len(models), "")
-    return models, base_path
+    return models, base_path, donor
 
 
 def _model_params(source, entry, cls, where: str) -> dict:

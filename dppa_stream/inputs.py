@@ -46,7 +46,7 @@ class Inputs:
     """The opened, mutually validated checkpoints and every output tensor's sources."""
 
     checkpoints: list[Checkpoint]
-    donor: Checkpoint  # config.json and tokenizer files come from here (the base, else the first model)
+    donor: Checkpoint  # config.json and tokenizer files come from here (the base_model, else the first model)
     names: list[str]  # output order
     outputs: dict[str, Output]
     layers: int | None = None  # the output's layer count when slices renumber layers
@@ -89,7 +89,8 @@ def open_inputs(cfg: MergeConfig) -> Inputs:
     t = layer_positions(names)
     outputs = {n: Output(n, base.tensors[n] if base else None, tuple(m.tensors[n] for m in models),
                          tuple(m.params for m in cfg.models), {}, t[n]) for n in names}
-    return Inputs(list(opened.values()), ref, names, outputs, None, models, vet_model_files(ref.folder))
+    donor = ck(cfg.donor) if cfg.donor else ref
+    return Inputs(list(opened.values()), donor, names, outputs, None, models, vet_model_files(donor.folder))
 
 
 def verify_unchanged(inputs: Inputs) -> None:
@@ -216,6 +217,6 @@ def _sliced(cfg: MergeConfig, ck) -> Inputs:
             base = entries.pop(0) if sl.base else None
             outputs[name] = Output(name, base, tuple(entries), tuple(src.params for src in sl.sources), sl.params, 0.0)
             names.append(name)
-    donor = ck(cfg.base_model) if cfg.base_model else ck(cfg.slices[0].sources[0].path)
+    donor = ck(cfg.base_model or cfg.donor or cfg.slices[0].sources[0].path)
     checkpoints = list({id(c): c for c in (ck(p) for p in layouts)}.values())
     return Inputs(checkpoints, donor, pre + layer_names + post, outputs, out_layer, [], vet_model_files(donor.folder))

@@ -383,23 +383,26 @@ def nearswap(src, code, lo, hi, t, out, out_code, bad):
 
 @njit(inline="always")
 def _kl_row(x, b, n):
-    """KL(softmax(x) + 1e-8 || softmax(b) + 1e-8) of one row, in float32."""
-    mx = x[0]
-    mb = b[0]
+    """KL(softmax(x) + 1e-8 || softmax(b) + 1e-8) of one row, computed in float64 and rounded once
+    to float32. The rows of a fine-tune and its base are nearly equal, so the KL is a sum of tiny
+    differences: in float32 (as mergekit computes it) it carries rounding noise of up to ~1e-3 of
+    its value, which moves elements across the selection threshold (docs/mergekit.md)."""
+    mx = np.float64(x[0])
+    mb = np.float64(b[0])
     for j in range(1, n):
-        mx = max(mx, x[j])
-        mb = max(mb, b[j])
-    sx = np.float32(0.0)
-    sb = np.float32(0.0)
+        mx = max(mx, np.float64(x[j]))
+        mb = max(mb, np.float64(b[j]))
+    sx = 0.0
+    sb = 0.0
     for j in range(n):
-        sx += np.float32(math.exp(x[j] - mx))
-        sb += np.float32(math.exp(b[j] - mb))
-    kl = np.float32(0.0)
+        sx += math.exp(np.float64(x[j]) - mx)
+        sb += math.exp(np.float64(b[j]) - mb)
+    kl = 0.0
     for j in range(n):
-        p = np.float32(math.exp(x[j] - mx)) / sx + np.float32(1e-8)
-        q = np.float32(math.exp(b[j] - mb)) / sb + np.float32(1e-8)
-        kl += p * np.float32(math.log(p / q))
-    return kl
+        p = math.exp(np.float64(x[j]) - mx) / sx + 1e-8
+        q = math.exp(np.float64(b[j]) - mb) / sb + 1e-8
+        kl += p * math.log(p / q)
+    return np.float32(kl)
 
 
 @njit(inline="always")
