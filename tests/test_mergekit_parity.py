@@ -4,8 +4,8 @@ YAML with `dtype: float32`, on tiny float32 Llama-shaped models made here.
 
 mergekit runs in its own virtualenv, once per session: `tests/mergekit_driver.py`, executed with
 that venv's python, merges every config in one process (`mergekit.merge.run_merge`) while our
-merges run here. The venv is $MERGEKIT_VENV, else /work/mk-venv. When MERGEKIT_VENV is set, or
-/work/mk-venv exists, a broken mergekit FAILS these tests; they are skipped only when neither
+merges run here. The venv is $MERGEKIT_VENV, else the repository's .venv-mergekit. When MERGEKIT_VENV is set, or
+it exists, a broken mergekit FAILS these tests; they are skipped only when neither
 exists. `.ci/run` builds .venv-mergekit (torch 2.13.0, mergekit 0.1.5) and sets MERGEKIT_VENV.
 
 Inputs: base + 3 fine-tunes (4 layers, hidden 32; `main`, continuous float32 deltas); the same
@@ -66,7 +66,7 @@ from dppa_stream.synthetic import LlamaShape, write_llama_set
 
 from .reference import load_model
 
-DEFAULT_VENV = "/work/mk-venv"
+DEFAULT_VENV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-mergekit")
 DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mergekit_driver.py")
 SHAPE = LlamaShape(hidden=32, intermediate=80, layers=4, vocab=72, heads=4, kv_heads=2)
 DRIFT = 3e-3
