@@ -6,7 +6,7 @@ inputs' pages evicted ("cold") and resident ("warm"):
 - `dppa-stream merge` with DPPA (rates [0.9, 0.8], amplification [1.8, 1.0]) on threads:2 and on
   threads:1 (thread scaling);
 - TIES (density 0.5, weights 0.5/0.5, dtype float32, out bfloat16), and mergekit 0.1.5 on the same
-  config when its virtualenv is there ($MERGEKIT_VENV or /work/mk-venv).
+  config when its virtualenv is there ($MERGEKIT_VENV or .venv-mergekit).
 It prints the table the issue asks for: ratio to the floor, CPU nanoseconds per parameter per
 fine-tune (CPU time of the whole process tree / (parameters x fine-tunes)), threads:2 speed-up and
 the ratio to mergekit; JSON in benchmarks/results/bench_io_bound.json.
@@ -26,9 +26,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from bench_dppa import BIG, SMALL, evict, write_floor  # noqa: E402
-from common import (DATA_DIR, RESULTS_DIR, code_version, dataset, dppa_cmd, fmt_mib, input_bytes, io_floor,  # noqa: E402
-                    mergekit_available, mergekit_cmd, mergekit_env, run_measured, weight_files, write_config)
+from common import (BIG, DATA_DIR, SMALL, code_version, dataset, dppa_cmd, evict, fmt_mib, input_bytes,  # noqa: E402
+                    mergekit_available, mergekit_cmd, mergekit_env, run_measured, save_result, two_pass_floor,
+                    weight_files, write_config)
 
 
 def main() -> int:
@@ -62,16 +62,10 @@ def main() -> int:
         return row
 
     for cache in args.caches.split(","):
-        if cache == "cold":
-            evict(files)
-        r1 = io_floor(paths)
-        if cache == "cold":
-            evict(files)
-        r2 = io_floor(paths)
-        w = write_floor(out_bytes, os.path.join(work, "floor.bin"))
-        floor = r1["seconds"] + r2["seconds"] + w
-        print(f"I/O floor          {cache:4s}: {floor:5.1f}s (read {r1['seconds']:.1f} + {r2['seconds']:.1f}, "
-              f"write+fsync {w:.1f})", flush=True)
+        fl = two_pass_floor(paths, out_bytes, work, cold=cache == "cold")
+        floor = fl["seconds"]
+        print(f"I/O floor          {cache:4s}: {floor:5.1f}s (read {fl['read_s'][0]:.1f} + {fl['read_s'][1]:.1f}, "
+              f"write+fsync {fl['write_s']:.1f})", flush=True)
         for label, cfg, extra in (("dppa threads:2", dppa, ["--scheduler", "threads:2"]),
                                   ("dppa threads:1", dppa, ["--scheduler", "threads:1"]),
                                   ("ties threads:2", ties, ["--scheduler", "threads:2"])):
@@ -102,10 +96,7 @@ def main() -> int:
     result = {"shape": shape.__dict__, "params": params, "input_bytes": input_bytes(paths), "output_bytes": out_bytes,
               "cpus": os.cpu_count(), "code": code_version(), "rows": rows, "summary": summary,
               "load_average": os.getloadavg()}
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    name = "bench_io_bound_small.json" if args.small else "bench_io_bound.json"
-    with open(os.path.join(RESULTS_DIR, name), "w") as f:
-        json.dump(result, f, indent=2)
+    save_result("bench_io_bound_small.json" if args.small else "bench_io_bound.json", result)
     return 0
 
 

@@ -16,7 +16,7 @@ A control run first checks that the cap really kills a process that allocates 1.
 cgroup cap can be made (not root, no cgroup-v1 memory controller), the capped runs still use
 `--memory-limit 1GiB` and the result says "cap": "unavailable".
 
-With mergekit 0.1.5 in /work/mk-venv (or $MERGEKIT_VENV), the same ties config is also run through
+With mergekit 0.1.5 in $MERGEKIT_VENV (or .venv-mergekit), the same ties config is also run through
 `mergekit-yaml`, uncapped and measured the same way, for scale (it loads whole tensors), with a
 time limit (--mergekit-timeout, default 10 min; mergekit merges embed_tokens, the largest tensor,
 first, so a stopped run's peak is already representative, though formally a lower bound), and a
@@ -37,7 +37,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 

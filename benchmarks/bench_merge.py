@@ -6,21 +6,21 @@ sample Σ RssAnon over its whole process tree every --interval seconds (default 
 The page cache cannot be dropped without root, so all numbers are WARM-CACHE numbers; the same
 run measures a plain-read floor (every input file read once with 16 MiB reads) for reference.
 
-    /work/venv/bin/python benchmarks/bench_merge.py                 # default shape, 1 round
-    /work/venv/bin/python benchmarks/bench_merge.py --repeat 2      # two rounds, both reported
+    .venv/bin/python benchmarks/bench_merge.py                 # default shape, 1 round
+    .venv/bin/python benchmarks/bench_merge.py --repeat 2      # two rounds, both reported
     # pin the dppa-stream code to a commit (others edit the tree), add a memory-capped variant:
-    /work/venv/bin/python benchmarks/bench_merge.py --snapshot HEAD \
+    .venv/bin/python benchmarks/bench_merge.py --snapshot HEAD \
         --ours-variant "mem768=--memory-limit 768MiB" --out benchmarks/results/bench_merge_r1.json
     # combine separate invocations (each one round) into one table / JSON:
-    /work/venv/bin/python benchmarks/bench_merge.py --report benchmarks/results/bench_merge_r*.json
+    .venv/bin/python benchmarks/bench_merge.py --report benchmarks/results/bench_merge_r*.json
 
 One round (both methods, both tools) takes ~4 min on a quiet 2-core box and up to ~13 min when the
 cores are shared (mergekit's TIES alone took 186-418 s then); use one invocation per round, or
 --methods ties / --methods task_arithmetic, to keep invocations short.
 
 Writes benchmarks/results/bench_merge.json (override with --out). Generated checkpoints and
-outputs live under benchmarks/data/ (git-ignored). mergekit is run from /work/mk-venv
-(MERGEKIT_VENV) when present, otherwise skipped with a note.
+outputs live under benchmarks/data/ (git-ignored). mergekit is run from $MERGEKIT_VENV, else the repository's
+.venv-mergekit, when present, otherwise skipped with a note.
 """
 
 from __future__ import annotations

@@ -7,14 +7,13 @@ bf16 inputs with `dtype: float32` and `out_dtype: bfloat16` for both tools, warm
 run: wall seconds, CPU seconds of the process tree, CPU nanoseconds per parameter per input model,
 peak anonymous memory of the tree; and the ratios. JSON in benchmarks/results/bench_methods.json.
 
-    python benchmarks/bench_methods.py               # the 0.5B set (needs mergekit in $MERGEKIT_VENV or /work/mk-venv)
+    python benchmarks/bench_methods.py               # the 0.5B set (needs mergekit in $MERGEKIT_VENV or .venv-mergekit)
     python benchmarks/bench_methods.py --small       # ~60M parameters
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -22,9 +21,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from bench_dppa import BIG, SMALL  # noqa: E402
-from common import (DATA_DIR, RESULTS_DIR, code_version, dataset, dppa_cmd, fmt_mib, input_bytes, mergekit_available,  # noqa: E402
-                    mergekit_cmd, mergekit_env, run_measured, write_config)
+from common import (BIG, DATA_DIR, SMALL, code_version, dataset, dppa_cmd, fmt_mib, input_bytes, mergekit_available,  # noqa: E402
+                    mergekit_cmd, mergekit_env, run_measured, save_result, write_config)
 
 FAMILIES = {
     # name: (method, fine-tunes used, per-model parameters, global parameters)
@@ -79,10 +77,7 @@ def main() -> int:
         rows.append(row)
     result = {"shape": shape.__dict__, "params": params, "cpus": os.cpu_count(), "code": code_version(), "rows": rows,
               "load_average": os.getloadavg()}
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    name = "bench_methods_small.json" if args.small else "bench_methods.json"
-    with open(os.path.join(RESULTS_DIR, name), "w") as f:
-        json.dump(result, f, indent=2)
+    save_result("bench_methods_small.json" if args.small else "bench_methods.json", result)
     return 0
 
 

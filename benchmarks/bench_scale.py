@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 from bench_memory import evict  # noqa: E402
-from common import DATA_DIR, RESULTS_DIR, fmt_mib, input_bytes, io_floor, run_measured, weight_files, write_config  # noqa: E402
+from common import DATA_DIR, RESULTS_DIR, fmt_mib, input_bytes, run_measured, weight_files, write_config  # noqa: E402
 from fastgen import fast_dataset, shape_for  # noqa: E402
 
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import psutil
 
 from dppa_stream.memory import rss_anon as _rss_anon
+from dppa_stream.synthetic import LlamaShape
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -27,10 +28,14 @@ DATA_DIR = os.path.join(HERE, "data")
 RESULTS_DIR = os.path.join(HERE, "results")
 
 DPPA_BIN = os.environ.get("DPPA_STREAM_BIN") or os.path.join(os.path.dirname(sys.executable), "dppa-stream")
-MK_VENV = os.environ.get("MERGEKIT_VENV", "/work/mk-venv")
+MK_VENV = os.environ.get("MERGEKIT_VENV") or os.path.join(REPO, ".venv-mergekit")
 MK_BIN = os.path.join(MK_VENV, "bin", "mergekit-yaml")
 
 COMPLETE_MARK = ".complete.json"
+
+# The ~0.5B-parameter set most benchmarks use, and a ~60M quick-check set (`--small`).
+BIG = LlamaShape(hidden=1280, intermediate=3456, layers=24, vocab=32000, heads=20, kv_heads=4)
+SMALL = LlamaShape(hidden=512, intermediate=1408, layers=12, vocab=32000, heads=8, kv_heads=4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,7 +229,6 @@ def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.02
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             preexec_fn=_child_priority(boosted), cwd=cwd)
     root = psutil.Process(proc.pid)
-    handles: dict[int, psutil.Process] = {proc.pid: root}
     peak = samples = max_procs = 0
     max_gap = 0.0
     gaps: list[float] = []
@@ -330,3 +334,54 @@ def io_floor(paths: list[str], block: int = 16 << 20) -> dict:
 
 def fmt_mib(b: int | float) -> str:
     return f"{b / 2**20:.0f}"
+
+
+def evict(paths: list[str]) -> None:
+    """Drop these files' pages from the page cache (no root or drop_caches needed)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd) if os.access(p, os.W_OK) else None
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def write_floor(nbytes: int, path: str, block: int = 16 << 20) -> float:
+    """Seconds to write `nbytes` of zeros in 16 MiB blocks and fsync them (the file is removed)."""
+    buf = bytes(block)
+    t0 = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        left = nbytes
+        while left:
+            n = min(left, block)
+            f.write(buf[:n])
+            left -= n
+        os.fsync(f.fileno())
+    dt = time.perf_counter() - t0
+    os.unlink(path)
+    return dt
+
+
+def two_pass_floor(paths: list[str], out_bytes: int, scratch: str, cold: bool) -> dict:
+    """What any two-pass merge must do at least: read every input twice (evicted before each read
+    when `cold`), write the output once and fsync it. Leaves the inputs evicted when `cold`."""
+    files = [f for p in paths for f in weight_files(p)]
+    reads = []
+    for _ in range(2):
+        if cold:
+            evict(files)
+        reads.append(io_floor(paths)["seconds"])
+    write = write_floor(out_bytes, os.path.join(scratch, "floor.bin"))
+    if cold:
+        evict(files)
+    return {"seconds": sum(reads) + write, "read_s": reads, "write_s": write}
+
+
+def save_result(name: str, result: dict) -> str:
+    """Write a benchmark's JSON under benchmarks/results/; returns its path."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    path = os.path.join(RESULTS_DIR, name)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    return path

@@ -12,7 +12,7 @@ top-k selection in memory both ways (mergekit: `argsort(|delta|, descending)[:k]
 strictly above the threshold plus the lowest-index ties) and checks whether every mismatched
 element lies where the two kept sets differ. Anything else is an op-order / semantic difference.
 
-    /work/venv/bin/python benchmarks/parity_mergekit.py
+    .venv/bin/python benchmarks/parity_mergekit.py
 """
 
 from __future__ import annotations

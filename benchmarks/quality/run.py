@@ -1,8 +1,8 @@
 """Merge quality benchmark: DPPA's claims in miniature, on tiny Llama models trained here on CPU.
 
-    /work/venv/bin/python -m benchmarks.quality.run             # full run: 3 seeds, both tables
-    /work/venv/bin/python -m benchmarks.quality.run --smoke     # seconds: CI smoke version
-    /work/venv/bin/python -m benchmarks.quality.run --seeds 0   # one seed
+    .venv/bin/python -m benchmarks.quality.run             # full run: 3 seeds, both tables
+    .venv/bin/python -m benchmarks.quality.run --smoke     # seconds: CI smoke version
+    .venv/bin/python -m benchmarks.quality.run --seeds 0   # one seed
 
 Run from the repository root. Trained checkpoints are cached under benchmarks/quality/cache/
 (git-ignored) by a hash of their training config and seed, so a re-run only merges and evaluates.
