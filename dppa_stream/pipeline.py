@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 from .checkpoint import FLOAT_DTYPES
 from .config import MergeConfig
-from .executor import Executor, Progress, SchedulerSpec
+from .executor import Executor, Progress, SchedulerSpec, ThreadsExecutor, make_executor
 from .inputs import Inputs, open_inputs
 from .memory import PeakSampler, default_budget
 from .methods.base import Catalogue, Plan
@@ -90,7 +90,7 @@ class Session:
     cfg: MergeConfig
     inputs: Inputs
     method: object
-    executor: Executor
+    executor: Executor | ThreadsExecutor
     units: dict
     progress: Progress
     budget: int
@@ -152,7 +152,7 @@ def session(cfg: MergeConfig, opts: MergeOptions, out: str | None = None):
     method = cfg.method(opts.seed)
     spec = SchedulerSpec.parse(opts.scheduler, opts.scheduler_file)
     budget = opts.memory_limit or default_budget()
-    ex = Executor(spec, budget // max(1, spec.workers) if spec.kind == "processes" else 0)
+    ex = make_executor(spec, budget // max(1, spec.workers) if spec.kind == "processes" else 0)
     try:
         workers = ex.worker_count
         procs = 1 + (workers if spec.kind == "processes" else 0)
