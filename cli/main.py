@@ -15,7 +15,11 @@ import signal
 import sys
 import time
 
-import click
+# numpy's OpenBLAS starts a spinning thread per core when imported (~2 % of a merge's CPU); nothing
+# here multiplies more than K x K matrices, so one thread, set before numpy is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import click  # noqa: E402
 
 from dppa_stream import __version__
 from dppa_stream.errors import EXIT_INTERNAL, EXIT_OUTPUT, EXIT_USAGE, DppaError, OutputError, UsageError, printable

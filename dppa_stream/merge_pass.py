@@ -20,7 +20,7 @@ from .methods.base import Catalogue, TensorInfo
 from .inputs import verify_unchanged
 from .output import WORK_DIR, Manifest, release_reserve
 from .statistics import check_nonfinite, drive, inline
-from .units import UnitInputs, UnitRows
+from .units import UnitInputs, UnitRows, scratch
 
 
 def output_dtypes(inputs, out_dtype: str | None) -> dict[str, str]:
@@ -39,7 +39,7 @@ def merge_task(method, inp: UnitInputs, plan, folder: str, place: Placement, out
         return write_rows(folder, place, u.row_start, rows.raw[0])
     if isinstance(plan, TensorInfo):  # plan it here, from the rows in memory
         plan = drive(method, Catalogue({u.tensor: plan}, None), [u.tensor], inline(rows, check_finite)).tensors[u.tensor]
-    out = np.empty(u.numel, kernels.CONTAINER[out_dtype])
+    out = scratch("out", u.numel * np.dtype(kernels.CONTAINER[out_dtype]).itemsize).view(kernels.CONTAINER[out_dtype])
     bad = method.merge_unit(rows, plan, out, kernels.CODES[out_dtype])
     if check_finite:
         check_nonfinite(rows, bad)
