@@ -252,3 +252,32 @@ def test_weighted_sum_matches_torch_sum_over_models(name):
     stacked = torch.stack([x.float() for x in xs])
     want = ((w.reshape(-1, 1) * stacked).sum(dim=0) / w.sum()).to(dt)
     assert same(from_bits(out, dt), want)
+
+
+@pytest.mark.parametrize("name", list(DTYPES))
+@pytest.mark.parametrize("shape", [(6, 300), (3, 50, 4), (5, 1)])
+def test_della_mask_ranks_like_a_stable_argsort(name, shape):
+    """DELLA: within each vector along dim 1, |delta| ranked ascending with ties by position (the
+    hostile values are full of ties), keep probability density - eps + 2 eps q, drawn from the
+    counter RNG at the element's tensor-wide index."""
+    dtype = DTYPES[name]
+    n = int(np.prod(shape))
+    base, ft = hostile(n, dtype, seed=3), hostile(n, dtype, seed=4)
+    src = np.stack([bits(base), bits(ft)])
+    key, density, eps, flat0 = 0x1234_5678_9ABC, 0.5, 0.2, 1000
+    mask = np.zeros(n, np.uint8)
+    bad = np.zeros(2, np.int64)
+    d1, rest = shape[1], int(np.prod(shape[2:]))
+    kn.della_mask(src, kn.CODES[name], 0, 0, shape[0], d1, rest, flat0, np.uint64(key), density, eps, mask, bad)
+
+    delta = (ft.float() - base.float()).reshape(shape[0], d1, rest)
+    order = torch.argsort(delta.abs(), dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(d1).view(1, d1, 1).expand_as(order))
+    expected = np.zeros(n, np.uint8)
+    for flat, r in enumerate(rank.reshape(-1).tolist()):
+        q = r / (d1 - 1) if d1 > 1 else 0.5
+        p = max(0.0, min(1.0, density - eps + 2.0 * eps * q))
+        expected[flat] = reference_keep_mask(key, flat0 + flat, 1, p)[0]
+    assert n < 10 or 0.3 < expected.mean() < 0.7  # the draw really keeps about `density`
+    np.testing.assert_array_equal(mask, expected)
