@@ -281,3 +281,33 @@ def test_della_mask_ranks_like_a_stable_argsort(name, shape):
         expected[flat] = reference_keep_mask(key, flat0 + flat, 1, p)[0]
     assert n < 10 or 0.3 < expected.mean() < 0.7  # the draw really keeps about `density`
     np.testing.assert_array_equal(mask, expected)
+
+
+@pytest.mark.parametrize("name", list(DTYPES))
+@pytest.mark.parametrize("deltas", [True, False])
+def test_gram_sums_are_the_exact_dot_products(name, deltas):
+    """Pairwise dot products (of the inputs, or of each model minus the base) summed exactly:
+    compared with rational arithmetic on the float32 values, over several kernel blocks."""
+    from fractions import Fraction
+
+    from dppa_stream.statistics import exact_products
+
+    dtype = DTYPES[name]
+    n = 3 * kn.BLOCK + 123
+    xs = [hostile(n, dtype, seed=s) for s in (5, 6, 7)]
+    src = np.stack([bits(x) for x in xs])
+    vecs = [x.float() for x in xs]
+    if deltas:
+        vecs = [(v - vecs[0]) for v in vecs[1:]]
+    nv = len(vecs)
+    pairs = nv * (nv + 1) // 2
+    high = np.zeros((pairs, kn.GRAM_BUCKETS), np.int64)
+    low = np.zeros_like(high)
+    kn.gram_sums(src, kn.CODES[name], 0, n, deltas, high, low, np.zeros(3, np.int64))
+    got = exact_products(np.stack([high, low]))
+    expected = []
+    for a in range(nv):
+        for b in range(a, nv):
+            total = sum((Fraction(float(p)) for p in (vecs[a].double() * vecs[b].double()).tolist()), Fraction(0))
+            expected.append(float(total))
+    assert got == expected

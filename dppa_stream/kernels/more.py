@@ -51,6 +51,31 @@ def _split(x):
     return sig, e
 
 
+LANES = 4  # interleaved copies of the buckets: consecutive elements (often of one exponent) never wait on each other's add
+
+
+@njit(inline="always")
+def _split_row(x, m, sig, exp):
+    """`_split` of x[:m] into sig[:m], exp[:m] (a loop of its own, so the products loop is simple)."""
+    for j in range(m):
+        sig[j], exp[j] = _split(x[j])
+
+
+@njit(inline="always")
+def _flush_lanes(block, npairs, high, low):
+    """`_flush` for gram_sums' interleaved buckets: the lanes are added before the split into words,
+    so the words are those one set of buckets would give."""
+    for p in range(npairs):
+        for e in range(GRAM_BUCKETS):
+            v = 0
+            for lane in range(LANES):  # the lanes together hold one block's sum: still < 2**60
+                v += block[lane * npairs + p, e]
+                block[lane * npairs + p, e] = 0
+            if v != 0:
+                high[p, e] += v >> _LOW_BITS
+                low[p, e] += v & ((1 << _LOW_BITS) - 1)
+
+
 @njit(inline="always")
 def _flush(block, high, low):
     """Move per-block bucket sums (each < 2**60) into the two-word accumulators, exactly."""
@@ -74,21 +99,23 @@ def gram_sums(src, code, lo, hi, deltas, high, low, bad):
     nv = n_in - 1 if deltas else n_in
     vals = np.empty((nv, BLOCK), np.float32)
     base = np.empty(BLOCK, np.float32)
-    block = np.zeros((high.shape[0], GRAM_BUCKETS), np.int64)
-    sig = np.empty(nv, np.int64)
-    exp = np.empty(nv, np.int64)
+    npairs = high.shape[0]
+    block = np.zeros((LANES * npairs, GRAM_BUCKETS), np.int64)
+    sig = np.empty((nv, BLOCK), np.int64)
+    exp = np.empty((nv, BLOCK), np.int64)
     for s in range(lo, hi, BLOCK):
         m = min(BLOCK, hi - s)
         _vectors(src, code, s, m, deltas, base, vals, bad)
-        for j in range(m):
-            for k in range(nv):
-                sig[k], exp[k] = _split(vals[k, j])
-            p = 0
-            for a in range(nv):
-                for b in range(a, nv):
-                    block[p, exp[a] + exp[b]] += sig[a] * sig[b]
-                    p += 1
-        _flush(block, high, low)
+        for k in range(nv):
+            _split_row(vals[k], m, sig[k], exp[k])
+        p = 0
+        for a in range(nv):
+            for b in range(a, nv):
+                sa, sb, ea, eb = sig[a], sig[b], exp[a], exp[b]
+                for j in range(m):
+                    block[(j & (LANES - 1)) * npairs + p, ea[j] + eb[j]] += sa[j] * sb[j]
+                p += 1
+        _flush_lanes(block, npairs, high, low)
 
 
 # --- row-wise statistics and combinations ----------------------------------------------------------
