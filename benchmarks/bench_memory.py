@@ -22,8 +22,7 @@ time limit (--mergekit-timeout, default 10 min; mergekit merges embed_tokens, th
 first, so a stopped run's peak is already representative, though formally a lower bound), and a
 watchdog that stops it when the machine's available memory drops below 2 GiB (--watchdog-floor).
 
-TIES runs with weight 0.5 and density 0.2 (as bench_merge.py): the default density 1 crashes on
-tensors split over several work units (see benchmarks/README.md, "Known issues").
+TIES runs with weight 0.5 and density 0.2 (as bench_merge.py; `--ties-density` to change it).
 
     python benchmarks/bench_memory.py                    # 3 x 6.03 GB, ties + dppa, cap 1 GiB (~15-30 min)
     python benchmarks/bench_memory.py --scale 0.5 --no-mergekit    # quick check (~1 min)

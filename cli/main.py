@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import math
 import os
 import signal
@@ -423,5 +424,25 @@ def _demo_config(method: str, inputs: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def entry() -> None:
+    """The console script: the command, then a quick exit. Tearing the interpreter down (a garbage
+    collection and module teardown over everything numpy, numba, zarr and Dask loaded) took ~0.4 s
+    after every merge; by then every file is closed and synced, the scheduler shut down and the
+    output published, so only the standard streams need flushing."""
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

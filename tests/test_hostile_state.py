@@ -1,6 +1,7 @@
 """Class 3, run state: unforgeable by tensor names, written atomically, durable before it is
 recorded; damaged state is exit 4 with the way out (remove OUT.partial or pass --overwrite)."""
 
+import errno
 import json
 import os
 
@@ -76,6 +77,45 @@ def test_unit_is_recorded_only_after_the_shards_are_synced(tmp_path, monkeypatch
         m.record("a", 1)
         assert events == []  # batched
     assert events == ["sync", "record"]
+
+
+def test_background_batches_are_synced_before_they_are_recorded(tmp_path, monkeypatch):
+    """With a batch made durable on the manifest's own thread, every batch still follows an
+    fdatasync of the shards, batches stay in order and none is lost at close."""
+    plan = {"a": 400}
+    partial = _partial(tmp_path, plan)
+    open(os.path.join(partial, "model.safetensors"), "wb").close()
+    monkeypatch.delenv("DPPA_STREAM_FAULT", raising=False)
+    events = []
+    real_sync, real_write = os.fdatasync, output._write_all
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (events.append("sync"), real_sync(fd))[1])
+    monkeypatch.setattr(output, "_write_all", lambda fd, data: (events.append(data), real_write(fd, data))[1])
+    with Manifest(partial, interval=0) as m:
+        for i in range(400):
+            m.record("a", i)
+    batches = [e for e in events if e != "sync"]
+    assert len(batches) >= 2  # some went in the background
+    for i, e in enumerate(events):
+        if e != "sync":
+            assert events[i - 1] == "sync"
+    lines = b"".join(batches).decode().splitlines()
+    assert [json.loads(line)[1] for line in lines] == list(range(400))
+    assert read_manifest(os.path.join(partial, WORK_DIR, MANIFEST), plan) == {("a", i) for i in range(400)}
+
+
+def test_a_failed_background_batch_fails_the_run(tmp_path, monkeypatch):
+    partial = _partial(tmp_path, {"a": 10})
+    monkeypatch.delenv("DPPA_STREAM_FAULT", raising=False)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(output, "sync_outputs", lambda folder: full(0))
+    with pytest.raises(OutputError) as e:
+        with Manifest(partial, interval=0) as m:
+            for i in range(10):
+                m.record("a", i)
+    assert e.value.exit_code == 4 and "\n" not in str(e.value)
 
 
 def test_run_state_is_written_atomically(tmp_path):
