@@ -11,8 +11,8 @@ them. Nothing here knows about files, kernels or Dask.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from fractions import Fraction
 
 import numpy as np
 
@@ -85,11 +85,18 @@ def _unpack_summary(numel, bins, counts, mant_sums):
 
 
 def exact_sum(mant_sums: np.ndarray) -> float:
-    """Σ of values given as per-exponent sums of float32 significands, exactly rounded to float64."""
-    total = Fraction(0)
-    for e in np.nonzero(mant_sums)[0]:
-        total += Fraction(int(mant_sums[e])) * Fraction(2) ** (max(int(e), 1) - 150)
-    return float(total)
+    """Σ of values given as per-exponent sums of float32 significands, exactly rounded to float64:
+    one Python integer in units of the lowest exponent present, rounded once by int -> float
+    (correctly rounded) and scaled by a power of two (exact). Fractions gave the same result 10x
+    slower, in DPPA's serial plan step."""
+    nz = np.nonzero(mant_sums)[0]
+    if not nz.size:
+        return 0.0
+    low = max(int(nz[0]), 1)
+    total = 0
+    for e in nz:
+        total += int(mant_sums[e]) << (max(int(e), 1) - low)
+    return math.ldexp(float(total), low - 150)
 
 
 _BIN_MANT = ((np.arange(HIST_BINS, dtype=np.int64) & 0x7F) << 16).reshape(256, 128)

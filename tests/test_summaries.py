@@ -114,3 +114,17 @@ def test_counter_rng_is_chunk_invariant_and_fair():
     assert np.array_equal(whole, pieces)
     assert abs(whole.mean() - 0.3) < 0.01
     assert not np.array_equal(whole, kernels.keep_mask(np.uint64(rng.stream_key(0, 2, "x")), 0, 100_000, limit))
+
+
+def test_exact_sum_equals_rational_arithmetic():
+    """Per-exponent significand sums (of |x|, and signed ones) rounded once, exactly as a rational sum."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        sums = np.zeros(256, np.int64)
+        picks = rng.integers(0, 256, rng.integers(1, 12))
+        sums[picks] = rng.integers(-(1 << 40) if trial % 3 == 0 else 0, 1 << 40, picks.size)
+        want = float(sum((Fraction(int(sums[e])) * Fraction(2) ** (max(e, 1) - 150) for e in range(256)), Fraction(0)))
+        assert summaries.exact_sum(sums) == want, trial
+    assert summaries.exact_sum(np.zeros(256, np.int64)) == 0.0
