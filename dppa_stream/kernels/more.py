@@ -10,7 +10,8 @@ import math
 import numpy as np
 from numba import njit
 
-from .core import BLOCK, TH_ALL, TH_NONE, _add_abs, bits_of_f32, keep_draw, narrow_block, widen_block
+from .core import (BLOCK, TH_ALL, TH_NONE, _add_abs, bits_of_f32, count_in_bins, keep_draw, narrow_block,
+                   widen_block)
 
 GRAM_BUCKETS = 512  # sums of two float32 exponent fields (each 1..254) index the product buckets
 _LOW_BITS = 30
@@ -63,8 +64,9 @@ def _split_row(x, m, sig, exp):
 
 @njit(inline="always")
 def _flush_lanes(block, npairs, high, low):
-    """`_flush` for gram_sums' interleaved buckets: the lanes are added before the split into words,
-    so the words are those one set of buckets would give."""
+    """Move one block's bucket sums, held in LANES interleaved copies, into the two-word accumulators
+    exactly: the lanes are added first (together still < 2**60, products < 2**48 times BLOCK
+    elements), then split into words."""
     for p in range(npairs):
         for e in range(GRAM_BUCKETS):
             v = 0
@@ -74,18 +76,6 @@ def _flush_lanes(block, npairs, high, low):
             if v != 0:
                 high[p, e] += v >> _LOW_BITS
                 low[p, e] += v & ((1 << _LOW_BITS) - 1)
-
-
-@njit(inline="always")
-def _flush(block, high, low):
-    """Move per-block bucket sums (each < 2**60) into the two-word accumulators, exactly."""
-    for p in range(block.shape[0]):
-        for e in range(GRAM_BUCKETS):
-            v = block[p, e]
-            if v != 0:
-                high[p, e] += v >> _LOW_BITS
-                low[p, e] += v & ((1 << _LOW_BITS) - 1)
-                block[p, e] = 0
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -297,11 +287,7 @@ def variance_bins(src, code, lo, hi, bins, counts, bad):
         m = min(BLOCK, hi - s)
         _vectors(src, code, s, m, True, base, vals, bad)
         for j in range(m):
-            bits = bits_of_f32(_variance(vals, K, j))
-            top = np.int64(bits >> np.uint32(16))
-            for i in range(bins.shape[0]):
-                if top == bins[i]:
-                    counts[i, bits & np.uint32(0xFFFF)] += 1
+            count_in_bins(bits_of_f32(_variance(vals, K, j)), bins, counts)
 
 
 @njit(inline="always")
@@ -508,11 +494,8 @@ def arcee_importance(src, code, lo, hi, row_len, bins, hist, counts, bad):
         kl = _kl_row(x, b, row_len)
         for j in range(row_len):
             bits = sort_key(abs(x[j] - b[j]) * kl)
-            top = np.int64(bits >> np.uint32(16))
-            hist[top] += 1
-            for i in range(bins.shape[0]):
-                if top == bins[i]:
-                    counts[i, bits & np.uint32(0xFFFF)] += 1
+            hist[bits >> np.uint32(16)] += 1
+            count_in_bins(bits, bins, counts)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
