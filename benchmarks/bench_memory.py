@@ -31,7 +31,6 @@ TIES runs with weight 0.5 and density 0.2 (as bench_merge.py; `--ties-density` t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -44,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import common  # noqa: E402
-from common import DATA_DIR, RESULTS_DIR, fmt_mib, input_bytes, run_measured, weight_files, write_config  # noqa: E402
+from common import DATA_DIR, RESULTS_DIR, fmt_mib, folder_digest, input_bytes, run_measured, weight_files, write_config  # noqa: E402
 from fastgen import fast_dataset, shape_for  # noqa: E402
 
 CAPPED_RUN = os.environ.get("CAPPED_RUN", os.path.join(os.path.dirname(common.REPO), "shared", "tools", "capped_run.py"))
@@ -113,19 +112,6 @@ def control_run(limit: int) -> dict:
         res[name] = {"bytes": nbytes, "rc": m.rc, "peak_anon_bytes": m.peak_anon_bytes, "cap": parse_cap_line(m.stderr_tail)}
     res["ok"] = res["over"]["rc"] != 0 and res["under"]["rc"] == 0
     return res
-
-
-def folder_digest(folder: str) -> dict[str, str]:
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(16 << 20):
-                    h.update(chunk)
-            out[name] = h.hexdigest()
-    return out
 
 
 class Watchdog:

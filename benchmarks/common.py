@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -376,6 +377,20 @@ def two_pass_floor(paths: list[str], out_bytes: int, scratch: str, cold: bool) -
     if cold:
         evict(files)
     return {"seconds": sum(reads) + write, "read_s": reads, "write_s": write}
+
+
+def folder_digest(folder: str) -> dict[str, str]:
+    """SHA-256 of every file directly in `folder`, by name (to compare two outputs byte for byte)."""
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(16 << 20):
+                    h.update(chunk)
+            out[name] = h.hexdigest()
+    return out
 
 
 def save_result(name: str, result: dict) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import hashlib
 import json
 import os
 import subprocess
@@ -20,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import DATA_DIR, REPO, check_snapshot_import, ours_env, snapshot  # noqa: E402
+from common import DATA_DIR, REPO, check_snapshot_import, folder_digest, ours_env, snapshot  # noqa: E402
 
 WORK = os.path.join(DATA_DIR, "compare_outputs")
 UNITS = (None, 1 << 20)  # the default, and small enough to split every large tensor
@@ -62,8 +61,7 @@ def worker(label: str, result_json: str) -> None:
         except Exception as e:  # noqa: BLE001 - recorded and compared like an output
             res[case] = f"error: {type(e).__name__}: {e}"
             continue
-        res[case] = {f: hashlib.sha256(open(os.path.join(out, f), "rb").read()).hexdigest()
-                     for f in sorted(os.listdir(out)) if f.endswith((".safetensors", ".json"))}
+        res[case] = {f: h for f, h in folder_digest(out).items() if f.endswith((".safetensors", ".json"))}
     with open(result_json, "w") as f:
         json.dump(res, f, indent=1)
 
