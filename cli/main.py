@@ -313,8 +313,8 @@ def stats(config, json_out, plot, experts, memory_limit, scheduler, scheduler_fi
                    "reference: the authors' greedy walk (one shared factor vector, +--step moves only); tpe / cmaes: "
                    "optuna's seeded samplers (cmaes needs the cmaes package).")
 @click.option("--objective", type=click.Choice(["mean", "geomean", "min"]), default="geomean", show_default=True,
-              help="How several scores (each / its --dense-score) combine. geomean: a score below 1 %% of its dense "
-                   "score (0 included) counts as 1 %%; mean: a 0 counts as 0; min: a 0 makes the objective 0. With "
+              help="How several scores (each / its --dense-score) combine. geomean: a score below 1 % of its dense "
+                   "score (0 included) counts as 1 %; mean: a 0 counts as 0; min: a 0 makes the objective 0. With "
                    "one --eval-cmd all three are the score.")
 @click.option("--min-gain", type=float, default=None,
               help="Noise margin in score units: a candidate replaces the best so far only if it beats it with every "
