@@ -774,9 +774,11 @@ def search(cfg: MergeConfig, out: str, eval_cmds: list[str], opts: MergeOptions 
     out = os.path.abspath(out)
     t0 = time.perf_counter()
     work = out + ".search"
-    finished_log = os.path.join(out, LOG_NAME)
-    # --resume on a finished search (no work folder, OUT holds its log) extends it and replaces OUT
-    extending = resume and not os.path.isfile(os.path.join(work, LOG_NAME)) and os.path.isfile(finished_log)
+    log_path, finished_log = os.path.join(work, LOG_NAME), os.path.join(out, LOG_NAME)
+    # --resume on a finished search (OUT holds its log) extends it: OUT is replaced by the new kept model.
+    # An interrupted extension has both logs; the work folder's holds everything OUT's does, and more.
+    extending = resume and os.path.isfile(finished_log)
+    resume_from = (log_path if os.path.isfile(log_path) else finished_log if extending else None) if resume else None
     with session(cfg, dataclasses.replace(opts, overwrite=opts.overwrite or extending), out) as s:
         method = s.method
         start_p = _start_params(cfg, method, start, strategy, tune)
@@ -799,8 +801,10 @@ def search(cfg: MergeConfig, out: str, eval_cmds: list[str], opts: MergeOptions 
         header = {"identity": identity, "strategy": strategy, "tune": list(tune), "seed": opts.seed,
                   "eval_cmds": list(eval_cmds), "dense_scores": list(dense or []), "config": cfg.source,
                   "created": time.time()}
-        log_path = os.path.join(work, LOG_NAME)
-        slog = SearchLog(log_path, header, (finished_log if extending else log_path) if resume else None)
+        if extending and (_read_log(finished_log)[0] or {}).get("identity") != identity:
+            raise OutputError(f"{finished_log}: {out} holds another search (another config, inputs, --seed, --strategy, "
+                              "--tune or --eval-cmd); choose another OUT, or pass --overwrite without --resume")
+        slog = SearchLog(log_path, header, resume_from)
         engine = s.engine(StatsStore(os.path.join(work, "stats.zarr")))
         evals: list[Evaluation] = []
         by_params: dict[Params, Evaluation] = {}

@@ -473,3 +473,26 @@ def test_search_cli_keeps_the_start_when_nothing_beats_it(tmp_path, ckpts):
     assert not log["beat_start"] and log["best_factors"] == [[1.2, 0.0]] and log["best_evaluation"] == 1
     assert "amplification:\n  - 1.2\n  - 0.0" in (out / "dppa_stream_config.yml").read_text()
     assert "kept the start" in (out / "search_log.md").read_text()
+
+
+def test_search_cli_resume_an_interrupted_extension_and_refuse_another_search(tmp_path, ckpts):
+    cfg, cmd, calls = _toy(tmp_path, ckpts, "-abs(ratio - 0.62)")
+    args = ["search", str(cfg), str(tmp_path / "o"), "--eval-cmd", cmd, "--start", "1,0"]
+    assert CliRunner().invoke(main, args + ["--max-evals", "3"]).exit_code == 0
+    # the extension to 6 crashes at its 2nd new evaluation; OUT still holds the finished search of 3
+    calls.unlink()
+    (tmp_path / "calls.txt.fail").write_text("2")
+    res = CliRunner().invoke(main, args + ["--max-evals", "6", "--resume"])
+    assert res.exit_code == 2 and "simulated crash" in res.output
+    assert json.loads((tmp_path / "o" / "search_log.json").read_text())["evaluations_used"] == 3
+    (tmp_path / "calls.txt.fail").unlink()
+    calls.unlink()
+    res = CliRunner().invoke(main, args + ["--max-evals", "6", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert _ncalls(calls) == 2  # the 4th was logged before the crash
+    log = json.loads((tmp_path / "o" / "search_log.json").read_text())
+    assert [e["replayed"] for e in log["evaluations"]] == [True] * 4 + [False] * 2
+    # OUT holding a search of another strategy is not replaced by --resume
+    res = CliRunner().invoke(main, args + ["--max-evals", "7", "--resume", "--strategy", "tpe"])
+    assert res.exit_code == 4 and "holds another search" in res.output
+    assert json.loads((tmp_path / "o" / "search_log.json").read_text())["evaluations_used"] == 6
