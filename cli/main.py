@@ -311,7 +311,7 @@ def stats(config, json_out, plot, experts, memory_limit, scheduler, scheduler_fi
               show_default=True,
               help="refine: the reference walk, then a compass search (every tuned value up and down, per fine-tune); "
                    "reference: the authors' greedy walk (one shared factor vector, +--step moves only); tpe / cmaes: "
-                   "optuna's seeded samplers (cmaes needs the cmaes package).")
+                   "optuna's seeded samplers.")
 @click.option("--objective", type=click.Choice(["mean", "geomean", "min"]), default="geomean", show_default=True,
               help="How several scores (each / its --dense-score) combine. geomean: a score below 1 % of its dense "
                    "score (0 included) counts as 1 %; mean: a 0 counts as 0; min: a 0 makes the objective 0. With "

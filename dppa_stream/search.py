@@ -396,10 +396,6 @@ def sampler_search(f, space: Space, start: Params, sampler_name: str, seed: int)
     if sampler_name == "tpe":
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=SAMPLER_STARTUP)
     else:
-        try:
-            import cmaes  # noqa: F401  (optuna's CMA-ES sampler needs it)
-        except ImportError:
-            raise UsageError("--strategy cmaes needs the cmaes package: pip install cmaes") from None
         with warnings.catch_warnings():  # x0 and sigma0 are deprecated since optuna 4.9 (removal planned for 6)
             warnings.simplefilter("ignore", FutureWarning)
             sampler = optuna.samplers.CmaEsSampler(x0=x0, sigma0=CMAES_SIGMA0, seed=seed, n_startup_trials=0,

@@ -355,7 +355,7 @@ class SeedRun:
                          list(p.domains)))
             for task, domain, models, doms in jobs:
                 for strategy in p.strategies:
-                    tag = f"s-{r.name}-{task}-{domain}-{strategy.replace(':', '-')}"
+                    tag = f"s-{r.name}-{task}-{domain}-{strategy.replace(':', '-').replace('+', '-')}"
                     cfg = os.path.join(self.work, tag + ".yml")
                     out = os.path.join(self.work, tag)
                     write_config(cfg, "dppa", self.base, models, {"pruning_rates": list(p.table2_rates),
@@ -366,9 +366,11 @@ class SeedRun:
                     if task == "merge":  # floored at one example's worth, like Table 2
                         for d in doms:
                             args += ["--dense-score", f"{max(dense_val[d], 1 / p.n_val):.6g}"]
-                    name, _, gain = strategy.partition(":")
+                    spec, _, extra = strategy.partition("+")  # NAME[:MIN_GAIN][+TUNED]: e.g. refine+rates
+                    name, _, gain = spec.partition(":")
                     args += ["--strategy", name, "--start", start, "--seed", "0", "--quiet"]
                     args += ["--min-gain", gain] if gain else []
+                    args += ["--tune", "factors," + extra] if extra else []
                     for i, budget in enumerate(p.strategy_budgets):
                         t1 = time.perf_counter()
                         self.cli(args + ["--max-evals", str(budget)] + (["--resume"] if i else ["--overwrite"]))
