@@ -381,6 +381,7 @@ class SeedRun:
                         evs = slog["evaluations"]
                         row = {"regime": r.name, "task": task, "domain": domain, "strategy": strategy, "budget": budget,
                                "start_factors": slog["start_factors"], "best_factors": slog["best_factors"],
+                               "best_rates": slog["kept"]["rates"],
                                "val_start": slog["start_score"], "val_best": slog["best_score"],
                                "beat_start": slog["beat_start"], "evals": slog["evaluations_used"],
                                "repeats": slog["repeats"], "distinct_models": len({e["digest"] for e in evs}),

@@ -370,6 +370,8 @@ def search_markdown(results: dict) -> str:
         fac = ("[" + ", ".join(f"{a:g}" for a in m[0]) + "]") if len({tuple(x) for x in m}) == 1 else \
             "; ".join("[" + ", ".join(f"{a:g}" for a in x) + "]" for x in m)
         acc = ", ".join(f"{d} {100 * v:.0f}" for d, v in r["acc"].items())
+        rates = r.get("best_rates") or plan["table2_rates"]
+        fac += "" if list(rates) == list(plan["table2_rates"]) else ", rates [" + ", ".join(f"{x:g}" for x in rates) + "]"
         L.append(f"| {r['task']} | {r['regime']} | {r['domain']} | {r['strategy']} | {fac}"
                  f"{'' if r['beat_start'] else ' (start kept)'} | {acc} |")
     return "\n".join(L) + "\n"
