@@ -160,8 +160,11 @@ class Space:
 
     @staticmethod
     def _get(p: Params, c: Coord) -> float:
-        return {"factor": lambda: p.factors[c.model][c.level], "rate": lambda: p.rates[c.level],
-                "lamda": lambda: p.lamda, "weight": lambda: p.weights[c.model]}[c.kind]()
+        if c.kind == "factor":
+            return p.factors[c.model][c.level]
+        if c.kind == "rate":
+            return p.rates[c.level]
+        return p.lamda if c.kind == "lamda" else p.weights[c.model]
 
     def params(self, x) -> Params:
         s = self.start
@@ -304,14 +307,19 @@ class Judge:
         return self.value(a) > self.value([s + self.min_gain for s in b]) + _EPS
 
 
-def kept_index(scores: list, judge: Judge) -> int:
-    """The incumbent after a sequence of evaluations (their raw scores): the first (the start)
-    until one beats the incumbent by more than the margin, which then becomes the incumbent."""
-    best = 0
-    for i, s in enumerate(scores):
-        if judge.beats(s, scores[best]):
-            best = i
-    return best
+class Incumbent:
+    """The model kept: the first evaluation (the start) until one beats it by more than the
+    margin, which then becomes the incumbent; offered every evaluation in the order made."""
+
+    def __init__(self, judge: Judge):
+        self.judge, self.ev = judge, None
+
+    def offer(self, ev) -> bool:
+        """True when `ev` becomes the incumbent."""
+        if self.ev is None or self.judge.beats(ev.scores, self.ev.scores):
+            self.ev = ev
+            return True
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -806,7 +814,7 @@ def search(cfg: MergeConfig, out: str, eval_cmds: list[str], opts: MergeOptions 
         by_params: dict[Params, Evaluation] = {}
         by_digest: dict[str, Evaluation] = {}
         repeats = 0
-        incumbent = [None]
+        incumbent = Incumbent(judge)
         best_dir = os.path.join(work, "best")
         best_json = os.path.join(work, "best.json")
 
@@ -864,8 +872,7 @@ def search(cfg: MergeConfig, out: str, eval_cmds: list[str], opts: MergeOptions 
                      f"{ev.objective:.6g}{raw}")
             evals.append(ev)
             by_params[p] = by_digest[digest] = ev
-            if incumbent[0] is None or judge.beats(ev.scores, incumbent[0].scores):
-                incumbent[0] = ev
+            if incumbent.offer(ev):
                 if not ev.replayed:
                     keep(cand_dir, ev)
             elif not ev.replayed:
@@ -889,7 +896,7 @@ def search(cfg: MergeConfig, out: str, eval_cmds: list[str], opts: MergeOptions 
             pass
         finally:
             slog.close()
-        kept = incumbent[0]
+        kept = incumbent.ev
         saved = json.load(open(best_json)) if os.path.isfile(best_json) and os.path.isdir(best_dir) else None
         if saved is None or saved["digest"] != kept.digest:  # kept a replayed evaluation: merge it again
             if os.path.exists(best_dir):

@@ -189,7 +189,7 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 
 from dppa_stream.config import parse_config  # noqa: E402
-from dppa_stream.search import (kept_index, objective_value, parse_start, parse_tune, sampler_search,  # noqa: E402
+from dppa_stream.search import (Incumbent, objective_value, parse_start, parse_tune, sampler_search,  # noqa: E402
                                 with_params)
 
 
@@ -216,13 +216,21 @@ def test_samplers_are_deterministic_per_seed():
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
+def _kept(scores, judge):
+    inc = Incumbent(judge)
+    evs = [_Ev(None, s) for s in scores]
+    for ev in evs:
+        inc.offer(ev)
+    return evs.index(inc.ev)
+
+
 def test_min_gain_is_in_score_units():
     one = Judge(None, "mean", 0.01)
-    assert kept_index([[0.50], [0.51]], Judge(None, "mean", 0.0)) == 1
-    assert kept_index([[0.50], [0.51]], one) == 0  # one example of 100 is not enough
-    assert kept_index([[0.50], [0.505], [0.52]], one) == 2
-    assert kept_index([[0.50], [0.53], [0.535], [0.54]], one) == 1  # the incumbent must be beaten by more
-    assert kept_index([[0.5], [0.4]], Judge()) == 0
+    assert _kept([[0.50], [0.51]], Judge(None, "mean", 0.0)) == 1
+    assert _kept([[0.50], [0.51]], one) == 0  # one example of 100 is not enough
+    assert _kept([[0.50], [0.505], [0.52]], one) == 2
+    assert _kept([[0.50], [0.53], [0.535], [0.54]], one) == 1  # the incumbent must be beaten by more
+    assert _kept([[0.5], [0.4]], Judge()) == 0
     # geomean of two tasks, one at zero: one example more on the dead task (0 -> 0.01, under the 1 % floor
     # of a dense score of 1) is within a margin of one example, and so is one more on the other task;
     # two examples on the dead task are not (the docs: the margin is in score units, whatever the objective)
