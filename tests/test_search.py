@@ -504,3 +504,16 @@ def test_search_cli_resume_an_interrupted_extension_and_refuse_another_search(tm
     res = CliRunner().invoke(main, args + ["--max-evals", "7", "--resume", "--strategy", "tpe"])
     assert res.exit_code == 4 and "holds another search" in res.output
     assert json.loads((tmp_path / "o" / "search_log.json").read_text())["evaluations_used"] == 6
+
+
+def test_search_cli_tunes_a_weight(tmp_path, ckpts):
+    # the embedding delta is scaled by weight x max(alpha) = weight at the start [1, 0]: the best weight is 0.5
+    cfg, cmd, calls = _toy(tmp_path, ckpts, "-abs(ratio - 0.5)")
+    out = tmp_path / "best"
+    res = CliRunner().invoke(main, ["search", str(cfg), str(out), "--eval-cmd", cmd, "--start", "1,0",
+                                    "--tune", "weight", "--max-evals", "14"])
+    assert res.exit_code == 0, res.output
+    log = json.loads((out / "search_log.json").read_text())
+    assert log["start"]["weights"] == [1.0] and log["kept"]["weights"] == [0.5]
+    assert "weight 1 -> 0.5" in res.output
+    assert "weight: 0.5" in (out / "dppa_stream_config.yml").read_text()
