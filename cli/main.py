@@ -303,38 +303,50 @@ def stats(config, json_out, plot, experts, memory_limit, scheduler, scheduler_fi
 @click.option("--dense-score", "dense", type=float, multiple=True,
               help="Reference score per --eval-cmd (e.g. the dense fine-tune's): each score is divided by it before "
                    "the scores are combined.")
-@click.option("--strategy", type=click.Choice(["tpe", "reference"]), default="tpe", show_default=True,
-              help="tpe: each fine-tune's own factors, searched up and down in [0, --max-factor] by optuna's seeded "
-                   "TPE sampler; reference: the authors' greedy walk (one shared vector, +--step moves only).")
+@click.option("--tune", default="factors", show_default=True,
+              help="What to search, comma-separated: factors (DPA's, per fine-tune, as the effective factor of each "
+                   "partition), rates (DP's pruning rates, 0.05 grid), lamda (0.01 grid), weight (per fine-tune, 0.05 "
+                   "grid; not with factors under combine sum or mean, where it only scales them).")
+@click.option("--strategy", type=click.Choice(["refine", "reference", "tpe", "cmaes"]), default="refine",
+              show_default=True,
+              help="refine: the reference walk, then a compass search (every tuned value up and down, per fine-tune); "
+                   "reference: the authors' greedy walk (one shared factor vector, +--step moves only); tpe / cmaes: "
+                   "optuna's seeded samplers.")
 @click.option("--objective", type=click.Choice(["mean", "geomean", "min"]), default="geomean", show_default=True,
-              help="How several scores (each / its --dense-score) combine. geomean floors each ratio at 0.01, so one "
-                   "task scoring 0 does not zero it. With one --eval-cmd all three are the score.")
+              help="How several scores (each / its --dense-score) combine. geomean: a score below 1 % of its dense "
+                   "score (0 included) counts as 1 %; mean: a 0 counts as 0; min: a 0 makes the objective 0. With "
+                   "one --eval-cmd all three are the score.")
 @click.option("--min-gain", type=float, default=None,
-              help="Noise margin: a candidate replaces the best so far only if it beats it by more than this (objective "
-                   "units); if none beats the start, the start is kept [default: 0.01 for tpe, 0 for reference].")
-@click.option("--max-evals", type=int, default=100, show_default=True, help="Budget: at most this many evaluations.")
+              help="Noise margin in score units: a candidate replaces the best so far only if it beats it with every "
+                   "score of the best raised by this much; if none beats the start, the start is kept "
+                   "[default: 0 for refine and reference, 0.01 for tpe and cmaes].")
+@click.option("--max-evals", type=int, default=100, show_default=True,
+              help="Budget: at most this many models merged and evaluated (a proposal that is a model already "
+                   "evaluated is answered from memory and costs nothing).")
 @click.option("--start", help="Starting factors: one vector for every fine-tune ('1.8,0.0') or one per fine-tune "
               "('1.8,0.0;1.5,0.5') [default: the config's amplification].")
-@click.option("--step", type=float, default=0.1, show_default=True,
-              help="Step of the reference walk; grid of the factors tpe tries.")
-@click.option("--max-factor", type=float, default=4.0, show_default=True, help="Upper bound of every factor (tpe).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the optimiser (tpe).")
-@click.option("--resume", is_flag=True, help="Reuse the evaluations logged in OUT.search/search_log.jsonl by an "
-              "interrupted search (none is run again) and continue to --max-evals.")
+@click.option("--step", type=float, default=0.1, show_default=True, help="Grid step of the factors.")
+@click.option("--max-factor", type=float, default=4.0, show_default=True, help="Upper bound of every factor.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the optimiser (tpe, cmaes).")
+@click.option("--resume", is_flag=True, help="Replay the evaluations logged by an interrupted search "
+              "(OUT.search) or a finished one (OUT/search_log.jsonl; OUT is then replaced by the new kept model); "
+              "none is run again, and the search continues to --max-evals.")
 @click.option("--memory-limit", help="Memory budget, e.g. 4GiB [default: half the available memory].")
 @click.option("--scheduler", default=None, help=_SCHED_HELP)
 @click.option("--scheduler-file", type=click.Path(dir_okay=False), help="Connect to the Dask scheduler described in this file.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No per-evaluation lines or final report.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def search(config, out, eval_cmds, dense, strategy, objective, min_gain, max_evals, start, step, max_factor, seed,
-           resume, memory_limit, scheduler, scheduler_file, overwrite, quiet, debug):
-    """Search the DPA amplification factors of a dppa CONFIG on validation scores; keep the best model in OUT.
+def search(config, out, eval_cmds, dense, tune, strategy, objective, min_gain, max_evals, start, step, max_factor,
+           seed, resume, memory_limit, scheduler, scheduler_file, overwrite, quiet, debug):
+    """Search the DPA factors (and optionally rates, lamda, weights) of a dppa CONFIG on validation scores; keep
+    the best model in OUT.
 
-    Pass 1 runs once (statistics in OUT.search/stats.zarr); each candidate costs one pass 2 and one run of
-    every --eval-cmd. Every evaluation is logged in OUT.search/search_log.jsonl; the final report (stderr,
-    OUT/search_log.json, OUT/search_log.md) gives the start and best factors and scores, what changed per
-    model, and says when no candidate beat the start by more than --min-gain (then the start is kept).
+    Pass 1 runs once (statistics in OUT.search/stats.zarr); each candidate is planned from them and costs one
+    pass 2 and one run of every --eval-cmd. No model is merged or evaluated twice. Every evaluation is logged
+    in OUT.search/search_log.jsonl; the final report (stderr, OUT/search_log.json, OUT/search_log.md) gives the
+    start and kept settings and scores, what changed per model, what an evaluation cost, and ends with the
+    command that merges the kept settings (OUT/dppa_stream_config.yml) again.
 
     Score on a validation split, not on the test set you report (the reference tuned on test data)."""
 
@@ -355,7 +367,7 @@ def search(config, out, eval_cmds, dense, strategy, objective, min_gain, max_eva
         res = run_search(load_config(config), out, list(eval_cmds), opts, start_m, step, list(dense) or None,
                          max_evals, echo=(lambda *a: None) if quiet else (lambda m: click.echo(m, err=True)),
                          strategy=strategy, objective=objective, min_gain=min_gain, max_factor=max_factor,
-                         resume=resume)
+                         resume=resume, tune=tune)
         if not quiet:
             click.echo(res.report(), err=True)
 

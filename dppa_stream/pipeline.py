@@ -119,13 +119,16 @@ class Session:
 
 def catalogue(cfg: MergeConfig, inputs: Inputs) -> Catalogue:
     """Every output tensor with the parameter values that apply to it (gradients and filters
-    resolved at its layer position), and the reference's config.json."""
+    resolved at its layer position), and the reference's config.json. A `models:` config's
+    per-model parameters are read from `cfg` itself (None below), not from the specs the inputs
+    were opened with: the factor search plans candidates of other weights on the same inputs."""
     from .methods.base import TensorInfo
 
     infos = {}
     for name in inputs.names:
         out = inputs.outputs[name]
-        glob, models = cfg.tensor_params(name, out.t, out.specs, [m.name for m in out.models], out.slice_params)
+        specs = out.specs if cfg.slices else None
+        glob, models = cfg.tensor_params(name, out.t, specs, [m.name for m in out.models], out.slice_params)
         infos[name] = TensorInfo(name, out.entry.dtype, out.entry.shape, glob, models)
     return Catalogue(infos, inputs.reference.read_config())
 

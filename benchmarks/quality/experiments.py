@@ -60,9 +60,9 @@ class Plan:
     search_start: tuple = (1.0, 0.0)
     search_step: float = 0.1
     search_max_evals: int = 16
-    # the search table: both strategies of `dppa-stream search` at the same budget, tuned on val, test reported
-    strategies: tuple = ("reference", "tpe")
-    strategy_max_evals: int = 16
+    # the search table: the strategies of `dppa-stream search` at the same budgets, tuned on val, test reported
+    strategies: tuple = ("reference", "refine", "refine:0.01", "tpe", "cmaes")  # NAME or NAME:MIN_GAIN
+    strategy_budgets: tuple = (8, 16, 32)
     n_val: int = 100
     n_test: int = 200
 
@@ -76,7 +76,8 @@ def smoke_plan() -> Plan:
     return Plan(shape=M.ModelShape(hidden=32, layers=2, heads=2, intermediate=64), domains=("count",),
                 base_steps=60, base_batch=32, ft_batch=32, regimes=(Regime("complex", 40, 3e-3),),
                 rates=(0.8,), table1_methods=("dare", "dppa"), table2_methods=("task_arithmetic", "dppa"),
-                lambdas=(1.0,), dppa_weights=("1",), search_max_evals=3, strategy_max_evals=3, n_val=20, n_test=20)
+                lambdas=(1.0,), dppa_weights=("1",), search_max_evals=3, strategies=("reference", "refine"),
+                strategy_budgets=(2, 3), n_val=20, n_test=20)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,13 +332,16 @@ class SeedRun:
             yield "tuned", {"lambda": best, "val_objective": grid[best]["val_objective"], "acc": grid[best]["acc"],
                             "kept": one["kept"], "grid": {str(k): v["val_objective"] for k, v in grid.items()}}
 
-    # -- the search table: both strategies at the same budget ----------------------------------
+    # -- the search table: every strategy at the same budgets -------------------------------------
     def search_table(self):
-        """`dppa-stream search` with each strategy at the same --max-evals, tuned on validation and
-        scored on test: pruning one fine-tune (dppa, rates table2_rates) and merging all fine-tunes
-        of a regime (dppa, weight 1/K, combine sum, objective: geomean of accuracy / dense accuracy).
-        Both start at search_start and use the CLI's defaults otherwise (--min-gain: 0 for the
-        reference walk, 0.01 for tpe; --objective geomean; --max-factor 4; --seed 0)."""
+        """`dppa-stream search` with each strategy at each budget, tuned on validation and scored on
+        test: pruning one fine-tune (dppa, rates table2_rates) and merging all fine-tunes of a regime
+        (dppa, weight 1/K, combine sum, objective: geomean of accuracy / dense accuracy). Every
+        strategy starts at search_start and uses the CLI's defaults otherwise (--min-gain, --objective
+        geomean, --max-factor 4, --seed 0). The smallest budget is a fresh search; each larger one
+        extends it with `--resume --max-evals B` (the logged evaluations are replayed, not run again:
+        the strategies propose the same points whatever the budget, so this is the search a fresh run
+        with budget B makes), and the kept model of every budget is scored on test."""
         t0 = time.perf_counter()
         p = self.plan
         rows = []
@@ -351,7 +355,7 @@ class SeedRun:
                          list(p.domains)))
             for task, domain, models, doms in jobs:
                 for strategy in p.strategies:
-                    tag = f"s-{r.name}-{task}-{domain}-{strategy}"
+                    tag = f"s-{r.name}-{task}-{domain}-{strategy.replace(':', '-').replace('+', '-')}"
                     cfg = os.path.join(self.work, tag + ".yml")
                     out = os.path.join(self.work, tag)
                     write_config(cfg, "dppa", self.base, models, {"pruning_rates": list(p.table2_rates),
@@ -362,24 +366,34 @@ class SeedRun:
                     if task == "merge":  # floored at one example's worth, like Table 2
                         for d in doms:
                             args += ["--dense-score", f"{max(dense_val[d], 1 / p.n_val):.6g}"]
-                    t1 = time.perf_counter()
-                    self.cli(args + ["--strategy", strategy, "--start", start, "--max-evals", str(p.strategy_max_evals),
-                                     "--seed", "0", "--overwrite", "--quiet"])
-                    wall = time.perf_counter() - t1
-                    slog = read_search_log(out)
-                    acc = self.ev.accuracies(out, doms, "test")
+                    spec, _, extra = strategy.partition("+")  # NAME[:MIN_GAIN][+TUNED]: e.g. refine+rates
+                    name, _, gain = spec.partition(":")
+                    args += ["--strategy", name, "--start", start, "--seed", "0", "--quiet"]
+                    args += ["--min-gain", gain] if gain else []
+                    args += ["--tune", "factors," + extra] if extra else []
+                    for i, budget in enumerate(p.strategy_budgets):
+                        t1 = time.perf_counter()
+                        self.cli(args + ["--max-evals", str(budget)] + (["--resume"] if i else ["--overwrite"]))
+                        wall = time.perf_counter() - t1
+                        slog = read_search_log(out)
+                        acc = self.ev.accuracies(out, doms, "test")
+                        norm = {d: acc[d] / dense_test[d] if dense_test[d] > 0 else float("nan") for d in doms}
+                        evs = slog["evaluations"]
+                        row = {"regime": r.name, "task": task, "domain": domain, "strategy": strategy, "budget": budget,
+                               "start_factors": slog["start_factors"], "best_factors": slog["best_factors"],
+                               "best_rates": slog["kept"]["rates"],
+                               "val_start": slog["start_score"], "val_best": slog["best_score"],
+                               "beat_start": slog["beat_start"], "evals": slog["evaluations_used"],
+                               "repeats": slog["repeats"], "distinct_models": len({e["digest"] for e in evs}),
+                               "merge_seconds": [e["merge_seconds"] for e in evs if not e["replayed"]],
+                               "eval_seconds": [e["eval_seconds"] for e in evs if not e["replayed"]],
+                               "min_gain": slog["min_gain"], "wall_seconds": round(wall, 2), "acc": acc,
+                               "retention": sum(norm.values()) / len(norm)}
+                        rows.append(row)
+                        self.log(f"  search seed {self.seed} {r.name:7s} {task} {domain:5s} {strategy:9s} "
+                                 f"budget {budget:2d}: val {row['val_start']:.3f} -> {row['val_best']:.3f}, test "
+                                 f"retention {100 * row['retention']:.1f} %, {row['evals']} evals, {wall:.0f}s")
                     shutil.rmtree(out, ignore_errors=True)
-                    norm = {d: acc[d] / dense_test[d] if dense_test[d] > 0 else float("nan") for d in doms}
-                    row = {"regime": r.name, "task": task, "domain": domain, "strategy": strategy,
-                           "start_factors": slog["start_factors"], "best_factors": slog["best_factors"],
-                           "val_start": slog["start_score"], "val_best": slog["best_score"],
-                           "beat_start": slog["beat_start"], "evals": slog["evaluations_used"],
-                           "max_evals": p.strategy_max_evals, "min_gain": slog["min_gain"], "wall_seconds": round(wall, 2),
-                           "acc": acc, "retention": sum(norm.values()) / len(norm)}
-                    rows.append(row)
-                    self.log(f"  search seed {self.seed} {r.name:7s} {task} {domain:5s} {strategy:9s} "
-                             f"val {row['val_start']:.3f} -> {row['val_best']:.3f}, test retention "
-                             f"{100 * row['retention']:.1f} %, {row['evals']} evals, {wall:.0f}s")
         self.result["search"] = rows
         self._clock("search", t0)
 

@@ -284,61 +284,94 @@ def plot(results: dict, path: str) -> None:
 
 
 def search_markdown(results: dict) -> str:
-    """The search-strategy table: each strategy at the same budget, tuned on val, scored on test."""
+    """The search-strategy table: each strategy at the same budgets, tuned on val, scored on test."""
     seeds = results["seeds"]
     plan = results["plan"]
-    rows = [s.get("search", []) for s in seeds]
+    rows = [r for s in seeds for r in s.get("search", [])]
     regimes = [r["name"] for r in plan["regimes"]]
-    strategies = plan.get("strategies", ["reference", "tpe"])
+    strategies = plan["strategies"]
+    budgets = plan["strategy_budgets"]
     n = len(seeds)
     spread = f"mean ± sample std over {n} seeds" if n > 1 else "one seed"
     rates = ", ".join(f"{r:g}" for r in plan["table2_rates"])
-    L = ["### Factor search: `--strategy reference` vs `--strategy tpe` at the same budget", "",
-         f"`dppa-stream search --max-evals {plan.get('strategy_max_evals')}` with each strategy, start "
-         f"[{', '.join(f'{a:g}' for a in plan['search_start'])}], CLI defaults otherwise; factors tuned on the "
-         f"validation split, accuracy reported on the test split; {spread} (seeds "
-         f"{', '.join(str(s['seed']) for s in seeds)}). **Pruning**: dppa with pruning_rates [{rates}] on one fine-tune, "
-         "test accuracy as % of the dense fine-tune's, mean over domains. **Merging**: dppa of the "
-         f"{len(plan['domains'])} fine-tunes (weight 1/{len(plan['domains'])} each, combine sum, objective geomean of "
-         "accuracy / dense accuracy), average normalised test accuracy. `val` = the search's objective at the start → at "
-         "the kept factors; `beat start` = searches whose kept model beat the start by more than --min-gain; "
-         "`wall` = seconds per search (writing and evaluating every candidate).", "",
-         "| task | regime | strategy | test (% of dense) | Δ vs reference (per seed) | val start → kept | beat start | evals | wall s |",
-         "|---|---|---|---|---|---|---|---|---|"]
-    for task in ("prune", "merge"):
-        for reg in regimes:
-            per_seed = {}
-            for strat in strategies:
-                vals = []
-                for sr in rows:
-                    sel = [r for r in sr if r["task"] == task and r["regime"] == reg and r["strategy"] == strat]
-                    if sel:
-                        vals.append(statistics.fmean(r["retention"] for r in sel))
-                per_seed[strat] = vals
-            for strat in strategies:
-                sel = [r for sr in rows for r in sr if r["task"] == task and r["regime"] == reg and r["strategy"] == strat]
-                if not sel:
-                    continue
-                ref = per_seed.get("reference", [])
-                if strat != "reference" and ref and len(ref) == len(per_seed[strat]):
-                    d = [100 * (a - b) for a, b in zip(per_seed[strat], ref)]
-                    delta = f"{statistics.fmean(d):+.1f} ({', '.join(f'{x:+.1f}' for x in d)})"
-                else:
-                    delta = "–"
-                vs = statistics.fmean(r["val_start"] for r in sel)
-                vb = statistics.fmean(r["val_best"] for r in sel)
-                beat = sum(bool(r["beat_start"]) for r in sel)
-                evals = statistics.fmean(r["evals"] for r in sel)
-                wall = statistics.fmean(r["wall_seconds"] for r in sel)
-                L.append(f"| {task} | {reg} | {strat} | **{pct(per_seed[strat], 1)}** | {delta} | {vs:.3f} → {vb:.3f} | "
-                         f"{beat} / {len(sel)} | {evals:.1f} | {wall:.0f} |")
-    L += ["", f"Kept factors (seed {seeds[0]['seed']}; tpe: one vector per fine-tune):", "",
-          "| task | regime | domain | strategy | kept factors | test accuracy |", "|---|---|---|---|---|---|"]
-    for r in rows[0] if rows else []:
+
+    def per_seed(task, reg, strat, budget, key="retention"):
+        """One number per seed: the mean over that seed's searches of this task and regime."""
+        out = []
+        for s in seeds:
+            sel = [r[key] for r in s.get("search", []) if r["task"] == task and r["regime"] == reg
+                   and r["strategy"] == strat and r["budget"] == budget]
+            if sel:
+                out.append(statistics.fmean(sel))
+        return out
+
+    cells = [(t, g) for t in ("prune", "merge") for g in regimes]
+    L = ["### Search strategies at budgets of " + ", ".join(str(b) for b in budgets) + " evaluations", "",
+         f"`dppa-stream search --strategy S --max-evals B` (the smallest budget fresh, each larger one `--resume`d "
+         f"from it), start [{', '.join(f'{a:g}' for a in plan['search_start'])}], CLI defaults otherwise; "
+         f"tuned on the validation split, the kept model scored on the test split; {spread} (seeds "
+         f"{', '.join(str(s['seed']) for s in seeds)}). **prune**: dppa with pruning_rates [{rates}] on one fine-tune "
+         "(one search per domain), test accuracy as % of the dense fine-tune's, mean over domains. **merge**: dppa "
+         f"of the {len(plan['domains'])} fine-tunes (weight 1/{len(plan['domains'])} each, combine sum, objective "
+         "geomean of accuracy / dense accuracy), average normalised test accuracy. Δ = the strategy minus the "
+         "reference walk, seed by seed, then averaged. `evals` = evaluations used at the largest budget (the walk "
+         "stops by itself); `repeats` = proposals that were a model already evaluated, answered from memory; "
+         "`twice` = models merged and evaluated more than once (from the logs' plan digests).", "",
+         "| task | regime | strategy | " + " | ".join(f"test @{b}" for b in budgets) + " | Δ vs walk "
+         + " / ".join(f"@{b}" for b in budgets) + " | evals | repeats | twice | wall s |",
+         "|---|---|---|" + "---|" * len(budgets) + "---|---|---|---|---|"]
+    overall = {}
+    for task, reg in cells:
+        for strat in strategies:
+            sel = [r for r in rows if r["task"] == task and r["regime"] == reg and r["strategy"] == strat]
+            if not sel:
+                continue
+            tests, deltas = [], []
+            for b in budgets:
+                mine, ref = per_seed(task, reg, strat, b), per_seed(task, reg, "reference", b)
+                tests.append(f"**{pct(mine, 1)}**")
+                overall.setdefault((strat, b), []).append(mine)
+                deltas.append(f"{100 * statistics.fmean(a - c for a, c in zip(mine, ref)):+.1f}"
+                              if strat != "reference" and len(mine) == len(ref) else "–")
+            top = [r for r in sel if r["budget"] == budgets[-1]]
+            evals = statistics.fmean(r["evals"] for r in top)
+            repeats = statistics.fmean(r["repeats"] for r in top)
+            twice = sum(r["evals"] - r["distinct_models"] for r in top)
+            wall = sum(r["wall_seconds"] for r in sel) / len(top)  # a whole search, every budget's stage
+            L.append(f"| {task} | {reg} | {strat} | " + " | ".join(tests) + " | " + " / ".join(deltas)
+                     + f" | {evals:.1f} | {repeats:.1f} | {twice} | {wall:.0f} |")
+    L += ["", f"Mean over the {len(cells)} task × regime rows (each seed's mean over rows, then mean ± std over seeds):", "",
+          "| strategy | " + " | ".join(f"@{b}" for b in budgets) + " | Δ vs walk " + " / ".join(f"@{b}" for b in budgets)
+          + " |", "|---|" + "---|" * len(budgets) + "---|"]
+    for strat in strategies:
+        means, deltas = [], []
+        for b in budgets:
+            cols = overall.get((strat, b), [])
+            ref = overall.get(("reference", b), [])
+            seedwise = [statistics.fmean(c[i] for c in cols) for i in range(min(len(c) for c in cols))] if cols else []
+            refwise = [statistics.fmean(c[i] for c in ref) for i in range(min(len(c) for c in ref))] if ref else []
+            means.append(pct(seedwise, 1))
+            deltas.append(f"{100 * statistics.fmean(a - c for a, c in zip(seedwise, refwise)):+.1f}"
+                          if strat != "reference" and seedwise and len(seedwise) == len(refwise) else "–")
+        L.append(f"| {strat} | " + " | ".join(means) + " | " + " / ".join(deltas) + " |")
+    merge_s = [x for r in rows for x in r.get("merge_seconds", [])]
+    eval_s = [x for r in rows for x in r.get("eval_seconds", [])]
+    if merge_s:
+        L += ["", f"Per evaluation (median of {len(merge_s)} evaluations run): merge (plan from the stored statistics + "
+                  f"pass 2) {statistics.median(merge_s):.2f} s, evaluation commands {statistics.median(eval_s):.2f} s."]
+    b = budgets[-1]
+    L += ["", f"Kept parameters at budget {b} (seed {seeds[0]['seed']}; effective factors, one vector per fine-tune "
+              "when they differ):", "", "| task | regime | domain | strategy | kept factors | test accuracy |",
+          "|---|---|---|---|---|---|"]
+    for r in seeds[0].get("search", []) if seeds else []:
+        if r["budget"] != b:
+            continue
         m = r["best_factors"]
         fac = ("[" + ", ".join(f"{a:g}" for a in m[0]) + "]") if len({tuple(x) for x in m}) == 1 else \
             "; ".join("[" + ", ".join(f"{a:g}" for a in x) + "]" for x in m)
         acc = ", ".join(f"{d} {100 * v:.0f}" for d, v in r["acc"].items())
+        rates = r.get("best_rates") or plan["table2_rates"]
+        fac += "" if list(rates) == list(plan["table2_rates"]) else ", rates [" + ", ".join(f"{x:g}" for x in rates) + "]"
         L.append(f"| {r['task']} | {r['regime']} | {r['domain']} | {r['strategy']} | {fac}"
                  f"{'' if r['beat_start'] else ' (start kept)'} | {acc} |")
     return "\n".join(L) + "\n"

@@ -13,6 +13,7 @@ README.md (full runs only; --out elsewhere leaves the README alone).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -50,6 +51,12 @@ def main(argv=None) -> int:
                     help="Table 1 rates for every seed after the first (e.g. 0.8,0.9) [default: all rates]")
     ap.add_argument("--tables", default="table1,table2",
                     help="which tables to run: table1, table2, search (the search strategies; results in search.json)")
+    ap.add_argument("--strategies", default=None,
+                    help="search table: strategies to run, comma-separated, each NAME[:MIN_GAIN][+TUNED] (e.g. "
+                         "refine:0.01, refine+rates) [default: the plan's]")
+    ap.add_argument("--extend", action="store_true",
+                    help="search table: add the rows of --strategies to the existing search.json (same seeds and "
+                         "cached checkpoints) instead of replacing it")
     ap.add_argument("--out", default=None, help=f"results folder [default: {RESULTS}; smoke: cache/smoke/results]")
     ap.add_argument("--cache", default=None, help="checkpoint cache [default: benchmarks/quality/cache]")
     ap.add_argument("--cli", choices=("inproc", "subprocess"), default="inproc",
@@ -66,6 +73,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     plan = X.smoke_plan() if args.smoke else X.Plan()
+    if args.strategies:
+        plan = dataclasses.replace(plan, strategies=tuple(args.strategies.split(",")))
     seeds = [int(s) for s in (args.seeds or ("0" if args.smoke else "0,1,2")).split(",")]
     sweep_rates = tuple(float(r) for r in args.sweep_rates.split(",")) if args.sweep_rates else None
     cache = args.cache or (os.path.join(M.CACHE_DIR, "smoke") if args.smoke else M.CACHE_DIR)
@@ -141,6 +150,8 @@ def _parallel(args, plan, seeds, sweep_rates, cache, out, log) -> int:
                 rates = sweep_rates if i and sweep_rates else None
                 if rates:
                     cmd += ["--rates", ",".join(f"{r:g}" for r in rates)]
+                if args.strategies:
+                    cmd += ["--strategies", args.strategies]
                 for flag in ("smoke", "no_eval_server", "quiet"):
                     if getattr(args, flag):
                         cmd.append("--" + flag.replace("_", "-"))
@@ -170,6 +181,9 @@ def _parallel(args, plan, seeds, sweep_rates, cache, out, log) -> int:
 def _write(results, out, t0, c0, cli_calls, cli_seconds, args, final: bool):
     import torch
 
+    if args.extend and not final:
+        return  # the earlier table is only touched once, by the merged result
+
     try:
         load = os.getloadavg()
     except OSError:
@@ -182,6 +196,8 @@ def _write(results, out, t0, c0, cli_calls, cli_seconds, args, final: bool):
                               "command": " ".join(["python -m benchmarks.quality.run"] + sys.argv[1:])}
     tables = set(args.tables.split(","))
     main_tables = bool(tables & {"table1", "table2"})
+    if final and args.extend and not main_tables:
+        results = _extended(os.path.join(out, "search.json"), results)
     if main_tables:
         results["summary"] = report.aggregate(results)
     # the search comparison alone (--tables search) goes to search.json, leaving quality.json alone
@@ -203,6 +219,22 @@ def _write(results, out, t0, c0, cli_calls, cli_seconds, args, final: bool):
             report.write_readme_block(results, README)
         if "search" in tables:
             report.write_readme_block(results, README, search=True)
+
+
+def _extended(path: str, new: dict) -> dict:
+    """An earlier search table with the new strategies' rows added, seed by seed."""
+    with open(path) as f:
+        old = json.load(f)
+    if [s["seed"] for s in old["seeds"]] != [s["seed"] for s in new["seeds"]]:
+        raise SystemExit(f"{path}: has seeds {[s['seed'] for s in old['seeds']]}; --extend needs the same seeds")
+    for a, b in zip(old["seeds"], new["seeds"]):
+        if a["checkpoints"] != b["checkpoints"]:
+            raise SystemExit(f"{path}: seed {a['seed']} was measured on other checkpoints; rerun without --extend")
+        a["search"] += [r for r in b["search"] if r["strategy"] not in old["plan"]["strategies"]]
+    old["plan"]["strategies"] = list(old["plan"]["strategies"]) + [
+        x for x in new["plan"]["strategies"] if x not in old["plan"]["strategies"]]
+    old.setdefault("extensions", []).append({"timing": new["timing"], "command": new["environment"]["command"]})
+    return old
 
 
 if __name__ == "__main__":

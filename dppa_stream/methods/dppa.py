@@ -136,6 +136,13 @@ def clamp_notes(reports: list, paths: list[str]) -> dict:
             "emptied": sum(len(m["emptied"]) for m in models)}
 
 
+def effective_factors(alphas: list[float]) -> list[float]:
+    """The factor each partition really gets: an element first kept at level j is multiplied by
+    max over k >= j of alpha_k, so [0.9, 1.5] amplifies exactly like [1.5, 1.5] (non-increasing
+    from the top partition down; the factor search works in this space)."""
+    return [max(alphas[j:]) for j in range(len(alphas))]
+
+
 def normalise(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """(v - mean) / max|v - mean|, numel-weighted mean if weights given; zero spread -> zeros."""
     if not len(values):
@@ -274,7 +281,7 @@ class DPPA(DeltaMethod):
         reports = [self._report(i, lins, catalogue, got, counts) for i in range(k)]
         parts: dict[str, dict] = {}  # tensor -> span -> one Sparse per model
         for i, rep in enumerate(reports):
-            bands = self._band_factors(self.factors(self.mparams[i]))
+            bands = effective_factors(self.factors(self.mparams[i]))
             for tr in rep.tensors:
                 parts.setdefault(tr.name, {}).setdefault(tr.span, [None] * k)[i] = self._partition(tr, i, bands, got)
         plans = {}
@@ -364,11 +371,6 @@ class DPPA(DeltaMethod):
                 tr.clamped.append(not (1 / tr.numel <= d <= 1))
                 tr.densities.append(min(1.0, max(1 / tr.numel, d)))
         return ModelReport(model, brs, trs)
-
-    @staticmethod
-    def _band_factors(alphas: list[float]) -> list[float]:
-        """An element first kept at level j gets max over k >= j of alpha_k."""
-        return [max(alphas[j:]) for j in range(len(alphas))]
 
     def describe(self) -> str:
         p = self.params
