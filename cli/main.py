@@ -191,6 +191,8 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace OUT (once the new output is complete) or a stale OUT.partial.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same config and inputs from OUT.partial.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs containing NaN/Inf instead of refusing them.")
+@click.option("--download", is_flag=True, help="Fetch Hub models (ORG/NAME) missing from the Hugging Face cache "
+              "(only safetensors, config and tokenizer files; the set is checked from its headers first).")
 @click.option("--unit-size", help="Memory per work unit (rows of every input, plus float32 deltas where needed) "
               "[default: 64MiB, lowered to fit --memory-limit]. Larger units mean fewer reads for ties/magnitude.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary line.")
@@ -198,7 +200,7 @@ def main():
 @click.option("--verbose", "-v", count=True, help="Log the plan and passes (-vv: also Dask's logs).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def merge(config, out, memory_limit, scheduler, scheduler_file, shard_size, seed, overwrite, resume, allow_nonfinite,
-          unit_size, quiet, json_out, verbose, debug):
+          download, unit_size, quiet, json_out, verbose, debug):
     """Merge the models named in CONFIG (mergekit-style YAML) into the folder OUT.
 
     OUT appears only when complete; until then work goes to OUT.partial, which --resume continues."""
@@ -213,7 +215,7 @@ def merge(config, out, memory_limit, scheduler, scheduler_file, shard_size, seed
             raise UsageError(f"--seed {seed}: must fit in 64 bits")
         opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, scheduler_file,
                             _size(shard_size, "--shard-size"), seed, overwrite, quiet,
-                            _size(unit_size, "--unit-size"), resume, allow_nonfinite, started=STARTED)
+                            _size(unit_size, "--unit-size"), resume, allow_nonfinite, download, started=STARTED)
         _scheduler(scheduler, scheduler_file)
         if not out.strip():
             raise UsageError("OUT is empty; give the folder to create")
@@ -261,8 +263,10 @@ def _report(res, quiet, json_out):
 @click.option("--scheduler", default=None, help=_SCHED_HELP)
 @click.option("--scheduler-file", type=click.Path(dir_okay=False), help="Connect to the Dask scheduler described in this file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or table.")
+@click.option("--download", is_flag=True, help="Fetch Hub models (ORG/NAME) missing from the Hugging Face cache "
+              "(only safetensors, config and tokenizer files; the set is checked from its headers first).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def stats(config, json_out, plot, experts, memory_limit, scheduler, scheduler_file, quiet, debug):
+def stats(config, json_out, plot, experts, memory_limit, scheduler, scheduler_file, quiet, download, debug):
     """Run pass 1 of a dp/dppa CONFIG and report DP statistics: outlier ratios, densities, thresholds.
 
     The table has a section per fine-tune and per stack of blocks; --json has every stack, block and linear;
@@ -274,7 +278,7 @@ def stats(config, json_out, plot, experts, memory_limit, scheduler, scheduler_fi
         from dppa_stream.config import load_config
         from dppa_stream.pipeline import MergeOptions
 
-        opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, scheduler_file, quiet=quiet)
+        opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, scheduler_file, quiet=quiet, download=download)
         _scheduler(scheduler, scheduler_file)
         _out_file(json_out, "--json")
         _out_file(plot, "--plot", ("png", "pdf", "svg"))
@@ -326,9 +330,11 @@ def stats(config, json_out, plot, experts, memory_limit, scheduler, scheduler_fi
 @click.option("--scheduler-file", type=click.Path(dir_okay=False), help="Connect to the Dask scheduler described in this file.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No per-evaluation lines or final report.")
+@click.option("--download", is_flag=True, help="Fetch Hub models (ORG/NAME) missing from the Hugging Face cache "
+              "(only safetensors, config and tokenizer files; the set is checked from its headers first).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def search(config, out, eval_cmds, dense, strategy, objective, min_gain, max_evals, start, step, max_factor, seed,
-           resume, memory_limit, scheduler, scheduler_file, overwrite, quiet, debug):
+           resume, memory_limit, scheduler, scheduler_file, overwrite, quiet, download, debug):
     """Search the DPA amplification factors of a dppa CONFIG on validation scores; keep the best model in OUT.
 
     Pass 1 runs once (statistics in OUT.search/stats.zarr); each candidate costs one pass 2 and one run of
@@ -350,7 +356,7 @@ def search(config, out, eval_cmds, dense, strategy, objective, min_gain, max_eva
         if max_evals < 1:
             raise UsageError(f"--max-evals {max_evals}: must be at least 1")
         opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, scheduler_file, seed=seed,
-                            overwrite=overwrite, quiet=True)
+                            overwrite=overwrite, quiet=True, download=download)
         _scheduler(scheduler, scheduler_file)
         res = run_search(load_config(config), out, list(eval_cmds), opts, start_m, step, list(dense) or None,
                          max_evals, echo=(lambda *a: None) if quiet else (lambda m: click.echo(m, err=True)),
