@@ -44,14 +44,14 @@ def _interrupt(*_):
     raise KeyboardInterrupt
 
 
-def _resume_hint(out: str | None) -> str:
-    """How to continue after an interruption or a write failure of `merge OUT`."""
-    if not out:
-        return "; nothing was published: rerun the command"
-    partial = os.path.abspath(out) + ".partial"
-    if os.path.isfile(os.path.join(partial, ".dppa-stream", "run.json")):
+def _resume_hint(out: str | None, interrupted: bool = False) -> str:
+    """How to continue after an interruption or a write failure of `merge OUT`: --resume when
+    OUT.partial holds a run to continue; otherwise nothing was kept (and for a failure, the
+    message itself says what to fix)."""
+    partial = os.path.abspath(out) + ".partial" if out else None
+    if partial and os.path.isfile(os.path.join(partial, ".dppa-stream", "run.json")):
         return f"; the finished work is kept in {partial}: rerun the same command with --resume to continue"
-    return "; rerun the same command (with --resume if OUT.partial exists)"
+    return "; nothing was kept: rerun the command" if interrupted else ""
 
 
 def _run(debug: bool, fn, out: str | None = None):
@@ -75,7 +75,7 @@ def _run(debug: bool, fn, out: str | None = None):
     except KeyboardInterrupt:
         with contextlib.suppress(ValueError):  # a second Ctrl-C while shutting down must not cut the message short
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-        _fail("interrupted" + (_resume_hint(out) if out is not None else "; nothing was published"), EXIT_INTERRUPTED)
+        _fail("interrupted" + _resume_hint(out, interrupted=True), EXIT_INTERRUPTED)
     except OSError as e:
         if debug:
             raise
@@ -242,7 +242,8 @@ def _logging(verbose: int) -> None:
 
 def _report(res, quiet, json_out):
     if not quiet:
-        click.echo(printable(res.summary_line()), err=True)
+        for line in res.summary_line().splitlines():  # printable() escapes a newline: one echo per line
+            click.echo(printable(line), err=True)
     if json_out:
         text = json.dumps(res.to_json(), indent=2)
         if json_out == "-":
@@ -382,7 +383,7 @@ def demo(out, method, overwrite, quiet, debug):
         from dppa_stream.pipeline import MergeOptions, merge as run_merge
         from dppa_stream.synthetic import write_llama_set
 
-        inputs = os.path.join(out, "inputs")
+        inputs = os.path.abspath(os.path.join(out, "inputs"))  # the config works from any folder
         if not os.path.isdir(os.path.join(inputs, "ft2")):
             if not quiet:
                 click.echo(f"writing demo checkpoints to {inputs}", err=True)
@@ -414,9 +415,12 @@ def _demo_config(method: str, inputs: str) -> str:
     if method not in METHODS:
         raise UsageError(f"--method {method!r}: choose one of {', '.join(sorted(METHODS))}")
     params = METHODS[method].model_params
-    lines = [f"merge_method: {method}", f"base_model: {inputs}/base", "models:"]
+    def path(name: str) -> str:  # a JSON string is a YAML string, whatever the path holds
+        return json.dumps(os.path.join(inputs, name))
+
+    lines = [f"merge_method: {method}", f"base_model: {path('base')}", "models:"]
     for k in (1, 2):
-        lines.append(f"  - model: {inputs}/ft{k}")
+        lines.append(f"  - model: {path(f'ft{k}')}")
         p = []
         if "weight" in params:
             p.append("weight: 0.5")

@@ -160,6 +160,14 @@ LAYER_INDICES = ("mlp_only_layers", "full_attn_idxs", "attn_layer_indices", "moe
                  "cross_attention_layers", "kv_source_layers", "dense_layers", "global_attn_layers")
 # Strings with one character per layer.
 LAYER_STRINGS = ("hybrid_override_pattern",)
+# Integers the modeling code turns into a per-layer choice (MoE or dense MLP): key -> whether
+# layer i of a config with value v is dense. transformers does not derive a list from these, so
+# a stack of layers must keep every layer's choice; only `first_k_dense_replace` can be re-set.
+LAYER_PATTERNS = {
+    "first_k_dense_replace": lambda v, i: i < v,
+    "decoder_sparse_step": lambda v, i: v <= 0 or (i + 1) % v != 0,
+    "moe_layer_freq": lambda v, i: v <= 0 or i % v != 0,
+}
 
 
 def _layer_dict(cfg: dict) -> tuple[dict, str] | None:
@@ -214,7 +222,29 @@ def relayer(donor: dict, sources: list[tuple[dict, int]], where: str = "config.j
                                  f"entries but the model has {n} layers")
             values.append(v[layer])
         d[key] = "".join(values) if key in LAYER_STRINGS else values
+    for key, dense in LAYER_PATTERNS.items():
+        _keep_pattern(d, key, dense, subs, where)
     return out
+
+
+def _keep_pattern(d: dict, key: str, dense, subs: list, where: str) -> None:
+    """Check that every output layer keeps its source layer's choice under an integer pattern
+    (`LAYER_PATTERNS`); re-set `first_k_dense_replace` when the dense layers are still the first ones."""
+    if not isinstance(d.get(key), int) or isinstance(d.get(key), bool):
+        return
+    want = []
+    for sub, _, layer in subs:
+        v = sub.get(key)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise UsageError(f"{where}: {key} sets which layers are MoE layers, but one of the slices' models has no {key}")
+        want.append(dense(v, layer))
+    if [dense(d[key], k) for k in range(len(subs))] == want:
+        return
+    if key == "first_k_dense_replace" and want == sorted(want, reverse=True):
+        d[key] = sum(want)
+        return
+    raise UsageError(f"{where}: {key} = {d[key]} cannot give the stacked layers their MoE/dense kinds (by layer, dense: "
+                     f"{''.join('D' if w else 'M' for w in want)}); stack the layers so that the pattern holds")
 
 
 def layered_config(donor, sources: list[tuple[object, int]]) -> dict | None:

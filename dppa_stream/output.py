@@ -95,7 +95,7 @@ def check_output(out: str, inputs, overwrite: bool) -> None:
         raise OutputError(f"{p}: exists and is not a folder made by dppa-stream; remove it")
     parent = os.path.dirname(real) or "."
     if not os.path.isdir(parent):
-        raise OutputError(f"{out}: parent folder {parent} does not exist")
+        raise OutputError(f"{out}: parent folder {parent} does not exist; create it first (or choose another OUT)")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{out}: parent folder {parent} is not writable")
 
@@ -285,7 +285,12 @@ def prepare_partial(partial: str, fp: str, resume: bool, overwrite: bool, plan: 
     except OSError as e:
         raise OutputError(f"{partial}: cannot create the output folder ({e.strerror})") from None
     _created.add(os.path.realpath(partial))
-    write_atomic(run_json, json.dumps({"fingerprint": fp, "version": __version__, "rows_per_unit": plan}).encode())
+    try:
+        write_atomic(run_json, json.dumps({"fingerprint": fp, "version": __version__, "rows_per_unit": plan}).encode())
+    except OutputError as e:  # without its run state the folder cannot be resumed: remove it (ours, empty)
+        shutil.rmtree(partial, ignore_errors=True)
+        raise OutputError(f"{str(e).split('; ')[0]}; nothing was kept: free space or fix the cause, then rerun the same "
+                          "command") from None
     if space is not None:
         reserve(partial, space, resumed=False)
     return set(), plan

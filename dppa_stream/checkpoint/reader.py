@@ -3,7 +3,7 @@
 `Checkpoint.open` builds a catalogue (name -> dtype, shape, file, byte range) from headers alone.
 `read_rows` fetches one row range of one tensor with a single positional read: exactly those
 bytes, no mmap. Mapped pages would count in the process RSS and make Dask workers pause or get
-killed (engineering-notes §3.6); plain reads keep memory accounting honest and pickle trivially.
+killed; plain reads keep memory accounting honest and pickle trivially.
 """
 
 from __future__ import annotations
