@@ -197,7 +197,7 @@ CHAT_TEMPLATES = {
                ".get(m['role']) -%}"
                "{%- if head -%}{{- head ~ '\\n' ~ (m['content'] | trim) -}}{{- '\\n\\n' if not loop.last else '' -}}"
                "{%- endif -%}{%- endfor -%}"
-               "{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' -%}{{- '\\n### Response:\\n' -}}"
+               "{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' -%}{{- '### Response:\\n' -}}"
                "{%- endif -%}"),
     "exaone": ("{%- for m in messages -%}{%- if loop.first and m['role'] != 'system' -%}"
                "{{- '[|system|][|endofturn|]\\n' -}}{%- endif -%}"
