@@ -36,7 +36,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 
-from .errors import InputError, OutputError, UsageError, short
+from .errors import InputError, OutputError, UsageError, printable, short
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # huggingface_hub's rule for repository IDs: an optional namespace, then a name; word characters,
@@ -131,7 +131,7 @@ def locate(text: str, where: str, key: str, weights: bool = True) -> Located:
     name_local = os.path.abspath(os.path.expanduser(name))
     if at and os.path.lexists(name_local):
         if not _is_repo_folder(name_local):
-            raise UsageError(f"{where}: {key} {short(text)}: a revision ('@{short(revision)}') applies to Hub IDs and "
+            raise UsageError(f"{where}: {key} {short(text)}: a revision (@{printable(revision, 80)}) applies to Hub IDs and "
                              f"Hugging Face cache folders (models--ORG--NAME), not to the local folder {name_local}")
         return Located(_cache_snapshot(name_local, revision, where, key))
     looks_like_id = (_ID.match(name) and "--" not in name and ".." not in name
