@@ -75,7 +75,7 @@ class MergeConfig:
     donor: str | None = None  # the base_model when it is merged as an input: config.json and tokenizer come from it
     tokenizer: TokenizerSpec | None = None  # `tokenizer:` / `tokenizer_source:`: build the output vocabulary
     chat_template: str | None = None  # `chat_template:` as written (a name, `auto` or Jinja)
-    pending: dict[str, hub.HubRef] = field(default_factory=dict)  # Hub models to download: key (held as their path) -> ref
+    pending: dict[str, hub.HubRef] = field(default_factory=dict)  # Hub models to download: key (their path) -> ref
     shown: dict[str, str] = field(default_factory=dict)  # model path -> the string the config gave for it
 
     def resolve(self, folders: dict[str, str]) -> None:

@@ -18,7 +18,8 @@ import sys
 
 from .errors import InputError, printable
 
-TASKS = {"tokenizer": ("dppa_stream.tokenizer", "child_build"), "config": ("dppa_stream.hf_files", "child_check_config")}
+TASKS = {"tokenizer": ("dppa_stream.tokenizer", "child_build"),
+         "config": ("dppa_stream.hf_files", "child_check_config")}
 
 
 def run_child(task: str, payload: dict, what: str = "") -> dict:

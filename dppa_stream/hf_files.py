@@ -269,14 +269,17 @@ def layered_config(donor, sources: list[tuple[object, int]]) -> dict | None:
     from .hf_child import run_child
 
     order = list(configs)
-    res = run_child("config", {"donor": base, "folders": [configs[p][1] for p in order],
+    where = os.path.join(donor.folder, "config.json")
+    res = run_child("config", {"donor": base, "where": where, "folders": [configs[p][1] for p in order],
                                "configs": [configs[p][0] for p in order],
                                "layers": [[order.index(ck.path), layer] for ck, layer in sources]},
                     f"{donor.path}/config.json")
+    if "refused" in res:  # the slices the config asks for: a usage error, like `relayer`'s
+        raise UsageError(res["refused"])
     if "unknown" in res:
         log.warning("transformers does not know this model type (%s); only the per-layer lists config.json spells out "
                     "are rewritten for the slices", res["unknown"])
-        return relayer(base, [(configs[ck.path][0], layer) for ck, layer in sources])
+        return relayer(base, [(configs[ck.path][0], layer) for ck, layer in sources], where)
     return res["config"]
 
 
@@ -297,21 +300,24 @@ def child_check_config(p: dict) -> dict:
     except (ValueError, KeyError) as e:  # a model type this transformers does not know
         return {"unknown": str(e).splitlines()[0][:300]}
     configs = [_explicit(raw, attrs) for raw, attrs in zip(p["configs"], settable)]
-    out = relayer(p["donor"], [(configs[i], layer) for i, layer in p["layers"]])
+    try:
+        out = relayer(p["donor"], [(configs[i], layer) for i, layer in p["layers"]], p["where"])
+    except UsageError as e:
+        return {"refused": str(e)}
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(out, f)
         try:
             got = _derived(AutoConfig.from_pretrained(tmp))[0]
         except Exception as e:
-            return {"error": f"transformers cannot load the config.json these slices make ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:300]})"}
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            return {"refused": f"{p['where']}: transformers cannot load the config.json these slices make ({why})"}
     for key in dict.fromkeys(k for lists in derived for k in lists):
         want = [derived[i].get(key, [None] * (layer + 1))[layer] for i, layer in p["layers"]]
         if got.get(key) != want:
-            return {"error": f"{key}: the config.json these slices make gives the output layers {got.get(key)} in "
-                             f"transformers, but their source layers have {want}; this stack of layers cannot be "
-                             "described by this model type's config"}
+            return {"refused": f"{p['where']}: {key}: the config.json these slices make gives the output layers "
+                               f"{got.get(key)} in transformers, but their source layers have {want}; this stack of "
+                               "layers cannot be described by this model type's config"}
     return {"config": out}
 
 
