@@ -1,10 +1,12 @@
 """Work that needs Hugging Face transformers, run in a child process.
 
-transformers imports torch (~150 MiB of anonymous memory and seconds of start-up); the merge
-process never does, so building an output tokenizer (`tokenizer.child_build`) and checking a
-config with transformers (`hf_files.child_check_config`) run here, in a short-lived child of the
-merge, before any tensor is merged. One JSON object in on stdin, one out on stdout; any failure
-comes back as one line in `error`.
+transformers is large, and the merge process stays small and never imports it: building an
+output tokenizer (`tokenizer.child_build`) and checking a config with transformers
+(`hf_files.child_check_config`) run here, in a short-lived child of the merge, before any tensor
+is merged. The child hides torch from transformers (`sys.modules["torch"] = None`, which makes
+transformers treat it as not installed): tokenizers and configs do not need it, and importing it
+would cost ~150 MiB of anonymous memory and seconds of start-up. One JSON object in on stdin, one
+out on stdout; any failure comes back as one line in `error`.
 
     python -m dppa_stream.hf_child TASK < payload.json
 """
@@ -39,6 +41,7 @@ def run_child(task: str, payload: dict, what: str = "") -> dict:
 
 
 def main(argv: list[str]) -> int:
+    sys.modules["torch"] = None  # see the module docstring
     task = argv[0] if argv else ""
     try:
         module, func = TASKS[task]

@@ -344,7 +344,7 @@ def remote_header_reader(remote: Remote, filename: str):
 
     def get(start: int, stop: int) -> bytes:
         try:
-            r = get_session().get(url, headers={**headers, "Range": f"bytes={start}-{stop - 1}"}, follow_redirects=True)
+            r = get_session().get(url, headers={**headers, "Range": f"bytes={start}-{stop - 1}"})  # follows redirects
             r.raise_for_status()
         except Exception as e:
             raise _hub_error(remote.ref, e) from None

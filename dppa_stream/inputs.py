@@ -44,6 +44,7 @@ class Output:
     slice_params: dict  # the slice's parameter specs ({} with `models:`)
     t: float  # layer position in its slice (0 outside the layers)
     paths: tuple[str, ...] = ()  # the model of each input entry (base first), for vocabulary remaps
+    base_model: str | None = None  # the base_model that applies (also when the method merges it as an input)
 
     @property
     def entry(self) -> TensorEntry:
@@ -139,7 +140,8 @@ def _whole(cfg: MergeConfig, ck) -> Inputs:
     t = layer_positions(names)
     paths = ((cfg.base_model,) if base else ()) + tuple(m.path for m in cfg.models)
     outputs = {n: Output(n, base.tensors[n] if base else None, tuple(m.tensors[n] for m in models),
-                         tuple(m.params for m in cfg.models), {}, t[n], paths) for n in names}
+                         tuple(m.params for m in cfg.models), {}, t[n], paths, cfg.base_model or cfg.donor)
+               for n in names}
     donor = ck(cfg.donor) if cfg.donor else ref
     return Inputs(list({id(c): c for c in (ck(p) for p in cfg.model_paths())}.values()), donor, names, outputs, None,
                   models, vet_model_files(donor.folder))
@@ -154,19 +156,12 @@ def _remap_vocabulary(cfg: MergeConfig, inputs: Inputs, read_rows: bool) -> None
         if not tokenizer.is_vocab_tensor(name) or not out.entry.shape:
             continue
         entries = ((out.base,) if out.base else ()) + out.models
-        base = 0 if out.base else _base_among(cfg, out)
+        base = out.paths.index(out.base_model) if out.base_model in out.paths else None
         new = tokenizer.remap_inputs(name, entries, out.paths, inputs.vocab, cfg.tokenizer, base)
         if read_rows:
             tokenizer.compute_rows(new)
         n = 1 if out.base else 0
         inputs.outputs[name] = dataclasses.replace(out, base=new[0] if out.base else None, models=new[n:])
-
-
-def _base_among(cfg: MergeConfig, out: Output) -> int | None:
-    """The input that is the base model when the method merges the base as an input (mergekit
-    still prefers its rows for tokens it has)."""
-    base = cfg.donor if not cfg.slices else next((sl.base_model for sl in cfg.slices if sl.base_model), cfg.donor)
-    return out.paths.index(base) if base in out.paths else None
 
 
 def verify_unchanged(inputs: Inputs) -> None:
@@ -281,7 +276,7 @@ def _sliced(cfg: MergeConfig, ck, checked: Inputs | None = None) -> Inputs:
                 base = entries.pop(0) if sl.base else None
                 t = i / (count - 1) if count > 1 else 1.0
                 outputs[name] = Output(name, base, tuple(entries), tuple(src.params for src in sl.sources), sl.params, t,
-                                       paths)
+                                       paths, sl.base_model)
                 layer_names.append(name)
         out_layer += count
         first = first or sl
@@ -303,7 +298,7 @@ def _sliced(cfg: MergeConfig, ck, checked: Inputs | None = None) -> Inputs:
                 entries.append(rest[name])
             base = entries.pop(0) if sl.base else None
             outputs[name] = Output(name, base, tuple(entries), tuple(src.params for src in sl.sources), sl.params, 0.0,
-                                   tuple(src.path for src in sources))
+                                   tuple(src.path for src in sources), sl.base_model)
             names.append(name)
     donor = ck(cfg.base_model or cfg.donor or cfg.slices[0].sources[0].path)
     checkpoints = list({id(c): c for c in (ck(p) for p in layouts)}.values())

@@ -353,9 +353,10 @@ def child_build(p: dict) -> dict:
     if p["source"] is None:
         return {"warnings": warnings}
     vocab = out.get_vocab()
+    originals = {m: t.get_vocab() for m, t in loaded.items()}  # (each get_vocab copies the whole vocabulary)
     perms = np.full((len(p["models"]), len(vocab)), -1, np.int64)
     for i, m in enumerate(p["models"]):
-        own = (loaded.get(m) or base).get_vocab()
+        own = originals.get(m) or originals[p["base"]]
         limit = sizes.get(m) or len(own)
         for tok, new in vocab.items():
             old = own.get(tok)
@@ -364,7 +365,6 @@ def child_build(p: dict) -> dict:
             elif old is not None:
                 perms[i, new] = old
     np.save(p["perms"], perms)
-    originals = {m: t.get_vocab() for m, t in loaded.items()}
     return {"size": len(vocab), "token_ids": [vocab[t] for t in p["add_tokens"]],
             "lookups": [originals.get(m, {}).get(text) for m, text in p["lookups"]], "warnings": warnings[:50]}
 
