@@ -249,7 +249,7 @@ def build(cfg, checkpoints: dict, base: str) -> Vocabulary | None:
     `base`: the model whose tokenizer is the starting point. None when the config asks for neither."""
     import numpy as np
 
-    from .checkpoint.reader import Stamp, open_regular
+    from .checkpoint.reader import Stamp, open_regular, resolve_inside
     from .hf_child import run_child
     from .hf_files import TOKENIZER_FILES
 
@@ -267,12 +267,12 @@ def build(cfg, checkpoints: dict, base: str) -> Vocabulary | None:
             raise InputError(f"{m}: a bare safetensors file has no tokenizer; give its model folder to merge "
                              "vocabularies")
         folders[m] = folder
-    stamps = []
+    stamps = []  # the files transformers will read, checked under the symlink policy first
     for folder in dict.fromkeys(folders.values()):
         for name in TOKENIZER_FILES:
             p = os.path.join(folder, name)
-            if os.path.isfile(p):
-                fd, st = open_regular(p)
+            if os.path.lexists(p):
+                fd, st = open_regular(resolve_inside(folder, name, p), p)
                 try:
                     stamps.append(Stamp.take(p, fd, st))
                 finally:

@@ -264,3 +264,18 @@ def test_cli_hint_for_different_vocabularies(models, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 3 and len(res.stderr.splitlines()) == 1, res.stderr
     assert "tokenizer_source: union" in res.stderr and not (tmp_path / "o.partial").exists()
+
+
+def test_tokenizer_files_linking_outside_the_model_are_refused(models, tmp_path):
+    """The symlink policy holds for the files transformers reads too: nothing outside a model is read."""
+    import shutil
+
+    m = models[torch.float32]
+    ft = tmp_path / "ft"
+    shutil.copytree(m["ft1"], ft)
+    secret = tmp_path / "secret.json"
+    secret.write_text((ft / "tokenizer.json").read_text())
+    (ft / "tokenizer.json").unlink()
+    (ft / "tokenizer.json").symlink_to(secret)
+    with pytest.raises(InputError, match="points outside the checkpoint folder"):
+        _merge(tmp_path, _ta(m["base"], [(str(ft), 1.0)], "tokenizer_source: union\n"))
