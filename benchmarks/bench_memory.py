@@ -5,7 +5,7 @@ checkpoint by default, 128256 x 4096 embeddings; see benchmarks/fastgen.py):
 
 1. an uncapped reference run (default `--memory-limit`, i.e. half the available memory);
 2. the same merge with `--memory-limit 1GiB` inside a cgroup-v1 memory cgroup capped at 1 GiB
-   (../shared/tools/capped_run.py; anonymous memory + page cache, no swap on this machine);
+   (benchmarks/capped_run.py; anonymous memory + page cache, no swap on this machine);
 
 both from a cold page cache for the inputs (posix_fadvise DONTNEED). Peak memory is the sum of
 RssAnon over the whole process tree, sampled every 20 ms from /proc (benchmarks/common.py;
@@ -46,7 +46,7 @@ import common  # noqa: E402
 from common import DATA_DIR, RESULTS_DIR, fmt_mib, folder_digest, input_bytes, run_measured, weight_files, write_config  # noqa: E402
 from fastgen import fast_dataset, shape_for  # noqa: E402
 
-CAPPED_RUN = os.environ.get("CAPPED_RUN", os.path.join(os.path.dirname(common.REPO), "shared", "tools", "capped_run.py"))
+CAPPED_RUN = os.environ.get("CAPPED_RUN", os.path.join(common.HERE, "capped_run.py"))
 
 
 def parse_size(s: str) -> int:

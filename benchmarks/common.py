@@ -4,7 +4,7 @@
 - mergekit-style YAML configs that both dppa-stream and mergekit 0.1.5 accept;
 - running a command as a subprocess while sampling the peak anonymous memory (RssAnon from
   /proc/<pid>/status, summed over the process and all its descendants) every few tens of ms.
-  RSS/VmHWM are deliberately not used: they count mapped file pages (engineering-notes §2).
+  RSS/VmHWM are deliberately not used: they count mapped file pages, which are reclaimable.
 """
 
 from __future__ import annotations

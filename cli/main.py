@@ -44,14 +44,14 @@ def _interrupt(*_):
     raise KeyboardInterrupt
 
 
-def _resume_hint(out: str | None) -> str:
-    """How to continue after an interruption or a write failure of `merge OUT`."""
-    if not out:
-        return "; nothing was published: rerun the command"
-    partial = os.path.abspath(out) + ".partial"
-    if os.path.isfile(os.path.join(partial, ".dppa-stream", "run.json")):
+def _resume_hint(out: str | None, interrupted: bool = False) -> str:
+    """How to continue after an interruption or a write failure of `merge OUT`: --resume when
+    OUT.partial holds a run to continue; otherwise nothing was kept (and for a failure, the
+    message itself says what to fix)."""
+    partial = os.path.abspath(out) + ".partial" if out else None
+    if partial and os.path.isfile(os.path.join(partial, ".dppa-stream", "run.json")):
         return f"; the finished work is kept in {partial}: rerun the same command with --resume to continue"
-    return "; rerun the same command (with --resume if OUT.partial exists)"
+    return "; nothing was kept: rerun the command" if interrupted else ""
 
 
 def _run(debug: bool, fn, out: str | None = None):
@@ -75,7 +75,7 @@ def _run(debug: bool, fn, out: str | None = None):
     except KeyboardInterrupt:
         with contextlib.suppress(ValueError):  # a second Ctrl-C while shutting down must not cut the message short
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-        _fail("interrupted" + (_resume_hint(out) if out is not None else "; nothing was published"), EXIT_INTERRUPTED)
+        _fail("interrupted" + _resume_hint(out, interrupted=True), EXIT_INTERRUPTED)
     except OSError as e:
         if debug:
             raise
@@ -191,6 +191,8 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace OUT (once the new output is complete) or a stale OUT.partial.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same config and inputs from OUT.partial.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs containing NaN/Inf instead of refusing them.")
+@click.option("--download", is_flag=True, help="Fetch Hub models (ORG/NAME) missing from the Hugging Face cache "
+              "(only safetensors, config and tokenizer files; the set is checked from its headers first).")
 @click.option("--unit-size", help="Memory per work unit (rows of every input, plus float32 deltas where needed) "
               "[default: 64MiB, lowered to fit --memory-limit]. Larger units mean fewer reads for ties/magnitude.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary line.")
@@ -198,7 +200,7 @@ def main():
 @click.option("--verbose", "-v", count=True, help="Log the plan and passes (-vv: also Dask's logs).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def merge(config, out, memory_limit, scheduler, scheduler_file, shard_size, seed, overwrite, resume, allow_nonfinite,
-          unit_size, quiet, json_out, verbose, debug):
+          download, unit_size, quiet, json_out, verbose, debug):
     """Merge the models named in CONFIG (mergekit-style YAML) into the folder OUT.
 
     OUT appears only when complete; until then work goes to OUT.partial, which --resume continues."""
@@ -213,7 +215,7 @@ def merge(config, out, memory_limit, scheduler, scheduler_file, shard_size, seed
             raise UsageError(f"--seed {seed}: must fit in 64 bits")
         opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, scheduler_file,
                             _size(shard_size, "--shard-size"), seed, overwrite, quiet,
-                            _size(unit_size, "--unit-size"), resume, allow_nonfinite, started=STARTED)
+                            _size(unit_size, "--unit-size"), resume, allow_nonfinite, download, started=STARTED)
         _scheduler(scheduler, scheduler_file)
         if not out.strip():
             raise UsageError("OUT is empty; give the folder to create")
@@ -240,7 +242,8 @@ def _logging(verbose: int) -> None:
 
 def _report(res, quiet, json_out):
     if not quiet:
-        click.echo(printable(res.summary_line()), err=True)
+        for line in res.summary_line().splitlines():  # printable() escapes a newline: one echo per line
+            click.echo(printable(line), err=True)
     if json_out:
         text = json.dumps(res.to_json(), indent=2)
         if json_out == "-":
@@ -261,8 +264,10 @@ def _report(res, quiet, json_out):
 @click.option("--scheduler", default=None, help=_SCHED_HELP)
 @click.option("--scheduler-file", type=click.Path(dir_okay=False), help="Connect to the Dask scheduler described in this file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or table.")
+@click.option("--download", is_flag=True, help="Fetch Hub models (ORG/NAME) missing from the Hugging Face cache "
+              "(only safetensors, config and tokenizer files; the set is checked from its headers first).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def stats(config, json_out, plot, experts, memory_limit, scheduler, scheduler_file, quiet, debug):
+def stats(config, json_out, plot, experts, memory_limit, scheduler, scheduler_file, quiet, download, debug):
     """Run pass 1 of a dp/dppa CONFIG and report DP statistics: outlier ratios, densities, thresholds.
 
     The table has a section per fine-tune and per stack of blocks; --json has every stack, block and linear;
@@ -274,7 +279,7 @@ def stats(config, json_out, plot, experts, memory_limit, scheduler, scheduler_fi
         from dppa_stream.config import load_config
         from dppa_stream.pipeline import MergeOptions
 
-        opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, scheduler_file, quiet=quiet)
+        opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, scheduler_file, quiet=quiet, download=download)
         _scheduler(scheduler, scheduler_file)
         _out_file(json_out, "--json")
         _out_file(plot, "--plot", ("png", "pdf", "svg"))
@@ -336,9 +341,11 @@ def stats(config, json_out, plot, experts, memory_limit, scheduler, scheduler_fi
 @click.option("--scheduler-file", type=click.Path(dir_okay=False), help="Connect to the Dask scheduler described in this file.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No per-evaluation lines or final report.")
+@click.option("--download", is_flag=True, help="Fetch Hub models (ORG/NAME) missing from the Hugging Face cache "
+              "(only safetensors, config and tokenizer files; the set is checked from its headers first).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def search(config, out, eval_cmds, dense, tune, strategy, objective, min_gain, max_evals, start, step, max_factor,
-           seed, resume, memory_limit, scheduler, scheduler_file, overwrite, quiet, debug):
+           seed, resume, memory_limit, scheduler, scheduler_file, overwrite, quiet, download, debug):
     """Search the DPA factors (and optionally rates, lamda, weights) of a dppa CONFIG on validation scores; keep
     the best model in OUT.
 
@@ -362,7 +369,7 @@ def search(config, out, eval_cmds, dense, tune, strategy, objective, min_gain, m
         if max_evals < 1:
             raise UsageError(f"--max-evals {max_evals}: must be at least 1")
         opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, scheduler_file, seed=seed,
-                            overwrite=overwrite, quiet=True)
+                            overwrite=overwrite, quiet=True, download=download)
         _scheduler(scheduler, scheduler_file)
         res = run_search(load_config(config), out, list(eval_cmds), opts, start_m, step, list(dense) or None,
                          max_evals, echo=(lambda *a: None) if quiet else (lambda m: click.echo(m, err=True)),
@@ -388,7 +395,7 @@ def demo(out, method, overwrite, quiet, debug):
         from dppa_stream.pipeline import MergeOptions, merge as run_merge
         from dppa_stream.synthetic import write_llama_set
 
-        inputs = os.path.join(out, "inputs")
+        inputs = os.path.abspath(os.path.join(out, "inputs"))  # the config works from any folder
         if not os.path.isdir(os.path.join(inputs, "ft2")):
             if not quiet:
                 click.echo(f"writing demo checkpoints to {inputs}", err=True)
@@ -420,9 +427,12 @@ def _demo_config(method: str, inputs: str) -> str:
     if method not in METHODS:
         raise UsageError(f"--method {method!r}: choose one of {', '.join(sorted(METHODS))}")
     params = METHODS[method].model_params
-    lines = [f"merge_method: {method}", f"base_model: {inputs}/base", "models:"]
+    def path(name: str) -> str:  # a JSON string is a YAML string, whatever the path holds
+        return json.dumps(os.path.join(inputs, name))
+
+    lines = [f"merge_method: {method}", f"base_model: {path('base')}", "models:"]
     for k in (1, 2):
-        lines.append(f"  - model: {inputs}/ft{k}")
+        lines.append(f"  - model: {path(f'ft{k}')}")
         p = []
         if "weight" in params:
             p.append("weight: 0.5")

@@ -1,7 +1,9 @@
 """The merge config: mergekit-style YAML, validated into a `MergeConfig` with one-line errors.
 
 Errors name the key and, when the value came from YAML, its line. mergekit features we do not
-support yet (slices, tokenizer surgery, per-tensor filters and gradients) are refused by name.
+support yet (`modules:`) are refused by name. Model strings (paths, Hub IDs, cache folders) are
+resolved by `hub.locate`; Hub models not in the cache stay pending in `MergeConfig.pending` until
+`inputs.open_inputs` downloads them (or says how to).
 """
 
 from __future__ import annotations
@@ -16,16 +18,16 @@ from fractions import Fraction
 
 import yaml
 
+from . import hub
 from .errors import UsageError, printable, short
 from .methods import METHODS, REQUIRED, Param
 from .params import MISSING, check_shape, forms, resolve
+from .tokenizer import TokenizerSpec, parse_chat_template, parse_tokenizer
 
-TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype"}
+TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
+            "tokenizer", "chat_template"}
 UNSUPPORTED = {
     "modules": "per-module configs are not supported; list whole models under 'models:'",
-    "tokenizer_source": "tokenizer merging is not supported; the base model's tokenizer is copied",
-    "tokenizer": "tokenizer merging is not supported; the base model's tokenizer is copied",
-    "chat_template": "chat templates are not set by dppa-stream; the base model's tokenizer files are copied",
 }
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 MAX_CONFIG_BYTES = 1 << 20  # a merge config is a few hundred bytes; this bounds /dev/zero and friends
@@ -56,6 +58,7 @@ class SliceSpec:
     sources: list[SourceSpec]
     base: SourceSpec | None
     params: dict
+    base_model: str | None = None  # the slice's base_model (also when the method merges it as an input)
 
 
 @dataclass
@@ -70,6 +73,36 @@ class MergeConfig:
     source: str = "<config>"
     slices: list[SliceSpec] | None = None  # `slices:` configs (frankenmerges, merged slices)
     donor: str | None = None  # the base_model when it is merged as an input: config.json and tokenizer come from it
+    tokenizer: TokenizerSpec | None = None  # `tokenizer:` / `tokenizer_source:`: build the output vocabulary
+    chat_template: str | None = None  # `chat_template:` as written (a name, `auto` or Jinja)
+    pending: dict[str, hub.HubRef] = field(default_factory=dict)  # Hub models to download: key (their path) -> ref
+    shown: dict[str, str] = field(default_factory=dict)  # model path -> the string the config gave for it
+
+    def resolve(self, folders: dict[str, str]) -> None:
+        """Replace pending Hub models' keys by the folders they were downloaded to."""
+        def f(p):
+            return folders.get(p, p)
+
+        self.base_model = f(self.base_model) if self.base_model else None
+        self.donor = f(self.donor) if self.donor else None
+        for m in self.models:
+            m.path = f(m.path)
+        for sl in self.slices or []:
+            sl.base_model = f(sl.base_model) if sl.base_model else None
+            for src in sl.sources + ([sl.base] if sl.base else []):
+                src.path = f(src.path)
+        if self.tokenizer is not None:
+            self.tokenizer = self.tokenizer.resolved(f)
+        self.shown = {f(p): text for p, text in self.shown.items()}
+        self.pending = {k: r for k, r in self.pending.items() if k not in folders}
+
+    def model_paths(self) -> list[str]:
+        """Every model the merge reads, once each: the base (or donor) first, then in config order."""
+        paths = [p for p in (self.base_model, self.donor) if p]
+        paths += [m.path for m in self.models]
+        for sl in self.slices or []:
+            paths += ([sl.base.path] if sl.base else []) + [src.path for src in sl.sources]
+        return list(dict.fromkeys(paths))
 
     def method(self, seed: int = 0):
         """Instantiate the merge method with its model-wide parameters (those that cannot vary by
@@ -255,7 +288,8 @@ def parse_config(text: str, source: str = "<config>") -> MergeConfig:
         raise UsageError(f"{_where(source, data, 'base_model')}: base_model must be a path")
     if cls.needs_base and not base and "slices" not in data:
         raise UsageError(f"{source}: merge_method {method!r} needs a 'base_model'")
-    base_path = _path(base, _where(source, data, "base_model"), "base_model") if base else None
+    refs = _Models()
+    base_path = refs.path(base, _where(source, data, "base_model"), "base_model") if base else None
 
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
@@ -270,22 +304,29 @@ def parse_config(text: str, source: str = "<config>") -> MergeConfig:
         raise UsageError(f"{source}: give either 'models:' (whole models) or 'slices:' (layer ranges), not both")
     slices = None
     if "slices" in data:
-        slices = _parse_slices(source, data, cls, method, base_path)
+        slices = _parse_slices(source, data, cls, method, base_path, refs)
         seen_paths = dict.fromkeys(src.path for sl in slices for src in sl.sources)
         models = [ModelSpec(p, {}) for p in seen_paths]
         donor = None
         if cls.base_is_input:
             base_path, donor = None, base_path
     else:
-        models, base_path, donor = _parse_models(source, data, cls, method, base_path)
+        models, base_path, donor = _parse_models(source, data, cls, method, base_path, refs)
     dtypes = {}
     for key in ("dtype", "out_dtype"):
         v = data.get(key)
         if v is not None and (not isinstance(v, str) or v not in DTYPE_NAMES):
             raise UsageError(f"{_where(source, data, key)}: {key} {short(v)} is not one of float32, float16, bfloat16")
         dtypes[key] = DTYPE_NAMES[v] if v else None
+    if "tokenizer_source" in data and "tokenizer" in data:
+        raise UsageError(f"{_where(source, data, 'tokenizer')}: give either 'tokenizer_source' or 'tokenizer', not both")
+    tok_key = "tokenizer" if "tokenizer" in data else "tokenizer_source"
+    tokenizer = parse_tokenizer(data.get(tok_key), tok_key, lambda d, k: _where(source, data if d is None else d, k),
+                                refs.path) if tok_key in data else None
+    chat = parse_chat_template(data["chat_template"], _where(source, data, "chat_template")) \
+        if data.get("chat_template") is not None else None
     cfg = MergeConfig(method, models, base_path, dict(params), dtypes["dtype"], dtypes["out_dtype"], text, source,
-                      slices, donor)
+                      slices, donor, tokenizer, chat, refs.pending, refs.shown)
     owners = [(f"models[{m.path}]", m.params, {}) for m in cfg.models] if not slices else \
         [(f"slices[{s}].sources[{j}] ({src.path})", src.params, sl.params) for s, sl in enumerate(slices)
          for j, src in enumerate(sl.sources)]
@@ -302,7 +343,7 @@ def parse_config(text: str, source: str = "<config>") -> MergeConfig:
     return cfg
 
 
-def _parse_models(source, data, cls, method, base_path):
+def _parse_models(source, data, cls, method, base_path, refs):
     models_raw = data.get("models")
     if not isinstance(models_raw, list) or not models_raw:
         raise UsageError(f"{_where(source, data, 'models')}: 'models' must be a non-empty list of {{model: PATH}} entries")
@@ -316,7 +357,7 @@ def _parse_models(source, data, cls, method, base_path):
         for k in entry:
             if k not in ("model", "parameters"):
                 raise _unknown(source, entry, k, {"model", "parameters"}, f"models[{i}].")
-        path = _path(entry["model"], _where(source, entry, "model"), f"models[{i}].model")
+        path = refs.path(entry["model"], _where(source, entry, "model"), f"models[{i}].model")
         mparams = _model_params(source, entry, cls, f"models[{i}]")
         if path == base_path and not cls.base_is_input:
             if mparams:
@@ -359,7 +400,7 @@ def _check_count(source, cls, method, n: int, where: str) -> None:
         raise UsageError(f"{source}: {where}merge_method {method!r} takes {want} model(s) besides the base, not {n}")
 
 
-def _parse_slices(source, data, cls, method, base_path) -> list[SliceSpec]:
+def _parse_slices(source, data, cls, method, base_path, refs) -> list[SliceSpec]:
     """mergekit's `slices:`: each with `sources` (model + layer_range [+ parameters]), optional
     `parameters` and `base_model`. A base must be one of the slice's sources (mergekit does not add it)."""
     if not cls.local:
@@ -387,7 +428,7 @@ def _parse_slices(source, data, cls, method, base_path) -> list[SliceSpec]:
         base = sl.get("base_model", base_path)
         if base is not None and not isinstance(base, str):
             raise UsageError(f"{_where(source, sl, 'base_model')}: {where}.base_model must be a path")
-        base = _path(base, _where(source, sl, "base_model"), f"{where}.base_model") if base else None
+        base = refs.path(base, _where(source, sl, "base_model"), f"{where}.base_model") if base else None
         sources_raw = sl.get("sources")
         if not isinstance(sources_raw, list) or not sources_raw:
             raise UsageError(f"{_where(source, sl, 'sources')}: {where}.sources must be a non-empty list")
@@ -404,7 +445,7 @@ def _parse_slices(source, data, cls, method, base_path) -> list[SliceSpec]:
                                                                     for x in lr) or not 0 <= lr[0] < lr[1]):
                 raise UsageError(f"{_where(source, e, 'layer_range') if 'layer_range' in e else source}: "
                                  f"{sw}.layer_range must be [START, END] with 0 <= START < END")
-            spec = SourceSpec(_path(e["model"], _where(source, e, "model"), f"{sw}.model"), (lr[0], lr[1]),
+            spec = SourceSpec(refs.path(e["model"], _where(source, e, "model"), f"{sw}.model"), (lr[0], lr[1]),
                               _model_params(source, e, cls, sw))
             if base and spec.path == base and not cls.base_is_input:
                 base_src = spec
@@ -414,23 +455,39 @@ def _parse_slices(source, data, cls, method, base_path) -> list[SliceSpec]:
             raise UsageError(f"{source}: {where}: merge_method {method!r} needs its base model "
                              + (f"{base} among the slice's sources" if base else "(set base_model)"))
         _check_count(source, cls, method, len(sources), f"{where}: ")
-        out.append(SliceSpec(sources, base_src, dict(params)))
+        out.append(SliceSpec(sources, base_src, dict(params), base))
     return out
 
 
 def _norm(p: str) -> str:
-    return os.path.abspath(os.path.expanduser(p))
+    """The folder (or pending Hub key) a model string names: what two strings must share to be
+    the same model."""
+    return hub.locate(p, "", "model").path
 
 
-def _path(p: str, where: str, key: str) -> str:
-    """A model path from the config: a usable file name (no NUL byte, no lone surrogate)."""
-    try:
-        if not p or "\0" in p:
-            raise ValueError
-        os.fsencode(p)
-    except (ValueError, UnicodeEncodeError):
-        raise UsageError(f"{where}: {key} {short(p)} is not a usable path") from None
-    return _norm(p)
+class _Models:
+    """The model strings of one config, each resolved by `hub.locate`: which Hub models are still
+    to be downloaded, and the string each path was given as (for messages and the model card)."""
+
+    def __init__(self):
+        self.pending: dict[str, hub.HubRef] = {}
+        self.shown: dict[str, str] = {}
+
+    def path(self, p: str, where: str, key: str, weights: bool = True) -> str:
+        """A model string from the config: a usable name (no NUL byte, no lone surrogate), resolved."""
+        try:
+            if not p or "\0" in p:
+                raise ValueError
+            os.fsencode(p)
+        except (ValueError, UnicodeEncodeError):
+            raise UsageError(f"{where}: {key} {short(p)} is not a usable path") from None
+        got = hub.locate(p, where, key, weights)
+        if got.pending is not None:
+            old = self.pending.get(got.path)
+            if old is None or (got.pending.weights and not old.weights):
+                self.pending[got.path] = got.pending
+        self.shown.setdefault(got.path, p)
+        return got.path
 
 
 def _bad_number(v) -> bool:

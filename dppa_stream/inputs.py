@@ -7,6 +7,13 @@ consecutively across slices and output layer k of a slice reads layer `layer_ran
 source; embeddings come from the first slice's sources and the final norm and head from the last
 slice's, as mergekit 0.1.5 does. Downstream code sees one `Output` per tensor: its input entries,
 the parameter specs that apply to it and its layer position t.
+
+Hub models not in the cache are downloaded here (with `download`): their config, tokenizer files
+and safetensors headers first, so that every check below runs on the whole set before the weights
+are fetched. With a tokenizer in the config, the output vocabulary is built here and the inputs of
+every vocabulary tensor (embeddings, heads) are replaced by remapped ones (`tokenizer`); slice
+merges get their output config.json here (layer count and per-layer lists, `hf_files`), so a set
+that cannot make a loadable model is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -14,13 +21,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from . import hub, tokenizer
 from .blocks import layer_positions
 from .checkpoint import Checkpoint, TensorEntry
 from .config import MergeConfig
 from .errors import InputError, UsageError, printable, short
-from .hf_files import vet_model_files
+from .hf_files import layered_config, output_config, vet_model_files
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|block|blocks)\.([0-9]+)\.")
+_LONG_NUMBER = re.compile(r"(?:^|\.)([0-9]{10,})(?:\.|$)")  # a layer or expert number of 10+ digits
 _PRE = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings", "shared.")
 
 
@@ -34,6 +43,8 @@ class Output:
     specs: tuple[dict, ...]  # each model's own parameter specs (models[i].parameters or sources[j].parameters)
     slice_params: dict  # the slice's parameter specs ({} with `models:`)
     t: float  # layer position in its slice (0 outside the layers)
+    paths: tuple[str, ...] = ()  # the model of each input entry (base first), for vocabulary remaps
+    base_model: str | None = None  # the base_model that applies (also when the method merges it as an input)
 
     @property
     def entry(self) -> TensorEntry:
@@ -52,6 +63,8 @@ class Inputs:
     layers: int | None = None  # the output's layer count when slices renumber layers
     models: list[Checkpoint] = field(default_factory=list)
     model_files: list = field(default_factory=list)  # (name, Stamp) of the config/tokenizer files copied
+    vocab: tokenizer.Vocabulary | None = None  # the output tokenizer, when the config builds one
+    config: dict | None = None  # the output config.json (before its dtype is set), when it is not the donor's
 
     @property
     def reference(self) -> Checkpoint:
@@ -70,33 +83,92 @@ class Inputs:
         return out.base, out.models
 
 
-def open_inputs(cfg: MergeConfig) -> Inputs:
+def open_inputs(cfg: MergeConfig, download: bool = False, quiet: bool = True) -> Inputs:
+    """Open and check every checkpoint the config names (downloading pending Hub models first,
+    when allowed) and decide where every output tensor comes from."""
+    if cfg.pending:
+        if not download:
+            raise next(iter(cfg.pending.values())).missing()
+        remotes = hub.prepare(list(cfg.pending.values()), quiet)
+        cfg.resolve({k: r.folder for k, r in remotes.items()})
+        fetching = {r.folder: r for r in remotes.values() if r.ref.weights}
+        checked = _open(cfg, lambda p: hub.remote_checkpoint(fetching[p]) if p in fetching else Checkpoint.open(p), False)
+        hub.download_weights(list(fetching.values()), quiet)
+        return _open(cfg, Checkpoint.open, True, checked)
+    return _open(cfg, Checkpoint.open, True)
+
+
+def _open(cfg: MergeConfig, open_checkpoint, read_rows: bool, checked: Inputs | None = None) -> Inputs:
+    """Everything `open_inputs` does, with checkpoints from `open_checkpoint`; without
+    `read_rows`, nothing but headers and side files is read (the check before a download).
+    `checked`: that check's result, whose tokenizer and config are reused (same files)."""
     opened: dict[str, Checkpoint] = {}
 
     def ck(path: str) -> Checkpoint:
         if path not in opened:
-            opened[path] = Checkpoint.open(path)
+            opened[path] = _checked_names(open_checkpoint(path))
         return opened[path]
 
-    if cfg.slices:
-        return _sliced(cfg, ck)
+    inputs = _sliced(cfg, ck, checked) if cfg.slices else _whole(cfg, ck)
+    base = cfg.base_model or cfg.donor or cfg.model_paths()[0]
+    inputs.vocab = checked.vocab if checked else tokenizer.build(cfg, {p: ck(p) for p in cfg.model_paths()}, base)
+    if inputs.vocab is not None and cfg.tokenizer is not None:
+        _remap_vocabulary(cfg, inputs, read_rows)
+        inputs.config = output_config(inputs.donor.read_config(), inputs.config, inputs.vocab.rows)
+    return inputs
+
+
+def _checked_names(ck: Checkpoint) -> Checkpoint:
+    """Refuse a tensor name whose layer or expert number has 10 or more digits: no model has a
+    billion layers, and Python will not even read a number of 4300 digits."""
+    for name in ck.tensors:
+        m = _LONG_NUMBER.search(name)
+        if m:
+            raise InputError(f"{ck.path}: tensor {short(name)} has a {len(m.group(1))}-digit number where a layer or "
+                             "expert index belongs; this is not a model checkpoint")
+    return ck
+
+
+def _whole(cfg: MergeConfig, ck) -> Inputs:
     base = ck(cfg.base_model) if cfg.base_model else None
     models = [ck(m.path) for m in cfg.models]
     ref = base or models[0]
+    vocab = cfg.tokenizer is not None
     for other in models if base else models[1:]:
-        _check_same(ref, other)
+        _check_same(ref, other, vocab)
     names = list(ref.tensors)
     t = layer_positions(names)
+    paths = ((cfg.base_model,) if base else ()) + tuple(m.path for m in cfg.models)
     outputs = {n: Output(n, base.tensors[n] if base else None, tuple(m.tensors[n] for m in models),
-                         tuple(m.params for m in cfg.models), {}, t[n]) for n in names}
+                         tuple(m.params for m in cfg.models), {}, t[n], paths, cfg.base_model or cfg.donor)
+               for n in names}
     donor = ck(cfg.donor) if cfg.donor else ref
-    return Inputs(list(opened.values()), donor, names, outputs, None, models, vet_model_files(donor.folder))
+    return Inputs(list({id(c): c for c in (ck(p) for p in cfg.model_paths())}.values()), donor, names, outputs, None,
+                  models, vet_model_files(donor.folder))
+
+
+def _remap_vocabulary(cfg: MergeConfig, inputs: Inputs, read_rows: bool) -> None:
+    """Replace the inputs of every vocabulary tensor by their rows on the output vocabulary."""
+    import dataclasses
+
+    for name in inputs.names:
+        out = inputs.outputs[name]
+        if not tokenizer.is_vocab_tensor(name) or not out.entry.shape:
+            continue
+        entries = ((out.base,) if out.base else ()) + out.models
+        base = out.paths.index(out.base_model) if out.base_model in out.paths else None
+        new = tokenizer.remap_inputs(name, entries, out.paths, inputs.vocab, cfg.tokenizer, base)
+        if read_rows:
+            tokenizer.compute_rows(new)
+        n = 1 if out.base else 0
+        inputs.outputs[name] = dataclasses.replace(out, base=new[0] if out.base else None, models=new[n:])
 
 
 def verify_unchanged(inputs: Inputs) -> None:
     """Refuse to publish if any input file changed since it was catalogued (replaced, rewritten in
     place even with the same size and mtime): the output would match neither version."""
     stamps = [s for ck in inputs.all for s in ck.stamps.values()] + [s for _, s in inputs.model_files]
+    stamps += inputs.vocab.stamps if inputs.vocab else []
     for stamp in stamps:
         why = stamp.changed()
         if why:
@@ -104,7 +176,7 @@ def verify_unchanged(inputs: Inputs) -> None:
                              "rerun the merge once the inputs are final")
 
 
-def _check_same(ref: Checkpoint, other: Checkpoint) -> None:
+def _check_same(ref: Checkpoint, other: Checkpoint, vocab: bool = False) -> None:
     a, b = set(ref.tensors), set(other.tensors)
     if a != b:
         missing, extra = sorted(a - b), sorted(b - a)
@@ -115,12 +187,17 @@ def _check_same(ref: Checkpoint, other: Checkpoint) -> None:
             parts.append(f"{len(extra)} extra (e.g. {', '.join(printable(n, 80) for n in extra[:3])})")
         raise InputError(f"{other.path}: tensor names differ from {ref.path}: {'; '.join(parts)}")
     for name, e in ref.tensors.items():
-        _check_pair(ref, e, other, other.tensors[name])
+        _check_pair(ref, e, other, other.tensors[name], vocab)
 
 
-def _check_pair(ref: Checkpoint, e: TensorEntry, other: Checkpoint, o: TensorEntry) -> None:
-    if o.shape != e.shape:
-        hint = " (vocabulary sizes differ?)" if "embed" in e.name or "lm_head" in e.name else ""
+def _check_pair(ref: Checkpoint, e: TensorEntry, other: Checkpoint, o: TensorEntry, vocab: bool = False) -> None:
+    """Two inputs of one output tensor must agree in shape and dtype; with a tokenizer in the
+    config, vocabulary tensors may differ in rows (they are remapped)."""
+    rows_only = (o.shape[1:] == e.shape[1:] and len(o.shape) == len(e.shape) >= 1
+                 and tokenizer.is_vocab_tensor(e.name) and tokenizer.is_vocab_tensor(o.name))
+    if o.shape != e.shape and not (vocab and rows_only):
+        hint = ("; the vocabulary sizes differ: add `tokenizer_source: union` (or `base`, or a model) to the config to "
+                "merge them" if rows_only else "")
         raise InputError(f"{other.path}: tensor {short(o.name)} has shape {list(o.shape)} but {ref.path} has "
                          f"{list(e.shape)}{'' if o.name == e.name else ' for ' + short(e.name)}{hint}")
     if o.dtype != e.dtype:
@@ -154,7 +231,7 @@ def _layout(ck: Checkpoint) -> _Layout:
     return _Layout(stacks.pop(), layers, rest)
 
 
-def _sliced(cfg: MergeConfig, ck) -> Inputs:
+def _sliced(cfg: MergeConfig, ck, checked: Inputs | None = None) -> Inputs:
     layouts: dict[str, _Layout] = {}
 
     def layout(path: str) -> _Layout:
@@ -164,8 +241,10 @@ def _sliced(cfg: MergeConfig, ck) -> Inputs:
 
     outputs: dict[str, Output] = {}
     layer_names: list[str] = []
+    layer_sources: list[tuple[str, int]] = []  # each output layer's (model, layer): its config entries
     first = last = None
     out_layer = 0
+    vocab = cfg.tokenizer is not None
     for s, sl in enumerate(cfg.slices):
         sources = ([sl.base] if sl.base else []) + sl.sources
         count = None
@@ -180,7 +259,9 @@ def _sliced(cfg: MergeConfig, ck) -> Inputs:
                                  f"({count} and {b - a})")
             count = b - a
         lead = layout(sources[0].path)
+        paths = tuple(src.path for src in sources)
         for i in range(count):
+            layer_sources.append((sources[0].path, sources[0].layer_range[0] + i))
             templates = lead.layers[sources[0].layer_range[0] + i]
             for template, e in templates.items():
                 name = template.replace("\0", str(out_layer + i))
@@ -194,7 +275,8 @@ def _sliced(cfg: MergeConfig, ck) -> Inputs:
                     entries.append(other[template])
                 base = entries.pop(0) if sl.base else None
                 t = i / (count - 1) if count > 1 else 1.0
-                outputs[name] = Output(name, base, tuple(entries), tuple(src.params for src in sl.sources), sl.params, t)
+                outputs[name] = Output(name, base, tuple(entries), tuple(src.params for src in sl.sources), sl.params, t,
+                                       paths, sl.base_model)
                 layer_names.append(name)
         out_layer += count
         first = first or sl
@@ -212,11 +294,14 @@ def _sliced(cfg: MergeConfig, ck) -> Inputs:
                 rest = layout(src.path).rest
                 if name not in rest:
                     raise InputError(f"{src.path}: has no tensor {name!r}")
-                _check_pair(ck(sources[0].path), e, ck(src.path), rest[name])
+                _check_pair(ck(sources[0].path), e, ck(src.path), rest[name], vocab)
                 entries.append(rest[name])
             base = entries.pop(0) if sl.base else None
-            outputs[name] = Output(name, base, tuple(entries), tuple(src.params for src in sl.sources), sl.params, 0.0)
+            outputs[name] = Output(name, base, tuple(entries), tuple(src.params for src in sl.sources), sl.params, 0.0,
+                                   tuple(src.path for src in sources), sl.base_model)
             names.append(name)
     donor = ck(cfg.base_model or cfg.donor or cfg.slices[0].sources[0].path)
     checkpoints = list({id(c): c for c in (ck(p) for p in layouts)}.values())
-    return Inputs(checkpoints, donor, pre + layer_names + post, outputs, out_layer, [], vet_model_files(donor.folder))
+    inputs = Inputs(checkpoints, donor, pre + layer_names + post, outputs, out_layer, [], vet_model_files(donor.folder))
+    inputs.config = checked.config if checked else layered_config(donor, [(ck(p), layer) for p, layer in layer_sources])
+    return inputs

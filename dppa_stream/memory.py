@@ -2,7 +2,7 @@
 
 We report anonymous memory (RssAnon) summed over this process and its children, sampled every
 50 ms. VmRSS/VmHWM would count mapped and page-cache file pages, which are reclaimable and say
-nothing about what the merge needs (engineering-notes §2).
+nothing about what the merge needs.
 """
 
 from __future__ import annotations

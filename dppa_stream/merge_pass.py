@@ -81,8 +81,10 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
 
     release_reserve(partial)
     layout.finish(partial)
-    copy_model_files(ref.folder, partial, cfg.output_dtype, inputs.layers)
-    write_model_card(partial, cfg, method.describe(), cfg.base_model, [m.path for m in cfg.models])
+    copy_model_files(ref.folder, partial, cfg.output_dtype, inputs.config, inputs.vocab.files if inputs.vocab else None)
+    shown = cfg.shown.get
+    write_model_card(partial, cfg, method.describe(), shown(cfg.base_model, cfg.base_model) if cfg.base_model else None,
+                     [shown(m.path, m.path) for m in cfg.models])
     verify_unchanged(inputs)
     shutil.rmtree(os.path.join(partial, WORK_DIR))
     return sum(written), sum(sizes)

@@ -95,7 +95,7 @@ def check_output(out: str, inputs, overwrite: bool) -> None:
         raise OutputError(f"{p}: exists and is not a folder made by dppa-stream; remove it")
     parent = os.path.dirname(real) or "."
     if not os.path.isdir(parent):
-        raise OutputError(f"{out}: parent folder {parent} does not exist")
+        raise OutputError(f"{out}: parent folder {parent} does not exist; create it first (or choose another OUT)")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{out}: parent folder {parent} is not writable")
 
@@ -121,6 +121,7 @@ class Space:
 def space_needed(inputs, cfg, model_files: list | None = None) -> Space:
     """Estimate what the run writes (from headers alone)."""
     from .checkpoint import DTYPE_SIZES, FLOAT_DTYPES
+    from .hf_files import TOKENIZER_FILES
 
     shards = state = 0
     for name in inputs.names:
@@ -133,9 +134,16 @@ def space_needed(inputs, cfg, model_files: list | None = None) -> Space:
     card = 4096 + 2 * len(cfg.text.encode("utf-8", "surrogateescape")) + sum(len(m.path) + 8 for m in inputs.all)
     final = {"README.md": card, "dppa_stream_config.yml": len(cfg.text.encode("utf-8", "surrogateescape")),
              "model.safetensors.index.json": 4096 + sum(len(n.encode()) + 48 for n in inputs.names)}
+    made = getattr(inputs, "vocab", None)
+    made = made.files if made is not None else {}
     for name, stamp in (model_files if model_files is not None else getattr(inputs, "model_files", [])):
         size = stamp.identity[3]
-        final[name] = 2 * size + 4096 if name == "config.json" else size  # config.json is re-indented
+        if name == "config.json":  # re-indented, and maybe given per-layer lists
+            final[name] = 2 * size + 4096 + len(json.dumps(getattr(inputs, "config", None) or {}))
+        elif not (made and name in TOKENIZER_FILES):
+            final[name] = size
+    for name, data in made.items():
+        final[name] = len(data)
     return Space(shards, final, state)
 
 
@@ -277,7 +285,12 @@ def prepare_partial(partial: str, fp: str, resume: bool, overwrite: bool, plan: 
     except OSError as e:
         raise OutputError(f"{partial}: cannot create the output folder ({e.strerror})") from None
     _created.add(os.path.realpath(partial))
-    write_atomic(run_json, json.dumps({"fingerprint": fp, "version": __version__, "rows_per_unit": plan}).encode())
+    try:
+        write_atomic(run_json, json.dumps({"fingerprint": fp, "version": __version__, "rows_per_unit": plan}).encode())
+    except OutputError as e:  # without its run state the folder cannot be resumed: remove it (ours, empty)
+        shutil.rmtree(partial, ignore_errors=True)
+        raise OutputError(f"{str(e).split('; ')[0]}; nothing was kept: free space or fix the cause, then rerun the same "
+                          "command") from None
     if space is not None:
         reserve(partial, space, resumed=False)
     return set(), plan

@@ -43,6 +43,7 @@ class MergeOptions:
     unit_bytes: int | None = None  # unit size instead of the 64 MiB default (still bounded by the memory limit)
     resume: bool = False  # continue an interrupted run found at OUT.partial
     allow_nonfinite: bool = False  # merge inputs that contain NaN/Inf instead of refusing them
+    download: bool = False  # fetch Hub models missing from the local cache (hub.py)
     started: float | None = None  # time.perf_counter() when the command started (its imports count too)
 
 
@@ -149,7 +150,7 @@ def _entries(inputs: Inputs) -> dict:
 @contextlib.contextmanager
 def session(cfg: MergeConfig, opts: MergeOptions, out: str | None = None):
     """Open and validate the inputs, start the scheduler and plan work units from the budget."""
-    inputs = open_inputs(cfg)
+    inputs = open_inputs(cfg, opts.download, opts.quiet)
     if out is not None:
         check_output(out, inputs, opts.overwrite)
     method = cfg.method(opts.seed)

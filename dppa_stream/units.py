@@ -138,7 +138,10 @@ class UnitRows:
         itemsize = entries[0].itemsize
         raw = scratch("rows", len(entries) * u.numel * itemsize).reshape(len(entries), u.numel * itemsize)
         for row, e in zip(raw, entries):
-            read_into(e, u.row_start, u.row_stop, row)
+            if getattr(e, "remap", None) is not None:  # a vocabulary tensor on the output's tokens (tokenizer.py)
+                e.remap.read(u.flat_start, u.flat_start + u.numel, row)
+            else:
+                read_into(e, u.row_start, u.row_stop, row)
         self.raw = raw
         self.src = raw.view(CONTAINER[dtype]) if dtype in FLOAT_DTYPES else None
 

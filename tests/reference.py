@@ -1,5 +1,6 @@
-"""Independent in-memory reference merges, written from docs/merge-methods.md and
-docs/dppa-algorithm.md with whole tensors and plain sorts (no histograms, no chunking, no Dask).
+"""Independent in-memory reference merges, written from mergekit 0.1.5's method definitions
+(docs/mergekit.md) and DPPA as docs/dppa.md describes it, with whole tensors and plain sorts (no
+histograms, no chunking, no Dask).
 The streaming engine must reproduce these bit for bit."""
 
 from __future__ import annotations

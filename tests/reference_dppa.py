@@ -1,4 +1,4 @@
-"""Brute-force DP / DPA written from docs/dppa-algorithm.md §3-§4 (whole tensors, sorts, bf16 torch
+"""Brute-force DP / DPA written from the method as docs/dppa.md describes it (whole tensors, sorts, bf16 torch
 arithmetic as the authors' code does it). Independent of dppa_stream's histogram-based code."""
 
 from __future__ import annotations

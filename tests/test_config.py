@@ -96,9 +96,8 @@ def test_bad_slices(text, needles):
     expect(text, *needles)
 
 
-@pytest.mark.parametrize("key", ["tokenizer_source", "modules", "chat_template"])
-def test_other_mergekit_features_refused(key):
-    expect(ties(extra=f"{key}: base\n"), f"'{key}'", "not")
+def test_modules_refused():
+    expect(ties(extra="modules: base\n"), "'modules'", "not supported")
 
 
 def test_merge_method_missing_unknown_or_not_a_string():

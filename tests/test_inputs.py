@@ -316,7 +316,7 @@ def test_shape_mismatch(tmp_path):
 @pytest.mark.parametrize("name", ["model.embed_tokens.weight", "lm_head.weight"])
 def test_vocab_mismatch_hint(tmp_path, name):
     fn, ft = _open_pair(tmp_path, {name: torch.zeros(10, 4), "n": torch.zeros(2)}, {name: torch.zeros(12, 4), "n": torch.zeros(2)})
-    expect(InputError, fn, ft, repr(name), "[12, 4]", "[10, 4]", "vocabulary sizes differ")
+    expect(InputError, fn, ft, repr(name), "[12, 4]", "[10, 4]", "vocabulary sizes differ", "tokenizer_source: union")
 
 
 def test_dtype_mismatch(tmp_path):

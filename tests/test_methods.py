@@ -5,8 +5,8 @@ unit, statistics gathered inline) and the merge with 1500-byte units (tensors sp
 units, statistics gathered by Dask passes, rows never split) write the same bytes. The split runs
 are made in one fresh process (no torch imported), with `memory_limit` 400 MiB on 2 threads, and
 each reports its peak anonymous memory, which must stay within that limit. One method also runs
-through the CLI (`--memory-limit 400MiB`) under a hard cgroup cap of the same size when
-../shared/tools/capped_run.py exists and this machine lets us create a memory cgroup.
+through the CLI (`--memory-limit 400MiB`) under a hard cgroup cap of the same size
+(benchmarks/capped_run.py) when this machine lets us create a memory cgroup.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dppa_stream.pipeline import MergeOptions, merge
 from dppa_stream.synthetic import LlamaShape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CAPPED_RUN = os.path.join(ROOT, "..", "shared", "tools", "capped_run.py")
+CAPPED_RUN = os.path.join(ROOT, "benchmarks", "capped_run.py")
 TINY = LlamaShape(hidden=16, intermediate=24, layers=2, vocab=24, heads=4, kv_heads=2)
 UNIT_BYTES = 1500
 LIMIT = 400 << 20

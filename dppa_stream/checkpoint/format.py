@@ -129,7 +129,13 @@ def read_header(path: str, fd: int, file_size: int) -> tuple[dict, int]:
     """Return (header dict, data start offset) of an open safetensors file, validated for sanity."""
     import os
 
-    head = os.pread(fd, 8, 0)
+    return parse_header(path, lambda n, offset: os.pread(fd, n, offset), file_size)
+
+
+def parse_header(path: str, pread, file_size: int) -> tuple[dict, int]:
+    """`read_header` over any `pread(n, offset) -> bytes` (a local file, or HTTP range requests
+    for a file not downloaded yet)."""
+    head = pread(8, 0)
     if len(head) < 8:
         raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
     (n,) = struct.unpack("<Q", head)
@@ -137,7 +143,7 @@ def read_header(path: str, fd: int, file_size: int) -> tuple[dict, int]:
         raise InputError(f"{path}: header length {n} exceeds the safetensors limit of {MAX_HEADER_SIZE} bytes")
     if 8 + n > file_size:
         raise InputError(f"{path}: header length {n} runs past the end of the file ({file_size} bytes); truncated?")
-    raw = os.pread(fd, n, 8)
+    raw = pread(n, 8)
     if len(raw) != n:
         raise InputError(f"{path}: short read of the header (file changed or truncated?)")
     try:

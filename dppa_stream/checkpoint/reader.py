@@ -3,7 +3,7 @@
 `Checkpoint.open` builds a catalogue (name -> dtype, shape, file, byte range) from headers alone.
 `read_rows` fetches one row range of one tensor with a single positional read: exactly those
 bytes, no mmap. Mapped pages would count in the process RSS and make Dask workers pause or get
-killed (engineering-notes §3.6); plain reads keep memory accounting honest and pickle trivially.
+killed; plain reads keep memory accounting honest and pickle trivially.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError, short
-from .format import TensorEntry, is_text, loads_untrusted, parse_entries, read_header
+from .format import TensorEntry, is_text, loads_untrusted, parse_entries, parse_header, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -230,6 +230,16 @@ class Checkpoint:
                 raise _pickle_hint(os.path.join(path, pickled[0]))
             raise InputError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME} in this folder")
         return cls(path, _catalogue(entries, path), path, files, stamps)
+
+    @classmethod
+    def from_headers(cls, folder: str, files: list[tuple[str, object, int]]) -> "Checkpoint":
+        """The catalogue of a folder whose weight files are not on disk yet (a download), from each
+        file's (path, pread, size): the same header checks as `open`, no data read."""
+        entries = []
+        for path, pread, size in files:
+            header, data_start = parse_header(path, pread, size)
+            entries.extend(parse_entries(path, header, data_start, size))
+        return cls(folder, _catalogue(entries, folder), folder, [f for f, _, _ in files])
 
     @staticmethod
     def _read_index(folder: str, index: str, stamps: dict) -> tuple[list[str], list[TensorEntry]]:
