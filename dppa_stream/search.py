@@ -24,7 +24,7 @@ Strategies, all under one budget of evaluations (`max_evals`):
   down, following a move while it improves; when no move improves, the steps double. It makes the
   walk's moves first, so it keeps what the walk finds, and can then go where the walk cannot
   (down, per fine-tune, other parameters). Chosen on benchmarks/quality (README there).
-- `reference`: the authors' greedy walk (`python_contral.py`, docs/dppa-algorithm.md §4.3): one
+- `reference`: the authors' greedy walk (`python_contral.py`; docs/dppa.md, step 4): one
   factor vector shared by every fine-tune, from the start, one coordinate at a time in +`step`
   moves while the objective improves; a coordinate below one step starts its walk at 1.0. Quirk
   Q11 is fixed: a probe that does not improve is reverted.
