@@ -1,0 +1,426 @@
+"""Decoding and encoding of quantized storage formats, compiled by numba: FP8 codes with scales
+(block, per-channel, per-tensor) and MXFP4 (E2M1 codes in groups of 32 with E8M0 scales).
+
+Reading turns a work unit's stored codes into float32 values once, in a pass of their own (see
+benchmarks/README.md, "Decoding: an extra pass or the widening step"), so every method, statistic
+and kernel only ever sees real values. Writing turns merged float32 values back into codes and
+fresh scales and, in the same sweep, accounts for what the requantization lost (`_account`).
+
+Tensors are viewed as (L, R, C): L = the leading dimensions (experts) flattened, R rows, C columns.
+An FP8 scale covers a block of b0 rows x b1 columns of one leading slice; its index is
+`l * lead_stride + (r // b0) * SC + c // b1` (SC = ceil(C / b1); lead_stride = 0 when one scale
+serves every slice, as a per-tensor scale does). MXFP4 tensors are stored as [E, R, G, 16] bytes
+(two codes per byte, low nibble first) and [E, R, G] exponents, and read, as transformers does, as
+the logical [E, 32 G, R]: the stored row r is the logical column r.
+
+Same conventions as `core`: no fastmath (every float32 operation is the IEEE result of the written
+order), nogil, cached on disk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from .core import BLOCK, bf16_bits, bits_of_f32, f16_bits, f32_from_bits
+from .more import GRAM_BUCKETS, LANES, _flush_lanes, _split
+
+E4M3, E5M2 = 0, 1  # FP8 code formats
+FP8_CODES = {"F8_E4M3": E4M3, "F8_E5M2": E5M2}
+FP8_MAX_E4M3, FP8_MAX_E5M2 = 448.0, 57344.0  # largest finite values
+FP8_MAX = {E4M3: FP8_MAX_E4M3, E5M2: FP8_MAX_E5M2}
+SCALE_CODES = {"F32": 0, "BF16": 1, "F16": 2}  # dtypes an FP8 scale may be stored in
+MX_GROUP = 32  # MXFP4 elements per shared exponent
+E2M1_MAX_EXP = 2  # exponent of E2M1's largest value (6 = 1.5 * 2**2)
+
+
+def _fp8_values(exp_bits: int, man_bits: int, finite_only: bool) -> np.ndarray:
+    """float32 value of every 8-bit code (sign, exponent, mantissa; bias 2**(exp_bits-1) - 1).
+    `finite_only` (e4m3fn): no infinities, only S.1111.111 is NaN; otherwise (e5m2) IEEE-like."""
+    codes = np.arange(256)
+    bias = (1 << (exp_bits - 1)) - 1
+    e = (codes >> man_bits) & ((1 << exp_bits) - 1)
+    m = (codes & ((1 << man_bits) - 1)).astype(np.float64)
+    mag = np.where(e == 0, m * 2.0 ** (1 - bias - man_bits), (1 + m / (1 << man_bits)) * 2.0 ** (e - bias))
+    top = (1 << exp_bits) - 1
+    if finite_only:
+        mag = np.where((e == top) & (m == (1 << man_bits) - 1), np.nan, mag)
+    else:
+        mag = np.where(e == top, np.where(m == 0, np.inf, np.nan), mag)
+    return np.where(codes & 0x80, -mag, mag).astype(np.float32)
+
+
+FP8_VALUES = np.stack([_fp8_values(4, 3, True), _fp8_values(5, 2, False)])  # [format, code]
+E2M1_VALUES = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+# --- scalar conversions ------------------------------------------------------------------------
+
+@njit(inline="always")
+def _rint(x):
+    """x rounded to the nearest integer, ties to even, for 0 <= x < 2**22 (float32)."""
+    return (x + np.float32(8388608.0)) - np.float32(8388608.0)
+
+
+@njit(inline="always")
+def fp8_code(x, fmt):
+    """The FP8 code of float32 x: round to nearest even, saturating at the largest finite value
+    (also for infinities); NaN gives a NaN code."""
+    u = bits_of_f32(x)
+    sign = np.uint8((u >> np.uint32(24)) & np.uint32(0x80))
+    a = u & np.uint32(0x7FFFFFFF)
+    if fmt == E4M3:
+        if a > np.uint32(0x7F800000):
+            return sign | np.uint8(0x7F)
+        if a >= np.uint32(0x43E00000):  # >= 448
+            return sign | np.uint8(0x7E)
+        if a < np.uint32(0x3C800000):  # below 2**-6: subnormal steps of 2**-9
+            return sign | np.uint8(_rint(f32_from_bits(a) * np.float32(512.0)))
+        r = (a + np.uint32(0x7FFFF) + ((a >> np.uint32(20)) & np.uint32(1))) >> np.uint32(20)
+        return sign | np.uint8(r - np.uint32(120 << 3))
+    if a > np.uint32(0x7F800000):
+        return sign | np.uint8(0x7F)
+    if a >= np.uint32(0x47600000):  # >= 57344
+        return sign | np.uint8(0x7B)
+    if a < np.uint32(0x38800000):  # below 2**-14: subnormal steps of 2**-16
+        return sign | np.uint8(_rint(f32_from_bits(a) * np.float32(65536.0)))
+    r = (a + np.uint32(0xFFFFF) + ((a >> np.uint32(21)) & np.uint32(1))) >> np.uint32(21)
+    return sign | np.uint8(r - np.uint32(112 << 2))
+
+
+@njit(inline="always")
+def e2m1_code(y):
+    """The E2M1 code of float32 y: round to nearest even on {0, 0.5, 1, 1.5, 2, 3, 4, 6},
+    saturating at 6 (NaN gives +0: a NaN group is marked by its scale instead)."""
+    a = abs(y)
+    c = np.uint8(0)
+    # between neighbours k and k+1 the midpoint goes up only when k+1 is even
+    if a > np.float32(0.25):
+        c = np.uint8(1)
+    if a >= np.float32(0.75):
+        c = np.uint8(2)
+    if a > np.float32(1.25):
+        c = np.uint8(3)
+    if a >= np.float32(1.75):
+        c = np.uint8(4)
+    if a > np.float32(2.5):
+        c = np.uint8(5)
+    if a >= np.float32(3.5):
+        c = np.uint8(6)
+    if a > np.float32(5.0):
+        c = np.uint8(7)
+    if bits_of_f32(y) >> np.uint32(31):
+        c |= np.uint8(8)
+    return c
+
+
+@njit(inline="always")
+def e8m0_value(s):
+    """2**(s - 127) as float32 (s = 0 is the subnormal 2**-127; 255, NaN, is refused on input)."""
+    if s == 0:
+        return f32_from_bits(np.uint32(0x00400000))
+    return f32_from_bits(np.uint32(s) << np.uint32(23))
+
+
+@njit(inline="always")
+def _scale_bits(s, scale_code):
+    """float32 s rounded to the scale dtype, as its bits (in a uint32)."""
+    if scale_code == 0:
+        return bits_of_f32(s)
+    if scale_code == 1:
+        return bf16_bits(s)
+    return f16_bits(s)
+
+
+@njit(inline="always")
+def _scale_value(bits, scale_code):
+    if scale_code == 0:
+        return f32_from_bits(bits)
+    if scale_code == 1:
+        return f32_from_bits(bits << np.uint32(16))
+    return np.float32(_f16_value(bits))
+
+
+@njit(inline="always")
+def _f16_value(bits):
+    e = (bits >> np.uint32(10)) & np.uint32(0x1F)
+    m = np.float64(bits & np.uint32(0x3FF))
+    if e == 0:
+        v = m * 2.0 ** -24
+    elif e == 31:
+        v = np.inf if m == 0 else np.nan
+    else:
+        v = (1.0 + m / 1024.0) * 2.0 ** (np.float64(e) - 15.0)
+    return -v if bits & np.uint32(0x8000) else v
+
+
+@njit(inline="always")
+def _block_scale(amax, fmt, scale_code):
+    """The bits of a fresh FP8 scale for a block whose largest finite |value| is amax: amax / FP8
+    max rounded to the scale dtype; 1 for a zero block; the dtype's smallest positive value when
+    the quotient would round to 0."""
+    if amax == 0:
+        return _scale_bits(np.float32(1.0), scale_code)
+    fmax = np.float32(FP8_MAX_E4M3) if fmt == E4M3 else np.float32(FP8_MAX_E5M2)
+    bits = _scale_bits(amax / fmax, scale_code)
+    if _scale_value(bits, scale_code) == 0:
+        bits = _scale_bits(_smallest_scale(scale_code), scale_code)
+    return bits
+
+
+@njit(nogil=True, cache=True)
+def fp8_scale(amax, fmt, scale_code):
+    """`_block_scale` for Python callers (a per-tensor scale): (bits, float32 value)."""
+    bits = _block_scale(np.float32(amax), fmt, scale_code)
+    return bits, _scale_value(bits, scale_code)
+
+
+@njit(inline="always")
+def _smallest_scale(scale_code):
+    """The smallest positive value of the scale dtype (a block whose scale would round to zero)."""
+    if scale_code == 0:
+        return f32_from_bits(np.uint32(1))
+    if scale_code == 1:
+        return f32_from_bits(np.uint32(1) << np.uint32(16))
+    return np.float32(2.0 ** -24)
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def decode_fp8(codes, values, scales, first_scale, g0, nrows, R, C, b0, b1, lead_stride, dst):
+    """dst[j*C + c] = values[codes[j*C + c]] * scale, for rows g0 .. g0+nrows-1 of the (L*R, C)
+    view; `scales` holds the float32 scales from index `first_scale` on."""
+    SC = (C + b1 - 1) // b1
+    for j in range(nrows):
+        g = g0 + j
+        lead = g // R
+        srow = lead * lead_stride + ((g - lead * R) // b0) * SC - first_scale
+        x = codes[j * C:(j + 1) * C]
+        out = dst[j * C:(j + 1) * C]
+        for cb in range(SC):
+            s = scales[srow + cb]
+            for c in range(cb * b1, min(C, (cb + 1) * b1)):
+                out[c] = values[x[c]] * s
+
+
+TILE = 16  # MXFP4 stored rows decoded together: each logical row then gets 16 contiguous values
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def decode_mxfp4(blocks, scales, experts, R, G, dst):
+    """Logical [experts, 32 G, R] float32 values into dst from stored [experts, R, G, 16] bytes and
+    [experts, R, G] exponents (whole experts)."""
+    C = G * MX_GROUP
+    s = np.empty(TILE, np.float32)
+    for e in range(experts):
+        for r0 in range(0, R, TILE):
+            n = min(TILE, R - r0)
+            for g in range(G):
+                for t in range(n):
+                    s[t] = e8m0_value(scales[(e * R + r0 + t) * G + g])
+                for k in range(16):
+                    c = g * MX_GROUP + 2 * k
+                    lo = dst[(e * C + c) * R + r0:(e * C + c) * R + r0 + n]
+                    hi = dst[(e * C + c + 1) * R + r0:(e * C + c + 1) * R + r0 + n]
+                    for t in range(n):
+                        byte = blocks[((e * R + r0 + t) * G + g) * 16 + k]
+                        lo[t] = E2M1_VALUES[byte & np.uint8(15)] * s[t]
+                        hi[t] = E2M1_VALUES[byte >> np.uint8(4)] * s[t]
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def nonfinite_scales(scales, scale_code):
+    """How many stored scales are NaN or infinite (scale_code -1: E8M0 bytes, 255 = NaN)."""
+    bad = 0
+    for i in range(scales.shape[0]):
+        if scale_code < 0:
+            bad += scales[i] == 255
+        else:
+            v = _scale_value(np.uint32(scales[i]), scale_code)
+            bad += not math.isfinite(v)
+    return bad
+
+
+# --- the requantization loss -------------------------------------------------------------------
+
+@njit(inline="always")
+def _account(m, q, b, changed_by, sets, lane, counts, block):
+    """Add one element to the loss sums of set 0 (every element) and of each set k + 1 whose
+    model changed it (`changed_by[k]`): Σ (q - m)², Σ (m - b)² exactly (in `block`, as `gram_sums`
+    keeps products: pair 2s and 2s+1 of set s), the changed count (m != b) and the vanished
+    count (m != b but q == b)."""
+    e = q - m
+    d = m - b
+    se, ee = _split(e)
+    sd, ed = _split(d)
+    ch = d != np.float32(0.0)
+    gone = ch and q == b
+    for s in range(sets):
+        if s > 0 and not changed_by[s - 1]:
+            continue
+        counts[s, 0] += 1
+        counts[s, 1] += ch
+        counts[s, 2] += gone
+        block[lane * 2 * sets + 2 * s, ee + ee] += se * se
+        block[lane * 2 * sets + 2 * s + 1, ed + ed] += sd * sd
+
+
+@njit(inline="always")
+def _changed_by(src, i, b, changed_by):
+    """changed_by[k] = fine-tune k (row k + 1 of src: float32 bits) differs from b at element i."""
+    for k in range(changed_by.shape[0]):
+        changed_by[k] = f32_from_bits(np.uint32(src[k + 1, i])) != b
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def encode_fp8(merged, src, g0, nrows, R, C, b0, b1, lead_stride, first_scale, fixed_scale, fmt, scale_code,
+               codes, scale_out, counts, high, low):
+    """FP8 codes (round to nearest even, saturating) of merged float32 rows g0 .. g0+nrows-1 of
+    the (L*R, C) view, with a fresh scale per block: amax(|finite values|) / FP8 max, rounded to
+    the scale dtype (a zero block gets scale 1; one that would round to 0 the dtype's smallest
+    value). `fixed_scale` > 0 is a per-tensor scale already chosen. Whole blocks only: the rows
+    start and end on block boundaries. Scales land in scale_out[index - first_scale] (bits).
+    The loss of each element against the reference (src row 0, float32 bits) is accounted."""
+    SC = (C + b1 - 1) // b1
+    values = FP8_VALUES[fmt]
+    sets = counts.shape[0]
+    changed_by = np.zeros(max(0, src.shape[0] - 1), np.bool_)
+    block = np.zeros((LANES * 2 * sets, GRAM_BUCKETS), np.int64)
+    done = 0
+    j = 0
+    while j < nrows:
+        g = g0 + j
+        lead = g // R
+        r = g - lead * R
+        rows = min(b0 - r % b0, nrows - j, R - r)  # this band of blocks
+        base = j * C
+        for cb in range(SC):
+            c0 = cb * b1
+            c1 = min(C, c0 + b1)
+            if fixed_scale > 0:
+                s = np.float32(fixed_scale)  # float32 like every scale: a float64 here would widen the arithmetic
+            else:
+                amax = np.float32(0.0)
+                for t in range(rows):
+                    x = merged[base + t * C + c0:base + t * C + c1]
+                    for c in range(c1 - c0):
+                        a = abs(x[c])
+                        if a > amax and a != np.inf:
+                            amax = a
+                bits = _block_scale(amax, fmt, scale_code)
+                scale_out[lead * lead_stride + (r // b0) * SC + cb - first_scale] = bits
+                s = _scale_value(bits, scale_code)
+            for t in range(rows):
+                at = base + t * C
+                for c in range(c0, c1):
+                    i = at + c
+                    m = merged[i]
+                    code = fp8_code(m / s, fmt)
+                    codes[i] = code
+                    b = f32_from_bits(np.uint32(src[0, i]))
+                    _changed_by(src, i, b, changed_by)
+                    _account(m, values[code] * s, b, changed_by, sets, i & (LANES - 1), counts, block)
+                    done += 1
+                    if done == BLOCK:
+                        _flush_lanes(block, 2 * sets, high, low)
+                        done = 0
+        j += rows
+    _flush_lanes(block, 2 * sets, high, low)
+
+
+@njit(inline="always")
+def _floor_log2(a):
+    return math.frexp(np.float64(a))[1] - 1
+
+
+@njit(inline="always")
+def _group_error(v, n, inv, scale):
+    """Σ (decoded - v)² in float64 of a group encoded with 2**X (inv = 2**-X, scale = 2**X)."""
+    err = 0.0
+    for t in range(n):
+        q = E2M1_VALUES[e2m1_code(v[t] * inv)] * scale
+        d = np.float64(q) - np.float64(v[t])
+        err += d * d
+    return err
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def encode_mxfp4(merged, src, experts, R, G, blocks, scales, counts, high, low):
+    """MXFP4 bytes [experts, R, G, 16] and exponents [experts, R, G] of merged logical
+    [experts, 32 G, R] float32 values. Each group's shared exponent is the OCP MX v1.0 choice
+    X = floor(log2 amax) - 2, or X + 1 when that encodes the group with a smaller squared error
+    (no more error than OCP's rule by construction: X clips values in (6, 8) * 2**X to 6 * 2**X);
+    codes are E2M1, round to nearest even, saturating. A group with a NaN gets the NaN exponent
+    255. The loss of each element against the reference (src row 0) is accounted."""
+    C = G * MX_GROUP
+    sets = counts.shape[0]
+    changed_by = np.zeros(max(0, src.shape[0] - 1), np.bool_)
+    block = np.zeros((LANES * 2 * sets, GRAM_BUCKETS), np.int64)
+    v = np.empty(MX_GROUP, np.float32)
+    done = 0
+    for e in range(experts):
+        for r in range(R):
+            for g in range(G):
+                amax = np.float32(0.0)
+                nan = False
+                for t in range(MX_GROUP):
+                    x = merged[(e * C + g * MX_GROUP + t) * R + r]
+                    v[t] = x
+                    a = abs(x)
+                    if a != a:
+                        nan = True
+                    elif a > amax and a != np.inf:
+                        amax = a
+                at = (e * R + r) * G + g
+                if nan:
+                    scales[at] = 255
+                    for k in range(16):
+                        blocks[at * 16 + k] = 0
+                    continue
+                x0 = -127 if amax == 0 else max(-127, min(127, _floor_log2(amax) - E2M1_MAX_EXP))
+                x1 = min(127, x0 + 1)
+                best = x0
+                if x1 != x0 and amax != 0:
+                    e0 = _group_error(v, MX_GROUP, e8m0_value(127 - x0), e8m0_value(x0 + 127))
+                    e1 = _group_error(v, MX_GROUP, e8m0_value(127 - x1), e8m0_value(x1 + 127))
+                    if e1 < e0:
+                        best = x1
+                scales[at] = best + 127
+                inv = e8m0_value(127 - best)
+                scale = e8m0_value(best + 127)
+                for k in range(16):
+                    lo = e2m1_code(v[2 * k] * inv)
+                    hi = e2m1_code(v[2 * k + 1] * inv)
+                    blocks[at * 16 + k] = lo | (hi << np.uint8(4))
+                for t in range(MX_GROUP):
+                    i = (e * C + g * MX_GROUP + t) * R + r
+                    b = f32_from_bits(np.uint32(src[0, i]))
+                    _changed_by(src, i, b, changed_by)
+                    _account(v[t], E2M1_VALUES[e2m1_code(v[t] * inv)] * scale, b, changed_by, sets, t & (LANES - 1),
+                             counts, block)
+                    done += 1
+                    if done == BLOCK:
+                        _flush_lanes(block, 2 * sets, high, low)
+                        done = 0
+    _flush_lanes(block, 2 * sets, high, low)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def max_abs(values):
+    """The largest finite |value| (0 when there is none)."""
+    amax = np.float32(0.0)
+    for i in range(values.shape[0]):
+        a = abs(values[i])
+        if a > amax and a != np.inf:
+            amax = a
+    return amax
+
+
+__all__ = ["E4M3", "E5M2", "FP8_CODES", "FP8_MAX", "SCALE_CODES", "MX_GROUP", "FP8_VALUES", "E2M1_VALUES",
+           "fp8_code", "e2m1_code", "e8m0_value", "decode_fp8", "decode_mxfp4", "nonfinite_scales", "encode_fp8",
+           "encode_mxfp4", "fp8_scale", "max_abs"]
