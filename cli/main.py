@@ -240,7 +240,8 @@ def _logging(verbose: int) -> None:
 
 def _report(res, quiet, json_out):
     if not quiet:
-        click.echo(printable(res.summary_line()), err=True)
+        for line in res.summary_line().split("\n"):  # each line escaped on its own
+            click.echo(printable(line), err=True)
     if json_out:
         text = json.dumps(res.to_json(), indent=2)
         if json_out == "-":

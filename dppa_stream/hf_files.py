@@ -44,12 +44,16 @@ def vet_model_files(folder: str | None) -> list[tuple[str, Stamp]]:
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
-def _config_text(path: str, where: str, out_dtype: str | None, layers: int | None = None) -> str:
-    """config.json with its dtype set to the output dtype (and its layer count to `layers`), as
-    the text we write."""
+def _config_text(path: str, where: str, out_dtype: str | None, layers: int | None = None,
+                 keep_quantization: bool = True) -> str:
+    """config.json with its dtype set to the output dtype (and its layer count to `layers`;
+    without its quantization_config when nothing is written quantized), as the text we write."""
     cfg = read_json_file(path, where)
     if not isinstance(cfg, dict):
         raise InputError(f"{where}: not a JSON object")
+    if not keep_quantization:
+        cfg.pop("quantization_config", None)
+        cfg.pop("compression_config", None)
     if layers is not None:
         cfg[next((k for k in LAYER_COUNT_KEYS if k in cfg), LAYER_COUNT_KEYS[0])] = layers
     if out_dtype:
@@ -94,15 +98,17 @@ def _copy(src: str, where: str, dst: str) -> None:
         os.close(fd)
 
 
-def copy_model_files(src_folder: str | None, out: str, out_dtype: str | None, layers: int | None = None) -> list[str]:
+def copy_model_files(src_folder: str | None, out: str, out_dtype: str | None, layers: int | None = None,
+                     keep_quantization: bool = True) -> list[str]:
     """Copy config.json (dtype set to the output dtype; its layer count set to `layers` when slices
-    changed it) and tokenizer files; returns names copied. The files are vetted again here
-    (`vet_model_files`), so nothing outside the model is read."""
+    changed it; its quantization_config dropped unless `keep_quantization`) and tokenizer files;
+    returns names copied. The files are vetted again here (`vet_model_files`), so nothing outside
+    the model is read."""
     copied = []
     for name, stamp in vet_model_files(src_folder):
         where, dst = os.path.join(src_folder, name), os.path.join(out, name)
         if name == "config.json":
-            _write(dst, _config_text(stamp.path, where, out_dtype, layers).encode())
+            _write(dst, _config_text(stamp.path, where, out_dtype, layers, keep_quantization).encode())
         else:
             _copy(stamp.path, where, dst)
         copied.append(name)

@@ -1,7 +1,9 @@
 """Opening the checkpoints a config names, checking that they agree, and deciding where every
 output tensor comes from.
 
-Only headers are read here. With `models:`, output tensor t is t of the base and of every model.
+Only headers are read here, and catalogues are logical (a quantized weight is one tensor whatever
+its stored parts, checkpoint/quant.py): names and shapes must agree, dtypes and formats of
+real-valued tensors need not. With `models:`, output tensor t is t of the base and of every model.
 With `slices:` (mergekit's frankenmerges and merged slices), output layers are numbered
 consecutively across slices and output layer k of a slice reads layer `layer_range[0] + i` of each
 source; embeddings come from the first slice's sources and the final norm and head from the last
@@ -119,11 +121,13 @@ def _check_same(ref: Checkpoint, other: Checkpoint) -> None:
 
 
 def _check_pair(ref: Checkpoint, e: TensorEntry, other: Checkpoint, o: TensorEntry) -> None:
+    """Logical shapes must agree; real-valued tensors may differ in dtype and format (they are
+    decoded to float32 and merged), integer tensors may not (they are copied)."""
     if o.shape != e.shape:
         hint = " (vocabulary sizes differ?)" if "embed" in e.name or "lm_head" in e.name else ""
         raise InputError(f"{other.path}: tensor {short(o.name)} has shape {list(o.shape)} but {ref.path} has "
                          f"{list(e.shape)}{'' if o.name == e.name else ' for ' + short(e.name)}{hint}")
-    if o.dtype != e.dtype:
+    if o.dtype != e.dtype and not (o.real and e.real):
         raise InputError(f"{other.path}: tensor {short(o.name)} is {o.dtype} but {ref.path} has {e.dtype}")
 
 
