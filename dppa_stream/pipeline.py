@@ -164,7 +164,7 @@ def _check_aligned_units(inputs: Inputs, cfg: MergeConfig, rows: dict[str, int],
     for t in inputs.names:
         e = inputs.entry(t)
         need = rows[t] * e.row_numel * per_element[t]
-        if aligns[t] > e.row_numel and need > per_task:
+        if aligns[t] > 1 and need > per_task:
             raise UsageError(f"tensor {short(t)}: one work unit holds at least {need / 2**20:.0f} MiB (whole "
                              f"scale blocks or experts of its format), more than the {per_task / 2**20:.0f} MiB per "
                              "task that --memory-limit leaves; raise --memory-limit or use fewer workers")

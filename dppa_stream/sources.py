@@ -72,13 +72,13 @@ class FP8Source:
             return
         first, last = scale_range(q, g0, g1)
         scales = read_scales(q, first, last)
-        values = kernels.FP8_VALUES[kernels.FP8_CODES[q.codes.dtype]]
+        fmt = kernels.FP8_CODES[q.codes.dtype]
         step = max(1, CHUNK // C)
         raw = _scratch("raw", min(step, g1 - g0) * C)
         for g in range(g0, g1, step):
             n = min(step, g1 - g)
             read_range(q.codes, g * C, (g + n) * C, raw[:n * C])
-            kernels.decode_fp8(raw[:n * C], values, scales, first, g, n, R, C, b0, b1, q.lead_stride,
+            kernels.decode_fp8(raw[:n * C], fmt, scales, first, g, n, R, C, b0, b1, q.lead_stride,
                                dst[(g - g0) * C:(g - g0 + n) * C])
 
 

@@ -167,14 +167,12 @@ def _compute_more(rows, st: Stat, code: int, rng: tuple[int, int], bad: np.ndarr
 def exact_products(words: np.ndarray) -> list[float]:
     """The sums `gram_sums`/`sce_squares` accumulated (two int64 words per exponent bucket),
     exactly rounded to float64."""
-    return [float(Fraction(total, 1 << PRODUCT_SCALE)) for total in exact_integers(words)]
-
-
-PRODUCT_SCALE = 300  # exact_integers counts in units of 2**-300
+    return [float(Fraction(total, 1 << 300)) for total in exact_integers(words)]
 
 
 def exact_integers(words: np.ndarray) -> list[int]:
-    """The same sums as exact integers, in units of 2**-PRODUCT_SCALE (they add exactly)."""
+    """Sums kept as two int64 words per exponent bucket e (value (high * 2**30 + low) * 2**e units)
+    as exact integers in units (they add exactly)."""
     out = []
     for high, low in zip(words[0], words[1]):
         total = 0

@@ -26,7 +26,8 @@ from .checkpoint import DTYPE_SIZES, Placement, read_range
 from .checkpoint.quant import Quantized
 from .checkpoint.writer import write_at
 from .sources import scale_range
-from .statistics import PRODUCT_SCALE, exact_integers
+from .statistics import exact_integers
+from .units import scratch
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,10 @@ class Target:
     @property
     def out_bytes(self) -> int:
         """Bytes a unit holds per element for its output: the stored value, or for a quantized
-        tensor the merged float32 value plus its code."""
-        return DTYPE_SIZES[self.dtype] if self.ref is None else 5
+        tensor the merged float32 value plus its code (MXFP4: and the requantized value)."""
+        if self.ref is None:
+            return DTYPE_SIZES[self.dtype]
+        return 9 if self.ref.format == "mxfp4" else 5
 
     @property
     def stored_bytes(self) -> int:
@@ -105,16 +108,17 @@ def write_quantized(target: Target, folder: str, places: tuple[Placement, ...], 
     q = target.ref
     sets = rows.src.shape[0]
     counts = np.zeros((sets, 3), np.int64)
-    words = np.zeros((2, 2 * sets, kernels.GRAM_BUCKETS), np.int64)
+    words = np.zeros((2, 2 * sets, kernels.LOSS_BUCKETS), np.int64)
     written = 0
     if q.format == "mxfp4":
         per = q.row_numel
         e0, n = lo // per, (hi - lo) // per
         E, C, R = q.shape
         G = C // kernels.MX_GROUP
-        blocks = np.empty(n * R * G * 16, np.uint8)
+        blocks = scratch("codes", n * R * G * 16)
         scales = np.empty(n * R * G, np.uint8)
-        kernels.encode_mxfp4(merged, rows.src, n, R, G, blocks, scales, counts, words[0], words[1])
+        requant = scratch("requant", (hi - lo) * 4).view(np.float32)
+        kernels.encode_mxfp4(merged, rows.src, n, R, G, blocks, scales, requant, counts, words[0], words[1])
         written += write_at(folder, places[0], e0 * R * G * 16, blocks)
         written += write_at(folder, places[1], e0 * R * G, scales)
     else:
@@ -122,7 +126,7 @@ def write_quantized(target: Target, folder: str, places: tuple[Placement, ...], 
         b0, b1 = q.block
         g0, g1 = lo // C, hi // C
         first, last = scale_range(q, g0, g1)
-        codes = np.empty(hi - lo, np.uint8)
+        codes = scratch("codes", hi - lo)
         scale_bits = np.empty(last - first, np.uint32)
         fixed = target.scale[1] if target.needs_amax else 0.0
         kernels.encode_fp8(merged, rows.src, g0, g1 - g0, R, C, b0, b1, q.lead_stride, first, fixed,
@@ -153,12 +157,15 @@ def tensor_scale(target: Target, amax: float) -> Target:
 
 # --- the requantization loss --------------------------------------------------------------------
 
+LOSS_UNIT = 1075  # a float64 with exponent field f and significand s is s << f units of 2**-1075
+
 @dataclass
 class RequantLoss:
     """Totals of the units' loss partials, per set: every element of the requantized tensors
     ("all") and, per fine-tune, the elements it changed. For a set: elements, changed (merged !=
     reference), vanished (changed, but requantized == reference), Σ (requantized − merged)² and
-    Σ (merged − reference)², the sums exact (integers in units of 2**-300)."""
+    Σ (merged − reference)² (integers in units of 2**-LOSS_UNIT: rows' float64 sums added exactly,
+    kernels/formats.py)."""
 
     sets: dict = field(default_factory=dict)
     tensors: set = field(default_factory=set)
@@ -181,8 +188,8 @@ class RequantLoss:
             n, changed, vanished, err, delta = t
             return {"elements": n, "changed": changed, "vanished": vanished,
                     "vanished_share": vanished / changed if changed else 0.0,
-                    "relative_l2_loss": math.sqrt(err / delta) if delta else (0.0 if not err else math.inf),
-                    "l2_error": math.sqrt(err / (1 << PRODUCT_SCALE)), "l2_delta": math.sqrt(delta / (1 << PRODUCT_SCALE))}
+                    "relative_l2_loss": math.sqrt(err / delta) if delta else (None if err else 0.0),
+                    "l2_error": math.sqrt(err / (1 << LOSS_UNIT)), "l2_delta": math.sqrt(delta / (1 << LOSS_UNIT))}
 
         return {"tensors": len(self.tensors), "all": one(self.sets.get("all", [0] * 5)),
                 "models": {k: one(v) for k, v in self.sets.items() if k != "all"}}
@@ -192,8 +199,11 @@ class RequantLoss:
 def loss_summary(report: dict) -> str:
     """The summary line of a loss report (`RequantLoss.to_json`)."""
     a = report["all"]
+    if not a["changed"]:
+        return (f"requantized {report['tensors']} tensor(s) into the reference's format; the merge changed none of "
+                f"their elements (L2 norm of the requantization error: {a['l2_error']:.3g})")
     per = "; ".join(f"{os.path.basename(k.rstrip('/')) or k}: {m['relative_l2_loss']:.2%} lost, "
-                    f"{m['vanished_share']:.1%} vanished" for k, m in report["models"].items())
+                    f"{m['vanished_share']:.1%} vanished" for k, m in report["models"].items() if m["changed"])
     return (f"requantized {report['tensors']} tensor(s) into the reference's format: the merge's change lost "
             f"{a['relative_l2_loss']:.2%} of its L2 norm, and {a['vanished_share']:.1%} of the {a['changed']} "
             f"changed elements came out equal to the reference" + (f" (per model: {per})" if per else ""))

@@ -131,18 +131,25 @@ def quant_mxfp4(x: torch.Tensor, rule: str = "best"):
 # --- what requantization lost -------------------------------------------------------------------------
 
 def loss(merged: torch.Tensor, requant: torch.Tensor, ref: torch.Tensor, changed_by: torch.Tensor | None = None):
-    """Over the elements of `changed_by` (all when None): elements, changed (merged != ref),
-    vanished (changed but requant == ref), Σ (requant - merged)², Σ (merged - ref)² (float32
-    differences, squares summed exactly as Fractions)."""
+    """Over the elements of `changed_by` (all when None) of tensors given as rows [rows, C]:
+    elements, changed (merged != ref), vanished (changed but requant == ref), Σ (requant - merged)²
+    and Σ (merged - ref)². The float32 differences are squared in float64; each row sums them as
+    eight partial sums over the columns c = 0..7 (mod 8) in column order, added as
+    ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)); the rows' sums are added exactly (Fractions)."""
     from fractions import Fraction
 
     sel = torch.ones_like(merged, dtype=torch.bool) if changed_by is None else changed_by
-    m, q, b = merged[sel], requant[sel], ref[sel]
-    changed = m != b
-    err = (q - m).double() ** 2
-    delta = (m - b).double() ** 2
-    return (int(sel.sum()), int(changed.sum()), int((changed & (q == b)).sum()),
-            sum((Fraction(v) for v in err.tolist()), Fraction(0)), sum((Fraction(v) for v in delta.tolist()), Fraction(0)))
+    changed = sel & (merged != ref)
+    vanished = changed & (requant == ref)
+    sums = []
+    for v in ((requant - merged).double() ** 2, (merged - ref).double() ** 2):
+        v = torch.where(sel, v, torch.zeros_like(v))
+        p = torch.zeros(8, v.shape[0], dtype=torch.float64)
+        for c in range(v.shape[1]):  # column order, every row at once
+            p[c % 8] += v[:, c]
+        rows = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]))
+        sums.append(sum((Fraction(x) for x in rows.tolist()), Fraction(0)))
+    return int(sel.sum()), int(changed.sum()), int(vanished.sum()), sums[0], sums[1]
 
 
 # --- writing tiny quantized checkpoints ---------------------------------------------------------------

@@ -97,12 +97,6 @@ class Quantized:
         """The logical shape as (leading slices, rows, columns)."""
         return lrc(self.shape)
 
-    @property
-    def per_slice_scale(self) -> bool:
-        """One FP8 scale per leading slice or per tensor: a fresh one needs the slice's amax first."""
-        _, R, C = self.lrc
-        return self.format == "fp8" and self.block[0] >= R and self.block[1] >= C
-
     def part_name(self, part: TensorEntry, out_name: str) -> str:
         """The name `part` takes for the output tensor `out_name` (slices renumber layers): the
         part's name with the logical name's module path replaced by the output's."""

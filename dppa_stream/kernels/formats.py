@@ -4,7 +4,7 @@
 Reading turns a work unit's stored codes into float32 values once, in a pass of their own (see
 benchmarks/README.md, "Decoding: an extra pass or the widening step"), so every method, statistic
 and kernel only ever sees real values. Writing turns merged float32 values back into codes and
-fresh scales and, in the same sweep, accounts for what the requantization lost (`_account`).
+fresh scales and, row by row as it goes, accounts for what the requantization lost (`_row_loss`).
 
 Tensors are viewed as (L, R, C): L = the leading dimensions (experts) flattened, R rows, C columns.
 An FP8 scale covers a block of b0 rows x b1 columns of one leading slice; its index is
@@ -24,8 +24,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .core import BLOCK, bf16_bits, bits_of_f32, f16_bits, f32_from_bits
-from .more import GRAM_BUCKETS, LANES, _flush_lanes, _split
+from .core import bf16_bits, bits_of_f32, bits_of_f64, f16_bits, f32_from_bits
 
 E4M3, E5M2 = 0, 1  # FP8 code formats
 FP8_CODES = {"F8_E4M3": E4M3, "F8_E5M2": E5M2}
@@ -67,53 +66,33 @@ def _rint(x):
 @njit(inline="always")
 def fp8_code(x, fmt):
     """The FP8 code of float32 x: round to nearest even, saturating at the largest finite value
-    (also for infinities); NaN gives a NaN code."""
+    (also for infinities); NaN gives a NaN code. Branch-free (selects), so loops vectorise."""
     u = bits_of_f32(x)
-    sign = np.uint8((u >> np.uint32(24)) & np.uint32(0x80))
+    sign = (u >> np.uint32(24)) & np.uint32(0x80)
     a = u & np.uint32(0x7FFFFFFF)
-    if fmt == E4M3:
-        if a > np.uint32(0x7F800000):
-            return sign | np.uint8(0x7F)
-        if a >= np.uint32(0x43E00000):  # >= 448
-            return sign | np.uint8(0x7E)
-        if a < np.uint32(0x3C800000):  # below 2**-6: subnormal steps of 2**-9
-            return sign | np.uint8(_rint(f32_from_bits(a) * np.float32(512.0)))
-        r = (a + np.uint32(0x7FFFF) + ((a >> np.uint32(20)) & np.uint32(1))) >> np.uint32(20)
-        return sign | np.uint8(r - np.uint32(120 << 3))
-    if a > np.uint32(0x7F800000):
-        return sign | np.uint8(0x7F)
-    if a >= np.uint32(0x47600000):  # >= 57344
-        return sign | np.uint8(0x7B)
-    if a < np.uint32(0x38800000):  # below 2**-14: subnormal steps of 2**-16
-        return sign | np.uint8(_rint(f32_from_bits(a) * np.float32(65536.0)))
-    r = (a + np.uint32(0xFFFFF) + ((a >> np.uint32(21)) & np.uint32(1))) >> np.uint32(21)
-    return sign | np.uint8(r - np.uint32(112 << 2))
+    fa = f32_from_bits(a)
+    if fmt == E4M3:  # normal: drop 20 mantissa bits (RNE), rebias 127 -> 7; below 2**-6 steps of 2**-9
+        c = ((a + np.uint32(0x7FFFF) + ((a >> np.uint32(20)) & np.uint32(1))) >> np.uint32(20)) - np.uint32(120 << 3)
+        c = np.uint32(_rint(fa * np.float32(512.0))) if a < np.uint32(0x3C800000) else c
+        c = np.uint32(0x7E) if a >= np.uint32(0x43E00000) else c  # >= 448
+    else:  # e5m2: drop 21 bits, rebias 127 -> 15; below 2**-14 steps of 2**-16
+        c = ((a + np.uint32(0xFFFFF) + ((a >> np.uint32(21)) & np.uint32(1))) >> np.uint32(21)) - np.uint32(112 << 2)
+        c = np.uint32(_rint(fa * np.float32(65536.0))) if a < np.uint32(0x38800000) else c
+        c = np.uint32(0x7B) if a >= np.uint32(0x47600000) else c  # >= 57344
+    c = np.uint32(0x7F) if a > np.uint32(0x7F800000) else c
+    return np.uint8(c | sign)
 
 
 @njit(inline="always")
 def e2m1_code(y):
     """The E2M1 code of float32 y: round to nearest even on {0, 0.5, 1, 1.5, 2, 3, 4, 6},
-    saturating at 6 (NaN gives +0: a NaN group is marked by its scale instead)."""
+    saturating at 6 (NaN gives +0: a NaN group is marked by its scale instead). Between
+    neighbours k and k + 1 the midpoint goes up only when k + 1 is even; the code is how many
+    midpoints y passes (compares, no branches)."""
     a = abs(y)
-    c = np.uint8(0)
-    # between neighbours k and k+1 the midpoint goes up only when k+1 is even
-    if a > np.float32(0.25):
-        c = np.uint8(1)
-    if a >= np.float32(0.75):
-        c = np.uint8(2)
-    if a > np.float32(1.25):
-        c = np.uint8(3)
-    if a >= np.float32(1.75):
-        c = np.uint8(4)
-    if a > np.float32(2.5):
-        c = np.uint8(5)
-    if a >= np.float32(3.5):
-        c = np.uint8(6)
-    if a > np.float32(5.0):
-        c = np.uint8(7)
-    if bits_of_f32(y) >> np.uint32(31):
-        c |= np.uint8(8)
-    return c
+    c = ((a > np.float32(0.25)) + (a >= np.float32(0.75)) + (a > np.float32(1.25)) + (a >= np.float32(1.75))
+         + (a > np.float32(2.5)) + (a >= np.float32(3.5)) + (a > np.float32(5.0)))
+    return np.uint8(c) | np.uint8((bits_of_f32(y) >> np.uint32(31)) << np.uint32(3))
 
 
 @njit(inline="always")
@@ -190,10 +169,12 @@ def _smallest_scale(scale_code):
 # --- reading -----------------------------------------------------------------------------------
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def decode_fp8(codes, values, scales, first_scale, g0, nrows, R, C, b0, b1, lead_stride, dst):
-    """dst[j*C + c] = values[codes[j*C + c]] * scale, for rows g0 .. g0+nrows-1 of the (L*R, C)
-    view; `scales` holds the float32 scales from index `first_scale` on."""
+def decode_fp8(codes, fmt, scales, first_scale, g0, nrows, R, C, b0, b1, lead_stride, dst):
+    """dst[j*C + c] = value(codes[j*C + c]) * scale, for rows g0 .. g0+nrows-1 of the (L*R, C)
+    view; `scales` holds the float32 scales from index `first_scale` on. (A 256-entry table:
+    faster here than rebuilding the value from the code's bits, 0.6 against 1.7 ns.)"""
     SC = (C + b1 - 1) // b1
+    values = FP8_VALUES[fmt]
     for j in range(nrows):
         g = g0 + j
         lead = g // R
@@ -245,34 +226,90 @@ def nonfinite_scales(scales, scale_code):
 
 
 # --- the requantization loss -------------------------------------------------------------------
+# Per element: e = requantized - merged and d = merged - reference (float32 differences), squared in
+# float64 (exact). Per row of the logical tensor (its last axis), for set 0 (every element) and set
+# k (the elements fine-tune k, src row k, changed: its value differs from the reference's): Σ e² and
+# Σ d² in float64 as eight partial sums over the columns c = 0..7 (mod 8), each in column order,
+# added as ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)). The rows' sums are then added exactly
+# (float64 significands per exponent, in two int64 words). A row is never split across work units,
+# so the totals do not depend on the unit size. Counted exactly per set: elements, changed (d != 0),
+# vanished (changed, but requantized == reference). (Exact sums per element, as `gram_sums` keeps
+# them, cost 3-4 ns more per element: see benchmarks/README.md.)
 
-@njit(inline="always")
-def _account(m, q, b, changed_by, sets, lane, counts, block):
-    """Add one element to the loss sums of set 0 (every element) and of each set k + 1 whose
-    model changed it (`changed_by[k]`): Σ (q - m)², Σ (m - b)² exactly (in `block`, as `gram_sums`
-    keeps products: pair 2s and 2s+1 of set s), the changed count (m != b) and the vanished
-    count (m != b but q == b)."""
-    e = q - m
-    d = m - b
-    se, ee = _split(e)
-    sd, ed = _split(d)
-    ch = d != np.float32(0.0)
-    gone = ch and q == b
-    for s in range(sets):
-        if s > 0 and not changed_by[s - 1]:
-            continue
-        counts[s, 0] += 1
-        counts[s, 1] += ch
-        counts[s, 2] += gone
-        block[lane * 2 * sets + 2 * s, ee + ee] += se * se
-        block[lane * 2 * sets + 2 * s + 1, ed + ed] += sd * sd
+LOSS_BUCKETS = 2048  # float64 exponent fields
+LOSS_LANES = 8
 
 
 @njit(inline="always")
-def _changed_by(src, i, b, changed_by):
-    """changed_by[k] = fine-tune k (row k + 1 of src: float32 bits) differs from b at element i."""
-    for k in range(changed_by.shape[0]):
-        changed_by[k] = f32_from_bits(np.uint32(src[k + 1, i])) != b
+def _lane_sum(w, mask, use_mask, n):
+    """Σ w[c] (over mask[c] when `use_mask`) as LOSS_LANES partial sums in column order."""
+    acc = np.zeros(LOSS_LANES)
+    full = n - n % LOSS_LANES
+    for c in range(0, full, LOSS_LANES):
+        for lane in range(LOSS_LANES):
+            acc[lane] += (w[c + lane] if mask[c + lane] else 0.0) if use_mask else w[c + lane]
+    for c in range(full, n):
+        acc[c % LOSS_LANES] += (w[c] if mask[c] else 0.0) if use_mask else w[c]
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+
+
+@njit(inline="always")
+def _add_exact(v, row, high, low):
+    """Add the float64 v >= 0 exactly to accumulator row `row` (significand in the bucket of its
+    exponent field; a bucket holds 2**33 additions)."""
+    u = bits_of_f64(v)
+    f = np.int64((u >> np.uint64(52)) & np.uint64(0x7FF))
+    sig = np.int64(u & np.uint64(0xFFFFFFFFFFFFF))
+    if f > 0:
+        sig += np.int64(1) << 52
+    else:
+        f = np.int64(1)
+    high[row, f] += sig >> 30
+    low[row, f] += sig & ((1 << 30) - 1)
+
+
+@njit(inline="always")
+def _row_loss(m, q, src, at, n, counts, high, low, e2, d2, changed, gone, mask):
+    """Account one row: merged m[:n] and requantized q[:n] at elements at .. at+n-1 of the unit,
+    against the reference (src row 0) and each fine-tune (src rows 1..)."""
+    ref = src[0, at:at + n]
+    nch = 0
+    ngone = 0
+    for c in range(n):
+        b = f32_from_bits(np.uint32(ref[c]))
+        e = np.float64(q[c] - m[c])
+        d = np.float64(m[c] - b)
+        e2[c] = e * e
+        d2[c] = d * d
+        changed[c] = d != 0.0
+        gone[c] = changed[c] and q[c] == b
+        nch += changed[c]
+        ngone += gone[c]
+    counts[0, 0] += n
+    counts[0, 1] += nch
+    counts[0, 2] += ngone
+    _add_exact(_lane_sum(e2, mask, False, n), 0, high, low)
+    _add_exact(_lane_sum(d2, mask, False, n), 1, high, low)
+    for s in range(1, counts.shape[0]):
+        x = src[s, at:at + n]
+        nsel = 0
+        nch = 0
+        ngone = 0
+        for c in range(n):
+            mask[c] = f32_from_bits(np.uint32(x[c])) != f32_from_bits(np.uint32(ref[c]))
+            nsel += mask[c]
+            nch += mask[c] and changed[c]
+            ngone += mask[c] and gone[c]
+        counts[s, 0] += nsel
+        counts[s, 1] += nch
+        counts[s, 2] += ngone
+        _add_exact(_lane_sum(e2, mask, True, n), 2 * s, high, low)
+        _add_exact(_lane_sum(d2, mask, True, n), 2 * s + 1, high, low)
+
+
+@njit(inline="always")
+def _row_scratch(n):
+    return np.empty(n), np.empty(n), np.empty(n, np.bool_), np.empty(n, np.bool_), np.empty(n, np.bool_)
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -288,10 +325,10 @@ def encode_fp8(merged, src, g0, nrows, R, C, b0, b1, lead_stride, first_scale, f
     The loss of each element against the reference (src row 0, float32 bits) is accounted."""
     SC = (C + b1 - 1) // b1
     values = FP8_VALUES[fmt]
-    sets = counts.shape[0]
-    changed_by = np.zeros(max(0, src.shape[0] - 1), np.bool_)
-    block = np.zeros((LANES * 2 * sets, GRAM_BUCKETS), np.int64)
-    done = 0
+    e2, d2, changed, gone, mask = _row_scratch(C)
+    s_of = np.empty(SC, np.float32)
+    q = np.empty(C, np.float32)
+    big = np.float32(3.4028235e38)
     j = 0
     while j < nrows:
         g = g0 + j
@@ -303,34 +340,29 @@ def encode_fp8(merged, src, g0, nrows, R, C, b0, b1, lead_stride, first_scale, f
             c0 = cb * b1
             c1 = min(C, c0 + b1)
             if fixed_scale > 0:
-                s = np.float32(fixed_scale)  # float32 like every scale: a float64 here would widen the arithmetic
-            else:
-                amax = np.float32(0.0)
-                for t in range(rows):
-                    x = merged[base + t * C + c0:base + t * C + c1]
-                    for c in range(c1 - c0):
-                        a = abs(x[c])
-                        if a > amax and a != np.inf:
-                            amax = a
-                bits = _block_scale(amax, fmt, scale_code)
-                scale_out[lead * lead_stride + (r // b0) * SC + cb - first_scale] = bits
-                s = _scale_value(bits, scale_code)
+                s_of[cb] = np.float32(fixed_scale)
+                continue
+            amax = np.float32(0.0)
             for t in range(rows):
-                at = base + t * C
-                for c in range(c0, c1):
-                    i = at + c
-                    m = merged[i]
-                    code = fp8_code(m / s, fmt)
-                    codes[i] = code
-                    b = f32_from_bits(np.uint32(src[0, i]))
-                    _changed_by(src, i, b, changed_by)
-                    _account(m, values[code] * s, b, changed_by, sets, i & (LANES - 1), counts, block)
-                    done += 1
-                    if done == BLOCK:
-                        _flush_lanes(block, 2 * sets, high, low)
-                        done = 0
+                x = merged[base + t * C + c0:base + t * C + c1]
+                for c in range(c1 - c0):
+                    a = abs(x[c])
+                    amax = max(amax, a if a <= big else np.float32(0.0))  # NaN and infinities ignored
+            bits = _block_scale(amax, fmt, scale_code)
+            scale_out[lead * lead_stride + (r // b0) * SC + cb - first_scale] = bits
+            s_of[cb] = _scale_value(bits, scale_code)
+        for t in range(rows):
+            at = base + t * C
+            x = merged[at:at + C]
+            out = codes[at:at + C]
+            for cb in range(SC):
+                s = s_of[cb]
+                for c in range(cb * b1, min(C, (cb + 1) * b1)):
+                    code = fp8_code(x[c] / s, fmt)
+                    out[c] = code
+                    q[c] = values[code] * s
+            _row_loss(x, q, src, at, C, counts, high, low, e2, d2, changed, gone, mask)
         j += rows
-    _flush_lanes(block, 2 * sets, high, low)
 
 
 @njit(inline="always")
@@ -339,75 +371,77 @@ def _floor_log2(a):
 
 
 @njit(inline="always")
-def _group_error(v, n, inv, scale):
-    """Σ (decoded - v)² in float64 of a group encoded with 2**X (inv = 2**-X, scale = 2**X)."""
+def _group_error(v, inv, scale):
+    """Σ (decoded - v)² (float64, in element order) of a group encoded with 2**X (inv = 2**-X,
+    scale = 2**X)."""
     err = 0.0
-    for t in range(n):
-        q = E2M1_VALUES[e2m1_code(v[t] * inv)] * scale
-        d = np.float64(q) - np.float64(v[t])
+    for t in range(MX_GROUP):
+        d = np.float64(E2M1_VALUES[e2m1_code(v[t] * inv)] * scale) - np.float64(v[t])
         err += d * d
     return err
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def encode_mxfp4(merged, src, experts, R, G, blocks, scales, counts, high, low):
+def encode_mxfp4(merged, src, experts, R, G, blocks, scales, requant, counts, high, low):
     """MXFP4 bytes [experts, R, G, 16] and exponents [experts, R, G] of merged logical
     [experts, 32 G, R] float32 values. Each group's shared exponent is the OCP MX v1.0 choice
-    X = floor(log2 amax) - 2, or X + 1 when that encodes the group with a smaller squared error
-    (no more error than OCP's rule by construction: X clips values in (6, 8) * 2**X to 6 * 2**X);
-    codes are E2M1, round to nearest even, saturating. A group with a NaN gets the NaN exponent
-    255. The loss of each element against the reference (src row 0) is accounted."""
+    X = floor(log2 amax) - 2, or X + 1 when that encodes the group with a smaller squared error:
+    no more error than OCP's rule by construction (X clips values in (6, 8) * 2**X to 6 * 2**X;
+    when nothing clips, X's grid is at least as close for every element, and X is kept). Codes are
+    E2M1, round to nearest even, saturating. A group with a NaN gets the NaN exponent 255. The
+    requantized values land in `requant` (the layout of `merged`), and the loss of each element
+    against the reference (src row 0) is accounted, logical row by logical row."""
     C = G * MX_GROUP
-    sets = counts.shape[0]
-    changed_by = np.zeros(max(0, src.shape[0] - 1), np.bool_)
-    block = np.zeros((LANES * 2 * sets, GRAM_BUCKETS), np.int64)
-    v = np.empty(MX_GROUP, np.float32)
-    done = 0
+    v = np.empty((TILE, MX_GROUP), np.float32)
+    codes = np.empty((TILE, MX_GROUP), np.uint8)
+    scale = np.empty(TILE, np.float32)
     for e in range(experts):
-        for r in range(R):
+        for r0 in range(0, R, TILE):
+            n = min(TILE, R - r0)
             for g in range(G):
-                amax = np.float32(0.0)
-                nan = False
+                for t in range(MX_GROUP):  # stored rows r0.. are contiguous in each logical row
+                    row = merged[(e * C + g * MX_GROUP + t) * R + r0:(e * C + g * MX_GROUP + t) * R + r0 + n]
+                    for k in range(n):
+                        v[k, t] = row[k]
+                for k in range(n):
+                    at = (e * R + r0 + k) * G + g
+                    scale[k] = _encode_group(v[k], codes[k], scales, at)
+                    for b in range(16):
+                        blocks[at * 16 + b] = codes[k, 2 * b] | (codes[k, 2 * b + 1] << np.uint8(4))
                 for t in range(MX_GROUP):
-                    x = merged[(e * C + g * MX_GROUP + t) * R + r]
-                    v[t] = x
-                    a = abs(x)
-                    if a != a:
-                        nan = True
-                    elif a > amax and a != np.inf:
-                        amax = a
-                at = (e * R + r) * G + g
-                if nan:
-                    scales[at] = 255
-                    for k in range(16):
-                        blocks[at * 16 + k] = 0
-                    continue
-                x0 = -127 if amax == 0 else max(-127, min(127, _floor_log2(amax) - E2M1_MAX_EXP))
-                x1 = min(127, x0 + 1)
-                best = x0
-                if x1 != x0 and amax != 0:
-                    e0 = _group_error(v, MX_GROUP, e8m0_value(127 - x0), e8m0_value(x0 + 127))
-                    e1 = _group_error(v, MX_GROUP, e8m0_value(127 - x1), e8m0_value(x1 + 127))
-                    if e1 < e0:
-                        best = x1
-                scales[at] = best + 127
-                inv = e8m0_value(127 - best)
-                scale = e8m0_value(best + 127)
-                for k in range(16):
-                    lo = e2m1_code(v[2 * k] * inv)
-                    hi = e2m1_code(v[2 * k + 1] * inv)
-                    blocks[at * 16 + k] = lo | (hi << np.uint8(4))
-                for t in range(MX_GROUP):
-                    i = (e * C + g * MX_GROUP + t) * R + r
-                    b = f32_from_bits(np.uint32(src[0, i]))
-                    _changed_by(src, i, b, changed_by)
-                    _account(v[t], E2M1_VALUES[e2m1_code(v[t] * inv)] * scale, b, changed_by, sets, t & (LANES - 1),
-                             counts, block)
-                    done += 1
-                    if done == BLOCK:
-                        _flush_lanes(block, 2 * sets, high, low)
-                        done = 0
-    _flush_lanes(block, 2 * sets, high, low)
+                    out = requant[(e * C + g * MX_GROUP + t) * R + r0:(e * C + g * MX_GROUP + t) * R + r0 + n]
+                    for k in range(n):
+                        out[k] = E2M1_VALUES[codes[k, t]] * scale[k]
+    e2, d2, changed, gone, mask = _row_scratch(R)
+    for row in range(experts * C):
+        at = row * R
+        _row_loss(merged[at:at + R], requant[at:at + R], src, at, R, counts, high, low, e2, d2, changed, gone, mask)
+
+
+@njit(inline="always")
+def _encode_group(v, codes, scales, at):
+    """Encode one group of 32 values: its exponent into scales[at], its codes into `codes`;
+    returns the group's scale 2**X (NaN for a group holding a NaN)."""
+    amax = np.float32(0.0)
+    nan = False
+    for t in range(MX_GROUP):
+        a = abs(v[t])
+        nan = nan or a != a
+        amax = max(amax, a if a <= np.float32(3.4028235e38) else np.float32(0.0))
+    if nan:
+        scales[at] = 255
+        codes[:] = 0
+        return np.float32(np.nan)
+    best = -127 if amax == 0 else max(-127, min(127, _floor_log2(amax) - E2M1_MAX_EXP))
+    if amax * e8m0_value(127 - best) > np.float32(6.0) and best < 127:  # X clips: is X + 1 closer?
+        if _group_error(v, e8m0_value(126 - best), e8m0_value(best + 128)) < \
+                _group_error(v, e8m0_value(127 - best), e8m0_value(best + 127)):
+            best += 1
+    scales[at] = best + 127
+    inv = e8m0_value(127 - best)
+    for t in range(MX_GROUP):
+        codes[t] = e2m1_code(v[t] * inv)
+    return e8m0_value(best + 127)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -423,4 +457,4 @@ def max_abs(values):
 
 __all__ = ["E4M3", "E5M2", "FP8_CODES", "FP8_MAX", "SCALE_CODES", "MX_GROUP", "FP8_VALUES", "E2M1_VALUES",
            "fp8_code", "e2m1_code", "e8m0_value", "decode_fp8", "decode_mxfp4", "nonfinite_scales", "encode_fp8",
-           "encode_mxfp4", "fp8_scale", "max_abs"]
+           "encode_mxfp4", "fp8_scale", "max_abs", "LOSS_BUCKETS"]
