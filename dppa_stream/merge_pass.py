@@ -92,7 +92,8 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
         layout.preallocate(partial)
 
     loss = RequantLoss()
-    keys = {t: _loss_keys(inputs, t) for t in inputs.names if targets[t].ref is not None}
+    paths = {f: ck.path for ck in inputs.all for f in ck.files}
+    keys = {t: _loss_keys(inputs.outputs[t], paths) for t in inputs.names if targets[t].ref is not None}
     for (t, _), partial_loss in read_manifest_extras(os.path.join(partial, WORK_DIR, MANIFEST)).items():
         if t in keys and partial_loss is not None:
             loss.add(t, partial_loss, keys[t])
@@ -126,10 +127,8 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
     return sum(r[0] for r in results), amax_read + sum(sizes), loss.to_json()
 
 
-def _loss_keys(inputs, tensor: str) -> list:
+def _loss_keys(out, paths: dict[str, str]) -> list:
     """What each input row of a tensor's units reports as, in the loss: row 0 (the reference)
-    is every element ("all"); every other row the path of its model."""
-    out = inputs.outputs[tensor]
-    paths = {f: ck.path for ck in inputs.all for f in ck.files}
+    is every element ("all"); every other row the path of its model (`paths`: file -> model)."""
     rows = ([out.base] if out.base is not None else []) + list(out.models)
     return ["all"] + [paths.get(e.file, e.file) for e in rows[1:]]

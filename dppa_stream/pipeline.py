@@ -133,7 +133,7 @@ def catalogue(cfg: MergeConfig, inputs: Inputs) -> Catalogue:
     for name in inputs.names:
         out = inputs.outputs[name]
         glob, models = cfg.tensor_params(name, out.t, out.specs, [m.name for m in out.models], out.slice_params)
-        infos[name] = TensorInfo(name, out.entry.dtype, out.entry.shape, glob, models)  # logical shapes
+        infos[name] = TensorInfo(name, out.entry.dtype, out.entry.shape, glob, models)
     return Catalogue(infos, inputs.reference.read_config())
 
 
@@ -153,14 +153,10 @@ def _unit_needs(inputs: Inputs, cfg: MergeConfig) -> tuple[dict[str, int], dict[
     return per_element, aligns
 
 
-def _rows_per_unit(inputs: Inputs, cfg: MergeConfig, unit_bytes: int) -> dict[str, int]:
-    return plan_units(inputs.names, _entries(inputs), *_unit_needs(inputs, cfg), unit_bytes)
-
-
-def _check_aligned_units(inputs: Inputs, cfg: MergeConfig, rows: dict[str, int], per_task: int) -> None:
+def _check_aligned_units(inputs: Inputs, rows: dict[str, int], per_element: dict[str, int], aligns: dict[str, int],
+                         per_task: int) -> None:
     """A tensor whose format makes its smallest unit (whole FP8 blocks, whole MXFP4 experts)
     larger than a task's share of --memory-limit cannot run within it: say so before reading."""
-    per_element, aligns = _unit_needs(inputs, cfg)
     for t in inputs.names:
         e = inputs.entry(t)
         need = rows[t] * e.row_numel * per_element[t]
@@ -191,9 +187,10 @@ def session(cfg: MergeConfig, opts: MergeOptions, out: str | None = None):
         # local runs know their memory budget; a cluster's workers enforce their own limits
         local = spec.kind in ("threads", "processes")
         ub = min(wanted, unit_budget(budget, workers, procs)) if local else wanted
-        rows = _rows_per_unit(inputs, cfg, ub)
+        needs = _unit_needs(inputs, cfg)
+        rows = plan_units(inputs.names, _entries(inputs), *needs, ub)
         if local:
-            _check_aligned_units(inputs, cfg, rows, unit_budget(budget, workers, procs))
+            _check_aligned_units(inputs, rows, *needs, unit_budget(budget, workers, procs))
         units = units_from_plan(inputs.names, _entries(inputs), rows)
         log.info("scheduler %s with %d worker thread(s); memory limit %.0f MiB; work unit <= %.1f MiB; "
                  "%d tensors in %d units (%d split)", spec.kind, workers, budget / 2**20, ub / 2**20, len(units),
