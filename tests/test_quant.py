@@ -70,6 +70,8 @@ def _ct_config(strategy: str) -> dict:
 FORMATS = {
     # name: (quantization_config, scale suffix, scale shape of a [R, C] weight, scale dtype, input_scale)
     "fp8_block": (FP8_CONFIG, "_scale_inv", lambda r, c: (-(-r // 16), -(-c // 16)), torch.float32, False),
+    "fp8_block_e5m2": (dict(FP8_CONFIG, fmt="e5m2"), "_scale_inv", lambda r, c: (-(-r // 16), -(-c // 16)),
+                       torch.float32, False),
     "fp8_block_bf16": ({"quant_method": "fp8", "fmt": "e4m3"}, "_scale_inv", lambda r, c: (-(-r // 128), -(-c // 128)),
                        torch.bfloat16, False),
     "fp8_channel": (_ct_config("channel"), "_scale", lambda r, c: (r, 1), torch.float32, True),
@@ -78,7 +80,11 @@ FORMATS = {
 
 
 def _block_of(fmt: str) -> tuple[int, int]:
-    return BLOCK if fmt == "fp8_block" else (128, 128)
+    return BLOCK if fmt.startswith("fp8_block") and fmt != "fp8_block_bf16" else (128, 128)
+
+
+def _fp8_of(fmt: str) -> str:
+    return "F8_E5M2" if fmt.endswith("e5m2") else "F8_E4M3"
 
 
 def _quantize_llama(sd: dict, fmt: str, seed: int) -> dict[str, torch.Tensor]:
@@ -86,7 +92,7 @@ def _quantize_llama(sd: dict, fmt: str, seed: int) -> dict[str, torch.Tensor]:
     out = {}
     for n, x in sd.items():
         if x.dim() == 2 and ".layers." in n:
-            codes, s = quant_fp8(x, sshape(*x.shape), _block_of(fmt), scale_dtype=sdtype)
+            codes, s = quant_fp8(x, sshape(*x.shape), _block_of(fmt), _fp8_of(fmt), scale_dtype=sdtype)
             out[n], out[n + suffix] = codes, s
             if input_scale:
                 out[n[:-len("weight")] + "input_scale"] = torch.tensor([0.01 * (seed + 1)])
@@ -196,10 +202,10 @@ def requantize_like(merged: dict, ref_path: str, fmt: str) -> dict[str, torch.Te
     for n, m in merged.items():
         if n + "_blocks" in ref:
             out[n + "_blocks"], out[n + "_scales"] = quant_mxfp4(m)
-        elif n in ref and ref[n].dtype == torch.float8_e4m3fn:
+        elif n in ref and ref[n].dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             suffix = "_scale_inv" if n + "_scale_inv" in ref else "_scale"
             s = ref[n + suffix]
-            out[n], out[n + suffix] = quant_fp8(m, tuple(s.shape), _block_of(fmt), scale_dtype=s.dtype)
+            out[n], out[n + suffix] = quant_fp8(m, tuple(s.shape), _block_of(fmt), _fp8_of(fmt), scale_dtype=s.dtype)
             if n[:-len("weight")] + "input_scale" in ref:
                 out[n[:-len("weight")] + "input_scale"] = ref[n[:-len("weight")] + "input_scale"]
         else:
@@ -265,7 +271,8 @@ def _linear_cfg(tmp_path, paths):
 # --- merges equal the reference -----------------------------------------------------------------------
 
 CASES = [(fmt, m) for fmt in ("fp8_block", "mxfp4") for m in METHODS] + \
-        [(fmt, m) for fmt in ("fp8_block_bf16", "fp8_channel", "fp8_tensor") for m in ("task_arithmetic", "ties")]
+        [(fmt, m) for fmt in ("fp8_block_bf16", "fp8_channel", "fp8_tensor") for m in ("task_arithmetic", "ties")] + \
+        [("fp8_block_e5m2", "task_arithmetic")]
 
 
 @pytest.mark.parametrize("fmt,method", CASES)
@@ -365,6 +372,27 @@ def test_units_hold_whole_blocks(tmp_path, sets):
                 if s.inputs.entry(t).dtype in ("F8_E4M3", "MXFP4") and len(s.inputs.entry(t).shape) >= 2:
                     assert all(u.row_start % want == 0 for u in units), t
                     assert units[0].row_stop - units[0].row_start == min(want, s.inputs.entry(t).rows), t
+
+
+def test_a_unit_of_whole_experts_must_fit_the_memory_limit(tmp_path):
+    """An MXFP4 unit holds whole experts: when one expert does not fit a task's share of
+    --memory-limit, the run is refused before anything is read (exit 2, naming the tensor)."""
+    from dppa_stream.errors import UsageError
+    from dppa_stream.units import PROCESS_BASELINE, TASK_OVERHEAD
+
+    x = torch.randn(2, 512, 512) * 0.01  # one expert: 256 Ki elements, ~5.3 MiB with 3 inputs and the output
+    models = []
+    for i in range(3):
+        blocks, scales = quant_mxfp4(x + 0.001 * i)
+        models.append(save_checkpoint(str(tmp_path / f"m{i}"), {"mlp.experts.w_blocks": blocks, "mlp.experts.w_scales": scales},
+                                      1, {"quantization_config": {"quant_method": "mxfp4"}}))
+    cfg = load_config(_cfg(tmp_path, "task_arithmetic", models))
+    tight = MergeOptions(quiet=True, scheduler="threads:1", memory_limit=PROCESS_BASELINE + TASK_OVERHEAD + (5 << 20))
+    with pytest.raises(UsageError) as e:
+        merge(cfg, str(tmp_path / "out"), tight)
+    assert "'mlp.experts.w'" in str(e.value) and "--memory-limit" in str(e.value)
+    assert not (tmp_path / "out.partial").exists()
+    merge(cfg, str(tmp_path / "out"), MergeOptions(quiet=True, scheduler="threads:1", memory_limit=PROCESS_BASELINE + TASK_OVERHEAD + (6 << 20)))
 
 
 def test_resume_keeps_the_loss_report(tmp_path, sets):
