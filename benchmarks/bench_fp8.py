@@ -16,12 +16,15 @@ in the page cache):
   block as DeepSeek's own fp8_cast_bf16.py does, then the same merge on them, bf16 -> bf16. Its
   merge is also what "as fast as bf16" is measured against.
 
-    python benchmarks/bench_fp8.py        # ~6 GB generated once under benchmarks/data/ (+ 11 GB of bf16
-                                          # copies made and removed again); ~20-40 min on 2 busy cores
+    python benchmarks/bench_fp8.py [--snapshot HEAD]   # ~6 GB generated once under benchmarks/data/ (+ 11 GB
+                                                       # of bf16 copies made and removed again); ~25 min on 2 busy cores
+
+`--snapshot REV` runs dppa_stream exported at git REV (common.snapshot) while the tree is edited.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -31,8 +34,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (DATA_DIR, code_version, fmt_mib, input_bytes, run_measured, save_result,  # noqa: E402
-                    two_pass_floor, write_config)
+from common import (DATA_DIR, check_snapshot_import, code_version, fmt_mib, input_bytes, ours_env,  # noqa: E402
+                    run_measured, save_result, snapshot, two_pass_floor, write_config)
 
 HIDDEN, Q_LORA, KV_LORA, HEADS, NOPE, ROPE, V_HEAD = 7168, 1536, 512, 128, 128, 64, 128
 DENSE_INTER, MOE_INTER, EXPERTS, VOCAB, LAYERS, BLOCK = 18432, 2048, 6, 8192, 3, 128
@@ -177,6 +180,12 @@ def main() -> int:
     if len(sys.argv) == 4 and sys.argv[1] == "--dequantize":
         dequantize(sys.argv[2], sys.argv[3])
         return 0
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--snapshot", default=None, metavar="REV")
+    args = ap.parse_args()
+    snap = snapshot(args.snapshot) if args.snapshot else None
+    if snap:
+        check_snapshot_import(snap)
     paths = dataset()
     params = sum(int(np.prod(s)) for _, _, s in tensors())
     work = os.path.join(DATA_DIR, "bench_fp8")
@@ -197,7 +206,7 @@ def main() -> int:
         shutil.rmtree(out, ignore_errors=True)
         js = os.path.join(work, label.split()[0] + ".json")
         m = run_measured([os.path.join(os.path.dirname(sys.executable), "dppa-stream"), "merge", cfg, out, "-q",
-                          "--json", js, *limit])
+                          "--json", js, *limit], env=ours_env(snap), cwd=work)
         if m.rc:
             print(m.stderr_tail, file=sys.stderr)
             raise SystemExit(1)
@@ -236,7 +245,7 @@ def main() -> int:
     print(f"{'dequantize-first total':34s} wall {total['wall_s']:7.1f}s  cpu {total['cpu_s']:7.1f}s", flush=True)
     print(f"requantization loss: {json.dumps(loss['all'])}", flush=True)
     shutil.rmtree(work)
-    path = save_result("bench_fp8.json", {"code": code_version(), "params": params, "input_bytes": input_bytes(paths),
+    path = save_result("bench_fp8.json", {"code": code_version(), "snapshot": snap, "params": params, "input_bytes": input_bytes(paths),
                                           "floor": floor, "rows": rows, "dequantize_first_total": total,
                                           "requantization": loss})
     print("written", path)

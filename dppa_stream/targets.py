@@ -196,6 +196,11 @@ class RequantLoss:
 
 
 
+def _share(x: float) -> str:
+    """A share as a percentage, with the digits a small one needs (0.0057%, not 0.0%)."""
+    return f"{x:.1%}" if x == 0 or x >= 0.001 else f"{100 * x:.2g}%"
+
+
 def loss_summary(report: dict) -> str:
     """The summary line of a loss report (`RequantLoss.to_json`)."""
     a = report["all"]
@@ -203,7 +208,7 @@ def loss_summary(report: dict) -> str:
         return (f"requantized {report['tensors']} tensor(s) into the reference's format; the merge changed none of "
                 f"their elements (L2 norm of the requantization error: {a['l2_error']:.3g})")
     per = "; ".join(f"{os.path.basename(k.rstrip('/')) or k}: {m['relative_l2_loss']:.2%} lost, "
-                    f"{m['vanished_share']:.1%} vanished" for k, m in report["models"].items() if m["changed"])
+                    f"{_share(m['vanished_share'])} vanished" for k, m in report["models"].items() if m["changed"])
     return (f"requantized {report['tensors']} tensor(s) into the reference's format: the merge's change lost "
-            f"{a['relative_l2_loss']:.2%} of its L2 norm, and {a['vanished_share']:.1%} of the {a['changed']} "
+            f"{a['relative_l2_loss']:.2%} of its L2 norm, and {_share(a['vanished_share'])} of the {a['changed']} "
             f"changed elements came out equal to the reference" + (f" (per model: {per})" if per else ""))
