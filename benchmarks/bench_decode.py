@@ -11,7 +11,10 @@ element, each the best of several repetitions in one thread:
 - widen:  decoding inside the kernel's widening step (a copy of the weighted sum whose widening
           reads FP8 codes and looks up each element's block scale; written here only to measure);
 - and the other per-element costs of quantized merges: MXFP4 decoding (with the transposition to
-  transformers' orientation) and encoding FP8 / MXFP4 with fresh scales and the loss accounting.
+  transformers' orientation) and encoding FP8 / MXFP4 with fresh scales and the loss accounting;
+  the loss accounting alone as dppa-stream does it (float64 sums per row, the rows' sums added
+  exactly) next to summing every element exactly (significand² per exponent bucket in int64, as
+  `gram_sums` sums products; written here only to measure).
 
     python benchmarks/bench_decode.py            # ~1 min; writes results/bench_decode.json
 """
@@ -28,7 +31,9 @@ from numba import njit
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dppa_stream import kernels  # noqa: E402
-from dppa_stream.kernels.core import BLOCK, narrow_block  # noqa: E402
+from dppa_stream.kernels.core import BLOCK, f32_from_bits, narrow_block  # noqa: E402
+from dppa_stream.kernels.formats import _row_loss, _row_scratch  # noqa: E402
+from dppa_stream.kernels.more import _split  # noqa: E402
 
 from benchmarks.common import save_result  # noqa: E402
 
@@ -74,6 +79,55 @@ def weighted_sum_fp8(codes, values, scales, C, b0, b1, lo, hi, weights, out, out
             for j in range(m):
                 a[j] = a[j] + w * xs[j]
         narrow_block(acc, m, out, s, out_code)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def loss_rows(merged, q, src, rows, C, counts, high, low):
+    """dppa-stream's loss accounting (kernels.formats._row_loss), row after row."""
+    e2, d2, changed, gone = _row_scratch(C)
+    for r in range(rows):
+        _row_loss(merged[r * C:(r + 1) * C], q[r * C:(r + 1) * C], src, r * C, C, counts, high, low, e2, d2, changed,
+                  gone)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def loss_exact(merged, q, src, counts, high, low):
+    """The same sums, every element exact: significand² in the bucket of twice its exponent (int64,
+    four interleaved copies, moved into two-word accumulators every 4096 elements)."""
+    sets = counts.shape[0]
+    rows = 2 * sets
+    block = np.zeros((4 * rows, 512), np.int64)
+    n = merged.shape[0]
+    for i in range(n):
+        m = merged[i]
+        qq = q[i]
+        b = f32_from_bits(np.uint32(src[0, i]))
+        se, ee = _split(qq - m)
+        sd, ed = _split(m - b)
+        ch = np.int64(m != b)
+        gone = np.int64((m != b) & (qq == b))
+        lane = (i & 3) * rows
+        for s in range(sets):
+            if s == 0 or f32_from_bits(np.uint32(src[s, i])) != b:
+                counts[s, 0] += 1
+                counts[s, 1] += ch
+                counts[s, 2] += gone
+                block[lane + 2 * s, 2 * ee] += se * se
+                block[lane + 2 * s + 1, 2 * ed] += sd * sd
+        if (i & 4095) == 4095 or i == n - 1:
+            _flush(block, high, low, rows)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _flush(block, high, low, rows):
+    """(A function of its own: inlined into the loop above, numba 0.68 miscompiled it into a crash.)"""
+    for r in range(block.shape[0]):
+        for e in range(block.shape[1]):
+            v = block[r, e]
+            if v != 0:
+                high[r % rows, e] += v >> 30
+                low[r % rows, e] += v & ((1 << 30) - 1)
+                block[r, e] = 0
 
 
 def best(fn, repeat: int = REPEAT) -> float:
@@ -135,6 +189,18 @@ def main() -> int:
                            counts, words[0], words[1])
 
     t_enc = best(enc_fp8)
+    # the loss accounting alone, on the unit just encoded: fine-tune 1 equal to the base in a third
+    # of the elements, at random
+    q_vals = kernels.FP8_VALUES[kernels.E4M3][codes_out].astype(np.float32) * np.repeat(
+        np.repeat(scale_out.view(np.float32).reshape(sr, sc), B, 0)[:ROWS], B, 1)[:, :COLS].reshape(-1)
+    same = rng.random(n) < 1 / 3
+    loss_src = np.stack([f32[0], np.where(same, f32[0], f32[1]), f32[2]]).view(np.uint32)
+
+    def loss_state():
+        return np.zeros((sets, 3), np.int64), np.zeros((2, 2 * sets, kernels.LOSS_BUCKETS), np.int64)
+
+    t_rows = best(lambda: loss_rows(merged, q_vals, loss_src, ROWS, COLS, *(lambda c, w: (c, w[0], w[1]))(*loss_state())))
+    t_exact = best(lambda: loss_exact(merged, q_vals, loss_src, *(lambda c, w: (c, w[0], w[1]))(*loss_state())))
     mx_src = np.stack([mx, mx * np.float32(1.01), mx]).view(np.uint32)
     mx_merged = (mx * np.float32(1.005)).astype(np.float32)
 
@@ -164,6 +230,8 @@ def main() -> int:
             "MXFP4 decode (to [E, C, R])": per(t_mx, mx.size),
             "FP8 block encode + loss, 3 inputs": per(t_enc, n),
             "MXFP4 encode + loss, 3 inputs": per(t_enc_mx, mx.size),
+            "loss accounting, 3 sets: per-row float64, rows exact (kept)": per(t_rows, n),
+            "loss accounting, 3 sets: every element exact": per(t_exact, n),
         },
     }
     for section in ("ns_per_input_element", "extra_ns_per_input_element", "ns_per_element"):

@@ -103,7 +103,7 @@ class MXFP4Source:
             n = min(step, e1 - e)
             scales = np.empty(n * R * G, np.uint8)
             read_range(q.scales, e * R * G, (e + n) * R * G, scales)
-            bad = kernels.nonfinite_scales(scales, -1)
+            bad = int(np.count_nonzero(scales == 255))  # E8M0's NaN
             if bad:
                 raise _bad_scales(q, bad, f"experts {e}..{e + n - 1}")
             read_range(q.codes, e * per, (e + n) * per, raw[:n * per])

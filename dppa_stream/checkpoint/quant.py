@@ -100,9 +100,8 @@ class Quantized:
     def part_name(self, part: TensorEntry, out_name: str) -> str:
         """The name `part` takes for the output tensor `out_name` (slices renumber layers): the
         part's name with the logical name's module path replaced by the output's."""
-        stem = self.name.rpartition(".")[0]
-        out_stem = out_name.rpartition(".")[0]
-        return out_stem + part.name[len(stem):] if part.name.startswith(stem) else part.name
+        stem = _stem(self.name)
+        return _stem(out_name) + part.name[len(stem):] if part.name.startswith(stem) else part.name
 
 
 def lrc(shape: tuple[int, ...]) -> tuple[int, int, int]:

@@ -29,7 +29,6 @@ from .core import bf16_bits, bits_of_f32, bits_of_f64, f16_bits, f32_from_bits
 E4M3, E5M2 = 0, 1  # FP8 code formats
 FP8_CODES = {"F8_E4M3": E4M3, "F8_E5M2": E5M2}
 FP8_MAX_E4M3, FP8_MAX_E5M2 = 448.0, 57344.0  # largest finite values
-FP8_MAX = {E4M3: FP8_MAX_E4M3, E5M2: FP8_MAX_E5M2}
 SCALE_CODES = {"F32": 0, "BF16": 1, "F16": 2}  # dtypes an FP8 scale may be stored in
 MX_GROUP = 32  # MXFP4 elements per shared exponent
 E2M1_MAX_EXP = 2  # exponent of E2M1's largest value (6 = 1.5 * 2**2)
@@ -210,19 +209,6 @@ def decode_mxfp4(blocks, scales, experts, R, G, dst):
                         byte = blocks[((e * R + r0 + t) * G + g) * 16 + k]
                         lo[t] = E2M1_VALUES[byte & np.uint8(15)] * s[t]
                         hi[t] = E2M1_VALUES[byte >> np.uint8(4)] * s[t]
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
-def nonfinite_scales(scales, scale_code):
-    """How many stored scales are NaN or infinite (scale_code -1: E8M0 bytes, 255 = NaN)."""
-    bad = 0
-    for i in range(scales.shape[0]):
-        if scale_code < 0:
-            bad += scales[i] == 255
-        else:
-            v = _scale_value(np.uint32(scales[i]), scale_code)
-            bad += not math.isfinite(v)
-    return bad
 
 
 # --- the requantization loss -------------------------------------------------------------------
@@ -472,6 +458,6 @@ def max_abs(values):
     return amax
 
 
-__all__ = ["E4M3", "E5M2", "FP8_CODES", "FP8_MAX", "SCALE_CODES", "MX_GROUP", "FP8_VALUES", "E2M1_VALUES",
-           "fp8_code", "e2m1_code", "e8m0_value", "decode_fp8", "decode_mxfp4", "nonfinite_scales", "encode_fp8",
+__all__ = ["E4M3", "E5M2", "FP8_CODES", "SCALE_CODES", "MX_GROUP", "FP8_VALUES", "E2M1_VALUES",
+           "fp8_code", "e2m1_code", "e8m0_value", "decode_fp8", "decode_mxfp4", "encode_fp8",
            "encode_mxfp4", "fp8_scale", "max_abs", "LOSS_BUCKETS"]
