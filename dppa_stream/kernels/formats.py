@@ -220,7 +220,7 @@ def decode_mxfp4(blocks, scales, experts, R, G, dst):
 # (float64 significands per exponent, in two int64 words). A row is never split across work units,
 # so the totals do not depend on the unit size. Counted exactly per set: elements, changed (d != 0),
 # vanished (changed, but requantized == reference). (Exact sums per element, as `gram_sums` keeps
-# them, cost 3-4 ns more per element: see benchmarks/README.md.)
+# them, cost twice as much: 5.5 ns more per element with two fine-tunes, benchmarks/README.md.)
 
 LOSS_BUCKETS = 2048  # float64 exponent fields
 LOSS_LANES = 8
