@@ -476,6 +476,63 @@ def test_gpt_oss_bf16_output_loads_in_transformers(tmp_path, sets):
         assert torch.equal(got(ids).logits, model(ids).logits)
 
 
+def test_gpt_oss_mxfp4_output_loads_in_transformers(tmp_path, sets):
+    """The default output of an MXFP4 merge (blocks and fresh exponents, quantization_config kept)
+    loads with transformers' MXFP4 support (dequantized) into the reference's requantized merge."""
+    transformers = pytest.importorskip("transformers")
+    paths = sets("mxfp4")
+    merge(load_config(_cfg(tmp_path, "task_arithmetic", paths)), str(tmp_path / "out"), MergeOptions(quiet=True))
+    got = transformers.GptOssForCausalLM.from_pretrained(
+        str(tmp_path / "out"), attn_implementation="eager", quantization_config=transformers.Mxfp4Config(dequantize=True))
+    merged = reference_merge("task_arithmetic", *_split(write_dequantized(paths, str(tmp_path / "ref"))), [0.6, 0.8])
+    save_checkpoint(str(tmp_path / "want"), requantize_like(merged, paths[0], "mxfp4"), 1,
+                    json.load(open(os.path.join(paths[0], "config.json"))))
+    got_sd = got.state_dict()
+    for n, w in dequantized(str(tmp_path / "want")).items():
+        assert torch.equal(got_sd[n], w.to(torch.bfloat16)), n
+
+
+def test_fp8_output_loads_in_transformers(tmp_path):
+    """The FP8 output (the reference's format, fresh scales, quantization_config kept) loads with
+    transformers' own FP8 support (dequantized, on CPU) and computes the logits of a model holding
+    the reference's requantized merge."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers' FP8 loader needs it
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=64, attn_implementation="eager")
+    torch.manual_seed(0)
+    base = {k: v.detach().clone() for k, v in transformers.LlamaForCausalLM(config).state_dict().items()}
+    g = torch.Generator().manual_seed(3)
+    conf = dict(config.to_dict(), torch_dtype="bfloat16", quantization_config=FP8_CONFIG)
+    paths = []
+    for i in range(3):
+        sd = {}
+        for k, v in base.items():
+            x = v + 0.05 * v.std() * torch.randn(v.shape, generator=g) if i else v
+            if x.dim() == 2 and ".layers." in k:
+                sd[k], sd[k + "_scale_inv"] = quant_fp8(x, (x.shape[0] // 16, x.shape[1] // 16), BLOCK)
+            else:
+                sd[k] = x.to(torch.bfloat16)
+        paths.append(save_checkpoint(str(tmp_path / f"m{i}"), sd, 2, conf))
+    merge(load_config(_cfg(tmp_path, "task_arithmetic", paths)), str(tmp_path / "out"), MergeOptions(quiet=True))
+    got = transformers.LlamaForCausalLM.from_pretrained(
+        str(tmp_path / "out"), attn_implementation="eager",
+        quantization_config=transformers.FineGrainedFP8Config(dequantize=True))
+    merged = reference_merge("task_arithmetic", *_split(write_dequantized(paths, str(tmp_path / "ref"))), [0.6, 0.8])
+    stored = requantize_like(merged, paths[0], "fp8_block")
+    save_checkpoint(str(tmp_path / "want"), stored, 1, conf)
+    want_sd = {n: w.to(torch.bfloat16) for n, w in dequantized(str(tmp_path / "want")).items()}
+    model = transformers.LlamaForCausalLM(config)
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    model.load_state_dict(want_sd)
+    got_sd = got.state_dict()
+    assert all(torch.equal(got_sd[n], w) for n, w in want_sd.items())
+    ids = torch.tensor([[1, 7, 42, 3, 33, 15, 9, 60]])
+    with torch.no_grad():
+        assert torch.equal(got(ids).logits, model(ids).logits)
+
+
 # --- refused and damaged inputs ------------------------------------------------------------------------
 
 def _folder(tmp_path, name, tensors, quant=None):
