@@ -9,8 +9,9 @@ and orientation transformers gives them after dequantization). `dtype` never cha
 tensor's format: it only names the arithmetic, which is float32 anyway. Integer tensors are copied.
 
 Encoding happens in the unit's task, on the merged float32 values (see kernels/formats.py for the
-rules), and accounts for what requantization lost; `RequantLoss` adds the units' exact integer
-sums, so its numbers do not depend on the unit size (docs/quantized.md defines them).
+rules), and accounts for what requantization lost; `RequantLoss` adds the units' partial sums
+(integers: each row's float64 sums, added exactly), so its numbers do not depend on the unit size
+(docs/quantized.md defines them).
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ class Target:
     shape: tuple[int, ...]
     dtype: str
     ref: Quantized | None = None
-    real: bool = True
     scale: tuple[int, float] | None = None
 
     def specs(self) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -86,7 +86,7 @@ def output_targets(inputs, out_dtype: str | None, dtype: str | None) -> dict[str
     for t in inputs.names:
         e = inputs.entry(t)
         if not e.real:
-            targets[t] = Target(t, e.shape, e.dtype, real=False)
+            targets[t] = Target(t, e.shape, e.dtype)
         elif isinstance(e, Quantized):
             targets[t] = Target(t, e.shape, out_dtype) if out_dtype else Target(t, e.shape, e.dtype, e)
         else:
