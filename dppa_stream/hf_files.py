@@ -64,12 +64,17 @@ def vet_model_files(folder: str | None) -> list[tuple[str, Stamp]]:
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
-def _config_text(path: str, where: str, out_dtype: str | None, config: dict | None = None) -> str:
+def _config_text(path: str, where: str, out_dtype: str | None, config: dict | None = None,
+                 keep_quantization: bool = True) -> str:
     """config.json (or `config`, the one computed for this output) with its dtype set to the
-    output dtype, as the text we write."""
+    output dtype, and without its quantization_config when nothing is written quantized, as the
+    text we write."""
     cfg = read_json_file(path, where) if config is None else json.loads(json.dumps(config))
     if not isinstance(cfg, dict):
         raise InputError(f"{where}: not a JSON object")
+    if not keep_quantization:
+        cfg.pop("quantization_config", None)
+        cfg.pop("compression_config", None)
     if out_dtype:
         dt = TORCH_DTYPE_NAMES[out_dtype]
         if "dtype" in cfg:
@@ -113,16 +118,17 @@ def _copy(src: str, where: str, dst: str) -> None:
 
 
 def copy_model_files(src_folder: str | None, out: str, out_dtype: str | None, config: dict | None = None,
-                     tokenizer_files: dict[str, bytes] | None = None) -> list[str]:
-    """Write config.json (`config` if given, else the donor's; dtype set to the output dtype) and
-    copy the donor's side files and tokenizer files, or write `tokenizer_files` (a tokenizer the
-    config built) instead of the latter; returns the names written. The donor's files are vetted
-    again here (`vet_model_files`), so nothing outside the model is read."""
+                     tokenizer_files: dict[str, bytes] | None = None, keep_quantization: bool = True) -> list[str]:
+    """Write config.json (`config` if given, else the donor's; dtype set to the output dtype; its
+    quantization_config dropped unless `keep_quantization`) and copy the donor's side files and
+    tokenizer files, or write `tokenizer_files` (a tokenizer the config built) instead of the
+    latter; returns the names written. The donor's files are vetted again here
+    (`vet_model_files`), so nothing outside the model is read."""
     copied = []
     for name, stamp in vet_model_files(src_folder):
         where, dst = os.path.join(src_folder, name), os.path.join(out, name)
         if name == "config.json":
-            _write(dst, _config_text(stamp.path, where, out_dtype, config).encode())
+            _write(dst, _config_text(stamp.path, where, out_dtype, config, keep_quantization).encode())
         elif tokenizer_files is None or name not in TOKENIZER_FILES:
             _copy(stamp.path, where, dst)
         else:

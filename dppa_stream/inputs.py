@@ -1,7 +1,9 @@
 """Opening the checkpoints a config names, checking that they agree, and deciding where every
 output tensor comes from.
 
-Only headers are read here. With `models:`, output tensor t is t of the base and of every model.
+Only headers are read here, and catalogues are logical (a quantized weight is one tensor whatever
+its stored parts, checkpoint/quant.py): names and shapes must agree, dtypes and formats of
+real-valued tensors need not. With `models:`, output tensor t is t of the base and of every model.
 With `slices:` (mergekit's frankenmerges and merged slices), output layers are numbered
 consecutively across slices and output layer k of a slice reads layer `layer_range[0] + i` of each
 source; embeddings come from the first slice's sources and the final norm and head from the last
@@ -191,8 +193,10 @@ def _check_same(ref: Checkpoint, other: Checkpoint, vocab: bool = False) -> None
 
 
 def _check_pair(ref: Checkpoint, e: TensorEntry, other: Checkpoint, o: TensorEntry, vocab: bool = False) -> None:
-    """Two inputs of one output tensor must agree in shape and dtype; with a tokenizer in the
-    config, vocabulary tensors may differ in rows (they are remapped)."""
+    """Two inputs of one output tensor must agree in logical shape (with a tokenizer in the config,
+    vocabulary tensors may differ in rows: they are remapped). Real-valued tensors may differ in
+    dtype and format (they are decoded to float32 and merged); integer tensors may not (they are
+    copied)."""
     rows_only = (o.shape[1:] == e.shape[1:] and len(o.shape) == len(e.shape) >= 1
                  and tokenizer.is_vocab_tensor(e.name) and tokenizer.is_vocab_tensor(o.name))
     if o.shape != e.shape and not (vocab and rows_only):
@@ -200,7 +204,7 @@ def _check_pair(ref: Checkpoint, e: TensorEntry, other: Checkpoint, o: TensorEnt
                 "merge them" if rows_only else "")
         raise InputError(f"{other.path}: tensor {short(o.name)} has shape {list(o.shape)} but {ref.path} has "
                          f"{list(e.shape)}{'' if o.name == e.name else ' for ' + short(e.name)}{hint}")
-    if o.dtype != e.dtype:
+    if o.dtype != e.dtype and not (o.real and e.real):
         raise InputError(f"{other.path}: tensor {short(o.name)} is {o.dtype} but {ref.path} has {e.dtype}")
 
 

@@ -120,17 +120,18 @@ class Space:
 
 def space_needed(inputs, cfg, model_files: list | None = None) -> Space:
     """Estimate what the run writes (from headers alone)."""
-    from .checkpoint import DTYPE_SIZES, FLOAT_DTYPES
     from .hf_files import TOKENIZER_FILES
+    from .targets import output_targets
 
     shards = state = 0
+    targets = output_targets(inputs, cfg.out_dtype, cfg.dtype)
     for name in inputs.names:
         e = inputs.entry(name)
-        dt = (cfg.output_dtype or e.dtype) if e.dtype in FLOAT_DTYPES else e.dtype
-        shards += e.numel * DTYPE_SIZES[dt] + len(name.encode()) + 96
-        if e.dtype in FLOAT_DTYPES:  # a statistics record per model, and manifest lines
+        target = targets[name]
+        shards += target.stored_bytes + sum(len(n.encode()) + 96 for n, _, _ in target.specs())
+        if e.real:  # a statistics record per model, and manifest lines (a requantized unit's carry its loss)
             state += len(inputs.outputs[name].models) * (min(e.numel, 1 << 15) * 4 + 2048)
-        state += 64 + len(name.encode())
+        state += 64 + len(name.encode()) + (1024 * (1 + e.numel // (1 << 20)) if target.ref is not None else 0)
     card = 4096 + 2 * len(cfg.text.encode("utf-8", "surrogateescape")) + sum(len(m.path) + 8 for m in inputs.all)
     final = {"README.md": card, "dppa_stream_config.yml": len(cfg.text.encode("utf-8", "surrogateescape")),
              "model.safetensors.index.json": 4096 + sum(len(n.encode()) + 48 for n in inputs.names)}
@@ -310,15 +311,16 @@ def _resume(partial: str, fp: str, plan: dict) -> tuple[set, dict]:
     return done, rows
 
 
-def _record(line: bytes, plan: dict | None):
-    """(tensor, unit) from one manifest line, or None if the line is damaged."""
+def _record(line: bytes, plan: dict | None, extra: bool = False):
+    """(tensor, unit) from one manifest line (with `extra`: and what the unit reported, or None),
+    or None if the line is damaged."""
     try:
         rec = json.loads(line.decode("utf-8"))
     except (ValueError, RecursionError):
         return None
-    if (isinstance(rec, list) and len(rec) == 2 and isinstance(rec[0], str) and isinstance(rec[1], int)
+    if (isinstance(rec, list) and len(rec) in (2, 3) and isinstance(rec[0], str) and isinstance(rec[1], int)
             and not isinstance(rec[1], bool) and rec[1] >= 0 and (plan is None or rec[0] in plan)):
-        return rec[0], rec[1]
+        return (rec[0], rec[1], rec[2] if len(rec) == 3 else None) if extra else (rec[0], rec[1])
     return None
 
 
@@ -350,6 +352,24 @@ def read_manifest(path: str, plan: dict | None = None) -> set:
             raise _state_error(path, os.path.dirname(os.path.dirname(path)), f"line {i + 1} is damaged")
         done.add(rec)
     return done
+
+
+def read_manifest_extras(path: str) -> dict:
+    """(tensor, unit) -> what each finished unit reported (a requantized unit's loss partial, else
+    None), from a manifest `read_manifest` has already accepted."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise _state_error(path, os.path.dirname(os.path.dirname(path)), f"cannot read ({e.strerror})") from None
+    out = {}
+    for line in _manifest_lines(data)[0]:
+        rec = _record(line, None, extra=True)
+        if rec is not None:
+            out[rec[:2]] = rec[2]
+    return out
 
 
 def sync_outputs(folder: str) -> None:
@@ -401,9 +421,10 @@ class Manifest:
         except OSError as e:
             raise write_failed(self.path, e) from None
 
-    def record(self, tensor: str, index: int) -> None:
+    def record(self, tensor: str, index: int, extra=None) -> None:
+        """List a finished unit, with what it reported (`extra`, JSON: kept for --resume)."""
         self._check()
-        self._pending.append(json.dumps([tensor, index]) + "\n")
+        self._pending.append(json.dumps([tensor, index] if extra is None else [tensor, index, extra]) + "\n")
         self._recorded += 1
         if "DPPA_STREAM_FAULT" in os.environ:  # crash tests: every unit durable at once, then maybe die
             self.flush()

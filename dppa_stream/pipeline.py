@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
 
-from .checkpoint import FLOAT_DTYPES
 from .config import MergeConfig
+from .errors import UsageError, short
 from .executor import Executor, Progress, SchedulerSpec, ThreadsExecutor, make_executor
 from .inputs import Inputs, open_inputs
 from .memory import PeakSampler, default_budget
@@ -63,6 +64,7 @@ class MergeResult:
     resumed_units: int = 0
     dp: dict | None = None  # DP's clamped and emptied linears (dp, dppa)
     startup_seconds: float = 0.0  # of wall_seconds: from the command's start to the merge's (imports)
+    requantization: dict | None = None  # what requantizing into the reference's format lost (targets.RequantLoss)
 
     def summary_line(self) -> str:
         resumed = f" (resumed: {self.resumed_units} units were already done)" if self.resumed_units else ""
@@ -78,6 +80,10 @@ class MergeResult:
                                   for m in self.dp["models"] if m["clamped"])
             line += (f"\nDP clamped the density of {self.dp['clamped']} linear(s) ({per_model}); "
                      f"{self.dp['emptied']} emptied (their whole delta pruned); -v or --json lists them")
+        if self.requantization:
+            from .targets import loss_summary
+
+            line += "\n" + loss_summary(self.requantization)
         return line
 
     def to_json(self) -> dict:
@@ -103,7 +109,8 @@ class Session:
 
     @property
     def float_tensors(self) -> list[str]:
-        return [t for t in self.inputs.names if self.inputs.entry(t).dtype in FLOAT_DTYPES]
+        """The tensors that are merged (real-valued: plain floats or quantized)."""
+        return [t for t in self.inputs.names if self.inputs.entry(t).real]
 
     def engine(self, store=None) -> StatsEngine:
         return StatsEngine(self.executor, self.inputs, self.units, self.progress, store, self.check_finite)
@@ -134,13 +141,33 @@ def catalogue(cfg: MergeConfig, inputs: Inputs) -> Catalogue:
     return Catalogue(infos, inputs.reference.read_config())
 
 
-def _rows_per_unit(inputs: Inputs, cfg: MergeConfig, unit_bytes: int) -> dict[str, int]:
-    from .checkpoint import DTYPE_SIZES
-    from .merge_pass import output_dtypes
+def _unit_needs(inputs: Inputs, cfg: MergeConfig) -> tuple[dict[str, int], dict[str, int]]:
+    """Per tensor: bytes a unit holds per element (inputs as read or decoded, and the output), and
+    the element multiple its boundaries must fall on (scale blocks of its inputs and output)."""
+    from .sources import align, memory_per_element
+    from .targets import output_targets
 
-    out = {t: DTYPE_SIZES[d] for t, d in output_dtypes(inputs, cfg.output_dtype).items()}
-    counts = {t: sum(1 for e in (inputs.outputs[t].base, *inputs.outputs[t].models) if e is not None) for t in inputs.names}
-    return plan_units(inputs.names, _entries(inputs), counts, out, unit_bytes)
+    targets = output_targets(inputs, cfg.out_dtype, cfg.dtype)
+    per_element, aligns = {}, {}
+    for t in inputs.names:
+        out = inputs.outputs[t]
+        entries = [e for e in (out.base, *out.models) if e is not None]
+        per_element[t] = memory_per_element(entries) + targets[t].out_bytes
+        aligns[t] = math.lcm(align(entries), targets[t].align)
+    return per_element, aligns
+
+
+def _check_aligned_units(inputs: Inputs, rows: dict[str, int], per_element: dict[str, int], aligns: dict[str, int],
+                         per_task: int) -> None:
+    """A tensor whose format makes its smallest unit (whole FP8 blocks, whole MXFP4 experts)
+    larger than a task's share of --memory-limit cannot run within it: say so before reading."""
+    for t in inputs.names:
+        e = inputs.entry(t)
+        need = rows[t] * e.row_numel * per_element[t]
+        if aligns[t] > 1 and need > per_task:
+            raise UsageError(f"tensor {short(t)}: one work unit holds at least {need / 2**20:.0f} MiB (whole "
+                             f"scale blocks or experts of its format), more than the {per_task / 2**20:.0f} MiB per "
+                             "task that --memory-limit leaves; raise --memory-limit or use fewer workers")
 
 
 def _entries(inputs: Inputs) -> dict:
@@ -162,8 +189,13 @@ def session(cfg: MergeConfig, opts: MergeOptions, out: str | None = None):
         procs = 1 + (workers if spec.kind == "processes" else 0)
         wanted = opts.unit_bytes or (MAX_UNIT_BYTES if spec.kind in ("threads", "processes") else MAX_UNIT_BYTES // 4)
         # local runs know their memory budget; a cluster's workers enforce their own limits
-        ub = min(wanted, unit_budget(budget, workers, procs)) if spec.kind in ("threads", "processes") else wanted
-        units = units_from_plan(inputs.names, _entries(inputs), _rows_per_unit(inputs, cfg, ub))
+        local = spec.kind in ("threads", "processes")
+        ub = min(wanted, unit_budget(budget, workers, procs)) if local else wanted
+        needs = _unit_needs(inputs, cfg)
+        rows = plan_units(inputs.names, _entries(inputs), *needs, ub)
+        if local:
+            _check_aligned_units(inputs, rows, *needs, unit_budget(budget, workers, procs))
+        units = units_from_plan(inputs.names, _entries(inputs), rows)
         log.info("scheduler %s with %d worker thread(s); memory limit %.0f MiB; work unit <= %.1f MiB; "
                  "%d tensors in %d units (%d split)", spec.kind, workers, budget / 2**20, ub / 2**20, len(units),
                  sum(len(u) for u in units.values()), sum(1 for u in units.values() if len(u) > 1))
@@ -211,8 +243,9 @@ def _run(cfg, out, opts, s: Session) -> MergeResult:
         for m in dp["models"]:
             for c in m["clamped"]:
                 log.info("DP clamped %s of %s: densities %s, kept %s", c["tensor"], m["path"], c["densities"], c["kept"])
-    written, read = write_output(cfg, out, s, plan.tensors, done, opts.shard_size)
+    written, read, requant = write_output(cfg, out, s, plan.tensors, done, opts.shard_size)
     publish(partial, out, opts.overwrite)
     n_units = sum(len(u) for u in s.units.values())
     return MergeResult(out, cfg.merge_method, 0.0, engine.bytes_read + read, written, 0, len(s.inputs.names), n_units,
-                       sum(1 for u in s.units.values() if len(u) > 1), "", 0, resumed_units=len(done), dp=dp)
+                       sum(1 for u in s.units.values() if len(u) > 1), "", 0, resumed_units=len(done), dp=dp,
+                       requantization=requant)

@@ -167,12 +167,18 @@ def _compute_more(rows, st: Stat, code: int, rng: tuple[int, int], bad: np.ndarr
 def exact_products(words: np.ndarray) -> list[float]:
     """The sums `gram_sums`/`sce_squares` accumulated (two int64 words per exponent bucket),
     exactly rounded to float64."""
+    return [float(Fraction(total, 1 << 300)) for total in exact_integers(words)]
+
+
+def exact_integers(words: np.ndarray) -> list[int]:
+    """Sums kept as two int64 words per exponent bucket e (value (high * 2**30 + low) * 2**e units)
+    as exact integers in units (they add exactly)."""
     out = []
     for high, low in zip(words[0], words[1]):
         total = 0
         for e in np.flatnonzero(high | low):
             total += ((int(high[e]) << 30) + int(low[e])) << int(e)
-        out.append(float(Fraction(total, 1 << 300)))
+        out.append(total)
     return out
 
 

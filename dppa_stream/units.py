@@ -1,9 +1,10 @@
 """Work units: row ranges of one tensor, sized from the memory budget, and reading one.
 
 A unit is the rows [row_start, row_stop) of one tensor across every input. It is what one Dask
-task holds in memory: the raw rows of the base and of each fine-tune (one allocation, one
-positional read per input) plus the output rows. Units never split a row, so anything computed
-row by row, and every flat index, is the same whatever the unit size.
+task holds in memory: the rows of the base and of each fine-tune (one allocation; raw bit patterns
+read with one positional read per input, or float32 values decoded by `sources`) plus the output
+rows. Units never split a row, so anything computed row by row, and every flat index, is the same
+whatever the unit size; a format may ask for more (whole 128-row FP8 blocks, whole MXFP4 experts).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checkpoint import FLOAT_DTYPES, TensorEntry, read_into
+from .checkpoint import FLOAT_DTYPES, TensorEntry
 from .errors import UsageError
 
 PROCESS_BASELINE = 300 << 20  # python + numpy + numba + dask/distributed, per process
@@ -55,23 +56,22 @@ class UnitInputs:
 
     @property
     def nbytes(self) -> int:
-        return sum(self.unit.numel * e.itemsize for e in self.entries)
+        """Stored bytes the unit reads (quantized inputs: their codes and scales)."""
+        return sum(self.unit.numel * e.nbytes // max(1, e.numel) for e in self.entries)
 
 
-def unit_memory_per_element(entry: TensorEntry, inputs: int, out_itemsize: int) -> int:
-    """Bytes a task holds per element of its unit: every input's raw value plus the output value."""
-    return entry.itemsize * inputs + out_itemsize
-
-
-def plan_units(names: list[str], entries: dict[str, TensorEntry], inputs: dict[str, int], out_itemsize: dict[str, int],
+def plan_units(names: list[str], entries: dict[str, TensorEntry], per_element: dict[str, int], align: dict[str, int],
                unit_bytes: int) -> dict[str, int]:
-    """Rows per unit for every tensor (read from `inputs[name]` inputs), so that one unit's memory
-    fits `unit_bytes`."""
+    """Rows per unit for every tensor, so that one unit's memory (`per_element` bytes per element:
+    inputs and output) fits `unit_bytes`, and its boundaries fall on multiples of `align[name]`
+    elements (a multiple or a divisor of the row size). A unit of the alignment is the least a
+    tensor can be split into, even when it is larger than `unit_bytes`."""
     rows = {}
     for name in names:
         e = entries[name]
-        per_row = e.row_numel * unit_memory_per_element(e, inputs[name], out_itemsize[name])
-        rows[name] = max(1, unit_bytes // max(1, per_row))
+        step = max(1, align.get(name, 1) // max(1, e.row_numel))
+        per_row = e.row_numel * per_element[name]
+        rows[name] = max(step, unit_bytes // max(1, per_row) // step * step)
     return rows
 
 
@@ -123,25 +123,31 @@ def scratch(slot: str, nbytes: int) -> np.ndarray:
 
 
 class UnitRows:
-    """The raw rows of one unit from every input: `src[i]` holds input i's stored bit patterns
-    (base first when there is one), as unsigned integers of the element size."""
+    """The rows of one unit from every input (base first when there is one). `src[i]` holds input
+    i's values as unsigned integers of the element size, `dtype` says which: the stored bit
+    patterns when every input is stored plain in one dtype, else float32 values decoded from each
+    input's format ("F32"). `raw` is the same bytes (integer tensors are copied from it)."""
 
     def __init__(self, inp: UnitInputs):
         from .kernels import CONTAINER
+        from .sources import reads_raw, source
 
         u = inp.unit
+        lo, hi = u.flat_start, u.flat_start + u.numel
         self.inp = inp
         self.has_base = inp.base is not None
         entries = inp.entries
-        dtype = entries[0].dtype
+        if reads_raw(entries):
+            dtype, itemsize = entries[0].dtype, entries[0].itemsize
+            raw = scratch("rows", len(entries) * u.numel * itemsize).reshape(len(entries), u.numel * itemsize)
+            for row, e in zip(raw, entries):
+                source(e).read_raw(lo, hi, row)
+        else:
+            dtype = "F32"
+            raw = scratch("rows", len(entries) * u.numel * 4).reshape(len(entries), u.numel * 4)
+            for row, e in zip(raw, entries):
+                source(e).decode(lo, hi, row.view(np.float32))
         self.dtype = dtype
-        itemsize = entries[0].itemsize
-        raw = scratch("rows", len(entries) * u.numel * itemsize).reshape(len(entries), u.numel * itemsize)
-        for row, e in zip(raw, entries):
-            if getattr(e, "remap", None) is not None:  # a vocabulary tensor on the output's tokens (tokenizer.py)
-                e.remap.read(u.flat_start, u.flat_start + u.numel, row)
-            else:
-                read_into(e, u.row_start, u.row_stop, row)
         self.raw = raw
         self.src = raw.view(CONTAINER[dtype]) if dtype in FLOAT_DTYPES else None
 

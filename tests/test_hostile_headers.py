@@ -1,7 +1,8 @@
 """Class 4, untrusted checkpoint content: every malformed header or index is one InputError line
 (exit 3), never an internal error, traceback or hang. Valid corner cases (0-D scalars, zero-size
-tensors, odd names) are accepted and merge; quantized (FP8/FP6/FP4) and empty checkpoints are
-refused at open time."""
+tensors, odd names) are accepted and merge; FP8 codes without their scales, other small float
+formats (FP6/FP4/E8M0) and empty checkpoints are refused at open time (readable quantized formats:
+test_quant.py)."""
 
 import json
 import os
@@ -88,18 +89,18 @@ def test_malformed_index_is_one_input_error(tmp_path, index):
     refused(tmp_path / "ck", INDEX_NAME)
 
 
-# --- quantized checkpoints are refused, never merged into a copy of the base ----------------------
+# --- unreadable quantized tensors are refused, never merged into a copy of the base -------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
-def test_fp8_checkpoint_is_refused_at_open(tmp_path, dtype):
+def test_fp8_without_scales_is_refused_at_open(tmp_path, dtype):
     base = write_model(tmp_path / "in" / "base", tensors(0))
     ft_sd = tensors(0)
     ft_sd["model.layers.0.mlp.up_proj.weight"] = ft_sd["model.layers.0.mlp.up_proj.weight"].to(dtype)
     ft = write_model(tmp_path / "in" / "ft", ft_sd)
     code, lines, _ = run("merge", config(tmp_path / "c.yml", base, ft), tmp_path / "out", "-q")
-    one_line_error(code, lines, 3, "model.safetensors", "'model.layers.0.mlp.up_proj.weight'", "F8_", "dequantize",
-                   "bf16")
+    one_line_error(code, lines, 3, "model.safetensors", "'model.layers.0.mlp.up_proj.weight'", "F8_",
+                   "without a scale")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 

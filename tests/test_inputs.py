@@ -319,9 +319,15 @@ def test_vocab_mismatch_hint(tmp_path, name):
     expect(InputError, fn, ft, repr(name), "[12, 4]", "[10, 4]", "vocabulary sizes differ", "tokenizer_source: union")
 
 
-def test_dtype_mismatch(tmp_path):
-    fn, ft = _open_pair(tmp_path, {"w": torch.zeros(3, dtype=torch.bfloat16)}, {"w": torch.zeros(3, dtype=torch.float16)})
-    expect(InputError, fn, ft, "'w'", "F16", "BF16")
+def test_mixed_float_dtypes_are_accepted_integer_mismatch_is_not(tmp_path):
+    """Real values merge whatever their dtype (decoded to float32); integer tensors are copied,
+    so their dtypes must agree."""
+    fn, _ = _open_pair(tmp_path / "f", {"w": torch.zeros(3, dtype=torch.bfloat16)}, {"w": torch.zeros(3, dtype=torch.float16)})
+    assert fn().outputs["w"].models[0].dtype == "F16"
+    fn, ft = _open_pair(tmp_path / "i", {"w": torch.zeros(3, dtype=torch.int64)}, {"w": torch.zeros(3, dtype=torch.int32)})
+    expect(InputError, fn, ft, "'w'", "I32", "I64")
+    fn, ft = _open_pair(tmp_path / "m", {"w": torch.zeros(3, dtype=torch.float32)}, {"w": torch.zeros(3, dtype=torch.int32)})
+    expect(InputError, fn, ft, "'w'", "I32", "F32")
 
 
 def test_missing_and_extra_names_listed(tmp_path):
@@ -583,8 +589,8 @@ def test_shard_layout_matches_save_file(tmp_path, shard_size):
         group = {n: tensors[n] for n in tensors if layout.placements[n].file == fname}
         save_file(group, tmp_path / "ref.safetensors", {"format": "pt"})
         assert (out / fname).read_bytes() == (tmp_path / "ref.safetensors").read_bytes(), fname
-    # quantized (FP8) tensors are written faithfully but refused as inputs; the rest reads back
-    expect(InputError, lambda: Checkpoint.open(str(out)), "F8_", "dequantize")
+    # FP8 tensors are written faithfully but, without their scales, refused as inputs; the rest reads back
+    expect(InputError, lambda: Checkpoint.open(str(out)), "F8_", "without a scale")
     plain = [s for s in specs if not s[1].startswith("F8")]
     _write_layout(tmp_path / "plain", plain, {n: tensors[n] for n, _, _ in plain}, shard_size)
     close_all()

@@ -24,6 +24,7 @@ DTYPE_SIZES: dict[str, int] = {
     "F64": 8, "I64": 8, "U64": 8, "F8_E5M2": 1, "F8_E4M3": 1,
 }
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}  # codes of quantized weights: real values only with their scales (quant.py)
 # safetensors' own dtype order (its `Dtype` enum); save_file lays tensors out by it, descending
 _SAVE_ORDER = {d: i for i, d in enumerate(
     ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"))}
@@ -75,10 +76,15 @@ class TensorEntry:
     def row_numel(self) -> int:
         return math.prod(self.shape[1:]) if self.shape else 1
 
+    @property
+    def real(self) -> bool:
+        """Holds real values that are merged (a plain float tensor); integer tensors are copied."""
+        return self.dtype in FLOAT_DTYPES
+
 
 MAX_INT = 2**63 - 1  # sizes and offsets are int64 everywhere downstream (torch, numpy, the OS)
-# Quantized float formats: merging them needs their scales, which live in other tensors. Refused.
-QUANTIZED = re.compile(r"F[468](_|$)", re.I)  # F8_E4M3, F8_E5M2, F8_E8M0, F6_E2M3, F4, ...
+# Small float formats other than the FP8 codes quant.py reads with their scales: refused.
+SMALL_FLOATS = re.compile(r"F[468](_|$)", re.I)  # F8_E8M0, F6_E2M3, F4, F8_E4M3FNUZ, ...
 
 
 def loads_untrusted(text: str, where: str) -> object:
@@ -159,7 +165,7 @@ def parse_header(path: str, pread, file_size: int) -> tuple[dict, int]:
 def parse_entries(path: str, header: dict, data_start: int, file_size: int) -> list[TensorEntry]:
     """Validate a parsed header and return its tensors sorted by offset.
 
-    Checks: valid Unicode names, known unquantized dtype, shape of int64-sized non-negative
+    Checks: valid Unicode names, known dtype (FP8 codes included; other small floats refused), shape of int64-sized non-negative
     integers, byte count = numel x itemsize, offsets inside the file, contiguous from 0 with no
     overlaps or holes (as safetensors requires), file size exact. Zero-size and 0-D tensors are
     valid safetensors and accepted.
@@ -178,9 +184,10 @@ def parse_entries(path: str, header: dict, data_start: int, file_size: int) -> l
         if not isinstance(info, dict):
             raise InputError(f"{where}: entry is not an object")
         dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if isinstance(dtype, str) and QUANTIZED.match(dtype):
-            raise InputError(f"{where}: dtype {short(dtype)} is a quantized (8/6/4-bit float) format, which cannot be "
-                             "merged; dequantize the checkpoint to bf16, fp16 or fp32 first")
+        if isinstance(dtype, str) and SMALL_FLOATS.match(dtype) and dtype not in FP8_DTYPES:
+            raise InputError(f"{where}: dtype {short(dtype)} is a small float format dppa-stream does not read (FP8 "
+                             "F8_E4M3/F8_E5M2 with scales and MXFP4 are supported); dequantize the checkpoint to bf16, "
+                             "fp16 or fp32 first")
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise InputError(f"{where}: unsupported dtype {short(dtype)}")
         if not isinstance(shape, list) or not all(_is_int(s) for s in shape):

@@ -1,6 +1,7 @@
 """Lazy reading of Hugging Face safetensors checkpoints.
 
-`Checkpoint.open` builds a catalogue (name -> dtype, shape, file, byte range) from headers alone.
+`Checkpoint.open` builds a catalogue (name -> dtype, shape, file, byte range) from headers alone,
+with each quantized weight's stored tensors folded into one logical tensor (`quant.fold`).
 `read_rows` fetches one row range of one tensor with a single positional read: exactly those
 bytes, no mmap. Mapped pages would count in the process RSS and make Dask workers pause or get
 killed; plain reads keep memory accounting honest and pickle trivially.
@@ -19,6 +20,7 @@ import numpy as np
 
 from ..errors import InputError, short
 from .format import TensorEntry, is_text, loads_untrusted, parse_entries, parse_header, read_header
+from .quant import fold
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -196,10 +198,11 @@ def read_json_file(path: str, where: str | None = None):
 
 @dataclass
 class Checkpoint:
-    """A safetensors checkpoint: a folder (single file or sharded index) or one bare file."""
+    """A safetensors checkpoint: a folder (single file or sharded index) or one bare file.
+    `tensors` is the logical catalogue (TensorEntry, or quant.Quantized for a quantized weight)."""
 
     path: str
-    tensors: dict[str, TensorEntry]
+    tensors: dict[str, object]
     folder: str | None = None  # where config.json / tokenizer files live, if any
     files: list[str] = field(default_factory=list)
     stamps: dict[str, Stamp] = field(default_factory=dict)  # each weight file as catalogued
@@ -212,7 +215,7 @@ class Checkpoint:
             if path.endswith(PICKLE_SUFFIXES):
                 raise _pickle_hint(path)
             entries = _scan_file(path, stamps)
-            return cls(path, _catalogue(entries, path), None, [path], stamps)
+            return cls(path, _catalogue(entries, path, None), None, [path], stamps)
         if not os.path.isdir(path):
             if os.path.exists(path):
                 raise InputError(f"{path}: not a checkpoint file or folder (a device, FIFO or socket?)")
@@ -229,7 +232,7 @@ class Checkpoint:
             if pickled:
                 raise _pickle_hint(os.path.join(path, pickled[0]))
             raise InputError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME} in this folder")
-        return cls(path, _catalogue(entries, path), path, files, stamps)
+        return cls(path, _catalogue(entries, path, path), path, files, stamps)
 
     @classmethod
     def from_headers(cls, folder: str, files: list[tuple[str, object, int]]) -> "Checkpoint":
@@ -239,7 +242,7 @@ class Checkpoint:
         for path, pread, size in files:
             header, data_start = parse_header(path, pread, size)
             entries.extend(parse_entries(path, header, data_start, size))
-        return cls(folder, _catalogue(entries, folder), folder, [f for f, _, _ in files])
+        return cls(folder, _catalogue(entries, folder, folder), folder, [f for f, _, _ in files])
 
     @staticmethod
     def _read_index(folder: str, index: str, stamps: dict) -> tuple[list[str], list[TensorEntry]]:
@@ -270,39 +273,50 @@ class Checkpoint:
 
     def read_config(self) -> dict | None:
         """config.json of a folder checkpoint, or None; InputError if present but not a JSON object."""
-        if not self.folder:
-            return None
-        p = os.path.join(self.folder, "config.json")
-        if not os.path.lexists(p):
-            return None
-        cfg = read_json_file(resolve_inside(self.folder, "config.json", p), p)
-        if not isinstance(cfg, dict):
-            raise InputError(f"{p}: not a JSON object")
-        return cfg
+        return folder_config(self.folder)
 
     @property
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self.tensors.values())
 
 
-def _catalogue(entries: list[TensorEntry], where: str) -> dict[str, TensorEntry]:
-    out: dict[str, TensorEntry] = {}
+def folder_config(folder: str | None) -> dict | None:
+    """config.json of a model folder, or None; InputError if present but not a JSON object."""
+    if not folder:
+        return None
+    p = os.path.join(folder, "config.json")
+    if not os.path.lexists(p):
+        return None
+    cfg = read_json_file(resolve_inside(folder, "config.json", p), p)
+    if not isinstance(cfg, dict):
+        raise InputError(f"{p}: not a JSON object")
+    return cfg
+
+
+def _catalogue(entries: list[TensorEntry], where: str, folder: str | None) -> dict[str, object]:
+    seen: set[str] = set()
     for e in entries:
-        if e.name in out:
+        if e.name in seen:
             raise InputError(f"{where}: tensor {short(e.name)} is stored twice")
-        out[e.name] = e
-    if not out:
+        seen.add(e.name)
+    if not seen:
         raise InputError(f"{where}: holds no tensors")
-    return out
+    return fold(entries, folder_config(folder), os.path.join(folder, "config.json") if folder else where)
 
 
 def read_into(entry: TensorEntry, start: int, stop: int, buf: np.ndarray) -> None:
     """Read rows [start, stop) of a tensor into `buf` (bytes, exactly that many) with one
     positional read of exactly those bytes."""
-    nbytes = (stop - start) * entry.row_numel * entry.itemsize
+    read_range(entry, start * entry.row_numel, stop * entry.row_numel, buf)
+
+
+def read_range(entry: TensorEntry, lo: int, hi: int, buf: np.ndarray) -> None:
+    """Read the flat elements [lo, hi) of a tensor into `buf` (bytes, exactly that many) with one
+    positional read."""
+    nbytes = (hi - lo) * entry.itemsize
     if not nbytes:
         return
-    got = os.preadv(_fd(entry), [buf], entry.offset + start * entry.row_numel * entry.itemsize)
+    got = os.preadv(_fd(entry), [buf], entry.offset + lo * entry.itemsize)
     if got != nbytes:
         raise InputError(f"{entry.file}: short read of tensor {short(entry.name)} (file changed or truncated?)")
 

@@ -142,8 +142,14 @@ def write_rows(folder: str, place: Placement, row_start: int, rows) -> int:
         import torch
 
         data = rows.contiguous().reshape(-1).view(torch.uint8).numpy()
+    return write_at(folder, place, row_start * place.row_bytes, data)
+
+
+def write_at(folder: str, place: Placement, at: int, data: np.ndarray) -> int:
+    """Write bytes `data` (a contiguous uint8 array) at byte `at` of a tensor's place (a unit's
+    FP8 codes and the scales of its blocks); returns bytes written."""
     path = os.path.join(folder, place.file)
-    offset = place.offset + row_start * place.row_bytes
+    offset = place.offset + at
     try:
         fd = os.open(path, os.O_WRONLY)
     except OSError as e:
