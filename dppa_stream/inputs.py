@@ -24,7 +24,7 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|block|blocks)\.([0-9]+)\.")
 _PRE = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings", "shared.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Output:
     """Where one output tensor comes from, and what parameters apply to it."""
 

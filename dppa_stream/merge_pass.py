@@ -1,9 +1,10 @@
-"""Pass 2: merge every work unit and write it at its final byte offset, then finalise the folder.
+"""Pass 2: merge every work unit and write it at its final byte offsets, then finalise the folder.
 
-Each task reads its unit's raw rows, plans the tensor itself when the method is local and the
-tensor is this one unit (statistics from the rows already in memory), runs the method's kernel
-straight into an output buffer and writes it with one positional write into the pre-laid-out
-shard. Finished units go to the manifest, so `--resume` skips them.
+Each task runs its work unit's units in order: it reads a unit's raw values, plans the tensor
+itself when the method is local and the tensor is this one unit (statistics from the values
+already in memory), runs the method's kernel straight into an output buffer and writes it with one
+positional write into the pre-laid-out shard. Finished work units go to the manifest, so
+`--resume` skips them.
 """
 
 from __future__ import annotations
@@ -36,14 +37,21 @@ def merge_task(method, inp: UnitInputs, plan, folder: str, place: Placement, out
     u = inp.unit
     rows = UnitRows(inp)
     if not rows.is_float:  # integer buffers: copied from the base (or the first model) unchanged
-        return write_rows(folder, place, u.row_start, rows.raw[0])
+        return write_rows(folder, place, u.flat_start, rows.raw[0])
     if isinstance(plan, TensorInfo):  # plan it here, from the rows in memory
         plan = drive(method, Catalogue({u.tensor: plan}, None), [u.tensor], inline(rows, check_finite)).tensors[u.tensor]
     out = scratch("out", u.numel * np.dtype(kernels.CONTAINER[out_dtype]).itemsize).view(kernels.CONTAINER[out_dtype])
     bad = method.merge_unit(rows, plan, out, kernels.CODES[out_dtype])
     if check_finite:
         check_nonfinite(rows, bad)
-    return write_rows(folder, place, u.row_start, out)
+    return write_rows(folder, place, u.flat_start, out)
+
+
+def merge_work(method, work, plans: tuple, folder: str, places: tuple, out_dtypes: tuple, check_finite: bool) -> int:
+    """Dask task: merge every unit of a work unit (`plans`, `places`, `out_dtypes`: one per unit);
+    returns bytes written."""
+    return sum(merge_task(method, inp, plan, folder, place, out_dtype, check_finite)
+               for inp, plan, place, out_dtype in zip(work.items, plans, places, out_dtypes))
 
 
 def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int) -> tuple[int, int]:
@@ -60,24 +68,21 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
     else:
         layout.preallocate(partial)
 
-    calls, sizes = [], []
     shared = session.executor.share(method)
     infos = session.catalogue.tensors
-    for t in inputs.names:
-        for u in session.units[t]:
-            if (t, u.index) in done:
-                continue
-            inp = UnitInputs(u, *inputs.entries(t))
-            calls.append((shared, inp, plans.get(t, infos[t]), partial, layout.placements[t], out_dtypes[t],
-                          session.check_finite))
-            sizes.append(inp.nbytes)
+    works = [w for w in session.work_units if w.key not in done]
+    calls = [(shared, w, tuple(plans.get(i.unit.tensor, infos[i.unit.tensor]) for i in w.items), partial,
+              tuple(layout.placements[i.unit.tensor] for i in w.items),
+              tuple(out_dtypes[i.unit.tensor] for i in w.items), session.check_finite) for w in works]
+    sizes = [w.nbytes for w in works]
+    written = []
     with Manifest(partial) as manifest:
-        def record(i, _):
-            u = calls[i][1].unit
-            manifest.record(u.tensor, u.index)
+        def record(i, nbytes):
+            written.append(nbytes)
+            manifest.record(*works[i].key)
 
         with session.progress.phase("merge", sum(sizes)) as step:
-            written = session.executor.map(merge_task, calls, sizes, step, record)
+            session.executor.map(merge_work, calls, sizes, step, record)
 
     release_reserve(partial)
     layout.finish(partial)

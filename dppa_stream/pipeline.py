@@ -10,6 +10,7 @@ across tensors (DPPA), are planned up front from Dask passes with tree reduction
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -24,7 +25,8 @@ from .memory import PeakSampler, default_budget
 from .methods.base import Catalogue, Plan
 from .output import WORK_DIR, check_output, fingerprint, prepare_partial, publish, removed_on_bad_input, space_needed
 from .statistics import StatsEngine, drive
-from .units import MAX_UNIT_BYTES, plan_units, unit_budget, units_from_plan
+from .units import (MAX_UNIT_BYTES, UnitInputs, WorkUnit, pack, split_tensor, state_bytes, unit_budget,
+                    unit_memory_per_element)
 
 log = logging.getLogger("dppa_stream")
 
@@ -91,10 +93,20 @@ class Session:
     inputs: Inputs
     method: object
     executor: Executor | ThreadsExecutor
-    units: dict
+    unit_bytes: int
     progress: Progress
     budget: int
     check_finite: bool = True
+
+    @functools.cached_property
+    def units(self) -> dict:
+        """tensor -> its units, in order."""
+        return plan_units(self.cfg, self.inputs, self.method, self.unit_bytes)
+
+    @functools.cached_property
+    def work_units(self) -> list[WorkUnit]:
+        """Pass 2's work units: every unit of every tensor, in output order."""
+        return work_units(self.cfg, self.inputs, self.units, self.unit_bytes)
 
     @functools.cached_property
     def catalogue(self) -> Catalogue:
@@ -105,7 +117,8 @@ class Session:
         return [t for t in self.inputs.names if self.inputs.entry(t).dtype in FLOAT_DTYPES]
 
     def engine(self, store=None) -> StatsEngine:
-        return StatsEngine(self.executor, self.inputs, self.units, self.progress, store, self.check_finite)
+        return StatsEngine(self.executor, self.inputs, self.units, self.progress, self.unit_bytes, store,
+                           self.check_finite)
 
     def plan(self, engine: StatsEngine, method=None) -> Plan:
         """The method's plan for every tensor that is not planned inside its pass-2 task: all
@@ -122,25 +135,58 @@ def catalogue(cfg: MergeConfig, inputs: Inputs) -> Catalogue:
     resolved at its layer position), and the reference's config.json."""
     from .methods.base import TensorInfo
 
-    infos = {}
+    infos, same = {}, {}
     for name in inputs.names:
         out = inputs.outputs[name]
         glob, models = cfg.tensor_params(name, out.t, out.specs, [m.name for m in out.models], out.slice_params)
+        key = _frozen((glob, models))  # one copy of each set of values: most tensors share theirs
+        glob, models = same.setdefault(key, (glob, models))
         infos[name] = TensorInfo(name, out.entry.dtype, out.entry.shape, glob, models)
     return Catalogue(infos, inputs.reference.read_config())
 
 
-def _rows_per_unit(inputs: Inputs, cfg: MergeConfig, unit_bytes: int) -> dict[str, int]:
+def _frozen(value):
+    """A hashable copy of parameter values (dicts, lists and tuples of scalars)."""
+    if isinstance(value, dict):
+        return tuple((k, _frozen(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value).__name__, tuple(_frozen(v) for v in value)
+    return type(value).__name__, value  # 1, 1.0 and True are equal but not the same parameter value
+
+
+def client_state(inputs: Inputs, method) -> int:
+    """What this run's bookkeeping holds in memory (`units.state_bytes`): every tensor's entries,
+    and the plans of those planned before pass 2 (all float tensors of a method that plans across
+    tensors; a local method plans most tensors inside their pass-2 task)."""
+    planned = 0 if method.local else sum(1 for t in inputs.names if inputs.entry(t).dtype in FLOAT_DTYPES)
+    models = max((len(o.models) for o in inputs.outputs.values()), default=0)
+    return state_bytes(len(inputs.names), len(inputs.all), planned, models)
+
+
+def _out_itemsizes(cfg: MergeConfig, inputs: Inputs) -> dict[str, int]:
     from .checkpoint import DTYPE_SIZES
     from .merge_pass import output_dtypes
 
-    out = {t: DTYPE_SIZES[d] for t, d in output_dtypes(inputs, cfg.output_dtype).items()}
-    counts = {t: sum(1 for e in (inputs.outputs[t].base, *inputs.outputs[t].models) if e is not None) for t in inputs.names}
-    return plan_units(inputs.names, _entries(inputs), counts, out, unit_bytes)
+    return {t: DTYPE_SIZES[d] for t, d in output_dtypes(inputs, cfg.output_dtype).items()}
 
 
-def _entries(inputs: Inputs) -> dict:
-    return {t: inputs.entry(t) for t in inputs.names}
+def plan_units(cfg: MergeConfig, inputs: Inputs, method, unit_bytes: int) -> dict[str, list]:
+    """Every tensor's units: as large as `unit_bytes` of task memory allows, boundaries where the
+    method accepts them."""
+    out = _out_itemsizes(cfg, inputs)
+    units = {}
+    for t in inputs.names:
+        e, o = inputs.entry(t), inputs.outputs[t]
+        per_element = unit_memory_per_element(e, (o.base is not None) + len(o.models), out[t])
+        units[t] = split_tensor(t, e.numel, len(e.shape), method.unit_multiple(e.shape), per_element, unit_bytes)
+    return units
+
+
+def work_units(cfg: MergeConfig, inputs: Inputs, units: dict, unit_bytes: int) -> list[WorkUnit]:
+    """Consecutive units packed into work units of at most `unit_bytes` of task memory."""
+    out = _out_itemsizes(cfg, inputs)
+    items = [UnitInputs(u, *inputs.entries(t)) for t in inputs.names for u in units[t]]
+    return pack(items, [i.nbytes + i.unit.numel * out[i.unit.tensor] for i in items], unit_bytes)
 
 
 @contextlib.contextmanager
@@ -152,18 +198,23 @@ def session(cfg: MergeConfig, opts: MergeOptions, out: str | None = None):
     method = cfg.method(opts.seed)
     spec = SchedulerSpec.parse(opts.scheduler, opts.scheduler_file)
     budget = opts.memory_limit or default_budget()
+    local = spec.kind in ("threads", "processes")
+    state = client_state(inputs, method)
+    # checked before any worker starts or tensor is read: local runs know their memory budget (a
+    # cluster's workers enforce their own limits, and only the client's state counts here)
+    ub = unit_budget(budget, spec.workers, 1 + (spec.workers if spec.kind == "processes" else 0), state) \
+        if local else unit_budget(budget, 0, 1, state)
     ex = make_executor(spec, budget // max(1, spec.workers) if spec.kind == "processes" else 0)
     try:
         workers = ex.worker_count
-        procs = 1 + (workers if spec.kind == "processes" else 0)
-        wanted = opts.unit_bytes or (MAX_UNIT_BYTES if spec.kind in ("threads", "processes") else MAX_UNIT_BYTES // 4)
-        # local runs know their memory budget; a cluster's workers enforce their own limits
-        ub = min(wanted, unit_budget(budget, workers, procs)) if spec.kind in ("threads", "processes") else wanted
-        units = units_from_plan(inputs.names, _entries(inputs), _rows_per_unit(inputs, cfg, ub))
+        wanted = opts.unit_bytes or (MAX_UNIT_BYTES if local else MAX_UNIT_BYTES // 4)
+        ub = min(wanted, ub) if local else wanted
+        s = Session(cfg, inputs, method, ex, ub, Progress(opts.quiet), budget, not opts.allow_nonfinite)
         log.info("scheduler %s with %d worker thread(s); memory limit %.0f MiB; work unit <= %.1f MiB; "
-                 "%d tensors in %d units (%d split)", spec.kind, workers, budget / 2**20, ub / 2**20, len(units),
-                 sum(len(u) for u in units.values()), sum(1 for u in units.values() if len(u) > 1))
-        yield Session(cfg, inputs, method, ex, units, Progress(opts.quiet), budget, not opts.allow_nonfinite)
+                 "%d tensors in %d units (%d split), %d work units", spec.kind, workers, budget / 2**20, ub / 2**20,
+                 len(inputs.names), sum(len(u) for u in s.units.values()),
+                 sum(1 for u in s.units.values() if len(u) > 1), len(s.work_units))
+        yield s
     finally:
         ex.close()
 
@@ -190,13 +241,12 @@ def _run(cfg, out, opts, s: Session) -> MergeResult:
     from .stats_store import StatsStore
 
     partial = out + ".partial"
-    rows = {t: us[0].row_stop - us[0].row_start for t, us in s.units.items()}
+    plan = {"unit_bytes": s.unit_bytes}
     done, saved = prepare_partial(partial, fingerprint(cfg, s.inputs, opts.seed, opts.shard_size), opts.resume,
-                                  opts.overwrite, rows,
-                                  space_needed(s.inputs, cfg))
-    if saved != rows:  # resume with the interrupted run's units: the manifest names units of that plan
+                                  opts.overwrite, plan, set(s.inputs.names), space_needed(s.inputs, cfg))
+    if saved != plan:  # resume with the interrupted run's units: the manifest names work units of that plan
         log.info("reusing the work-unit plan of the interrupted run")
-        s.units = units_from_plan(s.inputs.names, _entries(s.inputs), saved)
+        s = dataclasses.replace(s, unit_bytes=saved["unit_bytes"])
     engine = s.engine(StatsStore(os.path.join(partial, WORK_DIR, "stats.zarr")))
     plan = s.plan(engine)
     dp = None
@@ -207,8 +257,10 @@ def _run(cfg, out, opts, s: Session) -> MergeResult:
         for m in dp["models"]:
             for c in m["clamped"]:
                 log.info("DP clamped %s of %s: densities %s, kept %s", c["tensor"], m["path"], c["densities"], c["kept"])
-    written, read = write_output(cfg, out, s, plan.tensors, done, opts.shard_size)
+    plans = plan.tensors
+    del plan  # its report (a record per linear and fine-tune) is not needed in pass 2
+    written, read = write_output(cfg, out, s, plans, done, opts.shard_size)
     publish(partial, out, opts.overwrite)
-    n_units = sum(len(u) for u in s.units.values())
-    return MergeResult(out, cfg.merge_method, 0.0, engine.bytes_read + read, written, 0, len(s.inputs.names), n_units,
-                       sum(1 for u in s.units.values() if len(u) > 1), "", 0, resumed_units=len(done), dp=dp)
+    return MergeResult(out, cfg.merge_method, 0.0, engine.bytes_read + read, written, 0, len(s.inputs.names),
+                       len(s.work_units), sum(1 for u in s.units.values() if len(u) > 1), "", 0,
+                       resumed_units=len(done), dp=dp)

@@ -1,14 +1,13 @@
 """Lazy reading of Hugging Face safetensors checkpoints.
 
 `Checkpoint.open` builds a catalogue (name -> dtype, shape, file, byte range) from headers alone.
-`read_rows` fetches one row range of one tensor with a single positional read: exactly those
-bytes, no mmap. Mapped pages would count in the process RSS and make Dask workers pause or get
+`read_into` fetches one element range of one tensor with a single positional read: exactly
+those bytes, no mmap. Mapped pages would count in the process RSS and make Dask workers pause or get
 killed (engineering-notes §3.6); plain reads keep memory accounting honest and pickle trivially.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import stat
@@ -133,8 +132,7 @@ def _scan_file(path: str, stamps: dict | None = None) -> list[TensorEntry]:
             stamps[path] = Stamp.take(path, fd, st)
     finally:
         os.close(fd)
-    ident = _identity(st)
-    return [dataclasses.replace(e, file_id=ident) for e in parse_entries(path, header, data_start, st.st_size)]
+    return parse_entries(path, header, data_start, st.st_size, _identity(st))
 
 
 # --- where a model's files may live -------------------------------------------------------------
@@ -287,12 +285,12 @@ def _catalogue(entries: list[TensorEntry], where: str) -> dict[str, TensorEntry]
 
 
 def read_into(entry: TensorEntry, start: int, stop: int, buf: np.ndarray) -> None:
-    """Read rows [start, stop) of a tensor into `buf` (bytes, exactly that many) with one
-    positional read of exactly those bytes."""
-    nbytes = (stop - start) * entry.row_numel * entry.itemsize
+    """Read elements [start, stop) of a tensor (flat, C order) into `buf` (bytes, exactly that
+    many) with one positional read of exactly those bytes."""
+    nbytes = (stop - start) * entry.itemsize
     if not nbytes:
         return
-    got = os.preadv(_fd(entry), [buf], entry.offset + start * entry.row_numel * entry.itemsize)
+    got = os.preadv(_fd(entry), [buf], entry.offset + start * entry.itemsize)
     if got != nbytes:
         raise InputError(f"{entry.file}: short read of tensor {short(entry.name)} (file changed or truncated?)")
 
@@ -308,5 +306,5 @@ def read_rows(entry: TensorEntry, start: int, stop: int):
     if not (stop - start) * entry.row_numel:
         return torch.empty(shape, dtype=DTYPES[entry.dtype][0])
     buf = np.empty((stop - start) * entry.row_numel * entry.itemsize, np.uint8)  # the read fills every byte
-    read_into(entry, start, stop, buf)
+    read_into(entry, start * entry.row_numel, stop * entry.row_numel, buf)
     return torch.from_numpy(buf).view(DTYPES[entry.dtype][0]).reshape(shape)
