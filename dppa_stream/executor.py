@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import click
 
-from .errors import UsageError, short
+from .errors import InputError, OutputError, UsageError, short
 
 log = logging.getLogger("dppa_stream")
 
@@ -195,6 +195,32 @@ def make_executor(spec: SchedulerSpec, worker_memory: int):
     return ThreadsExecutor(spec) if spec.kind == "threads" else Executor(spec, worker_memory)
 
 
+def worker_sees(files: list[tuple[str, int, int]], folder: str | None, versions: tuple) -> tuple[str, str] | None:
+    """Run on every worker before a cluster merge starts: the first thing it sees differently from
+    the client, as (kind, problem) with kind "usage", "input" or "output"; None when all agree.
+    `files`: (path, size, mtime_ns) of every input file as the client catalogued it; `folder`: the
+    output's parent, which tasks write into; `versions`: the client's dppa-stream and numba."""
+    import numba
+
+    from . import __version__
+
+    if (__version__, numba.__version__) != versions:
+        return "usage", (f"runs dppa-stream {__version__} with numba {numba.__version__}, the client "
+                         f"{versions[0]} with numba {versions[1]}; use one environment everywhere")
+    for path, size, mtime in files:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            os.close(fd)
+        except OSError as e:
+            return "input", f"cannot read {path} ({e.strerror})"
+        if (st.st_size, st.st_mtime_ns) != (size, mtime):
+            return "input", f"sees another file at {path} (its size or modification time differs from the client's)"
+    if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
+        return "output", f"cannot write into {folder}"
+    return None
+
+
 class _Call:
     """A task body that Dask must not look into: its arguments are values, never graph keys."""
 
@@ -223,6 +249,9 @@ class ThreadsExecutor:
 
     def share(self, obj):
         return obj  # one process: tasks use the object itself
+
+    def check_workers(self, files: list[tuple[str, int, int]], folder: str | None) -> None:
+        """Nothing to check: the tasks run in this process."""
 
     def _get(self, dsk: dict, keys: list, on_task) -> None:
         from dask.threaded import get
@@ -298,6 +327,28 @@ class Executor:
         """Send an object every task uses (the method and its plan) to the workers once; pass the
         returned future in task arguments instead of the object, which would be pickled per task."""
         return self.client.scatter(obj, broadcast=True, hash=False)
+
+    def check_workers(self, files: list[tuple[str, int, int]], folder: str | None) -> None:
+        """Before any task: every worker runs our code in the client's versions, reads every input
+        file as the client catalogued it and can write into the output's folder. A cluster whose
+        workers do not share the client's filesystem fails here, in one line naming a worker and
+        a path, instead of in the middle of a pass."""
+        import numba
+
+        from . import __version__
+
+        try:
+            answers = self.client.run(worker_sees, files, folder, (__version__, numba.__version__))
+        except Exception as e:  # noqa: BLE001 - e.g. dppa_stream not importable on a worker
+            raise UsageError(f"the Dask workers cannot run dppa-stream ({short(f'{type(e).__name__}: {e}', 160)}); "
+                             "install the same dppa-stream, numba and numpy on every worker") from None
+        errors = {"usage": UsageError, "input": InputError, "output": OutputError}
+        for worker, answer in sorted(answers.items()):
+            if answer is not None:
+                kind, problem = answer
+                where = "" if kind == "usage" else "; every worker must see the inputs and the output folder at the " \
+                                                    "same paths (a shared filesystem)"
+                raise errors[kind](f"Dask worker {worker} {problem}{where}")
 
     def map(self, fn, calls: list[tuple], sizes: list[int], step, on_done=None) -> None:
         """Run fn(*args) for each call; `on_done(i, result)` in this thread as each finishes."""

@@ -116,7 +116,7 @@ class Session:
     def float_tensors(self) -> list[str]:
         return [t for t in self.inputs.names if self.inputs.entry(t).dtype in FLOAT_DTYPES]
 
-    def engine(self, store=None) -> StatsEngine:
+    def engine(self, store) -> StatsEngine:
         return StatsEngine(self.executor, self.inputs, self.units, self.progress, self.unit_bytes, store,
                            self.check_finite)
 
@@ -206,6 +206,8 @@ def session(cfg: MergeConfig, opts: MergeOptions, out: str | None = None):
         if local else unit_budget(budget, 0, 1, state)
     ex = make_executor(spec, budget // max(1, spec.workers) if spec.kind == "processes" else 0)
     try:
+        files = [(st.path, st.identity[3], st.identity[2]) for ck in inputs.all for st in ck.stamps.values()]
+        ex.check_workers(files, os.path.dirname(os.path.abspath(out)) if out is not None else None)
         workers = ex.worker_count
         wanted = opts.unit_bytes or (MAX_UNIT_BYTES if local else MAX_UNIT_BYTES // 4)
         ub = min(wanted, ub) if local else wanted

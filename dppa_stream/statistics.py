@@ -366,7 +366,7 @@ class StatsEngine:
     store hands back (summaries load their histograms when queried). So resume and the factor
     search never recompute statistics, and memory does not grow with the tensor count."""
 
-    def __init__(self, executor, inputs, units: dict, progress, unit_bytes: int, store=None, check_finite: bool = True):
+    def __init__(self, executor, inputs, units: dict, progress, unit_bytes: int, store, check_finite: bool = True):
         self.ex, self.inputs, self.units, self.progress = executor, inputs, units, progress
         self.unit_bytes, self.store, self.check_finite = unit_bytes, store, check_finite
         self.bytes_read = 0
@@ -378,7 +378,7 @@ class StatsEngine:
         out, todo = {}, {}
         for t, stats in wanted.items():
             for st in stats:
-                got = self.store.get(t, st) if self.store else None
+                got = self.store.get(t, st)
                 if got is None:
                     todo.setdefault(t, []).append(st)
                 else:
@@ -436,11 +436,8 @@ class StatsEngine:
         return out
 
     def _save(self, finished: dict, out: dict) -> None:
-        """Move finished results to the store, and what it hands back (or they themselves) to `out`."""
-        if self.store:
-            self.store.put(finished)
-            for t, st in finished:
-                out[(t, st)] = self.store.get(t, st)
-        else:
-            out.update(finished)
+        """Move finished results to the store, and what it hands back to `out`."""
+        self.store.put(finished)
+        for t, st in finished:
+            out[(t, st)] = self.store.get(t, st)
         finished.clear()
