@@ -12,6 +12,7 @@ them. Nothing here knows about files, kernels or Dask.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -183,7 +184,7 @@ def _bits(value: float) -> int:
 
 
 def bits_to_float(bits: int) -> float:
-    return float(np.array(bits, np.int32).view(np.float32))
+    return struct.unpack("<f", struct.pack("<i", bits))[0]
 
 
 def locate(hist, rank: int) -> tuple[int, int]:
@@ -212,6 +213,18 @@ def threshold_from_hist(hist, rank: int) -> Threshold:
     """The rank-th smallest |delta| (1-based) when deltas are bf16 values (low bits all zero)."""
     b, _ = locate(hist, rank)
     return Threshold(b << 16, 0, count_in(hist, b))
+
+
+def thresholds_le(hist, ranks: list[int]) -> list[tuple[Threshold, int]]:
+    """For each rank, `threshold_from_hist(hist, rank)` and how many elements are at or below it,
+    from one search of the cumulative counts (DPPA asks this of every linear and fine-tune)."""
+    bins, cum = cumulative(hist)
+    out = []
+    for j in np.searchsorted(cum, ranks).tolist():
+        at_or_below = int(cum[j]) if j < len(cum) else total(hist)
+        b = int(bins[j]) if j < len(bins) else HIST_BINS
+        out.append((Threshold(b << 16, 0, at_or_below - (int(cum[j - 1]) if j else 0)), at_or_below))
+    return out
 
 
 def keep_top(numel: int, k: int, hist, details: list[tuple[np.ndarray, np.ndarray]]) -> tuple[Threshold, list[int]]:

@@ -305,12 +305,13 @@ class DPPA(DeltaMethod):
         (`same` holds one copy of each tuple the plans share)."""
         hist = got.get(tr.name, self._hist(model, tr.span))
         if not self.exact:
-            ths = [summaries.threshold_from_hist(hist, summaries.rank_for_prune_le(tr.numel, 1 - d)) for d in tr.densities]
+            found = summaries.thresholds_le(hist, [summaries.rank_for_prune_le(tr.numel, 1 - d) for d in tr.densities])
+            ths = [th for th, _ in found]
             if any(a.bits < b.bits for a, b in zip(ths, ths[1:])):
                 raise AssertionError(f"{tr.name}: DPA partitions are not nested")
-            for th in ths:
+            for th, at_or_below in found:
                 tr.thresholds.append(th.value)
-                tr.kept.append(tr.numel - summaries.count_le(hist, None, th))
+                tr.kept.append(tr.numel - at_or_below)
             levels = [level(th, tracked=False) for th in ths]
             kinds, ties = tuple(kd for kd, _ in levels), (0,) * len(ths)
             return Sparse(kernels.SP_BANDS, same.setdefault(kinds, kinds), tuple(v for _, v in levels),
