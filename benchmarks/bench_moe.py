@@ -33,7 +33,7 @@ from moegen import MoeShape, moe_dataset  # noqa: E402
 
 # one config per method family: (merge_method, per-model parameters, global parameters, fine-tunes used, dtype)
 FAMILIES = {
-    "linear": ("linear", {"weight": 0.5}, None, 2, "bfloat16"),
+    "linear": ("linear", {}, {"weight": 0.5}, 2, "bfloat16"),  # the base is one more input: weights for all
     "task_arithmetic": ("task_arithmetic", {"weight": 0.5}, None, 2, "bfloat16"),
     "ties": ("ties", {"weight": 0.5, "density": 0.2}, None, 2, "bfloat16"),
     "dare_linear": ("dare_linear", {"weight": 0.5, "density": 0.5}, None, 2, "bfloat16"),
@@ -43,7 +43,7 @@ FAMILIES = {
     "slerp": ("slerp", {}, {"t": 0.4}, 1, "bfloat16"),
     "model_stock": ("model_stock", {}, None, 2, "bfloat16"),
     "sce": ("sce", {}, {"select_topk": 0.5}, 2, "bfloat16"),
-    "ram": ("ram", {}, {"epsilon": 1e-5}, 2, "bfloat16"),
+    "ram": ("ram", {}, None, 2, "bfloat16"),
     "dppa": ("dppa", {}, None, 2, None),
 }
 
