@@ -48,16 +48,16 @@ FAMILIES = {
 }
 
 
-def run_one(name: str, paths: list[str], work: str, args, env, scheduler: str, tag: str) -> dict:
+def run_one(name: str, paths: list[str], work: str, args, env, scheduler: str, tag: str, limit: str) -> dict:
     method, per_model, glob, k, dtype = FAMILIES[name]
     cfg = os.path.join(work, f"{name}_{tag}.yml")
     write_config(cfg, method, paths[0], [(p, per_model) for p in paths[1:1 + k]], glob, dtype=dtype)
     out, jpath = os.path.join(work, "out"), os.path.join(work, f"{name}_{tag}.json")
-    extra = ["--memory-limit", args.limit, "--scheduler", scheduler] + args.extra
+    extra = ["--memory-limit", limit, "--scheduler", scheduler] + args.extra
     m = run_measured(common.dppa_cmd(cfg, out, jpath, extra), env=env)
     rep = json.load(open(jpath)) if m.rc == 0 else {}
     shutil.rmtree(out, ignore_errors=True)
-    row = {"method": name, "layout": tag, "scheduler": scheduler, "rc": m.rc, "wall_s": m.wall_s, "cpu_s": m.cpu_s,
+    row = {"method": name, "layout": tag, "scheduler": scheduler, "limit": limit, "rc": m.rc, "wall_s": m.wall_s, "cpu_s": m.cpu_s,
            "peak_anon_bytes": m.peak_anon_bytes, "tensors": rep.get("tensors"), "work_units": rep.get("units"),
            "bytes_read": rep.get("bytes_read"), "self_report": rep,
            "command": " ".join(shlex.quote(c) for c in ["dppa-stream", "merge", cfg, "OUT", "--json", "R.json"] + extra)}
@@ -70,13 +70,14 @@ def run_one(name: str, paths: list[str], work: str, args, env, scheduler: str, t
 
 def table(result: dict) -> str:
     floor = result["io_floor_s"]
-    lines = ["| method | layout | tensors | work units | wall s | CPU s | peak MiB | tensors/s | CPU µs/tensor | wall / I/O floor |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | layout | scheduler, limit | tensors | work units | wall s | CPU s | peak MiB | tensors/s | "
+             "CPU µs/tensor | wall / I/O floor |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        if r["rc"] or r["scheduler"] != result["scheduler"]:
+        if r["rc"]:
             continue
         n = r["tensors"]
-        lines.append(f"| {r['method']} | {r['layout']} | {n} | {r['work_units']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
+        lines.append(f"| {r['method']} | {r['layout']} | {r['scheduler']}, {r['limit']} | {n} | {r['work_units']} | "
+                     f"{r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
                      f"{fmt_mib(r['peak_anon_bytes'])} | {n / r['wall_s']:.0f} | {r['cpu_s'] / n * 1e6:.0f} | "
                      f"{r['wall_s'] / floor:.2f}× |")
     lines += ["", "| method | unfused / fused, wall | unfused / fused, CPU | CPU µs per extra tensor |", "|---|---|---|---|"]
@@ -94,6 +95,7 @@ def main() -> int:
     ap.add_argument("--no-scale", action="store_true", help="skip the 512-expert (~90k tensors) set")
     ap.add_argument("--cluster", default="", help="methods to run again on --cluster-scheduler (e.g. ties,dppa)")
     ap.add_argument("--cluster-scheduler", default="processes:2")
+    ap.add_argument("--cluster-limit", default="2GiB", help="--memory-limit of the cluster rows (3 processes)")
     ap.add_argument("--snapshot", default=None, metavar="REV", help="run dppa_stream exported at git REV")
     ap.add_argument("--extra", default="", help="extra dppa-stream merge arguments, one string")
     ap.add_argument("--name", default="bench_moe")
@@ -114,7 +116,7 @@ def main() -> int:
               "io_floor": floor, "input_bytes": input_bytes(first), "sets": sets, "rows": [], "ratios": {}}
     for name in args.methods.split(","):
         for tag, paths in sets.items():
-            result["rows"].append(run_one(name, paths, work, args, env, args.scheduler, tag))
+            result["rows"].append(run_one(name, paths, work, args, env, args.scheduler, tag, args.limit))
         got = {r["layout"]: r for r in result["rows"] if r["method"] == name and r["rc"] == 0
                and r["scheduler"] == args.scheduler}
         if "unfused" in got and "fused" in got:
@@ -124,14 +126,14 @@ def main() -> int:
         save_result(f"{args.name}.json", result)
     for name in filter(None, args.cluster.split(",")):
         for tag, paths in sets.items():
-            result["rows"].append(run_one(name, paths, work, args, env, args.cluster_scheduler, tag))
+            result["rows"].append(run_one(name, paths, work, args, env, args.cluster_scheduler, tag, args.cluster_limit))
         save_result(f"{args.name}.json", result)
     if not args.no_scale:
         big = moe_dataset(MoeShape(experts=512), 2)
         result["scale"] = []
         for name in ("ties", "dppa"):
             if name in args.methods.split(","):
-                row = run_one(name, big, work, args, env, args.scheduler, "unfused-512")
+                row = run_one(name, big, work, args, env, args.scheduler, "unfused-512", args.limit)
                 result["scale"].append(row)
                 small = next(r for r in result["rows"] if r["method"] == name and r["layout"] == "unfused")
                 if row["rc"] == 0 and small["rc"] == 0:

@@ -139,19 +139,10 @@ def catalogue(cfg: MergeConfig, inputs: Inputs) -> Catalogue:
     for name in inputs.names:
         out = inputs.outputs[name]
         glob, models = cfg.tensor_params(name, out.t, out.specs, [m.name for m in out.models], out.slice_params)
-        key = _frozen((glob, models))  # one copy of each set of values: most tensors share theirs
-        glob, models = same.setdefault(key, (glob, models))
+        # one copy of each set of values (most tensors share theirs); repr tells 1, 1.0 and True apart
+        glob, models = same.setdefault(repr((glob, models)), (glob, models))
         infos[name] = TensorInfo(name, out.entry.dtype, out.entry.shape, glob, models)
     return Catalogue(infos, inputs.reference.read_config())
-
-
-def _frozen(value):
-    """A hashable copy of parameter values (dicts, lists and tuples of scalars)."""
-    if isinstance(value, dict):
-        return tuple((k, _frozen(v)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return type(value).__name__, tuple(_frozen(v) for v in value)
-    return type(value).__name__, value  # 1, 1.0 and True are equal but not the same parameter value
 
 
 def client_state(inputs: Inputs, method) -> int:

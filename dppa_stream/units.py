@@ -29,10 +29,11 @@ PROCESS_BASELINE = 300 << 20  # python + numpy + numba + dask/distributed, per p
 TASK_OVERHEAD = 16 << 20  # kernel scratch, histograms and Dask bookkeeping per running task
 MAX_UNIT_BYTES = 64 << 20  # default unit cap: small tasks balance load and keep memory low
 MIN_UNIT_BYTES = 4 << 20
-# What the client holds per tensor for the whole run (measured on a 45k-tensor MoE checkpoint):
-TENSOR_STATE = 512  # its catalogue entry, units, work-unit item, plan of the output layout
+# What the client holds per tensor for the whole run (peak memory of DeepSeek-V3-shaped merges of
+# 45k and 90k tensors, benchmarks/bench_moe.py: +2.2 KiB per tensor for ties, +7.2 KiB for dppa)
+TENSOR_STATE = 512  # its catalogue entry, units, work-unit item, place in the output layout
 INPUT_STATE = 512  # ... per input checkpoint: the header entry
-PLAN_STATE = 2 << 10  # per tensor and fine-tune planned before pass 2: statistics index, summary, plan, report
+PLAN_STATE = 2560  # per tensor and fine-tune planned before pass 2: statistics index, summary, plan, report
 
 
 @dataclass(frozen=True, slots=True)
