@@ -28,7 +28,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
-from common import DATA_DIR, fmt_mib, input_bytes, run_measured, save_result, two_pass_floor, write_config  # noqa: E402
+from common import (DATA_DIR, REPO, fmt_mib, input_bytes, run_measured, save_result, two_pass_floor,  # noqa: E402
+                    write_config)
 from moegen import MoeShape, moe_dataset  # noqa: E402
 
 # one config per method family: (merge_method, per-model parameters, global parameters, fine-tunes used, dtype)
@@ -66,6 +67,11 @@ def run_one(name: str, paths: list[str], work: str, args, env, scheduler: str, t
     print(f"  {name:16s} {tag:8s} {scheduler:12s} rc={m.rc} wall {m.wall_s:6.1f}s cpu {m.cpu_s:6.1f}s "
           f"peak {fmt_mib(m.peak_anon_bytes):>5} MiB  units {rep.get('units')}", flush=True)
     return row
+
+
+def save(name: str, result: dict) -> None:
+    """The results JSON, with paths relative to the repository (they name git-ignored data)."""
+    save_result(name, json.loads(json.dumps(result).replace(REPO + os.sep, "")))
 
 
 def table(result: dict) -> str:
@@ -123,11 +129,11 @@ def main() -> int:
             u, f = got["unfused"], got["fused"]
             result["ratios"][name] = {"wall": u["wall_s"] / f["wall_s"], "cpu": u["cpu_s"] / f["cpu_s"],
                                       "us_per_extra_tensor": (u["cpu_s"] - f["cpu_s"]) / (u["tensors"] - f["tensors"]) * 1e6}
-        save_result(f"{args.name}.json", result)
+        save(f"{args.name}.json", result)
     for name in filter(None, args.cluster.split(",")):
         for tag, paths in sets.items():
             result["rows"].append(run_one(name, paths, work, args, env, args.cluster_scheduler, tag, args.cluster_limit))
-        save_result(f"{args.name}.json", result)
+        save(f"{args.name}.json", result)
     if not args.no_scale:
         big = moe_dataset(MoeShape(experts=512), 2)
         result["scale"] = []
@@ -139,7 +145,7 @@ def main() -> int:
                 if row["rc"] == 0 and small["rc"] == 0:
                     row["peak_kib_per_extra_tensor"] = ((row["peak_anon_bytes"] - small["peak_anon_bytes"])
                                                         / (row["tensors"] - small["tensors"]) / 1024)
-        save_result(f"{args.name}.json", result)
+        save(f"{args.name}.json", result)
     print()
     print(table(result))
     for row in result.get("scale", []):
