@@ -2,9 +2,10 @@
 gather the statistics the method asks for (pass 1), let it plan, merge and write (pass 2), publish.
 
 Only small summaries and decisions cross from pass 1 to pass 2; tensor data never leaves the
-task that read it. A local method plans a tensor held in one work unit inside that unit's pass-2
-task (one read); tensors split over several units, and every tensor of a method that plans
-across tensors (DPPA), are planned up front from Dask passes with tree reductions.
+task that read it. A local method plans a tensor held in one unit inside its pass-2 task (one
+read); tensors split over several units, and every tensor of a method that plans across tensors
+(DPPA), are planned up front from statistics passes whose results wait in the statistics store.
+What the run keeps per tensor counts against the memory budget, checked before any tensor is read.
 """
 
 from __future__ import annotations

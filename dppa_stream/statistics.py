@@ -108,8 +108,9 @@ def compute(rows, stats: list[Stat], check_finite: bool) -> dict[Stat, object]:
         kernels.abs_summaries(rows.src, code, models, rng[0], rng[1], bf16, sums and not bf16, hists, mants, bad)
         for st, h, mt in zip(group, hists, mants):
             bins, counts = _take(h)
+            narrow = np.int32 if rng[1] - rng[0] < 1 << 31 else np.int64  # counts of fewer elements fit 32 bits
             out[st] = Summary(rng[1] - rng[0], None, summaries.hist_mant_sums(bins, counts) if bf16 else mt,
-                              sparse=(bins.astype(np.int32), counts.astype(np.int32)))  # a unit has < 2**31 elements
+                              sparse=(bins.astype(np.int32), counts.astype(narrow)))
     if check_finite:
         check_nonfinite(rows, bad)
     return out

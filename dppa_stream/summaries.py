@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import struct
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +33,7 @@ class Summary:
     summary per tensor and model of an MoE model (tens of thousands) in a few hundred bytes each.
     """
 
-    __slots__ = ("numel", "total", "_dense", "_bins", "_counts", "_cum", "_load")
+    __slots__ = ("numel", "total", "_dense", "_bins", "_counts", "_cum", "_load", "__weakref__")
 
     def __init__(self, numel: int = 0, hist: np.ndarray | None = None, mant_sums: np.ndarray | None = None,
                  sparse: tuple[np.ndarray, np.ndarray] | None = None, total: int | None = None, load=None):
@@ -82,13 +83,14 @@ class Summary:
         return self._cum
 
     def _loaded(self) -> tuple:
-        """(self, bins, counts, cumulative counts) of a summary that loads its histogram: kept for
-        the last one loaded only, since planning queries one tensor's histogram several times in a
-        row and must not keep every tensor's."""
+        """(weak reference to self, bins, counts, cumulative counts) of a summary that loads its
+        histogram: kept for the last one loaded only, since planning queries one tensor's histogram
+        several times in a row and must not keep every tensor's (nor, once the run is over, the
+        statistics store a summary loads from)."""
         global _last_loaded
-        if _last_loaded[0] is not self:
+        if _last_loaded[0]() is not self:
             bins, counts = self._load[0](*self._load[1:])
-            _last_loaded = (self, bins, counts, np.cumsum(counts))
+            _last_loaded = (weakref.ref(self), bins, counts, np.cumsum(counts))
         return _last_loaded
 
     def __add__(self, other: "Summary") -> "Summary":
@@ -116,7 +118,7 @@ def mean_abs(total: int, numel: int) -> float:
     return math.ldexp(float(total), -150) / numel if numel else 0.0
 
 
-_last_loaded: tuple = (None,)  # see Summary._loaded
+_last_loaded: tuple = (lambda: None,)  # see Summary._loaded
 
 
 def _unpack_summary(numel, bins, counts, total):
