@@ -55,8 +55,8 @@ def merge_work(method, work, plans: tuple, folder: str, places: tuple, out_dtype
 
 
 def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int) -> tuple[int, int]:
-    """Merge every unit not yet `done` into pre-laid-out shards under OUT.partial, record each
-    finished unit in the manifest, then finalise (shards synced, index, config, tokenizer, card).
+    """Merge every work unit not yet `done` into pre-laid-out shards under OUT.partial, record each
+    finished one in the manifest, then finalise (shards synced, index, config, tokenizer, card).
     Returns (bytes written, bytes read)."""
     inputs, method = session.inputs, session.method
     partial = out + ".partial"
