@@ -82,10 +82,10 @@ def grow_model(src: str, dst: str, vocab: int, added: list[str], seed: int) -> s
     for name, e in ck.tensors.items():
         step = max(1, (4 << 20) // max(1, e.row_numel))
         for r0 in range(0, e.rows, step):
-            write_rows(dst, layout.placements[name], r0, read_rows(e, r0, min(e.rows, r0 + step)))
+            write_rows(dst, layout.placements[name], r0 * e.row_numel, read_rows(e, r0, min(e.rows, r0 + step)))
         if name in VOCAB_TENSORS:
             rows = (torch.randn((grow, *e.shape[1:]), generator=g) * 0.02).to(read_rows(e, 0, 1).dtype)
-            write_rows(dst, layout.placements[name], e.rows, rows)
+            write_rows(dst, layout.placements[name], e.rows * e.row_numel, rows)
     layout.finish(dst)
     with open(os.path.join(src, "config.json")) as f:
         cfg = json.load(f)

@@ -128,10 +128,10 @@ def write_fast_set(folder: str, shape: LlamaShape, finetunes: int, dtype: torch.
             rshape = (r1 - r0,) + tuple(tshape[1:])
             w = Pools.window(pools.normal, n, seed, name, r0, "base")
             base = (w * 0.05 + 1.0) if "norm" in name else (w * 0.02)
-            write_rows(outs[0], layout.placements[name], r0, base.to(dtype).reshape(rshape))
+            write_rows(outs[0], layout.placements[name], r0 * row_numel, base.to(dtype).reshape(rshape))
             for ft, (scale, df) in enumerate(scale_df):
                 delta = Pools.window(pools.t(df), n, seed, name, r0, "delta", ft)
-                write_rows(outs[ft + 1], layout.placements[name], r0,
+                write_rows(outs[ft + 1], layout.placements[name], r0 * row_numel,
                            torch.add(base, delta, alpha=scale).to(dtype).reshape(rshape))
             done += n
             now = time.perf_counter()

@@ -193,8 +193,9 @@ def main():
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs containing NaN/Inf instead of refusing them.")
 @click.option("--download", is_flag=True, help="Fetch Hub models (ORG/NAME) missing from the Hugging Face cache "
               "(only safetensors, config and tokenizer files; the set is checked from its headers first).")
-@click.option("--unit-size", help="Memory per work unit (rows of every input, plus float32 deltas where needed) "
-              "[default: 64MiB, lowered to fit --memory-limit]. Larger units mean fewer reads for ties/magnitude.")
+@click.option("--unit-size", help="Memory per work unit: the values of every input plus the output, for many small "
+              "tensors or a piece of a large one [default: 64MiB, lowered to fit --memory-limit]. Larger units mean "
+              "fewer reads for ties/magnitude.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary line.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the run summary as JSON to this file ('-' for stdout).")
 @click.option("--verbose", "-v", count=True, help="Log the plan and passes (-vv: also Dask's logs).")

@@ -50,7 +50,7 @@ _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num
 _ROUTER_LEAVES = {"gate", "gating", "wg", "router", "gate_network"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Linear:
     """One DP linear: a whole 2-D weight, one expert of a fused expert tensor, or a conv kernel."""
 

@@ -5,9 +5,11 @@ everything else, plus progress reporting.
 no scheduler thread competing with the workers for the GIL (measured on 2 cores: an in-process
 distributed cluster cost 2.4 ms of CPU per task and left the worker threads idle half the time).
 `processes:N` is a LocalCluster of N single-threaded worker processes; `tcp://HOST:PORT` or a
-scheduler file an existing cluster. Both executors build the same tasks and the same reduction
-trees, so every scheduler produces the same bytes. Tasks return only numpy arrays and ints, and
-read with plain positional reads so worker RSS stays honest.
+scheduler file an existing cluster. Both executors run the same tasks, one per work unit, and hand
+each result to the caller as it arrives (never keeping them all: a DPPA pass over an MoE model
+returns statistics of tens of thousands of tensors), so every scheduler produces the same bytes.
+Tasks return only numpy arrays and ints, and read with plain positional reads so worker RSS
+stays honest.
 """
 
 from __future__ import annotations
@@ -25,11 +27,10 @@ from urllib.parse import urlsplit
 
 import click
 
-from .errors import UsageError, short
+from .errors import InputError, OutputError, UsageError, short
 
 log = logging.getLogger("dppa_stream")
 
-FAN_IN = 8
 DASK_LOGS = False  # show distributed's own log lines (the CLI's -vv)
 
 
@@ -194,6 +195,32 @@ def make_executor(spec: SchedulerSpec, worker_memory: int):
     return ThreadsExecutor(spec) if spec.kind == "threads" else Executor(spec, worker_memory)
 
 
+def worker_sees(files: list[tuple[str, int, int]], folder: str | None, versions: tuple) -> tuple[str, str] | None:
+    """Run on every worker before a cluster merge starts: the first thing it sees differently from
+    the client, as (kind, problem) with kind "usage", "input" or "output"; None when all agree.
+    `files`: (path, size, mtime_ns) of every input file as the client catalogued it; `folder`: the
+    output's parent, which tasks write into; `versions`: the client's dppa-stream and numba."""
+    import numba
+
+    from . import __version__
+
+    if (__version__, numba.__version__) != versions:
+        return "usage", (f"runs dppa-stream {__version__} with numba {numba.__version__}, the client "
+                         f"{versions[0]} with numba {versions[1]}; use one environment everywhere")
+    for path, size, mtime in files:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            os.close(fd)
+        except OSError as e:
+            return "input", f"cannot read {path} ({e.strerror})"
+        if (st.st_size, st.st_mtime_ns) != (size, mtime):
+            return "input", f"sees another file at {path} (its size or modification time differs from the client's)"
+    if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
+        return "output", f"cannot write into {folder}"
+    return None
+
+
 class _Call:
     """A task body that Dask must not look into: its arguments are values, never graph keys."""
 
@@ -204,31 +231,6 @@ class _Call:
 
     def __call__(self):
         return self.fn(*self.args)
-
-
-def _reduction_graph(fn, calls: list[tuple], groups: list, combine) -> tuple[dict, dict]:
-    """Leaf tasks ("leaf", i) and, per group, a tree of `combine` tasks with FAN_IN children in call
-    order (the same tree on every scheduler). Returns (graph, group -> root key)."""
-    dsk: dict = {("leaf", i): (_Call(fn, args),) for i, args in enumerate(calls)}
-    by_group: dict = {}
-    for i, g in enumerate(groups):
-        by_group.setdefault(g, []).append(("leaf", i))
-    roots = {}
-    for gi, (g, parts) in enumerate(by_group.items()):
-        level = 0
-        while len(parts) > 1:
-            nxt = []
-            for j in range(0, len(parts), FAN_IN):
-                chunk = parts[j:j + FAN_IN]
-                if len(chunk) == 1:
-                    nxt.append(chunk[0])
-                else:
-                    key = ("combine", gi, level, j)
-                    dsk[key] = (combine, *chunk)
-                    nxt.append(key)
-            parts, level = nxt, level + 1
-        roots[g] = parts[0]
-    return dsk, roots
 
 
 class ThreadsExecutor:
@@ -248,38 +250,33 @@ class ThreadsExecutor:
     def share(self, obj):
         return obj  # one process: tasks use the object itself
 
-    def _get(self, dsk: dict, keys: list, on_task) -> list:
+    def check_workers(self, files: list[tuple[str, int, int]], folder: str | None) -> None:
+        """Nothing to check: the tasks run in this process."""
+
+    def _get(self, dsk: dict, keys: list, on_task) -> None:
         from dask.threaded import get
 
         def posttask(key, result, _dsk, _state, _worker):
             on_task(key, result)
 
-        return get(dsk, keys, pool=self.pool, num_workers=self.spec.workers,
-                   callbacks=[(None, None, None, posttask, None)])
+        get(dsk, keys, pool=self.pool, num_workers=self.spec.workers, callbacks=[(None, None, None, posttask, None)])
 
-    def map(self, fn, calls: list[tuple], sizes: list[int], step, on_done=None) -> list:
-        """Run fn(*args) for each call; returns results in call order."""
-        def finished(key, result):
+    def map(self, fn, calls: list[tuple], sizes: list[int], step, on_done=None) -> None:
+        """Run fn(*args) for each call; `on_done(i, result)` in this thread as each finishes."""
+        parked: dict[int, object] = {}
+
+        def run(i, args):  # the result goes to the callback beside Dask, which would keep it to the end
+            parked[i] = fn(*args)
+
+        def finished(key, _none):
             i = key[1]
+            result = parked.pop(i)
             step(sizes[i])
             if on_done:
                 on_done(i, result)
 
-        dsk = {("leaf", i): (_Call(fn, args),) for i, args in enumerate(calls)}
-        return self._get(dsk, list(dsk), finished)
-
-    def map_reduce(self, fn, calls: list[tuple], sizes: list[int], groups: list, combine, step) -> dict:
-        """Run the calls, tree-combine results that share a group, return group -> result."""
-        dsk, roots = _reduction_graph(fn, calls, groups, combine)
-
-        def finished(key, _result):
-            if key[0] == "leaf":
-                step(sizes[key[1]])
-
-        results = self._get(dsk, list(roots.values()), finished)
-        out = dict(zip(roots, results))
-        self.trim()
-        return out
+        self._get({("unit", i): (_Call(run, (i, args)),) for i, args in enumerate(calls)},
+                  [("unit", i) for i in range(len(calls))], finished)
 
     def trim(self) -> None:
         trim_memory()
@@ -331,47 +328,43 @@ class Executor:
         returned future in task arguments instead of the object, which would be pickled per task."""
         return self.client.scatter(obj, broadcast=True, hash=False)
 
-    def map(self, fn, calls: list[tuple], sizes: list[int], step, on_done=None) -> list:
-        """Run fn(*args) for each call; returns results in call order."""
+    def check_workers(self, files: list[tuple[str, int, int]], folder: str | None) -> None:
+        """Before any task: every worker runs our code in the client's versions, reads every input
+        file as the client catalogued it and can write into the output's folder. A cluster whose
+        workers do not share the client's filesystem fails here, in one line naming a worker and
+        a path, instead of in the middle of a pass."""
+        import numba
+
+        from . import __version__
+
+        try:
+            answers = self.client.run(worker_sees, files, folder, (__version__, numba.__version__))
+        except Exception as e:  # noqa: BLE001 - e.g. dppa_stream not importable on a worker
+            raise UsageError(f"the Dask workers cannot run dppa-stream ({short(f'{type(e).__name__}: {e}', 160)}); "
+                             "install the same dppa-stream, numba and numpy on every worker") from None
+        errors = {"usage": UsageError, "input": InputError, "output": OutputError}
+        for worker, answer in sorted(answers.items()):
+            if answer is not None:
+                kind, problem = answer
+                where = "" if kind == "usage" else "; every worker must see the inputs and the output folder at the " \
+                                                    "same paths (a shared filesystem)"
+                raise errors[kind](f"Dask worker {worker} {problem}{where}")
+
+    def map(self, fn, calls: list[tuple], sizes: list[int], step, on_done=None) -> None:
+        """Run fn(*args) for each call; `on_done(i, result)` in this thread as each finishes."""
         from distributed import as_completed
 
         futures = [self.client.submit(fn, *args, pure=False) for args in calls]
         index = {f.key: i for i, f in enumerate(futures)}
-        results = [None] * len(futures)
-        for fut in as_completed(futures, loop=self.client.loop):
+        pending = as_completed(futures, loop=self.client.loop)
+        futures.clear()
+        for fut in pending:
             i = index[fut.key]
-            results[i] = fut.result()
+            result = fut.result()
+            fut.release()
             step(sizes[i])
             if on_done:
-                on_done(i, results[i])
-            fut.release()
-        return results
-
-    def map_reduce(self, fn, calls: list[tuple], sizes: list[int], groups: list, combine, step) -> dict:
-        """Run the calls, tree-combine results that share a group on the workers, return group -> result."""
-        from distributed import as_completed
-
-        dsk, roots_by_key = _reduction_graph(fn, calls, groups, combine)
-        submitted: dict = {}
-        for key, task in dsk.items():  # insertion order: every task after the ones it combines
-            if key[0] == "leaf":
-                submitted[key] = self.client.submit(fn, *task[0].args, pure=False)
-            else:
-                submitted[key] = self.client.submit(combine, *(submitted[k] for k in task[1:]), pure=False)
-        futures = [submitted[("leaf", i)] for i in range(len(calls))]
-        roots = {g: submitted[k] for g, k in roots_by_key.items()}
-        submitted.clear()
-        index = {f.key: i for i, f in enumerate(futures)}
-        root_keys = {f.key for f in roots.values()}
-        for fut in as_completed(futures, loop=self.client.loop):
-            step(sizes[index[fut.key]])
-            if fut.key not in root_keys:
-                fut.release()  # the combine tasks hold what they still need
-        futures.clear()
-        out = {g: f.result() for g, f in roots.items()}
-        roots.clear()
-        self.trim()
-        return out
+                on_done(i, result)
 
     def trim(self) -> None:
         """malloc_trim on every worker and here."""

@@ -35,7 +35,7 @@ _LONG_NUMBER = re.compile(r"(?:^|\.)([0-9]{10,})(?:\.|$)")  # a layer or expert 
 _PRE = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings", "shared.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Output:
     """Where one output tensor comes from, and what parameters apply to it."""
 

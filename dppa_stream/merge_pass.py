@@ -1,10 +1,11 @@
-"""Pass 2: merge every work unit and write it at its final byte offset, then finalise the folder.
+"""Pass 2: merge every work unit and write it at its final byte offsets, then finalise the folder.
 
-Each task reads its unit's rows, plans the tensor itself when the method is local and the
-tensor is this one unit (statistics from the rows already in memory), runs the method's kernel
-straight into an output buffer and writes it with one positional write into the pre-laid-out
-shard; a quantized output tensor is encoded first (targets.py), its scales written beside it.
-Finished units go to the manifest, so `--resume` skips them.
+Each task runs its work unit's units in order: it reads a unit's values, plans the tensor itself
+when the method is local and the tensor is this one unit (statistics from the values already in
+memory), runs the method's kernel straight into an output buffer and writes it with one positional
+write into the pre-laid-out shard; a quantized output tensor is encoded first (targets.py), its
+scales written beside it. Finished work units go to the manifest (with the requantization loss of
+their units), so `--resume` skips them.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ def merge_task(method, inp: UnitInputs, plan, folder: str, target: Target, place
     u = inp.unit
     rows = UnitRows(inp)
     if not rows.is_float:  # integer buffers: copied from the base (or the first model) unchanged
-        return write_rows(folder, places[0], u.row_start, rows.raw[0]), None
+        return write_rows(folder, places[0], u.flat_start, rows.raw[0]), None
     if target.ref is None:
         out = _merged(method, rows, plan, target.dtype, check_finite)
-        return write_rows(folder, places[0], u.row_start, out), None
+        return write_rows(folder, places[0], u.flat_start, out), None
     merged = _merged(method, rows, plan, "F32", check_finite).view(np.float32)
     return write_quantized(target, folder, places, u.flat_start, u.flat_start + u.numel, merged, rows)
 
@@ -53,33 +54,60 @@ def _merged(method, rows: UnitRows, plan, dtype: str, check_finite: bool) -> np.
     return out
 
 
-def amax_task(method, inp: UnitInputs, plan, check_finite: bool = True) -> float:
-    """The largest finite |merged value| of one unit (a per-tensor FP8 scale needs the tensor's)."""
-    return float(kernels.max_abs(_merged(method, UnitRows(inp), plan, "F32", check_finite).view(np.float32)))
+def merge_work(method, work, plans: tuple, folder: str, targets: tuple, places: tuple,
+               check_finite: bool) -> tuple[int, list | None]:
+    """Dask task: merge every unit of a work unit (`plans`, `targets`, `places`: one per unit);
+    returns (bytes written, [[tensor, loss partial], ...] of its requantized units or None)."""
+    written, losses = 0, []
+    for inp, plan, target, place in zip(work.items, plans, targets, places):
+        nbytes, loss = merge_task(method, inp, plan, folder, target, place, check_finite)
+        written += nbytes
+        if loss is not None:
+            losses.append([inp.unit.tensor, loss])
+    return written, losses or None
+
+
+def amax_work(method, work, plans: tuple, check_finite: bool) -> dict[str, float]:
+    """Dask task: per tensor of a work unit, the largest finite |merged value| of its units there
+    (a per-tensor FP8 scale needs the tensor's)."""
+    out: dict[str, float] = {}
+    for inp, plan in zip(work.items, plans):
+        m = float(kernels.max_abs(_merged(method, UnitRows(inp), plan, "F32", check_finite).view(np.float32)))
+        out[inp.unit.tensor] = max(out.get(inp.unit.tensor, m), m)
+    return out
 
 
 def tensor_scales(session, plans: dict, targets: dict[str, Target]) -> tuple[dict[str, Target], int]:
     """Targets with their per-tensor FP8 scales chosen, and the bytes read: a pass that merges
     those tensors (only) and keeps each one's largest finite |value|."""
-    wanted = [t for t, tg in targets.items() if tg.needs_amax]
+    wanted = {t for t, tg in targets.items() if tg.needs_amax}
     if not wanted:
         return targets, 0
-    calls, sizes, groups = [], [], []
+    from .units import pack
+
+    per_element = session.needs[0]
+    items = [UnitInputs(u, *session.inputs.entries(t)) for t in session.inputs.names if t in wanted
+             for u in session.units[t]]
+    works = pack(items, [i.unit.numel * per_element[i.unit.tensor] for i in items], session.unit_bytes)
     shared = session.executor.share(session.method)
-    for t in wanted:
-        for u in session.units[t]:
-            inp = UnitInputs(u, *session.inputs.entries(t))
-            calls.append((shared, inp, plans.get(t, session.catalogue.tensors[t]), session.check_finite))
-            sizes.append(inp.nbytes)
-            groups.append(t)
-    with session.progress.phase("amax", sum(sizes)) as step:
-        amax = session.executor.map_reduce(amax_task, calls, sizes, groups, max, step)
-    return {t: tensor_scale(tg, amax[t]) if t in amax else tg for t, tg in targets.items()}, sum(sizes)
+    infos = session.catalogue.tensors
+    calls = [(shared, w, tuple(plans.get(i.unit.tensor, infos[i.unit.tensor]) for i in w.items),
+              session.check_finite) for w in works]
+    amax: dict[str, float] = {}
+
+    def seen(_, result):
+        for t, m in result.items():
+            amax[t] = max(amax.get(t, m), m)
+
+    with session.progress.phase("amax", sum(w.nbytes for w in works)) as step:
+        session.executor.map(amax_work, calls, [w.nbytes for w in works], step, seen)
+    return {t: tensor_scale(tg, amax[t]) if t in amax else tg for t, tg in targets.items()}, \
+        sum(w.nbytes for w in works)
 
 
 def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int) -> tuple[int, int, dict | None]:
-    """Merge every unit not yet `done` into pre-laid-out shards under OUT.partial, record each
-    finished unit in the manifest, then finalise (shards synced, index, config, tokenizer, card).
+    """Merge every work unit not yet `done` into pre-laid-out shards under OUT.partial, record each
+    finished one in the manifest, then finalise (shards synced, index, config, tokenizer, card).
     Returns (bytes written, bytes read, the requantization loss report or None)."""
     inputs, method = session.inputs, session.method
     partial = out + ".partial"
@@ -94,29 +122,31 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
     loss = RequantLoss()
     paths = {f: ck.path for ck in inputs.all for f in ck.files}
     keys = {t: _loss_keys(inputs.outputs[t], paths) for t in inputs.names if targets[t].ref is not None}
-    for (t, _), partial_loss in read_manifest_extras(os.path.join(partial, WORK_DIR, MANIFEST)).items():
-        if t in keys and partial_loss is not None:
-            loss.add(t, partial_loss, keys[t])
-    calls, sizes = [], []
+
+    def add_losses(losses):
+        for t, partial_loss in losses or ():
+            if t in keys:
+                loss.add(t, partial_loss, keys[t])
+
+    for losses in read_manifest_extras(os.path.join(partial, WORK_DIR, MANIFEST)).values():
+        add_losses(losses)
     shared = session.executor.share(method)
     infos = session.catalogue.tensors
-    for t in inputs.names:
-        places = tuple(layout.placements[name] for name, _, _ in targets[t].specs())
-        for u in session.units[t]:
-            if (t, u.index) in done:
-                continue
-            inp = UnitInputs(u, *inputs.entries(t))
-            calls.append((shared, inp, plans.get(t, infos[t]), partial, targets[t], places, session.check_finite))
-            sizes.append(inp.nbytes)
+    works = [w for w in session.work_units if w.key not in done]
+    calls = [(shared, w, tuple(plans.get(i.unit.tensor, infos[i.unit.tensor]) for i in w.items), partial,
+              tuple(targets[i.unit.tensor] for i in w.items),
+              tuple(tuple(layout.placements[name] for name, _, _ in targets[i.unit.tensor].specs()) for i in w.items),
+              session.check_finite) for w in works]
+    sizes = [w.nbytes for w in works]
+    written = []
     with Manifest(partial) as manifest:
         def record(i, result):
-            u = calls[i][1].unit
-            manifest.record(u.tensor, u.index, result[1])
-            if result[1] is not None:
-                loss.add(u.tensor, result[1], keys[u.tensor])
+            written.append(result[0])
+            manifest.record(*works[i].key, result[1])
+            add_losses(result[1])
 
         with session.progress.phase("merge", sum(sizes)) as step:
-            results = session.executor.map(merge_task, calls, sizes, step, record)
+            session.executor.map(merge_work, calls, sizes, step, record)
 
     release_reserve(partial)
     layout.finish(partial)
@@ -127,7 +157,7 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
                      [shown(m.path, m.path) for m in cfg.models])
     verify_unchanged(inputs)
     shutil.rmtree(os.path.join(partial, WORK_DIR))
-    return sum(r[0] for r in results), amax_read + sum(sizes), loss.to_json()
+    return sum(written), amax_read + sum(sizes), loss.to_json()
 
 
 def _loss_keys(out, paths: dict[str, str]) -> list:

@@ -1,5 +1,5 @@
 """The output folder's life cycle: where it may go, OUT.partial and its run state (fingerprint,
-work-unit plan, manifest of finished units), disk space, resume, and publishing the result.
+work-unit plan, manifest of finished work units), disk space, resume, and publishing the result.
 
 Work happens in OUT.partial; OUT appears only when complete. A partial output is continued only
 by a run with the same fingerprint (config, seed, output options, inputs' identities).
@@ -241,18 +241,20 @@ def _load_run_state(run_json: str, partial: str) -> dict:
 
 
 def _check_plan(saved: dict, run_json: str, partial: str) -> dict:
-    rows = saved.get("rows_per_unit")
-    if not isinstance(rows, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                                             for v in rows.values()):
+    """The saved work-unit plan: the unit size it was made with (the plan follows from it, the
+    inputs and the config, which the fingerprint pins)."""
+    ub = saved.get("unit_bytes")
+    if not isinstance(ub, int) or isinstance(ub, bool) or ub <= 0:
         raise _state_error(run_json, partial, "malformed work-unit plan")
-    return rows
+    return {"unit_bytes": ub}
 
 
-def prepare_partial(partial: str, fp: str, resume: bool, overwrite: bool, plan: dict,
+def prepare_partial(partial: str, fp: str, resume: bool, overwrite: bool, plan: dict, names: set | None = None,
                     space: Space | None = None) -> tuple[set, dict]:
-    """Create OUT.partial for a fresh run, or validate it for --resume. Returns the finished units
-    and the work-unit plan (rows per unit, per tensor) they belong to. With `space`, check the
-    free disk space and reserve what is written last.
+    """Create OUT.partial for a fresh run, or validate it for --resume. Returns the finished work
+    units (named by their first unit: (tensor, unit index)) and the work-unit plan they belong to
+    (`{"unit_bytes": N}`). `names`: the output's tensors, which manifest records must name. With
+    `space`, check the free disk space and reserve what is written last.
 
     A partial output is only continued when its fingerprint (config, seed, shard size, inputs'
     identities, version) matches; otherwise it is refused, never silently mixed."""
@@ -264,7 +266,7 @@ def prepare_partial(partial: str, fp: str, resume: bool, overwrite: bool, plan: 
             raise OutputError(f"{partial}: exists and was not made by dppa-stream (or holds no run state); remove it")
         if resume:
             try:
-                done, rows = _resume(partial, fp, plan)
+                done, saved = _resume(partial, fp, names)
             except OutputError:  # damaged or another run's state: --overwrite (if given) starts over
                 if not overwrite:
                     raise
@@ -272,7 +274,7 @@ def prepare_partial(partial: str, fp: str, resume: bool, overwrite: bool, plan: 
             else:
                 if space is not None:
                     reserve(partial, space, resumed=True)
-                return done, rows
+                return done, saved
         if not overwrite:
             raise OutputError(f"{partial}: holds an interrupted run; pass --resume to continue it or --overwrite to start over")
         try:
@@ -287,7 +289,7 @@ def prepare_partial(partial: str, fp: str, resume: bool, overwrite: bool, plan: 
         raise OutputError(f"{partial}: cannot create the output folder ({e.strerror})") from None
     _created.add(os.path.realpath(partial))
     try:
-        write_atomic(run_json, json.dumps({"fingerprint": fp, "version": __version__, "rows_per_unit": plan}).encode())
+        write_atomic(run_json, json.dumps({"fingerprint": fp, "version": __version__, **plan}).encode())
     except OutputError as e:  # without its run state the folder cannot be resumed: remove it (ours, empty)
         shutil.rmtree(partial, ignore_errors=True)
         raise OutputError(f"{str(e).split('; ')[0]}; nothing was kept: free space or fix the cause, then rerun the same "
@@ -297,29 +299,29 @@ def prepare_partial(partial: str, fp: str, resume: bool, overwrite: bool, plan: 
     return set(), plan
 
 
-def _resume(partial: str, fp: str, plan: dict) -> tuple[set, dict]:
-    """The finished units and plan of a partial output whose run state matches this run."""
+def _resume(partial: str, fp: str, names: set | None) -> tuple[set, dict]:
+    """The finished work units and plan of a partial output whose run state matches this run."""
     work = os.path.join(partial, WORK_DIR)
     run_json = os.path.join(work, RUN_STATE)
     saved = _load_run_state(run_json, partial)
-    rows = _check_plan(saved, run_json, partial) if saved["fingerprint"] == fp else {}
-    if saved["fingerprint"] != fp or set(rows) != set(plan):
+    if saved["fingerprint"] != fp:
         raise OutputError(f"{partial}: was made with a different config or different inputs; "
                           "remove it or pass --overwrite to start over")
-    done = read_manifest(os.path.join(work, MANIFEST), rows)
-    log.info("resuming %s: %d units already written", partial, len(done))
-    return done, rows
+    plan = _check_plan(saved, run_json, partial)
+    done = read_manifest(os.path.join(work, MANIFEST), names)
+    log.info("resuming %s: %d work units already written", partial, len(done))
+    return done, plan
 
 
-def _record(line: bytes, plan: dict | None, extra: bool = False):
-    """(tensor, unit) from one manifest line (with `extra`: and what the unit reported, or None),
-    or None if the line is damaged."""
+def _record(line: bytes, names: set | None, extra: bool = False):
+    """(tensor, unit) from one manifest line (with `extra`: and what the work unit reported, or
+    None), or None if the line is damaged."""
     try:
         rec = json.loads(line.decode("utf-8"))
     except (ValueError, RecursionError):
         return None
     if (isinstance(rec, list) and len(rec) in (2, 3) and isinstance(rec[0], str) and isinstance(rec[1], int)
-            and not isinstance(rec[1], bool) and rec[1] >= 0 and (plan is None or rec[0] in plan)):
+            and not isinstance(rec[1], bool) and rec[1] >= 0 and (names is None or rec[0] in names)):
         return (rec[0], rec[1], rec[2] if len(rec) == 3 else None) if extra else (rec[0], rec[1])
     return None
 
@@ -335,9 +337,10 @@ def _manifest_lines(data: bytes) -> tuple[list[bytes], int]:
     return lines, keep
 
 
-def read_manifest(path: str, plan: dict | None = None) -> set:
-    """Finished units: one JSON array [tensor, unit index] per line, so no tensor name can forge a
-    record. A damaged last line is a torn write and ignored; damage before it is refused."""
+def read_manifest(path: str, names: set | None = None) -> set:
+    """Finished work units, each named by its first unit: one JSON array [tensor, unit index] per
+    line, so no tensor name can forge a record. A damaged last line is a torn write and ignored;
+    damage before it is refused."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -347,7 +350,7 @@ def read_manifest(path: str, plan: dict | None = None) -> set:
         raise _state_error(path, os.path.dirname(os.path.dirname(path)), f"cannot read ({e.strerror})") from None
     done = set()
     for i, line in enumerate(_manifest_lines(data)[0]):
-        rec = _record(line, plan)
+        rec = _record(line, names)
         if rec is None:
             raise _state_error(path, os.path.dirname(os.path.dirname(path)), f"line {i + 1} is damaged")
         done.add(rec)
@@ -395,9 +398,10 @@ def fault_point(point: str, count: int) -> None:
 
 
 class Manifest:
-    """Appends finished units to OUT.partial/.dppa-stream/done.txt, in batches: every second the
-    shards are synced (fdatasync), then the batch is appended and fsynced. A unit is listed only
-    once its bytes are durable, so --resume after a crash or power loss never skips lost data.
+    """Appends finished work units to OUT.partial/.dppa-stream/done.txt, in batches: every second
+    the shards are synced (fdatasync), then the batch is appended and fsynced. A work unit is
+    listed only once its bytes are durable, so --resume after a crash or power loss never skips
+    lost data.
 
     A batch is made durable on a thread of its own: `record` runs in the scheduler's thread, and an
     fdatasync there (a second's worth of writes: 0.1 s here, seconds on a big merge) would leave

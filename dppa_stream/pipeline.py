@@ -2,14 +2,16 @@
 gather the statistics the method asks for (pass 1), let it plan, merge and write (pass 2), publish.
 
 Only small summaries and decisions cross from pass 1 to pass 2; tensor data never leaves the
-task that read it. A local method plans a tensor held in one work unit inside that unit's pass-2
-task (one read); tensors split over several units, and every tensor of a method that plans
-across tensors (DPPA), are planned up front from Dask passes with tree reductions.
+task that read it. A local method plans a tensor held in one unit inside its pass-2 task (one
+read); tensors split over several units, and every tensor of a method that plans across tensors
+(DPPA), are planned up front from statistics passes whose results wait in the statistics store.
+What the run keeps per tensor counts against the memory budget, checked before any tensor is read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -25,7 +27,7 @@ from .memory import PeakSampler, default_budget
 from .methods.base import Catalogue, Plan
 from .output import WORK_DIR, check_output, fingerprint, prepare_partial, publish, removed_on_bad_input, space_needed
 from .statistics import StatsEngine, drive
-from .units import MAX_UNIT_BYTES, plan_units, unit_budget, units_from_plan
+from .units import MAX_UNIT_BYTES, UnitInputs, WorkUnit, pack, split_tensor, state_bytes, unit_budget
 
 log = logging.getLogger("dppa_stream")
 
@@ -98,10 +100,25 @@ class Session:
     inputs: Inputs
     method: object
     executor: Executor | ThreadsExecutor
-    units: dict
+    unit_bytes: int
     progress: Progress
     budget: int
     check_finite: bool = True
+
+    @functools.cached_property
+    def needs(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Per tensor: task memory per element, and the element multiple its formats need (`unit_needs`)."""
+        return unit_needs(self.inputs, self.cfg)
+
+    @functools.cached_property
+    def units(self) -> dict:
+        """tensor -> its units, in order."""
+        return plan_units(self.inputs, self.method, self.needs, self.unit_bytes)
+
+    @functools.cached_property
+    def work_units(self) -> list[WorkUnit]:
+        """Pass 2's work units: every unit of every tensor, in output order."""
+        return work_units(self.inputs, self.units, self.needs[0], self.unit_bytes)
 
     @functools.cached_property
     def catalogue(self) -> Catalogue:
@@ -112,8 +129,9 @@ class Session:
         """The tensors that are merged (real-valued: plain floats or quantized)."""
         return [t for t in self.inputs.names if self.inputs.entry(t).real]
 
-    def engine(self, store=None) -> StatsEngine:
-        return StatsEngine(self.executor, self.inputs, self.units, self.progress, store, self.check_finite)
+    def engine(self, store) -> StatsEngine:
+        return StatsEngine(self.executor, self.inputs, self.units, self.progress, self.unit_bytes, store,
+                           self.check_finite)
 
     def plan(self, engine: StatsEngine, method=None) -> Plan:
         """The method's plan for every tensor that is not planned inside its pass-2 task: all
@@ -132,18 +150,21 @@ def catalogue(cfg: MergeConfig, inputs: Inputs) -> Catalogue:
     were opened with: the factor search plans candidates of other weights on the same inputs."""
     from .methods.base import TensorInfo
 
-    infos = {}
+    infos, same = {}, {}
     for name in inputs.names:
         out = inputs.outputs[name]
         specs = out.specs if cfg.slices else None
         glob, models = cfg.tensor_params(name, out.t, specs, [m.name for m in out.models], out.slice_params)
+        # one copy of each set of values (most tensors share theirs); repr tells 1, 1.0 and True apart
+        glob, models = same.setdefault(repr((glob, models)), (glob, models))
         infos[name] = TensorInfo(name, out.entry.dtype, out.entry.shape, glob, models)
     return Catalogue(infos, inputs.reference.read_config())
 
 
-def _unit_needs(inputs: Inputs, cfg: MergeConfig) -> tuple[dict[str, int], dict[str, int]]:
+def unit_needs(inputs: Inputs, cfg: MergeConfig) -> tuple[dict[str, int], dict[str, int]]:
     """Per tensor: bytes a unit holds per element (inputs as read or decoded, and the output), and
-    the element multiple its boundaries must fall on (scale blocks of its inputs and output)."""
+    the element multiple its boundaries must fall on for its storage formats (scale blocks of its
+    inputs and output; 1 for plain tensors)."""
     from .sources import align, memory_per_element
     from .targets import output_targets
 
@@ -157,21 +178,43 @@ def _unit_needs(inputs: Inputs, cfg: MergeConfig) -> tuple[dict[str, int], dict[
     return per_element, aligns
 
 
-def _check_aligned_units(inputs: Inputs, rows: dict[str, int], per_element: dict[str, int], aligns: dict[str, int],
-                         per_task: int) -> None:
-    """A tensor whose format makes its smallest unit (whole FP8 blocks, whole MXFP4 experts)
-    larger than a task's share of --memory-limit cannot run within it: say so before reading."""
+def client_state(inputs: Inputs, method) -> int:
+    """What this run's bookkeeping holds in memory (`units.state_bytes`): every tensor's entries,
+    and the plans of those planned before pass 2 (all real-valued tensors of a method that plans
+    across tensors; a local method plans most tensors inside their pass-2 task)."""
+    planned = 0 if method.local else sum(1 for t in inputs.names if inputs.entry(t).real)
+    models = max((len(o.models) for o in inputs.outputs.values()), default=0)
+    return state_bytes(len(inputs.names), len(inputs.all), planned, models)
+
+
+def plan_units(inputs: Inputs, method, needs: tuple[dict, dict], unit_bytes: int) -> dict[str, list]:
+    """Every tensor's units: as large as `unit_bytes` of task memory allows, boundaries where both
+    the method and the tensor's storage formats accept them."""
+    per_element, aligns = needs
+    units = {}
     for t in inputs.names:
         e = inputs.entry(t)
-        need = rows[t] * e.row_numel * per_element[t]
+        multiple = math.lcm(method.unit_multiple(e.shape), aligns[t])
+        units[t] = split_tensor(t, e.numel, len(e.shape), multiple, per_element[t], unit_bytes)
+    return units
+
+
+def work_units(inputs: Inputs, units: dict, per_element: dict[str, int], unit_bytes: int) -> list[WorkUnit]:
+    """Consecutive units packed into work units of at most `unit_bytes` of task memory."""
+    items = [UnitInputs(u, *inputs.entries(t)) for t in inputs.names for u in units[t]]
+    return pack(items, [i.unit.numel * per_element[i.unit.tensor] for i in items], unit_bytes)
+
+
+def _check_smallest_units(s: Session, per_task: int) -> None:
+    """A tensor whose format makes its smallest unit (whole FP8 blocks, whole MXFP4 experts)
+    larger than a task's share of --memory-limit cannot run within it: say so before reading."""
+    per_element, aligns = s.needs
+    for t, units in s.units.items():
+        need = units[0].numel * per_element[t]
         if aligns[t] > 1 and need > per_task:
             raise UsageError(f"tensor {short(t)}: one work unit holds at least {need / 2**20:.0f} MiB (whole "
                              f"scale blocks or experts of its format), more than the {per_task / 2**20:.0f} MiB per "
                              "task that --memory-limit leaves; raise --memory-limit or use fewer workers")
-
-
-def _entries(inputs: Inputs) -> dict:
-    return {t: inputs.entry(t) for t in inputs.names}
 
 
 @contextlib.contextmanager
@@ -183,23 +226,27 @@ def session(cfg: MergeConfig, opts: MergeOptions, out: str | None = None):
     method = cfg.method(opts.seed)
     spec = SchedulerSpec.parse(opts.scheduler, opts.scheduler_file)
     budget = opts.memory_limit or default_budget()
+    local = spec.kind in ("threads", "processes")
+    state = client_state(inputs, method)
+    # checked before any worker starts or tensor is read: local runs know their memory budget (a
+    # cluster's workers enforce their own limits, and only the client's state counts here)
+    ub = unit_budget(budget, spec.workers, 1 + (spec.workers if spec.kind == "processes" else 0), state) \
+        if local else unit_budget(budget, 0, 1, state)
     ex = make_executor(spec, budget // max(1, spec.workers) if spec.kind == "processes" else 0)
     try:
+        files = [(st.path, st.identity[3], st.identity[2]) for ck in inputs.all for st in ck.stamps.values()]
+        ex.check_workers(files, os.path.dirname(os.path.abspath(out)) if out is not None else None)
         workers = ex.worker_count
-        procs = 1 + (workers if spec.kind == "processes" else 0)
-        wanted = opts.unit_bytes or (MAX_UNIT_BYTES if spec.kind in ("threads", "processes") else MAX_UNIT_BYTES // 4)
-        # local runs know their memory budget; a cluster's workers enforce their own limits
-        local = spec.kind in ("threads", "processes")
-        ub = min(wanted, unit_budget(budget, workers, procs)) if local else wanted
-        needs = _unit_needs(inputs, cfg)
-        rows = plan_units(inputs.names, _entries(inputs), *needs, ub)
+        wanted = opts.unit_bytes or (MAX_UNIT_BYTES if local else MAX_UNIT_BYTES // 4)
+        s = Session(cfg, inputs, method, ex, min(wanted, ub) if local else wanted, Progress(opts.quiet), budget,
+                    not opts.allow_nonfinite)
         if local:
-            _check_aligned_units(inputs, rows, *needs, unit_budget(budget, workers, procs))
-        units = units_from_plan(inputs.names, _entries(inputs), rows)
+            _check_smallest_units(s, ub)
         log.info("scheduler %s with %d worker thread(s); memory limit %.0f MiB; work unit <= %.1f MiB; "
-                 "%d tensors in %d units (%d split)", spec.kind, workers, budget / 2**20, ub / 2**20, len(units),
-                 sum(len(u) for u in units.values()), sum(1 for u in units.values() if len(u) > 1))
-        yield Session(cfg, inputs, method, ex, units, Progress(opts.quiet), budget, not opts.allow_nonfinite)
+                 "%d tensors in %d units (%d split), %d work units", spec.kind, workers, budget / 2**20, ub / 2**20,
+                 len(inputs.names), sum(len(u) for u in s.units.values()),
+                 sum(1 for u in s.units.values() if len(u) > 1), len(s.work_units))
+        yield s
     finally:
         ex.close()
 
@@ -226,13 +273,12 @@ def _run(cfg, out, opts, s: Session) -> MergeResult:
     from .stats_store import StatsStore
 
     partial = out + ".partial"
-    rows = {t: us[0].row_stop - us[0].row_start for t, us in s.units.items()}
+    plan = {"unit_bytes": s.unit_bytes}
     done, saved = prepare_partial(partial, fingerprint(cfg, s.inputs, opts.seed, opts.shard_size), opts.resume,
-                                  opts.overwrite, rows,
-                                  space_needed(s.inputs, cfg))
-    if saved != rows:  # resume with the interrupted run's units: the manifest names units of that plan
+                                  opts.overwrite, plan, set(s.inputs.names), space_needed(s.inputs, cfg))
+    if saved != plan:  # resume with the interrupted run's units: the manifest names work units of that plan
         log.info("reusing the work-unit plan of the interrupted run")
-        s.units = units_from_plan(s.inputs.names, _entries(s.inputs), saved)
+        s = dataclasses.replace(s, unit_bytes=saved["unit_bytes"])
     engine = s.engine(StatsStore(os.path.join(partial, WORK_DIR, "stats.zarr")))
     plan = s.plan(engine)
     dp = None
@@ -243,9 +289,10 @@ def _run(cfg, out, opts, s: Session) -> MergeResult:
         for m in dp["models"]:
             for c in m["clamped"]:
                 log.info("DP clamped %s of %s: densities %s, kept %s", c["tensor"], m["path"], c["densities"], c["kept"])
-    written, read, requant = write_output(cfg, out, s, plan.tensors, done, opts.shard_size)
+    plans = plan.tensors
+    del plan  # its report (a record per linear and fine-tune) is not needed in pass 2
+    written, read, requant = write_output(cfg, out, s, plans, done, opts.shard_size)
     publish(partial, out, opts.overwrite)
-    n_units = sum(len(u) for u in s.units.values())
-    return MergeResult(out, cfg.merge_method, 0.0, engine.bytes_read + read, written, 0, len(s.inputs.names), n_units,
-                       sum(1 for u in s.units.values() if len(u) > 1), "", 0, resumed_units=len(done), dp=dp,
-                       requantization=requant)
+    return MergeResult(out, cfg.merge_method, 0.0, engine.bytes_read + read, written, 0, len(s.inputs.names),
+                       len(s.work_units), sum(1 for u in s.units.values() if len(u) > 1), "", 0,
+                       resumed_units=len(done), dp=dp, requantization=requant)

@@ -5,14 +5,16 @@ tensor). Each kind is a reduction in the spirit of dask's: `compute` a partial r
 rows, `combine` partials (associatively, so results cannot depend on chunking or on the order Dask
 merges them), and `finalize`. `drive` asks the method for statistics round after round — the
 exact threshold's second round is just a statistic whose arguments come from the first — until it
-can plan. Where the numbers come from is the caller's choice: `StatsEngine.compute` runs Dask
-passes over every unit of the tensors (results kept in the zarr store), `inline` computes them from
-the rows a pass-2 task already holds (a tensor that is one unit: same functions, one read less).
+can plan. Where the numbers come from is the caller's choice: `StatsEngine` runs Dask passes over
+the work units holding the tensors (partial results folded per tensor as they arrive, results kept
+in the zarr store), `inline` computes them from the rows a pass-2 task already holds (a tensor
+that is one unit: same functions, one read less).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -25,7 +27,7 @@ from .summaries import Summary
 log = logging.getLogger("dppa_stream")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Stat:
     """One statistic of one tensor's deltas.
 
@@ -59,7 +61,7 @@ class Stat:
         return f"{self.kind}|{self.model}|{span}|{int(self.bf16)}|{','.join(map(str, self.args))}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DareSums:
     full: float  # Σ|delta|, exactly rounded
     kept: float  # Σ|delta * mask|
@@ -88,9 +90,9 @@ def compute(rows, stats: list[Stat], check_finite: bool) -> dict[Stat, object]:
             groups.setdefault((rng, st.bf16, "sums" in st.args), []).append(st)
         elif st.kind == "bins":
             bins = np.array(st.args, np.int64)
-            counts = np.zeros((len(bins), 1 << 16), np.int64)
+            counts = _zeroed("bins", len(bins), 1 << 16)
             kernels.bin_counts(rows.src, code, st.model, rng[0], rng[1], st.bf16, bins, counts, bad)
-            out[st] = {unit.index: [_sparse(c) for c in counts]}
+            out[st] = {unit.index: [_take(c) for c in counts]}
         elif st.kind == "dare":
             full, kept = np.zeros(256, np.int64), np.zeros(256, np.int64)
             key, limit = st.args
@@ -101,11 +103,14 @@ def compute(rows, stats: list[Stat], check_finite: bool) -> dict[Stat, object]:
             out[st] = _compute_more(rows, st, code, rng, bad)
     for (rng, bf16, sums), group in groups.items():
         models = np.array([st.model for st in group], np.int64)
-        hists = np.zeros((len(group), summaries.HIST_BINS), np.int64)
+        hists = _zeroed("hist", len(group), summaries.HIST_BINS)
         mants = np.zeros((len(group), 256), np.int64)
         kernels.abs_summaries(rows.src, code, models, rng[0], rng[1], bf16, sums and not bf16, hists, mants, bad)
         for st, h, mt in zip(group, hists, mants):
-            out[st] = Summary(rng[1] - rng[0], h, summaries.hist_mant_sums(h) if bf16 else mt).compact()
+            bins, counts = _take(h)
+            narrow = np.int32 if rng[1] - rng[0] < 1 << 31 else np.int64  # counts of fewer elements fit 32 bits
+            out[st] = Summary(rng[1] - rng[0], None, summaries.hist_mant_sums(bins, counts) if bf16 else mt,
+                              sparse=(bins.astype(np.int32), counts.astype(narrow)))
     if check_finite:
         check_nonfinite(rows, bad)
     return out
@@ -124,7 +129,7 @@ def _compute_more(rows, st: Stat, code: int, rng: tuple[int, int], bad: np.ndarr
     if st.kind in ("var", "var_bins", "arcee", "arcee_bins"):
         bins = np.array(st.args, np.int64)
         hist = np.zeros(summaries.HIST_BINS * (2 if st.kind.startswith("arcee") else 1), np.int64)
-        counts = np.zeros((len(bins), 1 << 16), np.int64)
+        counts = _zeroed("bins", len(bins), 1 << 16)
         if st.kind.startswith("var"):
             if bins.size:
                 kernels.variance_bins(rows.src, code, lo, hi, bins, counts, bad)
@@ -136,7 +141,7 @@ def _compute_more(rows, st: Stat, code: int, rng: tuple[int, int], bad: np.ndarr
             kernels.arcee_importance(rows.src, code, lo // row_len, hi // row_len, row_len, bins, hist, counts, bad)
             if not bins.size:
                 return hist
-        return {unit.index: [_sparse(c) for c in counts]}
+        return {unit.index: [_take(c) for c in counts]}
     if st.kind == "sce_sq":
         kind, value, _, starts = st.args
         budget = np.array([dict(starts).get(unit.index, (0,))[0]], np.int64)
@@ -182,9 +187,29 @@ def exact_integers(words: np.ndarray) -> list[int]:
     return out
 
 
-def _sparse(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    nz = np.flatnonzero(counts)
-    return nz.astype(np.int64), counts[nz]
+_buffers = threading.local()
+
+
+def _zeroed(slot: str, rows: int, width: int) -> np.ndarray:
+    """This thread's reusable int64 counts of shape (rows, width), all zero: the kernels add into
+    them and `_take` hands the counts in use back zeroed. A fresh 256-512 KiB array per tensor
+    (mapped and zeroed page by page) cost more than counting a small tensor's elements."""
+    pool = getattr(_buffers, "pool", None)
+    if pool is None:
+        pool = _buffers.pool = {}
+    buf = pool.get(slot)
+    if buf is None or buf.shape[0] < rows or buf.shape[1] != width:
+        buf = pool[slot] = np.zeros((max(rows, 2), width), np.int64)
+    return buf[:rows]
+
+
+def _take(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(indices in use, their counts) of one row of `_zeroed` counts, which is left all zero.
+    Callers take every row a kernel filled before anything can raise."""
+    nz = np.flatnonzero(counts != 0)  # numpy's fast path for booleans: 5x faster than on int64
+    taken = counts[nz]
+    counts[nz] = 0
+    return nz, taken
 
 
 _PER_UNIT = ("bins", "var_bins", "arcee_bins")
@@ -237,8 +262,8 @@ def check_nonfinite(rows, bad: np.ndarray) -> None:
             e = rows.inp.entries[i]
             u = rows.inp.unit
             count = kernels.count_nonfinite(rows.src[i], kernels.CODES[rows.dtype])
-            raise InputError(f"{e.file}: tensor {e.name!r} has {count} NaN/Inf values in rows "
-                             f"{u.row_start}..{u.row_stop - 1}; pass --allow-nonfinite to merge anyway")
+            raise InputError(f"{e.file}: tensor {e.name!r} has {count} NaN/Inf values in elements "
+                             f"{u.flat_start}..{u.flat_stop - 1}; pass --allow-nonfinite to merge anyway")
 
 
 # --- the driver ------------------------------------------------------------------------------------
@@ -302,47 +327,72 @@ def inline(rows, check_finite: bool):
     return compute_fn
 
 
-def stats_task(inp, stats: list[Stat], check_finite: bool) -> dict:
-    """Dask task: partial results of one tensor's statistics on one unit."""
+def result_bytes(stat: Stat, numel: int) -> int:
+    """About what a statistic's partial result on `numel` elements holds in memory: for a small
+    tensor a histogram holds more than its data, so pass 1 packs work units by this too."""
+    if stat.kind in ("abs", "var", "arcee"):
+        return 256 + 8 * min(numel, summaries.HIST_BINS)
+    if stat.kind in ("gram", "sce_sq"):
+        return 2 * 8 * kernels.GRAM_BUCKETS * 16  # two words per bucket, for the pairs of up to 5 inputs
+    if stat.kind in _PER_UNIT:
+        return 256 + 16 * min(numel, 1 << 16) * max(1, len(stat.args))
+    return 4096
+
+
+def stats_task(work, stats: tuple, check_finite: bool) -> list[dict]:
+    """Dask task: partial results of each unit's statistics (`stats[i]` for unit i of the work unit)."""
     from .units import UnitRows
 
-    return compute(UnitRows(inp), stats, check_finite)
+    return [compute(UnitRows(inp), wanted, check_finite) for inp, wanted in zip(work.items, stats)]
 
 
-def combine_task(*parts: dict) -> dict:
-    """Dask tree-reduction step over partial results of one tensor."""
-    out = dict(parts[0])
-    for p in parts[1:]:
-        for st, v in p.items():
-            out[st] = combine(st, out[st], v) if st in out else v
+def combine_parts(a: dict, b: dict) -> dict:
+    """Partial results of one tensor from two sets of its units, merged."""
+    out = dict(a)
+    for st, v in b.items():
+        out[st] = combine(st, out[st], v) if st in out else v
     return out
 
 
-class StatsEngine:
-    """A `compute_fn` that runs statistics passes over every unit of the wanted tensors on the
-    executor, tree-reduces per tensor on the workers, and keeps results in the store (so resume
-    and the factor search never recompute them)."""
+FLUSH_BYTES = 16 << 20  # finished results held (as the store packs them) before they go to the store
 
-    def __init__(self, executor, inputs, units: dict, progress, store=None, check_finite: bool = True):
+
+def _held(value) -> int:
+    """About the bytes a finished result takes packed (int64 values; more in memory)."""
+    if isinstance(value, Summary):
+        return 200 + 16 * len(value.sparse[0])
+    if isinstance(value, dict):  # per-unit boundary-bin details
+        return 200 + sum(16 * len(v) for bins in value.values() for v, _ in bins)
+    return 256
+
+
+class StatsEngine:
+    """A `compute_fn` that runs statistics passes over the work units holding the wanted tensors on
+    the executor, folds each tensor's partial results as they arrive (exact integer sums: the
+    order does not matter) and saves finished ones to the store in batches, keeping only what the
+    store hands back (summaries load their histograms when queried). So resume and the factor
+    search never recompute statistics, and memory does not grow with the tensor count."""
+
+    def __init__(self, executor, inputs, units: dict, progress, unit_bytes: int, store, check_finite: bool = True):
         self.ex, self.inputs, self.units, self.progress = executor, inputs, units, progress
-        self.store, self.check_finite = store, check_finite
+        self.unit_bytes, self.store, self.check_finite = unit_bytes, store, check_finite
         self.bytes_read = 0
         self.rounds = 0
 
     def __call__(self, wanted: dict[str, list[Stat]]) -> dict:
-        from .units import UnitInputs
+        from .units import UnitInputs, pack
 
         out, todo = {}, {}
         for t, stats in wanted.items():
             for st in stats:
-                got = self.store.get(t, st) if self.store else None
+                got = self.store.get(t, st)
                 if got is None:
                     todo.setdefault(t, []).append(st)
                 else:
                     out[(t, st)] = got
         if not todo:
             return out
-        calls, sizes, groups = [], [], []
+        items, needs, remaining = [], {}, {}
         for t, stats in todo.items():
             entries = self.inputs.entries(t)
             numel = self.inputs.entry(t).numel
@@ -350,20 +400,51 @@ class StatsEngine:
                 need = [st for st in stats if _local_range(st, u, numel) is not None]
                 if need:
                     inp = UnitInputs(u, *entries)
-                    calls.append((inp, need, self.check_finite))
-                    sizes.append(inp.nbytes)
-                    groups.append(t)
+                    items.append(inp)
+                    needs[id(inp)] = need
+                    remaining[t] = remaining.get(t, 0) + 1
+        held = [inp.nbytes + sum(result_bytes(st, inp.unit.numel) for st in needs[id(inp)]) for inp in items]
+        works = pack(items, held, self.unit_bytes)
+        calls = [(w, tuple(needs[id(inp)] for inp in w.items), self.check_finite) for w in works]
+        sizes = [w.nbytes for w in works]
+        needs.clear()
+        partial: dict[str, dict] = {}
+        finished: dict = {}
+        waiting = [0]
+
+        def keep(t, st, value):
+            finished[(t, st)] = value
+            waiting[0] += _held(value)
+            if waiting[0] >= FLUSH_BYTES:
+                self._save(finished, out)
+                waiting[0] = 0
+
+        def fold(i, results):
+            for inp, part in zip(works[i].items, results):
+                t = inp.unit.tensor
+                partial[t] = combine_parts(partial[t], part) if t in partial else part
+                remaining[t] -= 1
+                if not remaining[t]:
+                    parts = partial.pop(t)
+                    for st in todo[t]:
+                        keep(t, st, finalize(st, parts.get(st, _empty(st, None))))
+
         self.rounds += 1
         self.bytes_read += sum(sizes)
         kinds = sorted({st.kind for ss in todo.values() for st in ss})
         with self.progress.phase("stats" if kinds == ["abs"] else "+".join(kinds), sum(sizes)) as step:
-            reduced = self.ex.map_reduce(stats_task, calls, sizes, groups, combine_task, step)
-        fresh = {}
-        for t, stats in todo.items():
-            parts = reduced.get(t, {})
+            self.ex.map(stats_task, calls, sizes, step, fold)
+        for t, stats in todo.items():  # a tensor none of whose units holds a wanted span
             for st in stats:
-                fresh[(t, st)] = finalize(st, parts.get(st, _empty(st, None)))
-        if self.store:
-            self.store.put(fresh)
-        out.update(fresh)
+                if (t, st) not in finished and (t, st) not in out:
+                    keep(t, st, finalize(st, _empty(st, None)))
+        self._save(finished, out)
+        self.ex.trim()
         return out
+
+    def _save(self, finished: dict, out: dict) -> None:
+        """Move finished results to the store, and what it hands back to `out`."""
+        self.store.put(finished)
+        for t, st in finished:
+            out[(t, st)] = self.store.get(t, st)
+        finished.clear()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -64,10 +65,14 @@ def collect_stats(cfg: MergeConfig, opts: MergeOptions | None = None) -> StatsRe
     opts = opts or MergeOptions()
     if cfg.merge_method not in ("dp", "dppa"):
         raise UsageError(f"{cfg.source}: 'stats' reports DP statistics; use merge_method dp or dppa, not {cfg.merge_method!r}")
+    from .stats_store import StatsStore
+
     t0 = time.perf_counter()
     with PeakSampler() as sampler:
-        with session(cfg, opts) as s:
-            engine = s.engine()
+        # pass-1 statistics wait on disk until the plan reads them back, as in a merge (an MoE
+        # model's histograms outgrow memory); nothing is kept after the report
+        with session(cfg, opts) as s, tempfile.TemporaryDirectory(prefix="dppa-stream-stats-") as tmp:
+            engine = s.engine(StatsStore(os.path.join(tmp, "stats.zarr")))
             plan = s.plan(engine)
     return StatsResult(cfg.merge_method, plan.report, [m.path for m in cfg.models], time.perf_counter() - t0,
                        engine.bytes_read, sampler.peak, dict(s.method.params), cfg.base_model or "")

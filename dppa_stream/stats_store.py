@@ -1,9 +1,13 @@
 """A zarr store of pass-1 results, kept in the output's work folder so a resumed run (and the
-factor search) never recomputes statistics it already has.
+factor search) never recomputes statistics it already has, and so that a run does not hold them
+in memory: an MoE model's statistics (a histogram per tensor and fine-tune) outgrow any budget.
 
-Each statistics round is saved as ONE int64 array (zarr costs milliseconds per array, and a model
-has hundreds of tensors): the packed records concatenated, with a JSON index in the array's
-attributes mapping "tensor|stat key" to (offset, length).
+Results are saved in batches, each as ONE int64 array (zarr costs milliseconds per array, and a
+model has up to 100k tensors): the packed records concatenated, with a JSON index in the array's
+attributes mapping "tensor|stat key" to (offset, length). In memory the store keeps that index
+only; a record is read back when asked for, through a cache of the last chunk read (records are
+asked for in about the order they were written). Histograms come back as summaries that load
+their bins only while they are being queried.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from .summaries import Summary
 
 
 def _digest(data: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(data, np.int64).tobytes()).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(data, np.int64).data).hexdigest()  # hashed in place, not copied
 
 
 def _damaged(path: str, e: Exception) -> OutputError:
@@ -44,15 +48,28 @@ def _fsync_tree(folder: str) -> None:
             os.close(fd)
 
 
+_LIMB = 62  # Σ|delta| of a summary (an integer of up to ~350 bits) is stored as non-negative 62-bit limbs
+
+
 def _pack_summary(value: Summary) -> np.ndarray:
-    nz = np.nonzero(value.hist)[0]
-    return np.concatenate([[value.numel, len(nz)], nz, value.hist[nz], value.mant_sums]).astype(np.int64)
+    bins, counts = value.sparse
+    limbs, rest = [], value.total
+    while rest:
+        limbs.append(rest & ((1 << _LIMB) - 1))
+        rest >>= _LIMB
+    return np.concatenate([[value.numel, len(bins), len(limbs)], limbs, bins, counts]).astype(np.int64)
+
+
+def _summary_head(a: np.ndarray) -> tuple[int, int, int, int]:
+    """(numel, total, bins in use, where the bins start) of a packed summary."""
+    numel, n, k = int(a[0]), int(a[1]), int(a[2])
+    total = sum(int(limb) << (_LIMB * i) for i, limb in enumerate(a[3:3 + k]))
+    return numel, total, n, 3 + k
 
 
 def _unpack_summary(a: np.ndarray) -> Summary:
-    numel, n = int(a[0]), int(a[1])
-    sparse = (a[2:2 + n].astype(np.int32), a[2 + n:2 + 2 * n].copy())
-    return Summary(numel, None, a[2 + 2 * n:2 + 2 * n + 256].copy(), sparse=sparse)
+    numel, total, n, at = _summary_head(a)
+    return Summary(numel, sparse=(a[at:at + n].astype(np.int32), a[at + n:at + 2 * n].copy()), total=total)
 
 
 def pack(stat: Stat, value) -> np.ndarray:
@@ -109,11 +126,14 @@ def unpack(stat: Stat, a: np.ndarray):
     return DareSums(float(full), float(kept))
 
 
-class StatsStore:
-    """Statistics by (tensor, Stat), persisted in a zarr group, one array per round.
+CHUNK = 1 << 20  # int64 values per zarr chunk (8 MiB): the unit of reading back
 
-    A round is committed by its attributes (index and sha256 of the data), written after the data
-    is synced; a round without them is an interrupted write and ignored. A committed round that
+
+class StatsStore:
+    """Statistics by (tensor, Stat), persisted in a zarr group, one array per saved batch.
+
+    A batch is committed by its attributes (index and sha256 of the data), written after the data
+    is synced; a batch without them is an interrupted write and ignored. A committed batch that
     does not verify, or a store that cannot be read or written, is an OutputError (exit 4) that
     says how to go on."""
 
@@ -121,40 +141,88 @@ class StatsStore:
         import zarr  # imported here: it adds ~0.3 s to every start-up otherwise
 
         self.path = path
-        self._records: dict[str, np.ndarray] = {}
+        self._where: dict[str, tuple[int, int, int]] = {}  # record key -> (array, offset, length)
+        self._arrays: list = []
+        self._chunk: tuple = (None, None, None)  # (array, chunk number, values) read last
         try:
             self.group = zarr.open_group(path, mode="a")
             names = sorted(self.group.array_keys())
         except Exception as e:  # noqa: BLE001 - any failure to open our own cache is damage
             raise _damaged(path, e) from None
+        self._saved = len(names)
         for name in names:
             try:
                 arr = self.group[name]
                 attrs = dict(arr.attrs)
                 if "index" not in attrs:
                     continue  # never committed: a run stopped while writing it
-                data = arr[:]
-                if "sha256" in attrs and _digest(data) != attrs["sha256"]:
-                    raise ValueError(f"{name} does not match its checksum")
-                for key, (off, length) in attrs["index"].items():
-                    if not (isinstance(key, str) and 0 <= off and off + length <= len(data)):
-                        raise ValueError(f"{name} has a bad index")
-                    self._records[key] = data[off:off + length]
+                self._verify(name, arr, attrs.get("sha256"))
+                self._add(arr, attrs["index"])
             except Exception as e:  # noqa: BLE001
                 raise _damaged(path, e) from None
 
-    def _save(self, records: dict[str, np.ndarray]) -> None:
-        if not records:
+    def _verify(self, name: str, arr, digest: str | None) -> None:
+        """Check a batch against its checksum, reading it chunk by chunk."""
+        h = hashlib.sha256()
+        for start in range(0, arr.shape[0], CHUNK):
+            h.update(np.ascontiguousarray(arr[start:start + CHUNK], np.int64).data)
+        if digest is not None and h.hexdigest() != digest:
+            raise ValueError(f"{name} does not match its checksum")
+
+    def _add(self, arr, index: dict) -> None:
+        a = len(self._arrays)
+        self._arrays.append(arr)
+        for key, (off, length) in index.items():
+            if not (isinstance(key, str) and 0 <= off and off + length <= arr.shape[0]):
+                raise ValueError("a batch has a bad index")
+            self._where[key] = (a, off, length)
+
+    def _read(self, where: tuple[int, int, int]) -> np.ndarray:
+        """One record, through the cache of the last chunk read."""
+        a, off, length = where
+        parts = []
+        while length > 0:
+            c, at = divmod(off, CHUNK)
+            if self._chunk[:2] != (a, c):
+                try:
+                    values = np.asarray(self._arrays[a][c * CHUNK:(c + 1) * CHUNK], np.int64)
+                except Exception as e:  # noqa: BLE001 - damaged since it was opened
+                    raise _damaged(self.path, e) from None
+                self._chunk = (a, c, values)
+            take = min(length, CHUNK - at)
+            parts.append(self._chunk[2][at:at + take])
+            off, length = off + take, length - take
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def get(self, tensor: str, stat: Stat):
+        where = self._where.get(f"{tensor}|{stat.key()}")
+        if where is None:
+            return None
+        if stat.kind != "abs":
+            return unpack(stat, self._read(where))
+        numel, total, n, at = _summary_head(self._read(where))
+        return Summary(numel, total=total, load=(self._bins, where, at, n))
+
+    def _bins(self, where: tuple, at: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The bins in use and their counts of a stored summary."""
+        rec = self._read(where)
+        return rec[at:at + n].astype(np.int32), rec[at + n:at + 2 * n]
+
+    def put(self, items: dict) -> None:
+        """Save {(tensor, Stat): value} as one batch."""
+        if not items:
             return
         index, parts, off = {}, [], 0
-        for key, packed in records.items():
-            index[key] = (off, len(packed))
+        for (tensor, stat), value in items.items():
+            packed = pack(stat, value)
+            index[f"{tensor}|{stat.key()}"] = (off, len(packed))
             parts.append(packed)
             off += len(packed)
         data = np.concatenate(parts)
-        name = f"round-{len(list(self.group.array_keys())):04d}"
+        del parts
+        name = f"round-{self._saved:04d}"
         try:
-            arr = self.group.create_array(name=name, data=data, overwrite=True)
+            arr = self.group.create_array(name=name, data=data, chunks=(CHUNK,), overwrite=True)
             _fsync_tree(os.path.join(self.path, name))
             arr.attrs.update({"index": index, "sha256": _digest(data)})  # the commit
             _fsync_tree(os.path.join(self.path, name))
@@ -162,14 +230,6 @@ class StatsStore:
             reason = getattr(e, "strerror", None) or type(e).__name__
             raise OutputError(f"{self.path}: cannot save statistics ({reason}); free space, then rerun with "
                               "--resume (finished statistics are kept)") from None
-        self._records.update(records)
-        self._rounds = getattr(self, "_rounds", 0) + 1
-        fault_point("stats", self._rounds)
-
-    def get(self, tensor: str, stat: Stat):
-        rec = self._records.get(f"{tensor}|{stat.key()}")
-        return unpack(stat, rec) if rec is not None else None
-
-    def put(self, items: dict) -> None:
-        """Save {(tensor, Stat): value} as one round."""
-        self._save({f"{tensor}|{stat.key()}": pack(stat, value) for (tensor, stat), value in items.items()})
+        self._saved += 1
+        self._add(arr, index)
+        fault_point("stats", self._saved)

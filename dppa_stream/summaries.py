@@ -12,6 +12,8 @@ them. Nothing here knows about files, kernels or Dask.
 from __future__ import annotations
 
 import math
+import struct
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,96 +24,161 @@ KEEP_NONE = 0x7FFFFFFF  # threshold bits at or above every finite |delta|
 
 
 class Summary:
-    """Exact, mergeable summary of |delta| over some elements of one tensor of one model.
+    """Exact, mergeable summary of |delta| over some elements of one tensor of one model: the
+    element count, Σ|delta| as an exact integer, and a histogram of the top 16 bits.
 
     The histogram is dense while a task accumulates chunks into it, and sparse (typically ~3k of
-    the 32k bins are used) once `compact()`ed or pickled: a run keeps one summary per tensor and
-    model until it plans, so dense ones would make memory grow with the model's tensor count.
+    the 32k bins are used) once `compact()`ed or pickled. A summary read back from the statistics
+    store holds no histogram at all, only a way to load it (`load`), so that a run can keep one
+    summary per tensor and model of an MoE model (tens of thousands) in a few hundred bytes each.
     """
 
-    __slots__ = ("numel", "_dense", "_bins", "_counts", "mant_sums")
+    __slots__ = ("numel", "total", "_dense", "_bins", "_counts", "_cum", "_load", "__weakref__")
 
     def __init__(self, numel: int = 0, hist: np.ndarray | None = None, mant_sums: np.ndarray | None = None,
-                 sparse: tuple[np.ndarray, np.ndarray] | None = None):
+                 sparse: tuple[np.ndarray, np.ndarray] | None = None, total: int | None = None, load=None):
         self.numel = numel
-        # Σ of float32 significands per exponent: an exact integer representation of Σ|delta|.
-        self.mant_sums = mant_sums if mant_sums is not None else np.zeros(256, np.int64)
+        # Σ|delta| in units of 2**-150: exact, from the per-exponent significand sums a kernel adds up
+        self.total = total if total is not None else exact_total(mant_sums) if mant_sums is not None else 0
+        self._dense = self._bins = self._counts = self._cum = None
+        self._load = load
         if sparse is not None:
-            self._dense, (self._bins, self._counts) = None, sparse
-        else:
+            self._bins, self._counts = sparse
+        elif load is None:
             self._dense = hist if hist is not None else np.zeros(HIST_BINS, np.int64)
-            self._bins = self._counts = None
 
     @property
     def hist(self) -> np.ndarray:
         """Dense counts by top-16-bit pattern (a temporary array when the summary is compact)."""
         if self._dense is not None:
             return self._dense
+        bins, counts = self.sparse
         dense = np.zeros(HIST_BINS, np.int64)
-        dense[self._bins] = self._counts
+        dense[bins] = counts
         return dense
 
     def compact(self) -> "Summary":
         if self._dense is not None:
-            nz = np.flatnonzero(self._dense)
+            nz = np.flatnonzero(self._dense != 0)  # numpy's fast path for booleans
             self._bins, self._counts, self._dense = nz.astype(np.int32), self._dense[nz], None
         return self
 
+    @property
+    def sparse(self) -> tuple[np.ndarray, np.ndarray]:
+        """(bins in use, in increasing order; their counts)."""
+        if self._load is not None:
+            return self._loaded()[1:3]
+        self.compact()
+        return self._bins, self._counts
+
+    def cumulative(self) -> tuple[np.ndarray, np.ndarray]:
+        """(bins in use; cumulative counts up to and including each), computed once: order queries
+        then search the bins in use instead of passing over all 32,768."""
+        if self._load is not None:
+            loaded = self._loaded()
+            return loaded[1], loaded[3]
+        if self._cum is None:
+            bins, counts = self.sparse
+            self._cum = (bins, np.cumsum(counts))
+        return self._cum
+
+    def _loaded(self) -> tuple:
+        """(weak reference to self, bins, counts, cumulative counts) of a summary that loads its
+        histogram: kept for the last one loaded only, since planning queries one tensor's histogram
+        several times in a row and must not keep every tensor's (nor, once the run is over, the
+        statistics store a summary loads from)."""
+        global _last_loaded
+        if _last_loaded[0]() is not self:
+            bins, counts = self._load[0](*self._load[1:])
+            _last_loaded = (weakref.ref(self), bins, counts, np.cumsum(counts))
+        return _last_loaded
+
     def __add__(self, other: "Summary") -> "Summary":
-        dense = self.hist.copy() if self._dense is not None else self.hist
-        if other._dense is not None:
-            dense += other._dense
-        else:
-            dense[other._bins] += other._counts
-        return Summary(self.numel + other.numel, dense, self.mant_sums + other.mant_sums)
+        dense = self.hist.copy()
+        bins, counts = other.sparse if other._dense is None else (slice(None), other._dense)
+        dense[bins] += counts
+        return Summary(self.numel + other.numel, dense, total=self.total + other.total)
 
     def __reduce__(self):
-        c = Summary(self.numel, self._dense, self.mant_sums,
-                    None if self._dense is not None else (self._bins, self._counts)).compact()
-        return _unpack_summary, (c.numel, c._bins, c._counts, c.mant_sums)
+        bins, counts = self.sparse
+        return _unpack_summary, (self.numel, bins, counts, self.total)
 
     @property
     def sum_abs(self) -> float:
         """Σ|delta|, exactly rounded to float64 (independent of chunking)."""
-        return exact_sum(self.mant_sums)
+        return math.ldexp(float(self.total), -150)  # int -> float rounds correctly; the scaling is exact
 
     @property
     def mean_abs(self) -> float:
-        return self.sum_abs / self.numel if self.numel else 0.0
+        return mean_abs(self.total, self.numel)
 
 
-def _unpack_summary(numel, bins, counts, mant_sums):
-    return Summary(numel, None, mant_sums, sparse=(bins, counts))
+def mean_abs(total: int, numel: int) -> float:
+    """Mean |delta| of `numel` elements whose Σ|delta| is `total` (a `Summary.total`)."""
+    return math.ldexp(float(total), -150) / numel if numel else 0.0
+
+
+_last_loaded: tuple = (lambda: None,)  # see Summary._loaded
+
+
+def _unpack_summary(numel, bins, counts, total):
+    return Summary(numel, sparse=(bins, counts), total=total)
+
+
+def exact_total(mant_sums: np.ndarray) -> int:
+    """Σ of values given as per-exponent sums of float32 significands, as one integer in units of
+    2**-150 (exact: the significand of exponent e counts 2**(max(e, 1) - 150))."""
+    return sum(int(mant_sums[e]) << max(int(e), 1) for e in np.flatnonzero(mant_sums))
 
 
 def exact_sum(mant_sums: np.ndarray) -> float:
     """Σ of values given as per-exponent sums of float32 significands, exactly rounded to float64:
-    one Python integer in units of the lowest exponent present, rounded once by int -> float
-    (correctly rounded) and scaled by a power of two (exact). Fractions gave the same result 10x
-    slower, in DPPA's serial plan step."""
-    nz = np.nonzero(mant_sums)[0]
-    if not nz.size:
-        return 0.0
-    low = max(int(nz[0]), 1)
-    total = 0
-    for e in nz:
-        total += int(mant_sums[e]) << (max(int(e), 1) - low)
-    return math.ldexp(float(total), low - 150)
+    one Python integer rounded once by int -> float (correctly rounded) and scaled by a power of
+    two (exact). Fractions gave the same result 10x slower, in DPPA's serial plan step."""
+    return math.ldexp(float(exact_total(mant_sums)), -150)
 
 
-_BIN_MANT = ((np.arange(HIST_BINS, dtype=np.int64) & 0x7F) << 16).reshape(256, 128)
-_BIN_MANT[1:] |= 1 << 23  # implicit leading one of normal numbers (exponent > 0)
+_BIN_MANT = (np.arange(HIST_BINS, dtype=np.int64) & 0x7F) << 16
+_BIN_MANT[128:] |= 1 << 23  # implicit leading one of normal numbers (exponent > 0)
 
 
-def hist_mant_sums(hist: np.ndarray) -> np.ndarray:
-    """Exact `mant_sums` of values that are all bf16: each bin holds a single value."""
-    return (hist.reshape(256, 128) * _BIN_MANT).sum(axis=1)
+def hist_mant_sums(bins: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Exact `mant_sums` of values that are all bf16 (each bin holds a single value), from the
+    bins in use and their counts."""
+    mant = np.zeros(256, np.int64)
+    np.add.at(mant, bins >> 7, counts * _BIN_MANT[bins])
+    return mant
 
 
-def count_above(hist: np.ndarray, value: float) -> int:
+def cumulative(hist) -> tuple[np.ndarray, np.ndarray]:
+    """(bins in use, cumulative counts) of a histogram given as a Summary or as a dense array."""
+    if isinstance(hist, Summary):
+        return hist.cumulative()
+    bins = np.flatnonzero(hist)
+    return bins, np.cumsum(hist[bins])
+
+
+def count_below(hist, b: int) -> int:
+    """Elements in bins < b."""
+    bins, cum = cumulative(hist)
+    j = int(np.searchsorted(bins, b))
+    return int(cum[j - 1]) if j else 0
+
+
+def count_in(hist, b: int) -> int:
+    """Elements in bin b."""
+    return count_below(hist, b + 1) - count_below(hist, b)
+
+
+def total(hist) -> int:
+    cum = cumulative(hist)[1]
+    return int(cum[-1]) if len(cum) else 0
+
+
+def count_above(hist, value: float) -> int:
     """Number of |delta| > value, exact when every |delta| is a bf16 value."""
     # A bf16 |delta| in bin (bits(value) >> 16) equals that bin's start, which is <= value.
-    return int(hist[(_bits(value) >> 16) + 1:].sum())
+    return total(hist) - count_below(hist, (_bits(value) >> 16) + 1)
 
 
 def _bits(value: float) -> int:
@@ -119,14 +186,15 @@ def _bits(value: float) -> int:
 
 
 def bits_to_float(bits: int) -> float:
-    return float(np.array(bits, np.int32).view(np.float32))
+    return struct.unpack("<f", struct.pack("<i", bits))[0]
 
 
-def locate(hist: np.ndarray, rank: int) -> tuple[int, int]:
-    """Bin holding the rank-th smallest element (1-based) and its rank inside that bin."""
-    cum = np.cumsum(hist)
-    b = int(np.searchsorted(cum, rank))
-    return b, rank - (int(cum[b - 1]) if b else 0)
+def locate(hist, rank: int) -> tuple[int, int]:
+    """Bin holding the rank-th smallest element (1-based, rank >= 1) and its rank inside that bin."""
+    bins, cum = cumulative(hist)
+    j = int(np.searchsorted(cum, rank))
+    before = int(cum[j - 1]) if j else 0
+    return (int(bins[j]) if j < len(bins) else HIST_BINS), rank - before
 
 
 @dataclass(frozen=True)
@@ -143,13 +211,25 @@ class Threshold:
         return bits_to_float(self.bits) if self.bits >= 0 else -1.0
 
 
-def threshold_from_hist(hist: np.ndarray, rank: int) -> Threshold:
+def threshold_from_hist(hist, rank: int) -> Threshold:
     """The rank-th smallest |delta| (1-based) when deltas are bf16 values (low bits all zero)."""
     b, _ = locate(hist, rank)
-    return Threshold(b << 16, 0, int(hist[b]))
+    return Threshold(b << 16, 0, count_in(hist, b))
 
 
-def keep_top(numel: int, k: int, hist: np.ndarray, details: list[tuple[np.ndarray, np.ndarray]]) -> tuple[Threshold, list[int]]:
+def thresholds_le(hist, ranks: list[int]) -> list[tuple[Threshold, int]]:
+    """For each rank, `threshold_from_hist(hist, rank)` and how many elements are at or below it,
+    from one search of the cumulative counts (DPPA asks this of every linear and fine-tune)."""
+    bins, cum = cumulative(hist)
+    out = []
+    for j in np.searchsorted(cum, ranks).tolist():
+        at_or_below = int(cum[j]) if j < len(cum) else total(hist)
+        b = int(bins[j]) if j < len(bins) else HIST_BINS
+        out.append((Threshold(b << 16, 0, at_or_below - (int(cum[j - 1]) if j else 0)), at_or_below))
+    return out
+
+
+def keep_top(numel: int, k: int, hist, details: list[tuple[np.ndarray, np.ndarray]]) -> tuple[Threshold, list[int]]:
     """Keep exactly the k largest |delta|; ties at the threshold go to the lowest flat indices.
 
     `details` are the per-unit low-16-bit counts (values, counts) inside the bin
@@ -169,11 +249,11 @@ def keep_top(numel: int, k: int, hist: np.ndarray, details: list[tuple[np.ndarra
     return Threshold(t.bits, k - above, t.ties_total), prefixes
 
 
-def smallest(rank: int, hist: np.ndarray, details: list[tuple[np.ndarray, np.ndarray]] | None) -> Threshold:
+def smallest(rank: int, hist, details: list[tuple[np.ndarray, np.ndarray]] | None) -> Threshold:
     """The rank-th smallest |delta| (1-based) exactly, from the histogram and boundary-bin details."""
     b, r = locate(hist, rank)
     if details is None:
-        return Threshold(b << 16, 0, int(hist[b]))
+        return Threshold(b << 16, 0, count_in(hist, b))
     merged: dict[int, int] = {}
     for vals, counts in details:
         for v, c in zip(vals.tolist(), counts.tolist()):
@@ -186,25 +266,24 @@ def smallest(rank: int, hist: np.ndarray, details: list[tuple[np.ndarray, np.nda
     raise AssertionError("bucket details do not match the histogram")
 
 
-def count_le(hist: np.ndarray, details, t: Threshold) -> int:
+def count_le(hist, details, t: Threshold) -> int:
     b = t.bits >> 16
-    below = int(hist[:b].sum())
     if details is None:
-        return below + int(hist[b])
+        return count_below(hist, b + 1)
     low = t.bits & 0xFFFF
-    return below + sum(int(c[v <= low].sum()) for v, c in details)
+    return count_below(hist, b) + sum(int(c[v <= low].sum()) for v, c in details)
 
 
-def count_lt(hist: np.ndarray, details, bits: int) -> int:
+def count_lt(hist, details, bits: int) -> int:
     """Exact count of |delta| whose bits are below `bits`, given the details of bin bits >> 16."""
     low = bits & 0xFFFF
-    return int(hist[:bits >> 16].sum()) + sum(int(c[v < low].sum()) for v, c in details)
+    return count_below(hist, bits >> 16) + sum(int(c[v < low].sum()) for v, c in details)
 
 
-def count_gt_bits(hist: np.ndarray, details: list[tuple[np.ndarray, np.ndarray]], bits: int) -> int:
+def count_gt_bits(hist, details: list[tuple[np.ndarray, np.ndarray]], bits: int) -> int:
     """Exact count of |delta| whose bits exceed `bits`, given the details of bin bits >> 16."""
     low = bits & 0xFFFF
-    return int(hist[(bits >> 16) + 1:].sum()) + sum(int(c[v > low].sum()) for v, c in details)
+    return total(hist) - count_below(hist, (bits >> 16) + 1) + sum(int(c[v > low].sum()) for v, c in details)
 
 
 def rank_for_prune_le(numel: int, sparsity: float) -> int:

@@ -142,7 +142,7 @@ def write_llama_set(folder: str, shape: LlamaShape = LlamaShape(), finetunes: in
                 if ft > 0:
                     x = x + _delta_block(name, tshape, (r0, r1), seed, ft - 1, shape.layers, drift)
                 x = x.to(dtype).reshape((r1 - r0,) + tuple(tshape[1:]))
-                write_rows(out, layout.placements[name], r0, x)
+                write_rows(out, layout.placements[name], r0 * row_numel, x)
         layout.finish(out)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(shape.hf_config(dtype), f, indent=2)

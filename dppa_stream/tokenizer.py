@@ -467,7 +467,7 @@ class RowRemap:
         """Output elements [lo, hi) (whole rows) of this input into the byte buffer `out`."""
         import numpy as np
 
-        from .checkpoint import read_into
+        from .checkpoint import read_range
 
         r0, r1 = lo // self.row_numel, hi // self.row_numel
         if r1 <= r0:
@@ -479,7 +479,8 @@ class RowRemap:
         for a, b in zip(starts, [*starts[1:], r1 - r0]):
             s = int(src[a])
             if s >= 0:
-                read_into(self.sources[s], int(row[a]), int(row[a]) + b - a, out[a * rb:b * rb])
+                read_range(self.sources[s], int(row[a]) * self.row_numel, (int(row[a]) + b - a) * self.row_numel,
+                           out[a * rb:b * rb])
             else:
                 out[a * rb:b * rb] = self.made[row[a:b]].reshape(-1)
 
@@ -614,7 +615,7 @@ def compute_rows(entries: tuple) -> None:
     import numpy as np
 
     from . import kernels
-    from .checkpoint import read_into
+    from .checkpoint import read_range
 
     remaps = [e.remap for e in entries if isinstance(e, RemappedEntry)]
     if not remaps:
@@ -626,7 +627,7 @@ def compute_rows(entries: tuple) -> None:
     raw = np.empty(n * e0.itemsize, np.uint8)
 
     def row32(entry, r: int):
-        read_into(entry, r, r + 1, raw)
+        read_range(entry, r * entry.row_numel, (r + 1) * entry.row_numel, raw)
         out = np.empty(n, np.float32)
         kernels.widen_block(raw.view(container), code, 0, n, out)
         return out

@@ -1,10 +1,19 @@
-"""Work units: row ranges of one tensor, sized from the memory budget, and reading one.
+"""Work units: what one task holds, sized from the memory budget, and reading a tensor's range.
 
-A unit is the rows [row_start, row_stop) of one tensor across every input. It is what one Dask
-task holds in memory: the rows of the base and of each fine-tune (one allocation; raw bit patterns
-read with one positional read per input, or float32 values decoded by `sources`) plus the output
-rows. Units never split a row, so anything computed row by row, and every flat index, is the same
-whatever the unit size; a format may ask for more (whole 128-row FP8 blocks, whole MXFP4 experts).
+A `Unit` is a flat element range [flat_start, flat_stop) of one tensor across every input; a
+`WorkUnit` is what one Dask task runs: consecutive units in output order whose memory fits the unit
+size, i.e. many whole small tensors (an MoE checkpoint ships tens of thousands of them) or one
+piece of a large one. A task holds one unit at a time: the values of the base and of each
+fine-tune (one allocation; raw bit patterns read with one positional read per input, or float32
+values decoded by `sources`) plus the output values.
+
+A tensor is split only at multiples of its `multiple` (elements): a row along the last dimension
+for methods that work element by element or row by row (so a fused `[experts, out, in]` tensor
+splits inside an expert, like the same matrices stored one per tensor), whole first-axis slices
+for methods that rank along dimension 1 (DELLA), and whatever a storage format needs on top.
+Tensors of at most one dimension are never split (methods that rank or normalise along a vector
+need it whole). Units and work units depend only on the inputs' headers, the multiples and the
+unit size, so every scheduler, thread count and resumed run sees the same plan.
 """
 
 from __future__ import annotations
@@ -21,28 +30,29 @@ PROCESS_BASELINE = 300 << 20  # python + numpy + numba + dask/distributed, per p
 TASK_OVERHEAD = 16 << 20  # kernel scratch, histograms and Dask bookkeeping per running task
 MAX_UNIT_BYTES = 64 << 20  # default unit cap: small tasks balance load and keep memory low
 MIN_UNIT_BYTES = 4 << 20
+# What the client holds per tensor for the whole run (peak memory of DeepSeek-V3-shaped merges of
+# 45k and 90k tensors, benchmarks/bench_moe.py: +2.2 KiB per tensor for ties, +7.2 KiB for dppa)
+TENSOR_STATE = 512  # its catalogue entry, units, work-unit item, place in the output layout
+INPUT_STATE = 512  # ... per input checkpoint: the header entry
+PLAN_STATE = 2560  # per tensor and fine-tune planned before pass 2: statistics index, summary, plan, report
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Unit:
-    """Rows [row_start, row_stop) of one tensor; `index` is its position among the tensor's units."""
+    """Elements [flat_start, flat_stop) of one tensor (C order); `index` is its position among the
+    tensor's units."""
 
     tensor: str
     index: int
-    row_start: int
-    row_stop: int
-    row_numel: int
-
-    @property
-    def flat_start(self) -> int:
-        return self.row_start * self.row_numel
+    flat_start: int
+    flat_stop: int
 
     @property
     def numel(self) -> int:
-        return (self.row_stop - self.row_start) * self.row_numel
+        return self.flat_stop - self.flat_start
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UnitInputs:
     """What a task needs to read a unit: the base entry (or None) and each model's entry."""
 
@@ -60,47 +70,63 @@ class UnitInputs:
         return sum(self.unit.numel * e.nbytes // max(1, e.numel) for e in self.entries)
 
 
-def plan_units(names: list[str], entries: dict[str, TensorEntry], per_element: dict[str, int], align: dict[str, int],
-               unit_bytes: int) -> dict[str, int]:
-    """Rows per unit for every tensor, so that one unit's memory (`per_element` bytes per element:
-    inputs and output) fits `unit_bytes`, and its boundaries fall on multiples of `align[name]`
-    elements (a multiple or a divisor of the row size). A unit of the alignment is the least a
-    tensor can be split into, even when it is larger than `unit_bytes`."""
-    rows = {}
-    for name in names:
-        e = entries[name]
-        step = max(1, align.get(name, 1) // max(1, e.row_numel))
-        per_row = e.row_numel * per_element[name]
-        rows[name] = max(step, unit_bytes // max(1, per_row) // step * step)
-    return rows
+@dataclass(frozen=True, slots=True)
+class WorkUnit:
+    """Consecutive units that one task runs; `nbytes` is what it reads. The manifest names a work
+    unit by its first unit."""
+
+    items: tuple[UnitInputs, ...]
+    nbytes: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        first = self.items[0].unit
+        return first.tensor, first.index
 
 
-def units_from_plan(names: list[str], entries: dict[str, TensorEntry], rows_per_unit: dict[str, int]) -> dict[str, list[Unit]]:
-    """The units of every tensor. A tensor with no elements (a zero in its shape) is one empty
-    unit, and so is a tensor of at most one dimension (biases, norms: small, and methods that rank
-    or normalise along a vector need it whole)."""
-    units = {}
-    for name in names:
-        e = entries[name]
-        if e.numel == 0 or len(e.shape) <= 1:
-            units[name] = [Unit(name, 0, 0, e.rows, e.row_numel)]
-            continue
-        step = rows_per_unit[name]
-        units[name] = [Unit(name, i, s, min(e.rows, s + step), e.row_numel)
-                       for i, s in enumerate(range(0, e.rows, step))]
-    return units
+def split_tensor(name: str, numel: int, ndim: int, multiple: int, per_element: int, unit_bytes: int) -> list[Unit]:
+    """The units of one tensor: as many elements as fit `unit_bytes` (at `per_element` bytes of
+    task memory each), rounded down to a multiple of `multiple` (at least one multiple): the
+    method's requirement (`MergeMethod.unit_multiple`), which a storage format that needs coarser
+    boundaries (blocks of rows) may raise."""
+    if numel == 0 or ndim <= 1:
+        return [Unit(name, 0, 0, numel)]
+    step = max(1, unit_bytes // max(1, per_element) // multiple) * multiple
+    return [Unit(name, i, s, min(numel, s + step)) for i, s in enumerate(range(0, numel, step))]
 
 
-def unit_budget(memory_limit: int, workers: int, processes: int) -> int:
-    """Bytes per unit such that `workers` concurrent tasks fit the memory limit."""
-    free = memory_limit - PROCESS_BASELINE * processes - TASK_OVERHEAD * workers
+def pack(items: list[UnitInputs], sizes: list[int], unit_bytes: int) -> list[WorkUnit]:
+    """Work units of consecutive `items` (in order) whose `sizes` (task memory) add up to at most
+    `unit_bytes`; an item larger than that is a work unit of its own."""
+    out, group, held = [], [], 0
+    for item, size in zip(items, sizes):
+        if group and held + size > unit_bytes:
+            out.append(WorkUnit(tuple(group), sum(i.nbytes for i in group)))
+            group, held = [], 0
+        group.append(item)
+        held += size
+    if group:
+        out.append(WorkUnit(tuple(group), sum(i.nbytes for i in group)))
+    return out
+
+
+def state_bytes(tensors: int, inputs: int, planned: int, models: int) -> int:
+    """Memory the client holds for the run's bookkeeping: `tensors` tensors read from `inputs`
+    checkpoints, `planned` of them planned before pass 2 for `models` fine-tunes each."""
+    return tensors * (TENSOR_STATE + INPUT_STATE * inputs) + planned * models * PLAN_STATE
+
+
+def unit_budget(memory_limit: int, workers: int, processes: int, state: int = 0) -> int:
+    """Bytes per unit such that `workers` concurrent tasks fit the memory limit, next to the
+    processes themselves and the client's `state` (see `state_bytes`)."""
+    free = memory_limit - PROCESS_BASELINE * processes - state - TASK_OVERHEAD * workers
     per_task = free // max(1, workers)
     if per_task < MIN_UNIT_BYTES:
-        need = PROCESS_BASELINE * processes + (TASK_OVERHEAD + MIN_UNIT_BYTES) * workers
-        raise UsageError(
-            f"--memory-limit {memory_limit / 2**20:.0f} MiB is too small for {workers} worker(s); "
-            f"need at least {need / 2**20:.0f} MiB (or use fewer workers)"
-        )
+        need = PROCESS_BASELINE * processes + state + (TASK_OVERHEAD + MIN_UNIT_BYTES) * workers
+        held = f", {state / 2**20:.0f} MiB of it to keep track of every tensor" if state >= 64 << 20 else ""
+        who, fewer = (f"{workers} worker(s)", " (or use fewer workers)") if workers else ("the client of a cluster", "")
+        raise UsageError(f"--memory-limit {memory_limit / 2**20:.0f} MiB is too small for {who}; "
+                         f"need at least {need / 2**20:.0f} MiB{held}{fewer}")
     return per_task
 
 

@@ -88,7 +88,7 @@ def test_disk_full_anywhere_in_finalising_is_exit_4_and_resumable(with_big_token
 def test_reserve_holds_the_final_files_and_is_released(tmp_path):
     partial = str(tmp_path / "out.partial")
     space = Space(shards=1000, final={"tokenizer.json": 50_000, "README.md": 4096}, state=10)
-    prepare_partial(partial, "fp", False, False, {"w": 1}, space)
+    prepare_partial(partial, "fp", False, False, {"unit_bytes": 1}, space=space)
     rdir = os.path.join(partial, WORK_DIR, RESERVE_DIR)
     sizes = sorted(os.path.getsize(os.path.join(rdir, f)) for f in os.listdir(rdir))
     assert sizes == [4096, 50_000]

@@ -135,17 +135,17 @@ def test_publish_leaves_every_old_named_sibling_alone(tmp_path):
 def test_only_a_partial_created_in_this_run_is_removed_on_bad_input(tmp_path):
     fresh = str(tmp_path / "a.partial")
     with pytest.raises(InputError), removed_on_bad_input(fresh):
-        prepare_partial(fresh, "fp", False, False, {"w": 1})
+        prepare_partial(fresh, "fp", False, False, {"unit_bytes": 1})
         raise InputError("bad input")
     assert not os.path.exists(fresh)
     old = tmp_path / "b.partial" / ".dppa-stream"
     os.makedirs(old)
-    (old / "run.json").write_text('{"fingerprint": "fp", "rows_per_unit": {"w": 1}}')
+    (old / "run.json").write_text('{"fingerprint": "fp", "unit_bytes": 1}')
     with pytest.raises(InputError), removed_on_bad_input(str(tmp_path / "b.partial")):
-        prepare_partial(str(tmp_path / "b.partial"), "fp", True, False, {"w": 1})  # resumed, not created
+        prepare_partial(str(tmp_path / "b.partial"), "fp", True, False, {"unit_bytes": 1})  # resumed, not created
         raise InputError("bad input")
     assert old.exists()
     with pytest.raises(OutputError), removed_on_bad_input(fresh):  # disk full: kept for --resume
-        prepare_partial(fresh, "fp", False, False, {"w": 1})
+        prepare_partial(fresh, "fp", False, False, {"unit_bytes": 1})
         raise OutputError("disk full")
     assert os.path.exists(fresh)

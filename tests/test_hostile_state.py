@@ -20,9 +20,9 @@ from .test_hostile_cli import config, one_line_error, run, same_tree, tensors, w
 FORGERS = ["a\tb", "x\t0\ny", "w\t1\n", "\n", '"],["x', "t\u2028u", "nul\0byte", "\t3"]
 
 
-def _partial(tmp_path, plan):
+def _partial(tmp_path, names):
     partial = str(tmp_path / "out.partial")
-    prepare_partial(partial, "fp", False, False, plan)
+    prepare_partial(partial, "fp", False, False, {"unit_bytes": 1 << 20}, set(names))
     return partial
 
 
@@ -155,7 +155,7 @@ def test_damaged_run_json_is_exit_4_with_the_way_out(interrupted, damage):
     text = rj.read_text()
     saved = json.loads(text)
     rj.write_text({"truncated": text[: len(text) // 2], "empty": "", "not-an-object": "[1, 2]",
-                   "bad-plan": json.dumps({**saved, "rows_per_unit": {k: "x" for k in saved["rows_per_unit"]}})}[damage])
+                   "bad-plan": json.dumps({**saved, "unit_bytes": "x"})}[damage])
     code, lines, _ = run("merge", cfg, tmp_path / "out", "-q", "--resume")
     one_line_error(code, lines, 4, "--overwrite", "out.partial")
     code, lines, _ = run("merge", cfg, tmp_path / "out", "-q", "--overwrite")  # the way out works

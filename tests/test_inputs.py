@@ -7,6 +7,7 @@ damaged, or byte by byte (8-byte little-endian header length, JSON header, raw d
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import struct
@@ -571,7 +572,7 @@ def _write_layout(out, specs, tensors, shard_size) -> ShardLayout:
     for n, t in reversed(tensors.items()):  # any order, any row split
         place, rows = layout.placements[n], (t.shape[0] if t.dim() else 1)
         half = rows // 2
-        write_rows(str(out), place, half, t[half:] if t.dim() else t)
+        write_rows(str(out), place, half * math.prod(t.shape[1:]), t[half:] if t.dim() else t)
         if half:
             write_rows(str(out), place, 0, t[:half])
     layout.finish(str(out))

@@ -2,14 +2,13 @@
 
 `Checkpoint.open` builds a catalogue (name -> dtype, shape, file, byte range) from headers alone,
 with each quantized weight's stored tensors folded into one logical tensor (`quant.fold`).
-`read_rows` fetches one row range of one tensor with a single positional read: exactly those
+`read_range` fetches one element range of one tensor with a single positional read: exactly those
 bytes, no mmap. Mapped pages would count in the process RSS and make Dask workers pause or get
 killed; plain reads keep memory accounting honest and pickle trivially.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import stat
@@ -135,8 +134,7 @@ def _scan_file(path: str, stamps: dict | None = None) -> list[TensorEntry]:
             stamps[path] = Stamp.take(path, fd, st)
     finally:
         os.close(fd)
-    ident = _identity(st)
-    return [dataclasses.replace(e, file_id=ident) for e in parse_entries(path, header, data_start, st.st_size)]
+    return parse_entries(path, header, data_start, st.st_size, _identity(st))
 
 
 # --- where a model's files may live -------------------------------------------------------------
@@ -304,12 +302,6 @@ def _catalogue(entries: list[TensorEntry], where: str, folder: str | None) -> di
     return fold(entries, folder_config(folder), os.path.join(folder, "config.json") if folder else where)
 
 
-def read_into(entry: TensorEntry, start: int, stop: int, buf: np.ndarray) -> None:
-    """Read rows [start, stop) of a tensor into `buf` (bytes, exactly that many) with one
-    positional read of exactly those bytes."""
-    read_range(entry, start * entry.row_numel, stop * entry.row_numel, buf)
-
-
 def read_range(entry: TensorEntry, lo: int, hi: int, buf: np.ndarray) -> None:
     """Read the flat elements [lo, hi) of a tensor into `buf` (bytes, exactly that many) with one
     positional read."""
@@ -323,7 +315,7 @@ def read_range(entry: TensorEntry, lo: int, hi: int, buf: np.ndarray) -> None:
 
 def read_rows(entry: TensorEntry, start: int, stop: int):
     """Rows [start, stop) of a tensor as a torch tensor (for tests and tools; the merge reads raw
-    bytes with `read_into`)."""
+    bytes with `read_range`)."""
     import torch
 
     from .format import DTYPES
@@ -332,5 +324,5 @@ def read_rows(entry: TensorEntry, start: int, stop: int):
     if not (stop - start) * entry.row_numel:
         return torch.empty(shape, dtype=DTYPES[entry.dtype][0])
     buf = np.empty((stop - start) * entry.row_numel * entry.itemsize, np.uint8)  # the read fills every byte
-    read_into(entry, start, stop, buf)
+    read_range(entry, start * entry.row_numel, stop * entry.row_numel, buf)
     return torch.from_numpy(buf).view(DTYPES[entry.dtype][0]).reshape(shape)

@@ -24,13 +24,13 @@ from .reader import INDEX_NAME, SINGLE_NAME
 FORMAT_METADATA = {"format": "pt"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Placement:
-    """Where an output tensor's bytes go: shard file name and absolute byte offset."""
+    """Where an output tensor's bytes go: shard file name, absolute byte offset, bytes per element."""
 
     file: str
     offset: int
-    row_bytes: int
+    itemsize: int
 
 
 class ShardLayout:
@@ -56,11 +56,8 @@ class ShardLayout:
             header, offsets = build_header(group, FORMAT_METADATA)
             self.headers[fname] = header
             self.file_sizes[fname] = len(header) + sum(_nbytes(s) for s in group)
-            for name, dtype, shape in group:
-                row_numel = 1
-                for d in shape[1:]:
-                    row_numel *= d
-                self.placements[name] = Placement(fname, len(header) + offsets[name], row_numel * DTYPE_SIZES[dtype])
+            for name, dtype, _ in group:
+                self.placements[name] = Placement(fname, len(header) + offsets[name], DTYPE_SIZES[dtype])
             self.total_size += sum(_nbytes(s) for s in group)
 
     def preallocate(self, folder: str) -> None:
@@ -133,16 +130,17 @@ def _file_lock(path: str) -> threading.Lock:
         return _file_locks.setdefault(path, threading.Lock())
 
 
-def write_rows(folder: str, place: Placement, row_start: int, rows) -> int:
-    """Write a contiguous block of rows (a numpy array of the stored bit patterns, or a torch
-    tensor from tests and the demo generator) at its final position; returns bytes written."""
+def write_rows(folder: str, place: Placement, start: int, rows) -> int:
+    """Write consecutive values starting at flat element `start` of the tensor (a numpy array of
+    the stored bit patterns, or a torch tensor from tests and the demo generator) at their final
+    position; returns bytes written."""
     if isinstance(rows, np.ndarray):
         data = np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
     else:
         import torch
 
         data = rows.contiguous().reshape(-1).view(torch.uint8).numpy()
-    return write_at(folder, place, row_start * place.row_bytes, data)
+    return write_at(folder, place, start * place.itemsize, data)
 
 
 def write_at(folder: str, place: Placement, at: int, data: np.ndarray) -> int:

@@ -35,7 +35,7 @@ def density_check(v):
     return None if 0 < v <= 1 else "must be in (0, 1]"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """One output tensor as planning sees it: dtype and shape, and the parameter values that
     apply to it (shared ones, and one dict per fine-tune) after gradients and filters."""
@@ -105,6 +105,11 @@ class MergeMethod:
 
     def plan(self, catalogue: Catalogue, tensors: list[str], got) -> Plan:
         return Plan({t: self.tensor_plan(catalogue.tensors[t], got.of(t)) for t in tensors})
+
+    def unit_multiple(self, shape: tuple) -> int:
+        """Elements that a work-unit boundary inside a tensor of this shape must be a multiple of:
+        one row along the last dimension, which every elementwise and row-wise kernel accepts."""
+        return shape[-1] if shape else 1
 
     def tensor_statistics(self, info: TensorInfo, got) -> list:
         return []

@@ -75,7 +75,7 @@ def _bf16_array(x: np.ndarray) -> np.ndarray:
     return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
 
 
-@dataclass
+@dataclass(slots=True)
 class TensorReport:
     """DP statistics and decisions for one linear (a weight, or one expert of a fused tensor) of one model."""
 
@@ -100,7 +100,7 @@ class TensorReport:
         return bool(self.kept) and self.kept[0] == 0
 
 
-@dataclass
+@dataclass(slots=True)
 class BlockReport:
     block: int
     numel: int
@@ -204,17 +204,26 @@ class DPPA(DeltaMethod):
 
     def linears(self, catalogue, tensors) -> list:
         """DP's linears (`blocks.Linear`), in the order DP normalises them: stack, block, tensor name,
-        expert. Found from the names of the architecture's block stacks, or by `linear_filter`."""
+        expert. Found from the names of the architecture's block stacks, or by `linear_filter`;
+        kept for the catalogue and tensors asked last (every statistics round asks again)."""
         from ..blocks import find_blocks
 
+        cached = self.__dict__.get("_linears")
+        if cached is not None and cached[0] is catalogue and cached[1] == tensors:
+            return cached[2]
         shapes = {t: catalogue.tensors[t].shape for t in tensors}
         try:
             found = find_blocks(shapes, catalogue.config, self.params["linear_filter"]).linears
         except ValueError as e:
             raise InputError(str(e)) from None
-        stacks = list(dict.fromkeys(lin.stack for lin in found))
+        stacks = {s: i for i, s in enumerate(dict.fromkeys(lin.stack for lin in found))}
         found = [lin for lin in found if lin.numel]  # an empty weight has nothing to prune
-        return sorted(found, key=lambda lin: (stacks.index(lin.stack), lin.block, lin.tensor, lin.span))
+        found.sort(key=lambda lin: (stacks[lin.stack], lin.block, lin.tensor, lin.span))
+        self._linears = (catalogue, list(tensors), found)
+        return found
+
+    def __getstate__(self):  # workers get the method without the client's catalogue of linears
+        return {k: v for k, v in self.__dict__.items() if k != "_linears"}
 
     # -- statistics: what DP needs, round by round -------------------------------------------------
     def _hist(self, model: int, span) -> Stat:
@@ -247,13 +256,14 @@ class DPPA(DeltaMethod):
         M, LM = self.params["outlier_multiple"], self.params["layer_outlier_multiple"]
         out = {}
         for i in range(k):
-            sums = {lin: got.get(lin.tensor, self._hist(i, lin.span)) for lin in lins}
-            block_sum: dict[tuple, summaries.Summary] = {}
-            for lin in lins:
-                key = (lin.stack, lin.block)
-                block_sum[key] = block_sum[key] + sums[lin] if key in block_sum else sums[lin]
-            for lin in lins:
-                values = (_f32_floor(M * sums[lin].mean_abs), _f32_floor(LM * block_sum[(lin.stack, lin.block)].mean_abs))
+            sums = [got.get(lin.tensor, self._hist(i, lin.span)) for lin in lins]
+            block: dict[tuple, tuple[int, int]] = {}  # (numel, exact total) per block
+            for lin, s in zip(lins, sums):
+                numel, total = block.get((lin.stack, lin.block), (0, 0))
+                block[(lin.stack, lin.block)] = (numel + s.numel, total + s.total)
+            for lin, s in zip(lins, sums):
+                numel, total = block[(lin.stack, lin.block)]
+                values = (_f32_floor(M * s.mean_abs), _f32_floor(LM * summaries.mean_abs(total, numel)))
                 stat = Stat("bins", i, lin.span, False, tuple(v >> 16 for v in values))
                 out[(lin, i)] = (stat, values)
         return out
@@ -262,14 +272,14 @@ class DPPA(DeltaMethod):
         """(linear, model) -> [count |d| > M x mean, count |d| > LM x block mean], exact for float32."""
         counts = {}
         for (lin, i), (stat, values) in outliers.items():
-            hist = got.get(lin.tensor, self._hist(i, lin.span)).hist
+            hist = got.get(lin.tensor, self._hist(i, lin.span))
             per_unit = got.get(lin.tensor, stat)
             details = [per_unit[u] for u in sorted(per_unit)]
             counts[(lin, i)] = [summaries.count_gt_bits(hist, [d[j] for d in details], v) for j, v in enumerate(values)]
         return counts
 
     def _threshold_bins(self, tr: TensorReport, model: int, got) -> Stat:
-        hist = got.get(tr.name, self._hist(model, tr.span)).hist
+        hist = got.get(tr.name, self._hist(model, tr.span))
         bins = tuple(summaries.locate(hist, tr.numel - k + 1)[0] if 0 < k < tr.numel else 0 for k in _keeps(tr))
         return Stat("bins", model, tr.span, False, bins)
 
@@ -280,14 +290,16 @@ class DPPA(DeltaMethod):
         counts = self._outlier_counts(self._outlier_bins(lins, catalogue, got, k), catalogue, got) if self.exact else None
         reports = [self._report(i, lins, catalogue, got, counts) for i in range(k)]
         parts: dict[str, dict] = {}  # tensor -> span -> one Sparse per model
+        same: dict = {}  # one copy of each equal tuple: a plan per tensor of an MoE model adds up
         for i, rep in enumerate(reports):
-            bands = effective_factors(self.factors(self.mparams[i]))
+            bands = tuple(effective_factors(self.factors(self.mparams[i])))
             for tr in rep.tensors:
-                parts.setdefault(tr.name, {}).setdefault(tr.span, [None] * k)[i] = self._partition(tr, i, bands, got)
+                parts.setdefault(tr.name, {}).setdefault(tr.span, [None] * k)[i] = self._partition(tr, i, bands, got, same)
         plans = {}
         normalize = self.params["combine"] in ("mean", "ties")
         for t in tensors:
             weights = tuple(float(m["weight"]) for m in catalogue.tensors[t].models)
+            weights = same.setdefault(weights, weights)
             if t in parts:
                 plans[t] = Segments(tuple((span, tuple(sp)) for span, sp in parts[t].items()), weights, normalize)
             else:  # not pruned by DP: its dense delta, amplified by max(alpha) like the reference
@@ -295,19 +307,22 @@ class DPPA(DeltaMethod):
                 plans[t] = Segments(((None, tuple(Sparse(dense=f) for f in dense)),), weights, normalize)
         return Plan(plans, reports)
 
-    def _partition(self, tr: TensorReport, model: int, bands: list[float], got) -> Sparse:
-        """DPA on one DP linear: nested thresholds, one per pruning rate, and their band factors."""
-        hist = got.get(tr.name, self._hist(model, tr.span)).hist
+    def _partition(self, tr: TensorReport, model: int, bands: tuple, got, same: dict) -> Sparse:
+        """DPA on one DP linear: nested thresholds, one per pruning rate, and their band factors
+        (`same` holds one copy of each tuple the plans share)."""
+        hist = got.get(tr.name, self._hist(model, tr.span))
         if not self.exact:
-            ths = [summaries.threshold_from_hist(hist, summaries.rank_for_prune_le(tr.numel, 1 - d)) for d in tr.densities]
+            found = summaries.thresholds_le(hist, [summaries.rank_for_prune_le(tr.numel, 1 - d) for d in tr.densities])
+            ths = [th for th, _ in found]
             if any(a.bits < b.bits for a, b in zip(ths, ths[1:])):
                 raise AssertionError(f"{tr.name}: DPA partitions are not nested")
-            for th in ths:
+            for th, at_or_below in found:
                 tr.thresholds.append(th.value)
-                tr.kept.append(tr.numel - summaries.count_le(hist, None, th))
+                tr.kept.append(tr.numel - at_or_below)
             levels = [level(th, tracked=False) for th in ths]
-            return Sparse(kernels.SP_BANDS, tuple(kd for kd, _ in levels), tuple(v for _, v in levels),
-                          (0,) * len(ths), (), tuple(bands))
+            kinds, ties = tuple(kd for kd, _ in levels), (0,) * len(ths)
+            return Sparse(kernels.SP_BANDS, same.setdefault(kinds, kinds), tuple(v for _, v in levels),
+                          same.setdefault(ties, ties), (), bands)
         units, details = unit_details(got.of(tr.name), self._threshold_bins(tr, model, got))
         ths, prefixes = [], []
         for j, keep in enumerate(_keeps(tr)):
@@ -317,8 +332,9 @@ class DPPA(DeltaMethod):
             tr.thresholds.append(th.value)
             tr.kept.append(keep)
         levels = [level(th, tracked=th.ties_kept > 0) for th in ths]
-        return Sparse(kernels.SP_BANDS, tuple(kd for kd, _ in levels), tuple(v for _, v in levels),
-                      tuple(th.ties_kept for th in ths), tie_starts(units, prefixes), tuple(bands))
+        kinds = tuple(kd for kd, _ in levels)
+        return Sparse(kernels.SP_BANDS, same.setdefault(kinds, kinds), tuple(v for _, v in levels),
+                      tuple(th.ties_kept for th in ths), tie_starts(units, prefixes), bands)
 
     def _report(self, model: int, lins: list, catalogue, got, counts) -> ModelReport:
         """DP's signals and densities for one fine-tune (thresholds are filled in by `_partition`).
@@ -328,32 +344,37 @@ class DPPA(DeltaMethod):
         across every DP linear of the model, as the reference does."""
         lam = self.params["lamda"]
         M, LM = self.params["outlier_multiple"], self.params["layer_outlier_multiple"]
-        trs, sums = [], []
+        trs = []
+        blocks: dict[tuple, list] = {}  # per block: numel, exact total, histogram (reference) or outlier count (exact)
         for lin in lins:
             s = got.get(lin.tensor, self._hist(model, lin.span))
             if self.exact:
                 cnt = counts[(lin, model)][0]
             else:
-                cnt = summaries.count_above(s.hist, bf16(bf16(s.mean_abs) * M))
+                cnt = summaries.count_above(s, bf16(bf16(s.mean_abs) * M))
             trs.append(TensorReport(lin.tensor, lin.block, s.numel, s.mean_abs, 100.0 * cnt / s.numel if s.numel else 0.0,
                                     stack=lin.stack, label=lin.label, kind=lin.kind, span=lin.span))
-            sums.append(s)
-        brs = []
-        for key in dict.fromkeys((lin.stack, lin.block) for lin in lins):
-            members = [i for i, lin in enumerate(lins) if (lin.stack, lin.block) == key]
-            total = sums[members[0]]
-            for i in members[1:]:
-                total = total + sums[i]
-            mean = total.mean_abs
+            block = blocks.get((lin.stack, lin.block))
+            if block is None:
+                block = blocks[(lin.stack, lin.block)] = [0, 0, 0 if self.exact else np.zeros(summaries.HIST_BINS, np.int64)]
+            block[0] += s.numel
+            block[1] += s.total
             if self.exact:
-                cnt = sum(counts[(lins[i], model)][1] for i in members)
+                block[2] += counts[(lin, model)][1]
+            else:
+                bins, n = s.sparse
+                block[2][bins] += n
+        brs = []
+        for (stack, b), (numel, total, outliers) in blocks.items():
+            mean = summaries.mean_abs(total, numel)
+            if self.exact:
+                cnt = outliers
             else:
                 mu = bf16(mean)
                 with np.errstate(over="ignore", invalid="ignore"):  # the bins of inf/NaN magnitudes
                     hits = _bf16_array(_BIN_VALUES / np.float32(mu)) > LM if mu > 0 else np.zeros(summaries.HIST_BINS, bool)
-                cnt = int(total.hist[hits].sum())
-            brs.append(BlockReport(key[1], total.numel, mean, 100.0 * cnt / total.numel if total.numel else 0.0,
-                                   stack=key[0]))
+                cnt = int(outliers[hits].sum())
+            brs.append(BlockReport(b, numel, mean, 100.0 * cnt / numel if numel else 0.0, stack=stack))
         layer_score = {}
         for stack in dict.fromkeys(br.stack for br in brs):
             in_stack = [br for br in brs if br.stack == stack]

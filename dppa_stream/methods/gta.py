@@ -10,6 +10,7 @@ mergekit's operation order, so results are bit-equal where the semantics are the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,7 @@ _NO_RESCALE = Param(False, bool, lambda v: "is not supported for this method yet
                     "deltas)" if v else None, "must stay false")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Segments:
     """Pass-2 plan of one tensor: parts (flat span or None for all of it, one `Sparse` per
     model), the models' weights, and the combination's normalisation and lambda."""
@@ -40,6 +41,7 @@ class DeltaMethod(MergeMethod):
 
     consensus = False
     bf16_deltas = False  # deltas rounded to bfloat16 (DPPA reference semantics)
+    whole_slices = False  # units hold whole first-axis slices (DELLA ranks along dimension 1)
     global_params = {
         "normalize": Param(False, bool, doc="divide by the sum of weights"),
         "lambda": Param(1.0, (int, float), doc="scale of the merged delta"),
@@ -50,6 +52,9 @@ class DeltaMethod(MergeMethod):
 
     def sparsifier(self, model: int, info) -> Sparsifier:
         return Sparsifier()
+
+    def unit_multiple(self, shape):
+        return math.prod(shape[1:]) if self.whole_slices else super().unit_multiple(shape)
 
     def tensor_statistics(self, info, got):
         return [s for i in range(len(info.models)) for s in self.sparsifier(i, info).needs(i, info.numel, None, got)]
@@ -103,7 +108,7 @@ def della_layout(shape: tuple, unit) -> tuple[int, int, int]:
     rest = 1
     for n in shape[2:]:
         rest *= n
-    return shape[1], rest, unit.row_stop - unit.row_start
+    return shape[1], rest, unit.numel // (shape[1] * rest) if shape[1] * rest else 0
 
 
 def _sparse_arrays(sparse: tuple[Sparse, ...], unit: int) -> tuple:
@@ -129,7 +134,7 @@ def _sparse_arrays(sparse: tuple[Sparse, ...], unit: int) -> tuple:
 
 
 def _delta_method(name: str, summary: str, sparsifier=None, consensus: bool = False, normalize: bool = False,
-                  rescale: str = "ignored", extra: dict | None = None) -> type[DeltaMethod]:
+                  rescale: str = "ignored", extra: dict | None = None, whole_slices: bool = False) -> type[DeltaMethod]:
     """One member of the family: its sparsifier (built per model and tensor from the model's
     parameters), whether signs are elected, and mergekit's defaults. `rescale`: "ignored"
     (accepted, no effect), "refused" (true is an error) or "default" (L1 rescale, on by default)."""
@@ -138,7 +143,7 @@ def _delta_method(name: str, summary: str, sparsifier=None, consensus: bool = Fa
         params["rescale"] = _NO_RESCALE
     elif rescale == "default":
         params["rescale"] = Param(True, bool, doc="L1-norm rescale of kept deltas")
-    attrs = {"name": name, "summary": summary, "consensus": consensus, "global_params": params,
+    attrs = {"name": name, "summary": summary, "consensus": consensus, "global_params": params, "whole_slices": whole_slices,
              "model_params": {"weight": _WEIGHT, **({"density": _DENSITY} if sparsifier else {}), **(extra or {})}}
     if sparsifier is not None:
         attrs["sparsifier"] = lambda self, model, info: sparsifier(self, model, info)
@@ -193,9 +198,9 @@ _EPSILON = {"epsilon": Param(0.15, (int, float), lambda v: None if v >= 0 else "
                   rescale="refused", extra=_GAMMA),
     _delta_method("della", "DELLA: keep each delta with a probability rising with its rank in its row, L1 "
                   "rescale, TIES sign election, disjoint mean", _della, consensus=True, normalize=True,
-                  rescale="default", extra=_EPSILON),
+                  rescale="default", extra=_EPSILON, whole_slices=True),
     _delta_method("della_linear", "DELLA's rank-based drop and L1 rescale, then weighted sum", _della,
-                  rescale="default", extra=_EPSILON),
+                  rescale="default", extra=_EPSILON, whole_slices=True),
 )
 
 

@@ -63,11 +63,11 @@ class Sce(MergeMethod):
             return summaries.Threshold(summaries.KEEP_NONE), [], []
         if k >= info.numel:
             return summaries.Threshold(summaries.KEEP_ALL), [], []
-        bins = Stat("var_bins", 0, args=(summaries.locate(hist.hist, info.numel - k + 1)[0],))
+        bins = Stat("var_bins", 0, args=(summaries.locate(hist, info.numel - k + 1)[0],))
         if bins not in got:
             return None
         units, details = unit_details(got, bins)
-        t, prefixes = summaries.keep_top(info.numel, k, hist.hist, [d[0] for d in details])
+        t, prefixes = summaries.keep_top(info.numel, k, hist, [d[0] for d in details])
         return t, prefixes, units
 
     def tensor_statistics(self, info, got):
@@ -79,7 +79,7 @@ class Sce(MergeMethod):
             if var not in got:
                 return [var]
             hist, nnz = got[var]
-            return [Stat("var_bins", 0, args=(summaries.locate(hist.hist, info.numel - self._k(info, nnz) + 1)[0],))]
+            return [Stat("var_bins", 0, args=(summaries.locate(hist, info.numel - self._k(info, nnz) + 1)[0],))]
         return [self._squares(th)]
 
     @staticmethod

@@ -15,7 +15,7 @@ from ..statistics import Stat
 from ..summaries import KEEP_ALL, KEEP_NONE, Threshold
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sparse:
     """What the kernel does to one model's delta on one span (see `kernels.gta`).
 
@@ -97,13 +97,13 @@ class TopK(Sparsifier):
         hist = Stat("abs", model, span)
         if hist not in got:
             return [hist]
-        return [Stat("bins", model, span, args=(summaries.locate(got[hist].hist, numel - self._k(numel) + 1)[0],))]
+        return [Stat("bins", model, span, args=(summaries.locate(got[hist], numel - self._k(numel) + 1)[0],))]
 
     def decide(self, model, numel, span, got):
         k = self._k(numel)
         if k >= numel:
             return Sparse()
-        hist = got[Stat("abs", model, span)].hist
+        hist = got[Stat("abs", model, span)]
         bins = self.needs(model, numel, span, got)[0]
         units, details = unit_details(got, bins)
         t, prefixes = summaries.keep_top(numel, k, hist, [d[0] for d in details])
@@ -125,12 +125,12 @@ class PruneLE(Sparsifier):
         if hist not in got:
             return [hist]
         rank = summaries.rank_for_prune_le(numel, self.sparsity)
-        return [Stat("bins", model, span, args=(summaries.locate(got[hist].hist, rank)[0],))]
+        return [Stat("bins", model, span, args=(summaries.locate(got[hist], rank)[0],))]
 
     def decide(self, model, numel, span, got):
         if numel == 0:
             return Sparse()
-        hist = got[Stat("abs", model, span)].hist
+        hist = got[Stat("abs", model, span)]
         _, details = unit_details(got, self.needs(model, numel, span, got)[0])
         t = summaries.smallest(summaries.rank_for_prune_le(numel, self.sparsity), hist, [d[0] for d in details])
         kind, value = level(t, tracked=False)
@@ -158,7 +158,7 @@ class Band(Sparsifier):
         hist = Stat("abs", model, span)
         if hist not in got:
             return [hist]
-        h = got[hist].hist
+        h = got[hist]
         return [Stat("bins", model, span, args=(summaries.locate(h, n_bot + 1)[0], summaries.locate(h, n_bot + target)[0]))]
 
     def decide(self, model, numel, span, got):
@@ -167,7 +167,7 @@ class Band(Sparsifier):
             return Sparse()
         if target <= 0:
             return Sparse(kernels.SP_SHRINK, (kernels.TH_NONE,), (0.0,), (0,))
-        hist = got[Stat("abs", model, span)].hist
+        hist = got[Stat("abs", model, span)]
         stat = self.needs(model, numel, span, got)[0]
         units, details = unit_details(got, stat)
         lo = summaries.smallest(n_bot + 1, hist, [d[0] for d in details])

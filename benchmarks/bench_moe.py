@@ -1,0 +1,160 @@
+"""MoE scale: a DeepSeek-V3-shaped merge with the full tensor count as shipped (45,395 tensors,
+width scaled down, ~190 MB per model), against the same numbers fused into 3-D expert tensors
+(1,025 tensors), one row per method family, under `--memory-limit 1GiB`.
+
+Each row: wall, CPU (rusage of the process tree), peak anonymous memory (Σ RssAnon of the tree,
+20 ms samples), work units, tensors per second and CPU per tensor, next to the I/O floor of a
+two-pass merge (read every input twice, write the output once, warm cache) measured in the same
+run; then the unfused/fused ratio per method, and the CPU each extra tensor costs beyond its
+bytes: (CPU unfused - CPU fused) / (45,395 - 1,025). A second set with 512 experts per layer
+(~90k tensors: the FP8 release's count, scales included) shows how peak memory grows with the
+tensor count; `--cluster` adds rows on a local `dask.distributed` cluster (`processes:2`).
+
+    python benchmarks/bench_moe.py                                  # every family, ~30 min on 2 cores
+    python benchmarks/bench_moe.py --methods ties,dppa --no-scale   # quicker
+    python benchmarks/bench_moe.py --snapshot HEAD                  # pin the code while the tree changes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+from common import (DATA_DIR, REPO, fmt_mib, input_bytes, run_measured, save_result, two_pass_floor,  # noqa: E402
+                    write_config)
+from moegen import MoeShape, moe_dataset  # noqa: E402
+
+# one config per method family: (merge_method, per-model parameters, global parameters, fine-tunes used, dtype)
+FAMILIES = {
+    "linear": ("linear", {}, {"weight": 0.5}, 2, "bfloat16"),  # the base is one more input: weights for all
+    "task_arithmetic": ("task_arithmetic", {"weight": 0.5}, None, 2, "bfloat16"),
+    "ties": ("ties", {"weight": 0.5, "density": 0.2}, None, 2, "bfloat16"),
+    "dare_linear": ("dare_linear", {"weight": 0.5, "density": 0.5}, None, 2, "bfloat16"),
+    "magnitude": ("magnitude", {"weight": 0.5, "density": 0.3}, None, 2, "bfloat16"),
+    "breadcrumbs": ("breadcrumbs_ties", {"weight": 0.5, "density": 0.8, "gamma": 0.02}, None, 2, "bfloat16"),
+    "della": ("della", {"weight": 0.5, "density": 0.5, "epsilon": 0.1}, None, 2, "bfloat16"),
+    "slerp": ("slerp", {}, {"t": 0.4}, 1, "bfloat16"),
+    "model_stock": ("model_stock", {}, None, 2, "bfloat16"),
+    "sce": ("sce", {}, {"select_topk": 0.5}, 2, "bfloat16"),
+    "ram": ("ram", {}, None, 2, "bfloat16"),
+    "dppa": ("dppa", {}, None, 2, None),
+}
+
+
+def run_one(name: str, paths: list[str], work: str, args, env, scheduler: str, tag: str, limit: str) -> dict:
+    method, per_model, glob, k, dtype = FAMILIES[name]
+    cfg = os.path.join(work, f"{name}_{tag}.yml")
+    write_config(cfg, method, paths[0], [(p, per_model) for p in paths[1:1 + k]], glob, dtype=dtype)
+    out, jpath = os.path.join(work, "out"), os.path.join(work, f"{name}_{tag}.json")
+    extra = ["--memory-limit", limit, "--scheduler", scheduler] + args.extra
+    m = run_measured(common.dppa_cmd(cfg, out, jpath, extra), env=env)
+    rep = json.load(open(jpath)) if m.rc == 0 else {}
+    shutil.rmtree(out, ignore_errors=True)
+    row = {"method": name, "layout": tag, "scheduler": scheduler, "limit": limit, "rc": m.rc, "wall_s": m.wall_s, "cpu_s": m.cpu_s,
+           "peak_anon_bytes": m.peak_anon_bytes, "tensors": rep.get("tensors"), "work_units": rep.get("units"),
+           "bytes_read": rep.get("bytes_read"), "self_report": rep,
+           "command": " ".join(shlex.quote(c) for c in ["dppa-stream", "merge", cfg, "OUT", "--json", "R.json"] + extra)}
+    if m.rc:
+        row["stderr"] = m.stderr_tail
+    print(f"  {name:16s} {tag:8s} {scheduler:12s} rc={m.rc} wall {m.wall_s:6.1f}s cpu {m.cpu_s:6.1f}s "
+          f"peak {fmt_mib(m.peak_anon_bytes):>5} MiB  units {rep.get('units')}", flush=True)
+    return row
+
+
+def save(name: str, result: dict) -> None:
+    """The results JSON, with paths relative to the repository (they name git-ignored data)."""
+    save_result(name, json.loads(json.dumps(result).replace(REPO + os.sep, "")))
+
+
+def table(result: dict) -> str:
+    floor = result["io_floor_s"]
+    lines = ["| method | layout | scheduler, limit | tensors | work units | wall s | CPU s | peak MiB | tensors/s | "
+             "CPU µs/tensor | wall / I/O floor |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if r["rc"]:
+            continue
+        n = r["tensors"]
+        lines.append(f"| {r['method']} | {r['layout']} | {r['scheduler']}, {r['limit']} | {n} | {r['work_units']} | "
+                     f"{r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
+                     f"{fmt_mib(r['peak_anon_bytes'])} | {n / r['wall_s']:.0f} | {r['cpu_s'] / n * 1e6:.0f} | "
+                     f"{r['wall_s'] / floor:.2f}× |")
+    lines += ["", "| method | unfused / fused, wall | unfused / fused, CPU | CPU µs per extra tensor |", "|---|---|---|---|"]
+    for name, d in result["ratios"].items():
+        lines.append(f"| {name} | {d['wall']:.2f}× | {d['cpu']:.2f}× | {d['us_per_extra_tensor']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default=",".join(FAMILIES))
+    ap.add_argument("--layouts", default="unfused,fused")
+    ap.add_argument("--limit", default="1GiB")
+    ap.add_argument("--scheduler", default="threads:2")
+    ap.add_argument("--no-scale", action="store_true", help="skip the 512-expert (~90k tensors) set")
+    ap.add_argument("--cluster", default="", help="methods to run again on --cluster-scheduler (e.g. ties,dppa)")
+    ap.add_argument("--cluster-scheduler", default="processes:2")
+    ap.add_argument("--cluster-limit", default="2GiB", help="--memory-limit of the cluster rows (3 processes)")
+    ap.add_argument("--snapshot", default=None, metavar="REV", help="run dppa_stream exported at git REV")
+    ap.add_argument("--extra", default="", help="extra dppa-stream merge arguments, one string")
+    ap.add_argument("--name", default="bench_moe")
+    args = ap.parse_args()
+    args.extra = shlex.split(args.extra)
+    work = os.path.join(DATA_DIR, "bench_moe")
+    os.makedirs(work, exist_ok=True)
+    snap = common.snapshot(args.snapshot) if args.snapshot else None
+    env = common.ours_env(snap)
+    layouts = {"unfused": MoeShape(fused=False), "fused": MoeShape(fused=True)}
+    sets = {tag: moe_dataset(layouts[tag], 2) for tag in args.layouts.split(",")}
+    first = next(iter(sets.values()))
+    out_bytes = input_bytes(first[:1])
+    floor = two_pass_floor(first, out_bytes, work, cold=False)
+    print(f"I/O floor (warm): {floor['seconds']:.2f}s (reads {floor['read_s']}, write {floor['write_s']:.2f}s)")
+    result = {"code": common.code_version(), "snapshot": snap, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "limit": args.limit, "scheduler": args.scheduler, "extra": args.extra, "io_floor_s": floor["seconds"],
+              "io_floor": floor, "input_bytes": input_bytes(first), "sets": sets, "rows": [], "ratios": {}}
+    for name in args.methods.split(","):
+        for tag, paths in sets.items():
+            result["rows"].append(run_one(name, paths, work, args, env, args.scheduler, tag, args.limit))
+        got = {r["layout"]: r for r in result["rows"] if r["method"] == name and r["rc"] == 0
+               and r["scheduler"] == args.scheduler}
+        if "unfused" in got and "fused" in got:
+            u, f = got["unfused"], got["fused"]
+            result["ratios"][name] = {"wall": u["wall_s"] / f["wall_s"], "cpu": u["cpu_s"] / f["cpu_s"],
+                                      "us_per_extra_tensor": (u["cpu_s"] - f["cpu_s"]) / (u["tensors"] - f["tensors"]) * 1e6}
+        save(f"{args.name}.json", result)
+    for name in filter(None, args.cluster.split(",")):
+        for tag, paths in sets.items():
+            result["rows"].append(run_one(name, paths, work, args, env, args.cluster_scheduler, tag, args.cluster_limit))
+        save(f"{args.name}.json", result)
+    if not args.no_scale:
+        big = moe_dataset(MoeShape(experts=512), 2)
+        result["scale"] = []
+        for name in ("ties", "dppa"):
+            if name in args.methods.split(","):
+                row = run_one(name, big, work, args, env, args.scheduler, "unfused-512", args.limit)
+                result["scale"].append(row)
+                small = next(r for r in result["rows"] if r["method"] == name and r["layout"] == "unfused")
+                if row["rc"] == 0 and small["rc"] == 0:
+                    row["peak_kib_per_extra_tensor"] = ((row["peak_anon_bytes"] - small["peak_anon_bytes"])
+                                                        / (row["tensors"] - small["tensors"]) / 1024)
+        save(f"{args.name}.json", result)
+    print()
+    print(table(result))
+    for row in result.get("scale", []):
+        if "peak_kib_per_extra_tensor" in row:
+            print(f"{row['method']}: {row['tensors']} tensors peak {fmt_mib(row['peak_anon_bytes'])} MiB "
+                  f"({row['peak_kib_per_extra_tensor']:.1f} KiB per tensor beyond the 45k set)")
+    print(f"results in benchmarks/results/{args.name}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
