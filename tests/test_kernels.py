@@ -141,35 +141,33 @@ def _torch_merge(base, deltas, weights, consensus, normalize, lam):
     return base + mixed
 
 
+_LEVEL_KEYS = {"kinds": "kind", "values": "value", "factors": "factor"}
+
+
 def _gta(src, name, sparse, weights, consensus=False, normalize=False, lam=1.0, bf16_delta=False, out_name=None,
          flat0=0, budget=None):
+    """kernels.gta with its records filled by field name: `sparse` per model, MODEL fields and the
+    per-level lists kinds/values/factors; `budget`: per model and level, ties kept."""
     K = src.shape[0] - 1
-    L = 1
-    arr = dict(mode=np.full(K, kn.SP_NONE, np.int64), kinds=np.zeros((K, L), np.int64), values=np.zeros((K, L), np.float32),
-               budget=np.zeros((K, L), np.int64), factors=np.ones((K, L), np.float32), nlev=np.ones(K, np.int64),
-               dense=np.ones(K, np.float32), use_dense=np.zeros(K, bool), keys=np.zeros(K, np.uint64),
-               limits=np.zeros(K, np.uint64), scales=np.ones(K, np.float32), use_scale=np.zeros(K, bool))
+    models = kn.records(kn.MODEL_FIELDS, K, weight=np.array(weights, np.float32))
+    L = max([len(np.atleast_1d(s.get("kinds", 0))) for s in sparse] + [1])
+    levels = kn.records(kn.LEVEL_FIELDS, (K, L))
     for k, s in enumerate(sparse):
         for key, v in s.items():
-            if isinstance(arr[key], np.ndarray) and arr[key].ndim == 2:
+            if key in _LEVEL_KEYS:
                 v = np.atleast_1d(v)
-                if v.size > arr[key].shape[1]:
-                    grown = np.zeros((K, v.size), arr[key].dtype)
-                    grown[:, :arr[key].shape[1]] = arr[key]
-                    arr[key] = grown
-                arr[key][k, :v.size] = v
+                levels[_LEVEL_KEYS[key]][k, :v.size] = v
+                models["nlevels"][k] = max(models["nlevels"][k], v.size)
             else:
-                arr[key][k] = v
+                models[key][k] = v
     if budget is not None:
-        arr["budget"] = budget
+        levels["stop"][:, :budget.shape[1]] = budget
     n = src.shape[1]
     out_name = out_name or name
     out = np.empty(n, kn.CONTAINER[out_name])
-    w = np.array(weights, np.float32)
     divisor = torch_order_sum(weights)
-    kn.gta(src, kn.CODES[name], 0, n, flat0, bf16_delta, arr["mode"], arr["kinds"], arr["values"], arr["budget"],
-           arr["factors"], arr["nlev"], arr["dense"], arr["use_dense"], arr["keys"], arr["limits"], arr["scales"],
-           arr["use_scale"], np.zeros((K, 3), np.int64), np.zeros((K, 1), np.uint8), w, w != 1, consensus, normalize, divisor, np.float32(lam), lam != 1, out,
+    combine = kn.records(kn.COMBINE_FIELDS, (), consensus=consensus, normalize=normalize, divisor=divisor, lam=lam)[()]
+    kn.gta(src, kn.CODES[name], 0, n, flat0, bf16_delta, models, levels, np.zeros((K, 1), np.uint8), combine, out,
            kn.CODES[out_name], np.zeros(K + 1, np.int64))
     return from_bits(out, DTYPES[out_name])
 
@@ -217,8 +215,7 @@ def test_gta_bernoulli_and_rescale(name):
     base, ft = hostile(20_000, dt, 31), hostile(20_000, dt, 32)
     src = np.stack([bits(base), bits(ft)])
     key, density, scale, start = 987654321, 0.4, 1.7, 12_345
-    got = _gta(src, name, [dict(mode=kn.SP_BERNOULLI, keys=key, limits=int(density * (1 << 24)), scales=scale,
-                                use_scale=True)], [0.5], flat0=start)
+    got = _gta(src, name, [dict(mode=kn.SP_BERNOULLI, key=key, limit=int(density * (1 << 24)), scale=scale)], [0.5], flat0=start)
     mask = torch.from_numpy(reference_keep_mask(key, start, 20_000, density))
     d = (ft.float() - base.float()) * mask
     d.mul_(scale)
@@ -234,8 +231,7 @@ def test_gta_dpa_bands(name):
     d = (ft.float() - base.float()).to(torch.bfloat16).float()
     t0, t1 = float(d.abs().kthvalue(18_000).values), float(d.abs().kthvalue(16_000).values)
     factors = [2.0, 1.2]
-    got = _gta(src, name, [dict(mode=kn.SP_BANDS, kinds=[kn.TH_GT, kn.TH_GT], values=[t0, t1], factors=factors,
-                                nlev=2)], [1.0], bf16_delta=True)
+    got = _gta(src, name, [dict(mode=kn.SP_BANDS, kinds=[kn.TH_GT, kn.TH_GT], values=[t0, t1], factors=factors)], [1.0], bf16_delta=True)
     factor = torch.maximum((d.abs() > t0).float() * factors[0], (d.abs() > t1).float() * factors[1])
     assert same(got, (base.float() + d * factor).to(dt))
 
