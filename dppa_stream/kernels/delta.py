@@ -67,24 +67,30 @@ def records(fields, shape, **values) -> np.ndarray:
 
 @njit(inline="always")
 def shrink_row(x, m, lev):
-    """TIES / magnitude trimming: keep |x| > value (NaN kept, as torch's hardshrink does) and the
-    ties in the level's window; +0.0 elsewhere. Once no tie can be kept, a plain select (vectorised)."""
+    """Trimming at one level. TIES (TH_VALUE, TH_NONE): x times its keep mask, as mergekit's
+    `tensor * mask` (a pruned -x is -0.0); kept are |x| > value (NaN too) and the ties in the
+    window. Magnitude pruning (TH_GT, DPPA's reference code): +0.0 where |x| <= value. Once no tie
+    can be kept, a select (vectorised)."""
     kind = lev.kind
     v = lev.value
+    zero = np.float32(0.0)
     if kind == TH_ALL:
         return
     if kind == TH_NONE:
         for j in range(m):
-            x[j] = np.float32(0.0)
+            x[j] = x[j] * zero
     elif lev.seen < lev.stop:
         first, stop, seen = lev.first, lev.stop, lev.seen
         for j in range(m):
             keep, seen = tie_keep(x[j], v, seen, first, stop)
-            x[j] = x[j] if keep else np.float32(0.0)
+            x[j] = x[j] if keep else x[j] * zero
         lev.seen = seen
+    elif kind == TH_GT:
+        for j in range(m):
+            x[j] = zero if abs(x[j]) <= v else x[j]
     else:
         for j in range(m):
-            x[j] = np.float32(0.0) if abs(x[j]) <= v else x[j]
+            x[j] = x[j] * zero if abs(x[j]) <= v else x[j]
 
 
 @njit(inline="always")

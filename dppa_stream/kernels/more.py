@@ -363,7 +363,7 @@ def sce_merge(src, code, lo, hi, kind, value, budget, omega, out, out_code, bad)
         for k in range(K):
             x = vals[k]
             for j in range(m):
-                v = x[j] if keep[j] != zero else zero
+                v = x[j] * keep[j]  # mergekit's `task_vectors * mask`: a dropped -x is -0.0
                 x[j] = v
                 total[j] = v if k == 0 else total[j] + v
         for k in range(K):
@@ -500,7 +500,7 @@ def arcee_importance(src, code, lo, hi, row_len, bins, hist, counts, bad):
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def arcee_merge(src, code, lo, hi, row_len, threshold, out, out_code, bad):
-    """base + (x - base) where the importance reaches the threshold."""
+    """mergekit's base + (x - base) * mask, the mask where the importance reaches the threshold."""
     b = np.empty(row_len, np.float32)
     x = np.empty(row_len, np.float32)
     acc = np.empty(row_len, np.float32)
@@ -511,5 +511,5 @@ def arcee_merge(src, code, lo, hi, row_len, threshold, out, out_code, bad):
         kl = _kl_row(x, b, row_len)
         for j in range(row_len):
             d = x[j] - b[j]
-            acc[j] = b[j] + (d if abs(d) * kl >= threshold else np.float32(0.0)) * np.float32(1.0)
+            acc[j] = b[j] + d * (np.float32(1.0) if abs(d) * kl >= threshold else np.float32(0.0))
         narrow_block(acc, row_len, out, s, out_code)
