@@ -424,23 +424,28 @@ def test_row_gram_and_row_combine(name, deltas):
 
 # --- SCE -------------------------------------------------------------------------------------------------
 
-def _sce_inputs(name, n=15_000):
-    xs, src = inputs(n, DTYPES[name], (81, 82, 83, 84))
+def _sce_inputs(name, n=15_000, nonfinite_from=None):
+    xs, src = inputs(n, DTYPES[name], (81, 82, 83, 84), nonfinite_from)
     return xs, src, [x.float() - xs[0].float() for x in xs[1:]]
 
 
 @pytest.mark.parametrize("name", list(DTYPES))
-def test_variance_histogram_and_bins(name):
-    xs, src, deltas = _sce_inputs(name)
+@pytest.mark.parametrize("nonfinite_from", [None, 2])
+def test_variance_histogram_and_bins(name, nonfinite_from):
+    """SCE ranks |variance| (mergekit's var.abs()): its top-16-bit histogram, how many are non-zero
+    (NaN counts, as in torch.count_nonzero) and the low-16-bit counts in boundary bins; a NaN
+    variance (Inf - Inf) sorts above every number."""
+    xs, src, deltas = _sce_inputs(name, nonfinite_from=nonfinite_from)
     n = xs[0].numel()
     var = ref.variance(deltas)
-    keys = ref.f32_bits(var)
+    keys = ref.f32_bits(var.abs())
     hist = np.zeros(kn.HIST_BINS, np.int64)
     bad = np.zeros(4, np.int64)
     nnz = kn.variance_hist(src, kn.CODES[name], 0, n, hist, bad)
     assert np.array_equal(hist, ref.top16_histogram(keys, kn.HIST_BINS))
     assert nnz == int(torch.count_nonzero(var))
-    tops = np.array(sorted({int(np.argmax(hist)), int(keys[7] >> 16)}), np.int64)
+    assert list(bad) == nonfinite(xs)
+    tops = np.array(sorted({int(np.argmax(hist)), int(keys[7] >> 16), int(keys.max() >> 16)}), np.int64)
     counts = np.zeros((len(tops), 1 << 16), np.int64)
     kn.variance_bins(src, kn.CODES[name], 0, n, tops, counts, bad)
     for i, top in enumerate(tops):
@@ -448,19 +453,21 @@ def test_variance_histogram_and_bins(name):
 
 
 def _sce_selection(var: torch.Tensor, k: int):
-    """The kernel's threshold for 'the k largest variances, ties lowest index first' and the
-    reference's own selection."""
-    keep = ref.top_k_keep(var, k)
-    value = float(torch.sort(var, descending=True).values[k - 1])
-    return value, k - int((var > value).sum()), keep
+    """The kernel's threshold for 'the k largest |variances|, ties lowest index first' (a NaN
+    above every number, as torch's sort puts it) and the reference's own selection."""
+    keep = ref.top_k_keep(var.abs(), k)
+    keys = ref.f32_bits(var.abs())
+    t = int(torch.sort(keys, descending=True).values[k - 1])
+    value = float(np.array(t, np.uint32).view(np.float32))
+    return value, k - int((keys > t).sum()), keep
 
 
 @pytest.mark.parametrize("name", list(DTYPES))
-@pytest.mark.parametrize("fraction", [0.3, 1.0, 0.0])
-def test_sce_squares_and_merge(name, fraction):
+@pytest.mark.parametrize("fraction,nonfinite_from", [(0.3, None), (1.0, None), (0.0, None), (0.3, 2)])
+def test_sce_squares_and_merge(name, fraction, nonfinite_from):
     """SCE: select the top variances (ties lowest index first), per model the exact Σ (kept delta)^2,
     and the merge with sign election and omega-weighted disjoint mean, over two units."""
-    xs, src, deltas = _sce_inputs(name)
+    xs, src, deltas = _sce_inputs(name, nonfinite_from=nonfinite_from)
     n = xs[0].numel()
     var = ref.variance(deltas)
     k = int(fraction * n)
@@ -471,12 +478,13 @@ def test_sce_squares_and_merge(name, fraction):
         kind, value, ties = (kn.TH_ALL if k >= n else kn.TH_NONE), 0.0, 0
         keep = torch.full((n,), k >= n)
     cut = 6_000
-    before = int((var[:cut] == value).sum()) if kind == kn.TH_VALUE else 0
+    before = int((ref.f32_bits(var[:cut].abs()) == ref.f32_bits(torch.tensor(value))).sum()) if kind == kn.TH_VALUE else 0
     words = np.zeros((2, 3, kn.GRAM_BUCKETS), np.int64)
     for lo, hi, start in ((0, cut, 0), (cut, n, before)):
         budget = np.array([max(0, ties - start)], np.int64)
         kn.sce_squares(src, kn.CODES[name], lo, hi, kind, np.float32(value), budget, words[0], words[1], np.zeros(4, np.int64))
-    assert exact_products(words) == [float(ref.exact_dot(d * keep, d * keep)) for d in deltas]
+    if nonfinite_from is None:
+        assert exact_products(words) == [float(ref.exact_dot(d * keep, d * keep)) for d in deltas]
     omega = [0.5, 0.2, 0.3]
     out = np.empty(n, np.uint32)
     for lo, hi, start in ((0, cut, 0), (cut, n, before)):
