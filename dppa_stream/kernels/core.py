@@ -293,16 +293,18 @@ def dare_sums(src, code, model, lo, hi, flat0, key, limit, full, kept, bad):
 # --- pass 2: merges ------------------------------------------------------------------------------
 
 @njit(inline="always")
-def tie_keep(x, value, seen, first, stop):
-    """The threshold rule of TIES, SCE and DPA bands for one element: kept when |x| > value (NaN
+def tie_trim(x, value, seen, first, stop, signed):
+    """The threshold rule of TIES and DPA bands for one element: x is kept when |x| > value (NaN
     too: it is not <= value), or |x| == value and its running tie index `seen` is in [first, stop)
-    (ties kept lowest flat index first). Returns (kept, next tie index). Ties are a rare,
-    well-predicted branch; callers make the common case a select: as a branch it mispredicted on
-    every other element at density 0.5 (3x slower)."""
+    (ties kept lowest flat index first); otherwise it becomes x * 0 when `signed` (mergekit's
+    `tensor * mask`: -0.0 for a negative x), else +0.0. Returns (value, next tie index). Ties are
+    a rare, well-predicted branch; the common case is a select: as a branch it mispredicted on
+    every other element at density 0.5 (3x slower), and so did a kept flag selected on afterwards."""
     a = abs(x)
+    dropped = x * np.float32(0.0) if signed else np.float32(0.0)
     if a == value:
-        return first <= seen < stop, seen + 1
-    return not a <= value, seen
+        return (x if first <= seen < stop else dropped), seen + 1
+    return (dropped if a <= value else x), seen
 
 
 @njit(nogil=True, cache=True, error_model="numpy")

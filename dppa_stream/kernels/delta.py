@@ -4,10 +4,10 @@
 combines the deltas (a sum, or TIES sign election and disjoint sum), normalises, multiplies by
 lambda, adds the base and narrows into the output: one fused sweep per block of elements.
 
-What it does to model k is one record, `models[k]` (dtype `MODEL`), plus that model's threshold
-levels, `levels[k]` (dtype `LEVEL`); the combination is one `COMBINE` record. The dtypes are made
-from the declarations below, the one place that lists each field, its type and its default, so the
-planner fills fields by name and nothing is passed by position. A sparsifier is one small inline
+What it does to model k is one record, `models[k]` (fields `MODEL_FIELDS`), plus that model's
+threshold levels, `levels[k]` (`LEVEL_FIELDS`); the combination is one record (`COMBINE_FIELDS`).
+The numpy structured dtypes are made from these declarations, the one place that lists each
+field, its type and its default, so planners fill fields by name and nothing is passed by position. A sparsifier is one small inline
 row function that thins `x[:m]` in place, one `SP_*` code and one line in `sparsify_row`.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .core import BLOCK, TH_ALL, TH_GT, TH_NONE, _deltas, keep_draw, narrow_block, tie_keep, widen_block
+from .core import BLOCK, TH_ALL, TH_GT, TH_NONE, _deltas, keep_draw, narrow_block, tie_trim, widen_block
 
 # sparsifier codes (`MODEL.mode`)
 SP_NONE, SP_SHRINK, SP_BERNOULLI, SP_BANDS, SP_RANGE, SP_MASK = 0, 1, 2, 3, 4, 5
@@ -46,16 +46,10 @@ COMBINE_FIELDS = (
 )
 
 
-def record_dtype(fields) -> np.dtype:
-    return np.dtype([(name, kind) for name, kind, _ in fields])
-
-
-MODEL, LEVEL, COMBINE = (record_dtype(f) for f in (MODEL_FIELDS, LEVEL_FIELDS, COMBINE_FIELDS))
-
-
 def records(fields, shape, **values) -> np.ndarray:
-    """An array of records of `fields` holding the declared defaults, then `values` by field name."""
-    out = np.zeros(shape, record_dtype(fields))
+    """An array of records of the declared `fields` holding their defaults, then `values` by field
+    name (numba compiles one kernel per dtype, so every array of a declaration has the same one)."""
+    out = np.zeros(shape, np.dtype([(name, kind) for name, kind, _ in fields]))
     for name, _, default in fields:
         out[name] = values.pop(name, default)
     if values:
@@ -82,8 +76,7 @@ def shrink_row(x, m, lev):
     elif lev.seen < lev.stop:
         first, stop, seen = lev.first, lev.stop, lev.seen
         for j in range(m):
-            keep, seen = tie_keep(x[j], v, seen, first, stop)
-            x[j] = x[j] if keep else x[j] * zero
+            x[j], seen = tie_trim(x[j], v, seen, first, stop, True)
         lev.seen = seen
     elif kind == TH_GT:
         for j in range(m):
@@ -124,8 +117,8 @@ def bands_row(x, m, lev, nlev, f):
         elif level.seen < level.stop:
             first, stop, seen = level.first, level.stop, level.seen
             for j in range(m):
-                keep, seen = tie_keep(x[j], v, seen, first, stop)
-                got = fl if keep and x[j] != zero else zero
+                kept, seen = tie_trim(x[j], v, seen, first, stop, False)
+                got = fl if kept != zero else zero
                 fac[j] = got if i == 0 or got > fac[j] else fac[j]
             level.seen = seen
         else:  # the kept test of a tracked threshold once no tie is left to keep: |x| > v, or NaN
