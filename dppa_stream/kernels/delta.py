@@ -74,10 +74,10 @@ def shrink_row(x, m, lev):
         for j in range(m):
             x[j] = x[j] * zero
     elif lev.seen < lev.stop:
-        first, stop, seen = lev.first, lev.stop, lev.seen
+        rel, span = lev.seen - lev.first, lev.stop - lev.first
         for j in range(m):
-            x[j], seen = tie_trim(x[j], v, seen, first, stop, True)
-        lev.seen = seen
+            x[j], rel = tie_trim(x[j], v, rel, span, True)
+        lev.seen = lev.first + rel
     elif kind == TH_GT:
         for j in range(m):
             x[j] = zero if abs(x[j]) <= v else x[j]
@@ -115,12 +115,12 @@ def bands_row(x, m, lev, nlev, f):
                 got = fl if abs(x[j]) > v else zero
                 fac[j] = got if i == 0 or got > fac[j] else fac[j]
         elif level.seen < level.stop:
-            first, stop, seen = level.first, level.stop, level.seen
+            rel, span = level.seen - level.first, level.stop - level.first
             for j in range(m):
-                kept, seen = tie_trim(x[j], v, seen, first, stop, False)
+                kept, rel = tie_trim(x[j], v, rel, span, False)
                 got = fl if kept != zero else zero
                 fac[j] = got if i == 0 or got > fac[j] else fac[j]
-            level.seen = seen
+            level.seen = level.first + rel
         else:  # the kept test of a tracked threshold once no tie is left to keep: |x| > v, or NaN
             for j in range(m):
                 got = zero if abs(x[j]) <= v or x[j] == zero else fl
