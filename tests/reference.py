@@ -1,7 +1,6 @@
-"""Independent in-memory reference merges, written from docs/merge-methods.md,
-docs/dppa-algorithm.md and docs/mergekit.md with whole tensors and plain sorts (no histograms, no
-chunking, no Dask; the per-element formulas are those of reference_kernels.py). The streaming
-engine must reproduce these bit for bit."""
+"""Independent in-memory reference merges, written from docs/merge-methods.md and
+docs/dppa-algorithm.md with whole tensors and plain sorts (no histograms, no chunking, no Dask).
+The streaming engine must reproduce these bit for bit."""
 
 from __future__ import annotations
 
