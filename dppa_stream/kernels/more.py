@@ -264,7 +264,7 @@ def _variance(vals, K, j):
 def _variance_key(vals, K, j):
     """SCE's ranking key of element j: the bits of |variance| (mergekit ranks var.abs()), which
     order as the values do; a NaN variance (Inf - Inf) is above every number."""
-    return bits_of_f32(_variance(vals, K, j)) & np.uint32(0x7FFFFFFF)
+    return np.int32(bits_of_f32(_variance(vals, K, j)) & np.uint32(0x7FFFFFFF))
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -280,7 +280,7 @@ def variance_hist(src, code, lo, hi, hist, bad):
         _vectors(src, code, s, m, True, base, vals, bad)
         for j in range(m):
             key = _variance_key(vals, K, j)
-            hist[key >> np.uint32(16)] += 1
+            hist[key >> 16] += 1
             nnz += key != 0
     return nnz
 
@@ -294,7 +294,7 @@ def variance_bins(src, code, lo, hi, bins, counts, bad):
         m = min(BLOCK, hi - s)
         _vectors(src, code, s, m, True, base, vals, bad)
         for j in range(m):
-            count_in_bins(_variance_key(vals, K, j), bins, counts)
+            count_in_bins(np.uint32(_variance_key(vals, K, j)), bins, counts)
 
 
 @njit(inline="always")
@@ -312,7 +312,7 @@ def _selection_row(vals, K, m, kind, value, budget, var, keep):
         for j in range(m):
             keep[j] = f
         return
-    t = bits_of_f32(value)
+    t = np.int32(bits_of_f32(value))
     left = budget[0]
     for j in range(m):
         key = var[j]
@@ -330,7 +330,7 @@ def sce_squares(src, code, lo, hi, kind, value, budget, high, low, bad):
     K = src.shape[0] - 1
     base = np.empty(BLOCK, np.float32)
     vals = np.empty((K, BLOCK), np.float32)
-    var = np.empty(BLOCK, np.uint32)
+    var = np.empty(BLOCK, np.int32)
     keep = np.empty(BLOCK, np.float32)
     sig = np.empty(BLOCK, np.int64)
     exp = np.empty(BLOCK, np.int64)
@@ -357,7 +357,7 @@ def sce_merge(src, code, lo, hi, kind, value, budget, omega, out, out_code, bad)
     base = np.empty(BLOCK, np.float32)
     vals = np.empty((K, BLOCK), np.float32)
     acc = np.empty(BLOCK, np.float32)
-    var = np.empty(BLOCK, np.uint32)
+    var = np.empty(BLOCK, np.int32)
     keep = np.empty(BLOCK, np.float32)
     total = np.empty(BLOCK, np.float32)
     num = np.empty(BLOCK, np.float32)
