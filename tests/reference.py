@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from . import reference_kernels as rk
+
 
 # DARE's random numbers, from the specification in docs/mergekit.md (written here, not imported, so
 # that a mistake in the engine's generator cannot hide behind the same mistake in the check):
@@ -83,8 +85,35 @@ def gta(base, deltas, weights, consensus, normalize, lam):
     return base + mixed
 
 
+def sce(base: torch.Tensor, deltas: list[torch.Tensor], select_topk: float) -> torch.Tensor:
+    """SCE (docs/mergekit.md): keep the k = int(float32(nnz) * float32(select_topk)) elements of
+    largest variance across models (ties: lowest index); weight each model by the mean square of
+    its kept delta (exact, float64), normalised by their sum (uniform below 1e-6); elect signs and
+    take the weighted disjoint mean."""
+    n = base.numel()
+    keep = torch.ones(n, dtype=torch.bool)
+    if select_topk < 1:
+        var = rk.variance([d.reshape(-1) for d in deltas])
+        k = int(np.float32(int(torch.count_nonzero(var))) * np.float32(select_topk)) if select_topk > 0 else 0
+        keep = rk.top_k_keep(var, k) if k > 0 else torch.zeros(n, dtype=torch.bool)
+    flat = [d.reshape(-1) for d in deltas]
+    omega = [float(rk.exact_dot(d * keep, d * keep)) / n for d in flat]
+    total = sum(omega)
+    omega = [1.0 / len(flat)] * len(flat) if abs(total) < 1e-6 else [w / total for w in omega]
+    return rk.sce_merge(base.reshape(-1), flat, keep, omega).reshape(base.shape)
+
+
+def arcee_fusion(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Arcee fusion (docs/mergekit.md): keep the changes whose importance |x - base| * KL(row) reaches
+    median + 1.5 (q3 - q1) of the importance, quantiles exact (sorted)."""
+    row_len = base.shape[-1] if base.dim() else 1
+    imp = rk.arcee_importance(base.reshape(-1), x.reshape(-1), row_len)
+    return rk.arcee_merge(base.reshape(-1), x.reshape(-1), imp, rk.arcee_threshold(imp)).reshape(base.shape)
+
+
 def reference_merge(method: str, base_path: str | None, model_paths: list[str], weights, densities=None,
-                    normalize=None, lam=1.0, out_dtype=None, seed=0, rescale=None) -> dict[str, torch.Tensor]:
+                    normalize=None, lam=1.0, out_dtype=None, seed=0, rescale=None, gamma=0.01,
+                    select_topk=1.0) -> dict[str, torch.Tensor]:
     models = [load_model(p) for p in model_paths]
     base = load_model(base_path) if base_path else None
     ref = base or models[0]
@@ -93,6 +122,12 @@ def reference_merge(method: str, base_path: str | None, model_paths: list[str], 
         odt = out_dtype or b0.dtype
         if not b0.is_floating_point():
             out[name] = b0.clone()
+            continue
+        if method in ("sce", "arcee_fusion"):
+            b = b0.float()
+            merged = (sce(b, [m[name].float() - b for m in models], select_topk) if method == "sce"
+                      else arcee_fusion(b, models[0][name].float()))
+            out[name] = merged.to(odt)
             continue
         if method == "linear":
             xs = torch.stack([m[name].float() for m in models])
@@ -106,6 +141,9 @@ def reference_merge(method: str, base_path: str | None, model_paths: list[str], 
         deltas = [m[name].float() - b for m in models]
         if method in ("ties",):
             deltas = [topk_keep(d, dens) for d, dens in zip(deltas, densities)]
+        elif method in ("breadcrumbs", "breadcrumbs_ties"):
+            deltas = [d * rk.breadcrumbs_keep(d.reshape(-1), dens, gamma).reshape(d.shape) if dens < 1 else d
+                      for d, dens in zip(deltas, densities)]
         elif method == "magnitude":
             deltas = [prune_le(d, 1 - dens) for d, dens in zip(deltas, densities)]
         elif method in ("dare_linear", "dare_ties"):
@@ -123,7 +161,7 @@ def reference_merge(method: str, base_path: str | None, model_paths: list[str], 
                         kept = kept * (before / after)
                 new.append(kept)
             deltas = new
-        consensus = method in ("ties", "dare_ties")
+        consensus = method in ("ties", "dare_ties", "breadcrumbs_ties")
         norm = normalize if normalize is not None else (method == "ties")
         out[name] = gta(b, deltas, weights, consensus, norm, lam).to(odt)
     return out

@@ -78,6 +78,34 @@ def test_chunking_does_not_change_bytes(tmp_path, ckpts, method, densities):
         assert filecmp.cmp(whole / f, split / f, shallow=False), f
 
 
+RANKED = [  # methods whose thresholds are exact ranks (methods/ranks.py), with their reference arguments
+    ("breadcrumbs", "models:\n  - model: {ft1}\n    parameters: {weight: 0.6, density: 0.7}\n"
+                    "  - model: {ft2}\n    parameters: {weight: 0.5, density: 0.4}\nparameters: {gamma: 0.05}\n",
+     dict(weights=[0.6, 0.5], densities=[0.7, 0.4], gamma=0.05)),
+    ("breadcrumbs_ties", "models:\n  - model: {ft1}\n    parameters: {weight: 1.0, density: 0.8}\n"
+                         "  - model: {ft2}\n    parameters: {weight: 0.5, density: 0.5}\n",
+     dict(weights=[1.0, 0.5], densities=[0.8, 0.5])),
+    ("sce", "models:\n  - model: {ft1}\n  - model: {ft2}\nparameters: {select_topk: 0.3}\n",
+     dict(weights=None, select_topk=0.3)),
+    ("arcee_fusion", "models:\n  - model: {ft1}\n", dict(weights=None)),
+]
+
+
+@pytest.mark.parametrize("method,models,ref_kw", RANKED, ids=[r[0] for r in RANKED])
+@pytest.mark.parametrize("unit_bytes", [None, 3000])
+def test_ranked_selections_match_reference(tmp_path, ckpts, method, models, ref_kw, unit_bytes):
+    """Thresholds at exact ranks (breadcrumbs' two boundaries, SCE's variance, Arcee's quartiles)
+    equal a whole-tensor sort, ties lowest index first, also when tensors are split over units
+    (bf16 deltas: large tie classes)."""
+    base, ft1, ft2 = ckpts(torch.bfloat16, 2, True)
+    text = f"merge_method: {method}\nbase_model: {base}\n" + models.replace("{ft1}", ft1).replace("{ft2}", ft2) + "out_dtype: float32\n"
+    r = merge(parse_config(text), str(tmp_path / "out"), MergeOptions(quiet=True, unit_bytes=unit_bytes))
+    assert (r.split_tensors > 20) == (unit_bytes is not None)
+    paths = [ft1] if method == "arcee_fusion" else [ft1, ft2]
+    _bitwise_equal(load_model(str(tmp_path / "out")),
+                   reference_merge(method, base, paths, out_dtype=torch.float32, **ref_kw))
+
+
 def test_bf16_ties_at_threshold_keep_lowest_index(tmp_path):
     """Heavy ties straddling the threshold, split over units: exactly k kept, lowest indices first."""
     from safetensors.torch import save_file

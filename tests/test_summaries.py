@@ -37,17 +37,13 @@ def bucket_detail(x: torch.Tensor, bucket: int):
 
 def apply_threshold(x: torch.Tensor, t: summaries.Threshold, ties_before: int) -> torch.Tensor:
     """The TIES trimming kernel on x with threshold t, given the ties that precede this chunk."""
-    from dppa_stream.methods.sparsify import Sparse, level
+    from dppa_stream.methods.sparsify import Sparse, kernel_records, level
 
-    kind, value = level(t, tracked=True)
-    sparse = Sparse(kernels.SP_SHRINK, (kind,), (value,), (t.ties_kept,), ((0, (ties_before,)),))
-    from dppa_stream.methods.gta import _sparse_arrays
-
+    sparse = Sparse(kernels.SP_SHRINK, (level(t, tracked=True),), ((0, (ties_before,)),))
+    models, levels = kernel_records((sparse,), [1.0], 0)
     out = np.empty(x.numel(), np.uint32)
-    w = np.ones(1, np.float32)
-    kernels.gta(_src(x), kernels.F32, 0, x.numel(), 0, False, *_sparse_arrays((sparse,), 0), np.zeros((1, 1), np.uint8),
-                w, w != 1, False, False,
-                np.float32(1), np.float32(1), False, out, kernels.F32, np.zeros(2, np.int64))
+    kernels.gta(_src(x), kernels.F32, 0, x.numel(), 0, False, models, levels, np.zeros((1, 1), np.uint8),
+                kernels.records(kernels.COMBINE_FIELDS, ())[()], out, kernels.F32, np.zeros(2, np.int64))
     return torch.from_numpy(out.view(np.float32))
 
 

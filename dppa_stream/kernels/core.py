@@ -12,6 +12,11 @@ a multiply and an add into an FMA or reorders a sum: every result is the IEEE fl
 formula's written order gives, which the tests check against plain torch expressions. Compiled
 code is cached on disk (`cache=True`), so a run pays the compile once per machine, not per worker.
 
+Each kernel writes out its own block loop (widen, compute, narrow) around shared inline steps
+(`widen_block`, `_deltas`, `more._vectors`, `narrow_block`): numba caches a kernel on disk only
+when the functions it calls are globals, and one that takes its per-block step as an argument or
+from a closure recompiles on every run (~0.5 s each, measured with numba 0.68).
+
 Dtype codes: raw arrays are unsigned views of the stored bytes (uint16 for BF16/F16, uint32 for
 F32, uint64 for F64), so NaN payloads and signed zeros survive until the formula touches them.
 """
@@ -31,8 +36,8 @@ BLOCK = 4096
 HIST_BINS = 1 << 15
 _F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
-# sparsifier modes (per model) and threshold kinds (per level)
-SP_NONE, SP_SHRINK, SP_BERNOULLI, SP_BANDS, SP_RANGE, SP_MASK = 0, 1, 2, 3, 4, 5
+# threshold kinds: compare |x| with the value and keep the ties in a window, keep all, keep none,
+# keep |x| > value
 TH_VALUE, TH_ALL, TH_NONE, TH_GT = 0, 1, 2, 3
 
 
@@ -293,201 +298,19 @@ def dare_sums(src, code, model, lo, hi, flat0, key, limit, full, kept, bad):
 # --- pass 2: merges ------------------------------------------------------------------------------
 
 @njit(inline="always")
-def _tie_trim(x, value, left):
-    """TIES/magnitude trimming of one element, tracking the tie budget: x is kept when |x| > value
-    (NaN kept, as torch's hardshrink does) or |x| == value while `left` ties remain (lowest flat
-    index first); otherwise +0.0. Returns (value, ties left). Ties are a rare, well-predicted
-    branch; the common case is a select: as a branch it mispredicted on every other element at
-    density 0.5 (3x slower)."""
+def tie_trim(x, value, rel, span, signed):
+    """The threshold rule of TIES and DPA bands for one element: x is kept when |x| > value (NaN
+    too: it is not <= value), or |x| == value and its running tie index, counted from the window's
+    first, `rel`, is in [0, span) (ties kept lowest flat index first: `Level` first and stop);
+    otherwise it becomes x * 0 when `signed` (mergekit's `tensor * mask`: -0.0 for a negative x),
+    else +0.0. Returns (value, next rel). Ties are a rare, well-predicted branch and the window one
+    unsigned compare; the common case is a select: as a branch it mispredicted on every other
+    element at density 0.5 (3x slower), and so did a kept flag selected on afterwards."""
     a = abs(x)
+    dropped = x * np.float32(0.0) if signed else np.float32(0.0)
     if a == value:
-        if left > 0:
-            return x, left - 1
-        return np.float32(0.0), left
-    return (np.float32(0.0) if a <= value else x), left
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
-def _shrink_row(row, m, kind, value, budget, k):
-    x = row[:m]
-    if kind == TH_ALL:
-        return
-    if kind == TH_NONE:
-        for j in range(m):
-            x[j] = np.float32(0.0)
-    elif budget[k, 0] > 0:
-        left = budget[k, 0]
-        for j in range(m):
-            x[j], left = _tie_trim(x[j], value, left)
-        budget[k, 0] = left
-    else:  # no tie left to keep: a plain select, vectorised
-        for j in range(m):
-            x[j] = np.float32(0.0) if abs(x[j]) <= value else x[j]
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
-def _bands_row(row, m, kinds, values, factors, nlev, budget, k, fac):
-    """DPA: row *= max over levels j of (kept at level j ? factors[j] : 0)."""
-    x = row[:m]
-    f = fac[:m]
-    zero = np.float32(0.0)
-    for lev in range(nlev):
-        kind = kinds[lev]
-        v = values[lev]
-        fl = factors[lev]
-        if kind == TH_ALL:
-            for j in range(m):
-                f[j] = fl if lev == 0 or fl > f[j] else f[j]
-        elif kind == TH_GT or kind == TH_NONE:
-            if kind == TH_NONE:
-                v = np.float32(np.inf)
-            for j in range(m):
-                level = fl if abs(x[j]) > v else zero
-                f[j] = level if lev == 0 or level > f[j] else f[j]
-        elif budget[k, lev] > 0:
-            left = budget[k, lev]
-            for j in range(m):
-                kept, left = _tie_trim(x[j], v, left)
-                level = fl if kept != zero else zero
-                f[j] = level if lev == 0 or level > f[j] else f[j]
-            budget[k, lev] = left
-        else:  # the kept test of a tracked threshold once its ties are spent: |x| > v or NaN
-            for j in range(m):
-                level = zero if abs(x[j]) <= v or x[j] == zero else fl
-                f[j] = level if lev == 0 or level > f[j] else f[j]
-    for j in range(m):
-        x[j] = x[j] * f[j]
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
-def _range_row(row, m, lo_value, hi_value, counters, windows, k):
-    """Breadcrumbs: keep |x| strictly between the two boundary values, and the elements tied at a
-    boundary whose running tie index falls in that boundary's window (ascending rank order with
-    ties by flat index); x * 0 elsewhere. counters[k, 0|1] run over the ties at lo|hi."""
-    x = row[:m]
-    one = np.float32(1.0)
-    zero = np.float32(0.0)
-    for j in range(m):
-        a = abs(x[j])
-        if a == lo_value:
-            i = counters[k, 0]
-            counters[k, 0] += 1
-            keep = windows[k, 0] <= i < windows[k, 1]
-        elif a == hi_value:
-            i = counters[k, 1]
-            counters[k, 1] += 1
-            keep = i < windows[k, 2]
-        else:
-            keep = lo_value < a < hi_value
-        x[j] = x[j] * (one if keep else zero)
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
-def gta(src, code, lo, hi, flat0, bf16_delta,
-        sp_mode, th_kind, th_value, budget, factors, nlev, dense, use_dense,
-        keys, limits, scales, use_scale, windows, masks,
-        weights, use_w, consensus, normalize, divisor, lam, use_lam,
-        out, out_code, bad):
-    """Generalized task arithmetic over elements [lo, hi): per fine-tune delta -> sparsify ->
-    weight; then sum (or TIES sign election and disjoint sum), optional normalisation and lambda,
-    plus base, narrowed into `out`. The float32 operation order is mergekit's (docs/mergekit.md).
-
-    Sparsifiers per model k (sp_mode[k]):
-      SP_NONE       delta (times dense[k] when use_dense[k])
-      SP_SHRINK     TIES/magnitude threshold of level 0 (kind th_kind[k, 0])
-      SP_BERNOULLI  delta * keep-mask (counter RNG keys[k], limits[k]), times scales[k] if use_scale[k]
-      SP_BANDS      DPA: delta * max over levels j of (kept at j ? factors[k, j] : 0)
-      SP_RANGE      breadcrumbs: a band of ranks between th_value[k, 0] and th_value[k, 1]
-                    (`_range_row`; budget[k] holds its running tie counters), times scales[k]
-      SP_MASK       delta * masks[k, i] (DELLA's mask, made before), times scales[k] if use_scale[k]
-    `budget` holds the remaining tie budget per model and level; it is updated in place. `out`
-    is the whole unit's output: element i of the range lands at out[i].
-    """
-    K = src.shape[0] - 1
-    base = np.empty(BLOCK, np.float32)
-    d = np.empty((K, BLOCK), np.float32)
-    acc = np.empty(BLOCK, np.float32)
-    den = np.empty(BLOCK, np.float32)
-    maj = np.empty(BLOCK, np.float32)
-    zero = np.float32(0.0)
-    one = np.float32(1.0)
-    for s in range(lo, hi, BLOCK):
-        m = min(BLOCK, hi - s)
-        first = flat0 + s - lo
-        bad[0] += widen_block(src[0], code, s, m, base)
-        for k in range(K):
-            row = d[k]
-            bad[k + 1] += _deltas(src, code, k + 1, s, m, base, row, bf16_delta)
-            x = row[:m]
-            mode = sp_mode[k]
-            if mode == SP_NONE:
-                if use_dense[k]:
-                    f = dense[k]
-                    for j in range(m):
-                        x[j] = x[j] * f
-            elif mode == SP_SHRINK:
-                _shrink_row(row, m, th_kind[k, 0], th_value[k, 0], budget, k)
-            elif mode == SP_BERNOULLI or mode == SP_MASK or mode == SP_RANGE:
-                if mode == SP_BERNOULLI:
-                    key = keys[k]
-                    lim = limits[k]
-                    for j in range(m):
-                        x[j] = x[j] * (one if keep_draw(key, first + j, lim) else zero)
-                elif mode == SP_MASK:
-                    mk = masks[k, s:s + m]
-                    for j in range(m):
-                        x[j] = x[j] * (one if mk[j] else zero)
-                else:
-                    _range_row(row, m, th_value[k, 0], th_value[k, 1], budget, windows, k)
-                if use_scale[k]:
-                    f = scales[k]
-                    for j in range(m):
-                        x[j] = x[j] * f
-            else:
-                _bands_row(row, m, th_kind[k], th_value[k], factors[k], nlev[k], budget, k, acc)
-            if use_w[k]:
-                w = weights[k]
-                for j in range(m):
-                    x[j] = x[j] * w
-        a = acc[:m]
-        a[:] = d[0, :m]
-        for k in range(1, K):
-            x = d[k, :m]
-            for j in range(m):
-                a[j] = a[j] + x[j]
-        if consensus:  # majority sign of the weighted sum (0 counts as +); disjoint sum of agreeing deltas
-            g = maj[:m]
-            dn = den[:m]
-            for j in range(m):
-                g[j] = one if a[j] >= zero else -one
-            for k in range(K):
-                x = d[k, :m]
-                w = weights[k]
-                for j in range(m):
-                    sgn = one if x[j] > zero else (-one if x[j] < zero else zero)  # torch.sign
-                    mask = sgn * g[j]
-                    mask = zero if mask < zero else mask  # clamp(min=0): -0.0 stays -0.0
-                    if k == 0:
-                        a[j] = x[j] * mask
-                        dn[j] = mask * w
-                    else:
-                        a[j] = a[j] + x[j] * mask
-                        dn[j] = dn[j] + mask * w
-            for j in range(m):
-                dn[j] = one if dn[j] == zero else dn[j]
-            if normalize:
-                for j in range(m):
-                    a[j] = a[j] / dn[j]
-        elif normalize:
-            for j in range(m):
-                a[j] = a[j] / divisor
-        if use_lam:
-            for j in range(m):
-                a[j] = a[j] * lam
-        b = base[:m]
-        for j in range(m):
-            a[j] = b[j] + a[j]
-        narrow_block(acc, m, out, s, out_code)
+        return (x if np.uint64(rel) < np.uint64(span) else dropped), rel + 1
+    return (dropped if a <= value else x), rel
 
 
 @njit(nogil=True, cache=True, error_model="numpy")

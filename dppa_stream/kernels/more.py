@@ -260,10 +260,17 @@ def _variance(vals, K, j):
     return np.float32(acc / K)
 
 
+@njit(inline="always")
+def _variance_key(vals, K, j):
+    """SCE's ranking key of element j: the bits of |variance| (mergekit ranks var.abs()), which
+    order as the values do; a NaN variance (Inf - Inf) is above every number."""
+    return np.int32(bits_of_f32(_variance(vals, K, j)) & np.uint32(0x7FFFFFFF))
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def variance_hist(src, code, lo, hi, hist, bad):
-    """Histogram of the top 16 bits of the per-element variance of the deltas across models;
-    returns how many variances are non-zero."""
+    """Histogram of the top 16 bits of the per-element variance key across models; returns how
+    many variances are non-zero (NaN included, as torch.count_nonzero counts it)."""
     K = src.shape[0] - 1
     base = np.empty(BLOCK, np.float32)
     vals = np.empty((K, BLOCK), np.float32)
@@ -272,9 +279,9 @@ def variance_hist(src, code, lo, hi, hist, bad):
         m = min(BLOCK, hi - s)
         _vectors(src, code, s, m, True, base, vals, bad)
         for j in range(m):
-            bits = bits_of_f32(_variance(vals, K, j))
-            hist[bits >> np.uint32(16)] += 1
-            nnz += (bits & np.uint32(0x7FFFFFFF)) != 0
+            key = _variance_key(vals, K, j)
+            hist[key >> 16] += 1
+            nnz += key != 0
     return nnz
 
 
@@ -287,17 +294,17 @@ def variance_bins(src, code, lo, hi, bins, counts, bad):
         m = min(BLOCK, hi - s)
         _vectors(src, code, s, m, True, base, vals, bad)
         for j in range(m):
-            count_in_bins(bits_of_f32(_variance(vals, K, j)), bins, counts)
+            count_in_bins(np.uint32(_variance_key(vals, K, j)), bins, counts)
 
 
 @njit(inline="always")
 def _selection_row(vals, K, m, kind, value, budget, var, keep):
-    """keep[:m] = 1.0 for the elements SCE selects, else 0.0: variance above `value`, or equal to it
-    while the tie budget lasts (lowest index first); all for TH_ALL, none for TH_NONE. Variances in
-    a loop of their own, the tie branch rare, the comparison a select: a branch mispredicted on
-    half the elements made SCE's kernels 1.5-5x slower."""
+    """keep[:m] = 1.0 for the elements SCE selects, else 0.0: variance key above `value`'s bits,
+    or equal to them while the tie budget lasts (lowest index first); all for TH_ALL, none for
+    TH_NONE. Keys in a loop of their own, the tie branch rare, the comparison a select: a branch
+    mispredicted on half the elements made SCE's kernels 1.5-5x slower."""
     for j in range(m):
-        var[j] = _variance(vals, K, j)
+        var[j] = _variance_key(vals, K, j)
     one = np.float32(1.0)
     zero = np.float32(0.0)
     if kind == TH_ALL or kind == TH_NONE:
@@ -305,14 +312,15 @@ def _selection_row(vals, K, m, kind, value, budget, var, keep):
         for j in range(m):
             keep[j] = f
         return
+    t = np.int32(bits_of_f32(value))
     left = budget[0]
     for j in range(m):
-        v = var[j]
-        if v == value:
+        key = var[j]
+        if key == t:
             keep[j] = one if left > 0 else zero
             left = left - 1 if left > 0 else left
         else:
-            keep[j] = one if v > value else zero
+            keep[j] = one if key > t else zero
     budget[0] = left
 
 
@@ -322,7 +330,7 @@ def sce_squares(src, code, lo, hi, kind, value, budget, high, low, bad):
     K = src.shape[0] - 1
     base = np.empty(BLOCK, np.float32)
     vals = np.empty((K, BLOCK), np.float32)
-    var = np.empty(BLOCK, np.float32)
+    var = np.empty(BLOCK, np.int32)
     keep = np.empty(BLOCK, np.float32)
     sig = np.empty(BLOCK, np.int64)
     exp = np.empty(BLOCK, np.int64)
@@ -349,7 +357,7 @@ def sce_merge(src, code, lo, hi, kind, value, budget, omega, out, out_code, bad)
     base = np.empty(BLOCK, np.float32)
     vals = np.empty((K, BLOCK), np.float32)
     acc = np.empty(BLOCK, np.float32)
-    var = np.empty(BLOCK, np.float32)
+    var = np.empty(BLOCK, np.int32)
     keep = np.empty(BLOCK, np.float32)
     total = np.empty(BLOCK, np.float32)
     num = np.empty(BLOCK, np.float32)
@@ -363,7 +371,7 @@ def sce_merge(src, code, lo, hi, kind, value, budget, omega, out, out_code, bad)
         for k in range(K):
             x = vals[k]
             for j in range(m):
-                v = x[j] if keep[j] != zero else zero
+                v = x[j] * keep[j]  # mergekit's `task_vectors * mask`: a dropped -x is -0.0
                 x[j] = v
                 total[j] = v if k == 0 else total[j] + v
         for k in range(K):
@@ -500,7 +508,7 @@ def arcee_importance(src, code, lo, hi, row_len, bins, hist, counts, bad):
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def arcee_merge(src, code, lo, hi, row_len, threshold, out, out_code, bad):
-    """base + (x - base) where the importance reaches the threshold."""
+    """mergekit's base + (x - base) * mask, the mask where the importance reaches the threshold."""
     b = np.empty(row_len, np.float32)
     x = np.empty(row_len, np.float32)
     acc = np.empty(row_len, np.float32)
@@ -511,5 +519,5 @@ def arcee_merge(src, code, lo, hi, row_len, threshold, out, out_code, bad):
         kl = _kl_row(x, b, row_len)
         for j in range(row_len):
             d = x[j] - b[j]
-            acc[j] = b[j] + (d if abs(d) * kl >= threshold else np.float32(0.0)) * np.float32(1.0)
+            acc[j] = b[j] + d * (np.float32(1.0) if abs(d) * kl >= threshold else np.float32(0.0))
         narrow_block(acc, row_len, out, s, out_code)

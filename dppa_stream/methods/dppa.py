@@ -304,7 +304,7 @@ class DPPA(DeltaMethod):
                 plans[t] = Segments(tuple((span, tuple(sp)) for span, sp in parts[t].items()), weights, normalize)
             else:  # not pruned by DP: its dense delta, amplified by max(alpha) like the reference
                 dense = [max(self.factors(m)) if self.params["amplify_unpruned"] else 1.0 for m in self.mparams]
-                plans[t] = Segments(((None, tuple(Sparse(dense=f) for f in dense)),), weights, normalize)
+                plans[t] = Segments(((None, tuple(Sparse(scale=f) for f in dense)),), weights, normalize)
         return Plan(plans, reports)
 
     def _partition(self, tr: TensorReport, model: int, bands: tuple, got, same: dict) -> Sparse:
@@ -319,10 +319,8 @@ class DPPA(DeltaMethod):
             for th, at_or_below in found:
                 tr.thresholds.append(th.value)
                 tr.kept.append(tr.numel - at_or_below)
-            levels = [level(th, tracked=False) for th in ths]
-            kinds, ties = tuple(kd for kd, _ in levels), (0,) * len(ths)
-            return Sparse(kernels.SP_BANDS, same.setdefault(kinds, kinds), tuple(v for _, v in levels),
-                          same.setdefault(ties, ties), (), bands)
+            levels = tuple(level(th, tracked=False, factor=f) for th, f in zip(ths, bands))
+            return Sparse(kernels.SP_BANDS, same.setdefault(levels, levels))
         units, details = unit_details(got.of(tr.name), self._threshold_bins(tr, model, got))
         ths, prefixes = [], []
         for j, keep in enumerate(_keeps(tr)):
@@ -331,10 +329,8 @@ class DPPA(DeltaMethod):
             prefixes.append(starts)
             tr.thresholds.append(th.value)
             tr.kept.append(keep)
-        levels = [level(th, tracked=th.ties_kept > 0) for th in ths]
-        kinds = tuple(kd for kd, _ in levels)
-        return Sparse(kernels.SP_BANDS, same.setdefault(kinds, kinds), tuple(v for _, v in levels),
-                      tuple(th.ties_kept for th in ths), tie_starts(units, prefixes), bands)
+        levels = tuple(level(th, tracked=th.ties_kept > 0, factor=f) for th, f in zip(ths, bands))
+        return Sparse(kernels.SP_BANDS, same.setdefault(levels, levels), tie_starts(units, prefixes))
 
     def _report(self, model: int, lins: list, catalogue, got, counts) -> ModelReport:
         """DP's signals and densities for one fine-tune (thresholds are filled in by `_partition`).

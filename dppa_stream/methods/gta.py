@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import kernels, rng
 from .base import MergeMethod, Param, REQUIRED, density_check, torch_order_sum
-from .sparsify import Band, Bernoulli, MagPrune, PruneLE, Sparse, Sparsifier, TopK
+from .sparsify import Band, Bernoulli, MagPrune, PruneLE, Sparse, Sparsifier, TopK, kernel_records
 
 _WEIGHT = Param(REQUIRED, (int, float), doc="scale of this model's delta")
 _DENSITY = Param(1.0, (int, float), density_check, "fraction of the delta kept")
@@ -69,19 +69,20 @@ class DeltaMethod(MergeMethod):
         code = kernels.CODES[rows.dtype]
         bad = np.zeros(rows.src.shape[0], np.int64)
         weights = np.array(plan.weights, np.float32)
-        use_w = weights != 1
-        normalize, lam = plan.normalize, np.float32(plan.lam)
         divisor = torch_order_sum(weights)
         if abs(divisor) < 1e-8:
             divisor = np.float32(1.0)
+        combine = kernels.records(kernels.COMBINE_FIELDS, (), consensus=self.consensus, normalize=plan.normalize,
+                                  divisor=divisor, lam=plan.lam)[()]
         for span, sparse in plan.parts:
             lo, hi = (0, unit.numel) if span is None else (max(span[0] - unit.flat_start, 0),
                                                             min(span[1] - unit.flat_start, unit.numel))
             if lo >= hi:
                 continue
             masks = della_masks(rows, sparse, bad)
-            kernels.gta(rows.src, code, lo, hi, unit.flat_start + lo, self.bf16_deltas, *_sparse_arrays(sparse, unit.index),
-                        masks, weights, use_w, self.consensus, normalize, divisor, lam, lam != 1, out, out_code, bad)
+            models, levels = kernel_records(sparse, weights, unit.index)
+            kernels.gta(rows.src, code, lo, hi, unit.flat_start + lo, self.bf16_deltas, models, levels, masks, combine,
+                        out, out_code, bad)
         return bad
 
 
@@ -109,28 +110,6 @@ def della_layout(shape: tuple, unit) -> tuple[int, int, int]:
     for n in shape[2:]:
         rest *= n
     return shape[1], rest, unit.numel // (shape[1] * rest) if shape[1] * rest else 0
-
-
-def _sparse_arrays(sparse: tuple[Sparse, ...], unit: int) -> tuple:
-    """The kernel's per-model parameter arrays for one unit."""
-    K = len(sparse)
-    L = max([len(s.kinds) for s in sparse] + [1])
-    kinds = np.zeros((K, L), np.int64)
-    values = np.zeros((K, L), np.float32)
-    budget = np.zeros((K, L), np.int64)
-    factors = np.zeros((K, L), np.float32)
-    for k, s in enumerate(sparse):
-        n = len(s.kinds)
-        kinds[k, :n] = s.kinds
-        values[k, :n] = s.values
-        budget[k, :n] = s.budgets(unit)
-        factors[k, :len(s.factors)] = s.factors
-    return (np.array([s.mode for s in sparse], np.int64), kinds, values, budget, factors,
-            np.array([len(s.kinds) for s in sparse], np.int64),
-            np.array([s.dense for s in sparse], np.float32), np.array([s.dense != 1 for s in sparse]),
-            np.array([s.key for s in sparse], np.uint64), np.array([s.limit for s in sparse], np.uint64),
-            np.array([s.scale for s in sparse], np.float32), np.array([s.scale != 1 for s in sparse]),
-            np.array([s.windows or (0, 0, 0) for s in sparse], np.int64).reshape(K, 3))
 
 
 def _delta_method(name: str, summary: str, sparsifier=None, consensus: bool = False, normalize: bool = False,

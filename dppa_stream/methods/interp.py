@@ -18,9 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import kernels, summaries
+from .. import kernels
 from ..statistics import Stat
 from .base import MergeMethod, Param, REQUIRED
+from .ranks import Ranks
+from .sparsify import Sparse, kernel_records
 
 _WEIGHT = Param(REQUIRED, (int, float), doc="this model's weight")
 
@@ -90,11 +92,11 @@ class GramMethod(MergeMethod):
             kernels.row_combine(rows.src, code, 0, nrows, row_len, coeffs.reshape(nrows, -1), plan.deltas, out, out_code, bad)
             return bad
         c = np.array(plan.coeffs, np.float32)
-        if plan.deltas:
-            K = len(c)
-            zeros = _no_sparsify(K)
-            kernels.gta(rows.src, code, 0, unit.numel, unit.flat_start, False, *zeros, c, np.ones(K, bool), False, False,
-                        np.float32(1), np.float32(1), False, out, out_code, bad)
+        if plan.deltas:  # base + sum_k c_k delta_k: the delta family's kernel with nothing thinned
+            models, levels = kernel_records((Sparse(),) * len(c), c, unit.index)
+            combine = kernels.records(kernels.COMBINE_FIELDS, ())[()]
+            kernels.gta(rows.src, code, 0, unit.numel, unit.flat_start, False, models, levels, np.zeros((len(c), 1), np.uint8),
+                        combine, out, out_code, bad)
         else:
             kernels.weighted_sum(rows.src, code, 0, unit.numel, c, False, np.float32(1), out, out_code, bad)
         return bad
@@ -109,14 +111,6 @@ def _pairs(n: int) -> int:
 
 def _size(pairs: int) -> int:
     return int((math.isqrt(8 * pairs + 1) - 1) // 2)
-
-
-def _no_sparsify(K: int) -> tuple:
-    """The gta kernel's sparsifier arrays for 'no sparsification' on K models."""
-    return (np.zeros(K, np.int64), np.zeros((K, 1), np.int64), np.zeros((K, 1), np.float32), np.zeros((K, 1), np.int64),
-            np.zeros((K, 1), np.float32), np.ones(K, np.int64), np.ones(K, np.float32), np.zeros(K, bool),
-            np.zeros(K, np.uint64), np.zeros(K, np.uint64), np.ones(K, np.float32), np.zeros(K, bool),
-            np.zeros((K, 3), np.int64), np.zeros((K, 1), np.uint8))
 
 
 # --- slerp -------------------------------------------------------------------------------------------
@@ -393,6 +387,15 @@ class Passthrough(MergeMethod):
 
 # --- arcee_fusion --------------------------------------------------------------------------------------
 
+def _histogram(hist: np.ndarray) -> np.ndarray:
+    return hist
+
+
+# the importance's exact quantiles: round 1 a histogram of the top 16 bits of its sort key, round 2
+# the boundary bins
+_IMPORTANCE = Ranks(Stat("arcee", 0), "arcee_bins", _histogram)
+
+
 def _from_key(key: int) -> np.float32:
     """The float32 whose `kernels.sort_key` is `key`."""
     key &= 0xFFFFFFFF
@@ -418,21 +421,12 @@ class ArceeFusion(MergeMethod):
         return [int(np.float32(q) * np.float32(n - 1)) + 1 for q in self.QUANTILES]
 
     def tensor_statistics(self, info, got):
-        if not info.numel:
-            return []
-        hist = Stat("arcee", 0)
-        if hist not in got:
-            return [hist]
-        return [Stat("arcee_bins", 0, args=tuple(summaries.locate(got[hist], r)[0] for r in self._ranks(info.numel)))]
+        return _IMPORTANCE.needs(got, self._ranks(info.numel)) if info.numel else []
 
     def tensor_plan(self, info, got):
         if not info.numel:
             return 0.0
-        hist = got[Stat("arcee", 0)]
-        per_unit = got[self.tensor_statistics(info, got)[0]]
-        details = [per_unit[u] for u in sorted(per_unit)]
-        q1, med, q3 = (_from_key(summaries.smallest(r, hist, [d[j] for d in details]).bits)
-                       for j, r in enumerate(self._ranks(info.numel)))
+        q1, med, q3 = (_from_key(b.bits) for b in _IMPORTANCE.resolve(got, self._ranks(info.numel)))
         return float(med + np.float32(1.5) * (q3 - q1))
 
     def merge_unit(self, rows, plan, out, out_code):

@@ -10,13 +10,15 @@ boosts models whose changes are mostly shared. Semantics: mergekit 0.1.5 (docs/m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from .. import kernels, summaries
 from ..statistics import Stat
 from .base import MergeMethod, Param
-from .sparsify import level, tie_starts, unit_details
+from .ranks import Ranks
+from .sparsify import level
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,14 @@ class Selection:
         return np.array([max(0, self.ties - start)], np.int64)
 
 
+def _variance_hist(var):
+    return var[0]  # the Summary: its histogram loads from the store on demand
+
+
+# the variance's exact ranks: round 1 its histogram and non-zero count, round 2 the boundary bin
+_VARIANCE = Ranks(Stat("var", 0), "var_bins", _variance_hist)
+
+
 class Sce(MergeMethod):
     name = "sce"
     summary = "SCE: keep the elements whose delta varies most across models, weight models by their kept energy, elect signs"
@@ -45,59 +55,50 @@ class Sce(MergeMethod):
     model_params = {}
     inputs = (1, None)
 
-    def _k(self, info, nnz: int) -> int:
-        """mergekit's k = int(float32(nnz) * float32(select_topk))."""
-        return int(np.float32(nnz) * np.float32(info.globals["select_topk"]))
-
-    def _threshold(self, info, got):
-        """(Threshold, prefixes, units) of the variance selection, or None while statistics are missing."""
+    @staticmethod
+    def _keep(info, var) -> int:
+        """How many elements SCE keeps, from round 1's (histogram, nnz): mergekit's
+        k = int(float32(nnz) * float32(select_topk))."""
         topk = float(info.globals["select_topk"])
-        if topk >= 1:
-            return summaries.Threshold(summaries.KEEP_ALL), [], []
-        var = Stat("var", 0)
-        if var not in got:
-            return None
-        hist, nnz = got[var]
-        k = self._k(info, nnz) if topk > 0 else 0
-        if k <= 0:
-            return summaries.Threshold(summaries.KEEP_NONE), [], []
-        if k >= info.numel:
-            return summaries.Threshold(summaries.KEEP_ALL), [], []
-        bins = Stat("var_bins", 0, args=(summaries.locate(hist, info.numel - k + 1)[0],))
-        if bins not in got:
-            return None
-        units, details = unit_details(got, bins)
-        t, prefixes = summaries.keep_top(info.numel, k, hist, [d[0] for d in details])
-        return t, prefixes, units
+        return int(np.float32(var[1]) * np.float32(topk)) if topk > 0 else 0
+
+    def _rank(self, info, var) -> list[int]:
+        """The rank of the smallest variance kept; none when every element or none is kept."""
+        k = self._keep(info, var)
+        return [info.numel - k + 1] if 0 < k < info.numel else []
+
+    def _selection(self, info, got) -> tuple[summaries.Threshold, tuple]:
+        """The variance threshold and the ties before each unit ((unit, (ties,)), ...)."""
+        if float(info.globals["select_topk"]) >= 1:
+            return summaries.Threshold(summaries.KEEP_ALL), ()
+        k = self._keep(info, _VARIANCE.first(got))
+        if k <= 0 or k >= info.numel:
+            return summaries.Threshold(summaries.KEEP_NONE if k <= 0 else summaries.KEEP_ALL), ()
+        (b,) = _VARIANCE.resolve(got, [info.numel - k + 1])
+        return b.threshold(info.numel, k), tuple((u, (n,)) for u, n in b.starts)
 
     def tensor_statistics(self, info, got):
         if not info.numel:
             return []
-        th = self._threshold(info, got)
-        if th is None:
-            var = Stat("var", 0)
-            if var not in got:
-                return [var]
-            hist, nnz = got[var]
-            return [Stat("var_bins", 0, args=(summaries.locate(hist, info.numel - self._k(info, nnz) + 1)[0],))]
-        return [self._squares(th)]
+        if float(info.globals["select_topk"]) < 1:
+            need = _VARIANCE.needs(got, partial(self._rank, info))
+            if need:
+                return need
+        return [self._squares(*self._selection(info, got))]
 
     @staticmethod
-    def _squares(th) -> Stat:
-        t, prefixes, units = th
-        kind, value = level(t, tracked=True)
-        return Stat("sce_sq", 0, args=(kind, value, t.ties_kept, tie_starts(units, [prefixes]) if prefixes else ()))
+    def _squares(t: summaries.Threshold, starts: tuple) -> Stat:
+        lev = level(t, tracked=True)
+        return Stat("sce_sq", 0, args=(lev.kind, lev.value, t.ties_kept, starts))
 
     def tensor_plan(self, info, got):
         K = len(info.models)
         if not info.numel:
             return Selection(kernels.TH_ALL, 0.0, 0, (), (1.0 / K,) * K)
-        th = self._threshold(info, got)
-        squares = got[self._squares(th)]
-        omega = [s / info.numel for s in squares]
+        stat = self._squares(*self._selection(info, got))
+        omega = [s / info.numel for s in got[stat]]
         total = sum(omega)
         omega = [1.0 / K] * K if abs(total) < 1e-6 else [w / total for w in omega]
-        stat = self._squares(th)
         kind, value, ties, starts = stat.args
         return Selection(kind, value, ties, tuple((u, s[0]) for u, s in starts), tuple(omega))
 

@@ -2,58 +2,79 @@
 
 Each says which statistics it needs given what is known (`needs`: a threshold's boundary-bin
 round comes once its histogram is known) and turns them into a `Sparse` decision for the pass-2
-kernel (`decide`). Exact thresholds come from bit-pattern histograms (`summaries`), so they equal
-an in-memory sort whatever the chunking.
+kernel (`decide`). Exact thresholds come from bit-pattern histograms through `ranks.Ranks`, so
+they equal an in-memory sort whatever the chunking. Adding a sparsifier: its row function and
+`SP_*` code in `kernels/delta.py`, and its class here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+
+import numpy as np
 
 from .. import kernels, summaries
 from ..statistics import Stat
 from ..summaries import KEEP_ALL, KEEP_NONE, Threshold
+from .ranks import Ranks
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One threshold on |delta| (the kernel's `LEVEL` record, field for field): keep |delta| >
+    value, and the ties (|delta| == value, in flat order) whose running index is in [first, stop);
+    `factor`: what SP_BANDS multiplies an element first kept at this level by."""
+
+    kind: int
+    value: float = 0.0
+    stop: int = 0
+    first: int = 0
+    factor: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
 class Sparse:
-    """What the kernel does to one model's delta on one span (see `kernels.gta`).
-
-    Threshold levels (SP_SHRINK uses level 0; SP_BANDS all): `kinds` (TH_*), `values` (float32
-    thresholds), `ties` (ties kept at each level, lowest flat index first) and `tie_starts`
-    ((unit index, per-level ties before that unit), ...); `factors` per level (DPA).
-    """
+    """What the kernel does to one model's delta on one span (see `kernels.gta`): the sparsifier
+    `mode` (SP_*), its threshold `levels`, the ties at each level before each unit (`tie_starts`:
+    ((unit, (per level, ...)), ...), in flat order), and the `MODEL` record's other fields."""
 
     mode: int = kernels.SP_NONE
-    kinds: tuple = ()
-    values: tuple = ()
-    ties: tuple = ()
+    levels: tuple = ()
     tie_starts: tuple = ()
-    factors: tuple = ()
-    dense: float = 1.0  # SP_NONE: multiply the delta (DPA on tensors DP does not prune)
+    scale: float = 1.0  # times the thinned delta: L1 rescale (DARE, DELLA), DPA's factor on unpruned tensors
     key: int = 0  # SP_BERNOULLI, SP_MASK: counter RNG stream
     limit: int = 0  # SP_BERNOULLI: keep limit
-    scale: float = 1.0  # SP_BERNOULLI, SP_MASK, SP_RANGE: L1 rescale
-    windows: tuple = ()  # SP_RANGE: tie-index windows (lo start, lo stop, hi stop)
     della: tuple = ()  # SP_MASK: (density, epsilon) of DELLA's rank-based keep probabilities
 
-    def budgets(self, unit: int) -> list[int]:
-        """Per level: ties it may still keep in this unit (SP_RANGE: the running tie indices the
-        unit starts at)."""
-        starts = dict(self.tie_starts).get(unit, (0,) * len(self.ties))
-        if self.mode == kernels.SP_RANGE:
-            return list(starts)
-        return [max(0, t - s) for t, s in zip(self.ties, starts)]
+    def seen(self, unit: int) -> tuple:
+        """Per level: the ties before `unit` (its running tie index starts there)."""
+        return dict(self.tie_starts).get(unit, (0,) * len(self.levels))
 
 
-def level(t: Threshold, tracked: bool) -> tuple[int, float]:
-    """(kind, value) of a threshold level: keep all, keep none, or compare with the value
-    (`tracked`: keep |x| == value while the tie budget lasts)."""
+def kernel_records(sparse: tuple[Sparse, ...], weights, unit: int) -> tuple[np.ndarray, np.ndarray]:
+    """`kernels.gta`'s `models` and `levels` records for one unit, filled by field name."""
+    K = len(sparse)
+    models = kernels.records(kernels.MODEL_FIELDS, K, mode=[s.mode for s in sparse],
+                             nlevels=[len(s.levels) for s in sparse], key=[s.key for s in sparse],
+                             limit=[s.limit for s in sparse], scale=[s.scale for s in sparse], weight=weights)
+    levels = kernels.records(kernels.LEVEL_FIELDS, (K, max([len(s.levels) for s in sparse] + [1])))
+    for k, s in enumerate(sparse):
+        for i, (lev, seen) in enumerate(zip(s.levels, s.seen(unit))):
+            for name, v in {**asdict(lev), "seen": seen}.items():
+                levels[name][k, i] = v
+    return models, levels
+
+
+def level(t: Threshold, tracked: bool, **fields) -> Level:
+    """A threshold as a level: keep all, keep none, or compare with the value (`tracked`: keep the
+    ties the threshold keeps, lowest flat index first)."""
     if t.bits == KEEP_ALL:
-        return kernels.TH_ALL, 0.0
+        return Level(kernels.TH_ALL, **fields)
     if t.bits == KEEP_NONE:
-        return kernels.TH_NONE, 0.0
-    return (kernels.TH_VALUE if tracked else kernels.TH_GT), t.value
+        return Level(kernels.TH_NONE, **fields)
+    if tracked:
+        return Level(kernels.TH_VALUE, t.value, t.ties_kept, **fields)
+    return Level(kernels.TH_GT, t.value, **fields)
 
 
 def tie_starts(units: list[int], prefixes: list[list[int]]) -> tuple:
@@ -66,6 +87,11 @@ def unit_details(got, stat: Stat) -> tuple[list[int], list[list]]:
     per_unit = got[stat]
     units = sorted(per_unit)
     return units, [per_unit[u] for u in units]
+
+
+def abs_ranks(model: int, span) -> Ranks:
+    """Exact ranks of |delta| of one model on one span (float32 deltas)."""
+    return Ranks(Stat("abs", model, span))
 
 
 class Sparsifier:
@@ -92,23 +118,16 @@ class TopK(Sparsifier):
         return summaries.top_k_count(numel, self.density)
 
     def needs(self, model, numel, span, got):
-        if self._k(numel) >= numel:
-            return []
-        hist = Stat("abs", model, span)
-        if hist not in got:
-            return [hist]
-        return [Stat("bins", model, span, args=(summaries.locate(got[hist], numel - self._k(numel) + 1)[0],))]
+        k = self._k(numel)
+        return [] if k >= numel else abs_ranks(model, span).needs(got, [numel - k + 1])
 
     def decide(self, model, numel, span, got):
         k = self._k(numel)
         if k >= numel:
             return Sparse()
-        hist = got[Stat("abs", model, span)]
-        bins = self.needs(model, numel, span, got)[0]
-        units, details = unit_details(got, bins)
-        t, prefixes = summaries.keep_top(numel, k, hist, [d[0] for d in details])
-        kind, value = level(t, tracked=True)
-        return Sparse(kernels.SP_SHRINK, (kind,), (value,), (t.ties_kept,), tie_starts(units, [prefixes]))
+        (b,) = abs_ranks(model, span).resolve(got, [numel - k + 1])
+        return Sparse(kernels.SP_SHRINK, (level(b.threshold(numel, k), tracked=True),),
+                      tuple((u, (n,)) for u, n in b.starts))
 
 
 class PruneLE(Sparsifier):
@@ -118,23 +137,17 @@ class PruneLE(Sparsifier):
     def __init__(self, sparsity: float):
         self.sparsity = sparsity
 
+    def _rank(self, numel):
+        return summaries.rank_for_prune_le(numel, self.sparsity)
+
     def needs(self, model, numel, span, got):
-        if numel == 0:
-            return []
-        hist = Stat("abs", model, span)
-        if hist not in got:
-            return [hist]
-        rank = summaries.rank_for_prune_le(numel, self.sparsity)
-        return [Stat("bins", model, span, args=(summaries.locate(got[hist], rank)[0],))]
+        return abs_ranks(model, span).needs(got, [self._rank(numel)]) if numel else []
 
     def decide(self, model, numel, span, got):
         if numel == 0:
             return Sparse()
-        hist = got[Stat("abs", model, span)]
-        _, details = unit_details(got, self.needs(model, numel, span, got)[0])
-        t = summaries.smallest(summaries.rank_for_prune_le(numel, self.sparsity), hist, [d[0] for d in details])
-        kind, value = level(t, tracked=False)
-        return Sparse(kernels.SP_SHRINK, (kind,), (value,), (0,))
+        (b,) = abs_ranks(model, span).resolve(got, [self._rank(numel)])
+        return Sparse(kernels.SP_SHRINK, (level(Threshold(b.bits), tracked=False),))
 
 
 class Band(Sparsifier):
@@ -146,47 +159,34 @@ class Band(Sparsifier):
     def __init__(self, density: float, gamma: float):
         self.density, self.gamma = density, gamma
 
-    def _ranks(self, numel: int) -> tuple[int, int]:
+    def _ranks(self, numel: int) -> list[int]:
+        """1-based ranks of the first and the last element kept."""
         target = int(self.density * numel)
         n_bot = max(0, numel - target - int(self.gamma * numel))
-        return n_bot, target
+        return [n_bot + 1, n_bot + target]
 
     def needs(self, model, numel, span, got):
-        n_bot, target = self._ranks(numel)
-        if self.density >= 1 or target <= 0:
+        first, last = self._ranks(numel)
+        if self.density >= 1 or last < first:
             return []
-        hist = Stat("abs", model, span)
-        if hist not in got:
-            return [hist]
-        h = got[hist]
-        return [Stat("bins", model, span, args=(summaries.locate(h, n_bot + 1)[0], summaries.locate(h, n_bot + target)[0]))]
+        return abs_ranks(model, span).needs(got, [first, last])
 
     def decide(self, model, numel, span, got):
-        n_bot, target = self._ranks(numel)
+        first, last = self._ranks(numel)
         if self.density >= 1:
             return Sparse()
-        if target <= 0:
-            return Sparse(kernels.SP_SHRINK, (kernels.TH_NONE,), (0.0,), (0,))
-        hist = got[Stat("abs", model, span)]
-        stat = self.needs(model, numel, span, got)[0]
-        units, details = unit_details(got, stat)
-        lo = summaries.smallest(n_bot + 1, hist, [d[0] for d in details])
-        hi = summaries.smallest(n_bot + target, hist, [d[1] for d in details])
-        below_lo = summaries.count_lt(hist, [d[0] for d in details], lo.bits)
-        below_hi = summaries.count_lt(hist, [d[1] for d in details], hi.bits)
+        if last < first:
+            return Sparse(kernels.SP_SHRINK, (Level(kernels.TH_NONE),))
+        lo, hi = abs_ranks(model, span).resolve(got, [first, last])
+        # the kept ranks [first, last] among each boundary's ties, as windows of their running index
         if lo.bits == hi.bits:  # one tie class holds both boundaries
-            windows = (n_bot - below_lo, n_bot + target - below_lo, 0)
+            levels = (Level(kernels.TH_VALUE, lo.value, last - lo.below, first - 1 - lo.below),
+                      Level(kernels.TH_VALUE, hi.value))
         else:
-            windows = (n_bot - below_lo, lo.ties_total, n_bot + target - below_hi)
-        starts = [[], []]
-        for j, t in enumerate((lo, hi)):
-            run = 0
-            for d in details:
-                starts[j].append(run)
-                vals, counts = d[j]
-                run += int(counts[vals == (t.bits & 0xFFFF)].sum())
-        return Sparse(kernels.SP_RANGE, (kernels.TH_VALUE, kernels.TH_VALUE), (lo.value, hi.value), (0, 0),
-                      tie_starts(units, starts), windows=windows)
+            levels = (Level(kernels.TH_VALUE, lo.value, lo.ties, first - 1 - lo.below),
+                      Level(kernels.TH_VALUE, hi.value, last - hi.below))
+        starts = tuple((u, (a, b)) for (u, a), (_, b) in zip(lo.starts, hi.starts))
+        return Sparse(kernels.SP_RANGE, levels, starts)
 
 
 class MagPrune(Sparsifier):
@@ -206,7 +206,7 @@ class MagPrune(Sparsifier):
         if self.density >= 1:
             return Sparse()
         if self.density <= 0:
-            return Sparse(kernels.SP_SHRINK, (kernels.TH_NONE,), (0.0,), (0,))
+            return Sparse(kernels.SP_SHRINK, (Level(kernels.TH_NONE),))
         scale = 1.0
         if self.rescale and numel:
             sums = got[self.needs(model, numel, span, got)[0]]

@@ -1,0 +1,106 @@
+"""One exact-rank protocol: the r-th smallest key of a tensor's statistic, whatever the chunking.
+
+Keys are 32-bit patterns that order like what they stand for (|delta| or a variance as float32
+bits, Arcee's importance as `kernels.sort_key`). Round 1 is a histogram of their top 16 bits (a
+statistic the caller names); it locates the bin holding each wanted rank. Round 2 counts the low
+16 bits inside those boundary bins, per work unit. Together they give, per rank, the key itself,
+how many keys lie below it, how many equal it, and how many of those ties come before each unit in
+flat order: everything a threshold that keeps ties lowest flat index first needs.
+
+A method declares its ranks (`Ranks.needs`) round after round until it can `resolve` them. TIES and
+magnitude pruning (`sparsify.py`), breadcrumbs' two boundaries, SCE's variance threshold
+(`selective.py`) and Arcee fusion's quartiles (`interp.py`) go through here. DPPA's exact semantics
+(`dppa.py`) still write the rounds out: its thresholds share one boundary statistic per tensor
+with its outlier counts, and `Ranks` would take them over in `_threshold_bins` and `_partition`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from .. import summaries
+from ..statistics import Stat
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """The key at one rank: its bits, the keys below it, the keys equal to it (its ties) and, per
+    unit holding part of the tensor (flat order), the ties before that unit."""
+
+    bits: int
+    below: int
+    ties: int
+    starts: tuple = ()  # ((unit, ties before it), ...)
+
+    @property
+    def value(self) -> float:
+        """The key as a float32 value (|delta|, a variance)."""
+        return summaries.bits_to_float(self.bits)
+
+    def threshold(self, numel: int, keep: int) -> summaries.Threshold:
+        """Keep the `keep` largest keys when this boundary is the (numel - keep + 1)-th smallest:
+        everything above it and the first of its ties."""
+        above = numel - self.below - self.ties
+        return summaries.Threshold(self.bits, keep - above, self.ties)
+
+
+RankSpec = Sequence[int] | Callable[[object], Sequence[int]]
+
+
+def summary_hist(summary: summaries.Summary):
+    return summary  # the histogram queries take a Summary (loaded from the store on demand)
+
+
+class Ranks:
+    """Exact ranks (1-based, ascending) of one statistic: round 1 is `hist`, whose result's
+    histogram `histogram` returns; round 2 is a statistic of kind `bins_kind` on the same model and
+    span, whose arguments are the boundary bins. `ranks` may be a function of round 1's result
+    (SCE's k depends on how many variances are non-zero)."""
+
+    def __init__(self, hist: Stat, bins_kind: str = "bins", histogram: Callable = summary_hist):
+        self.hist, self.bins_kind, self.histogram = hist, bins_kind, histogram
+
+    def first(self, got):
+        """Round 1's result, or None while it is missing."""
+        return got[self.hist] if self.hist in got else None
+
+    def needs(self, got, ranks: RankSpec) -> list[Stat]:
+        """The statistic still missing to resolve `ranks`: round 1, round 2, or none."""
+        if self.hist not in got:
+            return [self.hist]
+        bins = self._bins(got, ranks)
+        return [bins] if bins is not None and bins not in got else []
+
+    def resolve(self, got, ranks: RankSpec) -> list[Boundary]:
+        """One `Boundary` per rank (both rounds must be in `got`)."""
+        hist = self.histogram(got[self.hist])
+        ranks = self._ranks(got, ranks)
+        if not ranks:
+            return []
+        stat = self._bins(got, ranks)
+        per_unit = got[stat]
+        units = sorted(per_unit)
+        out = []
+        for rank in ranks:
+            i = stat.args.index(summaries.locate(hist, rank)[0])
+            details = [per_unit[u][i] for u in units]
+            t = summaries.smallest(rank, hist, details)
+            starts, run = [], 0
+            for u, (vals, counts) in zip(units, details):
+                starts.append((u, run))
+                run += int(counts[vals == (t.bits & 0xFFFF)].sum())
+            out.append(Boundary(t.bits, summaries.count_lt(hist, details, t.bits), t.ties_total, tuple(starts)))
+        return out
+
+    def _ranks(self, got, ranks: RankSpec) -> list[int]:
+        return list(ranks(got[self.hist]) if callable(ranks) else ranks)
+
+    def _bins(self, got, ranks: RankSpec) -> Stat | None:
+        ranks = self._ranks(got, ranks)
+        if not ranks:
+            return None
+        hist = self.histogram(got[self.hist])
+        bins = tuple(sorted({summaries.locate(hist, r)[0] for r in ranks}))
+        return dataclasses.replace(self.hist, kind=self.bins_kind, args=bins)
