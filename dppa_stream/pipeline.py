@@ -27,7 +27,8 @@ from .memory import PeakSampler, default_budget
 from .methods.base import Catalogue, Plan
 from .output import WORK_DIR, check_output, fingerprint, prepare_partial, publish, removed_on_bad_input, space_needed
 from .statistics import StatsEngine, drive
-from .units import MAX_UNIT_BYTES, UnitInputs, WorkUnit, pack, split_tensor, state_bytes, unit_budget
+from .units import (MAX_UNIT_BYTES, PROCESS_BASELINE, TASK_OVERHEAD, UnitInputs, WorkUnit, pack, split_tensor,
+                    state_bytes, unit_budget)
 
 log = logging.getLogger("dppa_stream")
 
@@ -217,6 +218,31 @@ def _check_smallest_units(s: Session, per_task: int) -> None:
                              "task that --memory-limit leaves; raise --memory-limit or use fewer workers")
 
 
+def _check_method_memory(s: Session, budget: int, workers: int, processes: int, state: int) -> None:
+    """A method that holds more than a unit's rows for a tensor (Iso-C, TSV-M: Gram matrices and
+    projections, `MergeMethod.task_bytes`/`held_bytes`) must fit: its largest task on every worker,
+    next to what the run holds for the tensors it plans in pass 1. Refused before any read."""
+    per_element = s.needs[0]
+    task, worst, held = 0, None, 0
+    for t, units in s.units.items():
+        e = s.inputs.entry(t)
+        models = len(s.inputs.outputs[t].models)
+        extra = s.method.task_bytes(e.shape, models) if e.real else 0
+        if not extra:
+            continue
+        need = max(u.numel for u in units) * per_element[t] + extra
+        if need > task:
+            task, worst = need, t
+        if len(units) > 1:
+            held += s.method.held_bytes(e.shape, models)
+    total = PROCESS_BASELINE * processes + state + held + max(1, workers) * (TASK_OVERHEAD + task)
+    if worst is not None and total > budget:
+        kept = f", and the run keeps {held / 2**20:.0f} MiB of Gram matrices and plans until pass 2" if held else ""
+        raise UsageError(f"--memory-limit {budget / 2**20:.0f} MiB is too small for {s.method.name}: tensor "
+                         f"{short(worst)} needs {task / 2**20:.0f} MiB in one task (its rows, Gram matrix and "
+                         f"projection){kept}; need at least {total / 2**20:.0f} MiB (or use fewer workers)")
+
+
 @contextlib.contextmanager
 def session(cfg: MergeConfig, opts: MergeOptions, out: str | None = None):
     """Open and validate the inputs, start the scheduler and plan work units from the budget."""
@@ -242,6 +268,7 @@ def session(cfg: MergeConfig, opts: MergeOptions, out: str | None = None):
                     not opts.allow_nonfinite)
         if local:
             _check_smallest_units(s, ub)
+            _check_method_memory(s, budget, spec.workers, 1 + (spec.workers if spec.kind == "processes" else 0), state)
         log.info("scheduler %s with %d worker thread(s); memory limit %.0f MiB; work unit <= %.1f MiB; "
                  "%d tensors in %d units (%d split), %d work units", spec.kind, workers, budget / 2**20, ub / 2**20,
                  len(inputs.names), sum(len(u) for u in s.units.values()),

@@ -114,6 +114,16 @@ class MergeMethod:
     def tensor_statistics(self, info: TensorInfo, got) -> list:
         return []
 
+    def task_bytes(self, shape: tuple, models: int) -> int:
+        """Memory a task holds for a tensor of this shape beyond its unit's rows (a Gram matrix, a
+        projection), counted against --memory-limit before any tensor is read."""
+        return 0
+
+    def held_bytes(self, shape: tuple, models: int) -> int:
+        """Memory the run holds until pass 2 for a tensor of this shape planned in pass 1 (its
+        statistics and plan), beyond the per-tensor bookkeeping `units.state_bytes` counts."""
+        return 0
+
     def tensor_plan(self, info: TensorInfo, got) -> Any:
         return None
 

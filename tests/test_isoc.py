@@ -1,0 +1,128 @@
+"""Iso-C and TSV-M: end to end against the float64 in-memory references written from their papers
+(tests/reference_spectral.py), byte-identical whatever the work units, the exact Gram accumulation
+independent of the order blocks are added in, and the memory refusal."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dppa_stream.config import parse_config
+from dppa_stream.errors import UsageError
+from dppa_stream.methods.isoc import ROW_BLOCK, exact_add, exact_value, orientation
+from dppa_stream.pipeline import MergeOptions, merge
+from dppa_stream.synthetic import LlamaShape, write_llama_set
+
+from . import reference_spectral as ref
+from .reference import load_model
+
+# embeddings and lm_head (1100 x 40) span three row blocks; q/o (40 x 40) and gate/up (72 x 40) are
+# tall, k/v (20 x 40) and down (40 x 72) wide (worked on transposed, one unit each)
+SHAPE = LlamaShape(hidden=40, intermediate=72, layers=2, vocab=2 * ROW_BLOCK + 76, heads=4, kv_heads=2)
+REFERENCES = {"iso_c": ref.iso_c, "tsv_m": ref.tsv_m}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spectral")
+    return {(dtype, k): write_llama_set(str(root / f"{dtype}-{k}"), SHAPE, k, dtype, seed=7, drift=3e-2)
+            for dtype, k in ((torch.float32, 2), (torch.float32, 3), (torch.bfloat16, 2))}
+
+
+def _config(method, paths, alpha=None, out_dtype=None):
+    lines = [f"merge_method: {method}", f"base_model: {paths[0]}", "models:"]
+    lines += [f"  - model: {p}" for p in paths[1:]]
+    if alpha is not None:
+        lines.append(f"parameters: {{alpha: {alpha}}}")
+    if out_dtype:
+        lines.append(f"out_dtype: {out_dtype}")
+    return parse_config("\n".join(lines) + "\n")
+
+
+def _merge(tmp_path, name, cfg, **opts):
+    out = str(tmp_path / name)
+    merge(cfg, out, MergeOptions(quiet=True, **opts))
+    return load_model(out)
+
+
+@pytest.mark.parametrize("method", sorted(REFERENCES))
+@pytest.mark.parametrize("finetunes,alpha", [(2, None), (3, 1.3)])
+def test_matches_paper_reference(tmp_path, models, method, finetunes, alpha):
+    """float32 inputs, float32 output: every tensor within one float32 rounding of the float64
+    reference (the streamed Gram route differs from a direct SVD by ~1e-13 relative)."""
+    paths = models[(torch.float32, finetunes)]
+    got = _merge(tmp_path, "out", _config(method, paths, alpha), unit_bytes=60_000)
+    inputs = [load_model(p) for p in paths]
+    for name, out in got.items():
+        want = REFERENCES[method](inputs[0][name].numpy(), [m[name].numpy() for m in inputs[1:]],
+                                  1.0 if alpha is None else alpha)
+        np.testing.assert_allclose(out.numpy(), want, rtol=2.5e-7, atol=1e-9, err_msg=name)
+        if orientation(tuple(out.shape)) is not None:  # the method changed the matrix (not task arithmetic)
+            ta = inputs[0][name].double().numpy() + (1.0 if alpha is None else alpha) * sum(
+                m[name].double().numpy() - inputs[0][name].double().numpy() for m in inputs[1:])
+            assert np.abs(want - ta).max() > 1e-4, name
+
+
+@pytest.mark.parametrize("method", sorted(REFERENCES))
+def test_byte_identical_whatever_the_units(tmp_path, models, method):
+    """Whole tensors (one unit each), one row block per unit, and units on processes: same bytes."""
+    paths = models[(torch.bfloat16, 2)]
+    cfg = _config(method, paths)
+    whole = _merge(tmp_path, "whole", cfg)
+    split = _merge(tmp_path, "split", cfg, unit_bytes=50_000)
+    procs = _merge(tmp_path, "procs", cfg, unit_bytes=120_000, scheduler="processes:2")
+    assert set(whole) == set(split) == set(procs)
+    for name in whole:
+        for other in (split, procs):
+            assert torch.equal(whole[name].view(torch.int16), other[name].view(torch.int16)), name
+
+
+def test_split_embeddings_use_several_units(models):
+    """The byte-identity test above is only meaningful if the embeddings really are split."""
+    from dppa_stream.inputs import open_inputs
+    from dppa_stream.pipeline import plan_units, unit_needs
+
+    cfg = _config("iso_c", models[(torch.bfloat16, 2)])
+    inputs = open_inputs(cfg, False, True)
+    units = plan_units(inputs, cfg.method(0), unit_needs(inputs, cfg), 50_000)
+    assert len(units["model.embed_tokens.weight"]) == 3
+    assert len(units["model.layers.0.mlp.down_proj.weight"]) == 1  # wide: whole
+
+
+def test_exact_gram_sum_is_order_free():
+    """Block Grams added in any grouping give the same limbs, and the value is the exact sum."""
+    rng = np.random.default_rng(3)
+    grams = [(lambda x: x.T @ x)(rng.normal(size=(7, 5)) * 10.0 ** rng.integers(-6, 3)) for _ in range(6)]
+    one = None
+    for g in grams:
+        one = exact_add(one, g, "t")
+    a, b = None, None
+    for g in grams[::2]:
+        a = exact_add(a, g, "t")
+    for g in grams[1::2][::-1]:
+        b = exact_add(b, g, "t")
+    from dppa_stream.methods.isoc import DeltaGram
+
+    two = DeltaGram(0, args=("sum",)).combine(b, a)
+    assert np.array_equal(one, two)
+    from fractions import Fraction
+
+    for i, j in ((0, 0), (1, 3), (4, 2)):
+        exact = sum(Fraction(float(g[i, j])) for g in grams)
+        assert abs(float(exact) - exact_value(one)[i, j]) <= 2.0 ** -52 * abs(float(exact)) + 2.0 ** -118
+
+
+def test_memory_limit_refused_before_reading(tmp_path):
+    """256 columns, three fine-tunes: TSV-M's Gram of [D_1 | D_2 | D_3] is 768 x 768 (three int64
+    limbs, a block Gram, eigh's copies: ~45 MiB a task), which 400 MiB for two workers cannot hold
+    next to the processes (300 MiB) and the tasks' overhead; Iso-C's 256 x 256 fits."""
+    paths = write_llama_set(str(tmp_path / "wide"), LlamaShape(hidden=256, intermediate=64, layers=1, vocab=64), 3,
+                            torch.float32)
+    with pytest.raises(UsageError, match=r"--memory-limit 400 MiB is too small for tsv_m: tensor 'model\..*' needs "
+                                         r"\d+ MiB in one task .*; need at least \d+ MiB \(or use fewer workers\)"):
+        merge(_config("tsv_m", paths), str(tmp_path / "out"), MergeOptions(quiet=True, memory_limit=400 << 20,
+                                                                          scheduler="threads:2"))
+    assert not os.path.exists(tmp_path / "out.partial") and not os.path.exists(tmp_path / "out")
+    merge(_config("iso_c", paths), str(tmp_path / "iso"), MergeOptions(quiet=True, memory_limit=400 << 20,
+                                                                       scheduler="threads:2", unit_bytes=4 << 20))
