@@ -73,24 +73,29 @@ def combined(deltas: np.ndarray, rows: int, cols: int, stacked: bool) -> np.ndar
 
 
 def blocks(rows, code: int, shape: tuple, stacked: bool, bad: np.ndarray):
-    """(first element in the unit, base block, X block) for each `ROW_BLOCK` rows of the oriented
-    matrix in the unit; a transposed matrix (one unit) is widened whole and transposed first."""
+    """(first row, base block, X block) for each `ROW_BLOCK` rows of the oriented matrix in the
+    unit. A transposed matrix (one unit) is widened whole to float32 and each block of its columns
+    transposed; the values are those `unit_deltas` gives."""
     m, n, transposed = orientation(shape)
     unit = rows.inp.unit
     if transposed:
-        base, deltas = unit_deltas(rows, code, 0, unit.numel, bad)
-        base = np.ascontiguousarray(base.reshape(n, m).T)  # the tensor is n x m here (n < m)
-        deltas = np.ascontiguousarray(deltas.reshape(len(deltas), n, m).transpose(0, 2, 1))
+        src = rows.src
+        f32 = np.empty((src.shape[0], unit.numel), np.float32)
+        for k in range(src.shape[0]):
+            bad[k] += kernels.widen_block(src[k], code, 0, unit.numel, f32[k])
+        f32 = f32.reshape(src.shape[0], n, m)  # the tensor is n x m (n < m)
         for r in range(0, m, ROW_BLOCK):
             b = min(ROW_BLOCK, m - r)
-            yield r, base[r:r + b], combined(deltas[:, r:r + b].reshape(len(deltas), -1), b, n, stacked)
+            block = f32[:, :, r:r + b].transpose(0, 2, 1).astype(np.float64)
+            deltas = block[1:] - block[0]
+            yield r, block[0], combined(deltas.reshape(len(deltas), -1), b, n, stacked)
         return
     first = unit.flat_start // n
     assert first % ROW_BLOCK == 0, "work units must start on a row block"
     for r in range(0, unit.numel // n, ROW_BLOCK):
         b = min(ROW_BLOCK, unit.numel // n - r)
         base, deltas = unit_deltas(rows, code, r * n, b * n, bad)
-        yield r * n, base.reshape(b, n), combined(deltas, b, n, stacked)
+        yield r, base.reshape(b, n), combined(deltas, b, n, stacked)
 
 
 # --- exact sums of float64 Gram blocks ------------------------------------------------------------------
@@ -104,13 +109,16 @@ def exact_add(acc: np.ndarray | None, g: np.ndarray, tensor: str) -> np.ndarray:
         raise InputError(f"tensor {tensor!r}: deltas too large for the exact Gram accumulator (a {ROW_BLOCK}-row "
                          f"block's Gram entry is {a.max():.3g}, at most 2**32 is supported); is the base model right?")
     a *= _SCALE  # exact: a power of two
-    hi = np.floor(a * 2.0 ** -104)
-    a -= hi * 2.0 ** 104  # exact: what is left fits the significand
-    mid = np.floor(a * 2.0 ** -52)
-    a -= mid * 2.0 ** 52
-    lo = np.floor(a)
-    limbs = np.stack([lo, mid, hi]).astype(np.int64)
-    np.negative(limbs, out=limbs, where=(g < 0)[None])
+    limbs = np.empty((3,) + g.shape, np.int64)
+    t = np.empty_like(a)
+    for k, shift in ((2, 104), (1, 52)):
+        np.floor(np.multiply(a, 2.0 ** -shift, out=t), out=t)
+        limbs[k] = t
+        a -= np.multiply(t, 2.0 ** shift, out=t)  # exact: what is left fits the significand
+    limbs[0] = np.floor(a, out=a)
+    neg = g < 0
+    for limb in limbs:
+        np.negative(limb, out=limb, where=neg)
     if acc is not None:
         limbs += acc
     return _carry(limbs)
@@ -135,8 +143,8 @@ def exact_value(limbs: np.ndarray) -> np.ndarray:
 
 class DeltaGram(Stat):
     """The exact Gram X^T X (float64, columns x columns of the oriented matrix, see `orientation`)
-    of X = the sum of the models' deltas (`args=("sum",)`) or their concatenation (`("stack",)`).
-    Partial results are int64 limbs (`exact_add`); a unit holds whole `ROW_BLOCK`-row blocks."""
+    of X = the sum of the models' deltas (`args=("sum", w)`) or their concatenation (`("stack", w)`),
+    w x w. Partial results are int64 limbs (`exact_add`); a unit holds whole `ROW_BLOCK`-row blocks."""
 
     __slots__ = ()
     name = "delta_gram"
@@ -167,7 +175,7 @@ class DeltaGram(Stat):
         return record[1:].view(np.float64).reshape(w, w).copy() if w else None
 
     def result_bytes(self, numel):
-        return 3 * 8 * numel  # at most the limbs of a w x w Gram for a unit of >= w * w elements
+        return 3 * 8 * self.args[1] ** 2  # the limbs
 
     def held_bytes(self, value):
         return 256 if value is None else value.nbytes
@@ -227,17 +235,18 @@ class SpectralMethod(MergeMethod):
             return super().unit_multiple(shape)
         return shape[0] * shape[1] if o[2] else ROW_BLOCK * shape[1]  # transposed: the whole tensor
 
-    def gram(self) -> DeltaGram:
-        return DeltaGram(0, args=("stack" if self.stacked else "sum",))
+    def gram(self, info) -> DeltaGram:
+        w = orientation(info.shape)[1] * (len(info.models) if self.stacked else 1)
+        return DeltaGram(0, args=("stack" if self.stacked else "sum", w))
 
     def tensor_statistics(self, info, got):
-        return [self.gram()] if orientation(info.shape) is not None else []
+        return [self.gram(info)] if orientation(info.shape) is not None else []
 
     def tensor_plan(self, info, got):
         o = orientation(info.shape)
         if o is None:
             return float(info.globals["alpha"])
-        gram = got[self.gram()]
+        gram = got[self.gram(info)]
         a, m = self.factors(gram, o, len(info.models)) if gram is not None else ((np.zeros((o[1], 0)),), np.zeros((0, o[1])))
         return Projection(a, m, float(info.globals["alpha"]))
 
@@ -254,29 +263,29 @@ class SpectralMethod(MergeMethod):
             return bad
         shape = rows.inp.models[0].shape
         m, n, transposed = orientation(shape)
-        whole = np.empty((m, n)) if transposed else None
-        for at, base, x in blocks(rows, code, shape, self.stacked, bad):
+        whole = np.empty((m, n), np.float32) if transposed else None
+        for r, base, x in blocks(rows, code, shape, self.stacked, bad):
             parts = [x] if len(plan.a) == 1 else np.split(x, len(plan.a), axis=1)
             u = np.concatenate([p @ a for p, a in zip(parts, plan.a)], axis=1)
             merged = base + plan.alpha * (u @ plan.m)
             if transposed:
-                whole[at:at + len(merged)] = merged
+                whole[r:r + len(merged)] = merged  # rounded to float32, as `_narrow` does
             else:
-                _narrow(merged, out, at, out_code)
+                _narrow(merged, out, r * n, out_code)
         if transposed:
             _narrow(whole.T, out, 0, out_code)
         return bad
 
     def task_bytes(self, shape: tuple, models: int) -> int:
-        """What a task holds beyond the unit's rows for a tensor of this shape (Gram limbs, a block
-        Gram and its conversion temporaries, eigh's copies, the plan; a transposed matrix's float64
-        deltas, twice)."""
+        """What a task holds beyond the unit's rows for a tensor of this shape: the Gram's limbs, a
+        block Gram and its conversion temporaries or eigh's copies, the plan, a block's float64
+        values; for a transposed matrix also its inputs widened to float32 and the output."""
         o = orientation(shape)
         if o is None:
             return 8 * (models + 2) * (shape[-1] if shape else 1) * (shape[0] if len(shape) > 1 else 1)
         m, n, transposed = o
         w = n * (models if self.stacked else 1)
-        whole = 8 * 2 * (models + 1) * m * n if transposed else 0
+        whole = 4 * (models + 4) * m * n if transposed else 0  # inputs as float32, the output twice
         return 8 * 10 * w * w + 8 * 2 * n * w + 8 * 4 * ROW_BLOCK * w + whole
 
     def held_bytes(self, shape: tuple, models: int) -> int:
