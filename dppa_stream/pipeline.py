@@ -237,7 +237,8 @@ def _check_method_memory(s: Session, budget: int, workers: int, processes: int, 
             held += s.method.held_bytes(e.shape, models)
     total = PROCESS_BASELINE * processes + state + held + max(1, workers) * (TASK_OVERHEAD + task)
     if worst is not None and total > budget:
-        kept = f", and the run keeps {held / 2**20:.0f} MiB of Gram matrices and plans until pass 2" if held else ""
+        kept = (f", and the run keeps {held / 2**20:.0f} MiB of Gram matrices and plans until pass 2 (a --unit-size "
+                "that holds whole matrices keeps none)") if held else ""
         raise UsageError(f"--memory-limit {budget / 2**20:.0f} MiB is too small for {s.method.name}: tensor "
                          f"{short(worst)} needs {task / 2**20:.0f} MiB in one task (its rows, Gram matrix and "
                          f"projection){kept}; need at least {total / 2**20:.0f} MiB (or use fewer workers)")

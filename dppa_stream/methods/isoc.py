@@ -15,7 +15,8 @@ Byte-identical results whatever the chunking: the Gram is summed over fixed bloc
 holds it, and blocks are added exactly, as fixed-point integers in three int64 limbs (quantum
 2**-120), so that the sum cannot depend on the order partial results arrive in. eigh of the same
 float64 matrix is deterministic on one machine (same LAPACK, same threads); pass 2 projects the
-same fixed blocks.
+same fixed blocks. BLAS runs one thread per task (`one_blas_thread`): Dask's workers are the
+parallelism, and two BLAS pools per core made a TSV-M plan 3-40x slower on a busy machine.
 """
 
 from __future__ import annotations
@@ -32,6 +33,19 @@ RTOL = 1e-6  # singular values at or below RTOL * the largest are taken as zero 
 _LIMB = 52  # bits per low limb of the exact accumulator
 _SCALE = 2.0 ** 120  # 1 / the accumulator's quantum
 _BLOCK_LIMIT = 2.0 ** 32  # |Gram entry| of one block the accumulator takes (its top limb cannot overflow)
+
+
+_blas_limited = False
+
+
+def one_blas_thread() -> None:
+    """Limit BLAS/LAPACK (numpy's OpenBLAS or MKL) to one thread in this process, once."""
+    global _blas_limited
+    if not _blas_limited:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1, user_api="blas")
+        _blas_limited = True
 
 
 def orientation(shape: tuple) -> tuple[int, int, bool] | None:
@@ -150,6 +164,7 @@ class DeltaGram(Stat):
     name = "delta_gram"
 
     def compute(self, rows, code, lo, hi, bad):
+        one_blas_thread()
         acc = None
         shape = rows.inp.models[0].shape
         for _, _, x in blocks(rows, code, shape, self.args[0] == "stack", bad):
@@ -247,6 +262,7 @@ class SpectralMethod(MergeMethod):
         if o is None:
             return float(info.globals["alpha"])
         gram = got[self.gram(info)]
+        one_blas_thread()
         a, m = self.factors(gram, o, len(info.models)) if gram is not None else ((np.zeros((o[1], 0)),), np.zeros((0, o[1])))
         return Projection(a, m, float(info.globals["alpha"]))
 
@@ -261,6 +277,7 @@ class SpectralMethod(MergeMethod):
             base, deltas = unit_deltas(rows, code, 0, unit.numel, bad)
             _narrow(base + plan * (deltas.sum(axis=0) / len(deltas)), out, 0, out_code)
             return bad
+        one_blas_thread()
         shape = rows.inp.models[0].shape
         m, n, transposed = orientation(shape)
         whole = np.empty((m, n), np.float32) if transposed else None
