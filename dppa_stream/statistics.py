@@ -17,6 +17,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import ClassVar
 
 import numpy as np
 
@@ -29,43 +30,413 @@ log = logging.getLogger("dppa_stream")
 
 @dataclass(frozen=True, slots=True)
 class Stat:
-    """One statistic of one tensor's deltas.
+    """One statistic of one tensor's deltas; each kind is a subclass that computes, combines,
+    finalizes and stores itself, so the driver and the store know no kind (adding one is one
+    class: see the README's layout section).
 
-    kind   "abs": `Summary` of |delta| (histogram of its top 16 bits; `args=("sums",)` adds exact sums
-           when deltas are float32 — bf16 deltas get them from the histogram for free);
-           "bins": per unit, the low-16-bit counts of |delta| inside the top-16-bit bins `args`
-           (resolves a threshold exactly and gives the ties before each unit);
-           "dare": exact Σ|delta| and Σ|delta * keep-mask| for the counter RNG `args = (key, limit)`;
-           "della": the same for DELLA's rank-based mask, `args = (key, density, epsilon)`;
-           "gram": exact pairwise dot products of the models' deltas (`args=("deltas",)`) or of
-           the inputs themselves (`("inputs",)`), upper triangle in row-major order;
-           "var" / "var_bins": histogram (and non-zero count) / boundary-bin counts of the
-           per-element variance of the deltas across models (SCE);
-           "sce_sq": per model, exact Σ delta² over the elements SCE selects, `args = (kind,
-           value, ties kept, ties before each unit)`;
-           "ram": per model, its changed elements shared with others and unique to it (`args=(eps,)`);
-           "arcee" / "arcee_bins": histogram / boundary-bin counts of Arcee fusion's importance.
     model  the fine-tune (0-based, excluding the base).
     span   flat element range inside the tensor (one expert of a fused tensor), None for all of it.
     bf16   deltas rounded to bfloat16 (DPPA's reference semantics).
+    args   what else the kind needs (hashable: a Stat is a dictionary key).
     """
 
-    kind: str
     model: int
     span: tuple[int, int] | None = None
     bf16: bool = False
     args: tuple = ()
 
+    name: ClassVar[str] = ""  # the kind's name in store keys and progress labels: never reuse one
+
     def key(self) -> str:
         span = "" if self.span is None else f"{self.span[0]}-{self.span[1]}"
-        return f"{self.kind}|{self.model}|{span}|{int(self.bf16)}|{','.join(map(str, self.args))}"
+        return f"{self.name}|{self.model}|{span}|{int(self.bf16)}|{','.join(map(str, self.args))}"
 
+    # --- what a kind defines (compute, empty, combine, pack, unpack at least) ----------------------
+
+    @classmethod
+    def compute_all(cls, rows, code: int, todo: list[tuple["Stat", tuple[int, int]]], bad) -> dict:
+        """Partial results of `todo` ((stat, unit-local element range), all of this kind) on one
+        unit's rows; a kind whose kernel serves many stats in one pass overrides this."""
+        return {st: st.compute(rows, code, lo, hi, bad) for st, (lo, hi) in todo}
+
+    def compute(self, rows, code: int, lo: int, hi: int, bad: np.ndarray):
+        """The partial result on the unit's elements [lo, hi) (`bad` counts NaN/Inf per input)."""
+        raise NotImplementedError
+
+    def empty(self):
+        """The partial result of no elements (a unit outside the span)."""
+        raise NotImplementedError
+
+    def combine(self, a, b):
+        """Two partial results merged: associative and commutative (exact integers), so results
+        cannot depend on chunking or on the order Dask merges them."""
+        raise NotImplementedError
+
+    def finalize(self, partial):
+        """What a method sees, from the tensor's combined partial result."""
+        return partial
+
+    def pack(self, value) -> np.ndarray:
+        """A finalized result as int64 values for the store (float64 values by their bits)."""
+        raise NotImplementedError
+
+    def unpack(self, record: np.ndarray, reread=None):
+        """The result `pack` stored; `reread()` returns the record again (for results that load
+        lazily)."""
+        raise NotImplementedError
+
+    def result_bytes(self, numel: int) -> int:
+        """About what a partial result on `numel` elements holds in memory: for a small tensor a
+        histogram holds more than its data, so pass 1 packs work units by this too."""
+        return 4096
+
+    def held_bytes(self, value) -> int:
+        """About the bytes a finished result takes packed, while it waits for the store."""
+        return 256
+
+
+# --- histograms of |delta| and exact ranks -----------------------------------------------------------
+
+class Abs(Stat):
+    """`Summary` of |delta| (histogram of its top 16 bits); `args=("sums",)` adds exact sums when
+    deltas are float32 (bf16 deltas get them from the histogram for free). One kernel pass serves
+    every model's (`compute_all`)."""
+
+    __slots__ = ()
+    name = "abs"
+
+    @classmethod
+    def compute_all(cls, rows, code, todo, bad):
+        groups: dict[tuple, list[Stat]] = {}
+        for st, rng in todo:
+            groups.setdefault((rng, st.bf16, "sums" in st.args), []).append(st)
+        out = {}
+        for (rng, bf16, sums), group in groups.items():
+            models = np.array([st.model for st in group], np.int64)
+            hists = _zeroed("hist", len(group), summaries.HIST_BINS)
+            mants = np.zeros((len(group), 256), np.int64)
+            kernels.abs_summaries(rows.src, code, models, rng[0], rng[1], bf16, sums and not bf16, hists, mants, bad)
+            for st, h, mt in zip(group, hists, mants):
+                bins, counts = _take(h)
+                narrow = np.int32 if rng[1] - rng[0] < 1 << 31 else np.int64  # counts of fewer elements fit 32 bits
+                out[st] = Summary(rng[1] - rng[0], None, summaries.hist_mant_sums(bins, counts) if bf16 else mt,
+                                  sparse=(bins.astype(np.int32), counts.astype(narrow)))
+        return out
+
+    def empty(self):
+        return Summary()
+
+    def combine(self, a, b):
+        return (a + b).compact()
+
+    def pack(self, value):
+        return summaries.to_record(value)
+
+    def unpack(self, record, reread=None):
+        return summaries.from_record(record, reread)  # a run keeps one per tensor and model: load lazily
+
+    def result_bytes(self, numel):
+        return 256 + 8 * min(numel, summaries.HIST_BINS)
+
+    def held_bytes(self, value):
+        return 200 + 16 * len(value.sparse[0])
+
+
+class PerUnitBins(Stat):
+    """Per unit, the low-16-bit counts of a key inside the top-16-bit bins `args`: resolves a
+    threshold exactly and gives the ties before each unit (round 2 of `methods.ranks.Ranks`).
+    Result: {unit index: [(low bits in use, their counts) per bin]}."""
+
+    __slots__ = ()
+
+    def compute(self, rows, code, lo, hi, bad):
+        counts = _zeroed("bins", len(self.args), 1 << 16)
+        self.count(rows, code, lo, hi, np.array(self.args, np.int64), counts, bad)
+        return {rows.inp.unit.index: [_take(c) for c in counts]}
+
+    def count(self, rows, code, lo, hi, bins, counts, bad) -> None:
+        raise NotImplementedError
+
+    def empty(self):
+        return {}
+
+    def combine(self, a, b):
+        return {**a, **b}
+
+    def pack(self, value):
+        out = [len(value)]
+        for unit in sorted(value):
+            out += [unit, len(value[unit])]
+            for vals, counts in value[unit]:
+                out += [len(vals), *vals.tolist(), *counts.tolist()]
+        return np.array(out, np.int64)
+
+    def unpack(self, record, reread=None):
+        a, pos, out = record, 1, {}
+        for _ in range(int(a[0])):
+            unit, nb = int(a[pos]), int(a[pos + 1])
+            pos += 2
+            bins = []
+            for _ in range(nb):
+                n = int(a[pos])
+                bins.append((a[pos + 1:pos + 1 + n].copy(), a[pos + 1 + n:pos + 1 + 2 * n].copy()))
+                pos += 1 + 2 * n
+            out[unit] = bins
+        return out
+
+    def result_bytes(self, numel):
+        return 256 + 16 * min(numel, 1 << 16) * max(1, len(self.args))
+
+    def held_bytes(self, value):
+        return 200 + sum(16 * len(v) for bins in value.values() for v, _ in bins)
+
+
+class Bins(PerUnitBins):
+    """Boundary bins of |delta| (round 2 of `Abs`)."""
+
+    __slots__ = ()
+    name = "bins"
+
+    def count(self, rows, code, lo, hi, bins, counts, bad):
+        kernels.bin_counts(rows.src, code, self.model, lo, hi, self.bf16, bins, counts, bad)
+
+
+# --- exact sums -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class DareSums:
     full: float  # Σ|delta|, exactly rounded
     kept: float  # Σ|delta * mask|
 
+
+class KeptSums(Stat):
+    """Exact Σ|delta| and Σ|delta * keep-mask| of one model (as per-exponent significand sums
+    while partial; `DareSums` once finalized)."""
+
+    __slots__ = ()
+
+    def empty(self):
+        return np.zeros(256, np.int64), np.zeros(256, np.int64)
+
+    def combine(self, a, b):
+        return a[0] + b[0], a[1] + b[1]
+
+    def finalize(self, partial):
+        return DareSums(summaries.exact_sum(partial[0]), summaries.exact_sum(partial[1]))
+
+    def pack(self, value):
+        return np.array([value.full, value.kept], np.float64).view(np.int64)
+
+    def unpack(self, record, reread=None):
+        full, kept = record.view(np.float64)
+        return DareSums(float(full), float(kept))
+
+
+class Dare(KeptSums):
+    """DARE's mask from the counter RNG, `args = (key, limit)`."""
+
+    __slots__ = ()
+    name = "dare"
+
+    def compute(self, rows, code, lo, hi, bad):
+        full, kept = self.empty()
+        key, limit = self.args
+        kernels.dare_sums(rows.src, code, self.model, lo, hi, rows.inp.unit.flat_start + lo, np.uint64(key),
+                          np.uint64(limit), full, kept, bad)
+        return full, kept
+
+
+class Della(KeptSums):
+    """DELLA's rank-based mask, `args = (key, density, epsilon)` (whole units: no spans)."""
+
+    __slots__ = ()
+    name = "della"
+
+    def compute(self, rows, code, lo, hi, bad):
+        unit = rows.inp.unit
+        key, density, epsilon = self.args
+        mask = np.zeros(unit.numel, np.uint8)
+        d1, rest, slices = kernels.della_layout(rows.inp.models[0].shape, unit)
+        kernels.della_mask(rows.src, code, self.model, 0, slices, d1, rest, unit.flat_start, np.uint64(key), density,
+                           epsilon, mask, bad)
+        full, kept = self.empty()
+        kernels.masked_abs_sums(rows.src, code, self.model, lo, hi, mask, full, kept, bad)
+        return full, kept
+
+
+class ExactProducts(Stat):
+    """Sums of products kept exactly (`exact_products`' two words per exponent bucket): a list of
+    float64 values, each exactly rounded, once finalized."""
+
+    __slots__ = ()
+
+    def empty(self):
+        return None
+
+    def combine(self, a, b):
+        return b if a is None else a if b is None else a + b
+
+    def finalize(self, partial):
+        return [] if partial is None else exact_products(partial)
+
+    def pack(self, value):
+        return np.array(value, np.float64).view(np.int64)
+
+    def unpack(self, record, reread=None):
+        return record.view(np.float64).tolist()
+
+    def result_bytes(self, numel):
+        return 2 * 8 * kernels.GRAM_BUCKETS * 16  # two words per bucket, for the pairs of up to 5 inputs
+
+
+class Gram(ExactProducts):
+    """Exact pairwise dot products of the models' deltas (`args=("deltas",)`) or of the inputs
+    themselves (`("inputs",)`), upper triangle in row-major order (whole units: no spans)."""
+
+    __slots__ = ()
+    name = "gram"
+
+    def compute(self, rows, code, lo, hi, bad):
+        deltas = self.args[0] == "deltas"
+        n = rows.src.shape[0] - (1 if deltas else 0)
+        words = np.zeros((2, n * (n + 1) // 2, kernels.GRAM_BUCKETS), np.int64)
+        kernels.gram_sums(rows.src, code, lo, hi, deltas, words[0], words[1], bad)
+        return words
+
+
+# --- the statistics of SCE, RAM and Arcee fusion (whole units: no spans) --------------------------
+
+class Var(Stat):
+    """SCE: (`Summary` of the per-element variance of the deltas across models, its non-zero count)."""
+
+    __slots__ = ()
+    name = "var"
+
+    def compute(self, rows, code, lo, hi, bad):
+        hist = np.zeros(summaries.HIST_BINS, np.int64)
+        nnz = kernels.variance_hist(rows.src, code, lo, hi, hist, bad)
+        return Summary(hi - lo, hist).compact(), int(nnz)
+
+    def empty(self):
+        return Summary(), 0
+
+    def combine(self, a, b):
+        return (a[0] + b[0]).compact(), a[1] + b[1]
+
+    def pack(self, value):
+        return np.concatenate([[value[1]], summaries.to_record(value[0])]).astype(np.int64)
+
+    def unpack(self, record, reread=None):
+        return summaries.from_record(record[1:]), int(record[0])
+
+    def result_bytes(self, numel):
+        return 256 + 8 * min(numel, summaries.HIST_BINS)
+
+
+class VarBins(PerUnitBins):
+    """SCE: boundary bins of the variance (round 2 of `Var`)."""
+
+    __slots__ = ()
+    name = "var_bins"
+
+    def count(self, rows, code, lo, hi, bins, counts, bad):
+        kernels.variance_bins(rows.src, code, lo, hi, bins, counts, bad)
+
+
+class SceSquares(ExactProducts):
+    """SCE: per model, exact Σ delta² over the elements SCE selects, `args = (kind, value, ties
+    kept, ties before each unit)`."""
+
+    __slots__ = ()
+    name = "sce_sq"
+
+    def compute(self, rows, code, lo, hi, bad):
+        kind, value, kept, starts = self.args
+        budget = np.array([max(0, kept - dict(starts).get(rows.inp.unit.index, (0,))[0])], np.int64)
+        K = rows.src.shape[0] - 1
+        words = np.zeros((2, K, kernels.GRAM_BUCKETS), np.int64)
+        kernels.sce_squares(rows.src, code, lo, hi, kind, np.float32(value), budget, words[0], words[1], bad)
+        return words
+
+
+class RamCounts(Stat):
+    """RAM: per model, its changed elements shared with others and unique to it (`args=(eps,)`)."""
+
+    __slots__ = ()
+    name = "ram"
+
+    def compute(self, rows, code, lo, hi, bad):
+        K = rows.src.shape[0] - 1
+        shared, unique = np.zeros(K, np.int64), np.zeros(K, np.int64)
+        kernels.ram_counts(rows.src, code, lo, hi, np.float32(self.args[0]), shared, unique, bad)
+        return shared, unique
+
+    def empty(self):
+        return np.zeros(256, np.int64), np.zeros(256, np.int64)
+
+    def combine(self, a, b):
+        return a[0] + b[0], a[1] + b[1]
+
+    def finalize(self, partial):
+        return [int(x) for x in partial[0]], [int(x) for x in partial[1]]
+
+    def pack(self, value):
+        return np.array([*value[0], *value[1]], np.int64)
+
+    def unpack(self, record, reread=None):
+        half = len(record) // 2
+        return [int(x) for x in record[:half]], [int(x) for x in record[half:]]
+
+
+def _arcee_rows(rows, lo: int, hi: int) -> tuple[int, int, int]:
+    row_len = rows.inp.models[0].shape[-1] if rows.inp.models[0].shape else 1
+    return lo // row_len, hi // row_len, row_len
+
+
+class Arcee(Stat):
+    """Arcee fusion: histogram (dense, 2 x 32,768 bins) of its importance keys."""
+
+    __slots__ = ()
+    name = "arcee"
+
+    def compute(self, rows, code, lo, hi, bad):
+        hist = np.zeros(summaries.HIST_BINS * 2, np.int64)
+        counts = _zeroed("bins", 0, 1 << 16)
+        kernels.arcee_importance(rows.src, code, *_arcee_rows(rows, lo, hi), np.zeros(0, np.int64), hist, counts, bad)
+        return hist
+
+    def empty(self):
+        return np.zeros(2 * summaries.HIST_BINS, np.int64)
+
+    def combine(self, a, b):
+        return a + b
+
+    def pack(self, value):
+        nz = np.flatnonzero(value)
+        return np.concatenate([[len(value)], nz, value[nz]]).astype(np.int64)
+
+    def unpack(self, record, reread=None):
+        hist = np.zeros(int(record[0]), np.int64)
+        n = (len(record) - 1) // 2
+        hist[record[1:1 + n]] = record[1 + n:]
+        return hist
+
+    def result_bytes(self, numel):
+        return 256 + 8 * min(numel, summaries.HIST_BINS)
+
+
+class ArceeBins(PerUnitBins):
+    """Arcee fusion: boundary bins of the importance (round 2 of `Arcee`)."""
+
+    __slots__ = ()
+    name = "arcee_bins"
+
+    def count(self, rows, code, lo, hi, bins, counts, bad):
+        hist = np.zeros(summaries.HIST_BINS * 2, np.int64)
+        kernels.arcee_importance(rows.src, code, *_arcee_rows(rows, lo, hi), bins, hist, counts, bad)
+
+
+# --- helpers ----------------------------------------------------------------------------------------
 
 def _local_range(stat: Stat, unit, numel: int) -> tuple[int, int] | None:
     """The unit-local element range of a stat's span, or None when they do not overlap."""
@@ -81,92 +452,18 @@ def compute(rows, stats: list[Stat], check_finite: bool) -> dict[Stat, object]:
     bad = np.zeros(rows.src.shape[0], np.int64)
     out: dict[Stat, object] = {}
     numel = rows.inp.models[0].numel
-    groups: dict[tuple, list[Stat]] = {}
+    by_kind: dict[type, list] = {}
     for st in stats:
         rng = _local_range(st, unit, numel)
         if rng is None:
-            out[st] = _empty(st, unit)
-        elif st.kind == "abs":
-            groups.setdefault((rng, st.bf16, "sums" in st.args), []).append(st)
-        elif st.kind == "bins":
-            bins = np.array(st.args, np.int64)
-            counts = _zeroed("bins", len(bins), 1 << 16)
-            kernels.bin_counts(rows.src, code, st.model, rng[0], rng[1], st.bf16, bins, counts, bad)
-            out[st] = {unit.index: [_take(c) for c in counts]}
-        elif st.kind == "dare":
-            full, kept = np.zeros(256, np.int64), np.zeros(256, np.int64)
-            key, limit = st.args
-            kernels.dare_sums(rows.src, code, st.model, rng[0], rng[1], unit.flat_start + rng[0], np.uint64(key),
-                              np.uint64(limit), full, kept, bad)
-            out[st] = (full, kept)
+            out[st] = st.empty()
         else:
-            out[st] = _compute_more(rows, st, code, rng, bad)
-    for (rng, bf16, sums), group in groups.items():
-        models = np.array([st.model for st in group], np.int64)
-        hists = _zeroed("hist", len(group), summaries.HIST_BINS)
-        mants = np.zeros((len(group), 256), np.int64)
-        kernels.abs_summaries(rows.src, code, models, rng[0], rng[1], bf16, sums and not bf16, hists, mants, bad)
-        for st, h, mt in zip(group, hists, mants):
-            bins, counts = _take(h)
-            narrow = np.int32 if rng[1] - rng[0] < 1 << 31 else np.int64  # counts of fewer elements fit 32 bits
-            out[st] = Summary(rng[1] - rng[0], None, summaries.hist_mant_sums(bins, counts) if bf16 else mt,
-                              sparse=(bins.astype(np.int32), counts.astype(narrow)))
+            by_kind.setdefault(type(st), []).append((st, rng))
+    for kind, todo in by_kind.items():
+        out.update(kind.compute_all(rows, code, todo, bad))
     if check_finite:
         check_nonfinite(rows, bad)
     return out
-
-
-def _compute_more(rows, st: Stat, code: int, rng: tuple[int, int], bad: np.ndarray):
-    """The statistics of the methods beyond the delta family (whole units: no spans)."""
-    unit = rows.inp.unit
-    lo, hi = rng
-    if st.kind == "gram":
-        deltas = st.args[0] == "deltas"
-        n = rows.src.shape[0] - (1 if deltas else 0)
-        words = np.zeros((2, n * (n + 1) // 2, kernels.GRAM_BUCKETS), np.int64)
-        kernels.gram_sums(rows.src, code, lo, hi, deltas, words[0], words[1], bad)
-        return words
-    if st.kind in ("var", "var_bins", "arcee", "arcee_bins"):
-        bins = np.array(st.args, np.int64)
-        hist = np.zeros(summaries.HIST_BINS * (2 if st.kind.startswith("arcee") else 1), np.int64)
-        counts = _zeroed("bins", len(bins), 1 << 16)
-        if st.kind.startswith("var"):
-            if bins.size:
-                kernels.variance_bins(rows.src, code, lo, hi, bins, counts, bad)
-            else:
-                nnz = kernels.variance_hist(rows.src, code, lo, hi, hist, bad)
-                return Summary(hi - lo, hist).compact(), int(nnz)
-        else:
-            row_len = rows.inp.models[0].shape[-1] if rows.inp.models[0].shape else 1
-            kernels.arcee_importance(rows.src, code, lo // row_len, hi // row_len, row_len, bins, hist, counts, bad)
-            if not bins.size:
-                return hist
-        return {unit.index: [_take(c) for c in counts]}
-    if st.kind == "sce_sq":
-        kind, value, _, starts = st.args
-        budget = np.array([dict(starts).get(unit.index, (0,))[0]], np.int64)
-        budget[0] = max(0, st.args[2] - budget[0])
-        K = rows.src.shape[0] - 1
-        words = np.zeros((2, K, kernels.GRAM_BUCKETS), np.int64)
-        kernels.sce_squares(rows.src, code, lo, hi, kind, np.float32(value), budget, words[0], words[1], bad)
-        return words
-    if st.kind == "ram":
-        K = rows.src.shape[0] - 1
-        shared, unique = np.zeros(K, np.int64), np.zeros(K, np.int64)
-        kernels.ram_counts(rows.src, code, lo, hi, np.float32(st.args[0]), shared, unique, bad)
-        return shared, unique
-    if st.kind == "della":
-        from .methods.gta import della_layout
-
-        key, density, epsilon = st.args
-        mask = np.zeros(unit.numel, np.uint8)
-        d1, rest, slices = della_layout(rows.inp.models[0].shape, unit)
-        kernels.della_mask(rows.src, code, st.model, 0, slices, d1, rest, unit.flat_start, np.uint64(key), density,
-                           epsilon, mask, bad)
-        full, kept = np.zeros(256, np.int64), np.zeros(256, np.int64)
-        kernels.masked_abs_sums(rows.src, code, st.model, lo, hi, mask, full, kept, bad)
-        return full, kept
-    raise ValueError(f"unknown statistic {st.kind!r}")
 
 
 def exact_products(words: np.ndarray) -> list[float]:
@@ -210,48 +507,6 @@ def _take(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     taken = counts[nz]
     counts[nz] = 0
     return nz, taken
-
-
-_PER_UNIT = ("bins", "var_bins", "arcee_bins")
-
-
-def _empty(stat: Stat, unit):
-    if stat.kind == "abs":
-        return Summary()
-    if stat.kind == "arcee":
-        return np.zeros(2 * summaries.HIST_BINS, np.int64)
-    if stat.kind in _PER_UNIT:
-        return {}
-    if stat.kind == "var":
-        return Summary(), 0
-    if stat.kind in ("gram", "sce_sq"):
-        return None
-    return (np.zeros(256, np.int64), np.zeros(256, np.int64))
-
-
-def combine(stat: Stat, a, b):
-    """Merge two partial results of the same statistic (associative and commutative)."""
-    if stat.kind == "abs":
-        return (a + b).compact()
-    if stat.kind == "arcee":
-        return a + b
-    if stat.kind in _PER_UNIT:
-        return {**a, **b}
-    if stat.kind in ("gram", "sce_sq"):
-        return b if a is None else a if b is None else a + b
-    if stat.kind == "var":
-        return (a[0] + b[0]).compact(), a[1] + b[1]
-    return (a[0] + b[0], a[1] + b[1])
-
-
-def finalize(stat: Stat, partial):
-    if stat.kind in ("dare", "della"):
-        return DareSums(summaries.exact_sum(partial[0]), summaries.exact_sum(partial[1]))
-    if stat.kind in ("gram", "sce_sq"):
-        return [] if partial is None else exact_products(partial)
-    if stat.kind == "ram":
-        return [int(x) for x in partial[0]], [int(x) for x in partial[1]]
-    return partial
 
 
 def check_nonfinite(rows, bad: np.ndarray) -> None:
@@ -321,22 +576,10 @@ def inline(rows, check_finite: bool):
         out = {}
         for t, stats in wanted.items():
             for st, partial in compute(rows, stats, check_finite).items():
-                out[(t, st)] = finalize(st, partial)
+                out[(t, st)] = st.finalize(partial)
         return out
 
     return compute_fn
-
-
-def result_bytes(stat: Stat, numel: int) -> int:
-    """About what a statistic's partial result on `numel` elements holds in memory: for a small
-    tensor a histogram holds more than its data, so pass 1 packs work units by this too."""
-    if stat.kind in ("abs", "var", "arcee"):
-        return 256 + 8 * min(numel, summaries.HIST_BINS)
-    if stat.kind in ("gram", "sce_sq"):
-        return 2 * 8 * kernels.GRAM_BUCKETS * 16  # two words per bucket, for the pairs of up to 5 inputs
-    if stat.kind in _PER_UNIT:
-        return 256 + 16 * min(numel, 1 << 16) * max(1, len(stat.args))
-    return 4096
 
 
 def stats_task(work, stats: tuple, check_finite: bool) -> list[dict]:
@@ -350,20 +593,11 @@ def combine_parts(a: dict, b: dict) -> dict:
     """Partial results of one tensor from two sets of its units, merged."""
     out = dict(a)
     for st, v in b.items():
-        out[st] = combine(st, out[st], v) if st in out else v
+        out[st] = st.combine(out[st], v) if st in out else v
     return out
 
 
 FLUSH_BYTES = 16 << 20  # finished results held (as the store packs them) before they go to the store
-
-
-def _held(value) -> int:
-    """About the bytes a finished result takes packed (int64 values; more in memory)."""
-    if isinstance(value, Summary):
-        return 200 + 16 * len(value.sparse[0])
-    if isinstance(value, dict):  # per-unit boundary-bin details
-        return 200 + sum(16 * len(v) for bins in value.values() for v, _ in bins)
-    return 256
 
 
 class StatsEngine:
@@ -403,7 +637,7 @@ class StatsEngine:
                     items.append(inp)
                     needs[id(inp)] = need
                     remaining[t] = remaining.get(t, 0) + 1
-        held = [inp.nbytes + sum(result_bytes(st, inp.unit.numel) for st in needs[id(inp)]) for inp in items]
+        held = [inp.nbytes + sum(st.result_bytes(inp.unit.numel) for st in needs[id(inp)]) for inp in items]
         works = pack(items, held, self.unit_bytes)
         calls = [(w, tuple(needs[id(inp)] for inp in w.items), self.check_finite) for w in works]
         sizes = [w.nbytes for w in works]
@@ -414,7 +648,7 @@ class StatsEngine:
 
         def keep(t, st, value):
             finished[(t, st)] = value
-            waiting[0] += _held(value)
+            waiting[0] += st.held_bytes(value)
             if waiting[0] >= FLUSH_BYTES:
                 self._save(finished, out)
                 waiting[0] = 0
@@ -427,17 +661,17 @@ class StatsEngine:
                 if not remaining[t]:
                     parts = partial.pop(t)
                     for st in todo[t]:
-                        keep(t, st, finalize(st, parts.get(st, _empty(st, None))))
+                        keep(t, st, st.finalize(parts[st] if st in parts else st.empty()))
 
         self.rounds += 1
         self.bytes_read += sum(sizes)
-        kinds = sorted({st.kind for ss in todo.values() for st in ss})
+        kinds = sorted({st.name for ss in todo.values() for st in ss})
         with self.progress.phase("stats" if kinds == ["abs"] else "+".join(kinds), sum(sizes)) as step:
             self.ex.map(stats_task, calls, sizes, step, fold)
         for t, stats in todo.items():  # a tensor none of whose units holds a wanted span
             for st in stats:
                 if (t, st) not in finished and (t, st) not in out:
-                    keep(t, st, finalize(st, _empty(st, None)))
+                    keep(t, st, st.finalize(st.empty()))
         self._save(finished, out)
         self.ex.trim()
         return out

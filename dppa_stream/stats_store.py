@@ -12,6 +12,7 @@ their bins only while they are being queried.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 
@@ -19,8 +20,7 @@ import numpy as np
 
 from .errors import OutputError, printable
 from .output import fault_point
-from .statistics import DareSums, Stat
-from .summaries import Summary
+from .statistics import Stat
 
 
 def _digest(data: np.ndarray) -> str:
@@ -46,84 +46,6 @@ def _fsync_tree(folder: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-_LIMB = 62  # Σ|delta| of a summary (an integer of up to ~350 bits) is stored as non-negative 62-bit limbs
-
-
-def _pack_summary(value: Summary) -> np.ndarray:
-    bins, counts = value.sparse
-    limbs, rest = [], value.total
-    while rest:
-        limbs.append(rest & ((1 << _LIMB) - 1))
-        rest >>= _LIMB
-    return np.concatenate([[value.numel, len(bins), len(limbs)], limbs, bins, counts]).astype(np.int64)
-
-
-def _summary_head(a: np.ndarray) -> tuple[int, int, int, int]:
-    """(numel, total, bins in use, where the bins start) of a packed summary."""
-    numel, n, k = int(a[0]), int(a[1]), int(a[2])
-    total = sum(int(limb) << (_LIMB * i) for i, limb in enumerate(a[3:3 + k]))
-    return numel, total, n, 3 + k
-
-
-def _unpack_summary(a: np.ndarray) -> Summary:
-    numel, total, n, at = _summary_head(a)
-    return Summary(numel, sparse=(a[at:at + n].astype(np.int32), a[at + n:at + 2 * n].copy()), total=total)
-
-
-def pack(stat: Stat, value) -> np.ndarray:
-    """One statistic's result as an int64 array (float64 values stored by their bits)."""
-    if stat.kind == "abs":
-        return _pack_summary(value)
-    if stat.kind == "arcee":
-        nz = np.flatnonzero(value)
-        return np.concatenate([[len(value)], nz, value[nz]]).astype(np.int64)
-    if stat.kind == "var":
-        return np.concatenate([[value[1]], _pack_summary(value[0])]).astype(np.int64)
-    if stat.kind in ("gram", "sce_sq"):
-        return np.array(value, np.float64).view(np.int64)
-    if stat.kind == "ram":
-        return np.array([*value[0], *value[1]], np.int64)
-    if stat.kind in ("bins", "var_bins", "arcee_bins"):
-        out = [len(value)]
-        for unit in sorted(value):
-            out += [unit, len(value[unit])]
-            for vals, counts in value[unit]:
-                out += [len(vals), *vals.tolist(), *counts.tolist()]
-        return np.array(out, np.int64)
-    return np.array([value.full, value.kept], np.float64).view(np.int64)
-
-
-def unpack(stat: Stat, a: np.ndarray):
-    if stat.kind == "abs":
-        return _unpack_summary(a)
-    if stat.kind == "arcee":
-        hist = np.zeros(int(a[0]), np.int64)
-        n = (len(a) - 1) // 2
-        hist[a[1:1 + n]] = a[1 + n:]
-        return hist
-    if stat.kind == "var":
-        return _unpack_summary(a[1:]), int(a[0])
-    if stat.kind in ("gram", "sce_sq"):
-        return a.view(np.float64).tolist()
-    if stat.kind == "ram":
-        half = len(a) // 2
-        return [int(x) for x in a[:half]], [int(x) for x in a[half:]]
-    if stat.kind in ("bins", "var_bins", "arcee_bins"):
-        pos, out = 1, {}
-        for _ in range(int(a[0])):
-            unit, nb = int(a[pos]), int(a[pos + 1])
-            pos += 2
-            bins = []
-            for _ in range(nb):
-                n = int(a[pos])
-                bins.append((a[pos + 1:pos + 1 + n].copy(), a[pos + 1 + n:pos + 1 + 2 * n].copy()))
-                pos += 1 + 2 * n
-            out[unit] = bins
-        return out
-    full, kept = a.view(np.float64)
-    return DareSums(float(full), float(kept))
 
 
 CHUNK = 1 << 20  # int64 values per zarr chunk (8 MiB): the unit of reading back
@@ -198,15 +120,7 @@ class StatsStore:
         where = self._where.get(f"{tensor}|{stat.key()}")
         if where is None:
             return None
-        if stat.kind != "abs":
-            return unpack(stat, self._read(where))
-        numel, total, n, at = _summary_head(self._read(where))
-        return Summary(numel, total=total, load=(self._bins, where, at, n))
-
-    def _bins(self, where: tuple, at: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The bins in use and their counts of a stored summary."""
-        rec = self._read(where)
-        return rec[at:at + n].astype(np.int32), rec[at + n:at + 2 * n]
+        return stat.unpack(self._read(where), functools.partial(self._read, where))
 
     def put(self, items: dict) -> None:
         """Save {(tensor, Stat): value} as one batch."""
@@ -214,7 +128,7 @@ class StatsStore:
             return
         index, parts, off = {}, [], 0
         for (tensor, stat), value in items.items():
-            packed = pack(stat, value)
+            packed = stat.pack(value)
             index[f"{tensor}|{stat.key()}"] = (off, len(packed))
             parts.append(packed)
             off += len(packed)

@@ -125,6 +125,35 @@ def _unpack_summary(numel, bins, counts, total):
     return Summary(numel, sparse=(bins, counts), total=total)
 
 
+_LIMB = 62  # a record stores Σ|delta| (an integer of up to ~350 bits) as non-negative 62-bit limbs
+
+
+def to_record(value: Summary) -> np.ndarray:
+    """A summary as int64 values: numel, bins in use, limbs of the total, the limbs, bins, counts."""
+    bins, counts = value.sparse
+    limbs, rest = [], value.total
+    while rest:
+        limbs.append(rest & ((1 << _LIMB) - 1))
+        rest >>= _LIMB
+    return np.concatenate([[value.numel, len(bins), len(limbs)], limbs, bins, counts]).astype(np.int64)
+
+
+def from_record(a: np.ndarray, reread=None) -> Summary:
+    """The summary `to_record` packed. With `reread` (a function returning the record again) it
+    holds no histogram, only a way to load it when queried."""
+    numel, n, k = int(a[0]), int(a[1]), int(a[2])
+    total = sum(int(limb) << (_LIMB * i) for i, limb in enumerate(a[3:3 + k]))
+    at = 3 + k
+    if reread is not None:
+        return Summary(numel, total=total, load=(_record_bins, reread, at, n))
+    return Summary(numel, sparse=(a[at:at + n].astype(np.int32), a[at + n:at + 2 * n].copy()), total=total)
+
+
+def _record_bins(reread, at: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    rec = reread()
+    return rec[at:at + n].astype(np.int32), rec[at + n:at + 2 * n]
+
+
 def exact_total(mant_sums: np.ndarray) -> int:
     """Σ of values given as per-exponent sums of float32 significands, as one integer in units of
     2**-150 (exact: the significand of exponent e counts 2**(max(e, 1) - 150))."""
@@ -227,26 +256,6 @@ def thresholds_le(hist, ranks: list[int]) -> list[tuple[Threshold, int]]:
         b = int(bins[j]) if j < len(bins) else HIST_BINS
         out.append((Threshold(b << 16, 0, at_or_below - (int(cum[j - 1]) if j else 0)), at_or_below))
     return out
-
-
-def keep_top(numel: int, k: int, hist, details: list[tuple[np.ndarray, np.ndarray]]) -> tuple[Threshold, list[int]]:
-    """Keep exactly the k largest |delta|; ties at the threshold go to the lowest flat indices.
-
-    `details` are the per-unit low-16-bit counts (values, counts) inside the bin
-    `locate(hist, numel-k+1)` names, in flat order. Returns the threshold and, per chunk, how many tied elements precede the chunk
-    (its starting tie index).
-    """
-    if k >= numel:
-        return Threshold(KEEP_ALL), [0] * len(details)
-    if k <= 0:
-        return Threshold(KEEP_NONE), [0] * len(details)
-    t = smallest(numel - k + 1, hist, details)
-    above = numel - count_le(hist, details, t)
-    prefixes, run = [], 0
-    for vals, counts in details:
-        prefixes.append(run)
-        run += int(counts[vals == (t.bits & 0xFFFF)].sum())
-    return Threshold(t.bits, k - above, t.ties_total), prefixes
 
 
 def smallest(rank: int, hist, details: list[tuple[np.ndarray, np.ndarray]] | None) -> Threshold:

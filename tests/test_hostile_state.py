@@ -11,7 +11,7 @@ import pytest
 from dppa_stream import output
 from dppa_stream.errors import OutputError
 from dppa_stream.output import MANIFEST, WORK_DIR, Manifest, prepare_partial, read_manifest, write_atomic
-from dppa_stream.statistics import Stat
+from dppa_stream.statistics import Abs
 from dppa_stream.stats_store import StatsStore
 from dppa_stream.summaries import HIST_BINS, Summary
 
@@ -196,7 +196,7 @@ def _summary(n=100):
 
 def _store(tmp_path):
     path = str(tmp_path / "stats.zarr")
-    StatsStore(path).put({("a", Stat("abs", 0)): _summary(), ("b", Stat("abs", 1)): _summary(50)})
+    StatsStore(path).put({("a", Abs(0)): _summary(), ("b", Abs(1)): _summary(50)})
     return path
 
 
@@ -206,7 +206,7 @@ def _round_files(path):
 
 def test_store_round_trip(tmp_path):
     path = _store(tmp_path)
-    got = StatsStore(path).get("a", Stat("abs", 0))
+    got = StatsStore(path).get("a", Abs(0))
     assert got is not None and got.numel == 100
 
 
@@ -236,9 +236,9 @@ def test_uncommitted_round_is_ignored(tmp_path):
     arr = store.group.create_array(name="round-0001", data=np.arange(10), overwrite=True)  # a write cut short
     assert "index" not in arr.attrs
     again = StatsStore(path)
-    assert again.get("b", Stat("abs", 1)) is not None
-    again.put({("c", Stat("abs", 2)): _summary(9)})  # and later rounds still save and load
-    assert StatsStore(path).get("c", Stat("abs", 2)).numel == 9
+    assert again.get("b", Abs(1)) is not None
+    again.put({("c", Abs(2)): _summary(9)})  # and later rounds still save and load
+    assert StatsStore(path).get("c", Abs(2)).numel == 9
 
 
 def test_store_write_failure_is_exit_4(tmp_path, monkeypatch):
@@ -250,5 +250,5 @@ def test_store_write_failure_is_exit_4(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(store.group), "create_array", full)
     with pytest.raises(OutputError) as e:
-        store.put({("d", Stat("abs", 3)): _summary()})
+        store.put({("d", Abs(3)): _summary()})
     assert "No space left" in str(e.value) and "--resume" in str(e.value)

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from dppa_stream import kernels, summaries
+from dppa_stream.methods.ranks import Ranks
+from dppa_stream.statistics import Abs
 
 
 def _data(kind, n, seed):
@@ -64,13 +66,14 @@ def test_kth_smallest_and_top_k(kind, chunks):
         assert t.value == srt[rank - 1].item()
         if kind == "bf16":  # the histogram alone is exact for bf16 values
             assert summaries.smallest(rank, s.hist, None).value == srt[rank - 1].item()
-    for k in (0, 1, 7, 5000, 40_000, 50_000):
-        if 0 < k < x.numel():
-            b, _ = summaries.locate(s.hist, x.numel() - k + 1)
-        else:
-            b = 0
-        details = [bucket_detail(p, b) for p in parts]
-        t, starts = summaries.keep_top(x.numel(), k, s.hist, details)
+    hist = Abs(0)
+    got = {hist: s}
+    for k in (1, 7, 5000, 40_000, 49_999):  # through the one exact-rank helper, as every method does
+        rank = x.numel() - k + 1
+        (bins,) = Ranks(hist).needs(got, [rank])
+        got[bins] = {u: [bucket_detail(p, b) for b in bins.args] for u, p in enumerate(parts)}
+        (boundary,) = Ranks(hist).resolve(got, [rank])
+        t, starts = boundary.threshold(x.numel(), k), [n for _, n in boundary.starts]
         kept = torch.cat([apply_threshold(p, t, st) for p, st in zip(parts, starts)])
         order = torch.sort(x.abs(), descending=True, stable=True).indices
         want = torch.zeros_like(x)

@@ -228,6 +228,17 @@ def della_mask(src, code, model, lo_slice, hi_slice, d1, rest, flat0, key, densi
                 mask[idx] = 1 if keep_draw(k, flat0 + idx, lim) else 0
 
 
+def della_layout(shape: tuple, unit) -> tuple[int, int, int]:
+    """`della_mask`'s layout of a unit: (vector length along dim 1, elements between a vector's
+    neighbours, dim-0 slices in the unit); a 1-D tensor is one vector, as mergekit unsqueezes it."""
+    if len(shape) < 2:
+        return max(1, unit.numel), 1, 1 if unit.numel else 0
+    rest = 1
+    for n in shape[2:]:
+        rest *= n
+    return shape[1], rest, unit.numel // (shape[1] * rest) if shape[1] * rest else 0
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def masked_abs_sums(src, code, model, lo, hi, mask, full, kept, bad):
     """Exact per-exponent significand sums of |delta| and of |delta * mask| over [lo, hi)."""

@@ -26,11 +26,11 @@ import numpy as np
 
 from .. import kernels, summaries
 from ..errors import InputError
-from ..statistics import Stat
+from ..statistics import Abs, Bins, Stat
 from .base import Param, Plan
 from .gta import DeltaMethod, Segments
-from .sparsify import Sparse, level, tie_starts, unit_details
-
+from .ranks import Ranks
+from .sparsify import Sparse, level
 
 
 def _rates_check(v):
@@ -227,7 +227,7 @@ class DPPA(DeltaMethod):
 
     # -- statistics: what DP needs, round by round -------------------------------------------------
     def _hist(self, model: int, span) -> Stat:
-        return Stat("abs", model, span, self.bf16_deltas, () if self.bf16_deltas else ("sums",))
+        return Abs(model, span, self.bf16_deltas, () if self.bf16_deltas else ("sums",))
 
     def statistics(self, catalogue, tensors, got):
         lins = self.linears(catalogue, tensors)
@@ -247,7 +247,7 @@ class DPPA(DeltaMethod):
         wanted = {}
         for i in range(k):
             for tr in self._report(i, lins, catalogue, got, counts).tensors:
-                wanted.setdefault(tr.name, []).append(self._threshold_bins(tr, i, got))
+                wanted.setdefault(tr.name, []).extend(self._ranks(tr, i).needs(got.of(tr.name), _inner_ranks(tr)))
         return wanted
 
     def _outlier_bins(self, lins, catalogue, got, k) -> dict:
@@ -264,7 +264,7 @@ class DPPA(DeltaMethod):
             for lin, s in zip(lins, sums):
                 numel, total = block[(lin.stack, lin.block)]
                 values = (_f32_floor(M * s.mean_abs), _f32_floor(LM * summaries.mean_abs(total, numel)))
-                stat = Stat("bins", i, lin.span, False, tuple(v >> 16 for v in values))
+                stat = Bins(i, lin.span, False, tuple(v >> 16 for v in values))
                 out[(lin, i)] = (stat, values)
         return out
 
@@ -278,10 +278,9 @@ class DPPA(DeltaMethod):
             counts[(lin, i)] = [summaries.count_gt_bits(hist, [d[j] for d in details], v) for j, v in enumerate(values)]
         return counts
 
-    def _threshold_bins(self, tr: TensorReport, model: int, got) -> Stat:
-        hist = got.get(tr.name, self._hist(model, tr.span))
-        bins = tuple(summaries.locate(hist, tr.numel - k + 1)[0] if 0 < k < tr.numel else 0 for k in _keeps(tr))
-        return Stat("bins", model, tr.span, False, bins)
+    def _ranks(self, tr: TensorReport, model: int) -> Ranks:
+        """Exact semantics: the ranks of |delta| DPA's thresholds sit at (`_inner_ranks`)."""
+        return Ranks(self._hist(model, tr.span))
 
     # -- the plan ----------------------------------------------------------------------------------
     def plan(self, catalogue, tensors, got):
@@ -321,16 +320,23 @@ class DPPA(DeltaMethod):
                 tr.kept.append(tr.numel - at_or_below)
             levels = tuple(level(th, tracked=False, factor=f) for th, f in zip(ths, bands))
             return Sparse(kernels.SP_BANDS, same.setdefault(levels, levels))
-        units, details = unit_details(got.of(tr.name), self._threshold_bins(tr, model, got))
+        ranks = _inner_ranks(tr)
+        found = dict(zip(ranks, self._ranks(tr, model).resolve(got.of(tr.name), ranks)))
+        units = [u for u, _ in next(iter(found.values())).starts] if found else []
         ths, prefixes = [], []
-        for j, keep in enumerate(_keeps(tr)):
-            th, starts = summaries.keep_top(tr.numel, keep, hist, [d[j] for d in details])
-            ths.append(th)
-            prefixes.append(starts)
-            tr.thresholds.append(th.value)
+        for keep in _keeps(tr):
+            if tr.numel - keep + 1 in found:  # keep the `keep` largest; ties at the threshold, lowest index first
+                b = found[tr.numel - keep + 1]
+                ths.append(b.threshold(tr.numel, keep))
+                prefixes.append(tuple(n for _, n in b.starts))
+            else:
+                ths.append(summaries.Threshold(summaries.KEEP_ALL if keep >= tr.numel else summaries.KEEP_NONE))
+                prefixes.append((0,) * len(units))
+            tr.thresholds.append(ths[-1].value)
             tr.kept.append(keep)
         levels = tuple(level(th, tracked=th.ties_kept > 0, factor=f) for th, f in zip(ths, bands))
-        return Sparse(kernels.SP_BANDS, same.setdefault(levels, levels), tie_starts(units, prefixes))
+        starts = tuple((u, tuple(p[i] for p in prefixes)) for i, u in enumerate(units))
+        return Sparse(kernels.SP_BANDS, same.setdefault(levels, levels), starts)
 
     def _report(self, model: int, lins: list, catalogue, got, counts) -> ModelReport:
         """DP's signals and densities for one fine-tune (thresholds are filled in by `_partition`).
@@ -415,6 +421,11 @@ class DP(DPPA):
 def _keeps(tr: TensorReport) -> list[int]:
     """Exact semantics: elements kept at each pruning rate, n - int(n * (1 - d))."""
     return [tr.numel - int(tr.numel * (1 - d)) for d in tr.densities]
+
+
+def _inner_ranks(tr: TensorReport) -> list[int]:
+    """Exact semantics: the 1-based ascending ranks of the thresholds that keep some but not all."""
+    return [tr.numel - k + 1 for k in _keeps(tr) if 0 < k < tr.numel]
 
 
 def _f32_floor(v: float) -> int:

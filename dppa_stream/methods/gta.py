@@ -93,23 +93,12 @@ def della_masks(rows, sparse: tuple[Sparse, ...], bad) -> np.ndarray:
         return np.zeros((len(sparse), 1), np.uint8)
     unit = rows.inp.unit
     masks = np.zeros((len(sparse), unit.numel), np.uint8)
-    d1, rest, slices = della_layout(rows.inp.models[0].shape, unit)
+    d1, rest, slices = kernels.della_layout(rows.inp.models[0].shape, unit)
     for k, s in enumerate(sparse):
         if s.mode == kernels.SP_MASK:
             kernels.della_mask(rows.src, kernels.CODES[rows.dtype], k, 0, slices, d1, rest, unit.flat_start,
                                np.uint64(s.key), s.della[0], s.della[1], masks[k], bad)
     return masks
-
-
-def della_layout(shape: tuple, unit) -> tuple[int, int, int]:
-    """(vector length along dim 1, elements between a vector's neighbours, dim-0 slices in the
-    unit); a 1-D tensor is one vector, as mergekit unsqueezes it."""
-    if len(shape) < 2:
-        return max(1, unit.numel), 1, 1 if unit.numel else 0
-    rest = 1
-    for n in shape[2:]:
-        rest *= n
-    return shape[1], rest, unit.numel // (shape[1] * rest) if shape[1] * rest else 0
 
 
 def _delta_method(name: str, summary: str, sparsifier=None, consensus: bool = False, normalize: bool = False,

@@ -2,7 +2,7 @@
 arcee_fusion and passthrough, with mergekit 0.1.5's names, parameters and formulas (docs/mergekit.md).
 
 Every whole-tensor quantity these methods need is a function of the Gram matrix of the vectors
-they interpolate (norms and dot products), gathered exactly in pass 1 (`Stat("gram")`: integer
+they interpolate (norms and dot products), gathered exactly in pass 1 (`statistics.Gram`: integer
 sums of exact float32 products, so any chunking gives the same numbers); the plan turns it into
 the coefficients of a linear combination, and pass 2 applies that combination in one sweep.
 Karcher's iterative mean is a linear combination of its inputs at every step, so it iterates on
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import kernels
-from ..statistics import Stat
+from ..statistics import Arcee, ArceeBins, Gram, Stat
 from .base import MergeMethod, Param, REQUIRED
 from .ranks import Ranks
 from .sparsify import Sparse, kernel_records
@@ -56,7 +56,7 @@ class GramMethod(MergeMethod):
     deltas = True
 
     def _gram_stat(self, info) -> Stat:
-        return Stat("gram", -1, None, False, ("deltas" if self.deltas and self.has_base else "inputs",))
+        return Gram(-1, None, False, ("deltas" if self.deltas and self.has_base else "inputs",))
 
     def tensor_statistics(self, info, got):
         return [self._gram_stat(info)] if info.numel else []
@@ -393,7 +393,7 @@ def _histogram(hist: np.ndarray) -> np.ndarray:
 
 # the importance's exact quantiles: round 1 a histogram of the top 16 bits of its sort key, round 2
 # the boundary bins
-_IMPORTANCE = Ranks(Stat("arcee", 0), "arcee_bins", _histogram)
+_IMPORTANCE = Ranks(Arcee(0), ArceeBins, _histogram)
 
 
 def _from_key(key: int) -> np.float32:

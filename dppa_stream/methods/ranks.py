@@ -16,12 +16,11 @@ with its outlier counts, and `Ranks` would take them over in `_threshold_bins` a
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from .. import summaries
-from ..statistics import Stat
+from ..statistics import Bins, Stat
 
 
 @dataclass(frozen=True)
@@ -55,12 +54,12 @@ def summary_hist(summary: summaries.Summary):
 
 class Ranks:
     """Exact ranks (1-based, ascending) of one statistic: round 1 is `hist`, whose result's
-    histogram `histogram` returns; round 2 is a statistic of kind `bins_kind` on the same model and
-    span, whose arguments are the boundary bins. `ranks` may be a function of round 1's result
+    histogram `histogram` returns; round 2 is a statistic of kind `bins` (a `PerUnitBins`) on the
+    same model and span, whose arguments are the boundary bins. `ranks` may be a function of round 1's result
     (SCE's k depends on how many variances are non-zero)."""
 
-    def __init__(self, hist: Stat, bins_kind: str = "bins", histogram: Callable = summary_hist):
-        self.hist, self.bins_kind, self.histogram = hist, bins_kind, histogram
+    def __init__(self, hist: Stat, bins: type[Stat] = Bins, histogram: Callable = summary_hist):
+        self.hist, self.bins, self.histogram = hist, bins, histogram
 
     def first(self, got):
         """Round 1's result, or None while it is missing."""
@@ -103,4 +102,4 @@ class Ranks:
             return None
         hist = self.histogram(got[self.hist])
         bins = tuple(sorted({summaries.locate(hist, r)[0] for r in ranks}))
-        return dataclasses.replace(self.hist, kind=self.bins_kind, args=bins)
+        return self.bins(self.hist.model, self.hist.span, self.hist.bf16, bins)

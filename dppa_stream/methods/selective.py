@@ -15,7 +15,7 @@ from functools import partial
 import numpy as np
 
 from .. import kernels, summaries
-from ..statistics import Stat
+from ..statistics import RamCounts, SceSquares, Stat, Var, VarBins
 from .base import MergeMethod, Param
 from .ranks import Ranks
 from .sparsify import level
@@ -42,7 +42,7 @@ def _variance_hist(var):
 
 
 # the variance's exact ranks: round 1 its histogram and non-zero count, round 2 the boundary bin
-_VARIANCE = Ranks(Stat("var", 0), "var_bins", _variance_hist)
+_VARIANCE = Ranks(Var(0), VarBins, _variance_hist)
 
 
 class Sce(MergeMethod):
@@ -89,7 +89,7 @@ class Sce(MergeMethod):
     @staticmethod
     def _squares(t: summaries.Threshold, starts: tuple) -> Stat:
         lev = level(t, tracked=True)
-        return Stat("sce_sq", 0, args=(lev.kind, lev.value, t.ties_kept, starts))
+        return SceSquares(0, args=(lev.kind, lev.value, t.ties_kept, starts))
 
     def tensor_plan(self, info, got):
         K = len(info.models)
@@ -136,13 +136,13 @@ class RamPlusTl(Ram):
                      "alpha": Param(0.2, (int, float), doc="boost cap")}
 
     def tensor_statistics(self, info, got):
-        return [Stat("ram", 0, args=(float(info.globals["epsilon"]),))] if info.numel else []
+        return [RamCounts(0, args=(float(info.globals["epsilon"]),))] if info.numel else []
 
     def tensor_plan(self, info, got):
         eps = float(info.globals["epsilon"])
         if not info.numel:
             return eps, (1.0,) * len(info.models)
-        shared, unique = got[Stat("ram", 0, args=(eps,))]
+        shared, unique = got[RamCounts(0, args=(eps,))]
         r, a = np.float32(info.globals["r"]), np.float32(info.globals["alpha"])
         rho = [np.float32(s) / max(np.float32(u), np.float32(eps)) for s, u in zip(shared, unique)]
         return eps, tuple(float(np.float32(1) + r * min(max(x, np.float32(0)), a)) for x in rho)

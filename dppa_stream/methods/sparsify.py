@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .. import kernels, summaries
-from ..statistics import Stat
+from ..statistics import Abs, Dare, Della, Stat
 from ..summaries import KEEP_ALL, KEEP_NONE, Threshold
 from .ranks import Ranks
 
@@ -77,21 +77,9 @@ def level(t: Threshold, tracked: bool, **fields) -> Level:
     return Level(kernels.TH_GT, t.value, **fields)
 
 
-def tie_starts(units: list[int], prefixes: list[list[int]]) -> tuple:
-    """((unit, (ties before it at each level)), ...) from per-level prefix lists in unit order."""
-    return tuple((u, tuple(p[i] for p in prefixes)) for i, u in enumerate(units))
-
-
-def unit_details(got, stat: Stat) -> tuple[list[int], list[list]]:
-    """The units and, per unit in flat order, the (values, counts) of each requested bin."""
-    per_unit = got[stat]
-    units = sorted(per_unit)
-    return units, [per_unit[u] for u in units]
-
-
 def abs_ranks(model: int, span) -> Ranks:
     """Exact ranks of |delta| of one model on one span (float32 deltas)."""
-    return Ranks(Stat("abs", model, span))
+    return Ranks(Abs(model, span))
 
 
 class Sparsifier:
@@ -200,7 +188,7 @@ class MagPrune(Sparsifier):
     def needs(self, model, numel, span, got):
         if not 0 < self.density < 1 or not self.rescale or not numel:
             return []
-        return [Stat("della", model, span, args=(self.key, self.density, self.epsilon))]
+        return [Della(model, span, args=(self.key, self.density, self.epsilon))]
 
     def decide(self, model, numel, span, got):
         if self.density >= 1:
@@ -227,7 +215,7 @@ class Bernoulli(Sparsifier):
     def needs(self, model, numel, span, got):
         if self.density >= 1 or not self.rescale:
             return []
-        return [Stat("dare", model, span, args=(self.key, self.limit))]
+        return [Dare(model, span, args=(self.key, self.limit))]
 
     def decide(self, model, numel, span, got):
         if self.density >= 1:
