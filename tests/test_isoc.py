@@ -126,3 +126,33 @@ def test_memory_limit_refused_before_reading(tmp_path):
     assert not os.path.exists(tmp_path / "out.partial") and not os.path.exists(tmp_path / "out")
     merge(_config("iso_c", paths), str(tmp_path / "iso"), MergeOptions(quiet=True, memory_limit=400 << 20,
                                                                        scheduler="threads:2", unit_bytes=4 << 20))
+
+
+def test_rank_deficient_sum_keeps_its_directions_only():
+    """A rank-1 sum of task vectors: Iso-C gives mean(S) u v^T with the mean over all min(m, n)
+    singular values (the others are zero); the directions of zero singular values, which an SVD
+    fills with arbitrary vectors, are left out (docs/spectral.md)."""
+    from dppa_stream.methods.isoc import IsoC
+
+    rng = np.random.default_rng(5)
+    u, v = rng.normal(size=30), rng.normal(size=8)
+    x = np.outer(u, v)
+    a, m = IsoC.__new__(IsoC).factors(x.T @ x, (30, 8, False), 1)
+    got = (x @ a[0]) @ m
+    s = np.linalg.norm(u) * np.linalg.norm(v)
+    np.testing.assert_allclose(got, s / 8 * np.outer(u / np.linalg.norm(u), v / np.linalg.norm(v)), atol=1e-12)
+
+
+def test_nonfinite_deltas_refused_in_one_line(tmp_path):
+    paths = write_llama_set(str(tmp_path / "in"), LlamaShape(hidden=16, intermediate=24, layers=1, vocab=32), 1,
+                            torch.float32)
+    from safetensors.torch import load_file, save_file
+
+    f = os.path.join(paths[1], "model.safetensors")
+    sd = load_file(f)
+    sd["model.layers.0.mlp.up_proj.weight"][3, 2] = float("nan")
+    save_file(sd, f, metadata={"format": "pt"})
+    for opts in (dict(), dict(allow_nonfinite=True)):
+        with pytest.raises(Exception, match="NaN") as e:
+            merge(_config("iso_c", paths), str(tmp_path / "out"), MergeOptions(quiet=True, **opts))
+        assert "\n" not in str(e.value) and "up_proj" in str(e.value)

@@ -225,7 +225,7 @@ def _cfg(tmp_path, method: str, paths: list[str], extra: str = "", weights=(0.6,
     base, *fts = paths
     lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
     for p, w in zip(fts, weights):
-        mp = dict(params or {}, weight=w) if method != "slerp" else {}
+        mp = dict(params or {}, weight=w) if method not in ("slerp", "iso_c", "tsv_m") else {}
         lines += [f"  - model: {p}"] + ([f"    parameters: {json.dumps(mp)}"] if mp else [])
     text = "\n".join(lines) + "\n" + extra
     path = tmp_path / f"{method}.yml"
@@ -239,6 +239,8 @@ METHODS = {  # method: config additions
     "linear": "",
     "dppa": "parameters: {pruning_rates: [0.9, 0.8], amplification: [1.8, 1.0]}\n",
     "slerp": "parameters: {t: 0.3}\n",
+    "iso_c": "",
+    "tsv_m": "",
 }
 
 

@@ -119,6 +119,9 @@ def exact_add(acc: np.ndarray | None, g: np.ndarray, tensor: str) -> np.ndarray:
     l1 * 2**52 + l0) * 2**-120, low limbs in [0, 2**52)): integer sums are associative, so the
     Gram cannot depend on the order blocks are added in. |g| below the quantum is truncated."""
     a = np.abs(g)
+    if a.size and not np.isfinite(a.max()):
+        raise InputError(f"tensor {tensor!r}: its deltas hold NaN/Inf; a spectral merge cannot decompose the matrix "
+                         "(--allow-nonfinite does not apply to iso_c/tsv_m)")
     if a.size and not a.max() < _BLOCK_LIMIT:
         raise InputError(f"tensor {tensor!r}: deltas too large for the exact Gram accumulator (a {ROW_BLOCK}-row "
                          f"block's Gram entry is {a.max():.3g}, at most 2**32 is supported); is the base model right?")
