@@ -156,3 +156,34 @@ def test_nonfinite_deltas_refused_in_one_line(tmp_path):
         with pytest.raises(Exception, match="NaN") as e:
             merge(_config("iso_c", paths), str(tmp_path / "out"), MergeOptions(quiet=True, **opts))
         assert "\n" not in str(e.value) and "up_proj" in str(e.value)
+
+
+_RUNNER = """
+import json, sys
+from dppa_stream.config import parse_config
+from dppa_stream.pipeline import MergeOptions, merge
+out = {}
+for name, text, dst in json.loads(sys.argv[1]):
+    r = merge(parse_config(text), dst, MergeOptions(quiet=True, memory_limit=%d, unit_bytes=50_000, scheduler="threads:2"))
+    out[name] = {"peak": r.peak_anon_bytes, "split": r.split_tensors}
+assert "torch" not in sys.modules
+print(json.dumps(out))
+"""
+
+
+def test_peak_memory_within_the_limit(tmp_path, models):
+    """In a fresh process (no torch), both methods split the embeddings and stay under the limit."""
+    import json
+    import subprocess
+    import sys
+
+    limit = 450 << 20
+    paths = models[(torch.bfloat16, 2)]
+    jobs = [(m, "merge_method: %s\nbase_model: %s\nmodels:\n" % (m, paths[0]) + "".join(
+        f"  - model: {p}\n" for p in paths[1:]), str(tmp_path / m)) for m in REFERENCES]
+    res = subprocess.run([sys.executable, "-c", _RUNNER % limit, json.dumps(jobs)], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name, r in json.loads(res.stdout.strip().splitlines()[-1]).items():
+        assert r["split"] >= 2, (name, r)
+        assert 0 < r["peak"] <= limit, f"{name}: peak {r['peak'] >> 20} MiB over {limit >> 20} MiB"
