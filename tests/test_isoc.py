@@ -141,6 +141,11 @@ def test_rank_deficient_sum_keeps_its_directions_only():
     got = (x @ a[0]) @ m
     s = np.linalg.norm(u) * np.linalg.norm(v)
     np.testing.assert_allclose(got, s / 8 * np.outer(u / np.linalg.norm(u), v / np.linalg.norm(v)), atol=1e-12)
+    from dppa_stream.methods.tsvm import TsvM
+
+    for cls, w in ((IsoC, 8), (TsvM, 16)):  # no delta at all: the matrix stays the base
+        a, m = cls.__new__(cls).factors(np.zeros((w, w)), (30, 8, False), w // 8)
+        assert m.shape == (0, 8) and all(p.shape == (8, 0) for p in a)
 
 
 def test_nonfinite_deltas_refused_in_one_line(tmp_path):

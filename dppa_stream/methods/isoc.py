@@ -264,9 +264,12 @@ class SpectralMethod(MergeMethod):
         o = orientation(info.shape)
         if o is None:
             return float(info.globals["alpha"])
-        gram = got[self.gram(info)]
+        stat = self.gram(info)
+        gram = got[stat]
+        if gram is None:  # no rows: a zero matrix
+            gram = np.zeros((stat.args[1], stat.args[1]))
         one_blas_thread()
-        a, m = self.factors(gram, o, len(info.models)) if gram is not None else ((np.zeros((o[1], 0)),), np.zeros((0, o[1])))
+        a, m = self.factors(gram, o, len(info.models))
         return Projection(a, m, float(info.globals["alpha"]))
 
     def factors(self, gram: np.ndarray, o: tuple, models: int) -> tuple[tuple, np.ndarray]:
