@@ -33,6 +33,7 @@ RTOL = 1e-6  # singular values at or below RTOL * the largest are taken as zero 
 _LIMB = 52  # bits per low limb of the exact accumulator
 _SCALE = 2.0 ** 120  # 1 / the accumulator's quantum
 _BLOCK_LIMIT = 2.0 ** 32  # |Gram entry| of one block the accumulator takes (its top limb cannot overflow)
+_MEAN_CHUNK = 1 << 16  # elements per step of the mean task vector (tensors that are not matrices)
 
 
 _blas_limited = False
@@ -279,9 +280,10 @@ class SpectralMethod(MergeMethod):
         code = kernels.CODES[rows.dtype]
         bad = np.zeros(rows.src.shape[0], np.int64)
         unit = rows.inp.unit
-        if not isinstance(plan, Projection):  # base + alpha * the mean task vector
-            base, deltas = unit_deltas(rows, code, 0, unit.numel, bad)
-            _narrow(base + plan * (deltas.sum(axis=0) / len(deltas)), out, 0, out_code)
+        if not isinstance(plan, Projection):  # base + alpha * the mean task vector, element by element
+            for at in range(0, unit.numel, _MEAN_CHUNK):
+                base, deltas = unit_deltas(rows, code, at, min(_MEAN_CHUNK, unit.numel - at), bad)
+                _narrow(base + plan * (deltas.sum(axis=0) / len(deltas)), out, at, out_code)
             return bad
         one_blas_thread()
         shape = rows.inp.models[0].shape
@@ -305,7 +307,7 @@ class SpectralMethod(MergeMethod):
         values; for a transposed matrix also its inputs widened to float32 and the output."""
         o = orientation(shape)
         if o is None:
-            return 8 * (models + 2) * (shape[-1] if shape else 1) * (shape[0] if len(shape) > 1 else 1)
+            return 8 * (models + 3) * _MEAN_CHUNK
         m, n, transposed = o
         w = n * (models if self.stacked else 1)
         whole = 4 * (models + 4) * m * n if transposed else 0  # inputs as float32, the output twice
