@@ -45,8 +45,10 @@ def main() -> None:
     rows = []
     try:
         paths = write_llama_set(os.path.join(root, "in"), shape, 2, torch.bfloat16, seed=1, drift=1e-2)
-        size = sum(os.path.getsize(os.path.join(paths[0], f)) for f in os.listdir(paths[0]) if f.endswith(".safetensors"))
-        print(f"model: {shape}, {size / 2**20:.0f} MiB per checkpoint, 2 fine-tunes, --memory-limit {limit / 2**20:.0f} MiB")
+        size = sum(os.path.getsize(os.path.join(paths[0], f)) for f in os.listdir(paths[0])
+                   if f.endswith(".safetensors"))
+        print(f"model: {shape}, {size / 2**20:.0f} MiB per checkpoint, 2 fine-tunes, "
+              f"--memory-limit {limit / 2**20:.0f} MiB")
         warm = os.path.join(root, "warm")
         merge(parse_config(f"merge_method: task_arithmetic\nbase_model: {paths[0]}\nmodels:\n  - model: {paths[1]}\n"
                            "    parameters: {weight: 1.0}\n"), warm, MergeOptions(quiet=True))
@@ -66,7 +68,8 @@ def main() -> None:
                 held = max(m.held_bytes(s, 2) for _, s in shape.tensors())
                 row = dict(method=method, unit_bytes=unit or "default", wall_s=round(wall, 2),
                            read_MB=round(r.bytes_read / 1e6), peak_MiB=round(r.peak_anon_bytes / 2**20),
-                           split_tensors=r.split_tensors, task_extra_MiB=round(task / 2**20), held_MiB=round(held / 2**20))
+                           split_tensors=r.split_tensors, task_extra_MiB=round(task / 2**20),
+                           held_MiB=round(held / 2**20))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         base = {r["unit_bytes"]: r["wall_s"] for r in rows if r["method"] == "task_arithmetic"}

@@ -241,7 +241,8 @@ def _check_method_memory(s: Session, budget: int, workers: int, processes: int, 
                 "that holds whole matrices keeps none)") if held else ""
         raise UsageError(f"--memory-limit {budget / 2**20:.0f} MiB is too small for {s.method.name}: tensor "
                          f"{short(worst)} needs {task / 2**20:.0f} MiB in one task (its rows, Gram matrix and "
-                         f"projection){kept}; need at least {total / 2**20:.0f} MiB (or use fewer workers)")
+                         f"projection){kept}; need at least {total / 2**20:.0f} MiB (or use fewer workers, or a "
+                         "--unit-size that leaves room for it)")
 
 
 @contextlib.contextmanager

@@ -169,7 +169,8 @@ from dppa_stream.config import parse_config
 from dppa_stream.pipeline import MergeOptions, merge
 out = {}
 for name, text, dst in json.loads(sys.argv[1]):
-    r = merge(parse_config(text), dst, MergeOptions(quiet=True, memory_limit=%d, unit_bytes=50_000, scheduler="threads:2"))
+    r = merge(parse_config(text), dst,
+              MergeOptions(quiet=True, memory_limit=%d, unit_bytes=50_000, scheduler="threads:2"))
     out[name] = {"peak": r.peak_anon_bytes, "split": r.split_tensors}
 assert "torch" not in sys.modules
 print(json.dumps(out))
