@@ -120,7 +120,8 @@ def test_memory_limit_refused_before_reading(tmp_path):
     paths = write_llama_set(str(tmp_path / "wide"), LlamaShape(hidden=256, intermediate=64, layers=1, vocab=64), 3,
                             torch.float32)
     with pytest.raises(UsageError, match=r"--memory-limit 400 MiB is too small for tsv_m: tensor 'model\..*' needs "
-                                         r"\d+ MiB in one task .*; need at least \d+ MiB \(or use fewer workers\)"):
+                                         r"\d+ MiB in one task .*; need at least \d+ MiB \(or use fewer workers, "
+                                         r"or a --unit-size"):
         merge(_config("tsv_m", paths), str(tmp_path / "out"), MergeOptions(quiet=True, memory_limit=400 << 20,
                                                                           scheduler="threads:2"))
     assert not os.path.exists(tmp_path / "out.partial") and not os.path.exists(tmp_path / "out")
