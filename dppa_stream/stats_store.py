@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from .errors import OutputError, printable
-from .output import fault_point
+from .durable import fault_point, fsync_tree
 from .statistics import Stat
 
 
@@ -30,22 +30,6 @@ def _digest(data: np.ndarray) -> str:
 def _damaged(path: str, e: Exception) -> OutputError:
     return OutputError(f"{path}: the statistics store is damaged ({printable(str(e) or type(e).__name__, 100)}); delete "
                        "this folder (the statistics are recomputed) or pass --overwrite to start over")
-
-
-def _fsync_tree(folder: str) -> None:
-    """Make a written round durable: its files, then its folders."""
-    for root, _, files in os.walk(folder):
-        for f in files:
-            fd = os.open(os.path.join(root, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 CHUNK = 1 << 20  # int64 values per zarr chunk (8 MiB): the unit of reading back
@@ -137,9 +121,9 @@ class StatsStore:
         name = f"round-{self._saved:04d}"
         try:
             arr = self.group.create_array(name=name, data=data, chunks=(CHUNK,), overwrite=True)
-            _fsync_tree(os.path.join(self.path, name))
+            fsync_tree(os.path.join(self.path, name))
             arr.attrs.update({"index": index, "sha256": _digest(data)})  # the commit
-            _fsync_tree(os.path.join(self.path, name))
+            fsync_tree(os.path.join(self.path, name))
         except Exception as e:  # noqa: BLE001 - disk full, quota, I/O error: all exit 4
             reason = getattr(e, "strerror", None) or type(e).__name__
             raise OutputError(f"{self.path}: cannot save statistics ({reason}); free space, then rerun with "
