@@ -120,3 +120,29 @@ def test_kernels_load_on_first_use():
                  "kernels.gta, kernels.della_layout, kernels.FP8_CODES\n"
                  "print(a, 'numba' in sys.modules, kernels.SP_NONE == kernels.delta.SP_NONE)")
     assert out.split() == ["False", "True", "True"]
+
+
+def test_progress_is_a_callback(tmp_path, ckpts):
+    """The library reports each phase's bytes to the callback it is given (the CLI's bar), and
+    the updates add up to the phase's total."""
+    import contextlib
+
+    from dppa_stream.config import parse_config
+    from dppa_stream.pipeline import MergeOptions, merge
+
+    base, ft1, ft2 = ckpts()
+    cfg = parse_config(f"merge_method: ties\nbase_model: {base}\nmodels:\n"
+                       f"  - model: {ft1}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+                       f"  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.5}}\n", "<test>")
+    phases = []
+
+    @contextlib.contextmanager
+    def bar(label, total):
+        got = []
+        yield got.append
+        phases.append((label, total, sum(got)))
+
+    res = merge(cfg, str(tmp_path / "out"), MergeOptions(quiet=True, progress=bar))
+    assert [p[0] for p in phases][-1] == "merge"  # (one-unit tensors get their statistics inside pass 2)
+    assert all(total == done > 0 for _, total, done in phases), phases
+    assert res.bytes_read >= sum(total for _, total, _ in phases)
