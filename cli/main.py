@@ -216,7 +216,8 @@ def merge(config, out, memory_limit, scheduler, scheduler_file, shard_size, seed
             raise UsageError(f"--seed {seed}: must fit in 64 bits")
         opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, scheduler_file,
                             _size(shard_size, "--shard-size"), seed, overwrite, quiet,
-                            _size(unit_size, "--unit-size"), resume, allow_nonfinite, download, started=STARTED)
+                            _size(unit_size, "--unit-size"), resume, allow_nonfinite, download, started=STARTED,
+                            progress=_bar(quiet), dask_logs=verbose > 1)
         _scheduler(scheduler, scheduler_file)
         if not out.strip():
             raise UsageError("OUT is empty; give the folder to create")
@@ -235,10 +236,31 @@ def _logging(verbose: int) -> None:
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
         logging.getLogger("dppa_stream").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
-        if verbose > 1:
-            from dppa_stream import executor
 
-            executor.DASK_LOGS = True
+
+def _bar(quiet: bool):
+    """The progress bar the library calls per phase (`executor.Progress`): bytes done, ETA and
+    MB/s on stderr; none when quiet or not a terminal (-v logs each phase's size and speed)."""
+    if quiet or not sys.stderr.isatty():
+        return None
+
+    @contextlib.contextmanager
+    def bar(label: str, total: int):
+        t0, done = time.perf_counter(), [0]
+
+        def rate(_):
+            dt = time.perf_counter() - t0
+            return f"{done[0] / dt / 1e6:7.0f} MB/s" if dt > 0 else ""
+
+        with click.progressbar(length=max(total, 1), label=f"{label:<8}", show_eta=True, show_percent=True,
+                               item_show_func=rate, file=sys.stderr) as b:
+            def update(n):
+                done[0] += n
+                b.update(n, done[0])
+
+            yield update
+
+    return bar
 
 
 def _report(res, quiet, json_out):
@@ -280,7 +302,8 @@ def stats(config, json_out, plot, experts, memory_limit, scheduler, scheduler_fi
         from dppa_stream.config import load_config
         from dppa_stream.pipeline import MergeOptions
 
-        opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, scheduler_file, quiet=quiet, download=download)
+        opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, scheduler_file, quiet=quiet, download=download,
+                            progress=_bar(quiet))
         _scheduler(scheduler, scheduler_file)
         _out_file(json_out, "--json")
         _out_file(plot, "--plot", ("png", "pdf", "svg"))
@@ -405,7 +428,7 @@ def demo(out, method, overwrite, quiet, debug):
         with open(cfg_path, "w") as f:
             f.write(_demo_config(method, inputs))
         cfg = load_config(cfg_path)
-        res = run_merge(cfg, os.path.join(out, "merged"), MergeOptions(overwrite=overwrite, quiet=quiet))
+        res = run_merge(cfg, os.path.join(out, "merged"), MergeOptions(overwrite=overwrite, quiet=quiet, progress=_bar(quiet)))
         _report(res, quiet, None)
         if cfg.merge_method in ("dp", "dppa"):
             from dppa_stream import stats_report

@@ -19,19 +19,15 @@ import logging
 import os
 import signal
 import stat
-import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 from urllib.parse import urlsplit
-
-import click
 
 from .errors import InputError, OutputError, UsageError, short
 
 log = logging.getLogger("dppa_stream")
-
-DASK_LOGS = False  # show distributed's own log lines (the CLI's -vv)
 
 
 def trim_memory() -> None:
@@ -158,41 +154,25 @@ def _count(n: str, spec: str) -> int:
 
 @dataclass
 class Progress:
-    """Counts bytes through a click progress bar (ETA, MB/s); silent when quiet or not a TTY."""
+    """Counts each phase's bytes and logs its size and speed (-v). `bar`, when given (the CLI's
+    progress bar), is called as `bar(label, total_bytes)` and returns a context manager that
+    yields `update(n)`, called with each task's bytes as it finishes."""
 
-    quiet: bool = False
+    bar: Callable[[str, int], contextlib.AbstractContextManager] | None = None
 
     @contextlib.contextmanager
     def phase(self, label: str, total: int):
-        show = not self.quiet and sys.stderr.isatty()
         t0 = time.perf_counter()
-        done = [0]
-
-        def rate(_):
-            dt = time.perf_counter() - t0
-            return f"{done[0] / dt / 1e6:7.0f} MB/s" if dt > 0 else ""
-
-        if show:
-            with click.progressbar(length=max(total, 1), label=f"{label:<8}", show_eta=True, show_percent=True,
-                                   item_show_func=rate, file=sys.stderr) as bar:
-                def step(n):
-                    done[0] += n
-                    bar.update(n, done[0])
-
-                yield step
-        else:  # not a terminal (or --quiet): no bar; -v logs each phase's size and speed instead
-
-            def step(n):
-                done[0] += n
-
-            yield step
+        with self.bar(label, total) if self.bar is not None else contextlib.nullcontext() as update:
+            yield update or (lambda n: None)
         dt = time.perf_counter() - t0
         log.info("%s: %.0f MB in %.2fs (%.0f MB/s)", label, total / 1e6, dt, total / 1e6 / max(dt, 1e-9))
 
 
-def make_executor(spec: SchedulerSpec, worker_memory: int):
-    """The executor for a scheduler spec: local threads, or a distributed cluster."""
-    return ThreadsExecutor(spec) if spec.kind == "threads" else Executor(spec, worker_memory)
+def make_executor(spec: SchedulerSpec, worker_memory: int, dask_logs: bool = False):
+    """The executor for a scheduler spec: local threads, or a distributed cluster (`dask_logs`:
+    show distributed's own log lines, the CLI's -vv)."""
+    return ThreadsExecutor(spec) if spec.kind == "threads" else Executor(spec, worker_memory, dask_logs)
 
 
 def worker_sees(files: list[tuple[str, int, int]], folder: str | None, versions: tuple) -> tuple[str, str] | None:
@@ -288,29 +268,29 @@ class ThreadsExecutor:
 class Executor:
     """`processes:N` and clusters: submits tasks to dask.distributed and gathers results with progress."""
 
-    def __init__(self, spec: SchedulerSpec, worker_memory: int):
+    def __init__(self, spec: SchedulerSpec, worker_memory: int, dask_logs: bool = False):
         import distributed  # noqa: F401 - first: importing it configures its loggers, which we then quiet
 
         self.spec = spec
         self._cluster = None
         self.client = None
-        if not DASK_LOGS:  # our own errors reach the user as one line; distributed's copies are noise
+        if not dask_logs:  # our own errors reach the user as one line; distributed's copies are noise
             logging.getLogger("distributed").setLevel(logging.CRITICAL + 1)
         try:
             with sigint_ignored():
-                self._start(spec, worker_memory)
+                self._start(spec, worker_memory, dask_logs)
         except BaseException:
             self.close()
             raise
 
-    def _start(self, spec: SchedulerSpec, worker_memory: int) -> None:
+    def _start(self, spec: SchedulerSpec, worker_memory: int, dask_logs: bool) -> None:
         from distributed import Client, LocalCluster
 
         if spec.kind == "processes":
             self._cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=1, processes=True,
                                          dashboard_address="127.0.0.1:0",
                                          worker_dashboard_address="127.0.0.1:0", memory_limit=worker_memory,
-                                         silence_logs=logging.INFO if DASK_LOGS else logging.CRITICAL + 1)
+                                         silence_logs=logging.INFO if dask_logs else logging.CRITICAL + 1)
             self.client = Client(self._cluster, set_as_default=False)
         else:
             address = _address_from_file(spec.address) if spec.kind == "file" else spec.address

@@ -24,7 +24,7 @@ import os
 from . import __version__
 from .checkpoint.reader import Stamp, open_regular, read_json_file, resolve_inside
 from .errors import InputError, UsageError
-from .output import write_failed
+from .durable import write_failed
 
 log = logging.getLogger("dppa_stream")
 

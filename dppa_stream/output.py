@@ -20,14 +20,14 @@ import json
 import logging
 import os
 import shutil
-import signal
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 
-from . import __version__
+from . import __version__, durable
 from .checkpoint.reader import model_roots
+from .durable import fsync_dir, write_all, write_atomic, write_failed
 from .errors import InputError, OutputError, UsageError, short
 
 log = logging.getLogger("dppa_stream")
@@ -44,11 +44,6 @@ _created: set[str] = set()  # OUT.partial folders this process created (and so m
 def _state_error(path: str, partial: str, problem: str) -> OutputError:
     return OutputError(f"{path}: {problem}; the run state of {partial} is damaged: remove {partial} "
                        "or pass --overwrite to start over")
-
-
-def write_failed(path: str, e: OSError) -> OutputError:
-    """The one message for a failed write: what failed and how to continue."""
-    return OutputError(f"{path}: write failed ({e.strerror or e}); free space or fix the cause, then rerun with --resume")
 
 
 def fingerprint(cfg, inputs, seed: int, shard_size: int) -> str:
@@ -192,40 +187,6 @@ def release_reserve(folder: str) -> None:
 
 
 # --- run state ----------------------------------------------------------------------------------
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write a file so that it is either absent, the old version or complete: write a temporary
-    file, fsync it, rename it over `path`, fsync the folder."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(os.path.dirname(path))
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise write_failed(path, e) from None
-
-
-def fsync_dir(folder: str) -> None:
-    fd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view, done = memoryview(data), 0
-    while done < len(view):
-        done += os.write(fd, view[done:])
-
 
 def _load_run_state(run_json: str, partial: str) -> dict:
     try:
@@ -386,17 +347,6 @@ def sync_outputs(folder: str) -> None:
                 os.close(fd)
 
 
-def fault_point(point: str, count: int) -> None:
-    """Crash tests only: with DPPA_STREAM_FAULT="POINT:N" in the environment, this process SIGKILLs
-    itself at `point` ("units": once N units are recorded as done; "stats": once N statistics
-    rounds are saved), so a test can crash a run at a chosen place instead of racing a timer."""
-    spec = os.environ.get("DPPA_STREAM_FAULT")
-    if spec:
-        name, _, n = spec.partition(":")
-        if name == point and count >= int(n or 0):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 class Manifest:
     """Appends finished work units to OUT.partial/.dppa-stream/done.txt, in batches: every second
     the shards are synced (fdatasync), then the batch is appended and fsynced. A work unit is
@@ -430,9 +380,9 @@ class Manifest:
         self._check()
         self._pending.append(json.dumps([tensor, index] if extra is None else [tensor, index, extra]) + "\n")
         self._recorded += 1
-        if "DPPA_STREAM_FAULT" in os.environ:  # crash tests: every unit durable at once, then maybe die
+        if durable.fault_hook is not None:  # crash tests: every unit durable at once, then maybe die
             self.flush()
-            fault_point("units", self._recorded)
+            durable.fault_point("units", self._recorded)
         elif time.monotonic() - self._last >= self.interval and not (self._writer and self._writer.is_alive()):
             batch, self._pending = self._pending, []
             self._last = time.monotonic()
@@ -443,7 +393,7 @@ class Manifest:
     def _write(self, batch: list[str]) -> None:
         try:
             sync_outputs(self.partial)
-            _write_all(self._fd, "".join(batch).encode())
+            write_all(self._fd, "".join(batch).encode())
             os.fsync(self._fd)
         except OSError as e:
             raise write_failed(self.path, e) from None

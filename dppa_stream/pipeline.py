@@ -18,6 +18,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 from .config import MergeConfig
 from .errors import UsageError, short
@@ -49,10 +50,14 @@ class MergeOptions:
     allow_nonfinite: bool = False  # merge inputs that contain NaN/Inf instead of refusing them
     download: bool = False  # fetch Hub models missing from the local cache (hub.py)
     started: float | None = None  # time.perf_counter() when the command started (its imports count too)
+    progress: Callable | None = None  # a progress bar (the CLI's): see executor.Progress
+    dask_logs: bool = False  # show distributed's own log lines (the CLI's -vv)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MergeResult:
+    """What a merge did, built once it is over (the CLI's summary line and --json)."""
+
     out: str
     method: str
     wall_seconds: float
@@ -260,13 +265,13 @@ def session(cfg: MergeConfig, opts: MergeOptions, out: str | None = None):
     # cluster's workers enforce their own limits, and only the client's state counts here)
     ub = unit_budget(budget, spec.workers, 1 + (spec.workers if spec.kind == "processes" else 0), state) \
         if local else unit_budget(budget, 0, 1, state)
-    ex = make_executor(spec, budget // max(1, spec.workers) if spec.kind == "processes" else 0)
+    ex = make_executor(spec, budget // max(1, spec.workers) if spec.kind == "processes" else 0, opts.dask_logs)
     try:
         files = [(st.path, st.identity[3], st.identity[2]) for ck in inputs.all for st in ck.stamps.values()]
         ex.check_workers(files, os.path.dirname(os.path.abspath(out)) if out is not None else None)
         workers = ex.worker_count
         wanted = opts.unit_bytes or (MAX_UNIT_BYTES if local else MAX_UNIT_BYTES // 4)
-        s = Session(cfg, inputs, method, ex, min(wanted, ub) if local else wanted, Progress(opts.quiet), budget,
+        s = Session(cfg, inputs, method, ex, min(wanted, ub) if local else wanted, Progress(opts.progress), budget,
                     not opts.allow_nonfinite)
         if local:
             _check_smallest_units(s, ub)
@@ -288,16 +293,14 @@ def merge(cfg: MergeConfig, out: str, opts: MergeOptions | None = None) -> Merge
     startup = time.perf_counter() - t0
     with PeakSampler() as sampler:
         with removed_on_bad_input(out + ".partial"), session(cfg, opts, out) as s:
-            result = _run(cfg, out, opts, s)
-    result.wall_seconds = time.perf_counter() - t0
-    result.startup_seconds = startup
-    result.peak_anon_bytes = sampler.peak
-    result.scheduler = opts.scheduler_file or opts.scheduler or "threads"
-    result.memory_limit = s.budget
-    return result
+            done = _run(cfg, out, opts, s)
+    return MergeResult(out, cfg.merge_method, wall_seconds=time.perf_counter() - t0, peak_anon_bytes=sampler.peak,
+                       scheduler=opts.scheduler_file or opts.scheduler or "threads", memory_limit=s.budget,
+                       startup_seconds=startup, **done)
 
 
-def _run(cfg, out, opts, s: Session) -> MergeResult:
+def _run(cfg, out, opts, s: Session) -> dict:
+    """Both passes into OUT.partial, then publish OUT: what the run did, for `MergeResult`."""
     from .merge_pass import write_output
     from .stats_store import StatsStore
 
@@ -322,6 +325,6 @@ def _run(cfg, out, opts, s: Session) -> MergeResult:
     del plan  # its report (a record per linear and fine-tune) is not needed in pass 2
     written, read, requant = write_output(cfg, out, s, plans, done, opts.shard_size)
     publish(partial, out, opts.overwrite)
-    return MergeResult(out, cfg.merge_method, 0.0, engine.bytes_read + read, written, 0, len(s.inputs.names),
-                       len(s.work_units), sum(1 for u in s.units.values() if len(u) > 1), "", 0,
-                       resumed_units=len(done), dp=dp, requantization=requant)
+    return dict(bytes_read=engine.bytes_read + read, bytes_written=written, tensors=len(s.inputs.names),
+                units=len(s.work_units), split_tensors=sum(1 for u in s.units.values() if len(u) > 1),
+                resumed_units=len(done), dp=dp, requantization=requant)

@@ -66,6 +66,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from .config import MergeConfig, _norm, parse_config
+from .durable import write_atomic
 from .errors import OutputError, UsageError
 from .methods.dppa import effective_factors
 from .output import check_output, fingerprint, prepare_partial, publish
@@ -576,14 +577,7 @@ class SearchLog:
         self._f = open(path, "a")
 
     def _rewrite(self, header: dict, rows: list) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            for row in [header] + rows:
-                f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        _fsync_dir(os.path.dirname(self.path))
+        write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in [header] + rows).encode())
 
     def append(self, ev: Evaluation) -> None:
         row = ev.to_json()
@@ -613,19 +607,6 @@ def _read_log(path: str):
             elif isinstance(row, dict) and {"digest", "scores", "rates", "factors", "lamda", "weights"} <= set(row):
                 rows.append(row)
     return header, rows
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -741,6 +722,64 @@ def search(cfg: MergeConfig, out: str, eval_cmds: list[str], opts: MergeOptions 
 
     `start`: None (the config's factors), one vector (every fine-tune) or a K x L matrix.
     `opts.seed` seeds the optimiser (DPPA itself has no randomness)."""
+    tune, min_gain = _check_search(cfg, eval_cmds, step, dense, max_evals, strategy, objective, min_gain, max_factor,
+                                   tune)
+    start = parse_start(start) if isinstance(start, str) else \
+        [list(start)] if start is not None and start and not isinstance(start[0], (list, tuple)) else start
+    judge = Judge(list(dense) if dense else None, objective, min_gain)
+    opts = opts or MergeOptions()
+    out = os.path.abspath(out)
+    t0 = time.perf_counter()
+    work = out + ".search"
+    log_path, finished_log = os.path.join(work, LOG_NAME), os.path.join(out, LOG_NAME)
+    # --resume on a finished search (OUT holds its log) extends it: OUT is replaced by the new kept model.
+    # An interrupted extension has both logs; the work folder's holds everything OUT's does, and more.
+    extending = resume and os.path.isfile(finished_log)
+    resume_from = (log_path if os.path.isfile(log_path) else finished_log if extending else None) if resume else None
+    with session(cfg, dataclasses.replace(opts, overwrite=opts.overwrite or extending), out) as s:
+        start_p = _start_params(cfg, s.method, start, strategy, tune)
+        space = Space(tune, start_p, step, max_factor)
+        fp = fingerprint(cfg, s.inputs, opts.seed, opts.shard_size)
+        identity = hashlib.sha256(json.dumps([fp, strategy, list(tune), list(eval_cmds), list(dense or [])])
+                                  .encode()).hexdigest()
+        _prepare_work(work, fp, resume)
+        header = {"identity": identity, "strategy": strategy, "tune": list(tune), "seed": opts.seed,
+                  "eval_cmds": list(eval_cmds), "dense_scores": list(dense or []), "config": cfg.source,
+                  "created": time.time()}
+        if extending and (_read_log(finished_log)[0] or {}).get("identity") != identity:
+            raise OutputError(f"{finished_log}: {out} holds another search (another config, inputs, --seed, --strategy, "
+                              "--tune or --eval-cmd); choose another OUT, or pass --overwrite without --resume")
+        ev = Evaluator(cfg, s, opts, tune, work, eval_cmds, judge, SearchLog(log_path, header, resume_from), max_evals,
+                       bool(dense), echo)
+        t1 = time.perf_counter()
+        ev.planned(start_p)  # pass 1: every later plan reads its statistics from the store
+        pass1 = time.perf_counter() - t1
+        try:
+            if strategy == "reference":
+                walk(ev, ev.beats, start_p, step)
+            elif strategy == "refine":
+                refine(ev, ev.beats, space, start_p, step)
+            else:
+                sampler_search(ev, space, start_p, strategy, opts.seed)
+        except OutOfBudget:
+            pass
+        finally:
+            ev.log.close()
+        kept = ev.incumbent.ev
+        ev.ensure_best(kept)
+        shutil.copyfile(log_path, os.path.join(ev.best_dir, LOG_NAME))  # what --resume extends
+    check_output(out, s.inputs, opts.overwrite or extending)
+    publish(ev.best_dir, out)
+    result = SearchResult(out, strategy, tune, judge, ev.evals[0], kept, [m.path for m in cfg.models], ev.evals,
+                          ev.repeats, pass1, time.perf_counter() - t0,
+                          merge_command(with_params(cfg, kept.params, tune), out))
+    _write_reports(result, out, step, max_evals, max_factor, eval_cmds, dense, opts.seed)
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _check_search(cfg, eval_cmds, step, dense, max_evals, strategy, objective, min_gain, max_factor, tune):
+    """The search's options, checked before anything is read: (tune, min_gain) as used."""
     if cfg.merge_method != "dppa":
         raise UsageError(f"{cfg.source}: search tunes DPPA; merge_method must be dppa, not {cfg.merge_method!r}")
     if strategy not in STRATEGIES:
@@ -769,147 +808,114 @@ def search(cfg: MergeConfig, out: str, eval_cmds: list[str], opts: MergeOptions 
         raise UsageError(f"--min-gain must be >= 0, got {min_gain}")
     if not (max_factor > 0 and math.isfinite(max_factor)):
         raise UsageError(f"--max-factor must be positive, got {max_factor}")
-    if isinstance(start, str):
-        start = parse_start(start)
-    elif start is not None and start and not isinstance(start[0], (list, tuple)):
-        start = [list(start)]
-    judge = Judge(list(dense) if dense else None, objective, min_gain)
-    opts = opts or MergeOptions()
-    out = os.path.abspath(out)
-    t0 = time.perf_counter()
-    work = out + ".search"
-    log_path, finished_log = os.path.join(work, LOG_NAME), os.path.join(out, LOG_NAME)
-    # --resume on a finished search (OUT holds its log) extends it: OUT is replaced by the new kept model.
-    # An interrupted extension has both logs; the work folder's holds everything OUT's does, and more.
-    extending = resume and os.path.isfile(finished_log)
-    resume_from = (log_path if os.path.isfile(log_path) else finished_log if extending else None) if resume else None
-    with session(cfg, dataclasses.replace(opts, overwrite=opts.overwrite or extending), out) as s:
-        method = s.method
-        start_p = _start_params(cfg, method, start, strategy, tune)
-        space = Space(tune, start_p, step, max_factor)
-        fp = fingerprint(cfg, s.inputs, opts.seed, opts.shard_size)
-        identity = hashlib.sha256(json.dumps([fp, strategy, list(tune), list(eval_cmds), list(dense or [])])
-                                  .encode()).hexdigest()
-        stamp = os.path.join(work, "fingerprint")
-        if os.path.exists(work) and (not os.path.isfile(stamp) or open(stamp).read() != fp):
-            if resume and os.path.isfile(os.path.join(work, LOG_NAME)):
-                raise OutputError(f"{os.path.join(work, LOG_NAME)}: was made with another config, other inputs or "
-                                  "another --seed; remove it or run without --resume")
-            shutil.rmtree(work)
-        os.makedirs(work, exist_ok=True)
-        with open(stamp, "w") as f:
-            f.write(fp)
-        for leftover in os.listdir(work):
-            if leftover.startswith("cand-"):
-                shutil.rmtree(os.path.join(work, leftover))
-        header = {"identity": identity, "strategy": strategy, "tune": list(tune), "seed": opts.seed,
-                  "eval_cmds": list(eval_cmds), "dense_scores": list(dense or []), "config": cfg.source,
-                  "created": time.time()}
-        if extending and (_read_log(finished_log)[0] or {}).get("identity") != identity:
-            raise OutputError(f"{finished_log}: {out} holds another search (another config, inputs, --seed, --strategy, "
-                              "--tune or --eval-cmd); choose another OUT, or pass --overwrite without --resume")
-        slog = SearchLog(log_path, header, resume_from)
-        engine = s.engine(StatsStore(os.path.join(work, "stats.zarr")))
-        evals: list[Evaluation] = []
-        by_params: dict[Params, Evaluation] = {}
-        by_digest: dict[str, Evaluation] = {}
-        repeats = 0
-        incumbent = Incumbent(judge)
-        best_dir = os.path.join(work, "best")
-        best_json = os.path.join(work, "best.json")
+    return tune, min_gain
 
-        def planned(p: Params):
-            cand_cfg = with_params(cfg, p, tune)
-            cand = dataclasses.replace(s, cfg=cand_cfg, method=cand_cfg.method(opts.seed))
-            return cand_cfg, cand, cand.plan(engine)  # the statistics come from the store
 
-        def write(cand_cfg, cand, plan, folder):
-            from .merge_pass import write_output
+def _prepare_work(work: str, fp: str, resume: bool) -> None:
+    """The search's work folder, stamped with the run's fingerprint: another run's is removed
+    (refused with --resume), and candidates a stopped run left behind are cleared."""
+    stamp = os.path.join(work, "fingerprint")
+    if os.path.exists(work) and (not os.path.isfile(stamp) or open(stamp).read() != fp):
+        if resume and os.path.isfile(os.path.join(work, LOG_NAME)):
+            raise OutputError(f"{os.path.join(work, LOG_NAME)}: was made with another config, other inputs or "
+                              "another --seed; remove it or run without --resume")
+        shutil.rmtree(work)
+    os.makedirs(work, exist_ok=True)
+    with open(stamp, "w") as f:
+        f.write(fp)
+    for leftover in os.listdir(work):
+        if leftover.startswith("cand-"):
+            shutil.rmtree(os.path.join(work, leftover))
 
-            prepare_partial(folder + ".partial", "", False, True, {})
-            write_output(cand_cfg, folder, cand, plan.tensors, set(), opts.shard_size)
-            publish(folder + ".partial", folder)
 
-        def keep(folder, ev):
-            if os.path.exists(best_json):
-                os.unlink(best_json)
-            if os.path.exists(best_dir):
-                shutil.rmtree(best_dir)
-            os.rename(folder, best_dir)
-            with open(best_json, "w") as f:
-                json.dump({"digest": ev.digest}, f)
+class Evaluator:
+    """The strategies' f(params) -> Evaluation: plans the candidate from the stored statistics,
+    answers from memory a parameter point or a model (plan digest) already evaluated, replays
+    evaluations an earlier run logged, else merges the candidate into the work folder, runs the
+    eval commands and logs the scores. The incumbent's model is kept in `best_dir`."""
 
-        def f(p: Params) -> Evaluation:
-            nonlocal repeats
-            if p in by_params:
-                repeats += 1
-                return by_params[p]
-            t = time.perf_counter()
-            cand_cfg, cand, plan = planned(p)
-            digest = plan_digest(plan.tensors)
-            if digest in by_digest:  # another parameter point, the same model
-                repeats += 1
-                by_params[p] = by_digest[digest]
-                return by_digest[digest]
-            if len(evals) >= max_evals:
-                raise OutOfBudget
-            row = slog.by_digest.get(digest) or slog.by_params.get(p)
-            if row is not None:  # evaluated by an earlier run of this search
-                ev = Evaluation(len(evals) + 1, p, digest, row["scores"], judge.value(row["scores"]),
-                                row.get("merge_seconds", 0.0), row.get("eval_seconds", 0.0), replayed=True)
-                echo(f"evaluation {ev.n}/{max_evals}: {_fmt(p.factors)}{_extras(p, tune)}: objective "
-                     f"{ev.objective:.6g} (from the log)")
-            else:
-                cand_dir = os.path.join(work, f"cand-{len(evals) + 1}")
-                write(cand_cfg, cand, plan, cand_dir)
-                t_eval = time.perf_counter()
-                scores = run_commands(eval_cmds, cand_dir)
-                ev = Evaluation(len(evals) + 1, p, digest, scores, judge.value(scores), t_eval - t,
-                                time.perf_counter() - t_eval)
-                slog.append(ev)
-                raw = f" (scores {', '.join(f'{x:g}' for x in scores)})" if len(scores) > 1 or dense else ""
-                echo(f"evaluation {ev.n}/{max_evals}: {_fmt(p.factors)}{_extras(p, tune)}: objective "
-                     f"{ev.objective:.6g}{raw}")
-            evals.append(ev)
-            by_params[p] = by_digest[digest] = ev
-            if incumbent.offer(ev):
-                if not ev.replayed:
-                    keep(cand_dir, ev)
-            elif not ev.replayed:
-                shutil.rmtree(cand_dir, ignore_errors=True)
-            return ev
+    def __init__(self, cfg, s, opts, tune, work, eval_cmds, judge, log: SearchLog, max_evals, show_raw, echo):
+        self.cfg, self.s, self.opts, self.tune, self.work = cfg, s, opts, tune, work
+        self.eval_cmds, self.judge, self.log, self.max_evals, self.show_raw, self.echo = \
+            eval_cmds, judge, log, max_evals, show_raw, echo
+        self.engine = s.engine(StatsStore(os.path.join(work, "stats.zarr")))
+        self.evals: list[Evaluation] = []
+        self.by_params: dict[Params, Evaluation] = {}
+        self.by_digest: dict[str, Evaluation] = {}
+        self.repeats = 0
+        self.incumbent = Incumbent(judge)
+        self.best_dir = os.path.join(work, "best")
+        self.best_json = os.path.join(work, "best.json")
 
-        def beats(a: Evaluation, b: Evaluation) -> bool:
-            return judge.beats(a.scores, b.scores)
+    def planned(self, p: Params):
+        cand_cfg = with_params(self.cfg, p, self.tune)
+        cand = dataclasses.replace(self.s, cfg=cand_cfg, method=cand_cfg.method(self.opts.seed))
+        return cand_cfg, cand, cand.plan(self.engine)  # the statistics come from the store
 
-        t1 = time.perf_counter()
-        planned(start_p)  # pass 1: every later plan reads its statistics from the store
-        pass1 = time.perf_counter() - t1
-        try:
-            if strategy == "reference":
-                walk(f, beats, start_p, step)
-            elif strategy == "refine":
-                refine(f, beats, space, start_p, step)
-            else:
-                sampler_search(f, space, start_p, strategy, opts.seed)
-        except OutOfBudget:
-            pass
-        finally:
-            slog.close()
-        kept = incumbent.ev
-        saved = json.load(open(best_json)) if os.path.isfile(best_json) and os.path.isdir(best_dir) else None
-        if saved is None or saved["digest"] != kept.digest:  # kept a replayed evaluation: merge it again
-            if os.path.exists(best_dir):
-                shutil.rmtree(best_dir)
-            write(*planned(kept.params), best_dir)
-        shutil.copyfile(log_path, os.path.join(best_dir, LOG_NAME))  # what --resume extends
-    check_output(out, s.inputs, opts.overwrite or extending)
-    publish(best_dir, out)
-    result = SearchResult(out, strategy, tune, judge, evals[0], kept, [m.path for m in cfg.models], evals, repeats,
-                          pass1, time.perf_counter() - t0, merge_command(with_params(cfg, kept.params, tune), out))
-    _write_reports(result, out, step, max_evals, max_factor, eval_cmds, dense, opts.seed)
-    shutil.rmtree(work, ignore_errors=True)
-    return result
+    def write(self, cand_cfg, cand, plan, folder: str) -> None:
+        from .merge_pass import write_output
+
+        prepare_partial(folder + ".partial", "", False, True, {})
+        write_output(cand_cfg, folder, cand, plan.tensors, set(), self.opts.shard_size)
+        publish(folder + ".partial", folder)
+
+    def keep(self, folder: str, ev: Evaluation) -> None:
+        if os.path.exists(self.best_json):
+            os.unlink(self.best_json)
+        if os.path.exists(self.best_dir):
+            shutil.rmtree(self.best_dir)
+        os.rename(folder, self.best_dir)
+        with open(self.best_json, "w") as f:
+            json.dump({"digest": ev.digest}, f)
+
+    def ensure_best(self, kept: Evaluation) -> None:
+        """`best_dir` holds the kept model (one replayed from the log is merged again)."""
+        saved = json.load(open(self.best_json)) if os.path.isfile(self.best_json) and os.path.isdir(self.best_dir) \
+            else None
+        if saved is None or saved["digest"] != kept.digest:
+            if os.path.exists(self.best_dir):
+                shutil.rmtree(self.best_dir)
+            self.write(*self.planned(kept.params), self.best_dir)
+
+    def beats(self, a: Evaluation, b: Evaluation) -> bool:
+        return self.judge.beats(a.scores, b.scores)
+
+    def __call__(self, p: Params) -> Evaluation:
+        if p in self.by_params:
+            self.repeats += 1
+            return self.by_params[p]
+        t = time.perf_counter()
+        cand_cfg, cand, plan = self.planned(p)
+        digest = plan_digest(plan.tensors)
+        if digest in self.by_digest:  # another parameter point, the same model
+            self.repeats += 1
+            self.by_params[p] = self.by_digest[digest]
+            return self.by_digest[digest]
+        if len(self.evals) >= self.max_evals:
+            raise OutOfBudget
+        n, where = len(self.evals) + 1, f"{_fmt(p.factors)}{_extras(p, self.tune)}"
+        row = self.log.by_digest.get(digest) or self.log.by_params.get(p)
+        if row is not None:  # evaluated by an earlier run of this search
+            ev = Evaluation(n, p, digest, row["scores"], self.judge.value(row["scores"]),
+                            row.get("merge_seconds", 0.0), row.get("eval_seconds", 0.0), replayed=True)
+            self.echo(f"evaluation {n}/{self.max_evals}: {where}: objective {ev.objective:.6g} (from the log)")
+        else:
+            cand_dir = os.path.join(self.work, f"cand-{n}")
+            self.write(cand_cfg, cand, plan, cand_dir)
+            t_eval = time.perf_counter()
+            scores = run_commands(self.eval_cmds, cand_dir)
+            ev = Evaluation(n, p, digest, scores, self.judge.value(scores), t_eval - t, time.perf_counter() - t_eval)
+            self.log.append(ev)
+            raw = f" (scores {', '.join(f'{x:g}' for x in scores)})" if len(scores) > 1 or self.show_raw else ""
+            self.echo(f"evaluation {n}/{self.max_evals}: {where}: objective {ev.objective:.6g}{raw}")
+        self.evals.append(ev)
+        self.by_params[p] = self.by_digest[digest] = ev
+        if self.incumbent.offer(ev):
+            if not ev.replayed:
+                self.keep(cand_dir, ev)
+        elif not ev.replayed:
+            shutil.rmtree(cand_dir, ignore_errors=True)
+        return ev
 
 
 def _write_reports(res: SearchResult, out: str, step, max_evals, max_factor, eval_cmds, dense, seed) -> None:

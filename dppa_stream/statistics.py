@@ -80,9 +80,9 @@ class Stat:
         """A finalized result as int64 values for the store (float64 values by their bits)."""
         raise NotImplementedError
 
-    def unpack(self, record: np.ndarray, reread=None):
-        """The result `pack` stored; `reread()` returns the record again (for results that load
-        lazily)."""
+    def unpack(self, record: np.ndarray, reread: tuple | None = None):
+        """The result `pack` stored; `reread` is (function, argument) that returns the record
+        again, for results that load lazily (a summary's histogram)."""
         raise NotImplementedError
 
     def result_bytes(self, numel: int) -> int:

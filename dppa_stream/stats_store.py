@@ -12,14 +12,13 @@ their bins only while they are being queried.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 
 import numpy as np
 
 from .errors import OutputError, printable
-from .output import fault_point
+from .durable import fault_point, fsync_tree
 from .statistics import Stat
 
 
@@ -30,22 +29,6 @@ def _digest(data: np.ndarray) -> str:
 def _damaged(path: str, e: Exception) -> OutputError:
     return OutputError(f"{path}: the statistics store is damaged ({printable(str(e) or type(e).__name__, 100)}); delete "
                        "this folder (the statistics are recomputed) or pass --overwrite to start over")
-
-
-def _fsync_tree(folder: str) -> None:
-    """Make a written round durable: its files, then its folders."""
-    for root, _, files in os.walk(folder):
-        for f in files:
-            fd = os.open(os.path.join(root, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 CHUNK = 1 << 20  # int64 values per zarr chunk (8 MiB): the unit of reading back
@@ -120,7 +103,7 @@ class StatsStore:
         where = self._where.get(f"{tensor}|{stat.key()}")
         if where is None:
             return None
-        return stat.unpack(self._read(where), functools.partial(self._read, where))
+        return stat.unpack(self._read(where), (self._read, where))  # a tuple: a partial costs more per summary
 
     def put(self, items: dict) -> None:
         """Save {(tensor, Stat): value} as one batch."""
@@ -137,9 +120,9 @@ class StatsStore:
         name = f"round-{self._saved:04d}"
         try:
             arr = self.group.create_array(name=name, data=data, chunks=(CHUNK,), overwrite=True)
-            _fsync_tree(os.path.join(self.path, name))
+            fsync_tree(os.path.join(self.path, name))
             arr.attrs.update({"index": index, "sha256": _digest(data)})  # the commit
-            _fsync_tree(os.path.join(self.path, name))
+            fsync_tree(os.path.join(self.path, name))
         except Exception as e:  # noqa: BLE001 - disk full, quota, I/O error: all exit 4
             reason = getattr(e, "strerror", None) or type(e).__name__
             raise OutputError(f"{self.path}: cannot save statistics ({reason}); free space, then rerun with "

@@ -138,19 +138,19 @@ def to_record(value: Summary) -> np.ndarray:
     return np.concatenate([[value.numel, len(bins), len(limbs)], limbs, bins, counts]).astype(np.int64)
 
 
-def from_record(a: np.ndarray, reread=None) -> Summary:
-    """The summary `to_record` packed. With `reread` (a function returning the record again) it
-    holds no histogram, only a way to load it when queried."""
+def from_record(a: np.ndarray, reread: tuple | None = None) -> Summary:
+    """The summary `to_record` packed. With `reread` ((function, argument) that returns the record
+    again) it holds no histogram, only a way to load it when queried."""
     numel, n, k = int(a[0]), int(a[1]), int(a[2])
     total = sum(int(limb) << (_LIMB * i) for i, limb in enumerate(a[3:3 + k]))
     at = 3 + k
     if reread is not None:
-        return Summary(numel, total=total, load=(_record_bins, reread, at, n))
+        return Summary(numel, total=total, load=(_record_bins, *reread, at, n))
     return Summary(numel, sparse=(a[at:at + n].astype(np.int32), a[at + n:at + 2 * n].copy()), total=total)
 
 
-def _record_bins(reread, at: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    rec = reread()
+def _record_bins(read, arg, at: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    rec = read(arg)
     return rec[at:at + n].astype(np.int32), rec[at + n:at + 2 * n]
 
 

@@ -69,9 +69,9 @@ def test_unit_is_recorded_only_after_the_shards_are_synced(tmp_path, monkeypatch
     partial = _partial(tmp_path, {"a": 1})
     open(os.path.join(partial, "model.safetensors"), "wb").close()
     events = []
-    real_sync, real_write = os.fdatasync, output._write_all
+    real_sync, real_write = os.fdatasync, output.write_all
     monkeypatch.setattr(os, "fdatasync", lambda fd: (events.append("sync"), real_sync(fd))[1])
-    monkeypatch.setattr(output, "_write_all", lambda fd, data: (events.append("record"), real_write(fd, data))[1])
+    monkeypatch.setattr(output, "write_all", lambda fd, data: (events.append("record"), real_write(fd, data))[1])
     with Manifest(partial, interval=3600) as m:
         m.record("a", 0)
         m.record("a", 1)
@@ -85,11 +85,10 @@ def test_background_batches_are_synced_before_they_are_recorded(tmp_path, monkey
     plan = {"a": 400}
     partial = _partial(tmp_path, plan)
     open(os.path.join(partial, "model.safetensors"), "wb").close()
-    monkeypatch.delenv("DPPA_STREAM_FAULT", raising=False)
     events = []
-    real_sync, real_write = os.fdatasync, output._write_all
+    real_sync, real_write = os.fdatasync, output.write_all
     monkeypatch.setattr(os, "fdatasync", lambda fd: (events.append("sync"), real_sync(fd))[1])
-    monkeypatch.setattr(output, "_write_all", lambda fd, data: (events.append(data), real_write(fd, data))[1])
+    monkeypatch.setattr(output, "write_all", lambda fd, data: (events.append(data), real_write(fd, data))[1])
     with Manifest(partial, interval=0) as m:
         for i in range(400):
             m.record("a", i)
@@ -105,7 +104,6 @@ def test_background_batches_are_synced_before_they_are_recorded(tmp_path, monkey
 
 def test_a_failed_background_batch_fails_the_run(tmp_path, monkeypatch):
     partial = _partial(tmp_path, {"a": 10})
-    monkeypatch.delenv("DPPA_STREAM_FAULT", raising=False)
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -18,6 +18,7 @@ from dppa_stream.config import parse_config
 from dppa_stream.errors import UsageError
 from dppa_stream.pipeline import MergeOptions, merge, plan_units, unit_needs
 
+from .crash_at import crash_run
 from .reference import reference_merge
 from .reference_dppa import dppa_merge
 
@@ -185,8 +186,7 @@ def test_resume_after_a_kill_in_the_middle_of_batched_work_units(moe, tmp_path):
     assert ref.returncode == 0, ref.stderr
     summary = json.loads((tmp_path / "ref.json").read_text())
     assert summary["tensors"] >= 5 * summary["units"], summary  # several tensors per work unit
-    env = dict(os.environ, DPPA_STREAM_FAULT="units:3")
-    killed = _cli("merge", cfg, tmp_path / "out", "-q", "--unit-size", "30KB", "--scheduler", "threads:1", env=env)
+    killed = crash_run("units:3", "merge", cfg, tmp_path / "out", "-q", "--unit-size", "30KB", "--scheduler", "threads:1")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     done = (tmp_path / "out.partial" / ".dppa-stream" / "done.txt").read_text().splitlines()
     assert len(done) == 3

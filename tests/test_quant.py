@@ -20,10 +20,11 @@ from dppa_stream.config import load_config
 from dppa_stream.errors import InputError
 from dppa_stream.pipeline import MergeOptions, merge
 
+from .crash_at import crash_run
 from .reference import load_model, reference_merge
 from .reference_dppa import dppa_merge
 from .reference_quant import dequant_fp8, dequant_mxfp4, loss, quant_fp8, quant_mxfp4, save_checkpoint
-from .test_hostile_cli import cli, one_line_error, run
+from .test_hostile_cli import one_line_error, run
 
 H, I, V = 48, 80, 37  # not multiples of the blocks used below
 
@@ -404,8 +405,7 @@ def test_resume_keeps_the_loss_report(tmp_path, sets):
     cfg = _cfg(tmp_path, "task_arithmetic", paths)
     code, _, _ = run("merge", cfg, tmp_path / "whole", "-q", "--json", tmp_path / "whole.json", "--unit-size", "1")
     assert code == 0
-    killed = cli("merge", cfg, tmp_path / "out", "-q", "--unit-size", "1", "--scheduler", "threads:1",
-                 env=dict(os.environ, DPPA_STREAM_FAULT="units:6"))
+    killed = crash_run("units:6", "merge", cfg, tmp_path / "out", "-q", "--unit-size", "1", "--scheduler", "threads:1")
     assert killed.returncode != 0 and (tmp_path / "out.partial").exists()
     code, lines, _ = run("merge", cfg, tmp_path / "out", "-q", "--resume", "--unit-size", "1", "--json",
                          tmp_path / "resumed.json")

@@ -13,6 +13,8 @@ import pytest
 
 from dppa_stream.synthetic import LlamaShape, write_llama_set
 
+from .crash_at import crash_run
+
 MID = LlamaShape(hidden=256, intermediate=688, layers=6, vocab=2048)
 
 
@@ -40,9 +42,7 @@ def _same_tree(a, b):
 def _merge_then_kill(cfg, out, fault: str) -> None:
     """Run a merge (200 KB units, one thread) that SIGKILLs itself at a chosen point (`fault`:
     "units:N" once N units are recorded, "stats:1" once pass-1 statistics are stored)."""
-    env = dict(os.environ, DPPA_STREAM_FAULT=fault)
-    proc = subprocess.run([sys.executable, "-m", "dppa_stream.cli.main", "merge", cfg, str(out), "-q",
-                           "--unit-size", "200KB", "--scheduler", "threads:1"], env=env, capture_output=True, timeout=600)
+    proc = crash_run(fault, "merge", cfg, out, "-q", "--unit-size", "200KB", "--scheduler", "threads:1")
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
 
 

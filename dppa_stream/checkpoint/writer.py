@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..durable import fsync_file, write_atomic
 from ..errors import OutputError
 from .format import DTYPE_SIZES, build_header
 from .reader import INDEX_NAME, SINGLE_NAME
@@ -97,15 +98,10 @@ class ShardLayout:
     def finish(self, folder: str) -> None:
         """Flush shards to disk and write the index."""
         for fname in self.files:
-            fd = os.open(os.path.join(folder, fname), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(os.path.join(folder, fname))
         idx = self.index()
         if idx is not None:
-            with open(os.path.join(folder, INDEX_NAME), "w") as f:
-                f.write(json.dumps(idx, indent=2, sort_keys=True) + "\n")
+            write_atomic(os.path.join(folder, INDEX_NAME), (json.dumps(idx, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _reserve(fd: int, size: int) -> None:

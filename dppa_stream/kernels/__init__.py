@@ -5,10 +5,28 @@ statistics, linear combinations. `delta`: the delta family's merge kernel (`gta`
 interface and its sparsifiers. `more`: exact products (Gram matrices), row-wise statistics and
 combinations, and the kernels of DELLA, SCE, RAM, nearswap and Arcee fusion. `formats`: decoding
 and encoding quantized storage (FP8 with scales, MXFP4) and the requantization loss.
+
+The names of all four are this package's, loaded on first use (PEP 562): the methods name
+kernels at import, and parsing a config (which imports the methods) must not import numba.
 """
 
-from .core import *  # noqa: F401,F403
-from .core import _F16_TO_F32  # noqa: F401
-from .delta import *  # noqa: F401,F403
-from .more import *  # noqa: F401,F403
-from .formats import *  # noqa: F401,F403
+from __future__ import annotations
+
+from .codes import *  # noqa: F401,F403 - the integer codes, without numba
+
+_MODULES = ("core", "delta", "more", "formats")  # later ones' names win, as their star imports did
+
+
+def __getattr__(name: str):
+    import importlib
+
+    g = globals()
+    for m in _MODULES:
+        mod = importlib.import_module(f".{m}", __name__)
+        g.update({k: v for k, v in vars(mod).items() if k in getattr(mod, "__all__", ()) or
+                  (not hasattr(mod, "__all__") and not k.startswith("_"))})
+    g["_F16_TO_F32"] = g["core"]._F16_TO_F32
+    g.pop("__getattr__", None)  # everything is loaded: plain attribute lookups from now on
+    if name not in g:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return g[name]

@@ -28,17 +28,12 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-BF16, F16, F32, F64 = 0, 1, 2, 3
-CODES = {"BF16": BF16, "F16": F16, "F32": F32, "F64": F64}
-CONTAINER = {"BF16": np.uint16, "F16": np.uint16, "F32": np.uint32, "F64": np.uint64}
+from .codes import BF16, CODES, CONTAINER, F16, F32, F64, TH_ALL, TH_GT, TH_NONE, TH_VALUE  # noqa: F401
+
 BLOCK = 4096
 
 HIST_BINS = 1 << 15
 _F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-
-# threshold kinds: compare |x| with the value and keep the ties in a window, keep all, keep none,
-# keep |x| > value
-TH_VALUE, TH_ALL, TH_NONE, TH_GT = 0, 1, 2, 3
 
 
 # --- bit casts (numba has no scalar reinterpretation; these compile to a single bitcast) -------

@@ -8,7 +8,8 @@ What it does to model k is one record, `models[k]` (fields `MODEL_FIELDS`), plus
 threshold levels, `levels[k]` (`LEVEL_FIELDS`); the combination is one record (`COMBINE_FIELDS`).
 The numpy structured dtypes are made from these declarations, the one place that lists each
 field, its type and its default, so planners fill fields by name and nothing is passed by position. A sparsifier is one small inline
-row function that thins `x[:m]` in place, one `SP_*` code and one line in `sparsify_row`.
+row function that thins `x[:m]` in place, one `SP_*` code (in `codes.py`, which needs no numba) and one line in
+`sparsify_row`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from numba import njit
 
 from .core import BLOCK, TH_ALL, TH_GT, TH_NONE, _deltas, keep_draw, narrow_block, tie_trim, widen_block
 
-# sparsifier codes (`MODEL.mode`)
-SP_NONE, SP_SHRINK, SP_BERNOULLI, SP_BANDS, SP_RANGE, SP_MASK = 0, 1, 2, 3, 4, 5
+from .codes import SP_BANDS, SP_BERNOULLI, SP_MASK, SP_NONE, SP_RANGE, SP_SHRINK  # noqa: F401 (sparsifier codes)
 
 # name, numpy type, default
 MODEL_FIELDS = (

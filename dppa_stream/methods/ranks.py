@@ -9,9 +9,8 @@ flat order: everything a threshold that keeps ties lowest flat index first needs
 
 A method declares its ranks (`Ranks.needs`) round after round until it can `resolve` them. TIES and
 magnitude pruning (`sparsify.py`), breadcrumbs' two boundaries, SCE's variance threshold
-(`selective.py`) and Arcee fusion's quartiles (`interp.py`) go through here. DPPA's exact semantics
-(`dppa.py`) still write the rounds out: its thresholds share one boundary statistic per tensor
-with its outlier counts, and `Ranks` would take them over in `_threshold_bins` and `_partition`.
+(`selective.py`), Arcee fusion's quartiles (`interp.py`) and DPA's nested thresholds (`dppa.py`)
+all go through here. (DPPA's outlier counts are counts above a value, not ranks: `count_gt_bits`.)
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Each says which statistics it needs given what is known (`needs`: a threshold's boundary-bin
 round comes once its histogram is known) and turns them into a `Sparse` decision for the pass-2
 kernel (`decide`). Exact thresholds come from bit-pattern histograms through `ranks.Ranks`, so
-they equal an in-memory sort whatever the chunking. Adding a sparsifier: its row function and
-`SP_*` code in `kernels/delta.py`, and its class here.
+they equal an in-memory sort whatever the chunking. Adding a sparsifier: its row function in
+`kernels/delta.py`, its `SP_*` code in `kernels/codes.py`, and its class here.
 """
 
 from __future__ import annotations
