@@ -126,7 +126,10 @@ def _not_an_input(cfg, *paths) -> None:
     """A report file (--json, --plot) must not overwrite an input or land inside a model folder."""
     from dppa_stream.checkpoint.reader import model_roots
 
+    from dppa_stream.lora import split_key
+
     models = ([cfg.base_model] if cfg.base_model else []) + [m.path for m in cfg.models]
+    models = [p for m in models for p in (split_key(m) or (m,))]  # BASE+ADAPTER: both folders
     for option, path in paths:
         if not path or path == "-":
             continue

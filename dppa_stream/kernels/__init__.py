@@ -12,3 +12,4 @@ from .core import _F16_TO_F32  # noqa: F401
 from .delta import *  # noqa: F401,F403
 from .more import *  # noqa: F401,F403
 from .formats import *  # noqa: F401,F403
+from .lora import *  # noqa: F401,F403
