@@ -11,9 +11,10 @@ adapter is byte-identical whatever the memory limit and the row blocks it implie
 `exact_below` (a fixed number, not the memory) picks the path. Each pass reads both models' rows
 once: 2 + 2·power_iters passes over a big tensor.
 
-Embeddings get LoRA embedding factors with `embeddings` (peft's layout: Δ = (B A)ᵀ), else they
-are saved whole (`modules_to_save`), as is any module named by `save_modules` and any changed
-tensor that is not a 2-D weight (norms, biases). What the rank keeps of each delta's energy
+As in mergekit-extract-lora, embeddings and the output head are saved whole (`modules_to_save`)
+unless `embeddings` (then embeddings get peft's LoRA embedding factors, Δ = (B A)ᵀ, and the head
+a plain LoRA), as is any module named by `save_modules` and any changed tensor that is not a 2-D
+weight (norms, biases; `skip_undecomposable` drops them). Unchanged tensors get nothing. What the rank keeps of each delta's energy
 (squared Frobenius norm) is reported per tensor and overall. The adapter is written into
 OUT.partial and renamed to OUT when complete.
 """
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InputError, OutputError, UsageError, short
+from .errors import InputError, OutputError, UsageError, printable, short
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -40,11 +41,12 @@ _EMBED = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings"
 
 @dataclass
 class ExtractOptions:
-    rank: int = 32  # the maximum rank of any module
-    sv_threshold: float = 0.0  # drop singular values below this fraction of the largest
+    rank: int = 128  # the maximum rank of any module (mergekit's --max-rank)
+    sv_epsilon: float = 0.0  # keep only singular values above this (mergekit's --sv-epsilon)
     energy: float | None = None  # the smallest rank that keeps this fraction of the delta's energy (capped at rank)
-    embeddings: bool = False  # LoRA on embeddings (else they are saved whole)
+    embeddings: bool = False  # LoRA on embeddings and the output head (else they are saved whole)
     save_modules: tuple[str, ...] = ()
+    skip_undecomposable: bool = False  # changed tensors that are not 2-D weights: dropped, not saved whole
     memory_limit: int | None = None
     exact_below: int = 1 << 22  # elements: exact SVD at or below, randomized above
     power_iters: int = 2
@@ -92,7 +94,7 @@ class ExtractResult:
             if t.kind == "unchanged":
                 continue
             kept = f"{100 * t.fraction:10.3f}%" if t.kind in ("lora", "embedding") else f"{'whole':>11s}"
-            rows.append(f"{short(t.name, 60):60s} {t.kind:9s} {t.rank:5d} {kept}")
+            rows.append(f"{printable(t.name, 60):60s} {t.kind:9s} {t.rank if t.rank else '-':>5} {kept}")
         n = sum(t.kind in ("lora", "embedding") for t in self.tensors)
         rows.append(f"overall: {100 * self.energy:.3f}% of the delta energy of {n} low-rank tensors kept; "
                     f"{sum(t.kind == 'saved' for t in self.tensors)} saved whole, "
@@ -145,8 +147,8 @@ def _seed(name: str, seed: int) -> int:
 
 def _pick_rank(s: np.ndarray, total: float, opts: ExtractOptions) -> int:
     r = min(opts.rank, int(np.count_nonzero(s > 0)))
-    if opts.sv_threshold > 0 and len(s):
-        r = min(r, int(np.count_nonzero(s > opts.sv_threshold * s[0])))
+    if opts.sv_epsilon > 0:
+        r = min(r, int(np.count_nonzero(s > opts.sv_epsilon)))
     if opts.energy is not None and total > 0:
         cum = np.cumsum(s.astype(np.float64) ** 2)
         r = min(r, int(np.searchsorted(cum, opts.energy * total * (1 - 1e-12))) + 1)
@@ -280,6 +282,7 @@ def open_model(text: str, what: str):
 
 def extract(finetuned: str, base: str, out: str, opts: ExtractOptions) -> ExtractResult:
     from .inputs import _check_same
+    from .tokenizer import is_vocab_tensor
     from .memory import default_budget
     from .output import fsync_dir, publish
     from .units import unit_budget
@@ -321,7 +324,10 @@ def extract(finetuned: str, base: str, out: str, opts: ExtractOptions) -> Extrac
             module, param = _module_of(name)
             two_d = len(fe.shape) == 2 and param == "weight"
             emb = two_d and _embedding(name)
-            whole = _saved(module, opts.save_modules) or not two_d or (emb and not opts.embeddings)
+            vocab = two_d and (emb or is_vocab_tensor(name))
+            if not two_d and opts.skip_undecomposable and not _saved(module, opts.save_modules):
+                continue
+            whole = _saved(module, opts.save_modules) or not two_d or (vocab and not opts.embeddings)
             rows = fe.rows
             cols = max(1, fe.row_numel)
             block = max(1, min(rows, budget // (cols * 24)))  # f32 rows of both + the float64 delta

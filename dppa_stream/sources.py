@@ -200,7 +200,7 @@ def _adapter_bytes(entry) -> int:
     f = getattr(entry, "factors", None)
     if f is None:
         return 0
-    return 4 + entry.itemsize + -(-f.nbytes // max(1, entry.numel))
+    return 4 + getattr(entry, "itemsize", 0) + -(-f.nbytes // max(1, entry.numel))
 
 
 def align(entries) -> int:
