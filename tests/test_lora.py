@@ -325,3 +325,43 @@ def test_extracting_from_base_plus_adapter_recovers_the_adapter(lset, tmp_path):
 def test_mismatched_models_are_refused(eset, lset, tmp_path):
     with pytest.raises(InputError):
         extract(lset["a1"], eset["base"], str(tmp_path / "x"), ExtractOptions())
+
+
+# --- mergekit 0.1.5 on the same YAML ----------------------------------------------------------------
+
+
+def _mergekit_python():
+    env = os.environ.get("MERGEKIT_VENV")
+    default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-mergekit")
+    venv = env or (default if os.path.isdir(default) else None)
+    return os.path.join(venv, "bin", "python") if venv else None
+
+
+@pytest.mark.skipif(_mergekit_python() is None, reason="mergekit 0.1.5 not available: set MERGEKIT_VENV")
+def test_mergekit_gives_the_same_tensors(lset, tmp_path):
+    """mergekit merges each adapter into a cached full model with peft, then merges; we never
+    write the adapted model, and get the same tensors (float32 rounding)."""
+    b = lset["base"]
+    configs = {
+        "linear": f"merge_method: linear\nmodels:\n  - model: {b}+{lset['a1']}\n    parameters: {{weight: 1.0}}\n"
+                  "dtype: float32\n",
+        "ties": f"merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {b}+{lset['a1']}\n"
+                "    parameters: {weight: 0.7, density: 0.5}\n"
+                f"  - model: {b}+{lset['rs']}\n    parameters: {{weight: 0.5, density: 0.4}}\ndtype: float32\n",
+    }
+    jobs = []
+    for name, text in configs.items():
+        (tmp_path / f"{name}.yml").write_text(text)
+        jobs.append({"config": str(tmp_path / f"{name}.yml"), "out": str(tmp_path / f"mk_{name}"), "seed": 0,
+                     "lora_merge_cache": str(tmp_path / "lora_cache")})
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    driver = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mergekit_driver.py")
+    proc = subprocess.run([_mergekit_python(), driver, str(tmp_path / "jobs.json"), str(tmp_path / "res.json")],
+                          capture_output=True, text=True, timeout=600)
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert proc.returncode == 0 and "broken" not in res, (proc.stderr[-2000:], res)
+    for name, text in configs.items():
+        job = next(j for j in res["jobs"] if j["out"].endswith("mk_" + name))
+        assert job["ok"], job["error"]
+        ours = _run(text, tmp_path / f"ours_{name}")
+        _close(ours, load_model(job["out"]), 2e-6)
