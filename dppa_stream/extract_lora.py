@@ -236,18 +236,18 @@ class _Writer:
         self.add_blocks(name, values.shape, [values], dtype)
 
     def add_blocks(self, name: str, shape: tuple, blocks, dtype: str | None = None) -> None:
-        """A tensor of `shape` from consecutive row blocks (float32 or float64 arrays), stored as `dtype`."""
-        import torch
-
-        from .checkpoint.format import DTYPES
+        """A tensor of `shape` from consecutive row blocks (float32 or float64 arrays), stored as
+        `dtype` (rounded to nearest even)."""
+        from . import kernels
 
         dtype = dtype or self.dtype
         start = self.at
         for values in blocks:
-            t = torch.from_numpy(np.ascontiguousarray(values)).to(DTYPES[dtype][0])
-            raw = t.contiguous().view(torch.uint8).numpy().tobytes()
-            self.data.write(raw)
-            self.at += len(raw)
+            x = np.ascontiguousarray(values, np.float32).reshape(-1)
+            bits = np.empty(x.size, kernels.CONTAINER[dtype])
+            kernels.narrow_block(x, x.size, bits, 0, kernels.CODES[dtype])
+            self.data.write(bits.tobytes())
+            self.at += bits.nbytes
         self.header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [start, self.at]}
 
     def finish(self) -> None:
