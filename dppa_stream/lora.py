@@ -262,8 +262,9 @@ def open_adapted(base: Checkpoint, folder: str) -> Checkpoint:
         if isinstance(w, (AdaptedEntry, AdaptedQuantized)):
             raise InputError(f"{where}: module {short(module)} is adapted twice")
         tensors[target] = adapted(w, Factors(left, left_t, right, right_t, float(scale), module, folder))
-    return Checkpoint(key(base.path, folder), tensors, base.folder, base.files + adapter.files,
-                      {**base.stamps, **adapter.stamps})
+    # the adapter's config counts as one of its files: a changed alpha changes a resumed run's identity
+    return Checkpoint(key(base.path, folder), tensors, base.folder,
+                      base.files + adapter.files + [os.path.join(folder, ADAPTER_CONFIG)], {**base.stamps, **adapter.stamps})
 
 
 # --- reading adapted rows -----------------------------------------------------------------------

@@ -365,3 +365,28 @@ def test_mergekit_gives_the_same_tensors(lset, tmp_path):
         assert job["ok"], job["error"]
         ours = _run(text, tmp_path / f"ours_{name}")
         _close(ours, load_model(job["out"]), 2e-6)
+
+
+# --- examples ------------------------------------------------------------------------------------------
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "lora")
+
+
+def test_the_examples_run(lset, eset, tmp_path):
+    import shutil
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "adapters").mkdir()
+    shutil.copytree(lset["base"], tmp_path / "models" / "base")
+    shutil.copytree(eset["ft"], tmp_path / "models" / "ft1")
+    shutil.copytree(lset["a1"], tmp_path / "adapters" / "math-lora")
+    shutil.copytree(lset["a2"], tmp_path / "adapters" / "code-lora")
+    text = open(os.path.join(EXAMPLES, "ties_adapters.yml")).read().replace("./", str(tmp_path) + "/")
+    merge(parse_config(text), str(tmp_path / "out"), MergeOptions(quiet=True))
+    assert os.path.isfile(tmp_path / "out" / "model.safetensors")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    res = subprocess.run(["sh", os.path.join(EXAMPLES, "extract.sh")], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert os.path.isfile(tmp_path / "adapters" / "ft1-lora" / "adapter_model.safetensors")
+    assert json.loads((tmp_path / "adapters" / "ft1-lora-energy.json").read_text())["energy_kept"] > 0.5
