@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -226,7 +226,7 @@ def open_adapted(base: Checkpoint, folder: str) -> Checkpoint:
         if tuple(e.shape) != tuple(w.shape):
             raise InputError(f"{where}: saved tensor {short(name)} has shape {list(e.shape)} but the base's "
                              f"{short(cand)} has {list(w.shape)}")
-        tensors[cand] = e
+        tensors[cand] = replace(e, name=cand)  # named as the tensor it stands for (vocabulary rules go by name)
     for module, parts in pairs.items():
         emb = "lora_embedding_A" in parts or "lora_embedding_B" in parts
         a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")

@@ -390,3 +390,30 @@ def test_the_examples_run(lset, eset, tmp_path):
     assert res.returncode == 0, res.stderr
     assert os.path.isfile(tmp_path / "adapters" / "ft1-lora" / "adapter_model.safetensors")
     assert json.loads((tmp_path / "adapters" / "ft1-lora-energy.json").read_text())["energy_kept"] > 0.5
+
+
+def test_a_merged_vocabulary_reads_embedding_rows_through_the_adapter(tmp_path):
+    """`tokenizer_source: union` remaps embedding rows: an adapted input's rows come with its delta."""
+    from transformers import AutoTokenizer
+
+    from .vocab_models import vocab_set
+
+    m = vocab_set(str(tmp_path / "v"), names=("base", "ft1"))
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(m["ft1"]),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "lm_head"]))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    ad = str(tmp_path / "ad")
+    model.save_pretrained(ad)
+    full = str(tmp_path / "full")
+    PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(m["ft1"]), ad).merge_and_unload().save_pretrained(full)
+    AutoTokenizer.from_pretrained(m["ft1"]).save_pretrained(full)
+    text = ("merge_method: task_arithmetic\nbase_model: {b}\nmodels:\n  - model: {f}\n    parameters: {{weight: 0.7}}\n"
+            "tokenizer_source: union\ndtype: float32\n")
+    got = _run(text.format(b=m["base"], f=f"{m['ft1']}+{ad}"), tmp_path / "a", unit_bytes=1 << 10)
+    want = _run(text.format(b=m["base"], f=full), tmp_path / "b")
+    assert got["model.embed_tokens.weight"].shape[0] > load_model(m["base"])["model.embed_tokens.weight"].shape[0]
+    _close(got, want, 1e-6)
