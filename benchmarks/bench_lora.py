@@ -142,14 +142,19 @@ def main() -> None:
     same = digests[0] == digests[1]  # the weights (the model card names the inputs)
     best = {k: min(v, key=lambda x: x["wall_s"]) for k, v in results.items()}
     print(f"\nshape {shape}, rank {args.rank}, {linear_params / 1e6:.1f} M params in adapted/decomposed tensors")
-    print(f"apply: adapter input / full input wall = {best['apply/adapter']['wall_s'] / best['apply/full']['wall_s']:.2f}x "
-          f"(outputs byte-identical: {same})")
-    print(f"ties:  adapter inputs / full inputs wall = {best['ties/adapters']['wall_s'] / best['ties/full']['wall_s']:.2f}x")
+    cpu = {k: min(x["cpu_s"] for x in v) for k, v in results.items()}
+
+    def ratio(a, b):
+        return f"wall {best[a]['wall_s'] / best[b]['wall_s']:.2f}x, CPU {cpu[a] / cpu[b]:.2f}x"
+
+    print(f"apply: adapter input / full input: {ratio('apply/adapter', 'apply/full')} (weights byte-identical: {same})")
+    print(f"ties:  adapter inputs / full inputs: {ratio('ties/adapters', 'ties/full')}")
     for k in ("extract/exact", "extract/randomized", "extract/mergekit"):
         if k in best:
-            print(f"{k:20s} {best[k]['wall_s']:7.2f} s = {1e9 * best[k]['wall_s'] / linear_params:8.1f} ns/param, "
+            print(f"{k:20s} wall {best[k]['wall_s']:7.2f} s = {1e9 * best[k]['wall_s'] / linear_params:7.1f} ns/param, "
+                  f"CPU {cpu[k]:7.2f} s = {1e9 * cpu[k] / linear_params:7.1f} ns/param, "
                   f"peak {best[k]['peak_anon_bytes'] / 2**20:.0f} MiB")
-    save_result("bench_lora.json", {"shape": shape.__dict__, "rank": args.rank, "params": linear_params,
+    save_result(f"bench_lora_h{shape.hidden}_l{shape.layers}.json", {"shape": shape.__dict__, "rank": args.rank, "params": linear_params,
                                     "runs": results, "apply_identical": same})
 
 
