@@ -354,6 +354,13 @@ def extract(finetuned: str, base: str, out: str, opts: ExtractOptions) -> Extrac
                 u, s, vt, total = _exact(fe, be, reader, block)
                 rep.method = "exact"
             else:
+                k = min(opts.rank + opts.oversample, rows, cols)
+                sketch = 8 * k * (3 * rows + 3 * cols)  # Y, Q, U = Q·Ub [rows, k]; Ω, Z, Vt [.., cols]
+                if sketch + 24 * cols > budget:
+                    raise UsageError(f"tensor {short(name)}: the randomized SVD at rank {k} needs "
+                                     f"{(sketch + 24 * cols) / 2**20:.0f} MiB, more than the {budget / 2**20:.0f} MiB "
+                                     "a task may use; raise --memory-limit or lower --rank")
+                block = max(1, min(block, (budget - sketch) // (cols * 24)))
                 u, s, vt, total = _randomized(fe, be, reader, block, opts.rank, opts)
                 rep.method = "randomized"
             if total == 0:

@@ -417,3 +417,19 @@ def test_a_merged_vocabulary_reads_embedding_rows_through_the_adapter(tmp_path):
     want = _run(text.format(b=m["base"], f=full), tmp_path / "b")
     assert got["model.embed_tokens.weight"].shape[0] > load_model(m["base"])["model.embed_tokens.weight"].shape[0]
     _close(got, want, 1e-6)
+
+
+def test_hub_ids_in_the_cache_name_a_base_and_its_adapter(lset, tmp_path, monkeypatch):
+    """`org/base+org/lora` as mergekit writes it: both found in the Hugging Face cache."""
+    from .test_hub import cache_model
+
+    cache = str(tmp_path / "hf-cache")
+    os.makedirs(cache)
+    monkeypatch.setenv("HF_HUB_CACHE", cache)
+    cache_model(cache, "org/base", lset["base"])
+    cache_model(cache, "org/lora", lset["a1"])
+    text = "merge_method: linear\nmodels:\n  - model: {m}\n    parameters: {{weight: 1.0}}\ndtype: float32\n"
+    got = _run(text.format(m="org/base+org/lora"), tmp_path / "a")
+    _close(got, _merged(lset["a1"]))
+    with pytest.raises(InputError, match="org/none.*neither a local adapter folder nor an adapter in the"):
+        parse_config(text.format(m="org/base+org/none"))
