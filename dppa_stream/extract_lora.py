@@ -380,6 +380,8 @@ def extract(finetuned: str, base: str, out: str, opts: ExtractOptions) -> Extrac
                 writer.add(f"{PREFIX}{module}.lora_B.weight", left)
             targets.append(module)
             ranks[module] = r
+        if not targets and not saved_modules:
+            raise InputError(f"{finetuned}: no tensor differs from {base}; there is no adapter to extract")
         writer.finish()
         top = max(ranks.values(), default=opts.rank)
         pattern = {m: r for m, r in ranks.items() if r != top}

@@ -322,9 +322,12 @@ def test_extracting_from_base_plus_adapter_recovers_the_adapter(lset, tmp_path):
     _close({k: got[k] for k in got}, _merged(lset["a1"]), 1e-5)
 
 
-def test_mismatched_models_are_refused(eset, lset, tmp_path):
-    with pytest.raises(InputError):
-        extract(lset["a1"], eset["base"], str(tmp_path / "x"), ExtractOptions())
+def test_mismatched_or_identical_models_are_refused(eset, lset, tmp_path):
+    with pytest.raises(InputError, match="tensor names differ"):
+        extract(lset["a1"] + "/adapter_model.safetensors", eset["base"], str(tmp_path / "x"), ExtractOptions())
+    with pytest.raises(InputError, match="no tensor differs"):
+        extract(eset["base"], eset["base"], str(tmp_path / "x"), ExtractOptions())
+    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "x.partial")
 
 
 # --- mergekit 0.1.5 on the same YAML ----------------------------------------------------------------
