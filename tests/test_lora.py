@@ -436,3 +436,30 @@ def test_hub_ids_in_the_cache_name_a_base_and_its_adapter(lset, tmp_path, monkey
     _close(got, _merged(lset["a1"]))
     with pytest.raises(InputError, match="org/none.*neither a local adapter folder nor an adapter in the"):
         parse_config(text.format(m="org/base+org/none"))
+
+
+def test_fan_in_fan_out_on_gpt2_conv1d(tmp_path):
+    """GPT-2 stores Conv1D weights [in, out]: peft's delta is (B A)ᵀ (fan_in_fan_out)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32))
+
+    base = str(tmp_path / "base")
+    gpt2().save_pretrained(base)
+    model = get_peft_model(gpt2(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                              fan_in_fan_out=True))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    ad = str(tmp_path / "ad")
+    model.save_pretrained(ad)
+    want = {k: v.detach().clone() for k, v in PeftModel.from_pretrained(gpt2(), ad).merge_and_unload().state_dict().items()}
+    got = _run(f"merge_method: linear\nmodels:\n  - model: {base}+{ad}\n    parameters: {{weight: 1.0}}\ndtype: float32\n",
+               tmp_path / "out")
+    name = "transformer.h.1.attn.c_attn.weight"
+    assert not torch.equal(want[name], load_model(base)[name])
+    _close({k: got[k] for k in got}, {k: want[k] for k in got})
