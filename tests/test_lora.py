@@ -463,3 +463,23 @@ def test_fan_in_fan_out_on_gpt2_conv1d(tmp_path):
     name = "transformer.h.1.attn.c_attn.weight"
     assert not torch.equal(want[name], load_model(base)[name])
     _close({k: got[k] for k in got}, {k: want[k] for k in got})
+
+
+def test_a_base_downloaded_with_download_takes_a_local_adapter(lset, tmp_path):
+    """`org/base+./adapter` with the base not in the cache: --download fetches the base, then the
+    adapter applies to it."""
+    from .fake_hub import FakeHub
+
+    cache = str(tmp_path / "hf-cache")
+    os.makedirs(cache)
+    text = f"merge_method: linear\nmodels:\n  - model: org/base+{lset['a1']}\n    parameters: {{weight: 1.0}}\ndtype: float32\n"
+    (tmp_path / "c.yml").write_text(text)
+    with FakeHub() as fake:
+        fake.add("org/base", lset["base"])
+        env = dict(os.environ, HF_ENDPOINT=fake.url, HF_HUB_CACHE=cache, HF_HUB_DISABLE_PROGRESS_BARS="1")
+        env.pop("HF_HUB_OFFLINE", None)
+        res = subprocess.run([sys.executable, "-m", "dppa_stream.cli.main", "merge", str(tmp_path / "c.yml"),
+                              str(tmp_path / "out"), "-q", "--download"], capture_output=True, text=True, timeout=300,
+                             env=env)
+    assert res.returncode == 0, res.stderr
+    _close(load_model(str(tmp_path / "out")), _merged(lset["a1"]))
