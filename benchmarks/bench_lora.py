@@ -18,6 +18,8 @@ side in one invocation, alternating, `--rounds` times:
 
     python benchmarks/bench_lora.py                      # hidden 512, 8 layers (~60 M params)
     python benchmarks/bench_lora.py --hidden 256 --layers 2 --rounds 1   # quick check
+    python benchmarks/bench_lora.py --hidden 1024 --intermediate 2816 --layers 16 --no-mergekit   # 0.25 B
+    python benchmarks/bench_lora.py ... --only extract/randomized,extract/mergekit --rounds 1
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--memory-limit", default="2GiB")
     ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--only", help="comma-separated run names to keep (e.g. extract/randomized,extract/mergekit)")
     args = ap.parse_args()
 
     shape = LlamaShape(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, vocab=args.vocab,
@@ -123,6 +126,8 @@ def main() -> None:
     if not args.no_mergekit and os.access(mk, os.X_OK):
         runs["extract/mergekit"] = [mk, "--model", ft, "--base-model", base, "--out-path", os.path.join(work, "ex_mk"),
                                     "--max-rank", str(args.rank)]
+    if args.only:
+        runs = {k: v for k, v in runs.items() if k in args.only.split(",")}
     results: dict[str, list] = {k: [] for k in runs}
     for r in range(args.rounds):
         for name, cmd in runs.items():
@@ -137,25 +142,30 @@ def main() -> None:
             results[name].append({"wall_s": m.wall_s, "cpu_s": m.cpu_s, "peak_anon_bytes": m.peak_anon_bytes})
             print(f"round {r + 1} {name:20s} wall {m.wall_s:7.2f} s  cpu {m.cpu_s:7.2f} s  "
                   f"peak {m.peak_anon_bytes / 2**20:7.0f} MiB", flush=True)
-    digests = [{k: v for k, v in folder_digest(os.path.join(work, o)).items() if k.endswith(".safetensors")}
-               for o in ("out_a", "out_b")]
-    same = digests[0] == digests[1]  # the weights (the model card names the inputs)
     best = {k: min(v, key=lambda x: x["wall_s"]) for k, v in results.items()}
-    print(f"\nshape {shape}, rank {args.rank}, {linear_params / 1e6:.1f} M params in adapted/decomposed tensors")
     cpu = {k: min(x["cpu_s"] for x in v) for k, v in results.items()}
+    print(f"\nshape {shape}, rank {args.rank}, {linear_params / 1e6:.1f} M params in adapted/decomposed tensors")
 
     def ratio(a, b):
         return f"wall {best[a]['wall_s'] / best[b]['wall_s']:.2f}x, CPU {cpu[a] / cpu[b]:.2f}x"
 
-    print(f"apply: adapter input / full input: {ratio('apply/adapter', 'apply/full')} (weights byte-identical: {same})")
-    print(f"ties:  adapter inputs / full inputs: {ratio('ties/adapters', 'ties/full')}")
+    same = None
+    if "apply/adapter" in best and "apply/full" in best:
+        digests = [{k: v for k, v in folder_digest(os.path.join(work, o)).items() if k.endswith(".safetensors")}
+                   for o in ("out_a", "out_b")]
+        same = digests[0] == digests[1]  # the weights (the model card names the inputs)
+        print(f"apply: adapter input / full input: {ratio('apply/adapter', 'apply/full')} (weights byte-identical: {same})")
+    if "ties/adapters" in best and "ties/full" in best:
+        print(f"ties:  adapter inputs / full inputs: {ratio('ties/adapters', 'ties/full')}")
     for k in ("extract/exact", "extract/randomized", "extract/mergekit"):
         if k in best:
             print(f"{k:20s} wall {best[k]['wall_s']:7.2f} s = {1e9 * best[k]['wall_s'] / linear_params:7.1f} ns/param, "
                   f"CPU {cpu[k]:7.2f} s = {1e9 * cpu[k] / linear_params:7.1f} ns/param, "
                   f"peak {best[k]['peak_anon_bytes'] / 2**20:.0f} MiB")
-    save_result(f"bench_lora_h{shape.hidden}_l{shape.layers}.json", {"shape": shape.__dict__, "rank": args.rank, "params": linear_params,
-                                    "runs": results, "apply_identical": same})
+    tag = "_" + args.only.replace("/", "-").replace(",", "_") if args.only else ""
+    save_result(f"bench_lora_h{shape.hidden}_l{shape.layers}{tag}.json",
+                {"shape": shape.__dict__, "rank": args.rank, "params": linear_params, "runs": results,
+                 "apply_identical": same})
 
 
 if __name__ == "__main__":
