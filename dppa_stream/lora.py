@@ -106,7 +106,9 @@ def _flat(e: TensorEntry, lo: int, hi: int) -> np.ndarray:
     raw = np.empty((hi - lo) * e.itemsize, np.uint8)
     read_range(e, lo, hi, raw)
     out = np.empty(hi - lo, np.float32)
-    kernels.widen_block(raw.view(kernels.CONTAINER[e.dtype]), kernels.CODES[e.dtype], 0, hi - lo, out)
+    bad = kernels.widen_block(raw.view(kernels.CONTAINER[e.dtype]), kernels.CODES[e.dtype], 0, hi - lo, out)
+    if bad:
+        raise InputError(f"{e.file}: LoRA factor {short(e.name)} has {bad} NaN/Inf values; the adapter is damaged")
     return out
 
 

@@ -483,3 +483,17 @@ def test_a_base_downloaded_with_download_takes_a_local_adapter(lset, tmp_path):
                              env=env)
     assert res.returncode == 0, res.stderr
     _close(load_model(str(tmp_path / "out")), _merged(lset["a1"]))
+
+
+def test_a_factor_with_nan_is_refused(lset, tmp_path):
+    def poison(sd):
+        k = next(k for k in sd if k.endswith("layers.0.self_attn.q_proj.lora_B.weight"))
+        sd[k] = sd[k].clone()
+        sd[k][3, 1] = float("nan")
+        return sd
+
+    folder = _broken(lset, tmp_path, "nan", None, poison)
+    text = f"merge_method: linear\nmodels:\n  - model: {lset['base']}+{folder}\n    parameters: {{weight: 1.0}}\n"
+    with pytest.raises(InputError, match="q_proj.lora_B.weight.*1 NaN/Inf"):
+        merge(parse_config(text), str(tmp_path / "out"), MergeOptions(quiet=True))
+    assert not os.path.exists(tmp_path / "out")
