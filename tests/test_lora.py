@@ -477,7 +477,8 @@ def test_a_base_downloaded_with_download_takes_a_local_adapter(lset, tmp_path):
     with FakeHub() as fake:
         fake.add("org/base", lset["base"])
         env = dict(os.environ, HF_ENDPOINT=fake.url, HF_HUB_CACHE=cache, HF_HUB_DISABLE_PROGRESS_BARS="1")
-        env.pop("HF_HUB_OFFLINE", None)
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # other test modules set them at import
+            env.pop(k, None)
         res = subprocess.run([sys.executable, "-m", "dppa_stream.cli.main", "merge", str(tmp_path / "c.yml"),
                               str(tmp_path / "out"), "-q", "--download"], capture_output=True, text=True, timeout=300,
                              env=env)
