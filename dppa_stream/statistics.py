@@ -35,6 +35,8 @@ class Stat:
            when deltas are float32 — bf16 deltas get them from the histogram for free);
            "bins": per unit, the low-16-bit counts of |delta| inside the top-16-bit bins `args`
            (resolves a threshold exactly and gives the ties before each unit);
+           "ranks": (unit, ((key, below, equal) per rank)) of |delta| at the 1-based ranks `args`,
+           for a tensor held whole in one unit (inline planning: both rounds above in one);
            "dare": exact Σ|delta| and Σ|delta * keep-mask| for the counter RNG `args = (key, limit)`;
            "della": the same for DELLA's rank-based mask, `args = (key, density, epsilon)`;
            "gram": exact pairwise dot products of the models' deltas (`args=("deltas",)`) or of
@@ -93,6 +95,13 @@ def compute(rows, stats: list[Stat], check_finite: bool) -> dict[Stat, object]:
             counts = _zeroed("bins", len(bins), 1 << 16)
             kernels.bin_counts(rows.src, code, st.model, rng[0], rng[1], st.bf16, bins, counts, bad)
             out[st] = {unit.index: [_take(c) for c in counts]}
+        elif st.kind == "ranks":
+            ranks = np.array(st.args, np.int64)
+            if ranks.size and not (ranks.min() >= 1 and ranks.max() <= rng[1] - rng[0]):
+                raise ValueError(f"ranks {st.args} outside 1..{rng[1] - rng[0]}")
+            found = np.zeros((len(ranks), 3), np.int64)
+            kernels.exact_ranks(rows.src, code, st.model, rng[0], rng[1], st.bf16, ranks, found, bad)
+            out[st] = (unit.index, tuple(tuple(int(x) for x in f) for f in found))
         elif st.kind == "dare":
             full, kept = np.zeros(256, np.int64), np.zeros(256, np.int64)
             key, limit = st.args
@@ -271,8 +280,9 @@ def check_nonfinite(rows, bad: np.ndarray) -> None:
 class Results:
     """Statistics gathered so far, by (tensor, Stat)."""
 
-    def __init__(self):
+    def __init__(self, whole: bool = False):
         self.values: dict[tuple[str, Stat], object] = {}
+        self.whole = whole  # every tensor is held whole in the rows at hand (`inline`)
 
     def __contains__(self, key) -> bool:
         return key in self.values
@@ -300,11 +310,15 @@ class TensorResults:
     def __contains__(self, stat: Stat) -> bool:
         return (self.tensor, stat) in self.results.values
 
+    @property
+    def whole(self) -> bool:
+        return self.results.whole
+
 
 def drive(method, catalogue, tensors: list[str], compute_fn):
     """Gather every statistic `method` asks for on `tensors` (rounds until it asks for nothing
     new), then return its plan. `compute_fn({tensor: [Stat]}) -> {(tensor, Stat): result}`."""
-    got = Results()
+    got = Results(getattr(compute_fn, "whole", False))
     while True:
         wanted = method.statistics(catalogue, tensors, got)
         missing = {t: [s for s in dict.fromkeys(ss) if (t, s) not in got] for t, ss in wanted.items()}
@@ -324,6 +338,7 @@ def inline(rows, check_finite: bool):
                 out[(t, st)] = finalize(st, partial)
         return out
 
+    compute_fn.whole = True
     return compute_fn
 
 

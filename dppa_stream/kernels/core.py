@@ -277,6 +277,36 @@ def bin_counts(src, code, model, lo, hi, bf16_delta, bins, counts, bad):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
+def exact_ranks(src, code, model, lo, hi, bf16_delta, ranks, out, bad):
+    """The keys of |delta| over [lo, hi) (float32 bits, as `abs_summaries` bins them) at each
+    1-based ascending rank ranks[i]: out[i] = (key, keys below it, keys equal to it). What the
+    two histogram rounds of `methods/ranks.py` find, in one pass and a selection per rank, for a
+    tensor held whole in one unit: a 32k-bin histogram costs more than a small tensor's elements."""
+    n = hi - lo
+    keys = np.empty(n, np.uint32)
+    b = np.empty(BLOCK, np.float32)
+    d = np.empty(BLOCK, np.float32)
+    for s in range(lo, hi, BLOCK):
+        m = min(BLOCK, hi - s)
+        bad[0] += widen_block(src[0], code, s, m, b)
+        bad[model + 1] += _deltas(src, code, model + 1, s, m, b, d, bf16_delta)
+        for j in range(m):
+            keys[s - lo + j] = bits_of_f32(d[j]) & np.uint32(0x7FFFFFFF)
+    for i in range(ranks.shape[0]):
+        v = np.partition(keys, ranks[i] - 1)[ranks[i] - 1]
+        below = 0
+        equal = 0
+        for j in range(n):
+            if keys[j] < v:
+                below += 1
+            elif keys[j] == v:
+                equal += 1
+        out[i, 0] = v
+        out[i, 1] = below
+        out[i, 2] = equal
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
 def dare_sums(src, code, model, lo, hi, flat0, key, limit, full, kept, bad):
     """Exact per-exponent significand sums of |delta| and of |delta * keep-mask| (DARE's L1
     rescale); flat0 is the tensor-wide index of element lo."""
