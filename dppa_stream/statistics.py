@@ -190,8 +190,9 @@ def exact_integers(words: np.ndarray) -> list[int]:
     out = []
     for high, low in zip(words[0], words[1]):
         total = 0
-        for e in np.flatnonzero(high | low):
-            total += ((int(high[e]) << 30) + int(low[e])) << int(e)
+        nz = np.flatnonzero(high | low)
+        for e, h, lo in zip(nz.tolist(), high[nz].tolist(), low[nz].tolist()):  # Python ints: exact
+            total += ((h << 30) + lo) << e
         out.append(total)
     return out
 
