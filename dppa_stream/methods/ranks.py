@@ -72,7 +72,8 @@ class Ranks:
         two histograms, the same answer."""
         if not getattr(got, "whole", False) or self.hist.kind != "abs" or self.bins_kind != "bins" or callable(ranks):
             return None
-        return dataclasses.replace(self.hist, kind="ranks", args=tuple(sorted(set(ranks))))
+        h = self.hist
+        return Stat("ranks", h.model, h.span, h.bf16, tuple(sorted(set(ranks))))
 
     def needs(self, got, ranks: RankSpec) -> list[Stat]:
         """The statistic still missing to resolve `ranks`: round 1, round 2, or none."""
