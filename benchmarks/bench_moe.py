@@ -22,6 +22,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import sys
 import time
 
@@ -99,6 +100,32 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def against(args, work: str) -> int:
+    """Each method on the unfused set by two versions of the code, alternating, `--rounds` times."""
+    versions = {v: common.snapshot(v) for v in (args.snapshot or "HEAD", args.against)}
+    paths = moe_dataset(MoeShape(fused=False), 2)
+    result = {"code": common.code_version(), "versions": versions, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "limit": args.limit, "scheduler": args.scheduler, "rows": []}
+    for name in args.methods.split(","):
+        for r in range(args.rounds):
+            for v, snap in versions.items():
+                row = run_one(name, paths, work, args, common.ours_env(snap), args.scheduler, "unfused", args.limit)
+                row.update(version=v, sha=snap["sha"], round=r)
+                result["rows"].append(row)
+        save(f"{args.name}.json", result)
+    print("\n| method | " + " | ".join(f"CPU s at {v} (runs)" for v in versions) + " | CPU ratio (medians) |")
+    print("|---|" + "---|" * len(versions) + "---|")
+    for name in args.methods.split(","):
+        cpu = {v: sorted(r["cpu_s"] for r in result["rows"] if r["method"] == name and r["version"] == v and not r["rc"])
+               for v in versions}
+        med = {v: statistics.median(c) if c else float("nan") for v, c in cpu.items()}
+        a, b = versions
+        print(f"| {name} | " + " | ".join(", ".join(f"{x:.1f}" for x in cpu[v]) for v in versions)
+              + f" | {med[a] / med[b]:.2f}× |")
+    print(f"results in benchmarks/results/{args.name}.json")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default=",".join(FAMILIES))
@@ -113,10 +140,16 @@ def main() -> int:
     ap.add_argument("--snapshot", default=None, metavar="REV", help="run dppa_stream exported at git REV")
     ap.add_argument("--extra", default="", help="extra dppa-stream merge arguments, one string")
     ap.add_argument("--name", default="bench_moe")
+    ap.add_argument("--against", metavar="REV", help="instead: the unfused set, each method run alternately by "
+                    "the code at --snapshot (default HEAD) and at REV, --rounds times (a loaded machine moves CPU "
+                    "times by 2x between runs minutes apart; side by side they see the same load)")
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     args.extra = shlex.split(args.extra)
     work = os.path.join(DATA_DIR, "bench_moe")
     os.makedirs(work, exist_ok=True)
+    if args.against:
+        return against(args, work)
     snap = common.snapshot(args.snapshot) if args.snapshot else None
     env = common.ours_env(snap)
     layouts = {"unfused": MoeShape(fused=False), "fused": MoeShape(fused=True),
