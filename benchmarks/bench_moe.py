@@ -13,6 +13,8 @@ tensor count; `--cluster` adds rows on a local `dask.distributed` cluster (`proc
     python benchmarks/bench_moe.py                                  # every family, ~30 min on 2 cores
     python benchmarks/bench_moe.py --methods ties,dppa --no-scale   # quicker
     python benchmarks/bench_moe.py --snapshot HEAD                  # pin the code while the tree changes
+    python benchmarks/bench_moe.py --methods ties,dppa --layouts as-shipped --no-scale   # the FP8 release: 91,991 tensors
+    python benchmarks/bench_moe.py --against REV --methods ties --rounds 2   # this code and REV's, alternating
 """
 
 from __future__ import annotations

@@ -14,11 +14,19 @@ shards as the real one (163).
 fused tensor holds exactly the values of `mlp.experts.e.<name>` of the unfused set, so the two
 layouts differ in nothing but the tensor count (1,025 tensors).
 
+`--as-shipped` writes the FP8 release's layout instead: the multi-token-prediction layer it ships
+as layer 61 (its own embedding, `enorm`, `hnorm`, `eh_proj`, shared head and norm, then an MoE
+layer), every attention and MLP projection as F8_E4M3 codes with a float32 `weight_scale_inv` per
+128 x 128 block (one block per matrix at these widths), the router, embeddings, heads, `eh_proj`
+and norms bf16: 45,808 FP8 weights + their 45,808 scales + 375 others = 91,991 tensors, the count
+of the release's index (unfused only; the merge sees each weight and its scale as one tensor).
+
 Values as `fastgen.py` makes them (base N(0, 0.02), norms 1 + N(0, 0.05), fine-tune = base +
 depth-scaled Student-t delta with ~5 % zeros, windows of fixed pools at hashed offsets), keyed by
 the unfused name. Sets are cached under benchmarks/data/ by a name holding every parameter.
 
     python benchmarks/moegen.py                 # base + 2 fine-tunes, unfused and fused; prints paths
+    python benchmarks/moegen.py --as-shipped    # the FP8 release's 91,991 tensors (~110 MB per model, ~90 s)
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import numpy as np
 from . import kernels, summaries
 from .errors import InputError
 from .summaries import Summary
+from .units import scratch
 
 log = logging.getLogger("dppa_stream")
 
@@ -36,7 +37,7 @@ class Stat:
            "bins": per unit, the low-16-bit counts of |delta| inside the top-16-bit bins `args`
            (resolves a threshold exactly and gives the ties before each unit);
            "ranks": (unit, ((key, below, equal) per rank)) of |delta| at the 1-based ranks `args`,
-           for a tensor held whole in one unit (inline planning: both rounds above in one);
+           for a small tensor held whole in one unit (`inline`: both rounds above in one);
            "dare": exact Σ|delta| and Σ|delta * keep-mask| for the counter RNG `args = (key, limit)`;
            "della": the same for DELLA's rank-based mask, `args = (key, density, epsilon)`;
            "gram": exact pairwise dot products of the models' deltas (`args=("deltas",)`) or of
@@ -100,7 +101,9 @@ def compute(rows, stats: list[Stat], check_finite: bool) -> dict[Stat, object]:
             if ranks.size and not (ranks.min() >= 1 and ranks.max() <= rng[1] - rng[0]):
                 raise ValueError(f"ranks {st.args} outside 1..{rng[1] - rng[0]}")
             found = np.zeros((len(ranks), 3), np.int64)
-            kernels.exact_ranks(rows.src, code, st.model, rng[0], rng[1], st.bf16, ranks, found, bad)
+            keys = scratch("keys", 8 * (rng[1] - rng[0])).view(np.int64)  # this thread's (`direct_ranks`: small)
+            kernels.exact_ranks(rows.src, code, st.model, rng[0], rng[1], st.bf16, ranks, found, keys,
+                                scratch("digits", 8 << 11).view(np.int64), bad)
             out[st] = (unit.index, tuple(tuple(int(x) for x in f) for f in found))
         elif st.kind == "dare":
             full, kept = np.zeros(256, np.int64), np.zeros(256, np.int64)
@@ -281,9 +284,9 @@ def check_nonfinite(rows, bad: np.ndarray) -> None:
 class Results:
     """Statistics gathered so far, by (tensor, Stat)."""
 
-    def __init__(self, whole: bool = False):
+    def __init__(self, direct_ranks: bool = False):
         self.values: dict[tuple[str, Stat], object] = {}
-        self.whole = whole  # every tensor is held whole in the rows at hand (`inline`)
+        self.direct_ranks = direct_ranks  # ranks may be selected from the rows at hand (`inline`)
 
     def __contains__(self, key) -> bool:
         return key in self.values
@@ -312,14 +315,14 @@ class TensorResults:
         return (self.tensor, stat) in self.results.values
 
     @property
-    def whole(self) -> bool:
-        return self.results.whole
+    def direct_ranks(self) -> bool:
+        return self.results.direct_ranks
 
 
 def drive(method, catalogue, tensors: list[str], compute_fn):
     """Gather every statistic `method` asks for on `tensors` (rounds until it asks for nothing
     new), then return its plan. `compute_fn({tensor: [Stat]}) -> {(tensor, Stat): result}`."""
-    got = Results(getattr(compute_fn, "whole", False))
+    got = Results(getattr(compute_fn, "direct_ranks", False))
     while True:
         wanted = method.statistics(catalogue, tensors, got)
         missing = {t: [s for s in dict.fromkeys(ss) if (t, s) not in got] for t, ss in wanted.items()}
@@ -327,6 +330,9 @@ def drive(method, catalogue, tensors: list[str], compute_fn):
         if not missing:
             return method.plan(catalogue, tensors, got)
         got.update(compute_fn(missing))
+
+
+DIRECT_RANKS_MAX = 1 << 16  # elements of a tensor whose exact ranks `inline` selects directly ("ranks")
 
 
 def inline(rows, check_finite: bool):
@@ -339,7 +345,9 @@ def inline(rows, check_finite: bool):
                 out[(t, st)] = finalize(st, partial)
         return out
 
-    compute_fn.whole = True
+    # a small tensor's ranks are selected from its keys (one pass, scratch of 8 bytes per element),
+    # a larger one's found from histograms (fixed memory; their cost vanishes next to its elements)
+    compute_fn.direct_ranks = rows.inp.unit.numel <= DIRECT_RANKS_MAX
     return compute_fn
 
 

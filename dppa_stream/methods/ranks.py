@@ -67,10 +67,10 @@ class Ranks:
         return got[self.hist] if self.hist in got else None
 
     def _exact(self, got, ranks: RankSpec) -> Stat | None:
-        """Both rounds as one statistic ("ranks"), when the tensor is held whole in the rows at
-        hand (`statistics.inline`) and the keys are |delta|: one selection per rank instead of
+        """Both rounds as one statistic ("ranks"), when a small tensor is held whole in the rows
+        at hand (`statistics.inline`) and the keys are |delta|: one selection per rank instead of
         two histograms, the same answer."""
-        if not getattr(got, "whole", False) or self.hist.kind != "abs" or self.bins_kind != "bins" or callable(ranks):
+        if not getattr(got, "direct_ranks", False) or self.hist.kind != "abs" or self.bins_kind != "bins" or callable(ranks):
             return None
         h = self.hist
         return Stat("ranks", h.model, h.span, h.bf16, tuple(sorted(set(ranks))))
