@@ -13,6 +13,8 @@ tensor count; `--cluster` adds rows on a local `dask.distributed` cluster (`proc
     python benchmarks/bench_moe.py                                  # every family, ~30 min on 2 cores
     python benchmarks/bench_moe.py --methods ties,dppa --no-scale   # quicker
     python benchmarks/bench_moe.py --snapshot HEAD                  # pin the code while the tree changes
+    python benchmarks/bench_moe.py --methods ties,dppa --layouts as-shipped --no-scale   # the FP8 release: 91,991 tensors
+    python benchmarks/bench_moe.py --against REV --methods ties --rounds 2   # this code and REV's, alternating
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import sys
 import time
 
@@ -60,13 +63,19 @@ def run_one(name: str, paths: list[str], work: str, args, env, scheduler: str, t
     shutil.rmtree(out, ignore_errors=True)
     row = {"method": name, "layout": tag, "scheduler": scheduler, "limit": limit, "rc": m.rc, "wall_s": m.wall_s, "cpu_s": m.cpu_s,
            "peak_anon_bytes": m.peak_anon_bytes, "tensors": rep.get("tensors"), "work_units": rep.get("units"),
-           "bytes_read": rep.get("bytes_read"), "self_report": rep,
+           "bytes_read": rep.get("bytes_read"), "stored_tensors": _stored(paths[0]), "self_report": rep,
            "command": " ".join(shlex.quote(c) for c in ["dppa-stream", "merge", cfg, "OUT", "--json", "R.json"] + extra)}
     if m.rc:
         row["stderr"] = m.stderr_tail
     print(f"  {name:16s} {tag:8s} {scheduler:12s} rc={m.rc} wall {m.wall_s:6.1f}s cpu {m.cpu_s:6.1f}s "
           f"peak {fmt_mib(m.peak_anon_bytes):>5} MiB  units {rep.get('units')}", flush=True)
     return row
+
+
+def _stored(folder: str) -> int:
+    """Tensors stored in a model's shards (an FP8 weight and its scale count two; the merge counts one)."""
+    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+        return len(json.load(f)["weight_map"])
 
 
 def save(name: str, result: dict) -> None:
@@ -82,7 +91,8 @@ def table(result: dict) -> str:
         if r["rc"]:
             continue
         n = r["tensors"]
-        lines.append(f"| {r['method']} | {r['layout']} | {r['scheduler']}, {r['limit']} | {n} | {r['work_units']} | "
+        stored = f" ({r['stored_tensors']:,} stored)" if r.get("stored_tensors", n) != n else ""
+        lines.append(f"| {r['method']} | {r['layout']} | {r['scheduler']}, {r['limit']} | {n:,}{stored} | {r['work_units']} | "
                      f"{r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
                      f"{fmt_mib(r['peak_anon_bytes'])} | {n / r['wall_s']:.0f} | {r['cpu_s'] / n * 1e6:.0f} | "
                      f"{r['wall_s'] / floor:.2f}× |")
@@ -92,10 +102,37 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def against(args, work: str) -> int:
+    """Each method on the unfused set by two versions of the code, alternating, `--rounds` times."""
+    versions = {v: common.snapshot(v) for v in (args.snapshot or "HEAD", args.against)}
+    paths = moe_dataset(MoeShape(fused=False), 2)
+    result = {"code": common.code_version(), "versions": versions, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "limit": args.limit, "scheduler": args.scheduler, "rows": []}
+    for name in args.methods.split(","):
+        for r in range(args.rounds):
+            for v, snap in versions.items():
+                row = run_one(name, paths, work, args, common.ours_env(snap), args.scheduler, "unfused", args.limit)
+                row.update(version=v, sha=snap["sha"], round=r)
+                result["rows"].append(row)
+        save(f"{args.name}.json", result)
+    print("\n| method | " + " | ".join(f"CPU s at {v} (runs)" for v in versions) + " | CPU ratio (medians) |")
+    print("|---|" + "---|" * len(versions) + "---|")
+    for name in args.methods.split(","):
+        cpu = {v: sorted(r["cpu_s"] for r in result["rows"] if r["method"] == name and r["version"] == v and not r["rc"])
+               for v in versions}
+        med = {v: statistics.median(c) if c else float("nan") for v, c in cpu.items()}
+        a, b = versions
+        print(f"| {name} | " + " | ".join(", ".join(f"{x:.1f}" for x in cpu[v]) for v in versions)
+              + f" | {med[a] / med[b]:.2f}× |")
+    print(f"results in benchmarks/results/{args.name}.json")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default=",".join(FAMILIES))
-    ap.add_argument("--layouts", default="unfused,fused")
+    ap.add_argument("--layouts", default="unfused,fused", help="of unfused, fused, as-shipped (the FP8 release: "
+                    "FP8 projections with their scales and the MTP layer, 91,991 tensors)")
     ap.add_argument("--limit", default="1GiB")
     ap.add_argument("--scheduler", default="threads:2")
     ap.add_argument("--no-scale", action="store_true", help="skip the 512-expert (~90k tensors) set")
@@ -105,13 +142,20 @@ def main() -> int:
     ap.add_argument("--snapshot", default=None, metavar="REV", help="run dppa_stream exported at git REV")
     ap.add_argument("--extra", default="", help="extra dppa-stream merge arguments, one string")
     ap.add_argument("--name", default="bench_moe")
+    ap.add_argument("--against", metavar="REV", help="instead: the unfused set, each method run alternately by "
+                    "the code at --snapshot (default HEAD) and at REV, --rounds times (a loaded machine moves CPU "
+                    "times by 2x between runs minutes apart; side by side they see the same load)")
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     args.extra = shlex.split(args.extra)
     work = os.path.join(DATA_DIR, "bench_moe")
     os.makedirs(work, exist_ok=True)
+    if args.against:
+        return against(args, work)
     snap = common.snapshot(args.snapshot) if args.snapshot else None
     env = common.ours_env(snap)
-    layouts = {"unfused": MoeShape(fused=False), "fused": MoeShape(fused=True)}
+    layouts = {"unfused": MoeShape(fused=False), "fused": MoeShape(fused=True),
+               "as-shipped": MoeShape(mtp=True, fp8=True)}  # the FP8 release's 91,991 tensors
     sets = {tag: moe_dataset(layouts[tag], 2) for tag in args.layouts.split(",")}
     first = next(iter(sets.values()))
     out_bytes = input_bytes(first[:1])

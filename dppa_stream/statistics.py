@@ -24,6 +24,7 @@ import numpy as np
 from . import kernels, summaries
 from .errors import InputError
 from .summaries import Summary
+from .units import scratch
 
 log = logging.getLogger("dppa_stream")
 
@@ -200,6 +201,45 @@ class Bins(PerUnitBins):
     def count(self, rows, code, lo, hi, bins, counts, bad):
         kernels.bin_counts(rows.src, code, self.model, lo, hi, self.bf16, bins, counts, bad)
 
+
+
+class ExactRanks(Stat):
+    """Both rounds of `methods.ranks.Ranks` in one, for a small tensor held whole in the unit at
+    hand (`inline`, `direct_ranks`): the keys |delta| at the 1-based ranks `args`, selected from
+    the keys themselves in one pass instead of two histograms; the same answer.
+    Result: (unit index, ((key bits, below, equal) per rank))."""
+
+    __slots__ = ()
+    name = "ranks"
+
+    def compute(self, rows, code, lo, hi, bad):
+        ranks = np.array(self.args, np.int64)
+        if ranks.size and not (ranks.min() >= 1 and ranks.max() <= hi - lo):
+            raise ValueError(f"ranks {self.args} outside 1..{hi - lo}")
+        found = np.zeros((len(ranks), 3), np.int64)
+        keys = scratch("keys", 8 * (hi - lo)).view(np.int64)  # this thread's (`direct_ranks`: small)
+        kernels.exact_ranks(rows.src, code, self.model, lo, hi, self.bf16, ranks, found, keys,
+                            scratch("digits", 8 << 11).view(np.int64), bad)
+        return (rows.inp.unit.index, tuple(tuple(int(x) for x in f) for f in found))
+
+    def empty(self):
+        return None
+
+    def combine(self, a, b):
+        if a is not None and b is not None:
+            raise ValueError("exact ranks come from the one unit holding the whole tensor")
+        return b if a is None else a
+
+    def pack(self, value):
+        unit, found = value
+        return np.array([unit, len(found), *(x for f in found for x in f)], np.int64)
+
+    def unpack(self, record, reread=None):
+        n = int(record[1])
+        return (int(record[0]), tuple(tuple(int(x) for x in record[2 + 3 * i:5 + 3 * i]) for i in range(n)))
+
+    def result_bytes(self, numel):
+        return 256 + 8 * numel  # the keys, on this thread's scratch
 
 # --- exact sums -----------------------------------------------------------------------------------
 
@@ -478,8 +518,9 @@ def exact_integers(words: np.ndarray) -> list[int]:
     out = []
     for high, low in zip(words[0], words[1]):
         total = 0
-        for e in np.flatnonzero(high | low):
-            total += ((int(high[e]) << 30) + int(low[e])) << int(e)
+        nz = np.flatnonzero(high | low)
+        for e, h, lo in zip(nz.tolist(), high[nz].tolist(), low[nz].tolist()):  # Python ints: exact
+            total += ((h << 30) + lo) << e
         out.append(total)
     return out
 
@@ -526,8 +567,9 @@ def check_nonfinite(rows, bad: np.ndarray) -> None:
 class Results:
     """Statistics gathered so far, by (tensor, Stat)."""
 
-    def __init__(self):
+    def __init__(self, direct_ranks: bool = False):
         self.values: dict[tuple[str, Stat], object] = {}
+        self.direct_ranks = direct_ranks  # ranks may be selected from the rows at hand (`inline`)
 
     def __contains__(self, key) -> bool:
         return key in self.values
@@ -555,11 +597,15 @@ class TensorResults:
     def __contains__(self, stat: Stat) -> bool:
         return (self.tensor, stat) in self.results.values
 
+    @property
+    def direct_ranks(self) -> bool:
+        return self.results.direct_ranks
+
 
 def drive(method, catalogue, tensors: list[str], compute_fn):
     """Gather every statistic `method` asks for on `tensors` (rounds until it asks for nothing
     new), then return its plan. `compute_fn({tensor: [Stat]}) -> {(tensor, Stat): result}`."""
-    got = Results()
+    got = Results(getattr(compute_fn, "direct_ranks", False))
     while True:
         wanted = method.statistics(catalogue, tensors, got)
         missing = {t: [s for s in dict.fromkeys(ss) if (t, s) not in got] for t, ss in wanted.items()}
@@ -567,6 +613,9 @@ def drive(method, catalogue, tensors: list[str], compute_fn):
         if not missing:
             return method.plan(catalogue, tensors, got)
         got.update(compute_fn(missing))
+
+
+DIRECT_RANKS_MAX = 1 << 16  # elements of a tensor whose exact ranks `inline` selects directly ("ranks")
 
 
 def inline(rows, check_finite: bool):
@@ -579,6 +628,9 @@ def inline(rows, check_finite: bool):
                 out[(t, st)] = st.finalize(partial)
         return out
 
+    # a small tensor's ranks are selected from its keys (one pass, scratch of 8 bytes per element),
+    # a larger one's found from histograms (fixed memory; their cost vanishes next to its elements)
+    compute_fn.direct_ranks = rows.inp.unit.numel <= DIRECT_RANKS_MAX
     return compute_fn
 
 

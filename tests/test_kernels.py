@@ -133,6 +133,29 @@ def test_abs_summaries_and_bin_counts(name):
 
 
 @pytest.mark.parametrize("name", list(DTYPES))
+@pytest.mark.parametrize("bf16_delta", [False, True])
+def test_exact_ranks_equal_a_sort(name, bf16_delta):
+    """The one-unit shortcut of the two histogram rounds: key, keys below and ties at each rank,
+    against a stable sort of the same keys (ties, zeros of both signs, NaN/Inf included)."""
+    # (NaN payloads after bf16 rounding are the kernel's own: non-finite inputs only without it)
+    (base, ft1, ft2), src = inputs(5_003, DTYPES[name], (8, 9, 10), nonfinite_from=None if bf16_delta else 1)
+    n = base.numel()
+    for i, ft in enumerate((ft1, ft2)):
+        d = ft.float() - base.float()
+        if bf16_delta:
+            d = d.to(torch.bfloat16).float()
+        for lo, hi in ((0, n), (7, 3001)):
+            part = np.sort(ref.f32_bits(d[lo:hi].abs()).numpy())
+            ranks = np.array(sorted({1, 2, hi - lo, (hi - lo) // 2, (hi - lo) * 9 // 10}), np.int64)
+            out, bad = np.zeros((len(ranks), 3), np.int64), np.zeros(3, np.int64)
+            keys, counts = np.full(hi - lo + 3, -1, np.int64), np.full(1 << 11, 7, np.int64)  # stale scratch
+            kn.exact_ranks(src, kn.CODES[name], i, lo, hi, bf16_delta, ranks, out, keys, counts, bad)
+            for (key, below, equal), r in zip(out.tolist(), ranks.tolist()):
+                assert key == part[r - 1]
+                assert below == np.searchsorted(part, key) and equal == np.searchsorted(part, key, "right") - below
+
+
+@pytest.mark.parametrize("name", list(DTYPES))
 def test_dare_sums_are_exact(name):
     """Σ|delta| and Σ|delta * keep-mask| exactly, the mask from the reference RNG at flat indices
     flat0 + i; over a sub-range [lo, hi) of the unit."""

@@ -41,6 +41,7 @@ PACKED_NAMES = (
     (".weight_g_idx", "compressed-tensors integers"), (".weight_shape", "compressed-tensors packed integers"),
     (".weight_scale_2", "NVFP4 (modelopt)"), (".weight_global_scale", "NVFP4 (compressed-tensors)"),
 )
+_PACKED_ENDINGS = tuple(ending for ending, _ in PACKED_NAMES)
 MXFP4_BLOCKS, MXFP4_SCALES = "_blocks", "_scales"
 
 
@@ -192,7 +193,9 @@ def fold(entries: list[TensorEntry], config: dict | None, config_where: str) -> 
 
 
 def _refuse_packed(e: TensorEntry) -> None:
-    what = next((w for ending, w in PACKED_NAMES if e.name.endswith(ending)), None)
+    what = None
+    if e.name.endswith(_PACKED_ENDINGS):  # one check for the usual name (an MoE model has 100k of them)
+        what = next(w for ending, w in PACKED_NAMES if e.name.endswith(ending))
     if what is None and ".quant_state." in e.name:
         what = "bitsandbytes 4-bit"
     if what is not None:

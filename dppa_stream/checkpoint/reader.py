@@ -249,11 +249,14 @@ class Checkpoint:
         if not isinstance(wmap, dict) or not wmap:
             raise InputError(f"{index}: needs a non-empty 'weight_map' object")
         files: dict[str, str] = {}
+        mapped: dict[str, set] = {}  # shard -> the tensors the index puts there
         for name, rel in wmap.items():
             if not is_text(name):
                 raise InputError(f"{index}: tensor name {short(name)} is not valid Unicode")
             if not isinstance(rel, str) or rel not in files:
                 files[rel] = resolve_inside(folder, rel, index, "shard filename")
+                mapped[rel] = set()
+            mapped[rel].add(name)
         entries = []
         for rel, full in files.items():
             if not os.path.isfile(full):
@@ -263,7 +266,7 @@ class Checkpoint:
             for e in got:
                 if wmap.get(e.name) != rel:
                     raise InputError(f"{full}: tensor {short(e.name)} is not mapped to this shard in {INDEX_NAME}")
-            missing = {n for n, r in wmap.items() if r == rel} - {e.name for e in got}
+            missing = mapped[rel] - {e.name for e in got}
             if missing:
                 raise InputError(f"{index}: tensor {short(sorted(missing)[0])} is mapped to {short(rel)} but not stored there")
             entries.extend(got)

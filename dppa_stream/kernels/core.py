@@ -272,6 +272,54 @@ def bin_counts(src, code, model, lo, hi, bf16_delta, bins, counts, bad):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
+def exact_ranks(src, code, model, lo, hi, bf16_delta, ranks, out, keys, counts, bad):
+    """The keys of |delta| over [lo, hi) (float32 bits, as `abs_summaries` bins them) at each
+    1-based ascending rank ranks[i]: out[i] = (key, keys below it, keys equal to it). What the
+    two histogram rounds of `methods/ranks.py` find, for a tensor held whole in one unit: a
+    32k-bin histogram costs more than a small tensor's elements. A radix selection: 11, 11 and
+    10 bits at a time, counting only the keys that share the prefix found so far. `keys` (int64,
+    at least hi - lo) and `counts` (int64, 2048) are the caller's scratch: allocating them here,
+    in the worker threads, grew the heap by ~90 MiB over a merge of 45k small tensors."""
+    n = hi - lo
+    b = np.empty(BLOCK, np.float32)
+    d = np.empty(BLOCK, np.float32)
+    for s in range(lo, hi, BLOCK):
+        m = min(BLOCK, hi - s)
+        bad[0] += widen_block(src[0], code, s, m, b)
+        bad[model + 1] += _deltas(src, code, model + 1, s, m, b, d, bf16_delta)
+        for j in range(m):
+            keys[s - lo + j] = np.int64(bits_of_f32(d[j]) & np.uint32(0x7FFFFFFF))
+    for i in range(ranks.shape[0]):
+        r = ranks[i]
+        prefix = np.int64(0)
+        mask = np.int64(0)
+        below = np.int64(0)
+        last = np.int64(0)
+        for level in range(3):
+            shift = 21 if level == 0 else 10 if level == 1 else 0
+            width = 10 if level == 2 else 11
+            digits = (np.int64(1) << width) - 1
+            counts[:digits + 1] = 0
+            for j in range(n):
+                k = keys[j]
+                if (k & mask) == prefix:
+                    counts[(k >> shift) & digits] += 1
+            acc = np.int64(0)
+            digit = 0
+            while acc + counts[digit] < r:
+                acc += counts[digit]
+                digit += 1
+            r -= acc
+            below += acc
+            last = counts[digit]
+            prefix |= np.int64(digit) << shift
+            mask |= digits << shift
+        out[i, 0] = prefix
+        out[i, 1] = below
+        out[i, 2] = last
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
 def dare_sums(src, code, model, lo, hi, flat0, key, limit, full, kept, bad):
     """Exact per-exponent significand sums of |delta| and of |delta * keep-mask| (DARE's L1
     rescale); flat0 is the tensor-wide index of element lo."""

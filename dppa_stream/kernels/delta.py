@@ -46,10 +46,16 @@ COMBINE_FIELDS = (
 )
 
 
+_RECORD_DTYPES: dict = {}  # one dtype per declaration: made once, not per small tensor
+
+
 def records(fields, shape, **values) -> np.ndarray:
     """An array of records of the declared `fields` holding their defaults, then `values` by field
     name (numba compiles one kernel per dtype, so every array of a declaration has the same one)."""
-    out = np.zeros(shape, np.dtype([(name, kind) for name, kind, _ in fields]))
+    dtype = _RECORD_DTYPES.get(fields)
+    if dtype is None:
+        dtype = _RECORD_DTYPES[fields] = np.dtype([(name, kind) for name, kind, _ in fields])
+    out = np.zeros(shape, dtype)
     for name, _, default in fields:
         out[name] = values.pop(name, default)
     if values:

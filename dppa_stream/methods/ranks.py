@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from .. import summaries
-from ..statistics import Bins, Stat
+from ..statistics import Abs, Bins, ExactRanks, Stat
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,21 @@ class Ranks:
         """Round 1's result, or None while it is missing."""
         return got[self.hist] if self.hist in got else None
 
+    def _exact(self, got, ranks: RankSpec) -> Stat | None:
+        """Both rounds as one statistic ("ranks"), when a small tensor is held whole in the rows
+        at hand (`statistics.inline`) and the keys are |delta|: one selection per rank instead of
+        two histograms, the same answer."""
+        if not getattr(got, "direct_ranks", False) or type(self.hist) is not Abs or self.bins is not Bins \
+                or callable(ranks):
+            return None
+        h = self.hist
+        return ExactRanks(h.model, h.span, h.bf16, tuple(sorted(set(ranks))))
+
     def needs(self, got, ranks: RankSpec) -> list[Stat]:
         """The statistic still missing to resolve `ranks`: round 1, round 2, or none."""
+        exact = self._exact(got, ranks)
+        if exact is not None:
+            return [] if not exact.args or exact in got else [exact]
         if self.hist not in got:
             return [self.hist]
         bins = self._bins(got, ranks)
@@ -73,6 +86,11 @@ class Ranks:
 
     def resolve(self, got, ranks: RankSpec) -> list[Boundary]:
         """One `Boundary` per rank (both rounds must be in `got`)."""
+        exact = self._exact(got, ranks)
+        if exact is not None:
+            unit, found = got[exact] if exact.args else (0, ())
+            at = dict(zip(exact.args, found))
+            return [Boundary(at[r][0], at[r][1], at[r][2], ((unit, 0),)) for r in ranks]
         hist = self.histogram(got[self.hist])
         ranks = self._ranks(got, ranks)
         if not ranks:

@@ -9,7 +9,7 @@ they equal an in-memory sort whatever the chunking. Adding a sparsifier: its row
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -51,6 +51,10 @@ class Sparse:
         return dict(self.tie_starts).get(unit, (0,) * len(self.levels))
 
 
+# kernel_records fills a level record as one tuple, in the declaration's order
+assert [f[0] for f in kernels.LEVEL_FIELDS] == ["kind", "value", "factor", "first", "stop", "seen"]
+
+
 def kernel_records(sparse: tuple[Sparse, ...], weights, unit: int) -> tuple[np.ndarray, np.ndarray]:
     """`kernels.gta`'s `models` and `levels` records for one unit, filled by field name."""
     K = len(sparse)
@@ -60,8 +64,7 @@ def kernel_records(sparse: tuple[Sparse, ...], weights, unit: int) -> tuple[np.n
     levels = kernels.records(kernels.LEVEL_FIELDS, (K, max([len(s.levels) for s in sparse] + [1])))
     for k, s in enumerate(sparse):
         for i, (lev, seen) in enumerate(zip(s.levels, s.seen(unit))):
-            for name, v in {**asdict(lev), "seen": seen}.items():
-                levels[name][k, i] = v
+            levels[k, i] = (lev.kind, lev.value, lev.factor, lev.first, lev.stop, seen)  # LEVEL_FIELDS' order
     return models, levels
 
 
