@@ -589,3 +589,10 @@ def test_sce_and_arcee_count_nonfinite_inputs(name):
     bad = np.zeros(2, np.int64)
     kn.arcee_merge(src[:2], kn.CODES[name], 0, 4, 256, np.float32(0.1), np.empty(1024, np.uint32), kn.F32, bad)
     assert list(bad) == nonfinite(xs[:2])
+
+
+def test_sparsify_fills_level_records_in_the_kernels_field_order():
+    from dppa_stream import kernels
+    from dppa_stream.methods import sparsify
+
+    assert tuple(f[0] for f in kernels.LEVEL_FIELDS) == sparsify.LEVEL_ORDER

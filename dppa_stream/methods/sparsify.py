@@ -51,8 +51,9 @@ class Sparse:
         return dict(self.tie_starts).get(unit, (0,) * len(self.levels))
 
 
-# kernel_records fills a level record as one tuple, in the declaration's order
-assert [f[0] for f in kernels.LEVEL_FIELDS] == ["kind", "value", "factor", "first", "stop", "seen"]
+# kernel_records fills a level record as one tuple, in the declaration's order (LEVEL_ORDER; a
+# test holds it to kernels.LEVEL_FIELDS, which is not read here: importing it would load numba)
+LEVEL_ORDER = ("kind", "value", "factor", "first", "stop", "seen")
 
 
 def kernel_records(sparse: tuple[Sparse, ...], weights, unit: int) -> tuple[np.ndarray, np.ndarray]:
