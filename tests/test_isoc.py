@@ -150,18 +150,23 @@ def test_rank_deficient_sum_keeps_its_directions_only():
 
 
 def test_nonfinite_deltas_refused_in_one_line(tmp_path):
+    """A matrix holding NaN/Inf has no SVD: one line naming the file and the tensor, with or without
+    --allow-nonfinite; a tall matrix (row blocks) and a wide one (worked on transposed)."""
     paths = write_llama_set(str(tmp_path / "in"), LlamaShape(hidden=16, intermediate=24, layers=1, vocab=32), 1,
                             torch.float32)
     from safetensors.torch import load_file, save_file
 
     f = os.path.join(paths[1], "model.safetensors")
-    sd = load_file(f)
-    sd["model.layers.0.mlp.up_proj.weight"][3, 2] = float("nan")
-    save_file(sd, f, metadata={"format": "pt"})
-    for opts in (dict(), dict(allow_nonfinite=True)):
-        with pytest.raises(Exception, match="NaN") as e:
-            merge(_config("iso_c", paths), str(tmp_path / "out"), MergeOptions(quiet=True, **opts))
-        assert "\n" not in str(e.value) and "up_proj" in str(e.value)
+    clean = load_file(f)
+    for tensor, value in (("mlp.up_proj", float("nan")), ("self_attn.k_proj", float("-inf"))):
+        sd = {k: v.clone() for k, v in clean.items()}
+        sd[f"model.layers.0.{tensor}.weight"][3, 2] = value
+        save_file(sd, f, metadata={"format": "pt"})
+        for method in sorted(REFERENCES):
+            for opts in (dict(), dict(allow_nonfinite=True)):
+                with pytest.raises(Exception, match="NaN") as e:
+                    merge(_config(method, paths), str(tmp_path / "out"), MergeOptions(quiet=True, **opts))
+                assert "\n" not in str(e.value) and str(e.value).startswith(f"{f}: tensor 'model.layers.0.{tensor}")
 
 
 _RUNNER = """
