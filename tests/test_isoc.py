@@ -232,3 +232,39 @@ def test_gram_route_accuracy_on_ill_conditioned_deltas(cond):
     a, mm = TsvM.__new__(TsvM).factors(gram(x), (m, n, False), 2)
     want = ref.tsv_m(zero, d)
     assert np.abs(np.hstack([d[0] @ a[0], d[1] @ a[1]]) @ mm - want).max() <= 1e-13 * cond * np.abs(want).max()
+
+
+_BLAS_RUNNER = """
+import sys
+import numpy
+import dppa_stream
+from threadpoolctl import threadpool_info
+
+def blas():
+    return sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+
+before = blas()
+for out in sys.argv[2:]:
+    dppa_stream.merge(sys.argv[1], out, quiet=True)
+print(before, blas())
+"""
+
+
+def test_the_api_gives_back_the_callers_blas_threads(tmp_path, models):
+    """A spectral merge runs BLAS one thread per process (determinism); a script or notebook that
+    calls `dppa_stream.merge` gets its own thread count back afterwards (a fresh process: BLAS
+    started with two threads, as on a 2-core machine)."""
+    import subprocess
+    import sys
+
+    paths = models[(torch.bfloat16, 2)]
+    cfg = tmp_path / "iso_c.yml"
+    models_yml = "".join(f"  - model: {p}\n" for p in paths[1:])
+    cfg.write_text(f"merge_method: iso_c\nbase_model: {paths[0]}\nmodels:\n{models_yml}")
+    outs = [str(tmp_path / "one"), str(tmp_path / "two")]
+    res = subprocess.run([sys.executable, "-c", _BLAS_RUNNER, str(cfg), *outs], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, OPENBLAS_NUM_THREADS="2"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split("\n")[-2] == "[2] [2]"
+    one, two = (tmp_path / o / "model.safetensors" for o in ("one", "two"))
+    assert one.read_bytes() == two.read_bytes()
