@@ -268,3 +268,33 @@ def test_the_api_gives_back_the_callers_blas_threads(tmp_path, models):
     assert res.stdout.split("\n")[-2] == "[2] [2]"
     one, two = (tmp_path / o / "model.safetensors" for o in ("one", "two"))
     assert one.read_bytes() == two.read_bytes()
+
+
+@pytest.mark.parametrize("fault", ["stats:1", "units:3"])
+def test_sigkill_then_resume_is_byte_identical(tmp_path, models, fault):
+    """TSV-M killed once the Gram matrices of the split tensors are stored (or a few units into pass 2),
+    then resumed on two processes: the stored Grams load back, and the output is the same bytes."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from .crash_at import crash_run
+
+    paths = models[(torch.bfloat16, 2)]
+    cfg = tmp_path / "tsv_m.yml"
+    cfg.write_text("merge_method: tsv_m\nbase_model: %s\nmodels:\n%s" % (paths[0], "".join(
+        f"  - model: {p}\n" for p in paths[1:])))
+    args = ["-q", "--unit-size", "50KB"]
+    whole = tmp_path / "whole"
+    merge(_config("tsv_m", paths), str(whole), MergeOptions(quiet=True))
+    killed = crash_run(fault, "merge", cfg, tmp_path / "out", *args, "--scheduler", "threads:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (tmp_path / "out.partial" / ".dppa-stream" / "run.json").exists()
+    res = subprocess.run([sys.executable, "-m", "dppa_stream.cli.main", "merge", str(cfg), str(tmp_path / "out"),
+                          *args, "--resume", "--scheduler", "processes:2", "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert summary["split_tensors"] >= 2 and summary["resumed_units"] >= (3 if fault == "units:3" else 0)
+    assert (whole / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
