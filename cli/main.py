@@ -126,7 +126,10 @@ def _not_an_input(cfg, *paths) -> None:
     """A report file (--json, --plot) must not overwrite an input or land inside a model folder."""
     from dppa_stream.checkpoint.reader import model_roots
 
+    from dppa_stream.lora import split_key
+
     models = ([cfg.base_model] if cfg.base_model else []) + [m.path for m in cfg.models]
+    models = [p for m in models for p in (split_key(m) or (m,))]  # BASE+ADAPTER: both folders
     for option, path in paths:
         if not path or path == "-":
             continue
@@ -401,6 +404,78 @@ def search(config, out, eval_cmds, dense, tune, strategy, objective, min_gain, m
                          resume=resume, tune=tune)
         if not quiet:
             click.echo(res.report(), err=True)
+
+    _run(debug, go)
+
+
+@main.command("extract-lora")
+@click.argument("finetuned")
+@click.argument("base")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--rank", "--max-rank", "rank", type=int, default=128, show_default=True,
+              help="Maximum rank of every module's adapter.")
+@click.option("--sv-epsilon", type=float, default=0.0, show_default=True,
+              help="Keep only singular values above this (a module's rank may then be lower).")
+@click.option("--energy", type=float, help="Per module, the smallest rank keeping this fraction (0-1] of the "
+              "delta's energy (squared Frobenius norm), at most --rank.")
+@click.option("--embeddings/--no-embeddings", "--embed-lora/--no-embed-lora", default=False, show_default=True,
+              help="LoRA on the embeddings and output head (else they are saved whole, as mergekit does).")
+@click.option("--save-module", "save_modules", multiple=True, help="Save this module whole (modules_to_save); repeatable.")
+@click.option("--skip-undecomposable", is_flag=True, help="Drop changed tensors a LoRA cannot hold (norms, biases) "
+              "instead of saving them whole.")
+@click.option("--exact-below", type=int, default=1 << 22, show_default=True,
+              help="Tensors of at most this many elements get an exact SVD; bigger ones a randomized one in row passes.")
+@click.option("--power-iters", type=int, default=2, show_default=True, help="Power iterations of the randomized SVD.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="dtype of the adapter's factors.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD's test matrices.")
+@click.option("--memory-limit", help="Memory budget, e.g. 4GiB [default: half the available memory].")
+@click.option("--overwrite", is_flag=True, help="Replace OUT (once the new adapter is complete).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the energy report as JSON ('-' for stdout).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the energy each tensor keeps.")
+@click.option("--quiet", "-q", is_flag=True, help="No table.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def extract_lora(finetuned, base, out, rank, sv_epsilon, energy, embeddings, save_modules, skip_undecomposable,
+                 exact_below, power_iters, dtype, seed, memory_limit, overwrite, json_out, plot, quiet, debug):
+    """Extract a PEFT LoRA adapter that turns BASE into FINETUNED, into the folder OUT.
+
+    Models are folders, cached Hub IDs or BASE+ADAPTER. Each changed 2-D weight gets a truncated SVD of
+    its delta, in bounded memory; the energy each rank keeps is reported per tensor and overall."""
+
+    def go():
+        from dppa_stream.config import DTYPE_NAMES
+        from dppa_stream.extract_lora import ExtractOptions, extract, plot as plot_energy
+
+        if rank < 1:
+            raise UsageError(f"--rank {rank}: must be at least 1")
+        _finite(sv_epsilon, "--sv-epsilon")
+        if sv_epsilon < 0:
+            raise UsageError(f"--sv-epsilon {sv_epsilon}: must not be negative")
+        if energy is not None and not (0 < energy <= 1):
+            raise UsageError(f"--energy {energy}: must be in (0, 1]")
+        if exact_below < 0 or power_iters < 0 or power_iters > 20:
+            raise UsageError("--exact-below must not be negative and --power-iters must be 0..20")
+        if not -(2**63) <= seed < 2**63:
+            raise UsageError(f"--seed {seed}: must fit in 64 bits")
+        if not out.strip():
+            raise UsageError("OUT is empty; give the folder to create")
+        _out_file(json_out, "--json")
+        _out_file(plot, "--plot", ("png",))
+        opts = ExtractOptions(rank, sv_epsilon, energy, embeddings, tuple(save_modules), skip_undecomposable,
+                              _size(memory_limit, "--memory-limit"), exact_below, power_iters, seed=seed,
+                              dtype=DTYPE_NAMES[dtype], overwrite=overwrite, quiet=quiet)
+        res = extract(finetuned, base, out, opts)
+        if not quiet:
+            for line in res.table().splitlines():
+                click.echo(printable(line), err=True)
+        if plot:
+            plot_energy(res, plot)
+        if json_out:
+            text = json.dumps(res.to_json(), indent=2)
+            if json_out == "-":
+                click.echo(text)
+            else:
+                _write_text(json_out, text + "\n")
 
     _run(debug, go)
 

@@ -79,7 +79,10 @@ class MergeConfig:
     def resolve(self, folders: dict[str, str]) -> None:
         """Replace pending Hub models' keys by the folders they were downloaded to."""
         def f(p):
-            return folders.get(p, p)
+            from .lora import key, split_key
+
+            parts = split_key(p)  # BASE+ADAPTER: the base may be the pending one
+            return key(folders.get(parts[0], parts[0]), parts[1]) if parts else folders.get(p, p)
 
         self.base_model = f(self.base_model) if self.base_model else None
         self.donor = f(self.donor) if self.donor else None
@@ -518,9 +521,9 @@ class _Models:
             raise UsageError(f"{where}: {key} {short(p)} is not a usable path") from None
         got = hub.locate(p, where, key, weights)
         if got.pending is not None:
-            old = self.pending.get(got.path)
+            old = self.pending.get(got.pending.key)  # BASE+ADAPTER: the base is pending
             if old is None or (got.pending.weights and not old.weights):
-                self.pending[got.path] = got.pending
+                self.pending[got.pending.key] = got.pending
         self.shown.setdefault(got.path, p)
         return got.path
 

@@ -4,8 +4,8 @@ Every model string a config holds (`base_model`, `models[i].model`, slice source
 source) goes through `locate`, the one place that turns it into a folder:
 
 1. a local file or folder that exists wins, whatever it looks like;
-2. `BASE+ADAPTER` (mergekit's LoRA syntax) is refused with a line saying adapters are not
-   supported yet (`split_adapter` is where a later version will parse it);
+2. `BASE+ADAPTER` (mergekit's LoRA syntax): the base resolved by these rules, the adapter a local
+   folder or a Hub ID already in the cache (lora.py applies it);
 3. a cache repository folder (`.../models--ORG--NAME`, optionally `@REVISION`) resolves to its
    snapshot for that revision (default `main`) through `refs/`, as transformers does;
 4. `ORG/NAME` or `ORG/NAME@REVISION` resolves through the cache folder transformers uses
@@ -103,10 +103,44 @@ class Located:
     hub_id: str | None = None  # the repository, when the model came from the cache or the Hub
 
 
-def split_adapter(text: str) -> tuple[str, str | None]:
-    """mergekit's `MODEL+ADAPTER` (a LoRA on top of a model): (model, adapter or None)."""
-    model, plus, adapter = text.partition("+")
-    return (model, adapter) if plus and model and adapter else (text, None)
+def _adapted(text: str, where: str, key: str, weights: bool) -> Located:
+    """mergekit's `MODEL+ADAPTER` (a PEFT LoRA adapter on a model, lora.py). A `+` may occur inside
+    either part: the split taken is the first whose right side is an adapter (a local folder, or a
+    Hub ID in the cache, with adapter_config.json) and whose left side resolves."""
+    from .lora import is_adapter_folder
+    from .lora import key as adapted_key
+
+    named = []
+    for i, c in enumerate(text):
+        if c != "+" or not 0 < i < len(text) - 1:
+            continue
+        model, adapter = text[:i], text[i + 1:]
+        folder = _adapter_folder(adapter)
+        if folder is None:
+            named.append(adapter)
+            continue
+        base = locate(model, where, key, weights)
+        if is_adapter_folder(base.path):
+            raise UsageError(f"{where}: {key} {short(text)}: {short(model)} is an adapter, not a model")
+        return Located(adapted_key(base.path, folder), base.pending, base.hub_id)
+    raise InputError(f"{where}: {key} {short(text)} names a LoRA adapter on a model (mergekit's BASE+ADAPTER), but "
+                     f"{short(named[-1] if named else text)} is neither a local adapter folder nor an adapter in the "
+                     f"Hugging Face cache {cache_dir()} (adapter_config.json); download adapters yourself "
+                     "(`hf download ORG/NAME`)")
+
+
+def _adapter_folder(text: str) -> str | None:
+    """The folder of an adapter named by a path or a cached Hub ID (ORG/NAME[@REVISION]), or None."""
+    from .lora import is_adapter_folder
+
+    local = os.path.abspath(os.path.expanduser(text))
+    if os.path.lexists(local):
+        return local if is_adapter_folder(local) else None
+    name, _, revision = text.partition("@")
+    if not _ID.match(name) or "--" in name or ".." in name:
+        return None
+    snap = _snapshot_of(repo_folder(cache_dir(), name), revision or None)
+    return snap if snap is not None and is_adapter_folder(snap) else None
 
 
 def repo_folder(cache: str, repo_id: str) -> str:
@@ -115,16 +149,13 @@ def repo_folder(cache: str, repo_id: str) -> str:
 
 def locate(text: str, where: str, key: str, weights: bool = True) -> Located:
     """Resolve one model string of a config (see the module docstring). UsageError for strings
-    that can never name a model (an adapter, a bad revision, a revision on a plain folder)."""
+    that can never name a model (a bad revision, a revision on a plain folder)."""
     local = os.path.abspath(os.path.expanduser(text))
     if os.path.lexists(local):
         return Located(_cache_snapshot(local, None, where, key) if _is_repo_folder(local) else local)
-    model, adapter = split_adapter(text)
-    if adapter is not None:
-        raise UsageError(f"{where}: {key} {short(text)} names a LoRA adapter on a model (mergekit's BASE+ADAPTER); "
-                         "adapters are not supported yet: merge the adapter into its model first (peft's "
-                         "merge_and_unload) and give that folder")
-    name, at, revision = model.rpartition("@") if "@" in model else (model, "", "")
+    if "+" in text:
+        return _adapted(text, where, key, weights)
+    name, at, revision = text.rpartition("@") if "@" in text else (text, "", "")
     if at and (not revision or not _REVISION.match(revision) or ".." in revision):
         raise UsageError(f"{where}: {key} {short(text)}: {short(revision)} is not a usable revision "
                          "(a branch, tag or commit after '@')")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from . import hub, tokenizer
+from . import hub, lora, tokenizer
 from .blocks import layer_positions
 from .checkpoint import Checkpoint, TensorEntry
 from .config import MergeConfig
@@ -108,7 +108,9 @@ def _open(cfg: MergeConfig, open_checkpoint, read_rows: bool, checked: Inputs | 
 
     def ck(path: str) -> Checkpoint:
         if path not in opened:
-            opened[path] = _checked_names(open_checkpoint(path))
+            adapted = lora.split_key(path)  # BASE+ADAPTER: the base with a LoRA adapter applied
+            opened[path] = lora.open_adapted(ck(adapted[0]), adapted[1]) if adapted else \
+                _checked_names(open_checkpoint(path))
         return opened[path]
 
     inputs = _sliced(cfg, ck, checked) if cfg.slices else _whole(cfg, ck)

@@ -123,11 +123,53 @@ class MXFP4Source:
             kernels.decode_mxfp4(raw[:n * per], scales, n, R, G, dst[(e - e0) * self.align:(e - e0 + n) * self.align])
 
 
+class AdaptedSource(PlainSource):
+    """A base tensor with a LoRA delta (lora.py): the base's rows covering the range, decoded,
+    plus `scale * left[rows] @ right`, sliced to the range. On a plain base the sum is rounded
+    to the base's dtype (`read_raw`: the bits an adapted checkpoint written in full would hold);
+    on a quantized base it stays float32."""
+
+    def __init__(self, entry):
+        self.entry = entry
+        self.base = QUANTIZED_SOURCES[entry.format](entry) if isinstance(entry, Quantized) else PlainSource(entry)
+        self.align = self.base.align
+
+    def _values(self, lo: int, hi: int) -> tuple[np.ndarray, int]:
+        """float32 values of the whole rows covering [lo, hi), adapted; and the first row's flat start."""
+        from .lora import add_delta
+
+        e = self.entry
+        cols = max(1, e.row_numel)
+        r0, r1 = lo // cols, -(-hi // cols)
+        vals = _scratch("adapted", (r1 - r0) * cols * 4).view(np.float32)
+        self.base.decode(r0 * cols, r1 * cols, vals)
+        add_delta(e.factors, r0, r1, vals.reshape(r1 - r0, cols))
+        return vals, r0 * cols
+
+    def read_raw(self, lo: int, hi: int, buf: np.ndarray) -> None:
+        vals, first = self._values(lo, hi)
+        e = self.entry
+        kernels.narrow_block(vals[lo - first:hi - first], hi - lo, buf.view(kernels.CONTAINER[e.dtype]), 0,
+                             kernels.CODES[e.dtype])
+
+    def decode(self, lo: int, hi: int, dst: np.ndarray) -> None:
+        if isinstance(self.entry, Quantized):
+            vals, first = self._values(lo, hi)
+            dst[:hi - lo] = vals[lo - first:hi - first]
+        else:  # rounded to the base dtype first, as read raw
+            raw = _scratch("adapted_raw", (hi - lo) * self.entry.itemsize)
+            self.read_raw(lo, hi, raw)
+            kernels.widen_block(raw.view(kernels.CONTAINER[self.entry.dtype]), kernels.CODES[self.entry.dtype], 0,
+                                hi - lo, dst)
+
+
 QUANTIZED_SOURCES = {"fp8": FP8Source, "mxfp4": MXFP4Source}
 
 
 def source(entry):
     """The Source that reads a catalogue entry."""
+    if getattr(entry, "factors", None) is not None:
+        return AdaptedSource(entry)
     if isinstance(entry, Quantized):
         return QUANTIZED_SOURCES[entry.format](entry)
     if getattr(entry, "remap", None) is not None:
@@ -145,9 +187,20 @@ def reads_raw(entries) -> bool:
 def memory_per_element(entries) -> int:
     """Bytes a unit holds per element for its inputs: their raw values, or float32 when decoded
     (the stored bytes are read and decoded CHUNK at a time, a constant)."""
+    extra = sum(_adapter_bytes(e) for e in entries)
     if reads_raw(entries):
-        return entries[0].itemsize * len(entries)
-    return 4 * len(entries)
+        return entries[0].itemsize * len(entries) + extra
+    return 4 * len(entries) + extra
+
+
+def _adapter_bytes(entry) -> int:
+    """Per element, what reading an adapted input holds on top: its float32 rows (and their
+    rounded copy) and its share of the two factors. The right factor ([r, cols] float32, a few
+    MiB at most) is held whole by a task that reads part of the tensor: within TASK_OVERHEAD."""
+    f = getattr(entry, "factors", None)
+    if f is None:
+        return 0
+    return 4 + getattr(entry, "itemsize", 0) + -(-f.nbytes // max(1, entry.numel))
 
 
 def align(entries) -> int:

@@ -467,8 +467,6 @@ class RowRemap:
         """Output elements [lo, hi) (whole rows) of this input into the byte buffer `out`."""
         import numpy as np
 
-        from .checkpoint import read_range
-
         r0, r1 = lo // self.row_numel, hi // self.row_numel
         if r1 <= r0:
             return
@@ -479,10 +477,22 @@ class RowRemap:
         for a, b in zip(starts, [*starts[1:], r1 - r0]):
             s = int(src[a])
             if s >= 0:
-                read_range(self.sources[s], int(row[a]) * self.row_numel, (int(row[a]) + b - a) * self.row_numel,
-                           out[a * rb:b * rb])
+                _read(self.sources[s], int(row[a]) * self.row_numel, (int(row[a]) + b - a) * self.row_numel,
+                      out[a * rb:b * rb])
             else:
                 out[a * rb:b * rb] = self.made[row[a:b]].reshape(-1)
+
+
+def _read(entry, lo: int, hi: int, buf) -> None:
+    """An input's stored elements [lo, hi): raw bytes, or a LoRA-adapted input's rows (lora.py)."""
+    if getattr(entry, "factors", None) is not None:
+        from .sources import source
+
+        source(entry).read_raw(lo, hi, buf)
+    else:
+        from .checkpoint import read_range
+
+        read_range(entry, lo, hi, buf)
 
 
 @dataclass(frozen=True, eq=False)
@@ -615,7 +625,6 @@ def compute_rows(entries: tuple) -> None:
     import numpy as np
 
     from . import kernels
-    from .checkpoint import read_range
 
     remaps = [e.remap for e in entries if isinstance(e, RemappedEntry)]
     if not remaps:
@@ -627,7 +636,7 @@ def compute_rows(entries: tuple) -> None:
     raw = np.empty(n * e0.itemsize, np.uint8)
 
     def row32(entry, r: int):
-        read_range(entry, r * entry.row_numel, (r + 1) * entry.row_numel, raw)
+        _read(entry, r * entry.row_numel, (r + 1) * entry.row_numel, raw)
         out = np.empty(n, np.float32)
         kernels.widen_block(raw.view(container), code, 0, n, out)
         return out

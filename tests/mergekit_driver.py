@@ -3,7 +3,7 @@ tests/test_mergekit_parity.py with the mergekit virtualenv's python, never impor
 
     python tests/mergekit_driver.py JOBS.json RESULTS.json
 
-JOBS.json: [{"config": PATH, "out": DIR, "seed": INT}, ...]. Each job runs
+JOBS.json: [{"config": PATH, "out": DIR, "seed": INT, "lora_merge_cache": DIR (optional)}, ...]. Each job runs
 `mergekit.merge.run_merge` (what `mergekit-yaml CONFIG OUT --random-seed SEED --no-copy-tokenizer`
 does) and its outcome is written to RESULTS.json as {"out": ..., "ok": bool, "error": str,
 "seconds": float}; one failing job does not stop the others. The exit status is 0 when the
@@ -47,7 +47,7 @@ def main(argv):
                 source = f.read()
             config = MergeConfiguration.model_validate(yaml.safe_load(source))
             options = MergeOptions(copy_tokenizer=False, quiet=True, random_seed=job.get("seed"),
-                                   write_model_card=False)
+                                   write_model_card=False, lora_merge_cache=job.get("lora_merge_cache"))
             run_merge(config, job["out"], options=options, config_source=source)
             res["ok"] = True
         except Exception as e:

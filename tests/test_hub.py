@@ -138,7 +138,6 @@ def test_offline_mode_is_named(env, monkeypatch):
 
 
 @pytest.mark.parametrize("text, needle", [
-    ("org/base+org/lora", "adapters are not supported yet"),
     ("org/base@", "not a usable revision"),
     ("org/base@../x", "not a usable revision"),
 ])
@@ -152,11 +151,11 @@ def test_revision_on_a_plain_folder_is_refused(sets, env):
         parse_config(ta(sets["base"] + "@main", sets["ft1"]), "cfg.yml")
 
 
-def test_adapter_on_the_cli_is_one_line_exit_2(sets, env, tmp_path):
+def test_a_missing_adapter_on_the_cli_is_one_line_exit_3(sets, env, tmp_path):
     (tmp_path / "c.yml").write_text(ta(sets["base"], sets["ft1"] + "+org/lora"))
     res = cli("merge", tmp_path / "c.yml", tmp_path / "out")
-    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
-    assert "LoRA adapter" in res.stderr and "not supported yet" in res.stderr
+    assert res.returncode == 3 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert "LoRA adapter" in res.stderr and "org/lora" in res.stderr and "adapter_config.json" in res.stderr
 
 
 # --- merges from the cache -------------------------------------------------------------------------

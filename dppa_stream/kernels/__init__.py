@@ -4,9 +4,10 @@
 statistics, linear combinations. `delta`: the delta family's merge kernel (`gta`), its record
 interface and its sparsifiers. `more`: exact products (Gram matrices), row-wise statistics and
 combinations, and the kernels of DELLA, SCE, RAM, nearswap and Arcee fusion. `formats`: decoding
-and encoding quantized storage (FP8 with scales, MXFP4) and the requantization loss.
+and encoding quantized storage (FP8 with scales, MXFP4) and the requantization loss. `lora`:
+adding a LoRA adapter's product to rows as they are read.
 
-The names of all four are this package's, loaded on first use (PEP 562): the methods name
+The names of all five are this package's, loaded on first use (PEP 562): the methods name
 kernels at import, and parsing a config (which imports the methods) must not import numba.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from .codes import *  # noqa: F401,F403 - the integer codes, without numba
 
-_MODULES = ("core", "delta", "more", "formats")  # later ones' names win, as their star imports did
+_MODULES = ("core", "delta", "more", "formats", "lora")  # later ones' names win, as their star imports did
 
 
 def __getattr__(name: str):
