@@ -270,12 +270,18 @@ def _report(res, quiet, json_out):
     if not quiet:
         for line in res.summary_line().splitlines():  # printable() escapes a newline: one echo per line
             click.echo(printable(line), err=True)
-    if json_out:
-        text = json.dumps(res.to_json(), indent=2)
-        if json_out == "-":
-            click.echo(text)
-        else:
-            _write_text(json_out, text + "\n")
+    _write_json(json_out, res.to_json())
+
+
+def _write_json(path: str | None, obj) -> None:
+    """--json: the summary to stdout ('-') or to the file."""
+    if not path:
+        return
+    text = json.dumps(obj, indent=2)
+    if path == "-":
+        click.echo(text)
+    else:
+        _write_text(path, text + "\n")
 
 
 @main.command()
@@ -470,12 +476,7 @@ def extract_lora(finetuned, base, out, rank, sv_epsilon, energy, embeddings, sav
                 click.echo(printable(line), err=True)
         if plot:
             plot_energy(res, plot)
-        if json_out:
-            text = json.dumps(res.to_json(), indent=2)
-            if json_out == "-":
-                click.echo(text)
-            else:
-                _write_text(json_out, text + "\n")
+        _write_json(json_out, res.to_json())
 
     _run(debug, go)
 

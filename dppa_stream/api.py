@@ -13,8 +13,13 @@ def merge(config: str | MergeConfig | dict, out: str, **options) -> MergeResult:
     `config` is a YAML file path, YAML text, a dict in the same schema, or a `MergeConfig`.
     Options are those of `MergeOptions` (memory_limit, scheduler, shard_size, seed, overwrite, ...).
     Raises `dppa_stream.errors.DppaError` with a one-line message on bad input.
+    BLAS runs one thread during the merge (as under the CLI; Iso-C/TSV-M need it for determinism,
+    see methods/isoc.py) and gets back its thread count after, so the caller's numpy is unchanged.
     """
-    return _merge(_config(config), out, MergeOptions(**options))
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):
+        return _merge(_config(config), out, MergeOptions(**options))
 
 
 def _config(config) -> MergeConfig:

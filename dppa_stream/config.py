@@ -537,6 +537,26 @@ def _bad_number(v) -> bool:
         return True
 
 
+def _as_text(v, kinds: tuple) -> str:
+    """Why a number came as text: quoted, or written as YAML 1.1 (PyYAML, as mergekit) does not
+    read a float (1e-3: its floats need a '.' and a signed exponent); say how to write it."""
+    if not isinstance(v, str) or float not in kinds or len(v) > 40:
+        return ""
+    try:
+        x = float(v.replace("_", ""))
+        unquoted = yaml.safe_load(v)
+    except (ValueError, yaml.YAMLError):
+        return ""
+    if not math.isfinite(x):
+        return ""
+    if isinstance(unquoted, (int, float)) and not isinstance(unquoted, bool):
+        return f" (a quoted number is text: write {v.strip()} without quotes)"
+    import numpy as np
+
+    text = repr(x) if 1e-4 <= abs(x) < 1e6 or x == 0 else np.format_float_scientific(x, trim="0")
+    return f" (YAML reads {v} as text; write {text})"
+
+
 def _kinds(spec: Param) -> tuple:
     return spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
 
@@ -557,7 +577,7 @@ def _check_value(src, d, key, value, spec: Param, name: str) -> None:
         ok = isinstance(v, kinds) and not (isinstance(v, bool) and bool not in kinds)
         if not ok:
             want = " or ".join(dict.fromkeys("number" if k in (int, float) else k.__name__ for k in kinds))
-            raise UsageError(f"{_where(src, d, key)}: {name} must be a {want}, not {short(v)}")
+            raise UsageError(f"{_where(src, d, key)}: {name} must be a {want}, not {short(v)}{_as_text(v, kinds)}")
         if any(_bad_number(x) for x in (v if isinstance(v, list) else [v])):
             raise UsageError(f"{_where(src, d, key)}: {name} = {short(v)} must be finite, within +-{MAX_NUMBER:g}")
         if spec.check:

@@ -50,21 +50,21 @@ def write_atomic(path: str, data: bytes) -> None:
         raise write_failed(path, e) from None
 
 
-def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def _fsync(path: str, flags: int) -> None:
+    fd = os.open(path, flags | os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_file(path: str) -> None:
+    _fsync(path, 0)
 
 
 def fsync_dir(folder: str) -> None:
     """Make a folder's entries (a rename, a new file) durable."""
-    fd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(folder or ".", os.O_DIRECTORY)
 
 
 def fsync_tree(folder: str) -> None:

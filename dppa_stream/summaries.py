@@ -275,14 +275,6 @@ def smallest(rank: int, hist, details: list[tuple[np.ndarray, np.ndarray]] | Non
     raise AssertionError("bucket details do not match the histogram")
 
 
-def count_le(hist, details, t: Threshold) -> int:
-    b = t.bits >> 16
-    if details is None:
-        return count_below(hist, b + 1)
-    low = t.bits & 0xFFFF
-    return count_below(hist, b) + sum(int(c[v <= low].sum()) for v, c in details)
-
-
 def count_lt(hist, details, bits: int) -> int:
     """Exact count of |delta| whose bits are below `bits`, given the details of bin bits >> 16."""
     low = bits & 0xFFFF

@@ -188,6 +188,20 @@ def test_bad_global_parameter_values():
     expect(ties(extra="parameters: {lambda: abc}\n"), "parameters.lambda must be a number")
 
 
+@pytest.mark.parametrize("value,hint", [
+    ("1e-3", "(YAML reads 1e-3 as text; write 0.001)"),
+    ("5E-1", "(YAML reads 5E-1 as text; write 0.5)"),
+    ("2e7", "(YAML reads 2e7 as text; write 2.0e+07)"),
+    ("'0.5'", "(a quoted number is text: write 0.5 without quotes)"),
+])
+def test_a_number_read_as_text_says_how_to_write_it(value, hint):
+    """PyYAML (YAML 1.1, as mergekit) reads 1e-3 as a string: the refusal says how to write it."""
+    expect(ties(extra=f"parameters: {{lambda: {value}}}\n"), f"{SRC}:6:", "parameters.lambda must be a number", hint)
+    with pytest.raises(UsageError) as e:
+        parse_config(ties(extra="parameters: {lambda: abc}\n"), SRC)
+    assert "YAML" not in str(e.value)
+
+
 def test_density_bounds_accepted():
     for d in ("1", "1.0", "0.01"):
         parse_config(ties(f"  - model: /m/a\n    parameters: {{weight: 1, density: {d}}}\n"), SRC)

@@ -150,18 +150,23 @@ def test_rank_deficient_sum_keeps_its_directions_only():
 
 
 def test_nonfinite_deltas_refused_in_one_line(tmp_path):
+    """A matrix holding NaN/Inf has no SVD: one line naming the file and the tensor, with or without
+    --allow-nonfinite; a tall matrix (row blocks) and a wide one (worked on transposed)."""
     paths = write_llama_set(str(tmp_path / "in"), LlamaShape(hidden=16, intermediate=24, layers=1, vocab=32), 1,
                             torch.float32)
     from safetensors.torch import load_file, save_file
 
     f = os.path.join(paths[1], "model.safetensors")
-    sd = load_file(f)
-    sd["model.layers.0.mlp.up_proj.weight"][3, 2] = float("nan")
-    save_file(sd, f, metadata={"format": "pt"})
-    for opts in (dict(), dict(allow_nonfinite=True)):
-        with pytest.raises(Exception, match="NaN") as e:
-            merge(_config("iso_c", paths), str(tmp_path / "out"), MergeOptions(quiet=True, **opts))
-        assert "\n" not in str(e.value) and "up_proj" in str(e.value)
+    clean = load_file(f)
+    for tensor, value in (("mlp.up_proj", float("nan")), ("self_attn.k_proj", float("-inf"))):
+        sd = {k: v.clone() for k, v in clean.items()}
+        sd[f"model.layers.0.{tensor}.weight"][3, 2] = value
+        save_file(sd, f, metadata={"format": "pt"})
+        for method in sorted(REFERENCES):
+            for opts in (dict(), dict(allow_nonfinite=True)):
+                with pytest.raises(Exception, match="NaN") as e:
+                    merge(_config(method, paths), str(tmp_path / "out"), MergeOptions(quiet=True, **opts))
+                assert "\n" not in str(e.value) and str(e.value).startswith(f"{f}: tensor 'model.layers.0.{tensor}")
 
 
 _RUNNER = """
@@ -227,3 +232,69 @@ def test_gram_route_accuracy_on_ill_conditioned_deltas(cond):
     a, mm = TsvM.__new__(TsvM).factors(gram(x), (m, n, False), 2)
     want = ref.tsv_m(zero, d)
     assert np.abs(np.hstack([d[0] @ a[0], d[1] @ a[1]]) @ mm - want).max() <= 1e-13 * cond * np.abs(want).max()
+
+
+_BLAS_RUNNER = """
+import sys
+import numpy
+import dppa_stream
+from threadpoolctl import threadpool_info
+
+def blas():
+    return sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+
+before = blas()
+for out in sys.argv[2:]:
+    dppa_stream.merge(sys.argv[1], out, quiet=True)
+print(before, blas())
+"""
+
+
+def test_the_api_gives_back_the_callers_blas_threads(tmp_path, models):
+    """A spectral merge runs BLAS one thread per process (determinism); a script or notebook that
+    calls `dppa_stream.merge` gets its own thread count back afterwards (a fresh process: BLAS
+    started with two threads, as on a 2-core machine)."""
+    import subprocess
+    import sys
+
+    paths = models[(torch.bfloat16, 2)]
+    cfg = tmp_path / "iso_c.yml"
+    models_yml = "".join(f"  - model: {p}\n" for p in paths[1:])
+    cfg.write_text(f"merge_method: iso_c\nbase_model: {paths[0]}\nmodels:\n{models_yml}")
+    outs = [str(tmp_path / "one"), str(tmp_path / "two")]
+    res = subprocess.run([sys.executable, "-c", _BLAS_RUNNER, str(cfg), *outs], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, OPENBLAS_NUM_THREADS="2"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split("\n")[-2] == "[2] [2]"
+    one, two = (tmp_path / o / "model.safetensors" for o in ("one", "two"))
+    assert one.read_bytes() == two.read_bytes()
+
+
+@pytest.mark.parametrize("fault", ["stats:1", "units:3"])
+def test_sigkill_then_resume_is_byte_identical(tmp_path, models, fault):
+    """TSV-M killed once the Gram matrices of the split tensors are stored (or a few units into pass 2),
+    then resumed on two processes: the stored Grams load back, and the output is the same bytes."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from .crash_at import crash_run
+
+    paths = models[(torch.bfloat16, 2)]
+    cfg = tmp_path / "tsv_m.yml"
+    cfg.write_text("merge_method: tsv_m\nbase_model: %s\nmodels:\n%s" % (paths[0], "".join(
+        f"  - model: {p}\n" for p in paths[1:])))
+    args = ["-q", "--unit-size", "50KB"]
+    whole = tmp_path / "whole"
+    merge(_config("tsv_m", paths), str(whole), MergeOptions(quiet=True))
+    killed = crash_run(fault, "merge", cfg, tmp_path / "out", *args, "--scheduler", "threads:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (tmp_path / "out.partial" / ".dppa-stream" / "run.json").exists()
+    res = subprocess.run([sys.executable, "-m", "dppa_stream.cli.main", "merge", str(cfg), str(tmp_path / "out"),
+                          *args, "--resume", "--scheduler", "processes:2", "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert summary["split_tensors"] >= 2 and summary["resumed_units"] >= (3 if fault == "units:3" else 0)
+    assert (whole / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()

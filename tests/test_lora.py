@@ -54,6 +54,17 @@ def _adapter(folder: str, seed: int, **kw) -> str:
     return folder
 
 
+def _save_perturbed(model, seed: int, folder: str) -> str:
+    """Save a peft model whose LoRA factors all get noise (peft initialises B to zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(folder)
+    return folder
+
+
 def _merged(adapter: str) -> dict[str, torch.Tensor]:
     """peft's merge_and_unload of the adapter onto the base (float32): the reference."""
     model = PeftModel.from_pretrained(_base(), adapter).merge_and_unload()
@@ -404,13 +415,7 @@ def test_a_merged_vocabulary_reads_embedding_rows_through_the_adapter(tmp_path):
     m = vocab_set(str(tmp_path / "v"), names=("base", "ft1"))
     model = get_peft_model(LlamaForCausalLM.from_pretrained(m["ft1"]),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "lm_head"]))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    ad = str(tmp_path / "ad")
-    model.save_pretrained(ad)
+    ad = _save_perturbed(model, 5, str(tmp_path / "ad"))
     full = str(tmp_path / "full")
     PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(m["ft1"]), ad).merge_and_unload().save_pretrained(full)
     AutoTokenizer.from_pretrained(m["ft1"]).save_pretrained(full)
@@ -450,13 +455,7 @@ def test_fan_in_fan_out_on_gpt2_conv1d(tmp_path):
     gpt2().save_pretrained(base)
     model = get_peft_model(gpt2(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
                                               fan_in_fan_out=True))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    ad = str(tmp_path / "ad")
-    model.save_pretrained(ad)
+    ad = _save_perturbed(model, 1, str(tmp_path / "ad"))
     want = {k: v.detach().clone() for k, v in PeftModel.from_pretrained(gpt2(), ad).merge_and_unload().state_dict().items()}
     got = _run(f"merge_method: linear\nmodels:\n  - model: {base}+{ad}\n    parameters: {{weight: 1.0}}\ndtype: float32\n",
                tmp_path / "out")

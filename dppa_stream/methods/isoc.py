@@ -98,6 +98,7 @@ def blocks(rows, code: int, shape: tuple, stacked: bool, bad: np.ndarray):
         f32 = np.empty((src.shape[0], unit.numel), np.float32)
         for k in range(src.shape[0]):
             bad[k] += kernels.widen_block(src[k], code, 0, unit.numel, f32[k])
+        _refuse_nonfinite(rows, bad)
         f32 = f32.reshape(src.shape[0], n, m)  # the tensor is n x m (n < m)
         for r in range(0, m, ROW_BLOCK):
             b = min(ROW_BLOCK, m - r)
@@ -110,7 +111,17 @@ def blocks(rows, code: int, shape: tuple, stacked: bool, bad: np.ndarray):
     for r in range(0, unit.numel // n, ROW_BLOCK):
         b = min(ROW_BLOCK, unit.numel // n - r)
         base, deltas = unit_deltas(rows, code, r * n, b * n, bad)
+        _refuse_nonfinite(rows, bad)
         yield r, base.reshape(b, n), combined(deltas, b, n, stacked)
+
+
+def _refuse_nonfinite(rows, bad: np.ndarray) -> None:
+    """A matrix with NaN/Inf has no SVD: refuse it in one line naming the file, whatever
+    --allow-nonfinite says (other tensors, merged by the mean, follow the option)."""
+    if bad.any():
+        e = rows.inp.entries[int(np.flatnonzero(bad)[0])]
+        raise InputError(f"{e.file}: tensor {e.name!r} holds NaN/Inf; a spectral merge cannot decompose the matrix "
+                         "(--allow-nonfinite does not apply to iso_c/tsv_m)")
 
 
 # --- exact sums of float64 Gram blocks ------------------------------------------------------------------
@@ -120,9 +131,6 @@ def exact_add(acc: np.ndarray | None, g: np.ndarray, tensor: str) -> np.ndarray:
     l1 * 2**52 + l0) * 2**-120, low limbs in [0, 2**52)): integer sums are associative, so the
     Gram cannot depend on the order blocks are added in. |g| below the quantum is truncated."""
     a = np.abs(g)
-    if a.size and not np.isfinite(a.max()):
-        raise InputError(f"tensor {tensor!r}: its deltas hold NaN/Inf; a spectral merge cannot decompose the matrix "
-                         "(--allow-nonfinite does not apply to iso_c/tsv_m)")
     if a.size and not a.max() < _BLOCK_LIMIT:
         raise InputError(f"tensor {tensor!r}: deltas too large for the exact Gram accumulator (a {ROW_BLOCK}-row "
                          f"block's Gram entry is {a.max():.3g}, at most 2**32 is supported); is the base model right?")

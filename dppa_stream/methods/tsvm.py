@@ -23,7 +23,6 @@ class TsvM(SpectralMethod):
     summary = ("TSV-M: per matrix, each task vector's top 1/T singular triplets, their U and V concatenated and "
                "orthogonalised (polar factors), times alpha; other tensors: base + alpha * mean task vector")
     stacked = True
-    inputs = (1, None)
 
     def factors(self, gram, o, models):
         n = o[1]
