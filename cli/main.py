@@ -255,7 +255,7 @@ def _bar(quiet: bool):
             dt = time.perf_counter() - t0
             return f"{done[0] / dt / 1e6:7.0f} MB/s" if dt > 0 else ""
 
-        with click.progressbar(length=max(total, 1), label=f"{label:<8}", show_eta=True, show_percent=True,
+        with click.progressbar(length=max(total, 1), label=f"{label:<10}", show_eta=True, show_percent=True,
                                item_show_func=rate, file=sys.stderr) as b:
             def update(n):
                 done[0] += n

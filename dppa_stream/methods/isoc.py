@@ -318,7 +318,7 @@ class SpectralMethod(MergeMethod):
             return 8 * (models + 3) * _MEAN_CHUNK
         m, n, transposed = o
         w = n * (models if self.stacked else 1)
-        whole = 4 * (models + 4) * m * n if transposed else 0  # inputs as float32, the output twice
+        whole = 4 * (models + 4) * m * n if transposed else 0  # inputs as float32, the output twice, one spare
         return 8 * 10 * w * w + 8 * 2 * n * w + 8 * 4 * ROW_BLOCK * w + whole
 
     def held_bytes(self, shape: tuple, models: int) -> int:
