@@ -138,13 +138,7 @@ class MoeShape:
         return out
 
     def numel(self) -> int:
-        total = 0
-        for _, shape in self.matrices():
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-        return total
+        return sum(math.prod(shape) for _, shape in self.matrices())
 
     def hf_config(self) -> dict:
         return {

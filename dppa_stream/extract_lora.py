@@ -284,7 +284,8 @@ def extract(finetuned: str, base: str, out: str, opts: ExtractOptions) -> Extrac
     from .inputs import _check_same
     from .tokenizer import is_vocab_tensor
     from .memory import default_budget
-    from .output import fsync_dir, publish
+    from .durable import write_atomic
+    from .output import publish
     from .units import unit_budget
 
     t0 = time.perf_counter()
@@ -392,10 +393,7 @@ def extract(finetuned: str, base: str, out: str, opts: ExtractOptions) -> Extrac
             "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
             "init_lora_weights": True, "inference_mode": True,
         }
-        with open(os.path.join(partial, CONFIG), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
-        fsync_dir(partial)
+        write_atomic(os.path.join(partial, CONFIG), (json.dumps(config, indent=2) + "\n").encode())
     except BaseException:
         writer.data.close()
         shutil.rmtree(partial, ignore_errors=True)

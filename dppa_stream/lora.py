@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -271,15 +272,15 @@ def open_adapted(base: Checkpoint, folder: str) -> Checkpoint:
 
 # --- reading adapted rows -----------------------------------------------------------------------
 
-_cache: dict = {}  # per process: the right factor of the tensor last read (units of a tensor are consecutive)
+_cache = threading.local()  # per thread: the right factor of the tensor it read last (a task reads a tensor's rows in order)
 
 
 def right_of(f: Factors) -> np.ndarray:
-    got = _cache.get("right")
+    got = getattr(_cache, "right", None)
     if got is not None and got[0] is f:
         return got[1]
     m = f.right_matrix()
-    _cache["right"] = (f, m)
+    _cache.right = (f, m)
     return m
 
 

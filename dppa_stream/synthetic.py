@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -53,13 +54,7 @@ class LlamaShape:
         return out
 
     def numel(self) -> int:
-        total = 0
-        for _, shape in self.tensors():
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-        return total
+        return sum(math.prod(shape) for _, shape in self.tensors())
 
     def hf_config(self, dtype: torch.dtype) -> dict:
         return {
