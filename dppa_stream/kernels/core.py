@@ -350,6 +350,15 @@ def dare_sums(src, code, model, lo, hi, flat0, key, limit, full, kept, bad):
             _add_abs(x[j] * (np.float32(1.0) if keep_draw(k, first + j, lim) else np.float32(0.0)), kept)
 
 
+@njit(nogil=True, cache=True, error_model="numpy")
+def dare_sums_segments(src, code, model, starts, active, keys, limits, full, kept, bad):
+    """`dare_sums` of one model over a batch of whole tensors (columns starts[k]:starts[k+1]), for
+    the tensors with active[k], into full[k] and kept[k]."""
+    for k in range(starts.shape[0] - 1):
+        if active[k]:
+            dare_sums(src, code, model, starts[k], starts[k + 1], 0, keys[k], limits[k], full[k], kept[k], bad)
+
+
 # --- pass 2: merges ------------------------------------------------------------------------------
 
 @njit(inline="always")
