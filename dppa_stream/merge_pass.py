@@ -24,7 +24,7 @@ from .inputs import verify_unchanged
 from .output import MANIFEST, WORK_DIR, Manifest, read_manifest_extras, release_reserve
 from .statistics import check_nonfinite, drive, inline
 from .targets import RequantLoss, Target, output_targets, tensor_scale, write_quantized, writes_quantized
-from .units import BatchRows, UnitInputs, UnitRows, batch_key, batchable, scratch
+from .units import BATCH_MAX_BYTES, BATCH_MAX_ITEMS, BatchRows, UnitInputs, UnitRows, batch_bytes, batch_key, batchable, scratch
 
 
 def merge_task(method, inp: UnitInputs, plan, folder: str, target: Target, places: tuple[Placement, ...],
@@ -64,13 +64,7 @@ def merge_work(method, work, plans: tuple, folder: str, targets: tuple, places: 
     written, losses = 0, []
     items, i = work.items, 0
     while i < len(items):
-        j = i
-        if _in_batch(method, items[i], plans[i], targets[i]):
-            key = (batch_key(items[i]), targets[i].dtype)
-            j = i + 1
-            while j < len(items) and _in_batch(method, items[j], plans[j], targets[j]) \
-                    and (batch_key(items[j]), targets[j].dtype) == key:
-                j += 1
+        j = _batch_end(method, items, plans, targets, i)
         if j > i:
             written += merge_batch(method, BatchRows(items[i:j]), plans[i:j], folder, targets[i].dtype,
                                    places[i:j], check_finite)
@@ -82,6 +76,24 @@ def merge_work(method, work, plans: tuple, folder: str, targets: tuple, places: 
             losses.append([items[i].unit.tensor, loss])
         i += 1
     return written, losses or None
+
+
+def _batch_end(method, items: tuple, plans: tuple, targets: tuple, i: int) -> int:
+    """Where the batch that starts at item i ends (exclusive; i when item i does not join one):
+    consecutive items that join one with the same reads and output dtype, up to BATCH_MAX_ITEMS
+    items and BATCH_MAX_BYTES of rows and output."""
+    if not _in_batch(method, items[i], plans[i], targets[i]):
+        return i
+    key = (batch_key(items[i]), targets[i].dtype)
+    out_size = np.dtype(kernels.CONTAINER[targets[i].dtype]).itemsize
+    held, j = batch_bytes(items[i], out_size), i + 1
+    while j < len(items) and j - i < BATCH_MAX_ITEMS and _in_batch(method, items[j], plans[j], targets[j]) \
+            and (batch_key(items[j]), targets[j].dtype) == key:
+        held += batch_bytes(items[j], out_size)
+        if held > BATCH_MAX_BYTES:
+            break
+        j += 1
+    return j
 
 
 def _in_batch(method, inp: UnitInputs, plan, target: Target) -> bool:

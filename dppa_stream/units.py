@@ -183,6 +183,9 @@ class UnitRows:
 
 
 BATCH_MAX_NUMEL = 1 << 16  # elements of a whole tensor that pass 2 merges in a batch (`BatchRows`)
+BATCH_MAX_ITEMS = 4096  # tensors per batch: planning arrays of ~0.5 KB per tensor stay within TASK_OVERHEAD
+BATCH_MAX_BYTES = 16 << 20  # rows and output of a batch: a work unit of many tensors runs as a few batches, so a
+# thread's buffers stay near this size instead of the whole work unit's (one tensor at a time held little)
 
 
 def batchable(inp: UnitInputs) -> bool:
@@ -193,6 +196,11 @@ def batchable(inp: UnitInputs) -> bool:
         return False
     dtype = entries[0].dtype
     return dtype in FLOAT_DTYPES and all(type(e) is TensorEntry and e.dtype == dtype for e in entries)
+
+
+def batch_bytes(inp: UnitInputs, out_itemsize: int) -> int:
+    """What a batchable unit adds to its batch's buffers: its rows and its output."""
+    return inp.unit.numel * (len(inp.entries) * inp.entries[0].itemsize + out_itemsize)
 
 
 def batch_key(inp: UnitInputs) -> tuple:
