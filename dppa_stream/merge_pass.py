@@ -16,7 +16,7 @@ import shutil
 import numpy as np
 
 from . import kernels
-from .checkpoint import Placement, ShardLayout, write_rows
+from .checkpoint import DTYPE_SIZES, Placement, ShardLayout, write_rows
 from .checkpoint.writer import write_at
 from .hf_files import copy_model_files, write_model_card
 from .methods.base import Catalogue, TensorInfo
@@ -24,7 +24,7 @@ from .inputs import verify_unchanged
 from .output import MANIFEST, WORK_DIR, Manifest, read_manifest_extras, release_reserve
 from .statistics import check_nonfinite, drive, inline
 from .targets import RequantLoss, Target, output_targets, tensor_scale, write_quantized, writes_quantized
-from .units import BATCH_MAX_BYTES, BATCH_MAX_ITEMS, BatchRows, UnitInputs, UnitRows, batch_bytes, batch_key, batchable, scratch
+from .units import BATCH_MAX_BYTES, BATCH_MAX_ITEMS, BatchRows, UnitInputs, UnitRows, batch_key, scratch
 
 
 def merge_task(method, inp: UnitInputs, plan, folder: str, target: Target, places: tuple[Placement, ...],
@@ -80,26 +80,30 @@ def merge_work(method, work, plans: tuple, folder: str, targets: tuple, places: 
 
 def _batch_end(method, items: tuple, plans: tuple, targets: tuple, i: int) -> int:
     """Where the batch that starts at item i ends (exclusive; i when item i does not join one):
-    consecutive items that join one with the same reads and output dtype, up to BATCH_MAX_ITEMS
-    items and BATCH_MAX_BYTES of rows and output."""
-    if not _in_batch(method, items[i], plans[i], targets[i]):
+    the consecutive items with its `_batch_key`, up to BATCH_MAX_ITEMS items and BATCH_MAX_BYTES
+    of rows and output."""
+    key = _batch_key(method, items[i], plans[i], targets[i])
+    if key is None:
         return i
-    key = (batch_key(items[i]), targets[i].dtype)
-    out_size = np.dtype(kernels.CONTAINER[targets[i].dtype]).itemsize
-    held, j = batch_bytes(items[i], out_size), i + 1
-    while j < len(items) and j - i < BATCH_MAX_ITEMS and _in_batch(method, items[j], plans[j], targets[j]) \
-            and (batch_key(items[j]), targets[j].dtype) == key:
-        held += batch_bytes(items[j], out_size)
+    dtype, models, has_base = key[0]
+    per_element = (models + has_base) * DTYPE_SIZES[dtype] + DTYPE_SIZES[key[1]]
+    held, j, stop = items[i].unit.flat_stop * per_element, i + 1, min(len(items), i + BATCH_MAX_ITEMS)
+    while j < stop and _batch_key(method, items[j], plans[j], targets[j]) == key:
+        held += items[j].unit.flat_stop * per_element
         if held > BATCH_MAX_BYTES:
             break
         j += 1
     return j
 
 
-def _in_batch(method, inp: UnitInputs, plan, target: Target) -> bool:
-    """A unit joins a batch when it is a whole small float tensor read raw, planned in this task
-    (a local method's one-unit tensor: `plan` is its TensorInfo), and written plain."""
-    return method.local and isinstance(plan, TensorInfo) and target.ref is None and batchable(inp)
+def _batch_key(method, inp: UnitInputs, plan, target: Target) -> tuple | None:
+    """A unit joins a batch when it is a whole small float tensor read raw (`units.batch_key`),
+    planned in this task (a local method's one-unit tensor: `plan` is its TensorInfo) and
+    written plain; consecutive ones with equal keys share one."""
+    if type(plan) is not TensorInfo or target.ref is not None or not method.local:
+        return None
+    key = batch_key(inp)
+    return None if key is None else (key, target.dtype)
 
 
 def merge_batch(method, batch: BatchRows, infos: tuple, folder: str, dtype: str, places: tuple,
@@ -116,15 +120,15 @@ def merge_batch(method, batch: BatchRows, infos: tuple, folder: str, dtype: str,
             check_nonfinite(rows, [kernels.count_nonfinite(rows.src[i], kernels.CODES[rows.dtype]) if n else 0
                                    for i, n in enumerate(bad)])
     data = out.view(np.uint8)
-    itemsize = out.itemsize
+    at = (starts * out.itemsize).tolist()  # byte offsets of the items in `data`
     written, k, n = 0, 0, len(places)
     while k < n:
         first = places[k][0]
-        j, end = k + 1, first.offset + (starts[k + 1] - starts[k]) * itemsize
-        while j < n and places[j][0].file == first.file and places[j][0].offset == end:
-            end += (starts[j + 1] - starts[j]) * itemsize
+        file, j, end = first.file, k + 1, first.offset + at[k + 1] - at[k]
+        while j < n and places[j][0].offset == end and places[j][0].file == file:
+            end += at[j + 1] - at[j]
             j += 1
-        written += write_at(folder, first, 0, data[starts[k] * itemsize:starts[j] * itemsize])
+        written += write_at(folder, first, 0, data[at[k]:at[j]])
         k = j
     return written
 
