@@ -148,7 +148,7 @@ def test_exact_ranks_equal_a_sort(name, bf16_delta):
             part = np.sort(ref.f32_bits(d[lo:hi].abs()).numpy())
             ranks = np.array(sorted({1, 2, hi - lo, (hi - lo) // 2, (hi - lo) * 9 // 10}), np.int64)
             out, bad = np.zeros((len(ranks), 3), np.int64), np.zeros(3, np.int64)
-            keys, counts = np.full(hi - lo + 3, -1, np.int64), np.full(1 << 11, 7, np.int64)  # stale scratch
+            keys, counts = np.full(2 * (hi - lo) + 3, -1, np.int64), np.full(1 << 11, 7, np.int64)  # stale scratch
             kn.exact_ranks(src, kn.CODES[name], i, lo, hi, bf16_delta, ranks, out, keys, counts, bad)
             for (key, below, equal), r in zip(out.tolist(), ranks.tolist()):
                 assert key == part[r - 1]

@@ -276,10 +276,20 @@ def exact_ranks(src, code, model, lo, hi, bf16_delta, ranks, out, keys, counts, 
     """The keys of |delta| over [lo, hi) (float32 bits, as `abs_summaries` bins them) at each
     1-based ascending rank ranks[i]: out[i] = (key, keys below it, keys equal to it). What the
     two histogram rounds of `methods/ranks.py` find, for a tensor held whole in one unit: a
-    32k-bin histogram costs more than a small tensor's elements. A radix selection: 11, 11 and
-    10 bits at a time, counting only the keys that share the prefix found so far. `keys` (int64,
-    at least hi - lo) and `counts` (int64, 2048) are the caller's scratch: allocating them here,
-    in the worker threads, grew the heap by ~90 MiB over a merge of 45k small tensors."""
+    32k-bin histogram costs more than a small tensor's elements. A radix selection (`_select`).
+    `keys` (int64, at least 2 (hi - lo)) and `counts` (int64, 2048; contents ignored) are the
+    caller's scratch: allocating them here, in the worker threads, grew the heap by ~90 MiB over
+    a merge of 45k small tensors."""
+    counts[:] = 0
+    _select(src, code, model, lo, hi, bf16_delta, ranks, out, keys, counts, bad)
+
+
+@njit(inline="always")
+def _select(src, code, model, lo, hi, bf16_delta, ranks, out, keys, counts, bad):
+    """`exact_ranks` with `counts` all zero on entry, and left so. The keys' digits are 11, 11
+    and 10 bits: the first digit is counted while the keys are made (keys[:n]); for each rank,
+    the keys sharing the digits found so far are copied behind them (keys[n:], `_gather`) and
+    only those are counted at the next digit, so a rank costs about one pass more."""
     n = hi - lo
     b = np.empty(BLOCK, np.float32)
     d = np.empty(BLOCK, np.float32)
@@ -287,36 +297,58 @@ def exact_ranks(src, code, model, lo, hi, bf16_delta, ranks, out, keys, counts, 
         m = min(BLOCK, hi - s)
         bad[0] += widen_block(src[0], code, s, m, b)
         bad[model + 1] += _deltas(src, code, model + 1, s, m, b, d, bf16_delta)
+        kk = keys[s - lo:s - lo + m]
         for j in range(m):
-            keys[s - lo + j] = np.int64(bits_of_f32(d[j]) & np.uint32(0x7FFFFFFF))
-    for i in range(ranks.shape[0]):
+            k = np.int64(bits_of_f32(d[j]) & np.uint32(0x7FFFFFFF))
+            kk[j] = k
+            counts[k >> 21] += 1
+    for i in range(ranks.shape[0]):  # every rank's first digit, before the counts are reused
         r = ranks[i]
-        prefix = np.int64(0)
-        mask = np.int64(0)
+        digit = 0
         below = np.int64(0)
+        while r > counts[digit]:
+            r -= counts[digit]
+            below += counts[digit]
+            digit += 1
+        out[i, 0], out[i, 1], out[i, 2] = digit, below, r
+    counts[:1024] = 0  # keys are below 2**31: 10 bits of the first digit in use
+    for i in range(ranks.shape[0]):
+        prefix, below, r = out[i, 0] << 21, out[i, 1], out[i, 2]
+        found = keys[n:2 * n]
+        cand = _gather(keys[:n], n, found, prefix, np.int64(0x7FE00000))
         last = np.int64(0)
-        for level in range(3):
-            shift = 21 if level == 0 else 10 if level == 1 else 0
-            width = 10 if level == 2 else 11
-            digits = (np.int64(1) << width) - 1
-            counts[:digits + 1] = 0
-            for j in range(n):
-                k = keys[j]
-                if (k & mask) == prefix:
-                    counts[(k >> shift) & digits] += 1
-            acc = np.int64(0)
+        for level in range(2):
+            shift = 10 if level == 0 else 0
+            digits = np.int64(2047) if level == 0 else np.int64(1023)
+            for j in range(cand):
+                counts[(found[j] >> shift) & digits] += 1
             digit = 0
-            while acc + counts[digit] < r:
-                acc += counts[digit]
+            while r > counts[digit]:
+                r -= counts[digit]
+                below += counts[digit]
                 digit += 1
-            r -= acc
-            below += acc
             last = counts[digit]
+            for j in range(cand):
+                counts[(found[j] >> shift) & digits] = 0
             prefix |= np.int64(digit) << shift
-            mask |= digits << shift
+            if level == 0:
+                cand = _gather(found, cand, found, prefix, np.int64(0x7FFFFC00))
         out[i, 0] = prefix
         out[i, 1] = below
         out[i, 2] = last
+
+
+@njit(inline="always")
+def _gather(keys, n, dst, prefix, mask):
+    """Copies the keys[:n] whose bits under `mask` equal `prefix` to dst (which may be keys
+    itself) in order; returns how many. Every key is stored and the count advanced by the test,
+    so no branch mispredicts on keys that match at random."""
+    m = 0
+    for j in range(n):
+        k = keys[j]
+        dst[m] = k
+        m += (k & mask) == prefix
+    return m
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -324,11 +356,11 @@ def exact_ranks_segments(src, code, starts, bf16_delta, ranks, active, out, keys
     """`exact_ranks` of a batch of whole tensors (`units.BatchRows`): tensor k is columns
     starts[k]:starts[k+1] of src; for each model m with active[k, m], the ranks ranks[k, m] into
     out[k, m] (one call per batch instead of one per tensor and model)."""
+    counts[:] = 0
     for k in range(starts.shape[0] - 1):
         for m in range(ranks.shape[1]):
             if active[k, m]:
-                exact_ranks(src, code, m, starts[k], starts[k + 1], bf16_delta, ranks[k, m], out[k, m], keys, counts,
-                            bad)
+                _select(src, code, m, starts[k], starts[k + 1], bf16_delta, ranks[k, m], out[k, m], keys, counts, bad)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")

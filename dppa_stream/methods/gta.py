@@ -115,7 +115,7 @@ class DeltaMethod(MergeMethod):
             for m, a in enumerate(asked):
                 if a is not None:
                     ranks[:, m], active[:, m] = a
-            keys = scratch("keys", 8 * int(numel.max(initial=0))).view(np.int64)
+            keys = scratch("keys", 16 * int(numel.max(initial=0))).view(np.int64)
             kernels.exact_ranks_segments(batch.src, code, starts, False, ranks, active, found, keys,
                                          scratch("digits", 8 << 11).view(np.int64), bad)
         if check_finite and bad.any():
