@@ -4,7 +4,10 @@ Each task runs its work unit's units in order: it reads a unit's values, plans t
 when the method is local and the tensor is this one unit (statistics from the values already in
 memory), runs the method's kernel straight into an output buffer and writes it with one positional
 write into the pre-laid-out shard; a quantized output tensor is encoded first (targets.py), its
-scales written beside it. Finished work units go to the manifest (with the requantization loss of
+scales written beside it. Consecutive whole small tensors of a local method go as one batch
+(`units.BatchRows`, `MergeMethod.merge_batch`): one read per input and one write per run of
+tensors stored back to back, one planning and kernel call for all of them, so an MoE checkpoint's
+tens of thousands of small tensors cost about what the same numbers fused into a few hundred do. Finished work units go to the manifest (with the requantization loss of
 their units), so `--resume` skips them.
 """
 

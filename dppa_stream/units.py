@@ -5,7 +5,8 @@ A `Unit` is a flat element range [flat_start, flat_stop) of one tensor across ev
 size, i.e. many whole small tensors (an MoE checkpoint ships tens of thousands of them) or one
 piece of a large one. A task holds one unit at a time: the values of the base and of each
 fine-tune (one allocation; raw bit patterns read with one positional read per input, or float32
-values decoded by `sources`) plus the output values.
+values decoded by `sources`) plus the output values; or a batch of whole small tensors read
+together (`BatchRows`, up to BATCH_MAX_BYTES).
 
 A tensor is split only at multiples of its `multiple` (elements): a row along the last dimension
 for methods that work element by element or row by row (so a fused `[experts, out, in]` tensor
