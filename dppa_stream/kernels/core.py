@@ -23,6 +23,8 @@ F32, uint64 for F64), so NaN payloads and signed zeros survive until the formula
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -389,6 +391,64 @@ def dare_sums_segments(src, code, model, starts, active, keys, limits, full, kep
     for k in range(starts.shape[0] - 1):
         if active[k]:
             dare_sums(src, code, model, starts[k], starts[k + 1], 0, keys[k], limits[k], full[k], kept[k], bad)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def exact_sums(mants, out):
+    """`summaries.exact_sum` of each row of `mants` ([rows, 256] per-exponent sums of float32
+    significands, each below 2**63) into out[row]: the value Σ_e mants[e] · 2**(max(e, 1) - 150)
+    exactly rounded to float64 (to nearest, ties to even), from an exact sum in 32-bit limbs.
+    A batch of small tensors needs thousands; Python integers cost ~30 µs each."""
+    limbs = np.zeros(12, np.int64)  # 384 bits: 255 + 63 + a carry
+    mask32 = np.int64(0xFFFFFFFF)
+    for r in range(mants.shape[0]):
+        limbs[:] = 0
+        for e in range(256):
+            v = mants[r, e]
+            if v == 0:
+                continue
+            sh = max(e, 1)
+            w, b = sh // 32, sh % 32
+            lo = (v & mask32) << b  # below 2**63
+            hi = (v >> 32) << b  # below 2**62
+            limbs[w] += lo & mask32
+            limbs[w + 1] += (lo >> 32) + (hi & mask32)
+            limbs[w + 2] += hi >> 32
+        carry = np.int64(0)
+        top = -1
+        for i in range(12):
+            t = limbs[i] + carry
+            limbs[i] = t & mask32
+            carry = t >> 32
+            if limbs[i]:
+                top = i
+        if top < 0:
+            out[r] = 0.0
+            continue
+        L = 0
+        while (limbs[top] >> L) != 0:
+            L += 1
+        nbits = 32 * top + L
+        sticky = False
+        if nbits <= 64:
+            u = np.uint64(limbs[0]) | (np.uint64(limbs[1]) << np.uint64(32))
+            if nbits <= 53:
+                out[r] = math.ldexp(np.float64(u), -150)
+                continue
+            shift = np.uint64(nbits - 53)
+        else:
+            u = (np.uint64(limbs[top]) << np.uint64(64 - L)) | (np.uint64(limbs[top - 1]) << np.uint64(32 - L)) | \
+                (np.uint64(limbs[top - 2]) >> np.uint64(L))
+            sticky = (limbs[top - 2] & ((np.int64(1) << L) - 1)) != 0
+            for i in range(top - 2):
+                sticky = sticky or limbs[i] != 0
+            shift = np.uint64(11)
+        q = u >> shift
+        rem = u & ((np.uint64(1) << shift) - np.uint64(1))
+        half = np.uint64(1) << (shift - np.uint64(1))
+        if rem > half or (rem == half and (sticky or (q & np.uint64(1)) != 0)):
+            q += np.uint64(1)
+        out[r] = math.ldexp(np.float64(q), nbits - 53 - 150)
 
 
 # --- pass 2: merges ------------------------------------------------------------------------------

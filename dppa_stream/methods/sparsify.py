@@ -369,10 +369,11 @@ class Bernoulli(Sparsifier):
         full, kept = np.zeros((n, 256), np.int64), np.zeros((n, 256), np.int64)
         kernels.dare_sums_segments(batch.src, kernels.CODES[batch.dtype], model, batch.starts, active, p["key"],
                                    p["limit"].astype(np.uint64), full, kept, bad)
-        for k in np.flatnonzero(active):
-            a, b = summaries.exact_sum(full[k]), summaries.exact_sum(kept[k])
-            if a >= 1e-7 and b >= 1e-7:
-                p["scale"][k] = a / b
+        a, b = np.zeros(n), np.zeros(n)
+        kernels.exact_sums(full, a)
+        kernels.exact_sums(kept, b)
+        use = active & (a >= 1e-7) & (b >= 1e-7)
+        p["scale"][use] = a[use] / b[use]
 
     @classmethod
     def batch_fill(cls, p, numel, found, models, levels):
