@@ -185,8 +185,9 @@ class UnitRows:
 
 BATCH_MAX_NUMEL = 1 << 16  # elements of a whole tensor that pass 2 merges in a batch (`BatchRows`)
 BATCH_MAX_ITEMS = 4096  # tensors per batch: planning arrays of ~0.5 KB per tensor stay within TASK_OVERHEAD
-BATCH_MAX_BYTES = 16 << 20  # rows and output of a batch: a work unit of many tensors runs as a few batches, so a
-# thread's buffers stay near this size instead of the whole work unit's (one tensor at a time held little)
+BATCH_MAX_BYTES = 4 << 20  # rows and output of a batch: a work unit of many tensors runs as several batches, so a
+# thread's buffers stay near this size, not the whole work unit's (max RSS of the unfused ties merge: 320 MB at
+# 4 MiB, 359 MB at 16 MiB, 304 MB tensor by tensor; CPU the same)
 
 
 def batch_key(inp: UnitInputs) -> tuple | None:
