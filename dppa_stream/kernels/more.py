@@ -10,8 +10,8 @@ import math
 import numpy as np
 from numba import njit
 
-from .core import (BLOCK, TH_ALL, TH_NONE, _add_abs, bits_of_f32, count_in_bins, keep_draw, narrow_block,
-                   widen_block)
+from .core import (BLOCK, TH_ALL, TH_NONE, _add_abs, _deltas, bits_of_f32, count_in_bins, f64_from_bits, keep_draw,
+                   narrow_block, widen_block)
 
 GRAM_BUCKETS = 512  # sums of two float32 exponent fields (each 1..254) index the product buckets
 _LOW_BITS = 30
@@ -106,6 +106,205 @@ def gram_sums(src, code, lo, hi, deltas, high, low, bad):
                     block[(j & (LANES - 1)) * npairs + p, ea[j] + eb[j]] += sa[j] * sb[j]
                 p += 1
         _flush_lanes(block, npairs, high, low)
+
+
+# --- batches: many small whole tensors, one segment of columns each --------------------------------
+# A pass-2 batch holds consecutive small tensors side by side: segment i is columns
+# starts[i]:starts[i+1] of every input row and of the output. These kernels give per segment what
+# the per-tensor kernels give on the tensor alone, bit for bit, in one call for the whole batch.
+
+_LIMBS = 24  # 30-bit limbs of an exact sum of `gram_sums` words: bucket 511 + 30 + 64 bits + carries < 720
+
+
+@njit(inline="always")
+def _split_span(x, m, sig, exp):
+    """`_split_row`, returning the smallest and largest exponent field of the non-zero values
+    (GRAM_BUCKETS, -1 when all are zero): the buckets their products can reach."""
+    lo = GRAM_BUCKETS
+    hi = -1
+    for j in range(m):
+        s, e = _split(x[j])
+        sig[j] = s
+        exp[j] = e
+        if s != 0:
+            lo = min(lo, e)
+            hi = max(hi, e)
+    return lo, hi
+
+
+@njit(inline="always")
+def _add_shifted(limbs, x, shift):
+    """limbs += x * 2**shift (x a signed int64), limbs of 30 bits each (not yet carried)."""
+    mask = np.int64((1 << _LOW_BITS) - 1)
+    q = shift // _LOW_BITS
+    r = shift - q * _LOW_BITS
+    v = (x & mask) << r
+    limbs[q] += v & mask
+    limbs[q + 1] += v >> _LOW_BITS
+    v = ((x >> _LOW_BITS) & mask) << r
+    limbs[q + 1] += v & mask
+    limbs[q + 2] += v >> _LOW_BITS
+    v = (x >> (2 * _LOW_BITS)) << r  # the signed top: |x >> 60| <= 8
+    limbs[q + 2] += v & mask
+    limbs[q + 3] += v >> _LOW_BITS
+
+
+@njit(inline="always")
+def _carry(limbs):
+    """Carry every limb into [0, 2**30); the top limb keeps the sign."""
+    for i in range(_LIMBS - 1):
+        c = limbs[i] >> _LOW_BITS
+        limbs[i] -= c << _LOW_BITS
+        limbs[i + 1] += c
+
+
+@njit(inline="always")
+def _bit(limbs, k):
+    return (limbs[k // _LOW_BITS] >> (k % _LOW_BITS)) & 1
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def exact_f64(high, low, e0, e1, limbs):
+    """The sum `gram_sums` keeps in buckets e0..e1 of `high`, `low` (value (high * 2**30 + low)
+    * 2**(e - 300)), correctly rounded to float64 (nearest, ties to even: what
+    `statistics.exact_products` gets from Python's exact int / int), those buckets zeroed. The
+    result is never subnormal nor infinite (|products| of float32 lie in 2**-298..2**256)."""
+    limbs[:] = 0
+    for e in range(e0, e1 + 1):
+        if high[e] != 0:
+            _add_shifted(limbs, high[e], e + _LOW_BITS)
+            high[e] = 0
+        if low[e] != 0:
+            _add_shifted(limbs, low[e], e)
+            low[e] = 0
+    _carry(limbs)
+    neg = limbs[_LIMBS - 1] < 0
+    if neg:
+        for i in range(_LIMBS):
+            limbs[i] = -limbs[i]
+        _carry(limbs)
+    top = _LIMBS - 1
+    while top >= 0 and limbs[top] == 0:
+        top -= 1
+    if top < 0:
+        return 0.0
+    width = 0
+    v = limbs[top]
+    while v:
+        width += 1
+        v >>= 1
+    p = top * _LOW_BITS + width - 1  # the highest set bit
+    shift = max(0, p - 52)
+    m = np.int64(0)
+    for k in range(p, shift - 1, -1):  # the top 53 bits
+        m = (m << 1) | _bit(limbs, k)
+    if shift > 0 and _bit(limbs, shift - 1):  # round to nearest, ties to even
+        r = shift - 1
+        sticky = (limbs[r // _LOW_BITS] & ((np.int64(1) << (r % _LOW_BITS)) - 1)) != 0
+        for i in range(r // _LOW_BITS):
+            sticky = sticky or limbs[i] != 0
+        if sticky or (m & 1):
+            m += 1
+    val = np.float64(m) * f64_from_bits(np.uint64(1023 + shift - 300) << np.uint64(52))  # exact: a power of two
+    return -val if neg else val
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def gram_batch(src, code, starts, deltas, out, bad):
+    """Per segment i, `gram_sums` over its columns rounded as `statistics.exact_products` rounds
+    it: out[i, p] for the pairs (a, b), a <= b, in row-major order. Only the buckets the
+    segment's exponents can reach are flushed and rounded (a small tensor's values span a few
+    dozen exponents, not 512)."""
+    n_in = src.shape[0]
+    nv = n_in - 1 if deltas else n_in
+    npairs = nv * (nv + 1) // 2
+    vals = np.empty((nv, BLOCK), np.float32)
+    base = np.empty(BLOCK, np.float32)
+    block = np.zeros((LANES * npairs, GRAM_BUCKETS), np.int64)
+    high = np.zeros((npairs, GRAM_BUCKETS), np.int64)
+    low = np.zeros((npairs, GRAM_BUCKETS), np.int64)
+    sig = np.empty((nv, BLOCK), np.int64)
+    exp = np.empty((nv, BLOCK), np.int64)
+    emin = np.empty(nv, np.int64)
+    emax = np.empty(nv, np.int64)
+    used_lo = np.empty(npairs, np.int64)
+    used_hi = np.empty(npairs, np.int64)
+    limbs = np.zeros(_LIMBS, np.int64)
+    for i in range(starts.shape[0] - 1):
+        used_lo[:] = GRAM_BUCKETS
+        used_hi[:] = -1
+        for s in range(starts[i], starts[i + 1], BLOCK):
+            m = min(BLOCK, starts[i + 1] - s)
+            _vectors(src, code, s, m, deltas, base, vals, bad)
+            for k in range(nv):
+                emin[k], emax[k] = _split_span(vals[k], m, sig[k], exp[k])
+            p = 0
+            for a in range(nv):
+                for b in range(a, nv):
+                    sa, sb, ea, eb = sig[a], sig[b], exp[a], exp[b]
+                    for j in range(m):
+                        block[(j & (LANES - 1)) * npairs + p, ea[j] + eb[j]] += sa[j] * sb[j]
+                    e0, e1 = emin[a] + emin[b], emax[a] + emax[b]
+                    if emax[a] >= 0 and emax[b] >= 0:  # else every product was 0, added to a zero bucket
+                        for e in range(e0, e1 + 1):
+                            v = 0
+                            for lane in range(LANES):
+                                v += block[lane * npairs + p, e]
+                                block[lane * npairs + p, e] = 0
+                            if v != 0:
+                                high[p, e] += v >> _LOW_BITS
+                                low[p, e] += v & ((1 << _LOW_BITS) - 1)
+                        used_lo[p] = min(used_lo[p], e0)
+                        used_hi[p] = max(used_hi[p], e1)
+                    p += 1
+        for p in range(npairs):
+            out[i, p] = exact_f64(high[p], low[p], used_lo[p], used_hi[p], limbs)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def combine_batch(src, code, starts, coeffs, deltas, out, out_code, bad):
+    """Per segment i, the linear combination with float32 coefficients coeffs[i], with each
+    formula's float32 operations as its per-tensor kernel does them: `weighted_sum` (sum_k c_k
+    input_k, from 0.0) or, when `deltas`, `delta.gta` with nothing thinned (d_k = model_k - base,
+    times c_k unless c_k is 1, summed from d_0, plus the base)."""
+    n_in = src.shape[0]
+    K = n_in - 1 if deltas else n_in
+    base = np.empty(BLOCK, np.float32)
+    d = np.empty((K, BLOCK), np.float32)
+    acc = np.empty(BLOCK, np.float32)
+    one = np.float32(1.0)
+    for i in range(starts.shape[0] - 1):
+        c = coeffs[i]
+        for s in range(starts[i], starts[i + 1], BLOCK):
+            m = min(BLOCK, starts[i + 1] - s)
+            a = acc[:m]
+            if deltas:
+                bad[0] += widen_block(src[0], code, s, m, base)
+                for k in range(K):
+                    row = d[k]
+                    bad[k + 1] += _deltas(src, code, k + 1, s, m, base, row, False)
+                    w = c[k]
+                    if w != one:
+                        for j in range(m):
+                            row[j] = row[j] * w
+                a[:] = d[0, :m]
+                for k in range(1, K):
+                    x = d[k, :m]
+                    for j in range(m):
+                        a[j] = a[j] + x[j]
+                b = base[:m]
+                for j in range(m):
+                    a[j] = b[j] + a[j]
+            else:
+                xs = d[0, :m]
+                for j in range(m):
+                    a[j] = np.float32(0.0)
+                for k in range(K):
+                    bad[k] += widen_block(src[k], code, s, m, d[0])
+                    w = c[k]
+                    for j in range(m):
+                        a[j] = a[j] + w * xs[j]
+            narrow_block(acc, m, out, s, out_code)
 
 
 # --- row-wise statistics and combinations ----------------------------------------------------------

@@ -104,6 +104,34 @@ class GramMethod(MergeMethod):
     def row_coefficients(self, gram: np.ndarray, plan: Combination) -> list[float]:
         raise NotImplementedError
 
+    def row_wise(self, info) -> bool:
+        """Whether the tensor is merged row by row (a Gram matrix per row, made in pass 2)."""
+        return False
+
+    def merge_batch(self, batch, infos, out, out_code, check_finite):
+        """Many small whole tensors at once: every tensor's exact Gram matrix in one kernel call,
+        their coefficients as `tensor_plan` makes them (`batch_coefficients`), one combining call."""
+        if any(self.row_wise(info) for info in infos):
+            return super().merge_batch(batch, infos, out, out_code, check_finite)
+        code = kernels.CODES[batch.dtype]
+        deltas = self.deltas and self.has_base
+        bad = np.zeros(batch.src.shape[0], np.int64)
+        grams = np.empty((len(infos), _pairs(batch.src.shape[0] - int(deltas))))
+        kernels.gram_batch(batch.src, code, batch.starts, deltas, grams, bad)
+        if check_finite and bad.any():
+            return bad  # the caller redoes the batch tensor by tensor, naming the first bad one
+        coeffs = np.zeros((len(infos), batch.src.shape[0] - int(deltas)), np.float32)
+        full = np.flatnonzero(np.diff(batch.starts))  # an empty tensor has no Gram matrix (nothing to merge)
+        if len(full):
+            coeffs[full] = self.batch_coefficients([infos[k] for k in full], grams[full])
+        kernels.combine_batch(batch.src, code, batch.starts, coeffs, deltas, out, out_code, bad)
+        return bad
+
+    def batch_coefficients(self, infos, grams: np.ndarray):
+        """Each tensor's coefficients (float64, in input order) from its Gram matrix's upper triangle
+        (`grams[k]`): `tensor_plan`'s, which a method may compute faster for many tensors at once."""
+        return [self.tensor_plan(info, {self._gram_stat(info): g}).coeffs for info, g in zip(infos, grams)]
+
 
 def _pairs(n: int) -> int:
     return n * (n + 1) // 2
@@ -125,9 +153,14 @@ def _arc(t: float, cos: float) -> tuple[float, float]:
 def slerp_coefficients(t: float, gram: np.ndarray) -> tuple[float, float]:
     """mergekit's slerp of base a and model b, as coefficients of (a, b): lerp when the normalised
     vectors are (anti)parallel beyond 0.9995, else sin((1-t)θ)/sinθ and sin(tθ)/sinθ."""
-    na, nb = math.sqrt(gram[0, 0]), math.sqrt(gram[1, 1])
+    return _slerp(t, gram[0, 0], gram[0, 1], gram[1, 1])
+
+
+def _slerp(t: float, aa: float, ab: float, bb: float) -> tuple[float, float]:
+    """`slerp_coefficients` from the Gram matrix's three entries (a batch's come as floats)."""
+    na, nb = math.sqrt(aa), math.sqrt(bb)
     na, nb = (na if na > 1e-8 else 1.0), (nb if nb > 1e-8 else 1.0)
-    dot = max(-1.0, min(1.0, gram[0, 1] / (na * nb)))
+    dot = max(-1.0, min(1.0, ab / (na * nb)))
     return (1 - t, t) if abs(dot) > 0.9995 else _arc(t, dot)
 
 
@@ -142,13 +175,21 @@ class Slerp(GramMethod):
     def tensor_plan(self, info, got):
         return Combination(slerp_coefficients(float(info.globals["t"]), self.gram(info, got)))
 
+    def batch_coefficients(self, infos, grams):
+        return [_slerp(float(info.globals["t"]), *g) for info, g in zip(infos, grams.tolist())]
+
 
 # --- nuslerp -----------------------------------------------------------------------------------------
 
 def nuslerp_coefficients(t: float, gram: np.ndarray) -> tuple[float, float]:
     """mergekit's nuslerp of v0, v1 (unnormalised): lerp when colinear (1 - c^2 <= 1e-16)."""
-    n0, n1 = max(math.sqrt(gram[0, 0]), 1e-7), max(math.sqrt(gram[1, 1]), 1e-7)
-    c = max(-1.0, min(1.0, gram[0, 1] / (n0 * n1)))
+    return _nuslerp(t, gram[0, 0], gram[0, 1], gram[1, 1])
+
+
+def _nuslerp(t: float, aa: float, ab: float, bb: float) -> tuple[float, float]:
+    """`nuslerp_coefficients` from the Gram matrix's three entries."""
+    n0, n1 = max(math.sqrt(aa), 1e-7), max(math.sqrt(bb), 1e-7)
+    c = max(-1.0, min(1.0, ab / (n0 * n1)))
     return (1 - t, t) if 1 - c * c <= 1e-16 else _arc(t, c)
 
 
@@ -190,6 +231,12 @@ class Nuslerp(GramMethod):
 
     def row_coefficients(self, gram, plan):
         return list(nuslerp_coefficients(plan.params[0], gram))
+
+    def row_wise(self, info):
+        return not self._flat(info)
+
+    def batch_coefficients(self, infos, grams):
+        return [_nuslerp(self._t(info), *g) for info, g in zip(infos, grams.tolist())]
 
 
 # --- multislerp --------------------------------------------------------------------------------------
@@ -311,10 +358,26 @@ class Karcher(GramMethod):
 def model_stock_t(gram: np.ndarray) -> float:
     """mergekit's model_stock interpolation ratio from the Gram matrix of the offsets."""
     n = len(gram)
-    norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
-    cos = [max(-1.0, min(1.0, gram[i, j] / max(norms[i] * norms[j], 1e-6))) for i in range(n) for j in range(i + 1, n)]
-    c = sum(cos) / len(cos)
-    return 0.0 if abs(1 + (n - 1) * c) < 1e-6 else n * c / (1 + (n - 1) * c)
+    return float(model_stock_ts(gram[np.triu_indices(n)][None], n)[0])
+
+
+def model_stock_ts(grams: np.ndarray, n: int) -> np.ndarray:
+    """`model_stock_t` of many Gram matrices at once (`grams[k]`: the upper triangle in row-major
+    order), with the scalar formula's float64 operations in its order: the mean cosine summed
+    pair after pair from 0, Python's max/min (a NaN cosine clamps to 1.0)."""
+    diag = np.cumsum([0] + [n - i for i in range(n - 1)])  # entry (i, i): where row i of the triangle starts
+    norms = np.sqrt(np.maximum(grams[:, diag], 0.0))
+    total = np.zeros(len(grams))
+    for i in range(n):
+        for j in range(i + 1, n):
+            p = norms[:, i] * norms[:, j]
+            x = grams[:, diag[i] + j - i] / np.where(1e-6 > p, 1e-6, p)
+            x = np.where(x < 1.0, x, 1.0)  # min(1.0, x)
+            total = total + np.where(x > -1.0, x, -1.0)  # max(-1.0, .)
+    c = total / (n * (n - 1) // 2)
+    den = 1 + (n - 1) * c
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.abs(den) < 1e-6, 0.0, n * c / den)
 
 
 class ModelStock(GramMethod):
@@ -341,6 +404,13 @@ class ModelStock(GramMethod):
 
     def row_coefficients(self, gram, plan):
         return list(self._coeffs(model_stock_t(gram), len(gram)))
+
+    def row_wise(self, info):
+        return self._rows(info)
+
+    def batch_coefficients(self, infos, grams):
+        n = len(infos[0].models)
+        return np.repeat((model_stock_ts(grams, n) / n)[:, None], n, axis=1)
 
 
 # --- nearswap, passthrough -----------------------------------------------------------------------------
