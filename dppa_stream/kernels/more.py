@@ -109,8 +109,8 @@ def gram_sums(src, code, lo, hi, deltas, high, low, bad):
 
 
 # --- batches: many small whole tensors, one segment of columns each --------------------------------
-# A pass-2 batch holds consecutive small tensors side by side: segment i is columns
-# starts[i]:starts[i+1] of every input row and of the output. These kernels give per segment what
+# A pass-2 batch holds consecutive small tensors side by side: a segment is one tensor's columns
+# of every input row and of the output. These kernels give per segment what
 # the per-tensor kernels give on the tensor alone, bit for bit, in one call for the whole batch.
 
 _LIMBS = 24  # 30-bit limbs of an exact sum of `gram_sums` words: bucket 511 + 30 + 64 bits + carries < 720
@@ -210,8 +210,8 @@ def exact_f64(high, low, e0, e1, limbs):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def gram_batch(src, code, starts, deltas, out, bad):
-    """Per segment i, `gram_sums` over its columns rounded as `statistics.exact_products` rounds
+def gram_batch(src, code, los, his, deltas, out, bad):
+    """Per segment i (columns los[i]:his[i]), `gram_sums` over its columns rounded as `statistics.exact_products` rounds
     it: out[i, p] for the pairs (a, b), a <= b, in row-major order. Only the buckets the
     segment's exponents can reach are flushed and rounded (a small tensor's values span a few
     dozen exponents, not 512)."""
@@ -230,11 +230,11 @@ def gram_batch(src, code, starts, deltas, out, bad):
     used_lo = np.empty(npairs, np.int64)
     used_hi = np.empty(npairs, np.int64)
     limbs = np.zeros(_LIMBS, np.int64)
-    for i in range(starts.shape[0] - 1):
+    for i in range(los.shape[0]):
         used_lo[:] = GRAM_BUCKETS
         used_hi[:] = -1
-        for s in range(starts[i], starts[i + 1], BLOCK):
-            m = min(BLOCK, starts[i + 1] - s)
+        for s in range(los[i], his[i], BLOCK):
+            m = min(BLOCK, his[i] - s)
             _vectors(src, code, s, m, deltas, base, vals, bad)
             for k in range(nv):
                 emin[k], emax[k] = _split_span(vals[k], m, sig[k], exp[k])
@@ -262,8 +262,8 @@ def gram_batch(src, code, starts, deltas, out, bad):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def combine_batch(src, code, starts, coeffs, deltas, out, out_code, bad):
-    """Per segment i, the linear combination with float32 coefficients coeffs[i], with each
+def combine_batch(src, code, los, his, coeffs, deltas, out, out_code, bad):
+    """Per segment i (columns los[i]:his[i]), the linear combination with float32 coefficients coeffs[i], with each
     formula's float32 operations as its per-tensor kernel does them: `weighted_sum` (sum_k c_k
     input_k, from 0.0) or, when `deltas`, `delta.gta` with nothing thinned (d_k = model_k - base,
     times c_k unless c_k is 1, summed from d_0, plus the base)."""
@@ -273,10 +273,10 @@ def combine_batch(src, code, starts, coeffs, deltas, out, out_code, bad):
     d = np.empty((K, BLOCK), np.float32)
     acc = np.empty(BLOCK, np.float32)
     one = np.float32(1.0)
-    for i in range(starts.shape[0] - 1):
+    for i in range(los.shape[0]):
         c = coeffs[i]
-        for s in range(starts[i], starts[i + 1], BLOCK):
-            m = min(BLOCK, starts[i + 1] - s)
+        for s in range(los[i], his[i], BLOCK):
+            m = min(BLOCK, his[i] - s)
             a = acc[:m]
             if deltas:
                 bad[0] += widen_block(src[0], code, s, m, base)
@@ -309,39 +309,52 @@ def combine_batch(src, code, starts, coeffs, deltas, out, out_code, bad):
 
 # --- row-wise statistics and combinations ----------------------------------------------------------
 
-@njit(nogil=True, cache=True, error_model="numpy")
-def row_gram(src, code, lo, hi, row_len, deltas, out, bad):
-    """Per row (row_len consecutive elements, rows [lo, hi) of the unit) the pairwise dot products
-    of the vectors, in float64, summed in element order (rows are never split, so this is the
-    same for any chunking)."""
-    n_in = src.shape[0]
-    nv = n_in - 1 if deltas else n_in
-    base = np.empty(row_len, np.float32)
-    vals = np.empty((nv, row_len), np.float32)
-    for r in range(lo, hi):
-        s = r * row_len
-        _vectors(src, code, s, row_len, deltas, base, vals, bad)
+@njit(inline="always")
+def _row_gram(src, code, s0, nrows, row_len, deltas, out, r0, base, vals, bad):
+    """out[r0 + r] = the pairwise dot products of row r of the rows starting at element s0."""
+    nv = vals.shape[0]
+    for r in range(nrows):
+        _vectors(src, code, s0 + r * row_len, row_len, deltas, base, vals, bad)
         p = 0
         for a in range(nv):
             for b in range(a, nv):
                 acc = 0.0
                 for j in range(row_len):
                     acc += np.float64(vals[a, j]) * np.float64(vals[b, j])
-                out[r - lo, p] = acc
+                out[r0 + r, p] = acc
                 p += 1
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def row_combine(src, code, lo, hi, row_len, coeffs, deltas, out, out_code, bad):
-    """Rows [lo, hi): out = base + sum_k c[r, k] * (model_k - base) when `deltas`, else
-    sum_k c[r, k] * input_k, with float32 coefficients per row (in input order, from 0.0)."""
+def row_gram(src, code, lo, hi, row_len, deltas, out, bad):
+    """Per row (row_len consecutive elements, rows [lo, hi) of the unit) the pairwise dot products
+    of the vectors, in float64, summed in element order (rows are never split, so this is the
+    same for any chunking)."""
+    nv = src.shape[0] - 1 if deltas else src.shape[0]
+    _row_gram(src, code, lo * row_len, hi - lo, row_len, deltas, out, 0, np.empty(row_len, np.float32),
+              np.empty((nv, row_len), np.float32), bad)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def row_gram_batch(src, code, los, row_lens, row_starts, deltas, out, bad):
+    """`row_gram` of every row of many segments (segment i: rows of row_lens[i] elements from
+    column los[i]), its rows' results at out[row_starts[i]:row_starts[i + 1]]."""
+    nv = src.shape[0] - 1 if deltas else src.shape[0]
+    width = max(1, row_lens.max()) if row_lens.shape[0] else 1
+    base = np.empty(width, np.float32)
+    vals = np.empty((nv, width), np.float32)
+    for i in range(los.shape[0]):
+        _row_gram(src, code, los[i], row_starts[i + 1] - row_starts[i], row_lens[i], deltas, out, row_starts[i],
+                  base, vals, bad)
+
+
+@njit(inline="always")
+def _row_combine(src, code, s0, nrows, row_len, coeffs, r0, deltas, out, out_code, base, x, acc, bad):
+    """The rows starting at element s0 combined with coefficients coeffs[r0 + r] (`row_combine`)."""
     n_in = src.shape[0]
-    base = np.empty(row_len, np.float32)
-    x = np.empty(row_len, np.float32)
-    acc = np.empty(row_len, np.float32)
-    for r in range(lo, hi):
-        s = r * row_len
-        c = coeffs[r - lo]
+    for r in range(nrows):
+        s = s0 + r * row_len
+        c = coeffs[r0 + r]
         for j in range(row_len):
             acc[j] = np.float32(0.0)
         if deltas:
@@ -360,6 +373,26 @@ def row_combine(src, code, lo, hi, row_len, coeffs, deltas, out, out_code, bad):
                 for j in range(row_len):
                     acc[j] = acc[j] + w * x[j]
         narrow_block(acc, row_len, out, s, out_code)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def row_combine(src, code, lo, hi, row_len, coeffs, deltas, out, out_code, bad):
+    """Rows [lo, hi): out = base + sum_k c[r, k] * (model_k - base) when `deltas`, else
+    sum_k c[r, k] * input_k, with float32 coefficients per row (in input order, from 0.0)."""
+    _row_combine(src, code, lo * row_len, hi - lo, row_len, coeffs, 0, deltas, out, out_code,
+                 np.empty(row_len, np.float32), np.empty(row_len, np.float32), np.empty(row_len, np.float32), bad)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def row_combine_batch(src, code, los, row_lens, row_starts, coeffs, deltas, out, out_code, bad):
+    """`row_combine` of many segments (as `row_gram_batch`), row r's coefficients coeffs[r]."""
+    width = max(1, row_lens.max()) if row_lens.shape[0] else 1
+    base = np.empty(width, np.float32)
+    x = np.empty(width, np.float32)
+    acc = np.empty(width, np.float32)
+    for i in range(los.shape[0]):
+        _row_combine(src, code, los[i], row_starts[i + 1] - row_starts[i], row_lens[i], coeffs, row_starts[i],
+                     deltas, out, out_code, base, x, acc, bad)
 
 
 # --- DELLA -----------------------------------------------------------------------------------------

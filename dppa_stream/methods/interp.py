@@ -88,8 +88,8 @@ class GramMethod(MergeMethod):
             nrows = unit.numel // row_len if row_len else 0
             grams = np.zeros((nrows, _pairs(rows.src.shape[0] - (1 if plan.deltas else 0))))
             kernels.row_gram(rows.src, code, 0, nrows, row_len, plan.deltas, grams, bad)
-            coeffs = np.array([self.row_coefficients(gram_matrix(g, _size(len(g))), plan) for g in grams], np.float32)
-            kernels.row_combine(rows.src, code, 0, nrows, row_len, coeffs.reshape(nrows, -1), plan.deltas, out, out_code, bad)
+            coeffs = self._row_coeffs(grams, plan)
+            kernels.row_combine(rows.src, code, 0, nrows, row_len, coeffs, plan.deltas, out, out_code, bad)
             return bad
         c = np.array(plan.coeffs, np.float32)
         if plan.deltas:  # base + sum_k c_k delta_k: the delta family's kernel with nothing thinned
@@ -101,8 +101,17 @@ class GramMethod(MergeMethod):
             kernels.weighted_sum(rows.src, code, 0, unit.numel, c, False, np.float32(1), out, out_code, bad)
         return bad
 
-    def row_coefficients(self, gram: np.ndarray, plan: Combination) -> list[float]:
+    def rows_coefficients(self, grams: np.ndarray, plan: Combination):
+        """A row-wise method's coefficients of each row from its Gram matrix's upper triangle
+        (`grams[r]`), float64 [rows, inputs]."""
         raise NotImplementedError
+
+    def _row_coeffs(self, grams: np.ndarray, plan: Combination) -> np.ndarray:
+        """The rows' float32 coefficients, [rows, inputs] (inputs: the vectors' count)."""
+        out = np.zeros((len(grams), _size(grams.shape[1])), np.float32)
+        if len(grams):
+            out[:] = self.rows_coefficients(grams, plan)
+        return out
 
     def row_wise(self, info) -> bool:
         """Whether the tensor is merged row by row (a Gram matrix per row, made in pass 2)."""
@@ -111,20 +120,34 @@ class GramMethod(MergeMethod):
     def merge_batch(self, batch, infos, out, out_code, check_finite):
         """Many small whole tensors at once: every tensor's exact Gram matrix in one kernel call,
         their coefficients as `tensor_plan` makes them (`batch_coefficients`), one combining call."""
-        if any(self.row_wise(info) for info in infos):
-            return super().merge_batch(batch, infos, out, out_code, check_finite)
         code = kernels.CODES[batch.dtype]
         deltas = self.deltas and self.has_base
+        nv = batch.src.shape[0] - int(deltas)
         bad = np.zeros(batch.src.shape[0], np.int64)
-        grams = np.empty((len(infos), _pairs(batch.src.shape[0] - int(deltas))))
-        kernels.gram_batch(batch.src, code, batch.starts, deltas, grams, bad)
+        los, his = batch.starts[:-1], batch.starts[1:]
+        full = his > los  # an empty tensor has nothing to merge
+        by_row = np.array([self.row_wise(info) for info in infos], bool)
+        flat, rowed = np.flatnonzero(full & ~by_row), np.flatnonzero(full & by_row)
+        grams = np.empty((len(flat), _pairs(nv)))
+        kernels.gram_batch(batch.src, code, los[flat], his[flat], deltas, grams, bad)
+        if len(rowed):
+            row_lens = np.array([infos[k].shape[-1] for k in rowed], np.int64)
+            row_starts = np.zeros(len(rowed) + 1, np.int64)
+            np.cumsum((his[rowed] - los[rowed]) // row_lens, out=row_starts[1:])
+            row_grams = np.empty((int(row_starts[-1]), _pairs(nv)))
+            kernels.row_gram_batch(batch.src, code, los[rowed], row_lens, row_starts, deltas, row_grams, bad)
         if check_finite and bad.any():
             return bad  # the caller redoes the batch tensor by tensor, naming the first bad one
-        coeffs = np.zeros((len(infos), batch.src.shape[0] - int(deltas)), np.float32)
-        full = np.flatnonzero(np.diff(batch.starts))  # an empty tensor has no Gram matrix (nothing to merge)
-        if len(full):
-            coeffs[full] = self.batch_coefficients([infos[k] for k in full], grams[full])
-        kernels.combine_batch(batch.src, code, batch.starts, coeffs, deltas, out, out_code, bad)
+        if len(flat):
+            coeffs = np.empty((len(flat), nv), np.float32)
+            coeffs[:] = self.batch_coefficients([infos[k] for k in flat], grams)
+            kernels.combine_batch(batch.src, code, los[flat], his[flat], coeffs, deltas, out, out_code, bad)
+        if len(rowed):
+            plans = [self.tensor_plan(infos[k], {}) for k in rowed]
+            coeffs = np.concatenate([self._row_coeffs(row_grams[a:b], plan) for plan, a, b
+                                     in zip(plans, row_starts[:-1].tolist(), row_starts[1:].tolist())])
+            kernels.row_combine_batch(batch.src, code, los[rowed], row_lens, row_starts, coeffs, deltas, out, out_code,
+                                      bad)
         return bad
 
     def batch_coefficients(self, infos, grams: np.ndarray):
@@ -229,14 +252,14 @@ class Nuslerp(GramMethod):
             return Combination(deltas=deltas, rows="nuslerp", params=(t,))
         return Combination(nuslerp_coefficients(t, self.gram(info, got)), deltas)
 
-    def row_coefficients(self, gram, plan):
-        return list(nuslerp_coefficients(plan.params[0], gram))
-
     def row_wise(self, info):
         return not self._flat(info)
 
     def batch_coefficients(self, infos, grams):
         return [_nuslerp(self._t(info), *g) for info, g in zip(infos, grams.tolist())]
+
+    def rows_coefficients(self, grams, plan):
+        return [_nuslerp(plan.params[0], *g) for g in grams.tolist()]
 
 
 # --- multislerp --------------------------------------------------------------------------------------
@@ -402,11 +425,12 @@ class ModelStock(GramMethod):
     def _coeffs(t: float, n: int) -> tuple:
         return (t / n,) * n  # base + t * (mean(models) - base)
 
-    def row_coefficients(self, gram, plan):
-        return list(self._coeffs(model_stock_t(gram), len(gram)))
-
     def row_wise(self, info):
         return self._rows(info)
+
+    def rows_coefficients(self, grams, plan):
+        n = _size(grams.shape[1])
+        return np.repeat((model_stock_ts(grams, n) / n)[:, None], n, axis=1)
 
     def batch_coefficients(self, infos, grams):
         n = len(infos[0].models)
