@@ -10,7 +10,8 @@ import math
 import numpy as np
 from numba import njit
 
-from .core import (BLOCK, TH_ALL, TH_NONE, _add_abs, _deltas, bits_of_f32, count_in_bins, f64_from_bits, keep_draw,
+from .core import (BLOCK, TH_ALL, TH_NONE, TH_VALUE, _add_abs, _deltas, bits_of_f32, count_in_bins, f32_from_bits,
+                   f64_from_bits, keep_draw,
                    narrow_block, widen_block)
 
 GRAM_BUCKETS = 512  # sums of two float32 exponent fields (each 1..254) index the product buckets
@@ -631,6 +632,92 @@ def sce_merge(src, code, lo, hi, kind, value, budget, omega, out, out_code, bad)
         narrow_block(acc, m, out, s, out_code)
 
 
+@njit(inline="always")
+def _select(keys, n, r, counts):
+    """(key, keys below it, keys equal to it) of the r-th smallest (1-based) of keys[:n] (>= 0,
+    < 2**31): a radix selection, 11, 11 and 10 bits at a time (as `core.exact_ranks`)."""
+    prefix = np.int64(0)
+    mask = np.int64(0)
+    below = np.int64(0)
+    last = np.int64(0)
+    for level in range(3):
+        shift = 21 if level == 0 else 10 if level == 1 else 0
+        width = 10 if level == 2 else 11
+        digits = (np.int64(1) << width) - 1
+        counts[:digits + 1] = 0
+        for j in range(n):
+            k = keys[j]
+            if (k & mask) == prefix:
+                counts[(k >> shift) & digits] += 1
+        acc = np.int64(0)
+        digit = 0
+        while acc + counts[digit] < r:
+            acc += counts[digit]
+            digit += 1
+        r -= acc
+        below += acc
+        last = counts[digit]
+        prefix |= np.int64(digit) << shift
+        mask |= digits << shift
+    return prefix, below, last
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def sce_batch_plan(src, code, los, his, topks, kinds, values, budgets, squares, bad):
+    """SCE's plan of many whole tensors (columns los[i]:his[i]), what its two statistics rounds and
+    `Sce.tensor_plan` find per tensor: the variance threshold (kinds[i], values[i], budgets[i]:
+    ties kept) keeping the top int(float32(nonzero variances) * float32(topks[i])) of the variance
+    keys (ties lowest index first), and each model's exact sum of selected squared deltas,
+    squares[i, k] (rounded as `statistics.exact_products`)."""
+    K = src.shape[0] - 1
+    base = np.empty(BLOCK, np.float32)
+    vals = np.empty((K, BLOCK), np.float32)
+    width = 0
+    for i in range(los.shape[0]):
+        width = max(width, his[i] - los[i])
+    keys = np.empty(width, np.int64)
+    counts = np.empty(2048, np.int64)
+    high = np.zeros((K, GRAM_BUCKETS), np.int64)
+    low = np.zeros((K, GRAM_BUCKETS), np.int64)
+    limbs = np.zeros(_LIMBS, np.int64)
+    budget = np.zeros(1, np.int64)
+    for i in range(los.shape[0]):
+        lo, hi = los[i], his[i]
+        n = hi - lo
+        kind, value, kept = TH_ALL, np.float32(0.0), np.int64(0)
+        topk = topks[i]
+        if topk < 1:
+            nnz = 0
+            for s in range(lo, hi, BLOCK):
+                m = min(BLOCK, hi - s)
+                _vectors(src, code, s, m, True, base, vals, bad)
+                for j in range(m):
+                    key = _variance_key(vals, K, j)
+                    keys[s - lo + j] = key
+                    nnz += key != 0
+            k = np.int64(np.float32(nnz) * np.float32(topk)) if topk > 0 else np.int64(0)
+            if k <= 0:
+                kind = TH_NONE
+            elif k < n:
+                bits, below, ties = _select(keys, n, n - k + 1, counts)
+                kind, value, kept = TH_VALUE, f32_from_bits(np.uint32(bits)), k - (n - below - ties)
+        kinds[i], values[i], budgets[i] = kind, value, kept
+        budget[0] = kept
+        sce_squares(src, code, lo, hi, kind, value, budget, high, low, bad)
+        for k in range(K):
+            squares[i, k] = exact_f64(high[k], low[k], 0, GRAM_BUCKETS - 1, limbs)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def sce_batch_merge(src, code, los, his, kinds, values, budgets, omegas, out, out_code, bad):
+    """`sce_merge` of many whole tensors, tensor i with its plan (kinds[i], values[i], budgets[i],
+    omegas[i])."""
+    budget = np.zeros(1, np.int64)
+    for i in range(los.shape[0]):
+        budget[0] = budgets[i]
+        sce_merge(src, code, los[i], his[i], kinds[i], values[i], budget, omegas[i], out, out_code, bad)
+
+
 # --- RAM -------------------------------------------------------------------------------------------
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -679,6 +766,21 @@ def ram_merge(src, code, lo, hi, eps, boost, out, out_code, bad):
         narrow_block(acc, m, out, s, out_code)
 
 
+@njit(nogil=True, cache=True, error_model="numpy")
+def ram_batch_counts(src, code, los, his, eps, shared, unique, bad):
+    """`ram_counts` of many whole tensors (columns los[i]:his[i], threshold eps[i]) into shared[i],
+    unique[i]."""
+    for i in range(los.shape[0]):
+        ram_counts(src, code, los[i], his[i], eps[i], shared[i], unique[i], bad)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def ram_batch_merge(src, code, los, his, eps, boosts, out, out_code, bad):
+    """`ram_merge` of many whole tensors, tensor i with eps[i] and boosts[i]."""
+    for i in range(los.shape[0]):
+        ram_merge(src, code, los[i], his[i], eps[i], boosts[i], out, out_code, bad)
+
+
 # --- nearswap --------------------------------------------------------------------------------------
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -697,6 +799,13 @@ def nearswap(src, code, lo, hi, t, out, out_code, bad):
             w = min(max(w, np.float32(0.0)), one)
             acc[j] = w * x[j] + (one - w) * base[j]
         narrow_block(acc, m, out, s, out_code)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def nearswap_batch(src, code, los, his, ts, out, out_code, bad):
+    """`nearswap` of many whole tensors, tensor i with ts[i]."""
+    for i in range(los.shape[0]):
+        nearswap(src, code, los[i], his[i], ts[i], out, out_code, bad)
 
 
 # --- Arcee fusion ----------------------------------------------------------------------------------

@@ -449,6 +449,14 @@ class Nearswap(MergeMethod):
     def tensor_plan(self, info, got):
         return float(info.globals["t"])
 
+    def merge_batch(self, batch, infos, out, out_code, check_finite):
+        """Many small whole tensors at once: one kernel call, each tensor with its t."""
+        bad = np.zeros(batch.src.shape[0], np.int64)
+        ts = np.array([float(info.globals["t"]) for info in infos], np.float32)
+        kernels.nearswap_batch(batch.src, kernels.CODES[batch.dtype], batch.starts[:-1], batch.starts[1:], ts, out,
+                               out_code, bad)
+        return bad
+
     def merge_unit(self, rows, plan, out, out_code):
         bad = np.zeros(rows.src.shape[0], np.int64)
         kernels.nearswap(rows.src, kernels.CODES[rows.dtype], 0, rows.inp.unit.numel, np.float32(plan), out, out_code, bad)
