@@ -17,13 +17,14 @@ import numpy as np
 
 from . import kernels
 from .checkpoint import Placement, ShardLayout, write_rows
+from .checkpoint.writer import write_at
 from .hf_files import copy_model_files, write_model_card
 from .methods.base import Catalogue, TensorInfo
 from .inputs import verify_unchanged
 from .output import MANIFEST, WORK_DIR, Manifest, read_manifest_extras, release_reserve
 from .statistics import check_nonfinite, drive, inline
 from .targets import RequantLoss, Target, output_targets, tensor_scale, write_quantized, writes_quantized
-from .units import UnitInputs, UnitRows, scratch
+from .units import BatchRows, UnitInputs, UnitRows, batch_key, batchable, scratch
 
 
 def merge_task(method, inp: UnitInputs, plan, folder: str, target: Target, places: tuple[Placement, ...],
@@ -57,14 +58,63 @@ def _merged(method, rows: UnitRows, plan, dtype: str, check_finite: bool) -> np.
 def merge_work(method, work, plans: tuple, folder: str, targets: tuple, places: tuple,
                check_finite: bool) -> tuple[int, list | None]:
     """Dask task: merge every unit of a work unit (`plans`, `targets`, `places`: one per unit);
-    returns (bytes written, [[tensor, loss partial], ...] of its requantized units or None)."""
+    returns (bytes written, [[tensor, loss partial], ...] of its requantized units or None).
+    Consecutive whole small tensors that a local method plans here run as one batch
+    (`merge_batch`); every other unit on its own (`merge_task`)."""
     written, losses = 0, []
-    for inp, plan, target, place in zip(work.items, plans, targets, places):
-        nbytes, loss = merge_task(method, inp, plan, folder, target, place, check_finite)
+    items, i = work.items, 0
+    while i < len(items):
+        j = i
+        if _in_batch(method, items[i], plans[i], targets[i]):
+            key = (batch_key(items[i]), targets[i].dtype)
+            j = i + 1
+            while j < len(items) and _in_batch(method, items[j], plans[j], targets[j]) \
+                    and (batch_key(items[j]), targets[j].dtype) == key:
+                j += 1
+        if j > i:
+            written += merge_batch(method, BatchRows(items[i:j]), plans[i:j], folder, targets[i].dtype,
+                                   places[i:j], check_finite)
+            i = j
+            continue
+        nbytes, loss = merge_task(method, items[i], plans[i], folder, targets[i], places[i], check_finite)
         written += nbytes
         if loss is not None:
-            losses.append([inp.unit.tensor, loss])
+            losses.append([items[i].unit.tensor, loss])
+        i += 1
     return written, losses or None
+
+
+def _in_batch(method, inp: UnitInputs, plan, target: Target) -> bool:
+    """A unit joins a batch when it is a whole small float tensor read raw, planned in this task
+    (a local method's one-unit tensor: `plan` is its TensorInfo), and written plain."""
+    return method.local and isinstance(plan, TensorInfo) and target.ref is None and batchable(inp)
+
+
+def merge_batch(method, batch: BatchRows, infos: tuple, folder: str, dtype: str, places: tuple,
+                check_finite: bool) -> int:
+    """Merge a batch into this thread's output buffer (`MergeMethod.merge_batch`) and write it with
+    one positional write per run of tensors laid out back to back in one shard; returns bytes written."""
+    container = kernels.CONTAINER[dtype]
+    starts = batch.starts
+    out = scratch("out", int(starts[-1]) * np.dtype(container).itemsize).view(container)
+    bad = method.merge_batch(batch, infos, out, kernels.CODES[dtype], check_finite)
+    if check_finite and bad.any():  # found again tensor by tensor, for the one-line error naming it
+        for k in range(len(batch.items)):
+            rows = batch.rows(k)
+            check_nonfinite(rows, [kernels.count_nonfinite(rows.src[i], kernels.CODES[rows.dtype]) if n else 0
+                                   for i, n in enumerate(bad)])
+    data = out.view(np.uint8)
+    itemsize = out.itemsize
+    written, k, n = 0, 0, len(places)
+    while k < n:
+        first = places[k][0]
+        j, end = k + 1, first.offset + (starts[k + 1] - starts[k]) * itemsize
+        while j < n and places[j][0].file == first.file and places[j][0].offset == end:
+            end += (starts[j + 1] - starts[j]) * itemsize
+            j += 1
+        written += write_at(folder, first, 0, data[starts[k] * itemsize:starts[j] * itemsize])
+        k = j
+    return written
 
 
 def amax_work(method, work, plans: tuple, check_finite: bool) -> dict[str, float]:

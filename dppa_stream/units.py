@@ -180,3 +180,93 @@ class UnitRows:
     @property
     def is_float(self) -> bool:
         return self.dtype in FLOAT_DTYPES
+
+
+BATCH_MAX_NUMEL = 1 << 16  # elements of a whole tensor that pass 2 merges in a batch (`BatchRows`)
+
+
+def batchable(inp: UnitInputs) -> bool:
+    """Whether a unit may join a `BatchRows`: a whole small tensor whose inputs are all stored
+    plain in one float dtype (read raw, nothing decoded or adapted)."""
+    u, entries = inp.unit, inp.entries
+    if u.flat_start or u.numel > BATCH_MAX_NUMEL or u.numel != entries[0].numel:
+        return False
+    dtype = entries[0].dtype
+    return dtype in FLOAT_DTYPES and all(type(e) is TensorEntry and e.dtype == dtype for e in entries)
+
+
+def batch_key(inp: UnitInputs) -> tuple:
+    """Consecutive batchable units with equal keys share one `BatchRows`."""
+    return inp.entries[0].dtype, len(inp.models), inp.base is not None
+
+
+class BatchRows:
+    """Consecutive whole small tensors of one work unit (`batchable`, one `batch_key`), read
+    together: one positional read per input per run of tensors stored back to back in one file,
+    where per-tensor reads and per-tensor Python cost more than the merging itself (an MoE
+    checkpoint ships tens of thousands of such tensors).
+
+    `src[i]` holds input i's values (base first when there is one) as raw bit patterns of
+    `dtype`, item k in columns starts[k]:starts[k+1]; `raw` is the same bytes."""
+
+    def __init__(self, items: tuple[UnitInputs, ...]):
+        from .kernels import CONTAINER
+
+        self.items = items
+        self.has_base = items[0].base is not None
+        self.dtype = items[0].entries[0].dtype
+        itemsize = items[0].entries[0].itemsize
+        self.starts = np.zeros(len(items) + 1, np.int64)
+        np.cumsum([i.unit.numel for i in items], out=self.starts[1:])
+        total = int(self.starts[-1])
+        ninputs = len(items[0].entries)
+        self.raw = scratch("rows", ninputs * total * itemsize).reshape(ninputs, total * itemsize)
+        for i in range(ninputs):
+            _read_runs([inp.entries[i] for inp in items], self.raw[i], itemsize)
+        self.src = self.raw.view(CONTAINER[self.dtype])
+
+    is_float = True
+
+    def rows(self, k: int) -> "UnitRows":
+        """Item k as a `UnitRows` (a contiguous copy of its columns: they are small), for the
+        per-tensor path and error messages."""
+        a, b = int(self.starts[k]), int(self.starts[k + 1])
+        rows = UnitRows.__new__(UnitRows)
+        rows.inp, rows.has_base, rows.dtype = self.items[k], self.has_base, self.dtype
+        rows.src = np.ascontiguousarray(self.src[:, a:b])
+        rows.raw = rows.src.view(np.uint8)
+        return rows
+
+
+def _read_runs(entries: list[TensorEntry], dst: np.ndarray, itemsize: int) -> None:
+    """Read whole tensors `entries` back to back into `dst` (bytes): one positional read per run
+    of entries adjacent in one file. A failed run is read again entry by entry, so the error
+    names the tensor."""
+    from dataclasses import replace
+
+    from .checkpoint import read_range
+    from .errors import InputError
+
+    pos, i = 0, 0
+    while i < len(entries):
+        first = entries[i]
+        j, end = i + 1, first.offset + first.nbytes
+        while j < len(entries) and entries[j].file == first.file and entries[j].offset == end:
+            end += entries[j].nbytes
+            j += 1
+        n = (end - first.offset) // itemsize
+        buf = dst[pos:pos + n * itemsize]
+        try:
+            if j - i == 1:
+                read_range(first, 0, n, buf)
+            else:
+                read_range(replace(first, shape=(n,), nbytes=end - first.offset), 0, n, buf)
+        except InputError:
+            if j - i == 1:
+                raise
+            at = pos
+            for e in entries[i:j]:
+                read_range(e, 0, e.numel, dst[at:at + e.nbytes])
+                at += e.nbytes
+        pos += n * itemsize
+        i = j

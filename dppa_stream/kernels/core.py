@@ -320,6 +320,18 @@ def exact_ranks(src, code, model, lo, hi, bf16_delta, ranks, out, keys, counts, 
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
+def exact_ranks_segments(src, code, starts, bf16_delta, ranks, active, out, keys, counts, bad):
+    """`exact_ranks` of a batch of whole tensors (`units.BatchRows`): tensor k is columns
+    starts[k]:starts[k+1] of src; for each model m with active[k, m], the ranks ranks[k, m] into
+    out[k, m] (one call per batch instead of one per tensor and model)."""
+    for k in range(starts.shape[0] - 1):
+        for m in range(ranks.shape[1]):
+            if active[k, m]:
+                exact_ranks(src, code, m, starts[k], starts[k + 1], bf16_delta, ranks[k, m], out[k, m], keys, counts,
+                            bad)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
 def dare_sums(src, code, model, lo, hi, flat0, key, limit, full, kept, bad):
     """Exact per-exponent significand sums of |delta| and of |delta * keep-mask| (DARE's L1
     rescale); flat0 is the tensor-wide index of element lo."""
@@ -378,3 +390,12 @@ def weighted_sum(src, code, lo, hi, weights, normalize, total_weight, out, out_c
             for j in range(m):
                 a[j] = a[j] / total_weight
         narrow_block(acc, m, out, s, out_code)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def weighted_sum_segments(src, code, starts, weights, normalize, total_weight, out, out_code, bad):
+    """`weighted_sum` of a batch of whole tensors, tensor k (columns starts[k]:starts[k+1]) with
+    weights[k], normalize[k] and total_weight[k]."""
+    for k in range(starts.shape[0] - 1):
+        weighted_sum(src, code, starts[k], starts[k + 1], weights[k], normalize[k], total_weight[k], out, out_code,
+                     bad)

@@ -260,3 +260,13 @@ def gta(src, code, lo, hi, flat0, bf16_delta, models, levels, masks, combine, ou
         for j in range(m):
             a[j] = b[j] + a[j]
         narrow_block(acc, m, out, s, out_code)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def gta_segments(src, code, starts, bf16_delta, models, levels, masks, combine, out, out_code, bad):
+    """`gta` over a batch of whole tensors (`units.BatchRows`): tensor k is columns
+    starts[k]:starts[k+1] of src and out, with its own records models[k], levels[k] and
+    combine[k] (one call per batch instead of one per tensor)."""
+    for k in range(starts.shape[0] - 1):
+        gta(src, code, starts[k], starts[k + 1], 0, bf16_delta, models[k], levels[k], masks, combine[k], out, out_code,
+            bad)

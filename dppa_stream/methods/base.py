@@ -3,7 +3,8 @@
 A method never sees files, Dask or other methods. The driver (`statistics.drive`) asks it which
 statistics it needs (`statistics`, called round after round with what is known so far), then for
 its `plan`: small, picklable per-tensor decisions. Pass 2 calls `merge_unit` with one work unit's
-raw rows and that tensor's plan; it runs a fused kernel straight into the output buffer.
+raw rows and that tensor's plan; it runs a fused kernel straight into the output buffer. Whole
+small tensors of a local method go to `merge_batch` many at a time.
 
 Methods whose decisions for a tensor depend only on that tensor's statistics are `local`: a tensor
 held in a single work unit is then planned inside its pass-2 task, from rows already in memory.
@@ -131,6 +132,21 @@ class MergeMethod:
         """Merge one unit's rows into `out` (bit patterns of the output dtype); returns the NaN/Inf
         count seen per input."""
         raise NotImplementedError
+
+    def merge_batch(self, batch, infos: tuple, out: np.ndarray, out_code: int, check_finite: bool) -> np.ndarray:
+        """Merge a batch of whole small tensors (`units.BatchRows`, a local method's; `infos[k]`:
+        item k's TensorInfo) into `out` (bit patterns of the output dtype, item k at columns
+        batch.starts[k]:starts[k+1], as in `batch.src`); returns the NaN/Inf count seen per input.
+        This default plans and merges item by item (what pass 2 does for a lone tensor); a family
+        overrides it to plan the batch with arrays and run one kernel call."""
+        from ..statistics import drive, inline
+
+        bad = np.zeros(batch.src.shape[0], np.int64)
+        for k, info in enumerate(infos):
+            rows = batch.rows(k)
+            plan = drive(self, Catalogue({info.name: info}, None), [info.name], inline(rows, check_finite))
+            bad += self.merge_unit(rows, plan.tensors[info.name], out[batch.starts[k]:batch.starts[k + 1]], out_code)
+        return bad
 
     def describe(self) -> str:
         return self.summary

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import kernels, rng
+from ..units import scratch
 from .base import MergeMethod, Param, REQUIRED, density_check, torch_order_sum
 from .sparsify import Band, Bernoulli, MagPrune, PruneLE, Sparse, Sparsifier, TopK, kernel_records
 
@@ -86,6 +87,77 @@ class DeltaMethod(MergeMethod):
         return bad
 
 
+    def merge_batch(self, batch, infos, out, out_code, check_finite):
+        """The batch planned with arrays (one exact-rank kernel call for every tensor and model,
+        `Sparsifier.batch_ranks`/`batch_fill`) and merged with one `gta_segments` call: the records
+        and the bytes `merge_unit` gives tensor by tensor. DELLA (masks per unit) and DARE (exact
+        sums per tensor) plan tensor by tensor."""
+        kind = getattr(self, "sparse_kind", None)
+        if kind not in BATCHED or self.bf16_deltas:
+            return super().merge_batch(batch, infos, out, out_code, check_finite)
+        n, K = len(infos), len(infos[0].models)
+        code = kernels.CODES[batch.dtype]
+        bad = np.zeros(batch.src.shape[0], np.int64)
+        starts = batch.starts
+        numel = np.diff(starts)
+        weights = np.array([[m["weight"] for m in info.models] for info in infos], np.float64).astype(np.float32)
+        models = kernels.records(kernels.MODEL_FIELDS, (n, K), weight=weights)
+        params = [{f: np.array([info.models[m][f] for info in infos], np.float64) for f in kind.fields}
+                  for m in range(K)]
+        asked = [kind.batch_ranks(p, numel) for p in params]
+        R = max([a[0].shape[1] for a in asked if a is not None] + [1])
+        levels = kernels.records(kernels.LEVEL_FIELDS, (n, K, R))
+        found = np.zeros((n, K, R, 3), np.int64)
+        if any(a is not None for a in asked):
+            ranks = np.ones((n, K, R), np.int64)
+            active = np.zeros((n, K), np.bool_)
+            for m, a in enumerate(asked):
+                if a is not None:
+                    ranks[:, m], active[:, m] = a
+            keys = scratch("keys", 8 * int(numel.max(initial=0))).view(np.int64)
+            kernels.exact_ranks_segments(batch.src, code, starts, False, ranks, active, found, keys,
+                                         scratch("digits", 8 << 11).view(np.int64), bad)
+            if check_finite and bad.any():
+                return bad  # merge_work names the tensor
+        for m, p in enumerate(params):
+            kind.batch_fill(p, numel, found[:, m], models[:, m], levels[:, m])
+        combine = kernels.records(kernels.COMBINE_FIELDS, n, consensus=self.consensus,
+                                  normalize=[bool(i.globals["normalize"]) for i in infos],
+                                  divisor=torch_order_sums(weights),
+                                  lam=[float(i.globals["lambda"]) for i in infos])
+        kernels.gta_segments(batch.src, code, starts, self.bf16_deltas, models, levels, np.zeros((K, 1), np.uint8),
+                             combine, out, out_code, bad)
+        return bad
+
+
+def torch_order_sums(weights: np.ndarray) -> np.ndarray:
+    """The divisor `DeltaMethod.merge_unit` uses, per row of float32 `weights` [tensors, models]:
+    their `torch_order_sum`, 1 where that is below 1e-8 in magnitude."""
+    total = _torch_order_rows(weights)
+    return np.where(np.abs(total) < 1e-8, np.float32(1.0), total).astype(np.float32)
+
+
+def _torch_order_rows(weights: np.ndarray) -> np.ndarray:
+    """`torch_order_sum` of each row: the same float32 additions in the same order, on columns."""
+    n, K = weights.shape
+    if K >= 8:
+        total = np.zeros(n, np.float32)
+        for k in range(K):
+            total = total + weights[:, k]
+    else:
+        part = [np.zeros(n, np.float32) for _ in range(4)]
+        whole = K // 4
+        for r in range(whole):
+            for k in range(4):
+                part[k] = part[k] + weights[:, 4 * r + k]
+        for k in range(4 * whole, K):
+            part[0] = part[0] + weights[:, k]
+        for k in range(1, 4):
+            part[0] = part[0] + part[k]
+        total = np.float32(0.0) + part[0]
+    return total.astype(np.float32)
+
+
 def della_masks(rows, sparse: tuple[Sparse, ...], bad) -> np.ndarray:
     """DELLA's keep masks of the unit, one row per model (a 1 x 1 placeholder when no model uses
     one): ranks along dim 1 need whole vectors, so they are made for the unit before merging."""
@@ -115,6 +187,7 @@ def _delta_method(name: str, summary: str, sparsifier=None, consensus: bool = Fa
              "model_params": {"weight": _WEIGHT, **({"density": _DENSITY} if sparsifier else {}), **(extra or {})}}
     if sparsifier is not None:
         attrs["sparsifier"] = lambda self, model, info: sparsifier(self, model, info)
+    attrs["sparse_kind"] = _KINDS.get(sparsifier, Sparsifier)
     return type("".join(w.title() for w in name.split("_")), (DeltaMethod,), attrs)
 
 
@@ -142,6 +215,9 @@ def _della(method, model, info):
         raise UsageError(f"tensor {info.name!r}: models[{model}] density {d} +/- epsilon {eps} must stay in (0, 1)")
     return MagPrune(d, eps, info.globals["rescale"], rng.stream_key(method.seed, model, info.name))
 
+
+_KINDS = {_topk: TopK, _bernoulli: Bernoulli, _prune_le: PruneLE, _band: Band, _della: MagPrune}
+BATCHED = (Sparsifier, TopK, PruneLE, Band)  # sparsifiers `merge_batch` plans with arrays
 
 _GAMMA = {"gamma": Param(0.01, (int, float), lambda v: None if 0 <= v <= 1 else "must be in [0, 1]",
                          "fraction of the largest |delta| dropped")}
@@ -189,3 +265,14 @@ class Linear(MergeMethod):
         kernels.weighted_sum(rows.src, kernels.CODES[rows.dtype], 0, rows.inp.unit.numel, weights,
                              plan[1], torch_order_sum(weights), out, out_code, bad)
         return bad
+
+    def merge_batch(self, batch, infos, out, out_code, check_finite):
+        """Every tensor of the batch in one `weighted_sum_segments` call (the bytes `merge_unit` gives)."""
+        weights = np.array([[m["weight"] for m in info.models] for info in infos], np.float64).astype(np.float32)
+        normalize = np.array([bool(i.globals["normalize"]) for i in infos], np.bool_)
+        bad = np.zeros(batch.src.shape[0], np.int64)
+        kernels.weighted_sum_segments(batch.src, kernels.CODES[batch.dtype], batch.starts, weights, normalize,
+                                      _torch_order_rows(weights), out, out_code, bad)
+        return bad
+
+

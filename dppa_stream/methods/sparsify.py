@@ -87,13 +87,41 @@ def abs_ranks(model: int, span) -> Ranks:
 
 
 class Sparsifier:
-    """No sparsification."""
+    """No sparsification.
+
+    A batch of whole small tensors (`DeltaMethod.merge_batch`) is planned per model with arrays,
+    one entry per tensor, by the class methods: `batch_ranks` says which exact ranks of |delta|
+    each tensor needs (all found in one kernel call), `batch_fill` writes the `MODEL` and `LEVEL`
+    records that `decide` would make, field for field, from them."""
+
+    fields: tuple = ()  # the model parameters the batch methods read, per tensor
 
     def needs(self, model: int, numel: int, span, got) -> list[Stat]:
         return []
 
     def decide(self, model: int, numel: int, span, got) -> Sparse:
         return Sparse()
+
+    @classmethod
+    def batch_ranks(cls, p: dict, numel: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(ranks [tensors, R] (1-based), which tensors need them [tensors]), or None: no ranks."""
+        return None
+
+    @classmethod
+    def batch_fill(cls, p: dict, numel: np.ndarray, found, models: np.ndarray, levels: np.ndarray) -> None:
+        """Fill this model's records of every tensor: `models` [tensors] (defaults: no
+        sparsification), `levels` [tensors, L]; `found` [tensors, R, 3]: (key, below, ties) at
+        each rank `batch_ranks` asked for."""
+
+
+def _level_kind(bits: np.ndarray, kind: int) -> np.ndarray:
+    """`level`'s kind per tensor: the sentinel thresholds keep all or none, others compare."""
+    return np.where(bits == KEEP_ALL, kernels.TH_ALL, np.where(bits == KEEP_NONE, kernels.TH_NONE, kind))
+
+
+def _key_values(bits: np.ndarray) -> np.ndarray:
+    """Keys (float32 bit patterns) as float32 values, as `Boundary.value` gives them."""
+    return bits.astype(np.uint32).view(np.float32)
 
 
 class TopK(Sparsifier):
@@ -121,6 +149,34 @@ class TopK(Sparsifier):
         return Sparse(kernels.SP_SHRINK, (level(b.threshold(numel, k), tracked=True),),
                       tuple((u, (n,)) for u, n in b.starts))
 
+    fields = ("density",)
+
+    @staticmethod
+    def _batch_k(p, numel):
+        d = p["density"]
+        k = np.maximum(1, (d * numel).astype(np.int64))
+        return np.where(d >= 1, numel, np.where(numel > 0, k, 0))
+
+    @classmethod
+    def batch_ranks(cls, p, numel):
+        k = cls._batch_k(p, numel)
+        return (numel - k + 1)[:, None], k < numel
+
+    @classmethod
+    def batch_fill(cls, p, numel, found, models, levels):
+        k = cls._batch_k(p, numel)
+        on = k < numel
+        bits, below, ties = found[:, 0, 0], found[:, 0, 1], found[:, 0, 2]
+        kind = _level_kind(bits, kernels.TH_VALUE)
+        value = np.where(kind == kernels.TH_VALUE, _key_values(bits), np.float32(0))
+        stop = np.where(kind == kernels.TH_VALUE, k - (numel - below - ties), 0)
+        models["mode"] = np.where(on, kernels.SP_SHRINK, kernels.SP_NONE)
+        models["nlevels"] = on
+        lev = levels[:, 0]
+        lev["kind"] = np.where(on, kind, lev["kind"])
+        lev["value"] = np.where(on, value, lev["value"])
+        lev["stop"] = np.where(on, stop, lev["stop"])
+
 
 class PruneLE(Sparsifier):
     """Reference magnitude pruning (DPPA code): t = |delta| at 0-based index int(n*s) of the
@@ -140,6 +196,24 @@ class PruneLE(Sparsifier):
             return Sparse()
         (b,) = abs_ranks(model, span).resolve(got, [self._rank(numel)])
         return Sparse(kernels.SP_SHRINK, (level(Threshold(b.bits), tracked=False),))
+
+    fields = ("density",)
+
+    @classmethod
+    def batch_ranks(cls, p, numel):
+        sparsity = 1.0 - p["density"]
+        return (np.minimum((numel * sparsity).astype(np.int64), numel - 1) + 1)[:, None], numel > 0
+
+    @classmethod
+    def batch_fill(cls, p, numel, found, models, levels):
+        on = numel > 0
+        bits = found[:, 0, 0]
+        kind = _level_kind(bits, kernels.TH_GT)
+        models["mode"] = np.where(on, kernels.SP_SHRINK, kernels.SP_NONE)
+        models["nlevels"] = on
+        lev = levels[:, 0]
+        lev["kind"] = np.where(on, kind, lev["kind"])
+        lev["value"] = np.where(on & (kind == kernels.TH_GT), _key_values(bits), lev["value"])
 
 
 class Band(Sparsifier):
@@ -179,6 +253,39 @@ class Band(Sparsifier):
                       Level(kernels.TH_VALUE, hi.value, last - hi.below))
         starts = tuple((u, (a, b)) for (u, a), (_, b) in zip(lo.starts, hi.starts))
         return Sparse(kernels.SP_RANGE, levels, starts)
+
+    fields = ("density", "gamma")
+
+    @staticmethod
+    def _batch_ranks(p, numel):
+        target = (p["density"] * numel).astype(np.int64)
+        n_bot = np.maximum(0, numel - target - (p["gamma"] * numel).astype(np.int64))
+        return n_bot + 1, n_bot + target
+
+    @classmethod
+    def batch_ranks(cls, p, numel):
+        first, last = cls._batch_ranks(p, numel)
+        return np.stack([first, last], axis=1), (p["density"] < 1) & (last >= first)
+
+    @classmethod
+    def batch_fill(cls, p, numel, found, models, levels):
+        first, last = cls._batch_ranks(p, numel)
+        dense = p["density"] >= 1
+        none = ~dense & (last < first)
+        on = ~dense & ~none
+        lo_bits, lo_below, lo_ties = found[:, 0, 0], found[:, 0, 1], found[:, 0, 2]
+        hi_bits, hi_below = found[:, 1, 0], found[:, 1, 1]
+        same = lo_bits == hi_bits  # one tie class holds both boundaries
+        models["mode"] = np.where(dense, kernels.SP_NONE, np.where(none, kernels.SP_SHRINK, kernels.SP_RANGE))
+        models["nlevels"] = np.where(dense, 0, np.where(none, 1, 2))
+        low, high = levels[:, 0], levels[:, 1]
+        low["kind"] = np.where(none, kernels.TH_NONE, np.where(on, kernels.TH_VALUE, low["kind"]))
+        low["value"] = np.where(on, _key_values(lo_bits), low["value"])
+        low["stop"] = np.where(on, np.where(same, last - lo_below, lo_ties), low["stop"])
+        low["first"] = np.where(on, first - 1 - lo_below, low["first"])
+        high["kind"] = np.where(on, kernels.TH_VALUE, high["kind"])
+        high["value"] = np.where(on, _key_values(hi_bits), high["value"])
+        high["stop"] = np.where(on & ~same, last - hi_below, high["stop"])
 
 
 class MagPrune(Sparsifier):

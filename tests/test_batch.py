@@ -1,0 +1,185 @@
+"""Pass 2 merges a work unit's whole small tensors as one batch (`units.BatchRows`,
+`MergeMethod.merge_batch`): the bytes equal the tensor-by-tensor path and independent references,
+with parameters that differ from tensor to tensor inside a batch; reads and writes are coalesced;
+a NaN deep inside a batch is still named by file and tensor."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dppa_stream import merge_pass
+from dppa_stream.config import parse_config
+from dppa_stream.errors import InputError
+from dppa_stream.pipeline import MergeOptions, merge
+
+from . import reference_kernels as rk
+from .reference import gta, load_model, prune_le, topk_keep
+
+LAYERS, EXPERTS, HIDDEN, INNER = 3, 16, 16, 8
+DENSITY = [0.2, 0.4, 0.6]  # the gradient [0.2, 0.6] at layers 0, 1, 2 (t = 0, 0.5, 1); outside the layers: t = 0
+WEIGHTS = {"gate_proj": 0.3, "up_proj": 0.7}  # a filter list; other tensors 0.5
+
+
+def _tensors():
+    out = [("model.embed_tokens.weight", (64, HIDDEN))]
+    for n in range(LAYERS):
+        p = f"model.layers.{n}."
+        out += [(p + "input_layernorm.weight", (HIDDEN,)), (p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN))]
+        for e in range(EXPERTS):
+            out += [(f"{p}mlp.experts.{e}.gate_proj.weight", (INNER, HIDDEN)),
+                    (f"{p}mlp.experts.{e}.up_proj.weight", (INNER, HIDDEN)),
+                    (f"{p}mlp.experts.{e}.down_proj.weight", (HIDDEN, INNER))]
+    return out + [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (64, HIDDEN))]
+
+
+def _write(folder, tensors: dict) -> str:
+    os.makedirs(folder)
+    save_file(tensors, os.path.join(folder, "model.safetensors"), {"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"model_type": "mixtral", "num_hidden_layers": LAYERS, "num_local_experts": EXPERTS,
+                   "hidden_size": HIDDEN}, f)
+    return str(folder)
+
+
+def _models(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    models = []
+    for k in range(3):
+        tensors = {}
+        for i, (name, shape) in enumerate(_tensors()):
+            base = torch.randn(shape, generator=torch.Generator().manual_seed(i)) * 0.02
+            if k:
+                delta = torch.randn(shape, generator=g) * 1e-3
+                base = base + delta * (torch.rand(shape, generator=g) > 0.1)  # ties at 0 among the deltas
+            tensors[name] = base.to(torch.bfloat16)
+        models.append(tensors)
+    return models
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    return [_write(root / n, m) for n, m in zip(("base", "ft1", "ft2"), _models())]
+
+
+def _config(paths, method, extra_params="", extra=""):
+    base, *fts = paths
+    weight = "[{filter: gate_proj, value: 0.3}, {filter: up_proj, value: 0.7}, {value: 0.5}]"
+    density = "" if method == "task_arithmetic" else ", density: [0.2, 0.6]"
+    models = "".join(f"  - model: {p}\n    parameters: {{weight: {weight}{density}{extra_params}}}\n" for p in fts)
+    return f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}dtype: float32\nout_dtype: bfloat16\n{extra}"
+
+
+def _merge(text, out, **opts):
+    return merge(parse_config(text, "<test>"), str(out), MergeOptions(quiet=True, **opts))
+
+
+def _bytes(folder):
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
+
+
+def _params(name):
+    layer = int(name.split(".")[2]) if name.startswith("model.layers.") else 0
+    weight = next((w for key, w in WEIGHTS.items() if key in name), 0.5)
+    return DENSITY[layer], weight
+
+
+def _reference(paths, method):
+    """Per tensor, from the method descriptions (tests/reference.py), with that tensor's density
+    and weight worked out here from the config's gradient and filter list."""
+    base, fts = load_model(paths[0]), [load_model(p) for p in paths[1:]]
+    out = {}
+    for name, b0 in base.items():
+        density, weight = _params(name)
+        b = b0.float()
+        deltas = [ft[name].float() - b for ft in fts]
+        if method == "ties":
+            deltas = [topk_keep(d, density) for d in deltas]
+        elif method == "magnitude":
+            deltas = [prune_le(d, 1 - density) for d in deltas]
+        elif method == "breadcrumbs_ties":
+            deltas = [d * rk.breadcrumbs_keep(d.reshape(-1), density, 0.1).reshape(d.shape) for d in deltas]
+        consensus = method in ("ties", "breadcrumbs_ties")
+        out[name] = gta(b, deltas, [weight, weight], consensus, method == "ties", 1.0).to(torch.bfloat16)
+    return out
+
+
+@pytest.mark.parametrize("method", ["ties", "magnitude", "breadcrumbs_ties", "task_arithmetic"])
+def test_batches_equal_tensor_by_tensor_and_the_reference(moe, tmp_path, monkeypatch, method):
+    """Default units (every tensor in one batch, densities and weights varying inside it) against
+    the tensor-by-tensor path (batching switched off) and against 512-byte units; all equal the
+    independent reference."""
+    extra = ", gamma: 0.1" if method == "breadcrumbs_ties" else ""
+    text = _config(moe, method, extra)
+    calls = []
+    real = merge_pass.merge_batch
+    monkeypatch.setattr(merge_pass, "merge_batch", lambda m, batch, *a: calls.append(len(batch.items)) or
+                        real(m, batch, *a))
+    res = _merge(text, tmp_path / "batched", scheduler="threads:1")
+    assert max(calls) >= res.tensors - 2, calls  # (the lm_head and embeddings fit; one batch holds all)
+    monkeypatch.setattr(merge_pass, "_in_batch", lambda *a: False)
+    _merge(text, tmp_path / "single")
+    monkeypatch.undo()
+    _merge(text, tmp_path / "small", unit_bytes=512)
+    assert _bytes(tmp_path / "batched") == _bytes(tmp_path / "single") == _bytes(tmp_path / "small")
+    want = _reference(moe, method)
+    got = load_model(str(tmp_path / "batched"))
+    assert got.keys() == want.keys()
+    for n in want:
+        assert torch.equal(got[n].view(torch.int16), want[n].view(torch.int16)), n
+
+
+def test_linear_batches_equal_tensor_by_tensor(moe, tmp_path, monkeypatch):
+    text = f"merge_method: linear\nmodels:\n" + "".join(
+        f"  - model: {p}\n    parameters: {{weight: [{{filter: gate_proj, value: 0.3}}, {{value: {w}}}]}}\n"
+        for p, w in zip(moe, (0.5, 1.25, 2.0))) + "dtype: float32\nout_dtype: bfloat16\n"
+    _merge(text, tmp_path / "batched")
+    monkeypatch.setattr(merge_pass, "_in_batch", lambda *a: False)
+    _merge(text, tmp_path / "single")
+    assert _bytes(tmp_path / "batched") == _bytes(tmp_path / "single")
+    models = [load_model(p) for p in moe]
+    got = load_model(str(tmp_path / "batched"))
+    for name in got:
+        w = torch.tensor([0.3 if "gate_proj" in name else x for x in (0.5, 1.25, 2.0)]).reshape(-1, *[1] * got[name].dim())
+        want = ((w * torch.stack([m[name].float() for m in models])).sum(0) / w.sum(0)).to(torch.bfloat16)
+        assert torch.equal(got[name].view(torch.int16), want.view(torch.int16)), name
+
+
+def test_one_read_per_input_and_one_write_per_run(moe, tmp_path, monkeypatch):
+    """A work unit of ~150 tensors stored back to back: 3 reads (one per input) and 1 write."""
+    import dppa_stream.checkpoint.reader as reader
+    import dppa_stream.checkpoint.writer as writer
+
+    reads, writes = [], []
+    real_read, real_write = os.preadv, writer.write_at
+    monkeypatch.setattr(reader.os, "preadv", lambda fd, bufs, at: reads.append(at) or real_read(fd, bufs, at))
+    monkeypatch.setattr(merge_pass, "write_at", lambda *a: writes.append(a[2]) or real_write(*a))
+    res = _merge(_config(moe, "ties"), tmp_path / "out", scheduler="threads:1")
+    monkeypatch.undo()
+    assert res.units == 1 and res.tensors > 150
+    assert len(reads) == 3 and len(writes) == 1, (len(reads), len(writes))
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+def test_nan_deep_in_a_batch_is_named(tmp_path, monkeypatch, method):
+    """A NaN in the 37th tensor of a fine-tune (one batch holds them all): the error names that
+    file and tensor and its elements, and no output appears."""
+    models = _models()
+    name = list(models[2])[36]
+    bad = models[2][name].clone()
+    bad.view(-1)[5] = float("nan")
+    models[2][name] = bad
+    paths = [_write(tmp_path / n, m) for n, m in zip(("base", "ft1", "ft2"), models)]
+    with pytest.raises(InputError) as err:
+        _merge(_config(paths, method), tmp_path / "out")
+    msg = str(err.value)
+    assert paths[2] in msg and repr(name) in msg and f"elements 0..{bad.numel() - 1}" in msg and "1 NaN" in msg, msg
+    assert not os.path.exists(tmp_path / "out")
+    # --allow-nonfinite: merged as the tensor-by-tensor path merges it
+    _merge(_config(paths, method), tmp_path / "batched", allow_nonfinite=True)
+    monkeypatch.setattr(merge_pass, "_in_batch", lambda *a: False)
+    _merge(_config(paths, method), tmp_path / "single", allow_nonfinite=True)
+    assert _bytes(tmp_path / "batched") == _bytes(tmp_path / "single")
