@@ -1,5 +1,5 @@
 """The methods that need per-tensor norms or selections (slerp and the other Gram methods,
-row-wise nuslerp and model_stock, SCE, RAM/RAM+, nearswap) merge a work unit's whole small
+row-wise nuslerp and model_stock, SCE, RAM/RAM+, nearswap, Arcee fusion) merge a work unit's whole small
 tensors as one batch (`MergeMethod.merge_batch`): the bytes equal the tensor-by-tensor path and
 512-byte units, with parameters that change from tensor to tensor inside the batch, and equal
 independent references (exact sums by `math.fsum`, coefficients from the formulas in float64);
@@ -14,7 +14,7 @@ import torch
 from dppa_stream import merge_pass
 from dppa_stream.errors import InputError
 
-from .reference import load_model, sce
+from .reference import arcee_fusion, load_model, sce
 from .test_batch import _bytes, _merge, _models, _write
 
 GRADIENT = [0.25, 0.5, 0.75]  # a parameter [0.25, 0.75] at layers 0, 1, 2 (exact in binary); outside the layers 0.25
@@ -37,6 +37,7 @@ CONFIGS = {
            "parameters: {epsilon: [0.0005, 0.001]}\n",
     "ramplus_tl": "merge_method: ramplus_tl\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n"
                   "parameters: {epsilon: 0.0005, r: [0.25, 0.75]}\n",
+    "arcee_fusion": "merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n  - model: {ft1}\n",
     "nearswap": "merge_method: nearswap\nbase_model: {base}\nmodels:\n  - model: {ft2}\nparameters: {t: [0.0005, 0.001]}\n",
 }
 
@@ -115,7 +116,7 @@ def _model_stock_ref(base: torch.Tensor, deltas: list[torch.Tensor]) -> torch.Te
     return base + acc
 
 
-@pytest.mark.parametrize("method", ["slerp", "model_stock", "sce"])
+@pytest.mark.parametrize("method", ["slerp", "model_stock", "sce", "arcee_fusion"])
 def test_batches_equal_the_reference(moe, tmp_path, method):
     """One batch of many small tensors, with slerp's t and SCE's select_topk changing by layer, equals
     the independent per-tensor references bit for bit."""
@@ -129,8 +130,10 @@ def test_batches_equal_the_reference(moe, tmp_path, method):
             want = _slerp_ref(_param(name), b, ft1[name].float())
         elif method == "model_stock":
             want = _model_stock_ref(b, [ft1[name].float() - b, ft2[name].float() - b])
-        else:
+        elif method == "sce":
             want = sce(b, [ft1[name].float() - b, ft2[name].float() - b], _param(name))
+        else:
+            want = arcee_fusion(b, ft1[name].float())
         want = want.to(torch.bfloat16)
         assert torch.equal(got[name].view(torch.int16), want.view(torch.int16)), name
 

@@ -858,14 +858,11 @@ def arcee_importance(src, code, lo, hi, row_len, bins, hist, counts, bad):
             count_in_bins(bits, bins, counts)
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
-def arcee_merge(src, code, lo, hi, row_len, threshold, out, out_code, bad):
-    """mergekit's base + (x - base) * mask, the mask where the importance reaches the threshold."""
-    b = np.empty(row_len, np.float32)
-    x = np.empty(row_len, np.float32)
-    acc = np.empty(row_len, np.float32)
-    for r in range(lo, hi):
-        s = r * row_len
+@njit(inline="always")
+def _arcee_rows(src, code, s0, nrows, row_len, threshold, out, out_code, b, x, acc, bad):
+    """`arcee_merge` of the nrows rows starting at element s0."""
+    for r in range(nrows):
+        s = s0 + r * row_len
         bad[0] += widen_block(src[0], code, s, row_len, b)
         bad[1] += widen_block(src[1], code, s, row_len, x)
         kl = _kl_row(x, b, row_len)
@@ -873,3 +870,52 @@ def arcee_merge(src, code, lo, hi, row_len, threshold, out, out_code, bad):
             d = x[j] - b[j]
             acc[j] = b[j] + d * (np.float32(1.0) if abs(d) * kl >= threshold else np.float32(0.0))
         narrow_block(acc, row_len, out, s, out_code)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def arcee_merge(src, code, lo, hi, row_len, threshold, out, out_code, bad):
+    """mergekit's base + (x - base) * mask, the mask where the importance reaches the threshold."""
+    _arcee_rows(src, code, lo * row_len, hi - lo, row_len, threshold, out, out_code, np.empty(row_len, np.float32),
+                np.empty(row_len, np.float32), np.empty(row_len, np.float32), bad)
+
+
+@njit(inline="always")
+def _key_value(key):
+    """The float32 whose `sort_key` is `key`."""
+    u = np.uint32(key)
+    return f32_from_bits(u ^ np.uint32(0x80000000) if u >> np.uint32(31) else ~u)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def arcee_batch(src, code, los, row_lens, nrows, out, out_code, bad):
+    """Arcee fusion of many whole tensors (tensor i: nrows[i] rows of row_lens[i] elements from
+    column los[i]): the importance's quartiles at mergekit's indices floor(float32(q) *
+    float32(n - 1)) selected from its keys (what `ArceeFusion.tensor_plan` finds from two histogram
+    rounds), the threshold med + 1.5 (q3 - q1) in float32, then `arcee_merge`."""
+    width, longest = 1, 1
+    for i in range(los.shape[0]):
+        width = max(width, row_lens[i] * nrows[i])
+        longest = max(longest, row_lens[i])
+    keys = np.empty(width, np.int64)
+    counts = np.empty(2048, np.int64)
+    b = np.empty(longest, np.float32)
+    x = np.empty(longest, np.float32)
+    acc = np.empty(longest, np.float32)
+    for i in range(los.shape[0]):
+        row_len = row_lens[i]
+        n = row_len * nrows[i]
+        if n == 0:
+            continue
+        for r in range(nrows[i]):
+            s = los[i] + r * row_len
+            bad[0] += widen_block(src[0], code, s, row_len, b)
+            bad[1] += widen_block(src[1], code, s, row_len, x)
+            kl = _kl_row(x, b, row_len)
+            for j in range(row_len):
+                keys[r * row_len + j] = np.int64(sort_key(abs(x[j] - b[j]) * kl))
+        last = np.float32(n - 1)
+        q1 = _key_value(_select(keys, n, np.int64(np.float32(0.25) * last) + 1, counts)[0])
+        med = _key_value(_select(keys, n, np.int64(np.float32(0.5) * last) + 1, counts)[0])
+        q3 = _key_value(_select(keys, n, np.int64(np.float32(0.75) * last) + 1, counts)[0])
+        threshold = med + np.float32(1.5) * (q3 - q1)
+        _arcee_rows(src, code, los[i], nrows[i], row_len, threshold, out, out_code, b, x, acc, bad)
