@@ -4,7 +4,10 @@ Each task runs its work unit's units in order: it reads a unit's values, plans t
 when the method is local and the tensor is this one unit (statistics from the values already in
 memory), runs the method's kernel straight into an output buffer and writes it with one positional
 write into the pre-laid-out shard; a quantized output tensor is encoded first (targets.py), its
-scales written beside it. Finished work units go to the manifest (with the requantization loss of
+scales written beside it. Consecutive whole small tensors of a local method go as one batch
+(`units.BatchRows`, `MergeMethod.merge_batch`): one read per input and one write per run of
+tensors stored back to back, one planning and kernel call for all of them, so an MoE checkpoint's
+tens of thousands of small tensors cost about what the same numbers fused into a few hundred do. Finished work units go to the manifest (with the requantization loss of
 their units), so `--resume` skips them.
 """
 
@@ -16,7 +19,7 @@ import shutil
 import numpy as np
 
 from . import kernels
-from .checkpoint import Placement, ShardLayout, write_rows
+from .checkpoint import DTYPE_SIZES, Placement, ShardLayout, write_rows
 from .checkpoint.writer import write_at
 from .hf_files import copy_model_files, write_model_card
 from .methods.base import Catalogue, TensorInfo
@@ -24,7 +27,7 @@ from .inputs import verify_unchanged
 from .output import MANIFEST, WORK_DIR, Manifest, read_manifest_extras, release_reserve
 from .statistics import check_nonfinite, drive, inline
 from .targets import RequantLoss, Target, output_targets, tensor_scale, write_quantized, writes_quantized
-from .units import BatchRows, UnitInputs, UnitRows, batch_key, batchable, scratch
+from .units import BATCH_MAX_BYTES, BATCH_MAX_ITEMS, BatchRows, UnitInputs, UnitRows, batch_key, scratch
 
 
 def merge_task(method, inp: UnitInputs, plan, folder: str, target: Target, places: tuple[Placement, ...],
@@ -64,13 +67,7 @@ def merge_work(method, work, plans: tuple, folder: str, targets: tuple, places: 
     written, losses = 0, []
     items, i = work.items, 0
     while i < len(items):
-        j = i
-        if _in_batch(method, items[i], plans[i], targets[i]):
-            key = (batch_key(items[i]), targets[i].dtype)
-            j = i + 1
-            while j < len(items) and _in_batch(method, items[j], plans[j], targets[j]) \
-                    and (batch_key(items[j]), targets[j].dtype) == key:
-                j += 1
+        j = _batch_end(method, items, plans, targets, i)
         if j > i:
             written += merge_batch(method, BatchRows(items[i:j]), plans[i:j], folder, targets[i].dtype,
                                    places[i:j], check_finite)
@@ -84,10 +81,32 @@ def merge_work(method, work, plans: tuple, folder: str, targets: tuple, places: 
     return written, losses or None
 
 
-def _in_batch(method, inp: UnitInputs, plan, target: Target) -> bool:
-    """A unit joins a batch when it is a whole small float tensor read raw, planned in this task
-    (a local method's one-unit tensor: `plan` is its TensorInfo), and written plain."""
-    return method.local and isinstance(plan, TensorInfo) and target.ref is None and batchable(inp)
+def _batch_end(method, items: tuple, plans: tuple, targets: tuple, i: int) -> int:
+    """Where the batch that starts at item i ends (exclusive; i when item i does not join one):
+    the consecutive items with its `_batch_key`, up to BATCH_MAX_ITEMS items and BATCH_MAX_BYTES
+    of rows and output."""
+    key = _batch_key(method, items[i], plans[i], targets[i])
+    if key is None:
+        return i
+    dtype, models, has_base = key[0]
+    per_element = (models + has_base) * DTYPE_SIZES[dtype] + DTYPE_SIZES[key[1]]
+    held, j, stop = items[i].unit.flat_stop * per_element, i + 1, min(len(items), i + BATCH_MAX_ITEMS)
+    while j < stop and _batch_key(method, items[j], plans[j], targets[j]) == key:
+        held += items[j].unit.flat_stop * per_element
+        if held > BATCH_MAX_BYTES:
+            break
+        j += 1
+    return j
+
+
+def _batch_key(method, inp: UnitInputs, plan, target: Target) -> tuple | None:
+    """A unit joins a batch when it is a whole small float tensor read raw (`units.batch_key`),
+    planned in this task (a local method's one-unit tensor: `plan` is its TensorInfo) and
+    written plain; consecutive ones with equal keys share one."""
+    if type(plan) is not TensorInfo or target.ref is not None or not method.local:
+        return None
+    key = batch_key(inp)
+    return None if key is None else (key, target.dtype)
 
 
 def merge_batch(method, batch: BatchRows, infos: tuple, folder: str, dtype: str, places: tuple,
@@ -104,15 +123,15 @@ def merge_batch(method, batch: BatchRows, infos: tuple, folder: str, dtype: str,
             check_nonfinite(rows, [kernels.count_nonfinite(rows.src[i], kernels.CODES[rows.dtype]) if n else 0
                                    for i, n in enumerate(bad)])
     data = out.view(np.uint8)
-    itemsize = out.itemsize
+    at = (starts * out.itemsize).tolist()  # byte offsets of the items in `data`
     written, k, n = 0, 0, len(places)
     while k < n:
         first = places[k][0]
-        j, end = k + 1, first.offset + (starts[k + 1] - starts[k]) * itemsize
-        while j < n and places[j][0].file == first.file and places[j][0].offset == end:
-            end += (starts[j + 1] - starts[j]) * itemsize
+        file, j, end = first.file, k + 1, first.offset + at[k + 1] - at[k]
+        while j < n and places[j][0].offset == end and places[j][0].file == file:
+            end += at[j + 1] - at[j]
             j += 1
-        written += write_at(folder, first, 0, data[starts[k] * itemsize:starts[j] * itemsize])
+        written += write_at(folder, first, 0, data[at[k]:at[j]])
         k = j
     return written
 

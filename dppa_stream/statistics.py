@@ -217,7 +217,7 @@ class ExactRanks(Stat):
         if ranks.size and not (ranks.min() >= 1 and ranks.max() <= hi - lo):
             raise ValueError(f"ranks {self.args} outside 1..{hi - lo}")
         found = np.zeros((len(ranks), 3), np.int64)
-        keys = scratch("keys", 8 * (hi - lo)).view(np.int64)  # this thread's (`direct_ranks`: small)
+        keys = scratch("keys", 16 * (hi - lo)).view(np.int64)  # this thread's (`direct_ranks`: small)
         kernels.exact_ranks(rows.src, code, self.model, lo, hi, self.bf16, ranks, found, keys,
                             scratch("digits", 8 << 11).view(np.int64), bad)
         return (rows.inp.unit.index, tuple(tuple(int(x) for x in f) for f in found))
@@ -239,7 +239,7 @@ class ExactRanks(Stat):
         return (int(record[0]), tuple(tuple(int(x) for x in record[2 + 3 * i:5 + 3 * i]) for i in range(n)))
 
     def result_bytes(self, numel):
-        return 256 + 8 * numel  # the keys, on this thread's scratch
+        return 256 + 16 * numel  # the keys (and a copy of some), on this thread's scratch
 
 # --- exact sums -----------------------------------------------------------------------------------
 

@@ -5,7 +5,8 @@ A `Unit` is a flat element range [flat_start, flat_stop) of one tensor across ev
 size, i.e. many whole small tensors (an MoE checkpoint ships tens of thousands of them) or one
 piece of a large one. A task holds one unit at a time: the values of the base and of each
 fine-tune (one allocation; raw bit patterns read with one positional read per input, or float32
-values decoded by `sources`) plus the output values.
+values decoded by `sources`) plus the output values; or a batch of whole small tensors read
+together (`BatchRows`, up to BATCH_MAX_BYTES).
 
 A tensor is split only at multiples of its `multiple` (elements): a row along the last dimension
 for methods that work element by element or row by row (so a fused `[experts, out, in]` tensor
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checkpoint import FLOAT_DTYPES, TensorEntry
+from .checkpoint import DTYPE_SIZES, FLOAT_DTYPES, TensorEntry
 from .errors import UsageError
 
 PROCESS_BASELINE = 300 << 20  # python + numpy + numba + dask/distributed, per process
@@ -183,25 +184,31 @@ class UnitRows:
 
 
 BATCH_MAX_NUMEL = 1 << 16  # elements of a whole tensor that pass 2 merges in a batch (`BatchRows`)
+BATCH_MAX_ITEMS = 4096  # tensors per batch: planning arrays of ~0.5 KB per tensor stay within TASK_OVERHEAD
+BATCH_MAX_BYTES = 16 << 20  # rows and output of a batch: a work unit of many tensors runs as a few batches, so a
+# thread's buffers stay near this size instead of the whole work unit's (one tensor at a time held little)
 
 
-def batchable(inp: UnitInputs) -> bool:
-    """Whether a unit may join a `BatchRows`: a whole small tensor whose inputs are all stored
-    plain in one float dtype (read raw, nothing decoded or adapted)."""
-    u, entries = inp.unit, inp.entries
-    if u.flat_start or u.numel > BATCH_MAX_NUMEL or u.numel != entries[0].numel:
-        return False
-    dtype = entries[0].dtype
-    return dtype in FLOAT_DTYPES and all(type(e) is TensorEntry and e.dtype == dtype for e in entries)
-
-
-def batch_key(inp: UnitInputs) -> tuple:
-    """Consecutive batchable units with equal keys share one `BatchRows`."""
-    return inp.entries[0].dtype, len(inp.models), inp.base is not None
+def batch_key(inp: UnitInputs) -> tuple | None:
+    """Consecutive units with equal keys may share one `BatchRows`; None when a unit may not join
+    one: it must be a whole small tensor whose inputs are all stored plain in one float dtype
+    (read raw, nothing decoded or adapted). The key: (dtype, fine-tunes, has a base)."""
+    u, base, models = inp.unit, inp.base, inp.models
+    first = models[0]
+    n = u.flat_stop - u.flat_start
+    dtype = first.dtype
+    if u.flat_start or n > BATCH_MAX_NUMEL or dtype not in FLOAT_DTYPES or n * DTYPE_SIZES[dtype] != first.nbytes:
+        return None
+    for e in models:
+        if type(e) is not TensorEntry or e.dtype != dtype:
+            return None
+    if base is not None and (type(base) is not TensorEntry or base.dtype != dtype):
+        return None
+    return dtype, len(models), base is not None
 
 
 class BatchRows:
-    """Consecutive whole small tensors of one work unit (`batchable`, one `batch_key`), read
+    """Consecutive whole small tensors of one work unit with one `batch_key`, read
     together: one positional read per input per run of tensors stored back to back in one file,
     where per-tensor reads and per-tensor Python cost more than the merging itself (an MoE
     checkpoint ships tens of thousands of such tensors).
@@ -214,15 +221,16 @@ class BatchRows:
 
         self.items = items
         self.has_base = items[0].base is not None
-        self.dtype = items[0].entries[0].dtype
-        itemsize = items[0].entries[0].itemsize
+        self.dtype = items[0].models[0].dtype
+        itemsize = DTYPE_SIZES[self.dtype]
         self.starts = np.zeros(len(items) + 1, np.int64)
-        np.cumsum([i.unit.numel for i in items], out=self.starts[1:])
+        np.cumsum([i.unit.flat_stop for i in items], out=self.starts[1:])  # whole tensors: flat_start is 0
         total = int(self.starts[-1])
-        ninputs = len(items[0].entries)
-        self.raw = scratch("rows", ninputs * total * itemsize).reshape(ninputs, total * itemsize)
-        for i in range(ninputs):
-            _read_runs([inp.entries[i] for inp in items], self.raw[i], itemsize)
+        inputs = ([[inp.base for inp in items]] if self.has_base else []) + \
+            [[inp.models[m] for inp in items] for m in range(len(items[0].models))]
+        self.raw = scratch("rows", len(inputs) * total * itemsize).reshape(len(inputs), total * itemsize)
+        for row, entries in zip(self.raw, inputs):
+            _read_runs(entries, row)
         self.src = self.raw.view(CONTAINER[self.dtype])
 
     is_float = True
@@ -238,7 +246,7 @@ class BatchRows:
         return rows
 
 
-def _read_runs(entries: list[TensorEntry], dst: np.ndarray, itemsize: int) -> None:
+def _read_runs(entries: list[TensorEntry], dst: np.ndarray) -> None:
     """Read whole tensors `entries` back to back into `dst` (bytes): one positional read per run
     of entries adjacent in one file. A failed run is read again entry by entry, so the error
     names the tensor."""
@@ -247,20 +255,20 @@ def _read_runs(entries: list[TensorEntry], dst: np.ndarray, itemsize: int) -> No
     from .checkpoint import read_range
     from .errors import InputError
 
-    pos, i = 0, 0
-    while i < len(entries):
+    pos, i, count = 0, 0, len(entries)
+    while i < count:
         first = entries[i]
-        j, end = i + 1, first.offset + first.nbytes
-        while j < len(entries) and entries[j].file == first.file and entries[j].offset == end:
+        file, j, end = first.file, i + 1, first.offset + first.nbytes
+        while j < count and entries[j].offset == end and entries[j].file == file:
             end += entries[j].nbytes
             j += 1
-        n = (end - first.offset) // itemsize
-        buf = dst[pos:pos + n * itemsize]
+        nbytes = end - first.offset
+        buf = dst[pos:pos + nbytes]
         try:
             if j - i == 1:
-                read_range(first, 0, n, buf)
-            else:
-                read_range(replace(first, shape=(n,), nbytes=end - first.offset), 0, n, buf)
+                read_range(first, 0, first.numel, buf)
+            else:  # the run as one tensor of bytes
+                read_range(replace(first, dtype="U8", shape=(nbytes,), nbytes=nbytes), 0, nbytes, buf)
         except InputError:
             if j - i == 1:
                 raise
@@ -268,5 +276,5 @@ def _read_runs(entries: list[TensorEntry], dst: np.ndarray, itemsize: int) -> No
             for e in entries[i:j]:
                 read_range(e, 0, e.numel, dst[at:at + e.nbytes])
                 at += e.nbytes
-        pos += n * itemsize
+        pos += nbytes
         i = j

@@ -4,6 +4,7 @@ with parameters that differ from tensor to tensor inside a batch; reads and writ
 a NaN deep inside a batch is still named by file and tensor."""
 
 import json
+import math
 import os
 
 import pytest
@@ -16,7 +17,7 @@ from dppa_stream.errors import InputError
 from dppa_stream.pipeline import MergeOptions, merge
 
 from . import reference_kernels as rk
-from .reference import gta, load_model, prune_le, topk_keep
+from .reference import gta, keep_mask, load_model, prune_le, stream_key, topk_keep
 
 LAYERS, EXPERTS, HIDDEN, INNER = 3, 16, 16, 8
 DENSITY = [0.2, 0.4, 0.6]  # the gradient [0.2, 0.6] at layers 0, 1, 2 (t = 0, 0.5, 1); outside the layers: t = 0
@@ -102,12 +103,23 @@ def _reference(paths, method):
             deltas = [prune_le(d, 1 - density) for d in deltas]
         elif method == "breadcrumbs_ties":
             deltas = [d * rk.breadcrumbs_keep(d.reshape(-1), density, 0.1).reshape(d.shape) for d in deltas]
-        consensus = method in ("ties", "breadcrumbs_ties")
+        elif method.startswith("dare"):
+            deltas = [_dare(d, density, stream_key(0, i, name)) for i, d in enumerate(deltas)]
+        consensus = method in ("ties", "breadcrumbs_ties", "dare_ties")
         out[name] = gta(b, deltas, [weight, weight], consensus, method == "ties", 1.0).to(torch.bfloat16)
     return out
 
 
-@pytest.mark.parametrize("method", ["ties", "magnitude", "breadcrumbs_ties", "task_arithmetic"])
+def _dare(d, density, key):
+    """DARE's kept delta with mergekit's L1 rescale (as tests/reference.py)."""
+    kept = d * torch.from_numpy(keep_mask(key, 0, d.numel(), density)).reshape(d.shape)
+    before = math.fsum(d.abs().reshape(-1).double().tolist())
+    after = math.fsum(kept.abs().reshape(-1).double().tolist())
+    return kept * (before / after) if before >= 1e-7 and after >= 1e-7 else kept
+
+
+@pytest.mark.parametrize("method", ["ties", "magnitude", "breadcrumbs_ties", "task_arithmetic", "dare_ties",
+                                    "dare_linear"])
 def test_batches_equal_tensor_by_tensor_and_the_reference(moe, tmp_path, monkeypatch, method):
     """Default units (every tensor in one batch, densities and weights varying inside it) against
     the tensor-by-tensor path (batching switched off) and against 512-byte units; all equal the
@@ -120,7 +132,7 @@ def test_batches_equal_tensor_by_tensor_and_the_reference(moe, tmp_path, monkeyp
                         real(m, batch, *a))
     res = _merge(text, tmp_path / "batched", scheduler="threads:1")
     assert max(calls) >= res.tensors - 2, calls  # (the lm_head and embeddings fit; one batch holds all)
-    monkeypatch.setattr(merge_pass, "_in_batch", lambda *a: False)
+    monkeypatch.setattr(merge_pass, "_batch_key", lambda *a: None)
     _merge(text, tmp_path / "single")
     monkeypatch.undo()
     _merge(text, tmp_path / "small", unit_bytes=512)
@@ -137,7 +149,7 @@ def test_linear_batches_equal_tensor_by_tensor(moe, tmp_path, monkeypatch):
         f"  - model: {p}\n    parameters: {{weight: [{{filter: gate_proj, value: 0.3}}, {{value: {w}}}]}}\n"
         for p, w in zip(moe, (0.5, 1.25, 2.0))) + "dtype: float32\nout_dtype: bfloat16\n"
     _merge(text, tmp_path / "batched")
-    monkeypatch.setattr(merge_pass, "_in_batch", lambda *a: False)
+    monkeypatch.setattr(merge_pass, "_batch_key", lambda *a: None)
     _merge(text, tmp_path / "single")
     assert _bytes(tmp_path / "batched") == _bytes(tmp_path / "single")
     models = [load_model(p) for p in moe]
@@ -180,6 +192,6 @@ def test_nan_deep_in_a_batch_is_named(tmp_path, monkeypatch, method):
     assert not os.path.exists(tmp_path / "out")
     # --allow-nonfinite: merged as the tensor-by-tensor path merges it
     _merge(_config(paths, method), tmp_path / "batched", allow_nonfinite=True)
-    monkeypatch.setattr(merge_pass, "_in_batch", lambda *a: False)
+    monkeypatch.setattr(merge_pass, "_batch_key", lambda *a: None)
     _merge(_config(paths, method), tmp_path / "single", allow_nonfinite=True)
     assert _bytes(tmp_path / "batched") == _bytes(tmp_path / "single")

@@ -148,7 +148,7 @@ def test_exact_ranks_equal_a_sort(name, bf16_delta):
             part = np.sort(ref.f32_bits(d[lo:hi].abs()).numpy())
             ranks = np.array(sorted({1, 2, hi - lo, (hi - lo) // 2, (hi - lo) * 9 // 10}), np.int64)
             out, bad = np.zeros((len(ranks), 3), np.int64), np.zeros(3, np.int64)
-            keys, counts = np.full(hi - lo + 3, -1, np.int64), np.full(1 << 11, 7, np.int64)  # stale scratch
+            keys, counts = np.full(2 * (hi - lo) + 3, -1, np.int64), np.full(1 << 11, 7, np.int64)  # stale scratch
             kn.exact_ranks(src, kn.CODES[name], i, lo, hi, bf16_delta, ranks, out, keys, counts, bad)
             for (key, below, equal), r in zip(out.tolist(), ranks.tolist()):
                 assert key == part[r - 1]
@@ -596,3 +596,34 @@ def test_sparsify_fills_level_records_in_the_kernels_field_order():
     from dppa_stream.methods import sparsify
 
     assert tuple(f[0] for f in kernels.LEVEL_FIELDS) == sparsify.LEVEL_ORDER
+
+
+def test_exact_sums_round_like_python_integers():
+    """The batched exact sum of per-exponent significand sums equals `summaries.exact_sum` (one
+    Python integer rounded once), on random rows, carries, halfway cases and zeros."""
+    from dppa_stream import summaries
+
+    g = np.random.default_rng(5)
+    rows = [np.zeros(256, np.int64)]
+    for width in (1, 3, 20, 256):
+        for bits in (8, 24, 40, 62):
+            r = np.zeros(256, np.int64)
+            at = g.choice(256, width, replace=False)
+            r[at] = g.integers(0, 1 << bits, width)
+            rows.append(r)
+    for e in (1, 2, 100, 200):  # exactly halfway between two doubles (ties to even), and just above
+        for low in (1, 3):
+            for scale in (0, 9):  # 54 bits, or 63 (beyond 64 bits once shifted by the exponent)
+                r = np.zeros(256, np.int64)
+                r[e] = ((1 << 53) + low) << scale
+                rows.append(r.copy())
+                if e > 1:
+                    r[e - 2] += 1
+                    rows.append(r)
+    r = np.zeros(256, np.int64)
+    r[:] = (1 << 62) + 12345  # carries through every limb
+    rows.append(r)
+    mants = np.stack(rows)
+    out = np.zeros(len(rows))
+    kn.exact_sums(mants, out)
+    assert out.tolist() == [summaries.exact_sum(m) for m in mants]

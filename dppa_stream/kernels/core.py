@@ -23,6 +23,8 @@ F32, uint64 for F64), so NaN payloads and signed zeros survive until the formula
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -276,10 +278,20 @@ def exact_ranks(src, code, model, lo, hi, bf16_delta, ranks, out, keys, counts, 
     """The keys of |delta| over [lo, hi) (float32 bits, as `abs_summaries` bins them) at each
     1-based ascending rank ranks[i]: out[i] = (key, keys below it, keys equal to it). What the
     two histogram rounds of `methods/ranks.py` find, for a tensor held whole in one unit: a
-    32k-bin histogram costs more than a small tensor's elements. A radix selection: 11, 11 and
-    10 bits at a time, counting only the keys that share the prefix found so far. `keys` (int64,
-    at least hi - lo) and `counts` (int64, 2048) are the caller's scratch: allocating them here,
-    in the worker threads, grew the heap by ~90 MiB over a merge of 45k small tensors."""
+    32k-bin histogram costs more than a small tensor's elements. A radix selection (`_select`).
+    `keys` (int64, at least 2 (hi - lo)) and `counts` (int64, 2048; contents ignored) are the
+    caller's scratch: allocating them here, in the worker threads, grew the heap by ~90 MiB over
+    a merge of 45k small tensors."""
+    counts[:] = 0
+    _select(src, code, model, lo, hi, bf16_delta, ranks, out, keys, counts, bad)
+
+
+@njit(inline="always")
+def _select(src, code, model, lo, hi, bf16_delta, ranks, out, keys, counts, bad):
+    """`exact_ranks` with `counts` all zero on entry, and left so. The keys' digits are 11, 11
+    and 10 bits: the first digit is counted while the keys are made (keys[:n]); for each rank,
+    the keys sharing the digits found so far are copied behind them (keys[n:], `_gather`) and
+    only those are counted at the next digit, so a rank costs about one pass more."""
     n = hi - lo
     b = np.empty(BLOCK, np.float32)
     d = np.empty(BLOCK, np.float32)
@@ -287,36 +299,58 @@ def exact_ranks(src, code, model, lo, hi, bf16_delta, ranks, out, keys, counts, 
         m = min(BLOCK, hi - s)
         bad[0] += widen_block(src[0], code, s, m, b)
         bad[model + 1] += _deltas(src, code, model + 1, s, m, b, d, bf16_delta)
+        kk = keys[s - lo:s - lo + m]
         for j in range(m):
-            keys[s - lo + j] = np.int64(bits_of_f32(d[j]) & np.uint32(0x7FFFFFFF))
-    for i in range(ranks.shape[0]):
+            k = np.int64(bits_of_f32(d[j]) & np.uint32(0x7FFFFFFF))
+            kk[j] = k
+            counts[k >> 21] += 1
+    for i in range(ranks.shape[0]):  # every rank's first digit, before the counts are reused
         r = ranks[i]
-        prefix = np.int64(0)
-        mask = np.int64(0)
+        digit = 0
         below = np.int64(0)
+        while r > counts[digit]:
+            r -= counts[digit]
+            below += counts[digit]
+            digit += 1
+        out[i, 0], out[i, 1], out[i, 2] = digit, below, r
+    counts[:1024] = 0  # keys are below 2**31: 10 bits of the first digit in use
+    for i in range(ranks.shape[0]):
+        prefix, below, r = out[i, 0] << 21, out[i, 1], out[i, 2]
+        found = keys[n:2 * n]
+        cand = _gather(keys[:n], n, found, prefix, np.int64(0x7FE00000))
         last = np.int64(0)
-        for level in range(3):
-            shift = 21 if level == 0 else 10 if level == 1 else 0
-            width = 10 if level == 2 else 11
-            digits = (np.int64(1) << width) - 1
-            counts[:digits + 1] = 0
-            for j in range(n):
-                k = keys[j]
-                if (k & mask) == prefix:
-                    counts[(k >> shift) & digits] += 1
-            acc = np.int64(0)
+        for level in range(2):
+            shift = 10 if level == 0 else 0
+            digits = np.int64(2047) if level == 0 else np.int64(1023)
+            for j in range(cand):
+                counts[(found[j] >> shift) & digits] += 1
             digit = 0
-            while acc + counts[digit] < r:
-                acc += counts[digit]
+            while r > counts[digit]:
+                r -= counts[digit]
+                below += counts[digit]
                 digit += 1
-            r -= acc
-            below += acc
             last = counts[digit]
+            for j in range(cand):
+                counts[(found[j] >> shift) & digits] = 0
             prefix |= np.int64(digit) << shift
-            mask |= digits << shift
+            if level == 0:
+                cand = _gather(found, cand, found, prefix, np.int64(0x7FFFFC00))
         out[i, 0] = prefix
         out[i, 1] = below
         out[i, 2] = last
+
+
+@njit(inline="always")
+def _gather(keys, n, dst, prefix, mask):
+    """Copies the keys[:n] whose bits under `mask` equal `prefix` to dst (which may be keys
+    itself) in order; returns how many. Every key is stored and the count advanced by the test,
+    so no branch mispredicts on keys that match at random."""
+    m = 0
+    for j in range(n):
+        k = keys[j]
+        dst[m] = k
+        m += (k & mask) == prefix
+    return m
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -324,11 +358,11 @@ def exact_ranks_segments(src, code, starts, bf16_delta, ranks, active, out, keys
     """`exact_ranks` of a batch of whole tensors (`units.BatchRows`): tensor k is columns
     starts[k]:starts[k+1] of src; for each model m with active[k, m], the ranks ranks[k, m] into
     out[k, m] (one call per batch instead of one per tensor and model)."""
+    counts[:] = 0
     for k in range(starts.shape[0] - 1):
         for m in range(ranks.shape[1]):
             if active[k, m]:
-                exact_ranks(src, code, m, starts[k], starts[k + 1], bf16_delta, ranks[k, m], out[k, m], keys, counts,
-                            bad)
+                _select(src, code, m, starts[k], starts[k + 1], bf16_delta, ranks[k, m], out[k, m], keys, counts, bad)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -348,6 +382,73 @@ def dare_sums(src, code, model, lo, hi, flat0, key, limit, full, kept, bad):
         for j in range(m):
             _add_abs(x[j], full)
             _add_abs(x[j] * (np.float32(1.0) if keep_draw(k, first + j, lim) else np.float32(0.0)), kept)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def dare_sums_segments(src, code, model, starts, active, keys, limits, full, kept, bad):
+    """`dare_sums` of one model over a batch of whole tensors (columns starts[k]:starts[k+1]), for
+    the tensors with active[k], into full[k] and kept[k]."""
+    for k in range(starts.shape[0] - 1):
+        if active[k]:
+            dare_sums(src, code, model, starts[k], starts[k + 1], 0, keys[k], limits[k], full[k], kept[k], bad)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def exact_sums(mants, out):
+    """`summaries.exact_sum` of each row of `mants` ([rows, 256] per-exponent sums of float32
+    significands, each below 2**63) into out[row]: the value Σ_e mants[e] · 2**(max(e, 1) - 150)
+    exactly rounded to float64 (to nearest, ties to even), from an exact sum in 32-bit limbs.
+    A batch of small tensors needs thousands; Python integers cost ~30 µs each."""
+    limbs = np.zeros(12, np.int64)  # 384 bits: 255 + 63 + a carry
+    mask32 = np.int64(0xFFFFFFFF)
+    for r in range(mants.shape[0]):
+        limbs[:] = 0
+        for e in range(256):
+            v = mants[r, e]
+            if v == 0:
+                continue
+            sh = max(e, 1)
+            w, b = sh // 32, sh % 32
+            lo = (v & mask32) << b  # below 2**63
+            hi = (v >> 32) << b  # below 2**62
+            limbs[w] += lo & mask32
+            limbs[w + 1] += (lo >> 32) + (hi & mask32)
+            limbs[w + 2] += hi >> 32
+        carry = np.int64(0)
+        top = -1
+        for i in range(12):
+            t = limbs[i] + carry
+            limbs[i] = t & mask32
+            carry = t >> 32
+            if limbs[i]:
+                top = i
+        if top < 0:
+            out[r] = 0.0
+            continue
+        L = 0
+        while (limbs[top] >> L) != 0:
+            L += 1
+        nbits = 32 * top + L
+        sticky = False
+        if nbits <= 64:
+            u = np.uint64(limbs[0]) | (np.uint64(limbs[1]) << np.uint64(32))
+            if nbits <= 53:
+                out[r] = math.ldexp(np.float64(u), -150)
+                continue
+            shift = np.uint64(nbits - 53)
+        else:
+            u = (np.uint64(limbs[top]) << np.uint64(64 - L)) | (np.uint64(limbs[top - 1]) << np.uint64(32 - L)) | \
+                (np.uint64(limbs[top - 2]) >> np.uint64(L))
+            sticky = (limbs[top - 2] & ((np.int64(1) << L) - 1)) != 0
+            for i in range(top - 2):
+                sticky = sticky or limbs[i] != 0
+            shift = np.uint64(11)
+        q = u >> shift
+        rem = u & ((np.uint64(1) << shift) - np.uint64(1))
+        half = np.uint64(1) << (shift - np.uint64(1))
+        if rem > half or (rem == half and (sticky or (q & np.uint64(1)) != 0)):
+            q += np.uint64(1)
+        out[r] = math.ldexp(np.float64(q), nbits - 53 - 150)
 
 
 # --- pass 2: merges ------------------------------------------------------------------------------

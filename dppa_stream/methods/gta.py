@@ -89,9 +89,9 @@ class DeltaMethod(MergeMethod):
 
     def merge_batch(self, batch, infos, out, out_code, check_finite):
         """The batch planned with arrays (one exact-rank kernel call for every tensor and model,
-        `Sparsifier.batch_ranks`/`batch_fill`) and merged with one `gta_segments` call: the records
-        and the bytes `merge_unit` gives tensor by tensor. DELLA (masks per unit) and DARE (exact
-        sums per tensor) plan tensor by tensor."""
+        `Sparsifier.batch_params`/`batch_stats`/`batch_ranks`/`batch_fill`) and merged with one
+        `gta_segments` call: the records and the bytes `merge_unit` gives tensor by tensor. DELLA
+        (masks per unit) plans tensor by tensor."""
         kind = getattr(self, "sparse_kind", None)
         if kind not in BATCHED or self.bf16_deltas:
             return super().merge_batch(batch, infos, out, out_code, check_finite)
@@ -102,8 +102,9 @@ class DeltaMethod(MergeMethod):
         numel = np.diff(starts)
         weights = np.array([[m["weight"] for m in info.models] for info in infos], np.float64).astype(np.float32)
         models = kernels.records(kernels.MODEL_FIELDS, (n, K), weight=weights)
-        params = [{f: np.array([info.models[m][f] for info in infos], np.float64) for f in kind.fields}
-                  for m in range(K)]
+        params = [kind.batch_params(self, m, infos) for m in range(K)]
+        for m, p in enumerate(params):
+            kind.batch_stats(p, batch, m, bad)
         asked = [kind.batch_ranks(p, numel) for p in params]
         R = max([a[0].shape[1] for a in asked if a is not None] + [1])
         levels = kernels.records(kernels.LEVEL_FIELDS, (n, K, R))
@@ -114,11 +115,11 @@ class DeltaMethod(MergeMethod):
             for m, a in enumerate(asked):
                 if a is not None:
                     ranks[:, m], active[:, m] = a
-            keys = scratch("keys", 8 * int(numel.max(initial=0))).view(np.int64)
+            keys = scratch("keys", 16 * int(numel.max(initial=0))).view(np.int64)
             kernels.exact_ranks_segments(batch.src, code, starts, False, ranks, active, found, keys,
                                          scratch("digits", 8 << 11).view(np.int64), bad)
-            if check_finite and bad.any():
-                return bad  # merge_work names the tensor
+        if check_finite and bad.any():
+            return bad  # merge_work names the tensor
         for m, p in enumerate(params):
             kind.batch_fill(p, numel, found[:, m], models[:, m], levels[:, m])
         combine = kernels.records(kernels.COMBINE_FIELDS, n, consensus=self.consensus,
@@ -217,7 +218,7 @@ def _della(method, model, info):
 
 
 _KINDS = {_topk: TopK, _bernoulli: Bernoulli, _prune_le: PruneLE, _band: Band, _della: MagPrune}
-BATCHED = (Sparsifier, TopK, PruneLE, Band)  # sparsifiers `merge_batch` plans with arrays
+BATCHED = (Sparsifier, TopK, PruneLE, Band, Bernoulli)  # sparsifiers `merge_batch` plans with arrays
 
 _GAMMA = {"gamma": Param(0.01, (int, float), lambda v: None if 0 <= v <= 1 else "must be in [0, 1]",
                          "fraction of the largest |delta| dropped")}

@@ -103,6 +103,15 @@ class Sparsifier:
         return Sparse()
 
     @classmethod
+    def batch_params(cls, method, model: int, infos) -> dict:
+        """This model's parameters `fields` of every tensor of the batch, as arrays."""
+        return {f: np.array([info.models[model][f] for info in infos], np.float64) for f in cls.fields}
+
+    @classmethod
+    def batch_stats(cls, p: dict, batch, model: int, bad: np.ndarray) -> None:
+        """Statistics other than ranks, computed from the batch's rows into `p`."""
+
+    @classmethod
     def batch_ranks(cls, p: dict, numel: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """(ranks [tensors, R] (1-based), which tensors need them [tensors]), or None: no ranks."""
         return None
@@ -337,3 +346,39 @@ class Bernoulli(Sparsifier):
             if sums.full >= 1e-7 and sums.kept >= 1e-7:
                 scale = sums.full / sums.kept
         return Sparse(kernels.SP_BERNOULLI, key=self.key, limit=self.limit, scale=scale)
+
+    fields = ("density",)
+
+    @classmethod
+    def batch_params(cls, method, model, infos):
+        from .. import rng
+
+        p = super().batch_params(method, model, infos)
+        p["key"] = np.array([rng.stream_key(method.seed, model, info.name) for info in infos], np.uint64)
+        p["limit"] = (p["density"] * (1 << 24)).astype(np.int64)
+        p["rescale"] = np.array([bool(info.globals["rescale"]) for info in infos], np.bool_)
+        return p
+
+    @classmethod
+    def batch_stats(cls, p, batch, model, bad):
+        active = (p["density"] < 1) & p["rescale"]
+        p["scale"] = np.ones(len(active))
+        if not active.any():
+            return
+        n = len(active)
+        full, kept = np.zeros((n, 256), np.int64), np.zeros((n, 256), np.int64)
+        kernels.dare_sums_segments(batch.src, kernels.CODES[batch.dtype], model, batch.starts, active, p["key"],
+                                   p["limit"].astype(np.uint64), full, kept, bad)
+        a, b = np.zeros(n), np.zeros(n)
+        kernels.exact_sums(full, a)
+        kernels.exact_sums(kept, b)
+        use = active & (a >= 1e-7) & (b >= 1e-7)
+        p["scale"][use] = a[use] / b[use]
+
+    @classmethod
+    def batch_fill(cls, p, numel, found, models, levels):
+        on = p["density"] < 1
+        models["mode"] = np.where(on, kernels.SP_BERNOULLI, kernels.SP_NONE)
+        models["key"] = np.where(on, p["key"], 0)
+        models["limit"] = np.where(on, p["limit"], 0)
+        models["scale"] = np.where(on, p["scale"], 1.0)
