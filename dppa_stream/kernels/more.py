@@ -633,7 +633,7 @@ def sce_merge(src, code, lo, hi, kind, value, budget, omega, out, out_code, bad)
 
 
 @njit(inline="always")
-def _select(keys, n, r, counts):
+def _select_rank(keys, n, r, counts):
     """(key, keys below it, keys equal to it) of the r-th smallest (1-based) of keys[:n] (>= 0,
     < 2**31): a radix selection, 11, 11 and 10 bits at a time (as `core.exact_ranks`)."""
     prefix = np.int64(0)
@@ -699,7 +699,7 @@ def sce_batch_plan(src, code, los, his, topks, kinds, values, budgets, squares, 
             if k <= 0:
                 kind = TH_NONE
             elif k < n:
-                bits, below, ties = _select(keys, n, n - k + 1, counts)
+                bits, below, ties = _select_rank(keys, n, n - k + 1, counts)
                 kind, value, kept = TH_VALUE, f32_from_bits(np.uint32(bits)), k - (n - below - ties)
         kinds[i], values[i], budgets[i] = kind, value, kept
         budget[0] = kept
@@ -914,8 +914,8 @@ def arcee_batch(src, code, los, row_lens, nrows, out, out_code, bad):
             for j in range(row_len):
                 keys[r * row_len + j] = np.int64(sort_key(abs(x[j] - b[j]) * kl))
         last = np.float32(n - 1)
-        q1 = _key_value(_select(keys, n, np.int64(np.float32(0.25) * last) + 1, counts)[0])
-        med = _key_value(_select(keys, n, np.int64(np.float32(0.5) * last) + 1, counts)[0])
-        q3 = _key_value(_select(keys, n, np.int64(np.float32(0.75) * last) + 1, counts)[0])
+        q1 = _key_value(_select_rank(keys, n, np.int64(np.float32(0.25) * last) + 1, counts)[0])
+        med = _key_value(_select_rank(keys, n, np.int64(np.float32(0.5) * last) + 1, counts)[0])
+        q3 = _key_value(_select_rank(keys, n, np.int64(np.float32(0.75) * last) + 1, counts)[0])
         threshold = med + np.float32(1.5) * (q3 - q1)
         _arcee_rows(src, code, los[i], nrows[i], row_len, threshold, out, out_code, b, x, acc, bad)
