@@ -195,3 +195,30 @@ def test_nan_deep_in_a_batch_is_named(tmp_path, monkeypatch, method):
     monkeypatch.setattr(merge_pass, "_batch_key", lambda *a: None)
     _merge(_config(paths, method), tmp_path / "single", allow_nonfinite=True)
     assert _bytes(tmp_path / "batched") == _bytes(tmp_path / "single")
+
+
+def test_kill_during_batches_then_resume_is_byte_identical(moe, tmp_path):
+    """Killed once 2 work units (of ~20 batched tensors each) are recorded, the other thread in
+    the middle of its batch: --resume redoes what was not recorded and the bytes equal an
+    uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+
+    from .crash_at import crash_run
+
+    cfg = tmp_path / "ties.yml"
+    cfg.write_text(_config(moe, "ties"))
+    args = ("-q", "--unit-size", "30KB")
+    ref = subprocess.run([sys.executable, "-m", "dppa_stream.cli.main", "merge", cfg, tmp_path / "ref", *args,
+                          "--json", tmp_path / "ref.json"], capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    summary = json.loads((tmp_path / "ref.json").read_text())
+    assert summary["tensors"] >= 10 * summary["units"] and summary["units"] >= 4, summary
+    killed = crash_run("units:2", "merge", cfg, tmp_path / "out", *args, "--scheduler", "threads:2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    res = subprocess.run([sys.executable, "-m", "dppa_stream.cli.main", "merge", cfg, tmp_path / "out", *args,
+                          "--resume", "--json", tmp_path / "r.json"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["resumed_units"] >= 2
+    assert _bytes(tmp_path / "ref") == _bytes(tmp_path / "out")
