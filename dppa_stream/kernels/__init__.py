@@ -3,7 +3,8 @@
 `core`: widening and narrowing, the counter RNG, the threshold rule, the delta family's
 statistics, linear combinations. `delta`: the delta family's merge kernel (`gta`), its record
 interface and its sparsifiers. `more`: exact products (Gram matrices), row-wise statistics and
-combinations, and the kernels of DELLA, SCE, RAM, nearswap and Arcee fusion. `formats`: decoding
+combinations, and the kernels of DELLA, SCE, RAM, nearswap and Arcee fusion (and their forms
+over a batch of small whole tensors, one segment of columns each). `formats`: decoding
 and encoding quantized storage (FP8 with scales, MXFP4) and the requantization loss. `lora`:
 adding a LoRA adapter's product to rows as they are read.
 

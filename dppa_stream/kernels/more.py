@@ -10,8 +10,9 @@ import math
 import numpy as np
 from numba import njit
 
-from .core import (BLOCK, TH_ALL, TH_NONE, _add_abs, bits_of_f32, count_in_bins, keep_draw, narrow_block,
-                   widen_block)
+from .core import (BLOCK, TH_ALL, TH_NONE, TH_VALUE, _add_abs, _deltas, bits_of_f32, count_in_bins, f32_from_bits,
+                   f64_from_bits, keep_draw,
+                   narrow_block, widen_block)
 
 GRAM_BUCKETS = 512  # sums of two float32 exponent fields (each 1..254) index the product buckets
 _LOW_BITS = 30
@@ -108,41 +109,253 @@ def gram_sums(src, code, lo, hi, deltas, high, low, bad):
         _flush_lanes(block, npairs, high, low)
 
 
-# --- row-wise statistics and combinations ----------------------------------------------------------
+# --- batches: many small whole tensors, one segment of columns each --------------------------------
+# A pass-2 batch holds consecutive small tensors side by side: a segment is one tensor's columns
+# of every input row and of the output. These kernels give per segment what
+# the per-tensor kernels give on the tensor alone, bit for bit, in one call for the whole batch.
+
+_LIMBS = 24  # 30-bit limbs of an exact sum of `gram_sums` words: bucket 511 + 30 + 64 bits + carries < 720
+
+
+@njit(inline="always")
+def _split_span(x, m, sig, exp):
+    """`_split_row`, returning the smallest and largest exponent field of the non-zero values
+    (GRAM_BUCKETS, -1 when all are zero): the buckets their products can reach."""
+    lo = GRAM_BUCKETS
+    hi = -1
+    for j in range(m):
+        s, e = _split(x[j])
+        sig[j] = s
+        exp[j] = e
+        if s != 0:
+            lo = min(lo, e)
+            hi = max(hi, e)
+    return lo, hi
+
+
+@njit(inline="always")
+def _add_shifted(limbs, x, shift):
+    """limbs += x * 2**shift (x a signed int64), limbs of 30 bits each (not yet carried)."""
+    mask = np.int64((1 << _LOW_BITS) - 1)
+    q = shift // _LOW_BITS
+    r = shift - q * _LOW_BITS
+    v = (x & mask) << r
+    limbs[q] += v & mask
+    limbs[q + 1] += v >> _LOW_BITS
+    v = ((x >> _LOW_BITS) & mask) << r
+    limbs[q + 1] += v & mask
+    limbs[q + 2] += v >> _LOW_BITS
+    v = (x >> (2 * _LOW_BITS)) << r  # the signed top: |x >> 60| <= 8
+    limbs[q + 2] += v & mask
+    limbs[q + 3] += v >> _LOW_BITS
+
+
+@njit(inline="always")
+def _carry(limbs):
+    """Carry every limb into [0, 2**30); the top limb keeps the sign."""
+    for i in range(_LIMBS - 1):
+        c = limbs[i] >> _LOW_BITS
+        limbs[i] -= c << _LOW_BITS
+        limbs[i + 1] += c
+
+
+@njit(inline="always")
+def _bit(limbs, k):
+    return (limbs[k // _LOW_BITS] >> (k % _LOW_BITS)) & 1
+
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def row_gram(src, code, lo, hi, row_len, deltas, out, bad):
-    """Per row (row_len consecutive elements, rows [lo, hi) of the unit) the pairwise dot products
-    of the vectors, in float64, summed in element order (rows are never split, so this is the
-    same for any chunking)."""
+def exact_f64(high, low, e0, e1, limbs):
+    """The sum `gram_sums` keeps in buckets e0..e1 of `high`, `low` (value (high * 2**30 + low)
+    * 2**(e - 300)), correctly rounded to float64 (nearest, ties to even: what
+    `statistics.exact_products` gets from Python's exact int / int), those buckets zeroed. The
+    result is never subnormal nor infinite (|products| of float32 lie in 2**-298..2**256)."""
+    limbs[:] = 0
+    for e in range(e0, e1 + 1):
+        if high[e] != 0:
+            _add_shifted(limbs, high[e], e + _LOW_BITS)
+            high[e] = 0
+        if low[e] != 0:
+            _add_shifted(limbs, low[e], e)
+            low[e] = 0
+    _carry(limbs)
+    neg = limbs[_LIMBS - 1] < 0
+    if neg:
+        for i in range(_LIMBS):
+            limbs[i] = -limbs[i]
+        _carry(limbs)
+    top = _LIMBS - 1
+    while top >= 0 and limbs[top] == 0:
+        top -= 1
+    if top < 0:
+        return 0.0
+    width = 0
+    v = limbs[top]
+    while v:
+        width += 1
+        v >>= 1
+    p = top * _LOW_BITS + width - 1  # the highest set bit
+    shift = max(0, p - 52)
+    m = np.int64(0)
+    for k in range(p, shift - 1, -1):  # the top 53 bits
+        m = (m << 1) | _bit(limbs, k)
+    if shift > 0 and _bit(limbs, shift - 1):  # round to nearest, ties to even
+        r = shift - 1
+        sticky = (limbs[r // _LOW_BITS] & ((np.int64(1) << (r % _LOW_BITS)) - 1)) != 0
+        for i in range(r // _LOW_BITS):
+            sticky = sticky or limbs[i] != 0
+        if sticky or (m & 1):
+            m += 1
+    val = np.float64(m) * f64_from_bits(np.uint64(1023 + shift - 300) << np.uint64(52))  # exact: a power of two
+    return -val if neg else val
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def gram_batch(src, code, los, his, deltas, out, bad):
+    """Per segment i (columns los[i]:his[i]), `gram_sums` over its columns rounded as `statistics.exact_products` rounds
+    it: out[i, p] for the pairs (a, b), a <= b, in row-major order. Only the buckets the
+    segment's exponents can reach are flushed and rounded (a small tensor's values span a few
+    dozen exponents, not 512)."""
     n_in = src.shape[0]
     nv = n_in - 1 if deltas else n_in
-    base = np.empty(row_len, np.float32)
-    vals = np.empty((nv, row_len), np.float32)
-    for r in range(lo, hi):
-        s = r * row_len
-        _vectors(src, code, s, row_len, deltas, base, vals, bad)
+    npairs = nv * (nv + 1) // 2
+    vals = np.empty((nv, BLOCK), np.float32)
+    base = np.empty(BLOCK, np.float32)
+    block = np.zeros((LANES * npairs, GRAM_BUCKETS), np.int64)
+    high = np.zeros((npairs, GRAM_BUCKETS), np.int64)
+    low = np.zeros((npairs, GRAM_BUCKETS), np.int64)
+    sig = np.empty((nv, BLOCK), np.int64)
+    exp = np.empty((nv, BLOCK), np.int64)
+    emin = np.empty(nv, np.int64)
+    emax = np.empty(nv, np.int64)
+    used_lo = np.empty(npairs, np.int64)
+    used_hi = np.empty(npairs, np.int64)
+    limbs = np.zeros(_LIMBS, np.int64)
+    for i in range(los.shape[0]):
+        used_lo[:] = GRAM_BUCKETS
+        used_hi[:] = -1
+        for s in range(los[i], his[i], BLOCK):
+            m = min(BLOCK, his[i] - s)
+            _vectors(src, code, s, m, deltas, base, vals, bad)
+            for k in range(nv):
+                emin[k], emax[k] = _split_span(vals[k], m, sig[k], exp[k])
+            p = 0
+            for a in range(nv):
+                for b in range(a, nv):
+                    sa, sb, ea, eb = sig[a], sig[b], exp[a], exp[b]
+                    for j in range(m):
+                        block[(j & (LANES - 1)) * npairs + p, ea[j] + eb[j]] += sa[j] * sb[j]
+                    e0, e1 = emin[a] + emin[b], emax[a] + emax[b]
+                    if emax[a] >= 0 and emax[b] >= 0:  # else every product was 0, added to a zero bucket
+                        for e in range(e0, e1 + 1):
+                            v = 0
+                            for lane in range(LANES):
+                                v += block[lane * npairs + p, e]
+                                block[lane * npairs + p, e] = 0
+                            if v != 0:
+                                high[p, e] += v >> _LOW_BITS
+                                low[p, e] += v & ((1 << _LOW_BITS) - 1)
+                        used_lo[p] = min(used_lo[p], e0)
+                        used_hi[p] = max(used_hi[p], e1)
+                    p += 1
+        for p in range(npairs):
+            out[i, p] = exact_f64(high[p], low[p], used_lo[p], used_hi[p], limbs)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def combine_batch(src, code, los, his, coeffs, deltas, out, out_code, bad):
+    """Per segment i (columns los[i]:his[i]), the linear combination with float32 coefficients coeffs[i], with each
+    formula's float32 operations as its per-tensor kernel does them: `weighted_sum` (sum_k c_k
+    input_k, from 0.0) or, when `deltas`, `delta.gta` with nothing thinned (d_k = model_k - base,
+    times c_k unless c_k is 1, summed from d_0, plus the base)."""
+    n_in = src.shape[0]
+    K = n_in - 1 if deltas else n_in
+    base = np.empty(BLOCK, np.float32)
+    d = np.empty((K, BLOCK), np.float32)
+    acc = np.empty(BLOCK, np.float32)
+    one = np.float32(1.0)
+    for i in range(los.shape[0]):
+        c = coeffs[i]
+        for s in range(los[i], his[i], BLOCK):
+            m = min(BLOCK, his[i] - s)
+            a = acc[:m]
+            if deltas:
+                bad[0] += widen_block(src[0], code, s, m, base)
+                for k in range(K):
+                    row = d[k]
+                    bad[k + 1] += _deltas(src, code, k + 1, s, m, base, row, False)
+                    w = c[k]
+                    if w != one:
+                        for j in range(m):
+                            row[j] = row[j] * w
+                a[:] = d[0, :m]
+                for k in range(1, K):
+                    x = d[k, :m]
+                    for j in range(m):
+                        a[j] = a[j] + x[j]
+                b = base[:m]
+                for j in range(m):
+                    a[j] = b[j] + a[j]
+            else:
+                xs = d[0, :m]
+                for j in range(m):
+                    a[j] = np.float32(0.0)
+                for k in range(K):
+                    bad[k] += widen_block(src[k], code, s, m, d[0])
+                    w = c[k]
+                    for j in range(m):
+                        a[j] = a[j] + w * xs[j]
+            narrow_block(acc, m, out, s, out_code)
+
+
+# --- row-wise statistics and combinations ----------------------------------------------------------
+
+@njit(inline="always")
+def _row_gram(src, code, s0, nrows, row_len, deltas, out, r0, base, vals, bad):
+    """out[r0 + r] = the pairwise dot products of row r of the rows starting at element s0."""
+    nv = vals.shape[0]
+    for r in range(nrows):
+        _vectors(src, code, s0 + r * row_len, row_len, deltas, base, vals, bad)
         p = 0
         for a in range(nv):
             for b in range(a, nv):
                 acc = 0.0
                 for j in range(row_len):
                     acc += np.float64(vals[a, j]) * np.float64(vals[b, j])
-                out[r - lo, p] = acc
+                out[r0 + r, p] = acc
                 p += 1
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def row_combine(src, code, lo, hi, row_len, coeffs, deltas, out, out_code, bad):
-    """Rows [lo, hi): out = base + sum_k c[r, k] * (model_k - base) when `deltas`, else
-    sum_k c[r, k] * input_k, with float32 coefficients per row (in input order, from 0.0)."""
+def row_gram(src, code, lo, hi, row_len, deltas, out, bad):
+    """Per row (row_len consecutive elements, rows [lo, hi) of the unit) the pairwise dot products
+    of the vectors, in float64, summed in element order (rows are never split, so this is the
+    same for any chunking)."""
+    nv = src.shape[0] - 1 if deltas else src.shape[0]
+    _row_gram(src, code, lo * row_len, hi - lo, row_len, deltas, out, 0, np.empty(row_len, np.float32),
+              np.empty((nv, row_len), np.float32), bad)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def row_gram_batch(src, code, los, row_lens, row_starts, deltas, out, bad):
+    """`row_gram` of every row of many segments (segment i: rows of row_lens[i] elements from
+    column los[i]), its rows' results at out[row_starts[i]:row_starts[i + 1]]."""
+    nv = src.shape[0] - 1 if deltas else src.shape[0]
+    width = max(1, row_lens.max()) if row_lens.shape[0] else 1
+    base = np.empty(width, np.float32)
+    vals = np.empty((nv, width), np.float32)
+    for i in range(los.shape[0]):
+        _row_gram(src, code, los[i], row_starts[i + 1] - row_starts[i], row_lens[i], deltas, out, row_starts[i],
+                  base, vals, bad)
+
+
+@njit(inline="always")
+def _row_combine(src, code, s0, nrows, row_len, coeffs, r0, deltas, out, out_code, base, x, acc, bad):
+    """The rows starting at element s0 combined with coefficients coeffs[r0 + r] (`row_combine`)."""
     n_in = src.shape[0]
-    base = np.empty(row_len, np.float32)
-    x = np.empty(row_len, np.float32)
-    acc = np.empty(row_len, np.float32)
-    for r in range(lo, hi):
-        s = r * row_len
-        c = coeffs[r - lo]
+    for r in range(nrows):
+        s = s0 + r * row_len
+        c = coeffs[r0 + r]
         for j in range(row_len):
             acc[j] = np.float32(0.0)
         if deltas:
@@ -161,6 +374,26 @@ def row_combine(src, code, lo, hi, row_len, coeffs, deltas, out, out_code, bad):
                 for j in range(row_len):
                     acc[j] = acc[j] + w * x[j]
         narrow_block(acc, row_len, out, s, out_code)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def row_combine(src, code, lo, hi, row_len, coeffs, deltas, out, out_code, bad):
+    """Rows [lo, hi): out = base + sum_k c[r, k] * (model_k - base) when `deltas`, else
+    sum_k c[r, k] * input_k, with float32 coefficients per row (in input order, from 0.0)."""
+    _row_combine(src, code, lo * row_len, hi - lo, row_len, coeffs, 0, deltas, out, out_code,
+                 np.empty(row_len, np.float32), np.empty(row_len, np.float32), np.empty(row_len, np.float32), bad)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def row_combine_batch(src, code, los, row_lens, row_starts, coeffs, deltas, out, out_code, bad):
+    """`row_combine` of many segments (as `row_gram_batch`), row r's coefficients coeffs[r]."""
+    width = max(1, row_lens.max()) if row_lens.shape[0] else 1
+    base = np.empty(width, np.float32)
+    x = np.empty(width, np.float32)
+    acc = np.empty(width, np.float32)
+    for i in range(los.shape[0]):
+        _row_combine(src, code, los[i], row_starts[i + 1] - row_starts[i], row_lens[i], coeffs, row_starts[i],
+                     deltas, out, out_code, base, x, acc, bad)
 
 
 # --- DELLA -----------------------------------------------------------------------------------------
@@ -399,6 +632,92 @@ def sce_merge(src, code, lo, hi, kind, value, budget, omega, out, out_code, bad)
         narrow_block(acc, m, out, s, out_code)
 
 
+@njit(inline="always")
+def _select_rank(keys, n, r, counts):
+    """(key, keys below it, keys equal to it) of the r-th smallest (1-based) of keys[:n] (>= 0,
+    < 2**31): a radix selection, 11, 11 and 10 bits at a time (as `core.exact_ranks`)."""
+    prefix = np.int64(0)
+    mask = np.int64(0)
+    below = np.int64(0)
+    last = np.int64(0)
+    for level in range(3):
+        shift = 21 if level == 0 else 10 if level == 1 else 0
+        width = 10 if level == 2 else 11
+        digits = (np.int64(1) << width) - 1
+        counts[:digits + 1] = 0
+        for j in range(n):
+            k = keys[j]
+            if (k & mask) == prefix:
+                counts[(k >> shift) & digits] += 1
+        acc = np.int64(0)
+        digit = 0
+        while acc + counts[digit] < r:
+            acc += counts[digit]
+            digit += 1
+        r -= acc
+        below += acc
+        last = counts[digit]
+        prefix |= np.int64(digit) << shift
+        mask |= digits << shift
+    return prefix, below, last
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def sce_batch_plan(src, code, los, his, topks, kinds, values, budgets, squares, bad):
+    """SCE's plan of many whole tensors (columns los[i]:his[i]), what its two statistics rounds and
+    `Sce.tensor_plan` find per tensor: the variance threshold (kinds[i], values[i], budgets[i]:
+    ties kept) keeping the top int(float32(nonzero variances) * float32(topks[i])) of the variance
+    keys (ties lowest index first), and each model's exact sum of selected squared deltas,
+    squares[i, k] (rounded as `statistics.exact_products`)."""
+    K = src.shape[0] - 1
+    base = np.empty(BLOCK, np.float32)
+    vals = np.empty((K, BLOCK), np.float32)
+    width = 0
+    for i in range(los.shape[0]):
+        width = max(width, his[i] - los[i])
+    keys = np.empty(width, np.int64)
+    counts = np.empty(2048, np.int64)
+    high = np.zeros((K, GRAM_BUCKETS), np.int64)
+    low = np.zeros((K, GRAM_BUCKETS), np.int64)
+    limbs = np.zeros(_LIMBS, np.int64)
+    budget = np.zeros(1, np.int64)
+    for i in range(los.shape[0]):
+        lo, hi = los[i], his[i]
+        n = hi - lo
+        kind, value, kept = TH_ALL, np.float32(0.0), np.int64(0)
+        topk = topks[i]
+        if topk < 1:
+            nnz = 0
+            for s in range(lo, hi, BLOCK):
+                m = min(BLOCK, hi - s)
+                _vectors(src, code, s, m, True, base, vals, bad)
+                for j in range(m):
+                    key = _variance_key(vals, K, j)
+                    keys[s - lo + j] = key
+                    nnz += key != 0
+            k = np.int64(np.float32(nnz) * np.float32(topk)) if topk > 0 else np.int64(0)
+            if k <= 0:
+                kind = TH_NONE
+            elif k < n:
+                bits, below, ties = _select_rank(keys, n, n - k + 1, counts)
+                kind, value, kept = TH_VALUE, f32_from_bits(np.uint32(bits)), k - (n - below - ties)
+        kinds[i], values[i], budgets[i] = kind, value, kept
+        budget[0] = kept
+        sce_squares(src, code, lo, hi, kind, value, budget, high, low, bad)
+        for k in range(K):
+            squares[i, k] = exact_f64(high[k], low[k], 0, GRAM_BUCKETS - 1, limbs)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def sce_batch_merge(src, code, los, his, kinds, values, budgets, omegas, out, out_code, bad):
+    """`sce_merge` of many whole tensors, tensor i with its plan (kinds[i], values[i], budgets[i],
+    omegas[i])."""
+    budget = np.zeros(1, np.int64)
+    for i in range(los.shape[0]):
+        budget[0] = budgets[i]
+        sce_merge(src, code, los[i], his[i], kinds[i], values[i], budget, omegas[i], out, out_code, bad)
+
+
 # --- RAM -------------------------------------------------------------------------------------------
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -447,6 +766,21 @@ def ram_merge(src, code, lo, hi, eps, boost, out, out_code, bad):
         narrow_block(acc, m, out, s, out_code)
 
 
+@njit(nogil=True, cache=True, error_model="numpy")
+def ram_batch_counts(src, code, los, his, eps, shared, unique, bad):
+    """`ram_counts` of many whole tensors (columns los[i]:his[i], threshold eps[i]) into shared[i],
+    unique[i]."""
+    for i in range(los.shape[0]):
+        ram_counts(src, code, los[i], his[i], eps[i], shared[i], unique[i], bad)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def ram_batch_merge(src, code, los, his, eps, boosts, out, out_code, bad):
+    """`ram_merge` of many whole tensors, tensor i with eps[i] and boosts[i]."""
+    for i in range(los.shape[0]):
+        ram_merge(src, code, los[i], his[i], eps[i], boosts[i], out, out_code, bad)
+
+
 # --- nearswap --------------------------------------------------------------------------------------
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -465,6 +799,13 @@ def nearswap(src, code, lo, hi, t, out, out_code, bad):
             w = min(max(w, np.float32(0.0)), one)
             acc[j] = w * x[j] + (one - w) * base[j]
         narrow_block(acc, m, out, s, out_code)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def nearswap_batch(src, code, los, his, ts, out, out_code, bad):
+    """`nearswap` of many whole tensors, tensor i with ts[i]."""
+    for i in range(los.shape[0]):
+        nearswap(src, code, los[i], his[i], ts[i], out, out_code, bad)
 
 
 # --- Arcee fusion ----------------------------------------------------------------------------------
@@ -517,14 +858,11 @@ def arcee_importance(src, code, lo, hi, row_len, bins, hist, counts, bad):
             count_in_bins(bits, bins, counts)
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
-def arcee_merge(src, code, lo, hi, row_len, threshold, out, out_code, bad):
-    """mergekit's base + (x - base) * mask, the mask where the importance reaches the threshold."""
-    b = np.empty(row_len, np.float32)
-    x = np.empty(row_len, np.float32)
-    acc = np.empty(row_len, np.float32)
-    for r in range(lo, hi):
-        s = r * row_len
+@njit(inline="always")
+def _arcee_rows(src, code, s0, nrows, row_len, threshold, out, out_code, b, x, acc, bad):
+    """`arcee_merge` of the nrows rows starting at element s0."""
+    for r in range(nrows):
+        s = s0 + r * row_len
         bad[0] += widen_block(src[0], code, s, row_len, b)
         bad[1] += widen_block(src[1], code, s, row_len, x)
         kl = _kl_row(x, b, row_len)
@@ -532,3 +870,52 @@ def arcee_merge(src, code, lo, hi, row_len, threshold, out, out_code, bad):
             d = x[j] - b[j]
             acc[j] = b[j] + d * (np.float32(1.0) if abs(d) * kl >= threshold else np.float32(0.0))
         narrow_block(acc, row_len, out, s, out_code)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def arcee_merge(src, code, lo, hi, row_len, threshold, out, out_code, bad):
+    """mergekit's base + (x - base) * mask, the mask where the importance reaches the threshold."""
+    _arcee_rows(src, code, lo * row_len, hi - lo, row_len, threshold, out, out_code, np.empty(row_len, np.float32),
+                np.empty(row_len, np.float32), np.empty(row_len, np.float32), bad)
+
+
+@njit(inline="always")
+def _key_value(key):
+    """The float32 whose `sort_key` is `key`."""
+    u = np.uint32(key)
+    return f32_from_bits(u ^ np.uint32(0x80000000) if u >> np.uint32(31) else ~u)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def arcee_batch(src, code, los, row_lens, nrows, out, out_code, bad):
+    """Arcee fusion of many whole tensors (tensor i: nrows[i] rows of row_lens[i] elements from
+    column los[i]): the importance's quartiles at mergekit's indices floor(float32(q) *
+    float32(n - 1)) selected from its keys (what `ArceeFusion.tensor_plan` finds from two histogram
+    rounds), the threshold med + 1.5 (q3 - q1) in float32, then `arcee_merge`."""
+    width, longest = 1, 1
+    for i in range(los.shape[0]):
+        width = max(width, row_lens[i] * nrows[i])
+        longest = max(longest, row_lens[i])
+    keys = np.empty(width, np.int64)
+    counts = np.empty(2048, np.int64)
+    b = np.empty(longest, np.float32)
+    x = np.empty(longest, np.float32)
+    acc = np.empty(longest, np.float32)
+    for i in range(los.shape[0]):
+        row_len = row_lens[i]
+        n = row_len * nrows[i]
+        if n == 0:
+            continue
+        for r in range(nrows[i]):
+            s = los[i] + r * row_len
+            bad[0] += widen_block(src[0], code, s, row_len, b)
+            bad[1] += widen_block(src[1], code, s, row_len, x)
+            kl = _kl_row(x, b, row_len)
+            for j in range(row_len):
+                keys[r * row_len + j] = np.int64(sort_key(abs(x[j] - b[j]) * kl))
+        last = np.float32(n - 1)
+        q1 = _key_value(_select_rank(keys, n, np.int64(np.float32(0.25) * last) + 1, counts)[0])
+        med = _key_value(_select_rank(keys, n, np.int64(np.float32(0.5) * last) + 1, counts)[0])
+        q3 = _key_value(_select_rank(keys, n, np.int64(np.float32(0.75) * last) + 1, counts)[0])
+        threshold = med + np.float32(1.5) * (q3 - q1)
+        _arcee_rows(src, code, los[i], nrows[i], row_len, threshold, out, out_code, b, x, acc, bad)

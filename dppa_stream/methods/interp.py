@@ -88,8 +88,8 @@ class GramMethod(MergeMethod):
             nrows = unit.numel // row_len if row_len else 0
             grams = np.zeros((nrows, _pairs(rows.src.shape[0] - (1 if plan.deltas else 0))))
             kernels.row_gram(rows.src, code, 0, nrows, row_len, plan.deltas, grams, bad)
-            coeffs = np.array([self.row_coefficients(gram_matrix(g, _size(len(g))), plan) for g in grams], np.float32)
-            kernels.row_combine(rows.src, code, 0, nrows, row_len, coeffs.reshape(nrows, -1), plan.deltas, out, out_code, bad)
+            coeffs = self._row_coeffs(grams, plan)
+            kernels.row_combine(rows.src, code, 0, nrows, row_len, coeffs, plan.deltas, out, out_code, bad)
             return bad
         c = np.array(plan.coeffs, np.float32)
         if plan.deltas:  # base + sum_k c_k delta_k: the delta family's kernel with nothing thinned
@@ -101,8 +101,59 @@ class GramMethod(MergeMethod):
             kernels.weighted_sum(rows.src, code, 0, unit.numel, c, False, np.float32(1), out, out_code, bad)
         return bad
 
-    def row_coefficients(self, gram: np.ndarray, plan: Combination) -> list[float]:
+    def rows_coefficients(self, grams: np.ndarray, plan: Combination):
+        """A row-wise method's coefficients of each row from its Gram matrix's upper triangle
+        (`grams[r]`), float64 [rows, inputs]."""
         raise NotImplementedError
+
+    def _row_coeffs(self, grams: np.ndarray, plan: Combination) -> np.ndarray:
+        """The rows' float32 coefficients, [rows, inputs] (inputs: the vectors' count)."""
+        out = np.zeros((len(grams), _size(grams.shape[1])), np.float32)
+        if len(grams):
+            out[:] = self.rows_coefficients(grams, plan)
+        return out
+
+    def row_wise(self, info) -> bool:
+        """Whether the tensor is merged row by row (a Gram matrix per row, made in pass 2)."""
+        return False
+
+    def merge_batch(self, batch, infos, out, out_code, check_finite):
+        """Many small whole tensors at once: every tensor's exact Gram matrix in one kernel call,
+        their coefficients as `tensor_plan` makes them (`batch_coefficients`), one combining call."""
+        code = kernels.CODES[batch.dtype]
+        deltas = self.deltas and self.has_base
+        nv = batch.src.shape[0] - int(deltas)
+        bad = np.zeros(batch.src.shape[0], np.int64)
+        los, his = batch.starts[:-1], batch.starts[1:]
+        full = his > los  # an empty tensor has nothing to merge
+        by_row = np.array([self.row_wise(info) for info in infos], bool)
+        flat, rowed = np.flatnonzero(full & ~by_row), np.flatnonzero(full & by_row)
+        grams = np.empty((len(flat), _pairs(nv)))
+        kernels.gram_batch(batch.src, code, los[flat], his[flat], deltas, grams, bad)
+        if len(rowed):
+            row_lens = np.array([infos[k].shape[-1] for k in rowed], np.int64)
+            row_starts = np.zeros(len(rowed) + 1, np.int64)
+            np.cumsum((his[rowed] - los[rowed]) // row_lens, out=row_starts[1:])
+            row_grams = np.empty((int(row_starts[-1]), _pairs(nv)))
+            kernels.row_gram_batch(batch.src, code, los[rowed], row_lens, row_starts, deltas, row_grams, bad)
+        if check_finite and bad.any():
+            return bad  # the caller redoes the batch tensor by tensor, naming the first bad one
+        if len(flat):
+            coeffs = np.empty((len(flat), nv), np.float32)
+            coeffs[:] = self.batch_coefficients([infos[k] for k in flat], grams)
+            kernels.combine_batch(batch.src, code, los[flat], his[flat], coeffs, deltas, out, out_code, bad)
+        if len(rowed):
+            plans = [self.tensor_plan(infos[k], {}) for k in rowed]
+            coeffs = np.concatenate([self._row_coeffs(row_grams[a:b], plan) for plan, a, b
+                                     in zip(plans, row_starts[:-1].tolist(), row_starts[1:].tolist())])
+            kernels.row_combine_batch(batch.src, code, los[rowed], row_lens, row_starts, coeffs, deltas, out, out_code,
+                                      bad)
+        return bad
+
+    def batch_coefficients(self, infos, grams: np.ndarray):
+        """Each tensor's coefficients (float64, in input order) from its Gram matrix's upper triangle
+        (`grams[k]`): `tensor_plan`'s, which a method may compute faster for many tensors at once."""
+        return [self.tensor_plan(info, {self._gram_stat(info): g}).coeffs for info, g in zip(infos, grams)]
 
 
 def _pairs(n: int) -> int:
@@ -125,9 +176,14 @@ def _arc(t: float, cos: float) -> tuple[float, float]:
 def slerp_coefficients(t: float, gram: np.ndarray) -> tuple[float, float]:
     """mergekit's slerp of base a and model b, as coefficients of (a, b): lerp when the normalised
     vectors are (anti)parallel beyond 0.9995, else sin((1-t)θ)/sinθ and sin(tθ)/sinθ."""
-    na, nb = math.sqrt(gram[0, 0]), math.sqrt(gram[1, 1])
+    return _slerp(t, gram[0, 0], gram[0, 1], gram[1, 1])
+
+
+def _slerp(t: float, aa: float, ab: float, bb: float) -> tuple[float, float]:
+    """`slerp_coefficients` from the Gram matrix's three entries (a batch's come as floats)."""
+    na, nb = math.sqrt(aa), math.sqrt(bb)
     na, nb = (na if na > 1e-8 else 1.0), (nb if nb > 1e-8 else 1.0)
-    dot = max(-1.0, min(1.0, gram[0, 1] / (na * nb)))
+    dot = max(-1.0, min(1.0, ab / (na * nb)))
     return (1 - t, t) if abs(dot) > 0.9995 else _arc(t, dot)
 
 
@@ -142,13 +198,21 @@ class Slerp(GramMethod):
     def tensor_plan(self, info, got):
         return Combination(slerp_coefficients(float(info.globals["t"]), self.gram(info, got)))
 
+    def batch_coefficients(self, infos, grams):
+        return [_slerp(float(info.globals["t"]), *g) for info, g in zip(infos, grams.tolist())]
+
 
 # --- nuslerp -----------------------------------------------------------------------------------------
 
 def nuslerp_coefficients(t: float, gram: np.ndarray) -> tuple[float, float]:
     """mergekit's nuslerp of v0, v1 (unnormalised): lerp when colinear (1 - c^2 <= 1e-16)."""
-    n0, n1 = max(math.sqrt(gram[0, 0]), 1e-7), max(math.sqrt(gram[1, 1]), 1e-7)
-    c = max(-1.0, min(1.0, gram[0, 1] / (n0 * n1)))
+    return _nuslerp(t, gram[0, 0], gram[0, 1], gram[1, 1])
+
+
+def _nuslerp(t: float, aa: float, ab: float, bb: float) -> tuple[float, float]:
+    """`nuslerp_coefficients` from the Gram matrix's three entries."""
+    n0, n1 = max(math.sqrt(aa), 1e-7), max(math.sqrt(bb), 1e-7)
+    c = max(-1.0, min(1.0, ab / (n0 * n1)))
     return (1 - t, t) if 1 - c * c <= 1e-16 else _arc(t, c)
 
 
@@ -188,8 +252,14 @@ class Nuslerp(GramMethod):
             return Combination(deltas=deltas, rows="nuslerp", params=(t,))
         return Combination(nuslerp_coefficients(t, self.gram(info, got)), deltas)
 
-    def row_coefficients(self, gram, plan):
-        return list(nuslerp_coefficients(plan.params[0], gram))
+    def row_wise(self, info):
+        return not self._flat(info)
+
+    def batch_coefficients(self, infos, grams):
+        return [_nuslerp(self._t(info), *g) for info, g in zip(infos, grams.tolist())]
+
+    def rows_coefficients(self, grams, plan):
+        return [_nuslerp(plan.params[0], *g) for g in grams.tolist()]
 
 
 # --- multislerp --------------------------------------------------------------------------------------
@@ -311,10 +381,26 @@ class Karcher(GramMethod):
 def model_stock_t(gram: np.ndarray) -> float:
     """mergekit's model_stock interpolation ratio from the Gram matrix of the offsets."""
     n = len(gram)
-    norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
-    cos = [max(-1.0, min(1.0, gram[i, j] / max(norms[i] * norms[j], 1e-6))) for i in range(n) for j in range(i + 1, n)]
-    c = sum(cos) / len(cos)
-    return 0.0 if abs(1 + (n - 1) * c) < 1e-6 else n * c / (1 + (n - 1) * c)
+    return float(model_stock_ts(gram[np.triu_indices(n)][None], n)[0])
+
+
+def model_stock_ts(grams: np.ndarray, n: int) -> np.ndarray:
+    """`model_stock_t` of many Gram matrices at once (`grams[k]`: the upper triangle in row-major
+    order), with the scalar formula's float64 operations in its order: the mean cosine summed
+    pair after pair from 0, Python's max/min (a NaN cosine clamps to 1.0)."""
+    diag = np.cumsum([0] + [n - i for i in range(n - 1)])  # entry (i, i): where row i of the triangle starts
+    norms = np.sqrt(np.maximum(grams[:, diag], 0.0))
+    total = np.zeros(len(grams))
+    for i in range(n):
+        for j in range(i + 1, n):
+            p = norms[:, i] * norms[:, j]
+            x = grams[:, diag[i] + j - i] / np.where(1e-6 > p, 1e-6, p)
+            x = np.where(x < 1.0, x, 1.0)  # min(1.0, x)
+            total = total + np.where(x > -1.0, x, -1.0)  # max(-1.0, .)
+    c = total / (n * (n - 1) // 2)
+    den = 1 + (n - 1) * c
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.abs(den) < 1e-6, 0.0, n * c / den)
 
 
 class ModelStock(GramMethod):
@@ -339,8 +425,16 @@ class ModelStock(GramMethod):
     def _coeffs(t: float, n: int) -> tuple:
         return (t / n,) * n  # base + t * (mean(models) - base)
 
-    def row_coefficients(self, gram, plan):
-        return list(self._coeffs(model_stock_t(gram), len(gram)))
+    def row_wise(self, info):
+        return self._rows(info)
+
+    def rows_coefficients(self, grams, plan):
+        n = _size(grams.shape[1])
+        return np.repeat((model_stock_ts(grams, n) / n)[:, None], n, axis=1)
+
+    def batch_coefficients(self, infos, grams):
+        n = len(infos[0].models)
+        return np.repeat((model_stock_ts(grams, n) / n)[:, None], n, axis=1)
 
 
 # --- nearswap, passthrough -----------------------------------------------------------------------------
@@ -354,6 +448,14 @@ class Nearswap(MergeMethod):
 
     def tensor_plan(self, info, got):
         return float(info.globals["t"])
+
+    def merge_batch(self, batch, infos, out, out_code, check_finite):
+        """Many small whole tensors at once: one kernel call, each tensor with its t."""
+        bad = np.zeros(batch.src.shape[0], np.int64)
+        ts = np.array([float(info.globals["t"]) for info in infos], np.float32)
+        kernels.nearswap_batch(batch.src, kernels.CODES[batch.dtype], batch.starts[:-1], batch.starts[1:], ts, out,
+                               out_code, bad)
+        return bad
 
     def merge_unit(self, rows, plan, out, out_code):
         bad = np.zeros(rows.src.shape[0], np.int64)
@@ -428,6 +530,16 @@ class ArceeFusion(MergeMethod):
             return 0.0
         q1, med, q3 = (_from_key(b.bits) for b in _IMPORTANCE.resolve(got, self._ranks(info.numel)))
         return float(med + np.float32(1.5) * (q3 - q1))
+
+    def merge_batch(self, batch, infos, out, out_code, check_finite):
+        """Many small whole tensors at once: each one's quartiles selected from its importance keys
+        and its merge in one kernel call."""
+        bad = np.zeros(batch.src.shape[0], np.int64)
+        row_lens = np.array([self._row_len(info) for info in infos], np.int64)
+        nrows = np.diff(batch.starts) // np.maximum(row_lens, 1)
+        kernels.arcee_batch(batch.src, kernels.CODES[batch.dtype], batch.starts[:-1], row_lens, nrows, out, out_code,
+                            bad)
+        return bad
 
     def merge_unit(self, rows, plan, out, out_code):
         bad = np.zeros(rows.src.shape[0], np.int64)

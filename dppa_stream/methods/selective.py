@@ -102,6 +102,31 @@ class Sce(MergeMethod):
         kind, value, ties, starts = stat.args
         return Selection(kind, value, ties, tuple((u, s[0]) for u, s in starts), tuple(omega))
 
+    def merge_batch(self, batch, infos, out, out_code, check_finite):
+        """Many small whole tensors at once: their variance thresholds (selected from the keys
+        themselves), selected squares and merges in two kernel calls, the model weights as
+        `tensor_plan` computes them, for all tensors at once."""
+        code = kernels.CODES[batch.dtype]
+        K = batch.src.shape[0] - 1
+        bad = np.zeros(batch.src.shape[0], np.int64)
+        los, his = _spans(batch)
+        n = len(los)
+        kinds, values, budgets, squares = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.int64), \
+            np.empty((n, K))
+        topks = np.array([float(info.globals["select_topk"]) for info in _full(batch, infos)], np.float64)
+        kernels.sce_batch_plan(batch.src, code, los, his, topks, kinds, values, budgets, squares, bad)
+        if check_finite and bad.any():
+            return bad  # the caller redoes the batch tensor by tensor, naming the first bad one
+        omega = squares / (his - los)[:, None]  # tensor_plan's float64 operations, in its order
+        total = np.zeros(n)
+        for k in range(K):
+            total = total + omega[:, k]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            omega = np.where(np.abs(total)[:, None] < 1e-6, 1.0 / K, omega / total[:, None])
+        kernels.sce_batch_merge(batch.src, code, los, his, kinds, values, budgets, omega.astype(np.float32), out,
+                                out_code, bad)
+        return bad
+
     def merge_unit(self, rows, plan: Selection, out, out_code):
         bad = np.zeros(rows.src.shape[0], np.int64)
         kernels.sce_merge(rows.src, kernels.CODES[rows.dtype], 0, rows.inp.unit.numel, plan.kind, np.float32(plan.value),
@@ -119,6 +144,23 @@ class Ram(MergeMethod):
 
     def tensor_plan(self, info, got):
         return float(info.globals["epsilon"]), (1.0,) * len(info.models)
+
+    def merge_batch(self, batch, infos, out, out_code, check_finite):
+        """Many small whole tensors at once: per-tensor epsilon and boosts (`boosts`), one kernel call."""
+        code = kernels.CODES[batch.dtype]
+        bad = np.zeros(batch.src.shape[0], np.int64)
+        los, his = _spans(batch)
+        full = _full(batch, infos)
+        eps = np.array([float(info.globals["epsilon"]) for info in full], np.float32)
+        boosts = self.boosts(batch, full, los, his, eps, bad)
+        if check_finite and bad.any():
+            return bad  # the caller redoes the batch tensor by tensor, naming the first bad one
+        kernels.ram_batch_merge(batch.src, code, los, his, eps, boosts, out, out_code, bad)
+        return bad
+
+    def boosts(self, batch, infos, los, his, eps, bad) -> np.ndarray:
+        """Each tensor's boost per model, float32 [tensors, models] (RAM: none)."""
+        return np.ones((len(infos), batch.src.shape[0] - 1), np.float32)
 
     def merge_unit(self, rows, plan, out, out_code):
         bad = np.zeros(rows.src.shape[0], np.int64)
@@ -146,3 +188,29 @@ class RamPlusTl(Ram):
         r, a = np.float32(info.globals["r"]), np.float32(info.globals["alpha"])
         rho = [np.float32(s) / max(np.float32(u), np.float32(eps)) for s, u in zip(shared, unique)]
         return eps, tuple(float(np.float32(1) + r * min(max(x, np.float32(0)), a)) for x in rho)
+
+    def boosts(self, batch, infos, los, his, eps, bad):
+        """`tensor_plan`'s boosts for many tensors: their counts in one kernel call, then its float32
+        operations on arrays (Python's max/min as selects: a NaN stays NaN)."""
+        K = batch.src.shape[0] - 1
+        shared, unique = np.zeros((len(los), K), np.int64), np.zeros((len(los), K), np.int64)
+        kernels.ram_batch_counts(batch.src, kernels.CODES[batch.dtype], los, his, eps, shared, unique, bad)
+        r = np.array([info.globals["r"] for info in infos], np.float32)[:, None]
+        a = np.array([info.globals["alpha"] for info in infos], np.float32)[:, None]
+        u, e = unique.astype(np.float32), eps[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rho = shared.astype(np.float32) / np.where(e > u, e, u)
+        x = np.where(np.float32(0) > rho, np.float32(0), rho)
+        return np.float32(1) + r * np.where(a < x, a, x)
+
+
+def _spans(batch) -> tuple[np.ndarray, np.ndarray]:
+    """The column spans (los, his) of a batch's non-empty tensors (an empty one has nothing to merge)."""
+    los, his = batch.starts[:-1], batch.starts[1:]
+    full = his > los
+    return los[full], his[full]
+
+
+def _full(batch, infos) -> list:
+    """The TensorInfos of a batch's non-empty tensors."""
+    return [info for info, n in zip(infos, np.diff(batch.starts).tolist()) if n]
