@@ -156,14 +156,14 @@ def catalogue(cfg: MergeConfig, inputs: Inputs) -> Catalogue:
     were opened with: the factor search plans candidates of other weights on the same inputs."""
     from .methods.base import TensorInfo
 
-    infos, same = {}, {}
+    infos = {}
+    params_of = cfg.params_of()
     for name in inputs.names:
         out = inputs.outputs[name]
-        specs = out.specs if cfg.slices else None
-        glob, models = cfg.tensor_params(name, out.t, specs, [m.name for m in out.models], out.slice_params)
-        # one copy of each set of values (most tensors share theirs); repr tells 1, 1.0 and True apart
-        glob, models = same.setdefault(repr((glob, models)), (glob, models))
-        infos[name] = TensorInfo(name, out.entry.dtype, out.entry.shape, glob, models)
+        e = out.entry
+        glob, models = params_of(name, out.t, out.specs if cfg.slices else None, [m.name for m in out.models],
+                                 out.slice_params)
+        infos[name] = TensorInfo(name, e.dtype, e.shape, glob, models)
     return Catalogue(infos, inputs.reference.read_config())
 
 

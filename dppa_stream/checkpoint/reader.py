@@ -13,6 +13,7 @@ import hashlib
 import os
 import stat
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -248,15 +249,16 @@ class Checkpoint:
         wmap = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(wmap, dict) or not wmap:
             raise InputError(f"{index}: needs a non-empty 'weight_map' object")
-        files: dict[str, str] = {}
-        mapped: dict[str, set] = {}  # shard -> the tensors the index puts there
-        for name, rel in wmap.items():
-            if not is_text(name):
-                raise InputError(f"{index}: tensor name {short(name)} is not valid Unicode")
-            if not isinstance(rel, str) or rel not in files:
-                files[rel] = resolve_inside(folder, rel, index, "shard filename")
-                mapped[rel] = set()
-            mapped[rel].add(name)
+        if not is_text("".join(wmap)) or not all(type(rel) is str for rel in wmap.values()):
+            seen = set()
+            for name, rel in wmap.items():  # the first bad name or file name, in order
+                if not is_text(name):
+                    raise InputError(f"{index}: tensor name {short(name)} is not valid Unicode")
+                if not isinstance(rel, str) or rel not in seen:
+                    resolve_inside(folder, rel, index, "shard filename")
+                    seen.add(rel)
+        counts = Counter(wmap.values())  # shard -> how many tensors the index puts there
+        files = {rel: resolve_inside(folder, rel, index, "shard filename") for rel in counts}
         entries = []
         for rel, full in files.items():
             if not os.path.isfile(full):
@@ -266,9 +268,10 @@ class Checkpoint:
             for e in got:
                 if wmap.get(e.name) != rel:
                     raise InputError(f"{full}: tensor {short(e.name)} is not mapped to this shard in {INDEX_NAME}")
-            missing = mapped[rel] - {e.name for e in got}
-            if missing:
-                raise InputError(f"{index}: tensor {short(sorted(missing)[0])} is mapped to {short(rel)} but not stored there")
+            if len(got) != counts[rel]:  # names in a shard are unique: fewer stored than mapped
+                stored = {e.name for e in got}
+                missing = min(n for n, r in wmap.items() if r == rel and n not in stored)
+                raise InputError(f"{index}: tensor {short(missing)} is mapped to {short(rel)} but not stored there")
             entries.extend(got)
         return list(files.values()), entries
 
@@ -295,12 +298,13 @@ def folder_config(folder: str | None) -> dict | None:
 
 
 def _catalogue(entries: list[TensorEntry], where: str, folder: str | None) -> dict[str, object]:
-    seen: set[str] = set()
-    for e in entries:
-        if e.name in seen:
-            raise InputError(f"{where}: tensor {short(e.name)} is stored twice")
-        seen.add(e.name)
-    if not seen:
+    if len({e.name for e in entries}) != len(entries):
+        seen: set[str] = set()
+        for e in entries:
+            if e.name in seen:
+                raise InputError(f"{where}: tensor {short(e.name)} is stored twice")
+            seen.add(e.name)
+    if not entries:
         raise InputError(f"{where}: holds no tensors")
     return fold(entries, folder_config(folder), os.path.join(folder, "config.json") if folder else where)
 
