@@ -68,6 +68,7 @@ class Inputs:
     model_files: list = field(default_factory=list)  # (name, Stamp) of the config/tokenizer files copied
     vocab: tokenizer.Vocabulary | None = None  # the output tokenizer, when the config builds one
     config: dict | None = None  # the output config.json (before its dtype is set), when it is not the donor's
+    targets: dict = field(default_factory=dict, repr=False)  # (out_dtype, dtype) -> targets.output_targets
 
     @property
     def reference(self) -> Checkpoint:
