@@ -141,14 +141,15 @@ class MergeConfig:
         filters = sorted(self._filters())
         cache, same = {}, {}
 
-        def of(tensor: str, t: float, specs: tuple | None = None, inputs: list[str] | None = None,
-               slice_params: dict | None = None) -> tuple[dict, tuple[dict, ...]]:
-            names = (tensor, *inputs) if inputs else (tensor,)
+        def of(tensor: str, t: float, specs: tuple | None, entries: tuple, slice_params: dict | None):
+            """`tensor_params` of a tensor whose models' input `entries` are given (their names
+            are matched against the filters)."""
+            matched = tuple([f in n for n in (tensor, *(e.name for e in entries)) for f in filters]) if filters else ()
             key = (t, None if specs is None else tuple(map(id, specs)), id(slice_params) if slice_params else 0,
-                   len(names), tuple([f in n for n in names for f in filters]) if filters else ())
+                   len(entries), matched)
             got = cache.get(key)
             if got is None:
-                got = self.tensor_params(tensor, t, specs, inputs, slice_params)
+                got = self.tensor_params(tensor, t, specs, [e.name for e in entries], slice_params)
                 got = cache[key] = same.setdefault(repr(got), got)
             return got
 

@@ -162,8 +162,7 @@ def catalogue(cfg: MergeConfig, inputs: Inputs) -> Catalogue:
     for name in inputs.names:
         out = inputs.outputs[name]
         e = out.entry
-        glob, models = params_of(name, out.t, out.specs if cfg.slices else None, [m.name for m in out.models],
-                                 out.slice_params)
+        glob, models = params_of(name, out.t, out.specs if cfg.slices else None, out.models, out.slice_params)
         infos[name] = TensorInfo(name, e.dtype, e.shape, glob, models)
     return Catalogue(infos, inputs.reference.read_config())
 
