@@ -565,6 +565,15 @@ def test_build_header_matches_save_file(tmp_path, metadata):
     assert offsets == {n: v["data_offsets"][0] for n, v in ref.items() if n != "__metadata__"}
 
 
+def test_build_header_quotes_names_as_save_file(tmp_path):
+    """Names that JSON escapes (quotes, backslashes, control characters) or keeps as they are
+    (non-ASCII) come out as safetensors writes them."""
+    names = ['a"b', "back\\slash", "new\nline\ttab\x01", "é.中.weight", "plain"]
+    specs = [(n, "F32", (2, i + 1)) for i, n in enumerate(names)]
+    save_file({n: rand(shape, DTYPES[d][0]) for n, d, shape in specs}, tmp_path / "ref.safetensors", {"format": "pt"})
+    assert build_header(specs, {"format": "pt"})[0] == _header_of(tmp_path / "ref.safetensors")
+
+
 def _write_layout(out, specs, tensors, shard_size) -> ShardLayout:
     layout = ShardLayout(specs, shard_size)
     os.makedirs(out)
