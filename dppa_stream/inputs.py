@@ -20,6 +20,7 @@ that cannot make a loadable model is refused before anything is written.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -98,8 +99,8 @@ def open_inputs(cfg: MergeConfig, download: bool = False, quiet: bool = True) ->
         fetching = {r.folder: r for r in remotes.values() if r.ref.weights}
         checked = _open(cfg, lambda p: hub.remote_checkpoint(fetching[p]) if p in fetching else Checkpoint.open(p), False)
         hub.download_weights(list(fetching.values()), quiet)
-        return _open(cfg, Checkpoint.open, True, checked)
-    return _open(cfg, Checkpoint.open, True)
+        return _open(cfg, functools.partial(Checkpoint.open, known={}), True, checked)
+    return _open(cfg, functools.partial(Checkpoint.open, known={}), True)
 
 
 def _open(cfg: MergeConfig, open_checkpoint, read_rows: bool, checked: Inputs | None = None) -> Inputs:

@@ -132,16 +132,15 @@ def is_text(value) -> bool:
     return True
 
 
-def read_header(path: str, fd: int, file_size: int) -> tuple[dict, int]:
-    """Return (header dict, data start offset) of an open safetensors file, validated for sanity."""
-    import os
-
-    return parse_header(path, lambda n, offset: os.pread(fd, n, offset), file_size)
-
-
 def parse_header(path: str, pread, file_size: int) -> tuple[dict, int]:
-    """`read_header` over any `pread(n, offset) -> bytes` (a local file, or HTTP range requests
-    for a file not downloaded yet)."""
+    """(header dict, data start offset) of a safetensors file read with `pread(n, offset) ->
+    bytes` (a local file, or HTTP range requests for a file not downloaded yet)."""
+    raw = header_bytes(path, pread, file_size)
+    return decode_header(path, raw), 8 + len(raw)
+
+
+def header_bytes(path: str, pread, file_size: int) -> bytes:
+    """The header's JSON bytes, after checking its length against the limit and the file."""
     head = pread(8, 0)
     if len(head) < 8:
         raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
@@ -153,6 +152,11 @@ def parse_header(path: str, pread, file_size: int) -> tuple[dict, int]:
     raw = pread(n, 8)
     if len(raw) != n:
         raise InputError(f"{path}: short read of the header (file changed or truncated?)")
+    return raw
+
+
+def decode_header(path: str, raw: bytes) -> dict:
+    """The header object from its JSON bytes."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -160,7 +164,7 @@ def parse_header(path: str, pread, file_size: int) -> tuple[dict, int]:
     header = loads_untrusted(text, f"{path}: header")
     if not isinstance(header, dict):
         raise InputError(f"{path}: header is not a JSON object")
-    return header, 8 + n
+    return header
 
 
 class _Where:
@@ -241,6 +245,12 @@ def parse_entries(path: str, header: dict, data_start: int, file_size: int, file
     if pos != file_size:
         raise InputError(f"{path}: {file_size - pos} bytes after the last tensor; the file is malformed")
     return entries
+
+
+def moved(entries: list[TensorEntry], path: str, file_id: tuple) -> list[TensorEntry]:
+    """`entries` as the same header in another file of the same size makes them (sharded
+    fine-tunes written by one tool repeat their base's headers byte for byte)."""
+    return [_entry(e.name, e.dtype, e.shape, path, e.offset, e.nbytes, file_id) for e in entries]
 
 
 def _bad_dtype(where: _Where, dtype) -> None:

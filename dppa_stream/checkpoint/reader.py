@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError, short
-from .format import TensorEntry, is_text, loads_untrusted, parse_entries, parse_header, read_header
+from .format import (TensorEntry, decode_header, header_bytes, is_text, loads_untrusted, moved, parse_entries,
+                     parse_header)
 from .quant import fold
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -127,15 +128,23 @@ class Stamp:
         return None
 
 
-def _scan_file(path: str, stamps: dict | None = None) -> list[TensorEntry]:
+def _scan_file(path: str, stamps: dict | None = None, known: dict | None = None) -> list[TensorEntry]:
+    """A file's entries. `known`: (header bytes, file size) -> entries of files already scanned
+    (a fine-tune whose shards repeat the base's headers is not parsed and checked again)."""
     fd, st = open_regular(path)
     try:
-        header, data_start = read_header(path, fd, st.st_size)
+        raw = header_bytes(path, lambda n, offset: os.pread(fd, n, offset), st.st_size)
         if stamps is not None:
             stamps[path] = Stamp.take(path, fd, st)
     finally:
         os.close(fd)
-    return parse_entries(path, header, data_start, st.st_size, _identity(st))
+    same = known.get((raw, st.st_size)) if known is not None else None
+    if same is not None:
+        return moved(same, path, _identity(st))
+    entries = parse_entries(path, decode_header(path, raw), 8 + len(raw), st.st_size, _identity(st))
+    if known is not None:
+        known[raw, st.st_size] = entries
+    return entries
 
 
 # --- where a model's files may live -------------------------------------------------------------
@@ -207,7 +216,8 @@ class Checkpoint:
     stamps: dict[str, Stamp] = field(default_factory=dict)  # each weight file as catalogued
 
     @classmethod
-    def open(cls, path: str) -> "Checkpoint":
+    def open(cls, path: str, known: dict | None = None) -> "Checkpoint":
+        """`known`: headers seen in checkpoints opened before (see `_scan_file`), added to."""
         path = os.path.abspath(os.path.expanduser(path))
         stamps: dict[str, Stamp] = {}
         if os.path.isfile(path):
@@ -222,7 +232,7 @@ class Checkpoint:
         index = os.path.join(path, INDEX_NAME)
         single = os.path.join(path, SINGLE_NAME)
         if os.path.lexists(index):
-            files, entries = cls._read_index(path, resolve_inside(path, INDEX_NAME, index, "index"), stamps)
+            files, entries = cls._read_index(path, resolve_inside(path, INDEX_NAME, index, "index"), stamps, known)
         elif os.path.lexists(single):
             full = resolve_inside(path, SINGLE_NAME, single, "weights file")
             files, entries = [full], _scan_file(full, stamps)
@@ -244,7 +254,7 @@ class Checkpoint:
         return cls(folder, _catalogue(entries, folder, folder), folder, [f for f, _, _ in files])
 
     @staticmethod
-    def _read_index(folder: str, index: str, stamps: dict) -> tuple[list[str], list[TensorEntry]]:
+    def _read_index(folder: str, index: str, stamps: dict, known: dict | None = None) -> tuple[list[str], list[TensorEntry]]:
         data = read_json_file(index)
         wmap = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(wmap, dict) or not wmap:
@@ -264,7 +274,7 @@ class Checkpoint:
             if not os.path.isfile(full):
                 what = "missing" if not os.path.lexists(full) else "not a regular file"
                 raise InputError(f"{index}: shard {short(rel)} is {what}")
-            got = _scan_file(full, stamps)
+            got = _scan_file(full, stamps, known)
             for e in got:
                 if wmap.get(e.name) != rel:
                     raise InputError(f"{full}: tensor {short(e.name)} is not mapped to this shard in {INDEX_NAME}")
