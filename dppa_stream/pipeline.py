@@ -268,7 +268,7 @@ def _check_method_memory(s: Session, budget: int, workers: int, processes: int, 
 @contextlib.contextmanager
 def _setup_gc():
     """No garbage collection while the run's bookkeeping is built (a catalogue of 100k tensors
-    makes the collector walk a growing heap again and again: a third of the start-up, for no
+    makes the collector walk a growing heap again and again: a sixth of the start-up, for no
     garbage), then that bookkeeping frozen out of later collections for the rest of the run."""
     was = gc.isenabled()
     gc.disable()
