@@ -5,6 +5,9 @@ CPU. The unfused DeepSeek-V3-shaped set (45,395 tensors x 3 checkpoints, bench_m
 code at --snapshot (default HEAD) and at --against REV alternately, so both see the same load.
 
     python benchmarks/bench_startup.py --against main --methods ties --rounds 2
+
+The first run of a snapshot not run before compiles its numba kernels (numba caches by file
+path): its process CPU is ~10 s high; read the later rounds (its client CPU is not affected).
 """
 
 from __future__ import annotations
