@@ -19,7 +19,7 @@ import yaml
 from . import hub
 from .errors import UsageError, printable, short
 from .methods import METHODS, REQUIRED, Param
-from .params import MISSING, check_shape, forms, resolve
+from .params import MISSING, check_shape, forms, is_filter_list, resolve
 from .tokenizer import TokenizerSpec, parse_chat_template, parse_tokenizer
 
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
@@ -131,6 +131,41 @@ class MergeConfig:
             name = inputs[i] if inputs else tensor
             models.append({k: self._value([own, *scopes], k, p, name, t, i) for k, p in cls.model_params.items()})
         return glob, tuple(models)
+
+    def params_of(self):
+        """`tensor_params` for many tensors: a function with its arguments, whose results are cached
+        by what they depend on (the layer position, the parameter dicts that apply, and which of
+        the config's filters each matched name contains), one copy of each set of values (most
+        tensors share theirs; repr tells 1, 1.0 and True apart). Resolving every tensor of an MoE
+        model afresh was a second of start-up."""
+        filters = sorted(self._filters())
+        cache, same = {}, {}
+
+        def of(tensor: str, t: float, specs: tuple | None, entries: tuple, slice_params: dict | None):
+            """`tensor_params` of a tensor whose models' input `entries` are given (their names
+            are matched against the filters)."""
+            matched = tuple([f in n for n in (tensor, *(e.name for e in entries)) for f in filters]) if filters else ()
+            key = (t, None if specs is None else tuple(map(id, specs)), id(slice_params) if slice_params else 0,
+                   len(entries), matched)
+            got = cache.get(key)
+            if got is None:
+                got = self.tensor_params(tensor, t, specs, [e.name for e in entries], slice_params)
+                got = cache[key] = same.setdefault(repr(got), got)
+            return got
+
+        return of
+
+    def _filters(self) -> set[str]:
+        """Every filter string of the config's parameter values ("*" and none match every name)."""
+        scopes = [self.parameters] + [m.params for m in self.models]
+        for sl in self.slices or []:
+            scopes += [sl.params] + [src.params for src in sl.sources + ([sl.base] if sl.base else [])]
+        found = set()
+        for scope in scopes:
+            for value in scope.values():
+                if is_filter_list(value):
+                    found.update(e.get("filter") for e in ([value] if isinstance(value, dict) else value))
+        return found - {None, "*"}
 
     def _value(self, scopes: list[dict], key: str, p, tensor: str, t: float, model: int | None):
         list_valued = list in _kinds(p)

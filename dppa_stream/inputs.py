@@ -20,6 +20,7 @@ that cannot make a loadable model is refused before anything is written.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ from .hf_files import layered_config, output_config, vet_model_files
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|block|blocks)\.([0-9]+)\.")
 _LONG_NUMBER = re.compile(r"(?:^|\.)([0-9]{10,})(?:\.|$)")  # a layer or expert number of 10+ digits
+_ZEROS = bytes.maketrans(b"123456789", b"000000000")
 _PRE = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings", "shared.")
 
 
@@ -67,6 +69,7 @@ class Inputs:
     model_files: list = field(default_factory=list)  # (name, Stamp) of the config/tokenizer files copied
     vocab: tokenizer.Vocabulary | None = None  # the output tokenizer, when the config builds one
     config: dict | None = None  # the output config.json (before its dtype is set), when it is not the donor's
+    targets: dict = field(default_factory=dict, repr=False)  # (out_dtype, dtype) -> targets.output_targets
 
     @property
     def reference(self) -> Checkpoint:
@@ -96,8 +99,8 @@ def open_inputs(cfg: MergeConfig, download: bool = False, quiet: bool = True) ->
         fetching = {r.folder: r for r in remotes.values() if r.ref.weights}
         checked = _open(cfg, lambda p: hub.remote_checkpoint(fetching[p]) if p in fetching else Checkpoint.open(p), False)
         hub.download_weights(list(fetching.values()), quiet)
-        return _open(cfg, Checkpoint.open, True, checked)
-    return _open(cfg, Checkpoint.open, True)
+        return _open(cfg, functools.partial(Checkpoint.open, known={}), True, checked)
+    return _open(cfg, functools.partial(Checkpoint.open, known={}), True)
 
 
 def _open(cfg: MergeConfig, open_checkpoint, read_rows: bool, checked: Inputs | None = None) -> Inputs:
@@ -125,6 +128,9 @@ def _open(cfg: MergeConfig, open_checkpoint, read_rows: bool, checked: Inputs | 
 def _checked_names(ck: Checkpoint) -> Checkpoint:
     """Refuse a tensor name whose layer or expert number has 10 or more digits: no model has a
     billion layers, and Python will not even read a number of 4300 digits."""
+    digits_as_zeros = "\n".join(ck.tensors).encode("utf-8", "surrogatepass").translate(_ZEROS)
+    if b"0" * 10 not in digits_as_zeros:  # no 10 digits in a row: one scan for the usual checkpoint
+        return ck
     for name in ck.tensors:
         m = _LONG_NUMBER.search(name)
         if m:
@@ -143,8 +149,10 @@ def _whole(cfg: MergeConfig, ck) -> Inputs:
     names = list(ref.tensors)
     t = layer_positions(names)
     paths = ((cfg.base_model,) if base else ()) + tuple(m.path for m in cfg.models)
-    outputs = {n: Output(n, base.tensors[n] if base else None, tuple(m.tensors[n] for m in models),
-                         tuple(m.params for m in cfg.models), {}, t[n], paths, cfg.base_model or cfg.donor)
+    specs, base_model, catalogues = tuple(m.params for m in cfg.models), cfg.base_model or cfg.donor, \
+        [m.tensors for m in models]
+    outputs = {n: Output(n, base.tensors[n] if base else None, tuple([c[n] for c in catalogues]), specs, {}, t[n],
+                         paths, base_model)
                for n in names}
     donor = ck(cfg.donor) if cfg.donor else ref
     return Inputs(list({id(c): c for c in (ck(p) for p in cfg.model_paths())}.values()), donor, names, outputs, None,
@@ -190,8 +198,11 @@ def _check_same(ref: Checkpoint, other: Checkpoint, vocab: bool = False) -> None
         if extra:
             parts.append(f"{len(extra)} extra (e.g. {', '.join(printable(n, 80) for n in extra[:3])})")
         raise InputError(f"{other.path}: tensor names differ from {ref.path}: {'; '.join(parts)}")
+    theirs = other.tensors
     for name, e in ref.tensors.items():
-        _check_pair(ref, e, other, other.tensors[name], vocab)
+        o = theirs[name]
+        if o.shape != e.shape or o.dtype != e.dtype:  # else nothing to check
+            _check_pair(ref, e, other, o, vocab)
 
 
 def _check_pair(ref: Checkpoint, e: TensorEntry, other: Checkpoint, o: TensorEntry, vocab: bool = False) -> None:

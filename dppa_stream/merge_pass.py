@@ -202,10 +202,14 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
     shared = session.executor.share(method)
     infos = session.catalogue.tensors
     works = [w for w in session.work_units if w.key not in done]
-    calls = [(shared, w, tuple(plans.get(i.unit.tensor, infos[i.unit.tensor]) for i in w.items), partial,
-              tuple(targets[i.unit.tensor] for i in w.items),
-              tuple(tuple(layout.placements[name] for name, _, _ in targets[i.unit.tensor].specs()) for i in w.items),
-              session.check_finite) for w in works]
+    places = layout.placements
+    calls = []
+    for w in works:
+        tensors = [i.unit.tensor for i in w.items]
+        tgs = tuple([targets[t] for t in tensors])
+        calls.append((shared, w, tuple([plans.get(t, infos[t]) for t in tensors]), partial, tgs,
+                      tuple([(places[t],) if tg.ref is None else tuple(places[n] for n, _, _ in tg.specs())
+                             for t, tg in zip(tensors, tgs)]), session.check_finite))
     sizes = [w.nbytes for w in works]
     written = []
     with Manifest(partial) as manifest:

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 
 from . import __version__, durable
+from .checkpoint.format import DTYPE_SIZES
 from .checkpoint.reader import model_roots
 from .durable import fsync_dir, write_all, write_atomic, write_failed
 from .errors import InputError, OutputError, UsageError, short
@@ -123,7 +124,10 @@ def space_needed(inputs, cfg, model_files: list | None = None) -> Space:
     for name in inputs.names:
         e = inputs.entry(name)
         target = targets[name]
-        shards += target.stored_bytes + sum(len(n.encode()) + 96 for n, _, _ in target.specs())
+        if target.ref is None:  # one stored tensor, of the entry's shape
+            shards += e.numel * DTYPE_SIZES[target.dtype] + len(name.encode()) + 96
+        else:
+            shards += target.stored_bytes + sum(len(n.encode()) + 96 for n, _, _ in target.specs())
         if e.real:  # a statistics record per model, and manifest lines (a requantized unit's carry its loss)
             state += len(inputs.outputs[name].models) * (min(e.numel, 1 << 15) * 4 + 2048)
         state += 64 + len(name.encode()) + (1024 * (1 + e.numel // (1 << 20)) if target.ref is not None else 0)

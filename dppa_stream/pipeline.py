@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import logging
 import math
 import os
@@ -156,14 +157,13 @@ def catalogue(cfg: MergeConfig, inputs: Inputs) -> Catalogue:
     were opened with: the factor search plans candidates of other weights on the same inputs."""
     from .methods.base import TensorInfo
 
-    infos, same = {}, {}
+    infos = {}
+    params_of = cfg.params_of()
     for name in inputs.names:
         out = inputs.outputs[name]
-        specs = out.specs if cfg.slices else None
-        glob, models = cfg.tensor_params(name, out.t, specs, [m.name for m in out.models], out.slice_params)
-        # one copy of each set of values (most tensors share theirs); repr tells 1, 1.0 and True apart
-        glob, models = same.setdefault(repr((glob, models)), (glob, models))
-        infos[name] = TensorInfo(name, out.entry.dtype, out.entry.shape, glob, models)
+        e = out.entry
+        glob, models = params_of(name, out.t, out.specs if cfg.slices else None, out.models, out.slice_params)
+        infos[name] = TensorInfo(name, e.dtype, e.shape, glob, models)
     return Catalogue(infos, inputs.reference.read_config())
 
 
@@ -171,16 +171,24 @@ def unit_needs(inputs: Inputs, cfg: MergeConfig) -> tuple[dict[str, int], dict[s
     """Per tensor: bytes a unit holds per element (inputs as read or decoded, and the output), and
     the element multiple its boundaries must fall on for its storage formats (scale blocks of its
     inputs and output; 1 for plain tensors)."""
+    from .checkpoint import TensorEntry
     from .sources import align, memory_per_element
     from .targets import output_targets
 
     targets = output_targets(inputs, cfg.out_dtype, cfg.dtype)
     per_element, aligns = {}, {}
+    plain = {}  # inputs stored plain, written plain: (their dtypes, the output's) -> the needs, computed once
     for t in inputs.names:
-        out = inputs.outputs[t]
-        entries = [e for e in (out.base, *out.models) if e is not None]
-        per_element[t] = memory_per_element(entries) + targets[t].out_bytes
-        aligns[t] = math.lcm(align(entries), targets[t].align)
+        out, target = inputs.outputs[t], targets[t]
+        entries = (out.base, *out.models) if out.base is not None else out.models
+        key = (tuple([e.dtype for e in entries]), target.dtype) \
+            if target.ref is None and all(type(e) is TensorEntry for e in entries) else None
+        got = plain.get(key) if key else None
+        if got is None:
+            got = (memory_per_element(entries) + target.out_bytes, math.lcm(align(entries), target.align))
+            if key:
+                plain[key] = got
+        per_element[t], aligns[t] = got
     return per_element, aligns
 
 
@@ -197,18 +205,25 @@ def plan_units(inputs: Inputs, method, needs: tuple[dict, dict], unit_bytes: int
     """Every tensor's units: as large as `unit_bytes` of task memory allows, boundaries where both
     the method and the tensor's storage formats accept them."""
     per_element, aligns = needs
-    units = {}
+    units, multiples = {}, {}  # (shape, format multiple) -> multiple: a method's depends on the shape alone
     for t in inputs.names:
-        e = inputs.entry(t)
-        multiple = math.lcm(method.unit_multiple(e.shape), aligns[t])
+        e, a = inputs.outputs[t].entry, aligns[t]
+        multiple = multiples.get((e.shape, a))
+        if multiple is None:
+            multiple = multiples[e.shape, a] = math.lcm(method.unit_multiple(e.shape), a)
         units[t] = split_tensor(t, e.numel, len(e.shape), multiple, per_element[t], unit_bytes)
     return units
 
 
 def work_units(inputs: Inputs, units: dict, per_element: dict[str, int], unit_bytes: int) -> list[WorkUnit]:
     """Consecutive units packed into work units of at most `unit_bytes` of task memory."""
-    items = [UnitInputs(u, *inputs.entries(t)) for t in inputs.names for u in units[t]]
-    return pack(items, [i.unit.numel * per_element[i.unit.tensor] for i in items], unit_bytes)
+    items, sizes = [], []
+    for t in inputs.names:
+        out, per = inputs.outputs[t], per_element[t]
+        for u in units[t]:
+            items.append(UnitInputs(u, out.base, out.models))
+            sizes.append(u.numel * per)
+    return pack(items, sizes, unit_bytes)
 
 
 def _check_smallest_units(s: Session, per_task: int) -> None:
@@ -251,8 +266,34 @@ def _check_method_memory(s: Session, budget: int, workers: int, processes: int, 
 
 
 @contextlib.contextmanager
+def _setup_gc():
+    """No garbage collection while the run's bookkeeping is built (a catalogue of 100k tensors
+    makes the collector walk a growing heap again and again: a sixth of the start-up, for no
+    garbage), then that bookkeeping frozen out of later collections for the rest of the run."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+    gc.freeze()
+
+
+@contextlib.contextmanager
 def session(cfg: MergeConfig, opts: MergeOptions, out: str | None = None):
     """Open and validate the inputs, start the scheduler and plan work units from the budget."""
+    try:
+        with _setup_gc():
+            parts = _start(cfg, opts, out)
+        with parts[0]:
+            yield parts[1]
+    finally:
+        gc.unfreeze()
+
+
+def _start(cfg: MergeConfig, opts: MergeOptions, out: str | None):
+    """`session`'s set-up: (the executor, to close when done, and the Session)."""
     inputs = open_inputs(cfg, opts.download, opts.quiet)
     if out is not None:
         check_output(out, inputs, opts.overwrite)
@@ -280,9 +321,10 @@ def session(cfg: MergeConfig, opts: MergeOptions, out: str | None = None):
                  "%d tensors in %d units (%d split), %d work units", spec.kind, workers, budget / 2**20, ub / 2**20,
                  len(inputs.names), sum(len(u) for u in s.units.values()),
                  sum(1 for u in s.units.values() if len(u) > 1), len(s.work_units))
-        yield s
-    finally:
+    except BaseException:
         ex.close()
+        raise
+    return contextlib.closing(ex), s
 
 
 def merge(cfg: MergeConfig, out: str, opts: MergeOptions | None = None) -> MergeResult:

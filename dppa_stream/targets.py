@@ -81,7 +81,17 @@ class Target:
 
 
 def output_targets(inputs, out_dtype: str | None, dtype: str | None) -> dict[str, Target]:
-    """The Target of every output tensor (rules in the module docstring)."""
+    """The Target of every output tensor (rules in the module docstring); made once per inputs and
+    dtypes (planning, the space check and pass 2 each ask)."""
+    memo = getattr(inputs, "targets", None)
+    if memo is None:
+        return _targets(inputs, out_dtype, dtype)
+    if (out_dtype, dtype) not in memo:
+        memo[out_dtype, dtype] = _targets(inputs, out_dtype, dtype)
+    return memo[out_dtype, dtype]
+
+
+def _targets(inputs, out_dtype: str | None, dtype: str | None) -> dict[str, Target]:
     targets = {}
     for t in inputs.names:
         e = inputs.entry(t)

@@ -202,6 +202,29 @@ def test_a_number_read_as_text_says_how_to_write_it(value, hint):
     assert "YAML" not in str(e.value)
 
 
+def test_cached_parameters_equal_resolving_each_tensor():
+    """`params_of` (cached by layer position and filter matches) gives every tensor what
+    `tensor_params` resolves for it alone: filters on the output and input names, "*", gradients,
+    per-model scopes, and values that only differ as 1 / 1.0 / True."""
+    from types import SimpleNamespace
+
+    cfg = parse_config(ties(
+        "  - model: /m/a\n    parameters:\n      weight: [{filter: self_attn, value: [0.1, 0.9]}, {filter: '*', value: 1}]\n"
+        "      density: [{filter: experts.1., value: 0.3}, {value: 1.0}]\n"
+        "  - model: /m/b\n    parameters:\n      weight: [0.2, 0.4, 1.0]\n      density: {filter: up_proj, value: 0.7}\n",
+        extra="parameters: {density: 0.5, lambda: [{filter: mlp, value: [1, 2]}, {value: 1.0}]}\n"), SRC)
+    of = cfg.params_of()
+    names = [f"model.layers.{i}.{part}" for i in range(4) for part in
+             ("self_attn.q_proj.weight", "mlp.experts.1.up_proj.weight", "mlp.experts.12.down_proj.weight",
+              "input_layernorm.weight")] + ["model.embed_tokens.weight", "lm_head.weight"]
+    for k, name in enumerate(names):
+        t = 0.0 if "layers" not in name else int(name.split(".")[2]) / 3
+        inputs = [name, name.replace("up_proj", "gate_proj") if k % 2 else name]
+        entries = tuple(SimpleNamespace(name=n) for n in inputs)
+        want = cfg.tensor_params(name, t, None, inputs, {})
+        assert repr(of(name, t, None, entries, {})) == repr(want), name
+
+
 def test_density_bounds_accepted():
     for d in ("1", "1.0", "0.01"):
         parse_config(ties(f"  - model: /m/a\n    parameters: {{weight: 1, density: {d}}}\n"), SRC)

@@ -565,6 +565,15 @@ def test_build_header_matches_save_file(tmp_path, metadata):
     assert offsets == {n: v["data_offsets"][0] for n, v in ref.items() if n != "__metadata__"}
 
 
+def test_build_header_quotes_names_as_save_file(tmp_path):
+    """Names that JSON escapes (quotes, backslashes, control characters) or keeps as they are
+    (non-ASCII) come out as safetensors writes them."""
+    names = ['a"b', "back\\slash", "new\nline\ttab\x01", "é.中.weight", "plain"]
+    specs = [(n, "F32", (2, i + 1)) for i, n in enumerate(names)]
+    save_file({n: rand(shape, DTYPES[d][0]) for n, d, shape in specs}, tmp_path / "ref.safetensors", {"format": "pt"})
+    assert build_header(specs, {"format": "pt"})[0] == _header_of(tmp_path / "ref.safetensors")
+
+
 def _write_layout(out, specs, tensors, shard_size) -> ShardLayout:
     layout = ShardLayout(specs, shard_size)
     os.makedirs(out)
@@ -596,3 +605,26 @@ def test_shard_layout_matches_save_file(tmp_path, shard_size):
     _write_layout(tmp_path / "plain", plain, {n: tensors[n] for n, _, _ in plain}, shard_size)
     close_all()
     _check_reads(Checkpoint.open(str(tmp_path / "plain")), {n: tensors[n] for n, _, _ in plain})
+
+
+def test_headers_repeated_by_another_checkpoint_are_its_own(tmp_path):
+    """A fine-tune whose shard repeats the base's header byte for byte (parsed once) gets entries
+    at its own file; one with that header but cut short is still refused, naming its file."""
+    tensors = {"a.weight": torch.randn(4, 3), "b.bias": torch.randn(5)}
+    known: dict = {}
+    paths = []
+    for name in ("base", "ft", "cut"):
+        os.makedirs(tmp_path / name)
+        save_file({k: v + len(paths) for k, v in tensors.items()}, tmp_path / name / "model.safetensors")
+        paths.append(str(tmp_path / name / "model.safetensors"))
+    with open(paths[2], "r+b") as f:
+        f.truncate(os.path.getsize(paths[2]) - 4)
+    base = Checkpoint.open(str(tmp_path / "base"), known=known)
+    ft = Checkpoint.open(str(tmp_path / "ft"), known=known)
+    for name, e in ft.tensors.items():
+        b = base.tensors[name]
+        assert (e.file, e.offset, e.shape, e.dtype) == (paths[1], b.offset, b.shape, b.dtype)
+        assert e.file_id[:2] == (os.stat(paths[1]).st_dev, os.stat(paths[1]).st_ino)
+        assert torch.equal(read_rows(e, 0, e.rows), tensors[name] + 1)
+    with pytest.raises(InputError, match="cut/model.safetensors"):
+        Checkpoint.open(str(tmp_path / "cut"), known=known)

@@ -43,6 +43,7 @@ PACKED_NAMES = (
 )
 _PACKED_ENDINGS = tuple(ending for ending, _ in PACKED_NAMES)
 MXFP4_BLOCKS, MXFP4_SCALES = "_blocks", "_scales"
+_SUSPECT_ENDINGS = _PACKED_ENDINGS + ("_scale_inv", ".weight_scale", MXFP4_BLOCKS, MXFP4_SCALES)
 
 
 @dataclass(frozen=True)
@@ -166,11 +167,15 @@ def fold(entries: list[TensorEntry], config: dict | None, config_where: str) -> 
     InputError (one line) for anything quantized we cannot read."""
     method, block = quant_method(config, config_where)
     by_name = {e.name: e for e in entries}
-    for e in entries:
+    # the entries any rule below applies to (FP8 codes, and names that packed formats, scales or
+    # MXFP4 parts use); every other entry is a plain tensor, one cheap test each
+    suspects = [e for e in entries if e.dtype in FP8_DTYPES or e.name.endswith(_SUSPECT_ENDINGS)
+                or ".quant_state." in e.name]
+    for e in suspects:
         _refuse_packed(e)
     by_codes: dict[str, Quantized] = {}
     parts: set[str] = set()
-    for e in entries:
+    for e in suspects:
         if e.dtype in FP8_DTYPES:
             q = _fp8(e, by_name, block)
         elif e.name.endswith(MXFP4_BLOCKS) and (method == "mxfp4" or (
@@ -182,12 +187,16 @@ def fold(entries: list[TensorEntry], config: dict | None, config_where: str) -> 
             raise InputError(f"{e.file}: tensor {short(q.name)} is stored both plain and quantized")
         by_codes[e.name] = q
         parts.update(p.name for p in q.parts)
+    for e in suspects:
+        if e.name not in by_codes and e.name not in parts:
+            _refuse_stray(e, by_name, method)
+    if not by_codes:
+        return by_name
     out: dict[str, object] = {}
     for e in entries:
         if e.name in by_codes:
             out[by_codes[e.name].name] = by_codes[e.name]
         elif e.name not in parts:
-            _refuse_stray(e, by_name, method)
             out[e.name] = e
     return out
 

@@ -13,12 +13,14 @@ import hashlib
 import os
 import stat
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import InputError, short
-from .format import TensorEntry, is_text, loads_untrusted, parse_entries, parse_header, read_header
+from .format import (TensorEntry, decode_header, header_bytes, is_text, loads_untrusted, moved, parse_entries,
+                     parse_header)
 from .quant import fold
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -126,15 +128,23 @@ class Stamp:
         return None
 
 
-def _scan_file(path: str, stamps: dict | None = None) -> list[TensorEntry]:
+def _scan_file(path: str, stamps: dict | None = None, known: dict | None = None) -> list[TensorEntry]:
+    """A file's entries. `known`: (header bytes, file size) -> entries of files already scanned
+    (a fine-tune whose shards repeat the base's headers is not parsed and checked again)."""
     fd, st = open_regular(path)
     try:
-        header, data_start = read_header(path, fd, st.st_size)
+        raw = header_bytes(path, lambda n, offset: os.pread(fd, n, offset), st.st_size)
         if stamps is not None:
             stamps[path] = Stamp.take(path, fd, st)
     finally:
         os.close(fd)
-    return parse_entries(path, header, data_start, st.st_size, _identity(st))
+    same = known.get((raw, st.st_size)) if known is not None else None
+    if same is not None:
+        return moved(same, path, _identity(st))
+    entries = parse_entries(path, decode_header(path, raw), 8 + len(raw), st.st_size, _identity(st))
+    if known is not None:
+        known[raw, st.st_size] = entries
+    return entries
 
 
 # --- where a model's files may live -------------------------------------------------------------
@@ -206,7 +216,8 @@ class Checkpoint:
     stamps: dict[str, Stamp] = field(default_factory=dict)  # each weight file as catalogued
 
     @classmethod
-    def open(cls, path: str) -> "Checkpoint":
+    def open(cls, path: str, known: dict | None = None) -> "Checkpoint":
+        """`known`: headers seen in checkpoints opened before (see `_scan_file`), added to."""
         path = os.path.abspath(os.path.expanduser(path))
         stamps: dict[str, Stamp] = {}
         if os.path.isfile(path):
@@ -221,7 +232,7 @@ class Checkpoint:
         index = os.path.join(path, INDEX_NAME)
         single = os.path.join(path, SINGLE_NAME)
         if os.path.lexists(index):
-            files, entries = cls._read_index(path, resolve_inside(path, INDEX_NAME, index, "index"), stamps)
+            files, entries = cls._read_index(path, resolve_inside(path, INDEX_NAME, index, "index"), stamps, known)
         elif os.path.lexists(single):
             full = resolve_inside(path, SINGLE_NAME, single, "weights file")
             files, entries = [full], _scan_file(full, stamps)
@@ -243,32 +254,34 @@ class Checkpoint:
         return cls(folder, _catalogue(entries, folder, folder), folder, [f for f, _, _ in files])
 
     @staticmethod
-    def _read_index(folder: str, index: str, stamps: dict) -> tuple[list[str], list[TensorEntry]]:
+    def _read_index(folder: str, index: str, stamps: dict, known: dict | None = None) -> tuple[list[str], list[TensorEntry]]:
         data = read_json_file(index)
         wmap = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(wmap, dict) or not wmap:
             raise InputError(f"{index}: needs a non-empty 'weight_map' object")
-        files: dict[str, str] = {}
-        mapped: dict[str, set] = {}  # shard -> the tensors the index puts there
-        for name, rel in wmap.items():
-            if not is_text(name):
-                raise InputError(f"{index}: tensor name {short(name)} is not valid Unicode")
-            if not isinstance(rel, str) or rel not in files:
-                files[rel] = resolve_inside(folder, rel, index, "shard filename")
-                mapped[rel] = set()
-            mapped[rel].add(name)
+        if not is_text("".join(wmap)) or not all(type(rel) is str for rel in wmap.values()):
+            seen = set()
+            for name, rel in wmap.items():  # the first bad name or file name, in order
+                if not is_text(name):
+                    raise InputError(f"{index}: tensor name {short(name)} is not valid Unicode")
+                if not isinstance(rel, str) or rel not in seen:
+                    resolve_inside(folder, rel, index, "shard filename")
+                    seen.add(rel)
+        counts = Counter(wmap.values())  # shard -> how many tensors the index puts there
+        files = {rel: resolve_inside(folder, rel, index, "shard filename") for rel in counts}
         entries = []
         for rel, full in files.items():
             if not os.path.isfile(full):
                 what = "missing" if not os.path.lexists(full) else "not a regular file"
                 raise InputError(f"{index}: shard {short(rel)} is {what}")
-            got = _scan_file(full, stamps)
+            got = _scan_file(full, stamps, known)
             for e in got:
                 if wmap.get(e.name) != rel:
                     raise InputError(f"{full}: tensor {short(e.name)} is not mapped to this shard in {INDEX_NAME}")
-            missing = mapped[rel] - {e.name for e in got}
-            if missing:
-                raise InputError(f"{index}: tensor {short(sorted(missing)[0])} is mapped to {short(rel)} but not stored there")
+            if len(got) != counts[rel]:  # names in a shard are unique: fewer stored than mapped
+                stored = {e.name for e in got}
+                missing = min(n for n, r in wmap.items() if r == rel and n not in stored)
+                raise InputError(f"{index}: tensor {short(missing)} is mapped to {short(rel)} but not stored there")
             entries.extend(got)
         return list(files.values()), entries
 
@@ -295,12 +308,13 @@ def folder_config(folder: str | None) -> dict | None:
 
 
 def _catalogue(entries: list[TensorEntry], where: str, folder: str | None) -> dict[str, object]:
-    seen: set[str] = set()
-    for e in entries:
-        if e.name in seen:
-            raise InputError(f"{where}: tensor {short(e.name)} is stored twice")
-        seen.add(e.name)
-    if not seen:
+    if len({e.name for e in entries}) != len(entries):
+        seen: set[str] = set()
+        for e in entries:
+            if e.name in seen:
+                raise InputError(f"{where}: tensor {short(e.name)} is stored twice")
+            seen.add(e.name)
+    if not entries:
         raise InputError(f"{where}: holds no tensors")
     return fold(entries, folder_config(folder), os.path.join(folder, "config.json") if folder else where)
 

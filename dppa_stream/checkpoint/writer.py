@@ -39,27 +39,27 @@ class ShardLayout:
 
     def __init__(self, specs: list[tuple[str, str, tuple[int, ...]]], shard_size: int):
         groups: list[list] = [[]]
-        size = 0
+        sizes = [0]
         for spec in specs:
             nbytes = _nbytes(spec)
-            if groups[-1] and size + nbytes > shard_size:
+            if groups[-1] and sizes[-1] + nbytes > shard_size:
                 groups.append([])
-                size = 0
+                sizes.append(0)
             groups[-1].append(spec)
-            size += nbytes
+            sizes[-1] += nbytes
         n = len(groups)
         self.files = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.headers: dict[str, bytes] = {}
         self.file_sizes: dict[str, int] = {}
         self.placements: dict[str, Placement] = {}
-        self.total_size = 0
-        for fname, group in zip(self.files, groups):
+        self.total_size = sum(sizes)
+        for fname, group, size in zip(self.files, groups, sizes):
             header, offsets = build_header(group, FORMAT_METADATA)
             self.headers[fname] = header
-            self.file_sizes[fname] = len(header) + sum(_nbytes(s) for s in group)
+            self.file_sizes[fname] = len(header) + size
+            start = len(header)
             for name, dtype, _ in group:
-                self.placements[name] = Placement(fname, len(header) + offsets[name], DTYPE_SIZES[dtype])
-            self.total_size += sum(_nbytes(s) for s in group)
+                self.placements[name] = Placement(fname, start + offsets[name], DTYPE_SIZES[dtype])
 
     def preallocate(self, folder: str) -> None:
         """Write each shard's header and size the file (sparse) so rows can land anywhere."""
