@@ -91,8 +91,8 @@ def tensor_scales(session, plans: dict, targets: dict[str, Target]) -> tuple[dic
     works = pack(items, [i.unit.numel * per_element[i.unit.tensor] for i in items], session.unit_bytes)
     shared = session.executor.share(session.method)
     infos = session.catalogue.tensors
-    calls = [(shared, w, tuple(plans.get(i.unit.tensor, infos[i.unit.tensor]) for i in w.items),
-              session.check_finite) for w in works]
+    calls = ((shared, w, tuple(plans.get(i.unit.tensor, infos[i.unit.tensor]) for i in w.items),
+              session.check_finite) for w in works)
     amax: dict[str, float] = {}
 
     def seen(_, result):
@@ -133,10 +133,11 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
     shared = session.executor.share(method)
     infos = session.catalogue.tensors
     works = [w for w in session.work_units if w.key not in done]
-    calls = [(shared, w, tuple(plans.get(i.unit.tensor, infos[i.unit.tensor]) for i in w.items), partial,
+    # a generator: each work unit's plans are made (or looked up) as it starts (`Executor.map`)
+    calls = ((shared, w, tuple(plans.get(i.unit.tensor, infos[i.unit.tensor]) for i in w.items), partial,
               tuple(targets[i.unit.tensor] for i in w.items),
               tuple(tuple(layout.placements[name] for name, _, _ in targets[i.unit.tensor].specs()) for i in w.items),
-              session.check_finite) for w in works]
+              session.check_finite) for w in works)
     sizes = [w.nbytes for w in works]
     written = []
     with Manifest(partial) as manifest:
