@@ -192,14 +192,15 @@ class DPPlans(Mapping):
     at MoE scale they outgrow the statistics they come from."""
 
     def __init__(self, method: "DPPA", catalogue, tensors: list[str], report: DPReport):
-        self.method, self.catalogue, self.report = method, catalogue, report
+        self.catalogue, self.report = catalogue, report
         first: dict[str, int] = dict.fromkeys(tensors, -1)  # tensor -> its first linear, -1: not pruned by DP
-        lins = report.linears
-        for j in range(len(lins) - 1, -1, -1):
-            first[lins[j].tensor] = j
-        for j, lin in enumerate(lins):  # a tensor's linears are consecutive (sorted by stack, block, tensor)
-            if j and lins[j - 1].tensor == lin.tensor and lins[j - 1].span >= lin.span:
-                raise AssertionError(f"{lin.tensor}: DP linears out of order")
+        prev = None
+        for j, lin in enumerate(report.linears):  # a tensor's linears are consecutive (sorted by stack, block, tensor)
+            if lin.tensor != prev:
+                if first[lin.tensor] >= 0:
+                    raise AssertionError(f"{lin.tensor}: its DP linears are not consecutive")
+                first[lin.tensor] = j
+                prev = lin.tensor
         self.first = first
         self.normalize = method.params["combine"] in ("mean", "ties")
         self.bands = [tuple(effective_factors(method.factors(m))) for m in method.mparams]
