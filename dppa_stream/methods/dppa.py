@@ -318,7 +318,7 @@ class DPPA(DeltaMethod):
         return found
 
     def __getstate__(self):  # workers get the method without the client's catalogue of linears
-        return {k: v for k, v in self.__dict__.items() if k != "_linears"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_linears", "_hists")}
 
     # -- statistics: what DP needs, round by round -------------------------------------------------
     def _hist(self, model: int, span) -> Stat:
@@ -327,9 +327,13 @@ class DPPA(DeltaMethod):
     def statistics(self, catalogue, tensors, got):
         lins = self.linears(catalogue, tensors)
         k = len(self.mparams)
-        wanted: dict[str, list] = {}
-        for lin in lins:
-            wanted.setdefault(lin.tensor, []).extend(self._hist(i, lin.span) for i in range(k))
+        cached = self.__dict__.get("_hists")  # the same Stat objects every round (the driver's keys): not 2 copies
+        if cached is None or cached[0] is not lins:
+            hists: dict[str, list] = {}
+            for lin in lins:
+                hists.setdefault(lin.tensor, []).extend(self._hist(i, lin.span) for i in range(k))
+            cached = self._hists = (lins, hists)
+        wanted = cached[1]
         if not self.exact or any((t, st) not in got for t, ss in wanted.items() for st in ss):
             return wanted
         outliers = self._outlier_bins(lins, catalogue, got, k)
@@ -385,6 +389,7 @@ class DPPA(DeltaMethod):
         histogram at a time) and the plans made from it on demand (`DPPlans`)."""
         lins = self.linears(catalogue, tensors)
         k = len(self.mparams)
+        self.__dict__.pop("_hists", None)
         counts = self._outlier_counts(self._outlier_bins(lins, catalogue, got, k), catalogue, got) if self.exact else None
         report = DPReport(lins, [self._report(i, lins, catalogue, got, counts) for i in range(k)])
         same: dict = {}  # one copy of each equal tuple of tie starts
