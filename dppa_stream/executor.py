@@ -143,7 +143,7 @@ def _connect(address: str):
         raise UsageError(f"cannot reach the Dask scheduler at {address}: {short(str(e), 200)}") from None
 
 
-AHEAD = 4  # tasks per worker thread a cluster is given ahead of those finished
+AHEAD = 8  # tasks per worker thread a cluster is given ahead of those finished (calls made lazily)
 
 MAX_WORKERS = 1024  # threads or processes on one machine; more is a typo (and would exhaust it)
 
@@ -340,8 +340,8 @@ class Executor:
 
     def map(self, fn, calls: Iterable[tuple], sizes: list[int], step, on_done=None) -> None:
         """Run fn(*args) for each call (`sizes[i]`: call i's bytes); `on_done(i, result)` in this
-        thread as each finishes. At most `AHEAD` tasks per worker thread are submitted ahead of
-        those finished, so a generator's calls are made (a merge's plans) as the run goes."""
+        thread as each finishes. A list of calls is submitted at once; of a generator's (a merge's,
+        whose plans are made per work unit), `AHEAD` per worker thread beyond those finished."""
         from distributed import as_completed
 
         pending = enumerate(calls)
@@ -354,7 +354,8 @@ class Executor:
                 return fut
             return None
 
-        first = [f for f in (submit() for _ in range(AHEAD * self.worker_count)) if f is not None]
+        ahead = len(sizes) if isinstance(calls, (list, tuple)) else AHEAD * self.worker_count
+        first = [f for f in (submit() for _ in range(ahead)) if f is not None]
         waiting = as_completed(first, loop=self.client.loop)
         first.clear()
         for fut in waiting:
