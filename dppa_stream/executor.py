@@ -22,7 +22,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
 from .errors import InputError, OutputError, UsageError, short
@@ -143,6 +143,8 @@ def _connect(address: str):
         raise UsageError(f"cannot reach the Dask scheduler at {address}: {short(str(e), 200)}") from None
 
 
+AHEAD = 8  # tasks per worker thread a cluster is given ahead of those finished (calls made lazily)
+
 MAX_WORKERS = 1024  # threads or processes on one machine; more is a typo (and would exhaust it)
 
 
@@ -241,22 +243,28 @@ class ThreadsExecutor:
 
         get(dsk, keys, pool=self.pool, num_workers=self.spec.workers, callbacks=[(None, None, None, posttask, None)])
 
-    def map(self, fn, calls: list[tuple], sizes: list[int], step, on_done=None) -> None:
-        """Run fn(*args) for each call; `on_done(i, result)` in this thread as each finishes."""
-        parked: dict[int, object] = {}
+    def map(self, fn, calls: Iterable[tuple], sizes: list[int], step, on_done=None) -> None:
+        """Run fn(*args) for each call (`sizes[i]`: call i's bytes); `on_done(i, result)` in this
+        thread as each finishes. `calls` may be a generator: each task takes the next call from it
+        when it starts, so only the running tasks' arguments exist (a merge's plans are made per
+        work unit, just before it runs)."""
+        parked: dict[object, tuple] = {}
+        pending = enumerate(calls)
+        lock = threading.Lock()
 
-        def run(i, args):  # the result goes to the callback beside Dask, which would keep it to the end
-            parked[i] = fn(*args)
+        def run(key):  # the result goes to the callback beside Dask, which would keep it to the end
+            with lock:
+                i, args = next(pending)
+            parked[key] = i, fn(*args)
 
         def finished(key, _none):
-            i = key[1]
-            result = parked.pop(i)
+            i, result = parked.pop(key)
             step(sizes[i])
             if on_done:
                 on_done(i, result)
 
-        self._get({("unit", i): (_Call(run, (i, args)),) for i, args in enumerate(calls)},
-                  [("unit", i) for i in range(len(calls))], finished)
+        self._get({("unit", k): (_Call(run, (("unit", k),)),) for k in range(len(sizes))},
+                  [("unit", k) for k in range(len(sizes))], finished)
 
     def trim(self) -> None:
         trim_memory()
@@ -330,18 +338,33 @@ class Executor:
                                                     "same paths (a shared filesystem)"
                 raise errors[kind](f"Dask worker {worker} {problem}{where}")
 
-    def map(self, fn, calls: list[tuple], sizes: list[int], step, on_done=None) -> None:
-        """Run fn(*args) for each call; `on_done(i, result)` in this thread as each finishes."""
+    def map(self, fn, calls: Iterable[tuple], sizes: list[int], step, on_done=None) -> None:
+        """Run fn(*args) for each call (`sizes[i]`: call i's bytes); `on_done(i, result)` in this
+        thread as each finishes. A list of calls is submitted at once; of a generator's (a merge's,
+        whose plans are made per work unit), `AHEAD` per worker thread beyond those finished."""
         from distributed import as_completed
 
-        futures = [self.client.submit(fn, *args, pure=False) for args in calls]
-        index = {f.key: i for i, f in enumerate(futures)}
-        pending = as_completed(futures, loop=self.client.loop)
-        futures.clear()
-        for fut in pending:
-            i = index[fut.key]
+        pending = enumerate(calls)
+        index: dict = {}
+
+        def submit() -> object | None:
+            for i, args in pending:
+                fut = self.client.submit(fn, *args, pure=False)
+                index[fut.key] = i
+                return fut
+            return None
+
+        ahead = len(sizes) if isinstance(calls, (list, tuple)) else AHEAD * self.worker_count
+        first = [f for f in (submit() for _ in range(ahead)) if f is not None]
+        waiting = as_completed(first, loop=self.client.loop)
+        first.clear()
+        for fut in waiting:
+            i = index.pop(fut.key)
             result = fut.result()
             fut.release()
+            nxt = submit()
+            if nxt is not None:
+                waiting.add(nxt)
             step(sizes[i])
             if on_done:
                 on_done(i, result)

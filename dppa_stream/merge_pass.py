@@ -160,8 +160,8 @@ def tensor_scales(session, plans: dict, targets: dict[str, Target]) -> tuple[dic
     works = pack(items, [i.unit.numel * per_element[i.unit.tensor] for i in items], session.unit_bytes)
     shared = session.executor.share(session.method)
     infos = session.catalogue.tensors
-    calls = [(shared, w, tuple(plans.get(i.unit.tensor, infos[i.unit.tensor]) for i in w.items),
-              session.check_finite) for w in works]
+    calls = ((shared, w, tuple(plans.get(i.unit.tensor, infos[i.unit.tensor]) for i in w.items),
+              session.check_finite) for w in works)
     amax: dict[str, float] = {}
 
     def seen(_, result):
@@ -203,13 +203,16 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
     infos = session.catalogue.tensors
     works = [w for w in session.work_units if w.key not in done]
     places = layout.placements
-    calls = []
-    for w in works:
+
+    def call(w):
         tensors = [i.unit.tensor for i in w.items]
         tgs = tuple([targets[t] for t in tensors])
-        calls.append((shared, w, tuple([plans.get(t, infos[t]) for t in tensors]), partial, tgs,
-                      tuple([(places[t],) if tg.ref is None else tuple(places[n] for n, _, _ in tg.specs())
-                             for t, tg in zip(tensors, tgs)]), session.check_finite))
+        return (shared, w, tuple([plans.get(t, infos[t]) for t in tensors]), partial, tgs,
+                tuple([(places[t],) if tg.ref is None else tuple(places[n] for n, _, _ in tg.specs())
+                       for t, tg in zip(tensors, tgs)]), session.check_finite)
+
+    # a generator: each work unit's plans are made (or looked up) as it starts (`Executor.map`)
+    calls = (call(w) for w in works)
     sizes = [w.nbytes for w in works]
     written = []
     with Manifest(partial) as manifest:

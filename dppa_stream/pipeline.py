@@ -363,8 +363,8 @@ def _run(cfg, out, opts, s: Session) -> dict:
         for m in dp["models"]:
             for c in m["clamped"]:
                 log.info("DP clamped %s of %s: densities %s, kept %s", c["tensor"], m["path"], c["densities"], c["kept"])
-    plans = plan.tensors
-    del plan  # its report (a record per linear and fine-tune) is not needed in pass 2
+    plans = plan.tensors  # DPPA's: made per work unit from its report's arrays as pass 2 runs
+    del plan
     written, read, requant = write_output(cfg, out, s, plans, done, opts.shard_size)
     publish(partial, out, opts.overwrite)
     return dict(bytes_read=engine.bytes_read + read, bytes_written=written, tensors=len(s.inputs.names),

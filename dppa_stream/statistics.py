@@ -7,7 +7,7 @@ merges them), and `finalize`. `drive` asks the method for statistics round after
 exact threshold's second round is just a statistic whose arguments come from the first — until it
 can plan. Where the numbers come from is the caller's choice: `StatsEngine` runs Dask passes over
 the work units holding the tensors (partial results folded per tensor as they arrive, results kept
-in the zarr store), `inline` computes them from the rows a pass-2 task already holds (a tensor
+in the zarr store, read back when asked for), `inline` computes them from the rows a pass-2 task already holds (a tensor
 that is one unit: same functions, one read less).
 """
 
@@ -564,18 +564,24 @@ def check_nonfinite(rows, bad: np.ndarray) -> None:
 
 # --- the driver ------------------------------------------------------------------------------------
 
-class Results:
-    """Statistics gathered so far, by (tensor, Stat)."""
+IN_STORE = object()  # a result that waits in the statistics store (`StatsEngine`), read back when asked for
 
-    def __init__(self, direct_ranks: bool = False):
+
+class Results:
+    """Statistics gathered so far, by (tensor, Stat); those in `store` are read back when asked for
+    (an MoE model has ~100k, which the run must not hold)."""
+
+    def __init__(self, direct_ranks: bool = False, store=None):
         self.values: dict[tuple[str, Stat], object] = {}
         self.direct_ranks = direct_ranks  # ranks may be selected from the rows at hand (`inline`)
+        self.store = store
 
     def __contains__(self, key) -> bool:
         return key in self.values
 
     def get(self, tensor: str, stat: Stat):
-        return self.values.get((tensor, stat))
+        value = self.values.get((tensor, stat))
+        return self.store.get(tensor, stat) if value is IN_STORE else value
 
     def of(self, tensor: str) -> "TensorResults":
         return TensorResults(self, tensor)
@@ -592,7 +598,8 @@ class TensorResults:
     tensor: str
 
     def __getitem__(self, stat: Stat):
-        return self.results.values[(self.tensor, stat)]
+        value = self.results.values[(self.tensor, stat)]
+        return self.results.store.get(self.tensor, stat) if value is IN_STORE else value
 
     def __contains__(self, stat: Stat) -> bool:
         return (self.tensor, stat) in self.results.values
@@ -605,7 +612,7 @@ class TensorResults:
 def drive(method, catalogue, tensors: list[str], compute_fn):
     """Gather every statistic `method` asks for on `tensors` (rounds until it asks for nothing
     new), then return its plan. `compute_fn({tensor: [Stat]}) -> {(tensor, Stat): result}`."""
-    got = Results(getattr(compute_fn, "direct_ranks", False))
+    got = Results(getattr(compute_fn, "direct_ranks", False), getattr(compute_fn, "store", None))
     while True:
         wanted = method.statistics(catalogue, tensors, got)
         missing = {t: [s for s in dict.fromkeys(ss) if (t, s) not in got] for t, ss in wanted.items()}
@@ -671,11 +678,10 @@ class StatsEngine:
         out, todo = {}, {}
         for t, stats in wanted.items():
             for st in stats:
-                got = self.store.get(t, st)
-                if got is None:
-                    todo.setdefault(t, []).append(st)
+                if self.store.has(t, st):
+                    out[(t, st)] = IN_STORE
                 else:
-                    out[(t, st)] = got
+                    todo.setdefault(t, []).append(st)
         if not todo:
             return out
         items, needs, remaining = [], {}, {}
@@ -729,8 +735,8 @@ class StatsEngine:
         return out
 
     def _save(self, finished: dict, out: dict) -> None:
-        """Move finished results to the store, and what it hands back to `out`."""
+        """Move finished results to the store (`out` marks them `IN_STORE`: `Results` reads them back)."""
         self.store.put(finished)
-        for t, st in finished:
-            out[(t, st)] = self.store.get(t, st)
+        for key in finished:
+            out[key] = IN_STORE
         finished.clear()

@@ -74,7 +74,7 @@ def collect_stats(cfg: MergeConfig, opts: MergeOptions | None = None) -> StatsRe
         with session(cfg, opts) as s, tempfile.TemporaryDirectory(prefix="dppa-stream-stats-") as tmp:
             engine = s.engine(StatsStore(os.path.join(tmp, "stats.zarr")))
             plan = s.plan(engine)
-    return StatsResult(cfg.merge_method, plan.report, [m.path for m in cfg.models], time.perf_counter() - t0,
+    return StatsResult(cfg.merge_method, list(plan.report), [m.path for m in cfg.models], time.perf_counter() - t0,
                        engine.bytes_read, sampler.peak, dict(s.method.params), cfg.base_model or "")
 
 

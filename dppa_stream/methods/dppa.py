@@ -20,6 +20,7 @@ See docs/dppa.md for every choice made where the paper and code are silent.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -120,20 +121,114 @@ class ModelReport:
         return asdict(self)
 
 
-def clamp_notes(reports: list, paths: list[str]) -> dict:
-    """What DP did that a user must hear about: per fine-tune, the linears whose density fell
-    outside [1/n, 1] and was clamped, and those emptied (every element of the delta pruned)."""
-    models = []
-    for path, rep in zip(paths, reports):
-        def named(tr):
-            return f"{tr.name}[{tr.span[0]}:{tr.span[1]}]" if tr.label.endswith("]") else tr.name
+@dataclass
+class DPModel:
+    """DP's signals and decisions for one fine-tune, one row per linear (`DPReport.linears`), as
+    arrays: an MoE model has ~45k linears per fine-tune, and a `TensorReport` each cost ~0.5 KiB.
+    `bits`/`ties_kept` are each threshold as the plan uses it (`summaries.Threshold`), `starts` (exact
+    semantics only) the ties before each unit per linear."""
 
-        models.append({"path": path, "linears": len(rep.tensors),
-                       "clamped": [{"tensor": named(tr), "densities": tr.densities, "kept": tr.kept}
-                                   for tr in rep.tensors if any(tr.clamped)],
-                       "emptied": [named(tr) for tr in rep.tensors if tr.emptied]})
+    model: int
+    blocks: list  # BlockReport per block (few)
+    numel: np.ndarray
+    mean_abs: np.ndarray
+    outlier_ratio: np.ndarray
+    linear_score: np.ndarray
+    densities: np.ndarray  # (linears, rates), after clamping
+    clamped: np.ndarray
+    thresholds: np.ndarray | None = None  # (linears, rates), float32 values as float64
+    kept: np.ndarray | None = None
+    bits: np.ndarray | None = None
+    ties_kept: np.ndarray | None = None
+    starts: list | None = None
+
+
+class DPReport(Sequence):
+    """What DP found and decided, compactly: the linears (`blocks.Linear`, shared by every fine-tune)
+    and one `DPModel` per fine-tune. As a sequence it gives each fine-tune's `ModelReport` (built on
+    demand: the `stats` report and its plot want one record per linear)."""
+
+    def __init__(self, linears: list, models: list):
+        self.linears, self.models = linears, models
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def __getitem__(self, i: int) -> ModelReport:
+        m = self.models[i]
+        trs = [TensorReport(lin.tensor, lin.block, numel, mean, ratio, score, dens, clamped, ths, kept, lin.stack,
+                            lin.label, lin.kind, lin.span)
+               for lin, numel, mean, ratio, score, dens, clamped, ths, kept in
+               zip(self.linears, m.numel.tolist(), m.mean_abs.tolist(), m.outlier_ratio.tolist(),
+                   m.linear_score.tolist(), m.densities.tolist(), m.clamped.tolist(), m.thresholds.tolist(),
+                   m.kept.tolist())]
+        return ModelReport(m.model, m.blocks, trs)
+
+    def named(self, j: int) -> str:
+        """Linear j as the notes name it: the tensor, with its span when it is one expert of a fused tensor."""
+        lin = self.linears[j]
+        return f"{lin.tensor}[{lin.span[0]}:{lin.span[1]}]" if lin.label.endswith("]") else lin.tensor
+
+
+def clamp_notes(report: DPReport, paths: list[str]) -> dict:
+    """What DP did that a user must hear about: per fine-tune, the linears whose density fell
+    outside [1/n, 1] and was clamped, and those emptied (every element of the delta pruned at the
+    first pruning rate)."""
+    models = []
+    for path, m in zip(paths, report.models):
+        clamped = np.flatnonzero(m.clamped.any(axis=1)).tolist() if len(m.clamped) else []
+        emptied = np.flatnonzero(m.kept[:, 0] == 0).tolist() if len(m.kept) else []
+        models.append({"path": path, "linears": len(m.numel),
+                       "clamped": [{"tensor": report.named(j), "densities": m.densities[j].tolist(),
+                                    "kept": m.kept[j].tolist()} for j in clamped],
+                       "emptied": [report.named(j) for j in emptied]})
     return {"models": models, "clamped": sum(len(m["clamped"]) for m in models),
             "emptied": sum(len(m["emptied"]) for m in models)}
+
+
+class DPPlans(Mapping):
+    """Tensor -> its pass-2 plan (`Segments`), made when asked for from the compact report (a
+    work unit's plans just before it is submitted), so a run never holds every tensor's plan:
+    at MoE scale they outgrow the statistics they come from."""
+
+    def __init__(self, method: "DPPA", catalogue, tensors: list[str], report: DPReport):
+        self.catalogue, self.report = catalogue, report
+        first: dict[str, int] = dict.fromkeys(tensors, -1)  # tensor -> its first linear, -1: not pruned by DP
+        prev = None
+        for j, lin in enumerate(report.linears):  # a tensor's linears are consecutive (sorted by stack, block, tensor)
+            if lin.tensor != prev:
+                if first[lin.tensor] >= 0:
+                    raise AssertionError(f"{lin.tensor}: its DP linears are not consecutive")
+                first[lin.tensor] = j
+                prev = lin.tensor
+        self.first = first
+        self.normalize = method.params["combine"] in ("mean", "ties")
+        self.bands = [tuple(effective_factors(method.factors(m))) for m in method.mparams]
+        self.dense = tuple(max(method.factors(m)) if method.params["amplify_unpruned"] else 1.0 for m in method.mparams)
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def __iter__(self):
+        return iter(self.first)
+
+    def __getitem__(self, t: str) -> Segments:
+        j = self.first[t]
+        weights = tuple(float(m["weight"]) for m in self.catalogue.tensors[t].models)
+        if j < 0:  # not pruned by DP: its dense delta, amplified by max(alpha) like the reference
+            return Segments(((None, tuple(Sparse(scale=f) for f in self.dense)),), weights, self.normalize)
+        lins, parts = self.report.linears, []
+        while j < len(lins) and lins[j].tensor == t:
+            parts.append((lins[j].span, tuple(self._sparse(j, i) for i in range(len(self.bands)))))
+            j += 1
+        return Segments(tuple(parts), weights, self.normalize)
+
+    def _sparse(self, j: int, model: int) -> Sparse:
+        m = self.report.models[model]
+        exact = m.starts is not None
+        levels = tuple(level(summaries.Threshold(bits, tied), tracked=exact and tied > 0, factor=f)
+                       for bits, tied, f in zip(m.bits[j].tolist(), m.ties_kept[j].tolist(), self.bands[model]))
+        return Sparse(kernels.SP_BANDS, levels, m.starts[j] if exact else ())
 
 
 def effective_factors(alphas: list[float]) -> list[float]:
@@ -223,7 +318,7 @@ class DPPA(DeltaMethod):
         return found
 
     def __getstate__(self):  # workers get the method without the client's catalogue of linears
-        return {k: v for k, v in self.__dict__.items() if k != "_linears"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_linears", "_hists")}
 
     # -- statistics: what DP needs, round by round -------------------------------------------------
     def _hist(self, model: int, span) -> Stat:
@@ -232,9 +327,13 @@ class DPPA(DeltaMethod):
     def statistics(self, catalogue, tensors, got):
         lins = self.linears(catalogue, tensors)
         k = len(self.mparams)
-        wanted: dict[str, list] = {}
-        for lin in lins:
-            wanted.setdefault(lin.tensor, []).extend(self._hist(i, lin.span) for i in range(k))
+        cached = self.__dict__.get("_hists")  # the same Stat objects every round (the driver's keys): not 2 copies
+        if cached is None or cached[0] is not lins:
+            hists: dict[str, list] = {}
+            for lin in lins:
+                hists.setdefault(lin.tensor, []).extend(self._hist(i, lin.span) for i in range(k))
+            cached = self._hists = (lins, hists)
+        wanted = cached[1]
         if not self.exact or any((t, st) not in got for t, ss in wanted.items() for st in ss):
             return wanted
         outliers = self._outlier_bins(lins, catalogue, got, k)
@@ -246,8 +345,10 @@ class DPPA(DeltaMethod):
         counts = self._outlier_counts(outliers, catalogue, got)
         wanted = {}
         for i in range(k):
-            for tr in self._report(i, lins, catalogue, got, counts).tensors:
-                wanted.setdefault(tr.name, []).extend(self._ranks(tr, i).needs(got.of(tr.name), _inner_ranks(tr)))
+            m = self._report(i, lins, catalogue, got, counts)
+            for lin, numel, dens in zip(lins, m.numel.tolist(), m.densities.tolist()):
+                wanted.setdefault(lin.tensor, []).extend(
+                    self._ranks(lin.span, i).needs(got.of(lin.tensor), _inner_ranks(numel, dens)))
         return wanted
 
     def _outlier_bins(self, lins, catalogue, got, k) -> dict:
@@ -278,84 +379,82 @@ class DPPA(DeltaMethod):
             counts[(lin, i)] = [summaries.count_gt_bits(hist, [d[j] for d in details], v) for j, v in enumerate(values)]
         return counts
 
-    def _ranks(self, tr: TensorReport, model: int) -> Ranks:
+    def _ranks(self, span, model: int) -> Ranks:
         """Exact semantics: the ranks of |delta| DPA's thresholds sit at (`_inner_ranks`)."""
-        return Ranks(self._hist(model, tr.span))
+        return Ranks(self._hist(model, span))
 
-    # -- the plan ----------------------------------------------------------------------------------
+    # -- the plan ------------------------------------------------------------------------------------
     def plan(self, catalogue, tensors, got):
+        """DP's report (signals, densities, thresholds: a few numbers per linear, read from one
+        histogram at a time) and the plans made from it on demand (`DPPlans`)."""
         lins = self.linears(catalogue, tensors)
         k = len(self.mparams)
+        self.__dict__.pop("_hists", None)
         counts = self._outlier_counts(self._outlier_bins(lins, catalogue, got, k), catalogue, got) if self.exact else None
-        reports = [self._report(i, lins, catalogue, got, counts) for i in range(k)]
-        parts: dict[str, dict] = {}  # tensor -> span -> one Sparse per model
-        same: dict = {}  # one copy of each equal tuple: a plan per tensor of an MoE model adds up
-        for i, rep in enumerate(reports):
-            bands = tuple(effective_factors(self.factors(self.mparams[i])))
-            for tr in rep.tensors:
-                parts.setdefault(tr.name, {}).setdefault(tr.span, [None] * k)[i] = self._partition(tr, i, bands, got, same)
-        plans = {}
-        normalize = self.params["combine"] in ("mean", "ties")
-        for t in tensors:
-            weights = tuple(float(m["weight"]) for m in catalogue.tensors[t].models)
-            weights = same.setdefault(weights, weights)
-            if t in parts:
-                plans[t] = Segments(tuple((span, tuple(sp)) for span, sp in parts[t].items()), weights, normalize)
-            else:  # not pruned by DP: its dense delta, amplified by max(alpha) like the reference
-                dense = [max(self.factors(m)) if self.params["amplify_unpruned"] else 1.0 for m in self.mparams]
-                plans[t] = Segments(((None, tuple(Sparse(scale=f) for f in dense)),), weights, normalize)
-        return Plan(plans, reports)
+        report = DPReport(lins, [self._report(i, lins, catalogue, got, counts) for i in range(k)])
+        same: dict = {}  # one copy of each equal tuple of tie starts
+        for i, m in enumerate(report.models):
+            self._thresholds(lins, m, i, got, same)
+        return Plan(DPPlans(self, catalogue, tensors, report), report)
 
-    def _partition(self, tr: TensorReport, model: int, bands: tuple, got, same: dict) -> Sparse:
-        """DPA on one DP linear: nested thresholds, one per pruning rate, and their band factors
-        (`same` holds one copy of each tuple the plans share)."""
-        hist = got.get(tr.name, self._hist(model, tr.span))
-        if not self.exact:
-            found = summaries.thresholds_le(hist, [summaries.rank_for_prune_le(tr.numel, 1 - d) for d in tr.densities])
-            ths = [th for th, _ in found]
-            if any(a.bits < b.bits for a, b in zip(ths, ths[1:])):
-                raise AssertionError(f"{tr.name}: DPA partitions are not nested")
-            for th, at_or_below in found:
-                tr.thresholds.append(th.value)
-                tr.kept.append(tr.numel - at_or_below)
-            levels = tuple(level(th, tracked=False, factor=f) for th, f in zip(ths, bands))
-            return Sparse(kernels.SP_BANDS, same.setdefault(levels, levels))
-        ranks = _inner_ranks(tr)
-        found = dict(zip(ranks, self._ranks(tr, model).resolve(got.of(tr.name), ranks)))
+    def _thresholds(self, lins: list, m: DPModel, model: int, got, same: dict) -> None:
+        """DPA on every DP linear of one fine-tune: nested thresholds, one per pruning rate, and
+        the elements each keeps, into `m` (arrays)."""
+        n, R = m.densities.shape
+        m.thresholds, m.kept = np.zeros((n, R)), np.zeros((n, R), np.int64)
+        m.bits, m.ties_kept = np.zeros((n, R), np.int64), np.zeros((n, R), np.int64)
+        m.starts = [] if self.exact else None
+        for j, (lin, numel, dens) in enumerate(zip(lins, m.numel.tolist(), m.densities.tolist())):
+            if not self.exact:
+                hist = got.get(lin.tensor, self._hist(model, lin.span))
+                found = summaries.thresholds_le(hist, [summaries.rank_for_prune_le(numel, 1 - d) for d in dens])
+                ths = [th for th, _ in found]
+                if any(a.bits < b.bits for a, b in zip(ths, ths[1:])):
+                    raise AssertionError(f"{lin.tensor}: DPA partitions are not nested")
+                kept = [numel - at_or_below for _, at_or_below in found]
+            else:
+                ths, kept, starts = self._exact_thresholds(lin, numel, dens, model, got)
+                m.starts.append(same.setdefault(starts, starts))
+            m.thresholds[j] = [th.value for th in ths]
+            m.kept[j] = kept
+            m.bits[j] = [th.bits for th in ths]
+            m.ties_kept[j] = [th.ties_kept for th in ths]
+
+    def _exact_thresholds(self, lin, numel: int, densities: list, model: int, got) -> tuple:
+        """Exact semantics, one linear: the thresholds keeping n - int(n * (1 - d)) elements (ties
+        lowest flat index first), those counts, and the ties before each unit per threshold."""
+        ranks = _inner_ranks(numel, densities)
+        found = dict(zip(ranks, self._ranks(lin.span, model).resolve(got.of(lin.tensor), ranks)))
         units = [u for u, _ in next(iter(found.values())).starts] if found else []
-        ths, prefixes = [], []
-        for keep in _keeps(tr):
-            if tr.numel - keep + 1 in found:  # keep the `keep` largest; ties at the threshold, lowest index first
-                b = found[tr.numel - keep + 1]
-                ths.append(b.threshold(tr.numel, keep))
+        ths, prefixes, keeps = [], [], _keeps(numel, densities)
+        for keep in keeps:
+            if numel - keep + 1 in found:  # keep the `keep` largest; ties at the threshold, lowest index first
+                b = found[numel - keep + 1]
+                ths.append(b.threshold(numel, keep))
                 prefixes.append(tuple(n for _, n in b.starts))
             else:
-                ths.append(summaries.Threshold(summaries.KEEP_ALL if keep >= tr.numel else summaries.KEEP_NONE))
+                ths.append(summaries.Threshold(summaries.KEEP_ALL if keep >= numel else summaries.KEEP_NONE))
                 prefixes.append((0,) * len(units))
-            tr.thresholds.append(ths[-1].value)
-            tr.kept.append(keep)
-        levels = tuple(level(th, tracked=th.ties_kept > 0, factor=f) for th, f in zip(ths, bands))
-        starts = tuple((u, tuple(p[i] for p in prefixes)) for i, u in enumerate(units))
-        return Sparse(kernels.SP_BANDS, same.setdefault(levels, levels), starts)
+        return ths, keeps, tuple((u, tuple(p[i] for p in prefixes)) for i, u in enumerate(units))
 
-    def _report(self, model: int, lins: list, catalogue, got, counts) -> ModelReport:
-        """DP's signals and densities for one fine-tune (thresholds are filled in by `_partition`).
+    def _report(self, model: int, lins: list, catalogue, got, counts) -> DPModel:
+        """DP's signals and densities for one fine-tune (thresholds are filled in by `_thresholds`).
 
         The block signal is normalised across the blocks of each stack (an encoder's blocks among
         themselves, a decoder's among themselves: the reference has one stack); the linear signal
         across every DP linear of the model, as the reference does."""
         lam = self.params["lamda"]
         M, LM = self.params["outlier_multiple"], self.params["layer_outlier_multiple"]
-        trs = []
+        n = len(lins)
+        numels, means, ratios = np.zeros(n, np.int64), np.zeros(n), np.zeros(n)
         blocks: dict[tuple, list] = {}  # per block: numel, exact total, histogram (reference) or outlier count (exact)
-        for lin in lins:
+        for j, lin in enumerate(lins):
             s = got.get(lin.tensor, self._hist(model, lin.span))
             if self.exact:
                 cnt = counts[(lin, model)][0]
             else:
                 cnt = summaries.count_above(s, bf16(bf16(s.mean_abs) * M))
-            trs.append(TensorReport(lin.tensor, lin.block, s.numel, s.mean_abs, 100.0 * cnt / s.numel if s.numel else 0.0,
-                                    stack=lin.stack, label=lin.label, kind=lin.kind, span=lin.span))
+            numels[j], means[j], ratios[j] = s.numel, s.mean_abs, 100.0 * cnt / s.numel if s.numel else 0.0
             block = blocks.get((lin.stack, lin.block))
             if block is None:
                 block = blocks[(lin.stack, lin.block)] = [0, 0, 0 if self.exact else np.zeros(summaries.HIST_BINS, np.int64)]
@@ -364,8 +463,8 @@ class DPPA(DeltaMethod):
             if self.exact:
                 block[2] += counts[(lin, model)][1]
             else:
-                bins, n = s.sparse
-                block[2][bins] += n
+                bins, c = s.sparse
+                block[2][bins] += c
         brs = []
         for (stack, b), (numel, total, outliers) in blocks.items():
             mean = summaries.mean_abs(total, numel)
@@ -383,17 +482,14 @@ class DPPA(DeltaMethod):
             for br, score in zip(in_stack, normalise(np.array([br.outlier_ratio for br in in_stack]))):
                 br.layer_score = float(score)
                 layer_score[(stack, br.block)] = br.layer_score
-        r = np.array([tr.outlier_ratio for tr in trs])
-        n = np.array([tr.numel for tr in trs], dtype=np.float64)
-        x = r / r.mean() if len(r) and r.mean() > 0 else np.zeros_like(r)
-        T = normalise(x, n)
-        for tr, tscore in zip(trs, T):
-            tr.linear_score = float(tscore)
-            for rate in self.rates:
-                d = (1 - rate) + lam * layer_score[(tr.stack, tr.block)] + lam * tr.linear_score
-                tr.clamped.append(not (1 / tr.numel <= d <= 1))
-                tr.densities.append(min(1.0, max(1 / tr.numel, d)))
-        return ModelReport(model, brs, trs)
+        x = ratios / ratios.mean() if n and ratios.mean() > 0 else np.zeros_like(ratios)
+        T = normalise(x, numels.astype(np.float64))
+        L = np.array([layer_score[(lin.stack, lin.block)] for lin in lins], np.float64)
+        # the reference's arithmetic, elementwise in float64 in the same order
+        d = np.stack([(1 - rate) + lam * L + lam * T for rate in self.rates], axis=1).reshape(n, len(self.rates))
+        low = (1 / numels)[:, None] if n else np.zeros((0, 1))
+        return DPModel(model, brs, numels, means, ratios, T.astype(np.float64), np.minimum(1.0, np.maximum(low, d)),
+                       ~((low <= d) & (d <= 1)))
 
     def describe(self) -> str:
         p = self.params
@@ -418,14 +514,14 @@ class DP(DPPA):
         return [1.0]
 
 
-def _keeps(tr: TensorReport) -> list[int]:
+def _keeps(numel: int, densities: list) -> list[int]:
     """Exact semantics: elements kept at each pruning rate, n - int(n * (1 - d))."""
-    return [tr.numel - int(tr.numel * (1 - d)) for d in tr.densities]
+    return [numel - int(numel * (1 - d)) for d in densities]
 
 
-def _inner_ranks(tr: TensorReport) -> list[int]:
+def _inner_ranks(numel: int, densities: list) -> list[int]:
     """Exact semantics: the 1-based ascending ranks of the thresholds that keep some but not all."""
-    return [tr.numel - k + 1 for k in _keeps(tr) if 0 < k < tr.numel]
+    return [numel - k + 1 for k in _keeps(numel, densities) if 0 < k < numel]
 
 
 def _f32_floor(v: float) -> int:
