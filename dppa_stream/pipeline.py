@@ -217,13 +217,22 @@ def plan_units(inputs: Inputs, method, needs: tuple[dict, dict], unit_bytes: int
 
 def work_units(inputs: Inputs, units: dict, per_element: dict[str, int], unit_bytes: int) -> list[WorkUnit]:
     """Consecutive units packed into work units of at most `unit_bytes` of task memory."""
-    items, sizes = [], []
+    items, sizes, nbytes = [], [], []
     for t in inputs.names:
         out, per = inputs.outputs[t], per_element[t]
-        for u in units[t]:
-            items.append(UnitInputs(u, out.base, out.models))
+        entries = (out.base, *out.models) if out.base is not None else out.models
+        us = units[t]
+        if len(us) == 1 and all(e.numel == us[0].numel for e in entries):  # whole: UnitInputs.nbytes, faster
+            items.append(UnitInputs(us[0], out.base, out.models))
+            sizes.append(us[0].numel * per)
+            nbytes.append(sum([e.nbytes for e in entries]) if us[0].numel else 0)
+            continue
+        for u in us:
+            item = UnitInputs(u, out.base, out.models)
+            items.append(item)
             sizes.append(u.numel * per)
-    return pack(items, sizes, unit_bytes)
+            nbytes.append(item.nbytes)
+    return pack(items, sizes, unit_bytes, nbytes)
 
 
 def _check_smallest_units(s: Session, per_task: int) -> None:
