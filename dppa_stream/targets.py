@@ -31,7 +31,8 @@ from .statistics import exact_integers
 from .units import scratch
 
 
-@dataclass(frozen=True)
+# hashable like a frozen dataclass, without its slower __init__ (one per output tensor)
+@dataclass(unsafe_hash=True)
 class Target:
     """One output tensor: its logical name and shape, and how it is stored. `ref` is the
     reference's quantized storage it keeps (None: written plain as `dtype`); `scale` the (bits,

@@ -25,7 +25,8 @@ from .reader import INDEX_NAME, SINGLE_NAME
 FORMAT_METADATA = {"format": "pt"}
 
 
-@dataclass(frozen=True, slots=True)
+# hashable like a frozen dataclass, without its slower __init__ (one per output tensor)
+@dataclass(slots=True, unsafe_hash=True)
 class Placement:
     """Where an output tensor's bytes go: shard file name, absolute byte offset, bytes per element."""
 
