@@ -178,11 +178,14 @@ def unit_needs(inputs: Inputs, cfg: MergeConfig) -> tuple[dict[str, int], dict[s
     targets = output_targets(inputs, cfg.out_dtype, cfg.dtype)
     per_element, aligns = {}, {}
     plain = {}  # inputs stored plain, written plain: (their dtypes, the output's) -> the needs, computed once
+    outputs = inputs.outputs
     for t in inputs.names:
-        out, target = inputs.outputs[t], targets[t]
+        out, target = outputs[t], targets[t]
         entries = (out.base, *out.models) if out.base is not None else out.models
-        key = (tuple([e.dtype for e in entries]), target.dtype) \
-            if target.ref is None and all(type(e) is TensorEntry for e in entries) else None
+        key = None
+        if target.ref is None:
+            dtypes = tuple([e.dtype if type(e) is TensorEntry else None for e in entries])
+            key = None if None in dtypes else (dtypes, target.dtype)
         got = plain.get(key) if key else None
         if got is None:
             got = (memory_per_element(entries) + target.out_bytes, math.lcm(align(entries), target.align))
@@ -218,15 +221,18 @@ def plan_units(inputs: Inputs, method, needs: tuple[dict, dict], unit_bytes: int
 def work_units(inputs: Inputs, units: dict, per_element: dict[str, int], unit_bytes: int) -> list[WorkUnit]:
     """Consecutive units packed into work units of at most `unit_bytes` of task memory."""
     items, sizes, nbytes = [], [], []
+    outputs = inputs.outputs
     for t in inputs.names:
-        out, per = inputs.outputs[t], per_element[t]
-        entries = (out.base, *out.models) if out.base is not None else out.models
-        us = units[t]
-        if len(us) == 1 and all(e.numel == us[0].numel for e in entries):  # whole: UnitInputs.nbytes, faster
-            items.append(UnitInputs(us[0], out.base, out.models))
-            sizes.append(us[0].numel * per)
-            nbytes.append(sum([e.nbytes for e in entries]) if us[0].numel else 0)
-            continue
+        out, per, us = outputs[t], per_element[t], units[t]
+        if len(us) == 1:  # whole: UnitInputs.nbytes, faster, where every input has the unit's elements
+            u = us[0]
+            n, base = u.flat_stop, out.base
+            entries = (base, *out.models) if base is not None else out.models
+            if all([e.numel == n for e in entries]):
+                items.append(UnitInputs(u, base, out.models))
+                sizes.append(n * per)
+                nbytes.append(sum([e.nbytes for e in entries]) if n else 0)
+                continue
         for u in us:
             item = UnitInputs(u, out.base, out.models)
             items.append(item)
