@@ -134,7 +134,8 @@ class Session:
     @property
     def float_tensors(self) -> list[str]:
         """The tensors that are merged (real-valued: plain floats or quantized)."""
-        return [t for t in self.inputs.names if self.inputs.entry(t).real]
+        outputs = self.inputs.outputs
+        return [t for t in self.inputs.names if outputs[t].entry.real]
 
     def engine(self, store) -> StatsEngine:
         return StatsEngine(self.executor, self.inputs, self.units, self.progress, self.unit_bytes, store,
@@ -246,8 +247,10 @@ def _check_smallest_units(s: Session, per_task: int) -> None:
     larger than a task's share of --memory-limit cannot run within it: say so before reading."""
     per_element, aligns = s.needs
     for t, units in s.units.items():
+        if aligns[t] <= 1:
+            continue
         need = units[0].numel * per_element[t]
-        if aligns[t] > 1 and need > per_task:
+        if need > per_task:
             raise UsageError(f"tensor {short(t)}: one work unit holds at least {need / 2**20:.0f} MiB (whole "
                              f"scale blocks or experts of its format), more than the {per_task / 2**20:.0f} MiB per "
                              "task that --memory-limit leaves; raise --memory-limit or use fewer workers")
@@ -259,10 +262,11 @@ def _check_method_memory(s: Session, budget: int, workers: int, processes: int, 
     next to what the run holds for the tensors it plans in pass 1. Refused before any read."""
     per_element = s.needs[0]
     task, worst, held = 0, None, 0
+    outputs, task_bytes = s.inputs.outputs, s.method.task_bytes
     for t, units in s.units.items():
-        e = s.inputs.entry(t)
-        models = len(s.inputs.outputs[t].models)
-        extra = s.method.task_bytes(e.shape, models) if e.real else 0
+        out = outputs[t]
+        e, models = out.entry, len(out.models)
+        extra = task_bytes(e.shape, models) if e.real else 0
         if not extra:
             continue
         need = max(u.numel for u in units) * per_element[t] + extra

@@ -93,9 +93,9 @@ def output_targets(inputs, out_dtype: str | None, dtype: str | None) -> dict[str
 
 
 def _targets(inputs, out_dtype: str | None, dtype: str | None) -> dict[str, Target]:
-    targets = {}
+    targets, outputs = {}, inputs.outputs
     for t in inputs.names:
-        e = inputs.entry(t)
+        e = outputs[t].entry
         if not e.real:
             targets[t] = Target(t, e.shape, e.dtype)
         elif isinstance(e, Quantized):
