@@ -29,7 +29,7 @@ from .memory import PeakSampler, default_budget
 from .methods.base import Catalogue, Plan
 from .output import WORK_DIR, check_output, fingerprint, prepare_partial, publish, removed_on_bad_input, space_needed
 from .statistics import StatsEngine, drive
-from .units import (MAX_UNIT_BYTES, PROCESS_BASELINE, TASK_OVERHEAD, UnitInputs, WorkUnit, pack, split_tensor,
+from .units import (MAX_UNIT_BYTES, PROCESS_BASELINE, TASK_OVERHEAD, Unit, UnitInputs, WorkUnit, pack, split_tensor,
                     state_bytes, unit_budget)
 
 log = logging.getLogger("dppa_stream")
@@ -209,13 +209,21 @@ def plan_units(inputs: Inputs, method, needs: tuple[dict, dict], unit_bytes: int
     """Every tensor's units: as large as `unit_bytes` of task memory allows, boundaries where both
     the method and the tensor's storage formats accept them."""
     per_element, aligns = needs
-    units, multiples = {}, {}  # (shape, format multiple) -> multiple: a method's depends on the shape alone
+    units, outputs = {}, inputs.outputs
+    # (shape, format multiple, bytes per element) -> (numel, multiple), multiple None where the
+    # tensor is one unit: a method's multiple depends on the shape alone
+    seen = {}
     for t in inputs.names:
-        e, a = inputs.outputs[t].entry, aligns[t]
-        multiple = multiples.get((e.shape, a))
-        if multiple is None:
-            multiple = multiples[e.shape, a] = math.lcm(method.unit_multiple(e.shape), a)
-        units[t] = split_tensor(t, e.numel, len(e.shape), multiple, per_element[t], unit_bytes)
+        shape, a, per = outputs[t].entry.shape, aligns[t], per_element[t]
+        got = seen.get((shape, a, per))
+        if got is None:
+            numel = math.prod(shape)
+            multiple = math.lcm(method.unit_multiple(shape), a)
+            whole = len(split_tensor(t, numel, len(shape), multiple, per, unit_bytes)) == 1
+            got = seen[shape, a, per] = (numel, None if whole else multiple)
+        numel, multiple = got
+        units[t] = [Unit(t, 0, 0, numel)] if multiple is None else \
+            split_tensor(t, numel, len(shape), multiple, per, unit_bytes)
     return units
 
 
@@ -229,7 +237,8 @@ def work_units(inputs: Inputs, units: dict, per_element: dict[str, int], unit_by
             u = us[0]
             n, base = u.flat_stop, out.base
             entries = (base, *out.models) if base is not None else out.models
-            if all([e.numel == n for e in entries]):
+            shape = entries[0].shape  # the output's entry: n is its numel; the same shape, the same numel
+            if all([e.shape == shape for e in entries]):
                 items.append(UnitInputs(u, base, out.models))
                 sizes.append(n * per)
                 nbytes.append(sum([e.nbytes for e in entries]) if n else 0)
