@@ -37,7 +37,9 @@ _ZEROS = bytes.maketrans(b"123456789", b"000000000")
 _PRE = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings", "shared.")
 
 
-@dataclass(frozen=True, slots=True)
+# not frozen: built once per tensor (tens of thousands in an MoE model), never changed, and a
+# frozen dataclass's __init__ costs ~1 us more each (its dict fields make it unhashable either way)
+@dataclass(slots=True)
 class Output:
     """Where one output tensor comes from, and what parameters apply to it."""
 

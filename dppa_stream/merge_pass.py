@@ -182,7 +182,15 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
     partial = out + ".partial"
     ref = inputs.reference
     targets, amax_read = tensor_scales(session, plans, output_targets(inputs, cfg.out_dtype, cfg.dtype))
-    layout = ShardLayout([spec for t in inputs.names for spec in targets[t].specs()], shard_size)
+    specs = []
+    for t in inputs.names:
+        tg = targets[t]
+        if tg.ref is None:
+            specs.append((tg.name, tg.dtype, tg.shape))  # `Target.specs` of a plain tensor, without its list
+        else:
+            specs += tg.specs()
+    layout = ShardLayout(specs, shard_size)
+    del specs
     if done:
         layout.check_preallocated(partial)
     else:

@@ -121,16 +121,18 @@ def space_needed(inputs, cfg, model_files: list | None = None) -> Space:
 
     shards = state = 0
     targets = output_targets(inputs, cfg.out_dtype, cfg.dtype)
+    outputs = inputs.outputs
     for name in inputs.names:
-        e = inputs.entry(name)
-        target = targets[name]
+        out = outputs[name]
+        e, target, named = out.entry, targets[name], len(name.encode())
+        numel = e.numel
         if target.ref is None:  # one stored tensor, of the entry's shape
-            shards += e.numel * DTYPE_SIZES[target.dtype] + len(name.encode()) + 96
+            shards += numel * DTYPE_SIZES[target.dtype] + named + 96
         else:
             shards += target.stored_bytes + sum(len(n.encode()) + 96 for n, _, _ in target.specs())
         if e.real:  # a statistics record per model, and manifest lines (a requantized unit's carry its loss)
-            state += len(inputs.outputs[name].models) * (min(e.numel, 1 << 15) * 4 + 2048)
-        state += 64 + len(name.encode()) + (1024 * (1 + e.numel // (1 << 20)) if target.ref is not None else 0)
+            state += len(out.models) * (min(numel, 1 << 15) * 4 + 2048)
+        state += 64 + named + (1024 * (1 + numel // (1 << 20)) if target.ref is not None else 0)
     card = 4096 + 2 * len(cfg.text.encode("utf-8", "surrogateescape")) + sum(len(m.path) + 8 for m in inputs.all)
     final = {"README.md": card, "dppa_stream_config.yml": len(cfg.text.encode("utf-8", "surrogateescape")),
              "model.safetensors.index.json": 4096 + sum(len(n.encode()) + 48 for n in inputs.names)}

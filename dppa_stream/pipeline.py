@@ -29,7 +29,7 @@ from .memory import PeakSampler, default_budget
 from .methods.base import Catalogue, Plan
 from .output import WORK_DIR, check_output, fingerprint, prepare_partial, publish, removed_on_bad_input, space_needed
 from .statistics import StatsEngine, drive
-from .units import (MAX_UNIT_BYTES, PROCESS_BASELINE, TASK_OVERHEAD, UnitInputs, WorkUnit, pack, split_tensor,
+from .units import (MAX_UNIT_BYTES, PROCESS_BASELINE, TASK_OVERHEAD, Unit, UnitInputs, WorkUnit, pack, split_tensor,
                     state_bytes, unit_budget)
 
 log = logging.getLogger("dppa_stream")
@@ -134,7 +134,8 @@ class Session:
     @property
     def float_tensors(self) -> list[str]:
         """The tensors that are merged (real-valued: plain floats or quantized)."""
-        return [t for t in self.inputs.names if self.inputs.entry(t).real]
+        outputs = self.inputs.outputs
+        return [t for t in self.inputs.names if outputs[t].entry.real]
 
     def engine(self, store) -> StatsEngine:
         return StatsEngine(self.executor, self.inputs, self.units, self.progress, self.unit_bytes, store,
@@ -178,11 +179,14 @@ def unit_needs(inputs: Inputs, cfg: MergeConfig) -> tuple[dict[str, int], dict[s
     targets = output_targets(inputs, cfg.out_dtype, cfg.dtype)
     per_element, aligns = {}, {}
     plain = {}  # inputs stored plain, written plain: (their dtypes, the output's) -> the needs, computed once
+    outputs = inputs.outputs
     for t in inputs.names:
-        out, target = inputs.outputs[t], targets[t]
+        out, target = outputs[t], targets[t]
         entries = (out.base, *out.models) if out.base is not None else out.models
-        key = (tuple([e.dtype for e in entries]), target.dtype) \
-            if target.ref is None and all(type(e) is TensorEntry for e in entries) else None
+        key = None
+        if target.ref is None:
+            dtypes = tuple([e.dtype if type(e) is TensorEntry else None for e in entries])
+            key = None if None in dtypes else (dtypes, target.dtype)
         got = plain.get(key) if key else None
         if got is None:
             got = (memory_per_element(entries) + target.out_bytes, math.lcm(align(entries), target.align))
@@ -205,25 +209,46 @@ def plan_units(inputs: Inputs, method, needs: tuple[dict, dict], unit_bytes: int
     """Every tensor's units: as large as `unit_bytes` of task memory allows, boundaries where both
     the method and the tensor's storage formats accept them."""
     per_element, aligns = needs
-    units, multiples = {}, {}  # (shape, format multiple) -> multiple: a method's depends on the shape alone
+    units, outputs = {}, inputs.outputs
+    # (shape, format multiple, bytes per element) -> (numel, multiple), multiple None where the
+    # tensor is one unit: a method's multiple depends on the shape alone
+    seen = {}
     for t in inputs.names:
-        e, a = inputs.outputs[t].entry, aligns[t]
-        multiple = multiples.get((e.shape, a))
-        if multiple is None:
-            multiple = multiples[e.shape, a] = math.lcm(method.unit_multiple(e.shape), a)
-        units[t] = split_tensor(t, e.numel, len(e.shape), multiple, per_element[t], unit_bytes)
+        shape, a, per = outputs[t].entry.shape, aligns[t], per_element[t]
+        got = seen.get((shape, a, per))
+        if got is None:
+            numel = math.prod(shape)
+            multiple = math.lcm(method.unit_multiple(shape), a)
+            whole = len(split_tensor(t, numel, len(shape), multiple, per, unit_bytes)) == 1
+            got = seen[shape, a, per] = (numel, None if whole else multiple)
+        numel, multiple = got
+        units[t] = [Unit(t, 0, 0, numel)] if multiple is None else \
+            split_tensor(t, numel, len(shape), multiple, per, unit_bytes)
     return units
 
 
 def work_units(inputs: Inputs, units: dict, per_element: dict[str, int], unit_bytes: int) -> list[WorkUnit]:
     """Consecutive units packed into work units of at most `unit_bytes` of task memory."""
-    items, sizes = [], []
+    items, sizes, nbytes = [], [], []
+    outputs = inputs.outputs
     for t in inputs.names:
-        out, per = inputs.outputs[t], per_element[t]
-        for u in units[t]:
-            items.append(UnitInputs(u, out.base, out.models))
+        out, per, us = outputs[t], per_element[t], units[t]
+        if len(us) == 1:  # whole: UnitInputs.nbytes, faster, where every input has the unit's elements
+            u = us[0]
+            n, base = u.flat_stop, out.base
+            entries = (base, *out.models) if base is not None else out.models
+            shape = entries[0].shape  # the output's entry: n is its numel; the same shape, the same numel
+            if all([e.shape == shape for e in entries]):
+                items.append(UnitInputs(u, base, out.models))
+                sizes.append(n * per)
+                nbytes.append(sum([e.nbytes for e in entries]) if n else 0)
+                continue
+        for u in us:
+            item = UnitInputs(u, out.base, out.models)
+            items.append(item)
             sizes.append(u.numel * per)
-    return pack(items, sizes, unit_bytes)
+            nbytes.append(item.nbytes)
+    return pack(items, sizes, unit_bytes, nbytes)
 
 
 def _check_smallest_units(s: Session, per_task: int) -> None:
@@ -231,8 +256,10 @@ def _check_smallest_units(s: Session, per_task: int) -> None:
     larger than a task's share of --memory-limit cannot run within it: say so before reading."""
     per_element, aligns = s.needs
     for t, units in s.units.items():
+        if aligns[t] <= 1:
+            continue
         need = units[0].numel * per_element[t]
-        if aligns[t] > 1 and need > per_task:
+        if need > per_task:
             raise UsageError(f"tensor {short(t)}: one work unit holds at least {need / 2**20:.0f} MiB (whole "
                              f"scale blocks or experts of its format), more than the {per_task / 2**20:.0f} MiB per "
                              "task that --memory-limit leaves; raise --memory-limit or use fewer workers")
@@ -244,10 +271,11 @@ def _check_method_memory(s: Session, budget: int, workers: int, processes: int, 
     next to what the run holds for the tensors it plans in pass 1. Refused before any read."""
     per_element = s.needs[0]
     task, worst, held = 0, None, 0
+    outputs, task_bytes = s.inputs.outputs, s.method.task_bytes
     for t, units in s.units.items():
-        e = s.inputs.entry(t)
-        models = len(s.inputs.outputs[t].models)
-        extra = s.method.task_bytes(e.shape, models) if e.real else 0
+        out = outputs[t]
+        e, models = out.entry, len(out.models)
+        extra = task_bytes(e.shape, models) if e.real else 0
         if not extra:
             continue
         need = max(u.numel for u in units) * per_element[t] + extra

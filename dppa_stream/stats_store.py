@@ -55,21 +55,43 @@ class StatsStore:
     says how to go on."""
 
     def __init__(self, path: str):
+        self.path = path
+        self._where: dict[str, int] | None = None  # opened on first use (`_open`)
+
+    def _open(self) -> dict[str, int]:
+        """Open (or create) the group and index its committed batches: on first use, so a run
+        that stores nothing (a local method's tensors planned inside pass 2) never imports zarr
+        nor creates it. A damaged store is an OutputError then (and again at each later use)."""
+        try:
+            self._load()
+        except BaseException:
+            self._where = None
+            raise
+        return self._where
+
+    @property
+    def group(self):
+        """The zarr group (opened on first use)."""
+        if self._where is None:
+            self._open()
+        return self._group
+
+    def _load(self) -> None:
         import zarr  # imported here: it adds ~0.3 s to every start-up otherwise
 
-        self.path = path
-        self._where: dict[str, int] = {}  # record key -> where it is (`_pack`: one int, not a tuple of three)
+        path = self.path
+        self._where = {}  # record key -> where it is (`_pack`: one int, not a tuple of three)
         self._arrays: list = []
         self._chunk: tuple = (None, None, None)  # (array, chunk number, values) read last
         try:
-            self.group = zarr.open_group(path, mode="a")
-            names = sorted(self.group.array_keys())
+            self._group = zarr.open_group(path, mode="a")
+            names = sorted(self._group.array_keys())
         except Exception as e:  # noqa: BLE001 - any failure to open our own cache is damage
             raise _damaged(path, e) from None
         self._saved = len(names)
         for name in names:
             try:
-                arr = self.group[name]
+                arr = self._group[name]
                 attrs = dict(arr.attrs)
                 if "index" not in attrs:
                     continue  # never committed: a run stopped while writing it
@@ -115,10 +137,10 @@ class StatsStore:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def has(self, tensor: str, stat: Stat) -> bool:
-        return f"{tensor}|{stat.key()}" in self._where
+        return f"{tensor}|{stat.key()}" in (self._where if self._where is not None else self._open())
 
     def get(self, tensor: str, stat: Stat):
-        where = self._where.get(f"{tensor}|{stat.key()}")
+        where = (self._where if self._where is not None else self._open()).get(f"{tensor}|{stat.key()}")
         if where is None:
             return None
         return stat.unpack(self._read(where), (self._read, where))  # a tuple: a partial costs more per summary
@@ -127,6 +149,8 @@ class StatsStore:
         """Save {(tensor, Stat): value} as one batch."""
         if not items:
             return
+        if self._where is None:
+            self._open()
         index, parts, off = {}, [], 0
         for (tensor, stat), value in items.items():
             packed = stat.pack(value)
@@ -137,7 +161,7 @@ class StatsStore:
         del parts
         name = f"round-{self._saved:04d}"
         try:
-            arr = self.group.create_array(name=name, data=data, chunks=(CHUNK,), overwrite=True)
+            arr = self._group.create_array(name=name, data=data, chunks=(CHUNK,), overwrite=True)
             fsync_tree(os.path.join(self.path, name))
             arr.attrs.update({"index": index, "sha256": _digest(data)})  # the commit
             fsync_tree(os.path.join(self.path, name))

@@ -31,7 +31,8 @@ from .statistics import exact_integers
 from .units import scratch
 
 
-@dataclass(frozen=True)
+# hashable like a frozen dataclass, without its slower __init__ (one per output tensor)
+@dataclass(unsafe_hash=True)
 class Target:
     """One output tensor: its logical name and shape, and how it is stored. `ref` is the
     reference's quantized storage it keeps (None: written plain as `dtype`); `scale` the (bits,
@@ -92,9 +93,9 @@ def output_targets(inputs, out_dtype: str | None, dtype: str | None) -> dict[str
 
 
 def _targets(inputs, out_dtype: str | None, dtype: str | None) -> dict[str, Target]:
-    targets = {}
+    targets, outputs = {}, inputs.outputs
     for t in inputs.names:
-        e = inputs.entry(t)
+        e = outputs[t].entry
         if not e.real:
             targets[t] = Target(t, e.shape, e.dtype)
         elif isinstance(e, Quantized):

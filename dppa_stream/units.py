@@ -42,7 +42,9 @@ INPUT_STATE = 512  # ... per input checkpoint: the header entry
 PLAN_STATE = 1536
 
 
-@dataclass(frozen=True, slots=True)
+# Unit, UnitInputs, WorkUnit: built once per tensor (tens of thousands in an MoE checkpoint) and never
+# changed; hashable like frozen dataclasses, but a frozen dataclass's __init__ costs ~1 us more each
+@dataclass(slots=True, unsafe_hash=True)
 class Unit:
     """Elements [flat_start, flat_stop) of one tensor (C order); `index` is its position among the
     tensor's units."""
@@ -57,7 +59,7 @@ class Unit:
         return self.flat_stop - self.flat_start
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class UnitInputs:
     """What a task needs to read a unit: the base entry (or None) and each model's entry."""
 
@@ -75,7 +77,7 @@ class UnitInputs:
         return sum(self.unit.numel * e.nbytes // max(1, e.numel) for e in self.entries)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class WorkUnit:
     """Consecutive units that one task runs; `nbytes` is what it reads. The manifest names a work
     unit by its first unit."""
@@ -97,21 +99,25 @@ def split_tensor(name: str, numel: int, ndim: int, multiple: int, per_element: i
     if numel == 0 or ndim <= 1:
         return [Unit(name, 0, 0, numel)]
     step = max(1, unit_bytes // max(1, per_element) // multiple) * multiple
+    if step >= numel:
+        return [Unit(name, 0, 0, numel)]
     return [Unit(name, i, s, min(numel, s + step)) for i, s in enumerate(range(0, numel, step))]
 
 
-def pack(items: list[UnitInputs], sizes: list[int], unit_bytes: int) -> list[WorkUnit]:
+def pack(items: list[UnitInputs], sizes: list[int], unit_bytes: int, nbytes: list[int] | None = None) -> list[WorkUnit]:
     """Work units of consecutive `items` (in order) whose `sizes` (task memory) add up to at most
-    `unit_bytes`; an item larger than that is a work unit of its own."""
-    out, group, held = [], [], 0
-    for item, size in zip(items, sizes):
-        if group and held + size > unit_bytes:
-            out.append(WorkUnit(tuple(group), sum(i.nbytes for i in group)))
-            group, held = [], 0
-        group.append(item)
+    `unit_bytes`; an item larger than that is a work unit of its own. `nbytes`: each item's
+    `UnitInputs.nbytes` where the caller has it at hand."""
+    if nbytes is None:
+        nbytes = [i.nbytes for i in items]
+    out, start, held = [], 0, 0
+    for j, size in enumerate(sizes):
+        if j > start and held + size > unit_bytes:
+            out.append(WorkUnit(tuple(items[start:j]), sum(nbytes[start:j])))
+            start, held = j, 0
         held += size
-    if group:
-        out.append(WorkUnit(tuple(group), sum(i.nbytes for i in group)))
+    if start < len(items):
+        out.append(WorkUnit(tuple(items[start:]), sum(nbytes[start:])))
     return out
 
 

@@ -222,8 +222,9 @@ def test_damaged_store_is_exit_4_with_the_way_out(tmp_path, damage):
         open(meta[0], "w").write('{"zarr_format": 3, "node_type": "arr')
     else:
         open(os.path.join(path, "zarr.json"), "w").write("\0\0\0")
+    store = StatsStore(path)  # opened on first use
     with pytest.raises(OutputError) as e:
-        StatsStore(path)
+        store.get("a", Abs(0))
     msg = str(e.value)
     assert e.value.exit_code == 4 and "\n" not in msg and "--overwrite" in msg and "stats.zarr" in msg
 

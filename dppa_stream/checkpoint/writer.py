@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from .reader import INDEX_NAME, SINGLE_NAME
 FORMAT_METADATA = {"format": "pt"}
 
 
-@dataclass(frozen=True, slots=True)
+# hashable like a frozen dataclass, without its slower __init__ (one per output tensor)
+@dataclass(slots=True, unsafe_hash=True)
 class Placement:
     """Where an output tensor's bytes go: shard file name, absolute byte offset, bytes per element."""
 
@@ -41,7 +43,7 @@ class ShardLayout:
         groups: list[list] = [[]]
         sizes = [0]
         for spec in specs:
-            nbytes = _nbytes(spec)
+            nbytes = DTYPE_SIZES[spec[1]] * math.prod(spec[2])
             if groups[-1] and sizes[-1] + nbytes > shard_size:
                 groups.append([])
                 sizes.append(0)
@@ -158,11 +160,3 @@ def write_at(folder: str, place: Placement, at: int, data: np.ndarray) -> int:
     finally:
         os.close(fd)
     return len(data)
-
-
-def _nbytes(spec) -> int:
-    _, dtype, shape = spec
-    n = DTYPE_SIZES[dtype]
-    for d in shape:
-        n *= d
-    return n

@@ -36,7 +36,9 @@ def density_check(v):
     return None if 0 < v <= 1 else "must be in (0, 1]"
 
 
-@dataclass(frozen=True, slots=True)
+# not frozen: built once per tensor (tens of thousands in an MoE model), never changed, and a
+# frozen dataclass's __init__ costs ~1 us more each (its dict fields make it unhashable either way)
+@dataclass(slots=True)
 class TensorInfo:
     """One output tensor as planning sees it: dtype and shape, and the parameter values that
     apply to it (shared ones, and one dict per fine-tune) after gradients and filters."""
