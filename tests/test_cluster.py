@@ -275,8 +275,13 @@ def test_worker_killed_mid_pass_same_bytes(big_reference, tmp_path, phase):
         assert cl.worker_names() == ["worker-1"]
     res = box["result"]
     assert res.units == ref.units
-    # a task in flight on the dead worker was started again: one more `processing` than `memory`
-    assert counts.get("processing", 0) > counts.get("memory", 0), f"killed after {done} done; {phase}: {counts}"
+    # the dead worker's work was done again: a task in flight there was started again (one more
+    # `processing` than `memory`), or a finished merge result it alone held was computed again (pass 2
+    # submits its calls in a window, so the worker may hold results rather than running tasks):
+    # more results than work units
+    processing, results = counts.get("processing", 0), counts.get("memory", 0)
+    assert processing > results or (phase == "merge_work" and results > res.units), \
+        f"killed after {done} done; {phase}: {counts}, {res.units} work units"
     _assert_same_files(ref_out, out)
 
 
