@@ -13,6 +13,7 @@ import math
 import os
 import stat
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import yaml
 
@@ -154,6 +155,18 @@ class MergeConfig:
             return got
 
         return of
+
+    def params_all(self, outputs: list) -> list[tuple[dict, tuple[dict, ...]]]:
+        """`tensor_params` of every `inputs.Output` in `outputs` (the same objects `params_of`
+        gives). Without filters in a `models:` config the values depend on the layer position alone:
+        resolved once per position, not tensor by tensor."""
+        of = self.params_of()
+        if self.slices or self._filters():
+            return [of(o.name, o.t, o.specs if self.slices else None, o.models, o.slice_params) for o in outputs]
+        keys = list(map(attrgetter("t"), outputs))  # every output has a model entry per `models:` entry
+        firsts = dict(zip(reversed(keys), reversed(outputs)))  # the first output at each position
+        got = {k: of(o.name, o.t, None, o.models, o.slice_params) for k, o in firsts.items()}
+        return list(map(got.__getitem__, keys))
 
     def _filters(self) -> set[str]:
         """Every filter string of the config's parameter values ("*" and none match every name)."""

@@ -118,21 +118,27 @@ def space_needed(inputs, cfg, model_files: list | None = None) -> Space:
     """Estimate what the run writes (from headers alone)."""
     from .hf_files import TOKENIZER_FILES
     from .targets import output_targets
+    from .units import tensor_classes
 
-    shards = state = 0
     targets = output_targets(inputs, cfg.out_dtype, cfg.dtype)
-    outputs = inputs.outputs
-    for name in inputs.names:
-        out = outputs[name]
-        e, target, named = out.entry, targets[name], len(name.encode())
+    c = tensor_classes(inputs)
+    counts = c.counts()
+    # every tensor's name is in the manifest, and in the shards' headers unless it is stored quantized (the
+    # names of its parts are); the rest is the same for every tensor of a class
+    named = len("".join(c.names).encode())
+    shards, state = named, named
+    for k, i in enumerate(c.first):
+        name, e, target = c.names[i], c.refs[i], targets[c.names[i]]
         numel = e.numel
         if target.ref is None:  # one stored tensor, of the entry's shape
-            shards += numel * DTYPE_SIZES[target.dtype] + named + 96
+            one = numel * DTYPE_SIZES[target.dtype] + 96
         else:
-            shards += target.stored_bytes + sum(len(n.encode()) + 96 for n, _, _ in target.specs())
+            one = target.stored_bytes + sum(len(n.encode()) + 96 for n, _, _ in target.specs()) - len(name.encode())
+        shards += one * counts[k]
+        held = 64 + (1024 * (1 + numel // (1 << 20)) if target.ref is not None else 0)
         if e.real:  # a statistics record per model, and manifest lines (a requantized unit's carry its loss)
-            state += len(out.models) * (min(numel, 1 << 15) * 4 + 2048)
-        state += 64 + named + (1024 * (1 + numel // (1 << 20)) if target.ref is not None else 0)
+            held += len(c.models[i]) * (min(numel, 1 << 15) * 4 + 2048)
+        state += held * counts[k]
     card = 4096 + 2 * len(cfg.text.encode("utf-8", "surrogateescape")) + sum(len(m.path) + 8 for m in inputs.all)
     final = {"README.md": card, "dppa_stream_config.yml": len(cfg.text.encode("utf-8", "surrogateescape")),
              "model.safetensors.index.json": 4096 + sum(len(n.encode()) + 48 for n in inputs.names)}

@@ -15,10 +15,12 @@ import dataclasses
 import functools
 import gc
 import logging
+import itertools
 import math
 import os
 import time
 from dataclasses import asdict, dataclass
+from operator import attrgetter
 from typing import Callable
 
 from .config import MergeConfig
@@ -29,8 +31,8 @@ from .memory import PeakSampler, default_budget
 from .methods.base import Catalogue, Plan
 from .output import WORK_DIR, check_output, fingerprint, prepare_partial, publish, removed_on_bad_input, space_needed
 from .statistics import StatsEngine, drive
-from .units import (MAX_UNIT_BYTES, PROCESS_BASELINE, TASK_OVERHEAD, Unit, UnitInputs, WorkUnit, pack, split_tensor,
-                    state_bytes, unit_budget)
+from .units import (MAX_UNIT_BYTES, PROCESS_BASELINE, TASK_OVERHEAD, Classes, Unit, UnitInputs, WorkUnit, pack,
+                    split_tensor, state_bytes, tensor_classes, unit_budget)
 
 log = logging.getLogger("dppa_stream")
 
@@ -113,19 +115,35 @@ class Session:
     check_finite: bool = True
 
     @functools.cached_property
-    def needs(self) -> tuple[dict[str, int], dict[str, int]]:
-        """Per tensor: task memory per element, and the element multiple its formats need (`unit_needs`)."""
+    def classes(self) -> Classes:
+        """The output tensors grouped by what planning decides from (`units.tensor_classes`)."""
+        return tensor_classes(self.inputs)
+
+    @functools.cached_property
+    def unit_needs(self) -> list[tuple[int, int]]:
+        """Per class of tensors: task memory per element, and the element multiple its formats need."""
         return unit_needs(self.inputs, self.cfg)
+
+    @functools.cached_property
+    def needs(self) -> tuple[dict[str, int], dict[str, int]]:
+        """`unit_needs` by tensor name: (task memory per element, element multiple)."""
+        needs, c = self.unit_needs, self.classes
+        return c.per_tensor([v[0] for v in needs]), c.per_tensor([v[1] for v in needs])
 
     @functools.cached_property
     def units(self) -> dict:
         """tensor -> its units, in order."""
-        return plan_units(self.inputs, self.method, self.needs, self.unit_bytes)
+        return plan_units(self.inputs, self.method, self.unit_needs, self.unit_bytes)
+
+    @functools.cached_property
+    def split_tensors(self) -> list[str]:
+        """The tensors held in several units, in output order."""
+        return [t for t, us in self.units.items() if len(us) > 1]
 
     @functools.cached_property
     def work_units(self) -> list[WorkUnit]:
         """Pass 2's work units: every unit of every tensor, in output order."""
-        return work_units(self.inputs, self.units, self.needs[0], self.unit_bytes)
+        return work_units(self.inputs, self.units, self.unit_needs, self.unit_bytes)
 
     @functools.cached_property
     def catalogue(self) -> Catalogue:
@@ -134,8 +152,9 @@ class Session:
     @property
     def float_tensors(self) -> list[str]:
         """The tensors that are merged (real-valued: plain floats or quantized)."""
-        outputs = self.inputs.outputs
-        return [t for t in self.inputs.names if outputs[t].entry.real]
+        c = self.classes
+        real = {k for k, i in enumerate(c.first) if c.refs[i].real}
+        return list(c.names) if len(real) == len(c.first) else [t for t, k in zip(c.names, c.of) if k in real]
 
     def engine(self, store) -> StatsEngine:
         return StatsEngine(self.executor, self.inputs, self.units, self.progress, self.unit_bytes, store,
@@ -145,9 +164,13 @@ class Session:
         """The method's plan for every tensor that is not planned inside its pass-2 task: all
         float tensors of a method that plans across tensors, else those split over several units."""
         method = method or self.method
-        tensors = self.float_tensors
         if method.local:
-            tensors = [t for t in tensors if len(self.units[t]) > 1]
+            c = self.classes
+            real = {k for k, i in enumerate(c.first) if c.refs[i].real}
+            where = dict(zip(c.names, c.of)) if self.split_tensors else {}
+            tensors = [t for t in self.split_tensors if where[t] in real]
+        else:
+            tensors = self.float_tensors
         return drive(method, self.catalogue, tensors, engine)
 
 
@@ -158,138 +181,140 @@ def catalogue(cfg: MergeConfig, inputs: Inputs) -> Catalogue:
     were opened with: the factor search plans candidates of other weights on the same inputs."""
     from .methods.base import TensorInfo
 
-    infos = {}
-    params_of = cfg.params_of()
-    for name in inputs.names:
-        out = inputs.outputs[name]
-        e = out.entry
-        glob, models = params_of(name, out.t, out.specs if cfg.slices else None, out.models, out.slice_params)
-        infos[name] = TensorInfo(name, e.dtype, e.shape, glob, models)
+    c = tensor_classes(inputs)
+    refs, params = c.refs, cfg.params_all(c.outs)
+    infos = dict(zip(c.names, map(TensorInfo, c.names, map(attrgetter("dtype"), refs), map(attrgetter("shape"), refs),
+                                  *zip(*params)))) if params else {}
     return Catalogue(infos, inputs.reference.read_config())
 
 
-def unit_needs(inputs: Inputs, cfg: MergeConfig) -> tuple[dict[str, int], dict[str, int]]:
-    """Per tensor: bytes a unit holds per element (inputs as read or decoded, and the output), and
-    the element multiple its boundaries must fall on for its storage formats (scale blocks of its
-    inputs and output; 1 for plain tensors)."""
-    from .checkpoint import TensorEntry
+def unit_needs(inputs: Inputs, cfg: MergeConfig) -> list[tuple[int, int]]:
+    """Per class of tensors (`units.Classes`): bytes a unit holds per element (inputs as read or
+    decoded, and the output), and the element multiple its boundaries must fall on for its
+    storage formats (scale blocks of its inputs and output; 1 for plain tensors)."""
     from .sources import align, memory_per_element
     from .targets import output_targets
 
     targets = output_targets(inputs, cfg.out_dtype, cfg.dtype)
-    per_element, aligns = {}, {}
-    plain = {}  # inputs stored plain, written plain: (their dtypes, the output's) -> the needs, computed once
-    outputs = inputs.outputs
-    for t in inputs.names:
-        out, target = outputs[t], targets[t]
-        entries = (out.base, *out.models) if out.base is not None else out.models
-        key = None
-        if target.ref is None:
-            dtypes = tuple([e.dtype if type(e) is TensorEntry else None for e in entries])
-            key = None if None in dtypes else (dtypes, target.dtype)
-        got = plain.get(key) if key else None
-        if got is None:
-            got = (memory_per_element(entries) + target.out_bytes, math.lcm(align(entries), target.align))
-            if key:
-                plain[key] = got
-        per_element[t], aligns[t] = got
-    return per_element, aligns
+    c = tensor_classes(inputs)
+    needs = []
+    for i in c.first:
+        entries, target = c.entries(i), targets[c.names[i]]
+        needs.append((memory_per_element(entries) + target.out_bytes, math.lcm(align(entries), target.align)))
+    return needs
 
 
 def client_state(inputs: Inputs, method) -> int:
     """What this run's bookkeeping holds in memory (`units.state_bytes`): every tensor's entries,
     and the plans of those planned before pass 2 (all real-valued tensors of a method that plans
     across tensors; a local method plans most tensors inside their pass-2 task)."""
-    planned = 0 if method.local else sum(1 for t in inputs.names if inputs.entry(t).real)
-    models = max((len(o.models) for o in inputs.outputs.values()), default=0)
+    c = tensor_classes(inputs)
+    planned = 0
+    if not method.local:
+        planned = sum(n for n, i in zip(c.counts(), c.first) if c.refs[i].real)
+    models = max((len(c.models[i]) for i in c.first), default=0)
     return state_bytes(len(inputs.names), len(inputs.all), planned, models)
 
 
-def plan_units(inputs: Inputs, method, needs: tuple[dict, dict], unit_bytes: int) -> dict[str, list]:
+def plan_units(inputs: Inputs, method, needs: list, unit_bytes: int) -> dict[str, list]:
     """Every tensor's units: as large as `unit_bytes` of task memory allows, boundaries where both
-    the method and the tensor's storage formats accept them."""
-    per_element, aligns = needs
-    units, outputs = {}, inputs.outputs
-    # (shape, format multiple, bytes per element) -> (numel, multiple), multiple None where the
-    # tensor is one unit: a method's multiple depends on the shape alone
-    seen = {}
-    for t in inputs.names:
-        shape, a, per = outputs[t].entry.shape, aligns[t], per_element[t]
-        got = seen.get((shape, a, per))
-        if got is None:
-            numel = math.prod(shape)
-            multiple = math.lcm(method.unit_multiple(shape), a)
-            whole = len(split_tensor(t, numel, len(shape), multiple, per, unit_bytes)) == 1
-            got = seen[shape, a, per] = (numel, None if whole else multiple)
-        numel, multiple = got
-        units[t] = [Unit(t, 0, 0, numel)] if multiple is None else \
-            split_tensor(t, numel, len(shape), multiple, per, unit_bytes)
+    the method and the tensor's storage formats accept them (`needs`: `unit_needs`). Decided once
+    per class of tensors: a method's multiple depends on the shape alone."""
+    c = tensor_classes(inputs)
+    numel, split = [], {}
+    for k, i in enumerate(c.first):
+        shape = c.refs[i].shape
+        per, a = needs[k]
+        n = math.prod(shape)
+        numel.append(n)
+        multiple = math.lcm(method.unit_multiple(shape), a)
+        if len(split_tensor(c.names[i], n, len(shape), multiple, per, unit_bytes)) > 1:
+            split[k] = (n, len(shape), multiple, per)
+    names, zeros = c.names, itertools.repeat(0)
+    units = dict(zip(names, [[u] for u in map(Unit, names, zeros, zeros, c.column(numel))]))
+    if split:
+        for t, k in zip(names, c.of):
+            if k in split:
+                units[t] = split_tensor(t, *split[k], unit_bytes)
     return units
 
 
-def work_units(inputs: Inputs, units: dict, per_element: dict[str, int], unit_bytes: int) -> list[WorkUnit]:
-    """Consecutive units packed into work units of at most `unit_bytes` of task memory."""
-    items, sizes, nbytes = [], [], []
-    outputs = inputs.outputs
-    for t in inputs.names:
-        out, per, us = outputs[t], per_element[t], units[t]
-        if len(us) == 1:  # whole: UnitInputs.nbytes, faster, where every input has the unit's elements
-            u = us[0]
-            n, base = u.flat_stop, out.base
-            entries = (base, *out.models) if base is not None else out.models
-            shape = entries[0].shape  # the output's entry: n is its numel; the same shape, the same numel
-            if all([e.shape == shape for e in entries]):
-                items.append(UnitInputs(u, base, out.models))
-                sizes.append(n * per)
-                nbytes.append(sum([e.nbytes for e in entries]) if n else 0)
-                continue
-        for u in us:
-            item = UnitInputs(u, out.base, out.models)
-            items.append(item)
-            sizes.append(u.numel * per)
-            nbytes.append(item.nbytes)
-    return pack(items, sizes, unit_bytes, nbytes)
+def work_units(inputs: Inputs, units: dict, needs: list, unit_bytes: int) -> list[WorkUnit]:
+    """Consecutive units packed into work units of at most `unit_bytes` of task memory (`needs`:
+    `unit_needs`). A tensor held whole by one unit is one item, whose sizes its class gives."""
+    c = tensor_classes(inputs)
+    lists = list(units.values())  # in output order
+    size, nbytes, split = [], [], set()
+    for k, i in enumerate(c.first):
+        us, entries = lists[i], c.entries(i)
+        if len(us) > 1:
+            split.add(k)
+            size.append(0)  # an item per unit, below
+            nbytes.append(0)
+            continue
+        n = us[0].flat_stop
+        size.append(n * needs[k][0])
+        shape = entries[0].shape  # the output's (n is its numel): inputs of its shape hold n elements each
+        nbytes.append((sum([e.nbytes for e in entries]) if n else 0) if all([e.shape == shape for e in entries])
+                      else UnitInputs(us[0], c.bases[i], c.models[i]).nbytes)
+    items = list(map(UnitInputs, [us[0] for us in lists], c.bases, c.models))
+    sizes, stored = c.column(size), c.column(nbytes)
+    if split:  # a tensor of several units: an item per unit, in its place
+        parts, at = ([], [], []), 0
+        for j in [j for j, k in enumerate(c.of) if k in split]:
+            us, per = lists[j], needs[c.of[j]][0]
+            new = [UnitInputs(u, c.bases[j], c.models[j]) for u in us]
+            for part, whole, add in zip(parts, (items, sizes, stored),
+                                        (new, [u.numel * per for u in us], [i.nbytes for i in new])):
+                part += whole[at:j]
+                part += add
+            at = j + 1
+        for part, whole in zip(parts, (items, sizes, stored)):
+            part += whole[at:]
+        items, sizes, stored = parts
+    return pack(items, sizes, unit_bytes, stored)
 
 
 def _check_smallest_units(s: Session, per_task: int) -> None:
     """A tensor whose format makes its smallest unit (whole FP8 blocks, whole MXFP4 experts)
     larger than a task's share of --memory-limit cannot run within it: say so before reading."""
-    per_element, aligns = s.needs
-    for t, units in s.units.items():
-        if aligns[t] <= 1:
-            continue
-        need = units[0].numel * per_element[t]
-        if need > per_task:
-            raise UsageError(f"tensor {short(t)}: one work unit holds at least {need / 2**20:.0f} MiB (whole "
-                             f"scale blocks or experts of its format), more than the {per_task / 2**20:.0f} MiB per "
-                             "task that --memory-limit leaves; raise --memory-limit or use fewer workers")
+    c, needs, units = s.classes, s.unit_needs, s.units
+    over = [i for k, i in enumerate(c.first)
+            if needs[k][1] > 1 and units[c.names[i]][0].numel * needs[k][0] > per_task]
+    if over:
+        t = c.names[min(over)]
+        need = units[t][0].numel * needs[c.of[min(over)]][0]
+        raise UsageError(f"tensor {short(t)}: one work unit holds at least {need / 2**20:.0f} MiB (whole "
+                         f"scale blocks or experts of its format), more than the {per_task / 2**20:.0f} MiB per "
+                         "task that --memory-limit leaves; raise --memory-limit or use fewer workers")
 
 
 def _check_method_memory(s: Session, budget: int, workers: int, processes: int, state: int) -> None:
     """A method that holds more than a unit's rows for a tensor (Iso-C, TSV-M: Gram matrices and
     projections, `MergeMethod.task_bytes`/`held_bytes`) must fit: its largest task on every worker,
-    next to what the run holds for the tensors it plans in pass 1. Refused before any read."""
-    per_element = s.needs[0]
-    task, worst, held = 0, None, 0
-    outputs, task_bytes = s.inputs.outputs, s.method.task_bytes
-    for t, units in s.units.items():
-        out = outputs[t]
-        e, models = out.entry, len(out.models)
-        extra = task_bytes(e.shape, models) if e.real else 0
+    next to what the run holds for the tensors it plans in pass 1. Refused before any read.
+    Decided per class of tensors (the largest task: the first tensor of a class with the largest)."""
+    c, needs, units = s.classes, s.unit_needs, s.units
+    task, worst, held, counts = 0, None, 0, None
+    for k, i in enumerate(c.first):
+        e, models = c.refs[i], len(c.models[i])
+        extra = s.method.task_bytes(e.shape, models) if e.real else 0
         if not extra:
             continue
-        need = max(u.numel for u in units) * per_element[t] + extra
-        if need > task:
-            task, worst = need, t
-        if len(units) > 1:
-            held += s.method.held_bytes(e.shape, models)
+        us = units[c.names[i]]
+        need = max(u.numel for u in us) * needs[k][0] + extra
+        if need > task or (need == task and i < worst):
+            task, worst = need, i
+        if len(us) > 1:
+            counts = counts or c.counts()
+            held += s.method.held_bytes(e.shape, models) * counts[k]
     total = PROCESS_BASELINE * processes + state + held + max(1, workers) * (TASK_OVERHEAD + task)
     if worst is not None and total > budget:
         kept = (f", and the run keeps {held / 2**20:.0f} MiB of Gram matrices and plans until pass 2 (a --unit-size "
                 "that holds whole matrices keeps none)") if held else ""
         raise UsageError(f"--memory-limit {budget / 2**20:.0f} MiB is too small for {s.method.name}: tensor "
-                         f"{short(worst)} needs {task / 2**20:.0f} MiB in one task (its rows, Gram matrix and "
-                         f"projection){kept}; need at least {total / 2**20:.0f} MiB (or use fewer workers, or a "
+                         f"{short(c.names[worst])} needs {task / 2**20:.0f} MiB in one task (its rows, Gram matrix "
+                         f"and projection){kept}; need at least {total / 2**20:.0f} MiB (or use fewer workers, or a "
                          "--unit-size that leaves room for it)")
 
 
@@ -347,8 +372,8 @@ def _start(cfg: MergeConfig, opts: MergeOptions, out: str | None):
             _check_method_memory(s, budget, spec.workers, 1 + (spec.workers if spec.kind == "processes" else 0), state)
         log.info("scheduler %s with %d worker thread(s); memory limit %.0f MiB; work unit <= %.1f MiB; "
                  "%d tensors in %d units (%d split), %d work units", spec.kind, workers, budget / 2**20, ub / 2**20,
-                 len(inputs.names), sum(len(u) for u in s.units.values()),
-                 sum(1 for u in s.units.values() if len(u) > 1), len(s.work_units))
+                 len(inputs.names), len(inputs.names) + sum(len(s.units[t]) - 1 for t in s.split_tensors),
+                 len(s.split_tensors), len(s.work_units))
     except BaseException:
         ex.close()
         raise
@@ -396,5 +421,5 @@ def _run(cfg, out, opts, s: Session) -> dict:
     written, read, requant = write_output(cfg, out, s, plans, done, opts.shard_size)
     publish(partial, out, opts.overwrite)
     return dict(bytes_read=engine.bytes_read + read, bytes_written=written, tensors=len(s.inputs.names),
-                units=len(s.work_units), split_tensors=sum(1 for u in s.units.values() if len(u) > 1),
+                units=len(s.work_units), split_tensors=len(s.split_tensors),
                 resumed_units=len(done), dp=dp, requantization=requant)

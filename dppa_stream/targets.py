@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, replace
+from operator import attrgetter
 
 import numpy as np
 
@@ -93,16 +94,24 @@ def output_targets(inputs, out_dtype: str | None, dtype: str | None) -> dict[str
 
 
 def _targets(inputs, out_dtype: str | None, dtype: str | None) -> dict[str, Target]:
-    targets, outputs = {}, inputs.outputs
-    for t in inputs.names:
-        e = outputs[t].entry
-        if not e.real:
-            targets[t] = Target(t, e.shape, e.dtype)
-        elif isinstance(e, Quantized):
-            targets[t] = Target(t, e.shape, out_dtype) if out_dtype else Target(t, e.shape, e.dtype, e)
-        else:
-            targets[t] = Target(t, e.shape, out_dtype or dtype or e.dtype)
+    from .units import tensor_classes
+
+    c = tensor_classes(inputs)
+    made = [_target(c.names[i], c.refs[i], out_dtype, dtype) for i in c.first]
+    # a class of many tensors is stored plain (no `ref`): its target, renamed; a class of one its own
+    targets = dict(zip(c.names, map(Target, c.names, map(attrgetter("shape"), c.refs),
+                                    c.column([tg.dtype for tg in made]))))
+    for j in c.alone:
+        targets[c.names[j]] = made[c.of[j]]
     return targets
+
+
+def _target(name: str, e, out_dtype: str | None, dtype: str | None) -> Target:
+    if not e.real:
+        return Target(name, e.shape, e.dtype)
+    if isinstance(e, Quantized):
+        return Target(name, e.shape, out_dtype) if out_dtype else Target(name, e.shape, e.dtype, e)
+    return Target(name, e.shape, out_dtype or dtype or e.dtype)
 
 
 def writes_quantized(targets: dict[str, Target]) -> bool:

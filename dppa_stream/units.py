@@ -20,12 +20,17 @@ unit size, so every scheduler, thread count and resumed run sees the same plan.
 from __future__ import annotations
 
 import threading
+from bisect import bisect_right
 from dataclasses import dataclass
+from itertools import accumulate
+from operator import attrgetter
 
 import numpy as np
 
 from .checkpoint import DTYPE_SIZES, FLOAT_DTYPES, TensorEntry
 from .errors import UsageError
+
+_DTYPE, _SHAPE = attrgetter("dtype"), attrgetter("shape")
 
 PROCESS_BASELINE = 300 << 20  # python + numpy + numba + dask/distributed, per process
 TASK_OVERHEAD = 16 << 20  # kernel scratch, histograms and Dask bookkeeping per running task
@@ -91,6 +96,92 @@ class WorkUnit:
         return first.tensor, first.index
 
 
+@dataclass
+class Classes:
+    """The output tensors (output order) grouped by everything planning decides from: a tensor
+    whose inputs are all stored plain in one shape is planned like every other one with the same
+    input dtypes and shape, so targets, unit sizes and memory checks are decided once per class
+    (an MoE checkpoint's tens of thousands of tensors fall into a few dozen). A tensor with any
+    other input (quantized, adapted, remapped, of another shape) is a class of its own."""
+
+    names: list[str]
+    outs: list  # per tensor: its inputs.Output
+    refs: list  # per tensor: the entry whose dtype and shape the output has
+    bases: list  # per tensor: the base entry or None
+    models: list  # per tensor: each model's entry
+    of: list[int]  # per tensor: its class
+    first: list[int]  # per class: the position of its first tensor
+    alone: list[int]  # the positions of the tensors in a class of their own (inputs not plain, or of other shapes)
+
+    def entries(self, i: int) -> tuple:
+        base = self.bases[i]
+        return (base, *self.models[i]) if base is not None else self.models[i]
+
+    def column(self, values: list) -> list:
+        """Per tensor, the value of its class (`values`: one per class)."""
+        return list(map(values.__getitem__, self.of))
+
+    def per_tensor(self, values: list) -> dict:
+        """Tensor name -> the value of its class."""
+        return dict(zip(self.names, map(values.__getitem__, self.of)))
+
+    def counts(self) -> list[int]:
+        """Per class, its number of tensors."""
+        return np.bincount(np.array(self.of, np.int64), minlength=len(self.first)).tolist()
+
+
+def tensor_classes(inputs) -> Classes:
+    """The `Classes` of `inputs`' output tensors, made once per inputs (kept on them). A tensor's
+    key holds its inputs' dtypes and shapes, and their types; built column by column at C speed
+    where every tensor has the same inputs (base or not, number of models), a column left out
+    where it says nothing (one type or dtype for every tensor, shapes equal to the output's)."""
+    memo = getattr(inputs, "_classes", None)
+    if memo is not None and memo[0] is inputs.outputs and memo[1] == len(inputs.names):
+        return memo[2]
+    names = list(inputs.names)
+    outs = list(map(inputs.outputs.__getitem__, names))
+    bases = [o.base for o in outs]
+    models = [o.models for o in outs]
+    nones = bases.count(None)
+    if not names:
+        keys, refs = [], []
+    elif nones in (0, len(bases)) and len(set(map(len, models))) == 1:
+        cols = ([bases] if not nones else []) + list(zip(*models))
+        refs = cols[0]
+        dtypes, shapes = list(map(_DTYPE, refs)), list(map(_SHAPE, refs))
+        parts = [shapes] + ([dtypes] if len(set(dtypes)) > 1 else [])
+        for col in cols:
+            types = list(map(type, col))
+            if len(set(types)) > 1:
+                parts.append(types)
+        for col in cols[1:]:
+            for mine, ref in ((list(map(_DTYPE, col)), dtypes), (list(map(_SHAPE, col)), shapes)):
+                if mine != ref:
+                    parts.append(mine)
+        keys = parts[0] if len(parts) == 1 else list(zip(*parts))
+    else:  # inputs differ between tensors (slices of other models): one key at a time
+        refs = [b if b is not None else m[0] for b, m in zip(bases, models)]
+        keys = [(b is None, *map(type, es), *map(_DTYPE, es), *map(_SHAPE, es))
+                for b, es in zip(bases, ((b, *m) if b is not None else m for b, m in zip(bases, models)))]
+    firsts = dict(zip(reversed(keys), range(len(keys) - 1, -1, -1)))  # the last write wins: the lowest position
+    first = sorted(firsts.values())
+    at = {keys[i]: k for k, i in enumerate(first)}
+    of = list(map(at.__getitem__, keys))
+    single = set()
+    for k, i in enumerate(first):
+        es = (bases[i], *models[i]) if bases[i] is not None else models[i]
+        if not all([type(e) is TensorEntry and e.shape == es[0].shape for e in es]):
+            single.add(k)
+    alone = [j for j, k in enumerate(of) if k in single] if single else []
+    for j in alone:  # a class of its own for each of their tensors
+        if first[of[j]] != j:
+            of[j] = len(first)
+            first.append(j)
+    classes = Classes(names, outs, list(refs), bases, models, of, first, alone)
+    inputs._classes = (inputs.outputs, len(names), classes)
+    return classes
+
+
 def split_tensor(name: str, numel: int, ndim: int, multiple: int, per_element: int, unit_bytes: int) -> list[Unit]:
     """The units of one tensor: as many elements as fit `unit_bytes` (at `per_element` bytes of
     task memory each), rounded down to a multiple of `multiple` (at least one multiple): the
@@ -107,17 +198,17 @@ def split_tensor(name: str, numel: int, ndim: int, multiple: int, per_element: i
 def pack(items: list[UnitInputs], sizes: list[int], unit_bytes: int, nbytes: list[int] | None = None) -> list[WorkUnit]:
     """Work units of consecutive `items` (in order) whose `sizes` (task memory) add up to at most
     `unit_bytes`; an item larger than that is a work unit of its own. `nbytes`: each item's
-    `UnitInputs.nbytes` where the caller has it at hand."""
+    `UnitInputs.nbytes` where the caller has it at hand. Each work unit's end is found by bisecting
+    the running total of sizes (tens of thousands of small items, a few hundred work units)."""
     if nbytes is None:
         nbytes = [i.nbytes for i in items]
-    out, start, held = [], 0, 0
-    for j, size in enumerate(sizes):
-        if j > start and held + size > unit_bytes:
-            out.append(WorkUnit(tuple(items[start:j]), sum(nbytes[start:j])))
-            start, held = j, 0
-        held += size
-    if start < len(items):
-        out.append(WorkUnit(tuple(items[start:]), sum(nbytes[start:])))
+    held, read = list(accumulate(sizes, initial=0)), list(accumulate(nbytes, initial=0))
+    out, start, count = [], 0, len(items)
+    while start < count:
+        # the first item after `start` that the work unit has no room for (sizes are >= 0)
+        stop = bisect_right(held, held[start] + unit_bytes, start + 2) - 1
+        out.append(WorkUnit(tuple(items[start:stop]), read[stop] - read[start]))
+        start = stop
     return out
 
 
