@@ -141,7 +141,7 @@ def space_needed(inputs, cfg, model_files: list | None = None) -> Space:
         state += held * counts[k]
     card = 4096 + 2 * len(cfg.text.encode("utf-8", "surrogateescape")) + sum(len(m.path) + 8 for m in inputs.all)
     final = {"README.md": card, "dppa_stream_config.yml": len(cfg.text.encode("utf-8", "surrogateescape")),
-             "model.safetensors.index.json": 4096 + sum(len(n.encode()) + 48 for n in inputs.names)}
+             "model.safetensors.index.json": 4096 + named + 48 * len(c.names)}
     made = getattr(inputs, "vocab", None)
     made = made.files if made is not None else {}
     for name, stamp in (model_files if model_files is not None else getattr(inputs, "model_files", [])):

@@ -14,8 +14,8 @@ import contextlib
 import dataclasses
 import functools
 import gc
-import logging
 import itertools
+import logging
 import math
 import os
 import time
@@ -165,10 +165,8 @@ class Session:
         float tensors of a method that plans across tensors, else those split over several units."""
         method = method or self.method
         if method.local:
-            c = self.classes
-            real = {k for k, i in enumerate(c.first) if c.refs[i].real}
-            where = dict(zip(c.names, c.of)) if self.split_tensors else {}
-            tensors = [t for t in self.split_tensors if where[t] in real]
+            outputs = self.inputs.outputs
+            tensors = [t for t in self.split_tensors if outputs[t].entry.real]
         else:
             tensors = self.float_tensors
         return drive(method, self.catalogue, tensors, engine)
@@ -222,14 +220,18 @@ def plan_units(inputs: Inputs, method, needs: list, unit_bytes: int) -> dict[str
     per class of tensors: a method's multiple depends on the shape alone."""
     c = tensor_classes(inputs)
     numel, split = [], {}
+    seen = {}  # (shape, needs) -> (numel, multiple), multiple None where the tensor is one unit
     for k, i in enumerate(c.first):
         shape = c.refs[i].shape
-        per, a = needs[k]
-        n = math.prod(shape)
-        numel.append(n)
-        multiple = math.lcm(method.unit_multiple(shape), a)
-        if len(split_tensor(c.names[i], n, len(shape), multiple, per, unit_bytes)) > 1:
-            split[k] = (n, len(shape), multiple, per)
+        got = seen.get((shape, needs[k]))
+        if got is None:
+            per, a = needs[k]
+            n, multiple = math.prod(shape), math.lcm(method.unit_multiple(shape), a)
+            whole = len(split_tensor(c.names[i], n, len(shape), multiple, per, unit_bytes)) == 1
+            got = seen[shape, needs[k]] = (n, None if whole else multiple)
+        numel.append(got[0])
+        if got[1] is not None:
+            split[k] = (got[0], len(shape), got[1], needs[k][0])
     names, zeros = c.names, itertools.repeat(0)
     units = dict(zip(names, [[u] for u in map(Unit, names, zeros, zeros, c.column(numel))]))
     if split:
