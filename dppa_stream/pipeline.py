@@ -20,7 +20,6 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from operator import attrgetter
 from typing import Callable
 
 from .config import MergeConfig
@@ -131,7 +130,7 @@ class Session:
         return c.per_tensor([v[0] for v in needs]), c.per_tensor([v[1] for v in needs])
 
     @functools.cached_property
-    def units(self) -> dict:
+    def units(self) -> dict[str, tuple]:
         """tensor -> its units, in order."""
         return plan_units(self.inputs, self.method, self.unit_needs, self.unit_bytes)
 
@@ -180,9 +179,8 @@ def catalogue(cfg: MergeConfig, inputs: Inputs) -> Catalogue:
     from .methods.base import TensorInfo
 
     c = tensor_classes(inputs)
-    refs, params = c.refs, cfg.params_all(c.outs)
-    infos = dict(zip(c.names, map(TensorInfo, c.names, map(attrgetter("dtype"), refs), map(attrgetter("shape"), refs),
-                                  *zip(*params)))) if params else {}
+    params = cfg.params_all(c.outs)
+    infos = dict(zip(c.names, map(TensorInfo, c.names, c.dtypes, c.shapes, *zip(*params)))) if params else {}
     return Catalogue(infos, inputs.reference.read_config())
 
 
@@ -214,8 +212,8 @@ def client_state(inputs: Inputs, method) -> int:
     return state_bytes(len(inputs.names), len(inputs.all), planned, models)
 
 
-def plan_units(inputs: Inputs, method, needs: list, unit_bytes: int) -> dict[str, list]:
-    """Every tensor's units: as large as `unit_bytes` of task memory allows, boundaries where both
+def plan_units(inputs: Inputs, method, needs: list, unit_bytes: int) -> dict[str, tuple]:
+    """Every tensor's units (output order): as large as `unit_bytes` of task memory allows, boundaries where both
     the method and the tensor's storage formats accept them (`needs`: `unit_needs`). Decided once
     per class of tensors: a method's multiple depends on the shape alone."""
     c = tensor_classes(inputs)
@@ -233,11 +231,11 @@ def plan_units(inputs: Inputs, method, needs: list, unit_bytes: int) -> dict[str
         if got[1] is not None:
             split[k] = (got[0], len(shape), got[1], needs[k][0])
     names, zeros = c.names, itertools.repeat(0)
-    units = dict(zip(names, [[u] for u in map(Unit, names, zeros, zeros, c.column(numel))]))
+    units = dict(zip(names, zip(map(Unit, names, zeros, zeros, c.column(numel)))))  # whole: a 1-tuple each
     if split:
         for t, k in zip(names, c.of):
             if k in split:
-                units[t] = split_tensor(t, *split[k], unit_bytes)
+                units[t] = tuple(split_tensor(t, *split[k], unit_bytes))
     return units
 
 
@@ -369,6 +367,7 @@ def _start(cfg: MergeConfig, opts: MergeOptions, out: str | None):
         wanted = opts.unit_bytes or (MAX_UNIT_BYTES if local else MAX_UNIT_BYTES // 4)
         s = Session(cfg, inputs, method, ex, min(wanted, ub) if local else wanted, Progress(opts.progress), budget,
                     not opts.allow_nonfinite)
+        s.catalogue  # bookkeeping: made while the collector is off (`_setup_gc`), like the units below
         if local:
             _check_smallest_units(s, ub)
             _check_method_memory(s, budget, spec.workers, 1 + (spec.workers if spec.kind == "processes" else 0), state)

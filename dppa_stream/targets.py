@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, replace
-from operator import attrgetter
 
 import numpy as np
 
@@ -32,8 +31,9 @@ from .statistics import exact_integers
 from .units import scratch
 
 
-# hashable like a frozen dataclass, without its slower __init__ (one per output tensor)
-@dataclass(unsafe_hash=True)
+# hashable like a frozen dataclass, without its slower __init__ (one per output tensor); slots: no
+# dict per instance to make
+@dataclass(slots=True, unsafe_hash=True)
 class Target:
     """One output tensor: its logical name and shape, and how it is stored. `ref` is the
     reference's quantized storage it keeps (None: written plain as `dtype`); `scale` the (bits,
@@ -99,8 +99,7 @@ def _targets(inputs, out_dtype: str | None, dtype: str | None) -> dict[str, Targ
     c = tensor_classes(inputs)
     made = [_target(c.names[i], c.refs[i], out_dtype, dtype) for i in c.first]
     # a class of many tensors is stored plain (no `ref`): its target, renamed; a class of one its own
-    targets = dict(zip(c.names, map(Target, c.names, map(attrgetter("shape"), c.refs),
-                                    c.column([tg.dtype for tg in made]))))
+    targets = dict(zip(c.names, map(Target, c.names, c.shapes, c.column([tg.dtype for tg in made]))))
     for j in c.alone:
         targets[c.names[j]] = made[c.of[j]]
     return targets

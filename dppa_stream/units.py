@@ -107,6 +107,8 @@ class Classes:
     names: list[str]
     outs: list  # per tensor: its inputs.Output
     refs: list  # per tensor: the entry whose dtype and shape the output has
+    dtypes: list  # per tensor: that entry's dtype
+    shapes: list  # per tensor: that entry's shape
     bases: list  # per tensor: the base entry or None
     models: list  # per tensor: each model's entry
     of: list[int]  # per tensor: its class
@@ -144,7 +146,7 @@ def tensor_classes(inputs) -> Classes:
     models = [o.models for o in outs]
     nones = bases.count(None)
     if not names:
-        keys, refs = [], []
+        keys, refs, dtypes, shapes = [], [], [], []
     elif nones in (0, len(bases)) and len(set(map(len, models))) == 1:
         cols = ([bases] if not nones else []) + list(zip(*models))
         refs = cols[0]
@@ -161,6 +163,7 @@ def tensor_classes(inputs) -> Classes:
         keys = parts[0] if len(parts) == 1 else list(zip(*parts))
     else:  # inputs differ between tensors (slices of other models): one key at a time
         refs = [b if b is not None else m[0] for b, m in zip(bases, models)]
+        dtypes, shapes = list(map(_DTYPE, refs)), list(map(_SHAPE, refs))
         keys = [(b is None, *map(type, es), *map(_DTYPE, es), *map(_SHAPE, es))
                 for b, es in zip(bases, ((b, *m) if b is not None else m for b, m in zip(bases, models)))]
     firsts = dict(zip(reversed(keys), range(len(keys) - 1, -1, -1)))  # the last write wins: the lowest position
@@ -177,7 +180,7 @@ def tensor_classes(inputs) -> Classes:
         if first[of[j]] != j:
             of[j] = len(first)
             first.append(j)
-    classes = Classes(names, outs, list(refs), bases, models, of, first, alone)
+    classes = Classes(names, outs, list(refs), dtypes, shapes, bases, models, of, first, alone)
     inputs._classes = (inputs.outputs, len(names), classes)
     return classes
 

@@ -118,7 +118,7 @@ def test_planning_per_class_is_planning_per_tensor(tmp_path, mixed, method, extr
     assert list(got) == inputs.names
     assert {t: (g.name, g.shape, g.dtype, g.ref) for t, g in got.items()} == {t: (t, *v) for t, v in targets.items()}
     assert s.needs == ({t: v[0] for t, v in needs.items()}, {t: v[1] for t, v in needs.items()})
-    assert s.units == units and list(s.units) == inputs.names
+    assert {t: list(us) for t, us in s.units.items()} == units and list(s.units) == inputs.names
     assert s.work_units == works
     assert len(s.work_units) > (1 if unit_bytes < 64 << 20 else 0)
     assert s.split_tensors == [t for t, us in units.items() if len(us) > 1]
