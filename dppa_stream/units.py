@@ -153,9 +153,8 @@ def tensor_classes(inputs) -> Classes:
         dtypes, shapes = list(map(_DTYPE, refs)), list(map(_SHAPE, refs))
         parts = [shapes] + ([dtypes] if len(set(dtypes)) > 1 else [])
         for col in cols:
-            types = list(map(type, col))
-            if len(set(types)) > 1:
-                parts.append(types)
+            if len(set(map(type, col))) > 1:
+                parts.append(list(map(type, col)))
         for col in cols[1:]:
             for mine, ref in ((list(map(_DTYPE, col)), dtypes), (list(map(_SHAPE, col)), shapes)):
                 if mine != ref:
