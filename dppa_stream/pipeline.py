@@ -213,9 +213,9 @@ def client_state(inputs: Inputs, method) -> int:
 
 
 def plan_units(inputs: Inputs, method, needs: list, unit_bytes: int) -> dict[str, tuple]:
-    """Every tensor's units (output order): as large as `unit_bytes` of task memory allows, boundaries where both
-    the method and the tensor's storage formats accept them (`needs`: `unit_needs`). Decided once
-    per class of tensors: a method's multiple depends on the shape alone."""
+    """Every tensor's units, in output order: as large as `unit_bytes` of task memory allows,
+    boundaries where both the method and the tensor's storage formats accept them (`needs`:
+    `unit_needs`). Decided once per class of tensors: a method's multiple depends on the shape alone."""
     c = tensor_classes(inputs)
     numel, split = [], {}
     seen = {}  # (shape, needs) -> (numel, multiple), multiple None where the tensor is one unit
@@ -243,7 +243,7 @@ def work_units(inputs: Inputs, units: dict, needs: list, unit_bytes: int) -> lis
     """Consecutive units packed into work units of at most `unit_bytes` of task memory (`needs`:
     `unit_needs`). A tensor held whole by one unit is one item, whose sizes its class gives."""
     c = tensor_classes(inputs)
-    lists = list(units.values())  # in output order
+    lists = list(units.values())  # `plan_units`: in output order
     size, nbytes, split = [], [], set()
     for k, i in enumerate(c.first):
         us, entries = lists[i], c.entries(i)

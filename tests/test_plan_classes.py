@@ -18,7 +18,7 @@ from dppa_stream.inputs import open_inputs
 from dppa_stream.output import space_needed
 from dppa_stream.pipeline import Session
 from dppa_stream.sources import align, memory_per_element
-from dppa_stream.targets import output_targets
+from dppa_stream.targets import Target, output_targets
 from dppa_stream.units import UnitInputs, WorkUnit, pack, split_tensor
 
 from .reference_quant import save_checkpoint
@@ -63,7 +63,8 @@ def mixed(tmp_path_factory):
     extra = {"model.layers.0.counts": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
     cfg = _hf_llama(None)
     fp16 = {n: x.to(torch.float32 if n in FP32 else torch.float16) for n, x in fts[0].items()}
-    return [save_checkpoint(str(root / "bf16"), {**{n: x.to(torch.bfloat16) for n, x in base.items()}, **extra}, 1, cfg),
+    bf16 = {n: x.to(torch.bfloat16) for n, x in base.items()}
+    return [save_checkpoint(str(root / "bf16"), {**bf16, **extra}, 1, cfg),
             save_checkpoint(str(root / "fp16"), {**fp16, **extra}, 2, cfg),
             save_checkpoint(str(root / "fp8"), {**_quantize_llama(fts[1], "fp8_block", 2), **extra}, 2,
                             _hf_llama(FP8_CONFIG))]
@@ -84,9 +85,8 @@ def _reference(inputs, cfg, method, unit_bytes):
         else:
             tg = (e.shape, cfg.out_dtype or cfg.dtype or e.dtype, None)
         targets[t] = tg
-        got = output_targets(inputs, cfg.out_dtype, cfg.dtype)[t]
         out_bytes = DTYPE_SIZES[tg[1]] if tg[2] is None else (9 if tg[2].format == "mxfp4" else 5)
-        per, a = memory_per_element(entries) + out_bytes, math.lcm(align(entries), got.align)
+        per, a = memory_per_element(entries) + out_bytes, math.lcm(align(entries), Target(t, *tg).align)
         needs[t] = (per, a)
         numel = math.prod(e.shape)
         us = units[t] = split_tensor(t, numel, len(e.shape), math.lcm(method.unit_multiple(e.shape), a), per,
