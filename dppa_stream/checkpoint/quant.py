@@ -22,7 +22,7 @@ no packed integer is ever merged as a number.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import InputError, short
 from .format import FP8_DTYPES, TensorEntry
@@ -199,6 +199,19 @@ def fold(entries: list[TensorEntry], config: dict | None, config_where: str) -> 
         elif e.name not in parts:
             out[e.name] = e
     return out
+
+
+def relocate(catalogue: dict[str, object], entries: list[TensorEntry]) -> dict[str, object]:
+    """`fold`'s catalogue for `entries`, given its `catalogue` for entries of the same names,
+    dtypes and shapes in the same order (a fine-tune laid out exactly like its base), with no
+    rule applied again."""
+    by_name = {e.name: e for e in entries}
+    if len(catalogue) == len(entries):  # nothing folded: fold's own answer is `by_name`
+        return by_name
+    return {name: by_name[t.name] if type(t) is TensorEntry else
+            replace(t, codes=by_name[t.codes.name], scales=by_name[t.scales.name],
+                    extras=tuple(by_name[x.name] for x in t.extras))
+            for name, t in catalogue.items()}
 
 
 def _refuse_packed(e: TensorEntry) -> None:
