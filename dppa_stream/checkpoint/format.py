@@ -15,7 +15,8 @@ import struct
 import sys
 from dataclasses import dataclass
 from json.encoder import encode_basestring as _quote
-from operator import itemgetter
+from itertools import chain, repeat
+from operator import add, itemgetter, mul, sub
 
 from ..errors import InputError, short
 
@@ -132,13 +133,6 @@ def is_text(value) -> bool:
     return True
 
 
-def parse_header(path: str, pread, file_size: int) -> tuple[dict, int]:
-    """(header dict, data start offset) of a safetensors file read with `pread(n, offset) ->
-    bytes` (a local file, or HTTP range requests for a file not downloaded yet)."""
-    raw = header_bytes(path, pread, file_size)
-    return decode_header(path, raw), 8 + len(raw)
-
-
 def header_bytes(path: str, pread, file_size: int) -> bytes:
     """The header's JSON bytes, after checking its length against the limit and the file."""
     head = pread(8, 0)
@@ -165,6 +159,80 @@ def decode_header(path: str, raw: bytes) -> dict:
     if not isinstance(header, dict):
         raise InputError(f"{path}: header is not a JSON object")
     return header
+
+
+def header_entries(path: str, raw: bytes, file_size: int, file_id: tuple = ()) -> list[TensorEntry]:
+    """`parse_entries` of the header whose JSON bytes are `raw`. The usual header (what
+    safetensors writes) is parsed without a hook and checked a whole column at a time
+    (`_usual_entries`); anything else, or anything wrong, goes the strict way, one entry at a time,
+    which gives exactly its answer or error."""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # not UTF-8 or not JSON: the strict path names it
+        header = None
+    if type(header) is dict and b"\\u003a" not in raw and b"\\u003A" not in raw:  # no ":" written as an escape
+        entries = _usual_entries(path, header, 8 + len(raw), file_size, file_id, raw.count(b":"))
+        if entries is not None:
+            return entries
+    return parse_entries(path, decode_header(path, raw), 8 + len(raw), file_size, file_id)
+
+
+def _usual_entries(path: str, header: dict, data_start: int, file_size: int, file_id: tuple, colons: int):
+    """`parse_entries`'s answer for a header that passes all its checks with room to spare: entries
+    of exactly dtype, shape and data_offsets, no zero-size tensor, no repeated key; None for any
+    other header (then the strict path decides). Each check runs over a whole column in C (map,
+    set, min/max), not entry by entry.
+
+    Repeated keys (which the plain parse drops silently) are ruled out by counting ':': every key
+    puts exactly one outside strings, so the JSON's count equals the parsed keys plus the ':' in
+    the strings exactly when no key repeats (given no ':' written as a \\u escape: the caller's test)."""
+    names = list(header)
+    infos = list(header.values())
+    meta = header.get("__metadata__", {})
+    if "__metadata__" in header:
+        if meta is None:
+            meta = {}
+        if type(meta) is not dict or set(map(type, meta.values())) - {str}:
+            return None
+        i = names.index("__metadata__")
+        del names[i], infos[i]
+    keys = "".join(names)
+    if not names or not is_text(keys) or not all(map(is_text, meta)) or not all(map(is_text, meta.values())):
+        return None
+    if set(map(type, infos)) != {dict} or set(map(len, infos)) != {3}:
+        return None
+    wanted = len(header) + 3 * len(infos) + len(meta) + keys.count(":") + \
+        sum(k.count(":") + v.count(":") for k, v in meta.items())
+    if wanted != colons:
+        return None
+    try:
+        dtypes = list(map(itemgetter("dtype"), infos))
+        shapes = list(map(itemgetter("shape"), infos))
+        offs = list(map(itemgetter("data_offsets"), infos))
+        sizes = list(map(DTYPE_SIZES.get, dtypes))
+    except (KeyError, TypeError):  # a key missing, an unhashable dtype
+        return None
+    if None in sizes or set(map(type, shapes)) != {list} or set(map(type, offs)) != {list}:
+        return None
+    dims = list(chain.from_iterable(shapes))
+    if dims and (set(map(type, dims)) != {int} or min(dims) <= 0):
+        return None
+    if set(map(len, offs)) != {2}:
+        return None
+    starts, stops = list(map(itemgetter(0), offs)), list(map(itemgetter(1), offs))
+    if set(map(type, starts)) | set(map(type, stops)) != {int}:
+        return None
+    numels = list(map(math.prod, shapes))
+    nbytes = list(map(mul, numels, sizes))
+    if max(numels) > MAX_INT or list(map(sub, stops, starts)) != nbytes:
+        return None
+    order = sorted(range(len(starts)), key=starts.__getitem__)
+    first, last = list(map(starts.__getitem__, order)), list(map(stops.__getitem__, order))
+    if first[0] != 0 or first[1:] != last[:-1] or data_start + last[-1] != file_size:  # contiguous, whole file
+        return None
+    pick = itemgetter(*order) if len(order) > 1 else lambda xs: (xs[order[0]],)
+    return list(map(_entry, map(sys.intern, pick(names)), pick(dtypes), map(tuple, pick(shapes)), repeat(path),
+                    map(add, first, repeat(data_start)), pick(nbytes), repeat(file_id)))
 
 
 class _Where:

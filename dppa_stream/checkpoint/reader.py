@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError, short
-from .format import (TensorEntry, decode_header, header_bytes, is_text, loads_untrusted, moved, parse_entries,
-                     parse_header)
+from .format import TensorEntry, header_bytes, header_entries, is_text, loads_untrusted, moved
 from .quant import fold, quant_method, relocate
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -151,7 +150,7 @@ def _entries(path: str, raw: bytes, st: os.stat_result, known: dict | None) -> l
     same = known.get((raw, st.st_size)) if known is not None else None
     if same is not None:
         return moved(same, path, _identity(st))
-    entries = parse_entries(path, decode_header(path, raw), 8 + len(raw), st.st_size, _identity(st))
+    entries = header_entries(path, raw, st.st_size, _identity(st))
     if known is not None:
         known[raw, st.st_size] = entries
     return entries
@@ -323,8 +322,7 @@ class Checkpoint:
         file's (path, pread, size): the same header checks as `open`, no data read."""
         entries = []
         for path, pread, size in files:
-            header, data_start = parse_header(path, pread, size)
-            entries.extend(parse_entries(path, header, data_start, size))
+            entries.extend(header_entries(path, header_bytes(path, pread, size), size))
         return cls(folder, _catalogue(entries, folder, folder), folder, [f for f, _, _ in files])
 
     @staticmethod
