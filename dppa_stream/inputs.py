@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import re
+from itertools import repeat
 from dataclasses import dataclass, field
 
 from . import hub, lora, tokenizer
@@ -157,11 +158,12 @@ def _whole(cfg: MergeConfig, ck) -> Inputs:
     names = list(ref.tensors)
     t = layer_positions(names)
     paths = ((cfg.base_model,) if base else ()) + tuple(m.path for m in cfg.models)
-    specs, base_model, catalogues = tuple(m.params for m in cfg.models), cfg.base_model or cfg.donor, \
-        [m.tensors for m in models]
-    outputs = {n: Output(n, base.tensors[n] if base else None, tuple([c[n] for c in catalogues]), specs, {}, t[n],
-                         paths, base_model)
-               for n in names}
+    specs, base_model = tuple(m.params for m in cfg.models), cfg.base_model or cfg.donor
+    # a column at a time (map and zip run in C): tens of thousands of tensors in an MoE model
+    bases = map(base.tensors.__getitem__, names) if base else repeat(None)
+    inputs = zip(*[map(m.tensors.__getitem__, names) for m in models])
+    outputs = dict(zip(names, map(Output, names, bases, inputs, repeat(specs), repeat({}), map(t.__getitem__, names),
+                                  repeat(paths), repeat(base_model))))
     donor = ck(cfg.donor) if cfg.donor else ref
     return Inputs(list({id(c): c for c in (ck(p) for p in cfg.model_paths())}.values()), donor, names, outputs, None,
                   models, vet_model_files(donor.folder))

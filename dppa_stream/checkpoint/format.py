@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from json.encoder import encode_basestring as _quote
 from itertools import chain, repeat
-from operator import add, itemgetter, mul, sub
+from operator import add, attrgetter, itemgetter, mul, sub
 
 from ..errors import InputError, short
 
@@ -85,6 +85,8 @@ class TensorEntry:
         """Holds real values that are merged (a plain float tensor); integer tensors are copied."""
         return self.dtype in FLOAT_DTYPES
 
+
+NAME, _DTYPE, _SHAPE, _OFFSET, _NBYTES = map(attrgetter, ("name", "dtype", "shape", "offset", "nbytes"))  # columns in C
 
 MAX_INT = 2**63 - 1  # sizes and offsets are int64 everywhere downstream (torch, numpy, the OS)
 # Small float formats other than the FP8 codes quant.py reads with their scales: refused.
@@ -318,7 +320,8 @@ def parse_entries(path: str, header: dict, data_start: int, file_size: int, file
 def moved(entries: list[TensorEntry], path: str, file_id: tuple) -> list[TensorEntry]:
     """`entries` as the same header in another file of the same size makes them (sharded
     fine-tunes written by one tool repeat their base's headers byte for byte)."""
-    return [_entry(e.name, e.dtype, e.shape, path, e.offset, e.nbytes, file_id) for e in entries]
+    return list(map(_entry, map(NAME, entries), map(_DTYPE, entries), map(_SHAPE, entries), repeat(path),
+                    map(_OFFSET, entries), map(_NBYTES, entries), repeat(file_id)))
 
 
 def _bad_dtype(where: _Where, dtype) -> None:

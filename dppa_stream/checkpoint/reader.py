@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError, short
-from .format import TensorEntry, header_bytes, header_entries, is_text, loads_untrusted, moved
+from .format import NAME, TensorEntry, header_bytes, header_entries, is_text, loads_untrusted, moved
 from .quant import fold, quant_method, relocate
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -379,7 +379,7 @@ def folder_config(folder: str | None) -> dict | None:
 
 
 def _catalogue(entries: list[TensorEntry], where: str, folder: str | None) -> dict[str, object]:
-    if len({e.name for e in entries}) != len(entries):
+    if len(set(map(NAME, entries))) != len(entries):
         seen: set[str] = set()
         for e in entries:
             if e.name in seen:
