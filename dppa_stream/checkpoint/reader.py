@@ -185,7 +185,8 @@ def _relocated(layout: Layout, folder: str, index: str, stamps: dict) -> tuple[l
 
 def _shard_paths(folder: str, rels, index: str) -> list[str]:
     """The real paths of an index's shard files (every name checked before any file is opened)."""
-    return [resolve_inside(folder, rel, index, "shard filename") for rel in rels]
+    roots = model_roots(folder)  # once for the folder, not per shard
+    return [resolve_inside(folder, rel, index, "shard filename", roots) for rel in rels]
 
 
 def _check_shard(full: str, rel: str, index: str) -> None:
@@ -222,16 +223,26 @@ def check_relative(rel, where: str, what: str = "file name") -> None:
         raise InputError(f"{where}: {what} {short(rel)} contains '..'; names that may lead outside the checkpoint folder are refused")
 
 
-def resolve_inside(folder: str, rel: str, where: str, what: str = "file name") -> str:
+def resolve_inside(folder: str, rel: str, where: str, what: str = "file name", roots: tuple | None = None) -> str:
     """The real path of `folder/rel`, following symlinks only while they stay inside the model's
-    folder or its Hugging Face cache repository folder (see `model_roots`); InputError otherwise."""
+    folder or its Hugging Face cache repository folder (see `model_roots`, or `roots` when the
+    caller has them); InputError otherwise."""
     check_relative(rel, where, what)
-    roots = model_roots(folder)
-    full = os.path.realpath(os.path.join(roots[0], rel))
+    roots = roots or model_roots(folder)
+    full = os.path.join(roots[0], rel)
+    if "/" in rel or rel == "." or stat.S_ISLNK(_lstat_mode(full)):  # else `full` is real already: roots[0] is
+        full = os.path.realpath(full)
     if not any(os.path.commonpath([full, r]) == r for r in roots):
         raise InputError(f"{where}: {what} {short(rel)} points outside the checkpoint folder (to {full}); "
                          "only links inside the model folder or its Hugging Face cache folder are followed")
     return full
+
+
+def _lstat_mode(path: str) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except OSError:  # missing (realpath leaves the name as it is) or unreadable: let realpath decide
+        return stat.S_IFLNK
 
 
 def read_json_file(path: str, where: str | None = None):
@@ -346,9 +357,9 @@ class Checkpoint:
             _check_shard(full, rel, index)
             raw, st = _head(full, stamps)
             got = _entries(full, raw, st, known)
-            for e in got:
-                if wmap.get(e.name) != rel:
-                    raise InputError(f"{full}: tensor {short(e.name)} is not mapped to this shard in {INDEX_NAME}")
+            if list(map(wmap.get, map(NAME, got))).count(rel) != len(got):  # some entry mapped elsewhere
+                e = next(e for e in got if wmap.get(e.name) != rel)
+                raise InputError(f"{full}: tensor {short(e.name)} is not mapped to this shard in {INDEX_NAME}")
             if len(got) != counts[rel]:  # names in a shard are unique: fewer stored than mapped
                 stored = {e.name for e in got}
                 missing = min(n for n, r in wmap.items() if r == rel and n not in stored)
