@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import functools
 import re
-from itertools import repeat
 from dataclasses import dataclass, field
+from itertools import repeat
 
 from . import hub, lora, tokenizer
 from .blocks import layer_positions
@@ -111,7 +111,7 @@ def _open(cfg: MergeConfig, open_checkpoint, read_rows: bool, checked: Inputs | 
     `read_rows`, nothing but headers and side files is read (the check before a download).
     `checked`: that check's result, whose tokenizer and config are reused (same files)."""
     opened: dict[str, Checkpoint] = {}
-    named: set[int] = set()  # the layouts whose names were checked (a fine-tune repeating one has those names)
+    named: set = set()  # the layouts whose names were checked (a fine-tune repeating one has those names)
 
     def ck(path: str) -> Checkpoint:
         if path not in opened:
@@ -120,9 +120,9 @@ def _open(cfg: MergeConfig, open_checkpoint, read_rows: bool, checked: Inputs | 
                 opened[path] = lora.open_adapted(ck(adapted[0]), adapted[1])
             else:
                 c = opened[path] = open_checkpoint(path)
-                if c.layout is None or id(c.layout) not in named:
+                if c.layout is None or c.layout not in named:
                     _checked_names(c)
-                    named.add(id(c.layout))
+                    named.add(c.layout)
         return opened[path]
 
     inputs = _sliced(cfg, ck, checked) if cfg.slices else _whole(cfg, ck)
@@ -161,7 +161,7 @@ def _whole(cfg: MergeConfig, ck) -> Inputs:
     specs, base_model = tuple(m.params for m in cfg.models), cfg.base_model or cfg.donor
     # a column at a time (map and zip run in C): tens of thousands of tensors in an MoE model
     bases = map(base.tensors.__getitem__, names) if base else repeat(None)
-    inputs = zip(*[map(m.tensors.__getitem__, names) for m in models])
+    inputs = zip(*[map(m.tensors.__getitem__, names) for m in models]) if models else repeat(())
     outputs = dict(zip(names, map(Output, names, bases, inputs, repeat(specs), repeat({}), map(t.__getitem__, names),
                                   repeat(paths), repeat(base_model))))
     donor = ck(cfg.donor) if cfg.donor else ref

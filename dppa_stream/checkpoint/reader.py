@@ -166,6 +166,7 @@ class Layout:
     shards: list[tuple[str, bytes, int, list[TensorEntry]]]  # (file name in the index, header, size, entries)
     quant: tuple  # quant_method's answer for its config.json (the fold depends on it)
     tensors: dict[str, object]  # the catalogue
+    token: object = field(default_factory=object)  # what the checkpoints opened from it share (`Checkpoint.layout`)
 
 
 def _relocated(layout: Layout, folder: str, index: str, stamps: dict) -> tuple[list[str], dict] | None:
@@ -279,7 +280,9 @@ class Checkpoint:
     folder: str | None = None  # where config.json / tokenizer files live, if any
     files: list[str] = field(default_factory=list)
     stamps: dict[str, Stamp] = field(default_factory=dict)  # each weight file as catalogued
-    layout: Layout | None = field(default=None, repr=False, compare=False)  # a sharded checkpoint's (shared by repeats)
+    # the same object for checkpoints opened from the same index and headers (`Layout`: same names, shapes,
+    # dtypes), else None; a token, not the Layout, which holds the header bytes only while opening
+    layout: object = field(default=None, repr=False, compare=False)
 
     @classmethod
     def open(cls, path: str, known: dict | None = None) -> "Checkpoint":
@@ -317,7 +320,7 @@ class Checkpoint:
         if layout is not None:
             got = _relocated(layout, folder, index, stamps)
             if got is not None:
-                return cls(folder, got[1], folder, got[0], stamps, layout)
+                return cls(folder, got[1], folder, got[0], stamps, layout.token)
             stamps.clear()
         files, shards = cls._read_index(folder, index, _parse_json(raw, index), stamps, known)
         entries = [e for *_, got in shards for e in got]
@@ -325,7 +328,7 @@ class Checkpoint:
         layout = Layout(shards, quant_method(folder_config(folder), os.path.join(folder, "config.json")), tensors)
         if known is not None:
             known.setdefault(("index", raw), layout)
-        return cls(folder, layout.tensors, folder, files, stamps, layout)
+        return cls(folder, layout.tensors, folder, files, stamps, layout.token)
 
     @classmethod
     def from_headers(cls, folder: str, files: list[tuple[str, object, int]]) -> "Checkpoint":
