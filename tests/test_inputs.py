@@ -676,6 +676,22 @@ def test_checkpoint_differing_from_a_repeated_layout_is_opened_on_its_own(tmp_pa
     got = expect(InputError, lambda: Checkpoint.open(ft, known=known), *needles[change])
     assert got == expect(InputError, lambda: Checkpoint.open(ft), *needles[change])  # the same error as on its own
 
+
+def test_catalogued_entries_are_ordinary_frozen_tensor_entries(tmp_path):
+    """Entries built the fast way (format._entry) are TensorEntry in every way: frozen, equal and
+    hashed as the dataclass's own, and they pickle (to process workers)."""
+    from dataclasses import FrozenInstanceError
+
+    from dppa_stream.checkpoint import TensorEntry
+
+    ck = Checkpoint.open(folder_ckpt(tmp_path / "m", {"a": torch.ones(2, 3), "b": torch.ones(4)}))
+    for e in ck.tensors.values():
+        same = TensorEntry(e.name, e.dtype, e.shape, e.file, e.offset, e.nbytes, e.file_id)
+        assert type(e) is TensorEntry and e == same and hash(e) == hash(same) and repr(e) == repr(same)
+        assert pickle.loads(pickle.dumps(e)) == e
+        with pytest.raises(FrozenInstanceError):
+            e.offset = 0
+
 def test_headers_repeated_by_another_checkpoint_are_its_own(tmp_path):
     """A fine-tune whose shard repeats the base's header byte for byte (parsed once) gets entries
     at its own file; one with that header but cut short is still refused, naming its file."""
