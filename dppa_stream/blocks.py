@@ -436,15 +436,26 @@ def _nothing_found(tensors, linear_filter) -> str:
 
 def layer_positions(names) -> dict[str, float]:
     """mergekit's t of every tensor: layer i of a stack of L layers gets i/(L-1) (1 for a
-    one-layer stack); tensors outside the stacks (embeddings, final norms, heads) get 0."""
+    one-layer stack); tensors outside the stacks (embeddings, final norms, heads) get 0.
+
+    One regex search per name; the rest is per layer (`stack.N.`, a few hundred), not per name."""
     from .params import layer_position
 
-    found = {}
+    search = _STACK_RE.search
+    inside, heads = [], []  # names in a layer, and each one's head `<stack>.<N>.`
     for name in names:
-        m = _STACK_RE.search(name)
+        m = search(name)
         if m is not None:
-            found[name] = (name[: m.start(1) - 1], int(m.group(1)))
+            inside.append(name)
+            heads.append(name[:m.end()])
+    where = {}  # head -> (stack, index)
     layers: dict[str, int] = {}
-    for stack, index in found.values():
+    for head in dict.fromkeys(heads):
+        m = search(head)
+        stack, index = head[: m.start(1) - 1], int(m.group(1))
+        where[head] = stack, index
         layers[stack] = max(layers.get(stack, 0), index + 1)
-    return {name: layer_position(found[name][1], layers[found[name][0]]) if name in found else 0.0 for name in names}
+    t = {head: layer_position(index, layers[stack]) for head, (stack, index) in where.items()}
+    out = dict.fromkeys(names, 0.0)
+    out.update(zip(inside, map(t.__getitem__, heads)))
+    return out

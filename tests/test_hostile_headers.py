@@ -59,6 +59,15 @@ HEADERS = {
                                    b'"data_offsets": [0, 4]}}', 4, ["__metadata__"]),
     "duplicate-name": (lambda: b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
                                b'"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', 4, ["'w'", "twice"]),
+    # repeated keys that a plain parse would drop, leaving a valid header (see format.header_entries)
+    "duplicate-key-in-entry": (lambda: b'{"w": {"dtype": "F32", "dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+                               4, ["'dtype'", "twice"]),
+    "duplicate-key-next-to-an-escaped-colon": (
+        lambda: b'{"w\\u003ax": {"dtype": "F32", "dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', 4, ["twice"]),
+    "duplicate-metadata-key": (lambda: b'{"__metadata__": {"a": "b:c", "a": "b:c"}, '
+                                       b'"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', 4, ["'a'", "twice"]),
+    "duplicate-metadata": (lambda: b'{"__metadata__": {"a": "b"}, "__metadata__": {"a": "b"}, '
+                                   b'"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', 4, ["__metadata__", "twice"]),
     "5000-digit-integer": (lambda: ('{"w": {"dtype": "F32", "shape": [' + "9" * 5000 + '], "data_offsets": [0, 4]}}').encode(),
                            4, ["JSON"]),
     "nested-100k-deep": (lambda: ('{"w": ' + "[" * DEEP + "]" * DEEP + "}").encode(), 0, ["nested too deeply"]),
@@ -123,6 +132,17 @@ def test_odd_tensor_names_merge_and_errors_stay_one_line(tmp_path, name):
     bad = write_model(tmp_path / "in" / "bad", tensors(1, extra={name: torch.ones(4, dtype=torch.bfloat16)}))
     code, lines, _ = run("merge", config(tmp_path / "c2.yml", base, bad), tmp_path / "out2", "-q")
     one_line_error(code, lines, 3, "[4]", "[3]")
+
+
+@pytest.mark.parametrize("escaped", [False, True])
+def test_names_with_colons_are_read(tmp_path, escaped):
+    """':' in names and metadata (counted by the check for repeated keys), also written as \\u003A."""
+    c = b"\\u003A" if escaped else b":"
+    header = (b'{"__metadata__": {"k:1": "v:2"}, "a:b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+              b'"c' + c + b'd": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}')
+    ck = Checkpoint.open(raw(tmp_path / "c.safetensors", header, bytes(12)))
+    start = 8 + len(header)
+    assert [(n, e.shape, e.offset) for n, e in ck.tensors.items()] == [("a:b", (1,), start), ("c:d", (2,), start + 4)]
 
 
 def test_zero_size_next_to_a_huge_dimension_is_read(tmp_path):

@@ -607,6 +607,91 @@ def test_shard_layout_matches_save_file(tmp_path, shard_size):
     _check_reads(Checkpoint.open(str(tmp_path / "plain")), {n: tensors[n] for n, _, _ in plain})
 
 
+
+def _repeat_set(tmp_path, n=3):
+    """Sharded checkpoints with one index and the same shard headers (FP8 weights with scales
+    included), different numbers: how one tool writes a base and its fine-tunes."""
+    paths = []
+    for i in range(n):
+        shards = {"model-1.safetensors": {"a.weight": torch.randn(4, 3) + i, "b.bias": torch.randn(5)},
+                  "model-2.safetensors": {"q.weight": (torch.randn(4, 4) + i).to(torch.float8_e4m3fn),
+                                          "q.weight_scale_inv": torch.rand(1) + 1, "c.weight": torch.randn(2, 2)}}
+        paths.append(sharded_ckpt(tmp_path / f"m{i}", shards))
+    return paths
+
+
+def test_checkpoint_repeating_an_index_and_its_headers_reuses_their_checks(tmp_path):
+    """A fine-tune whose index and shard headers repeat the base's byte for byte shares its layout
+    and gets the catalogue a full open gives it (entries and quantized parts at its own files)."""
+    paths = _repeat_set(tmp_path)
+    known: dict = {}
+    cks = [Checkpoint.open(p, known=known) for p in paths]
+    assert cks[1].layout is cks[0].layout and cks[2].layout is cks[0].layout
+    for p, ck in zip(paths, cks):
+        close_all()
+        alone = Checkpoint.open(p)
+        assert ck.tensors == alone.tensors and list(ck.tensors) == list(alone.tensors)
+        assert ck.files == alone.files and ck.stamps == alone.stamps
+        assert all(part.file.startswith(p) for t in ck.tensors.values() for part in getattr(t, "parts", (t,)))
+    assert type(cks[2].tensors["q.weight"]).__name__ == "Quantized"
+    assert torch.equal(read_rows(cks[2].tensors["a.weight"], 0, 4), read_rows(alone.tensors["a.weight"], 0, 4))
+
+
+@pytest.mark.parametrize("change", ["index", "header", "cut", "config", "missing", "outside"])
+def test_checkpoint_differing_from_a_repeated_layout_is_opened_on_its_own(tmp_path, change):
+    """Any difference (the index's bytes, one shard's header, a file cut short, a quantization
+    config) takes the full path with all its checks; errors name the fine-tune's files."""
+    paths = _repeat_set(tmp_path)
+    ft, shard = paths[1], os.path.join(paths[1], "model-2.safetensors")
+    if change == "index":  # same mapping, other bytes: opened on its own, same catalogue
+        with open(os.path.join(ft, INDEX_NAME)) as f:
+            index = json.load(f)
+        with open(os.path.join(ft, INDEX_NAME), "w") as f:
+            json.dump(index, f, indent=1)
+    elif change == "header":  # c.weight [2, 2] -> [1, 4]: same header length, other bytes
+        save_file({"q.weight": (torch.randn(4, 4)).to(torch.float8_e4m3fn), "q.weight_scale_inv": torch.rand(1) + 1,
+                   "c.weight": torch.randn(1, 4)}, shard, {"format": "pt"})
+    elif change == "cut":
+        with open(shard, "r+b") as f:
+            f.truncate(os.path.getsize(shard) - 4)
+    elif change == "config":
+        with open(os.path.join(ft, "config.json"), "w") as f:
+            json.dump({"quantization_config": {"quant_method": "gptq"}}, f)
+    elif change == "missing":
+        os.remove(shard)
+    else:
+        os.remove(shard)
+        os.symlink(os.path.join(paths[0], "model-2.safetensors"), shard)
+    known: dict = {}
+    base = Checkpoint.open(paths[0], known=known)
+    if change in ("index", "header"):
+        ck = Checkpoint.open(ft, known=known)
+        assert ck.layout is not base.layout
+        close_all()
+        assert ck.tensors == Checkpoint.open(ft).tensors
+        assert (ck.tensors["c.weight"].shape == (1, 4)) == (change == "header")
+        return
+    needles = {"cut": [shard, "truncated"], "config": [os.path.join(ft, "config.json"), "gptq"],
+               "missing": [INDEX_NAME, "model-2.safetensors", "missing"], "outside": ["model-2.safetensors", "outside"]}
+    got = expect(InputError, lambda: Checkpoint.open(ft, known=known), *needles[change])
+    assert got == expect(InputError, lambda: Checkpoint.open(ft), *needles[change])  # the same error as on its own
+
+
+def test_catalogued_entries_are_ordinary_frozen_tensor_entries(tmp_path):
+    """Entries built the fast way (format._entry) are TensorEntry in every way: frozen, equal and
+    hashed as the dataclass's own, and they pickle (to process workers)."""
+    from dataclasses import FrozenInstanceError
+
+    from dppa_stream.checkpoint import TensorEntry
+
+    ck = Checkpoint.open(folder_ckpt(tmp_path / "m", {"a": torch.ones(2, 3), "b": torch.ones(4)}))
+    for e in ck.tensors.values():
+        same = TensorEntry(e.name, e.dtype, e.shape, e.file, e.offset, e.nbytes, e.file_id)
+        assert type(e) is TensorEntry and e == same and hash(e) == hash(same) and repr(e) == repr(same)
+        assert pickle.loads(pickle.dumps(e)) == e
+        with pytest.raises(FrozenInstanceError):
+            e.offset = 0
+
 def test_headers_repeated_by_another_checkpoint_are_its_own(tmp_path):
     """A fine-tune whose shard repeats the base's header byte for byte (parsed once) gets entries
     at its own file; one with that header but cut short is still refused, naming its file."""

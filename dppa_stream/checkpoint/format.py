@@ -15,7 +15,8 @@ import struct
 import sys
 from dataclasses import dataclass
 from json.encoder import encode_basestring as _quote
-from operator import itemgetter
+from itertools import chain, repeat
+from operator import add, attrgetter, itemgetter, mul, sub
 
 from ..errors import InputError, short
 
@@ -85,6 +86,8 @@ class TensorEntry:
         return self.dtype in FLOAT_DTYPES
 
 
+NAME, _DTYPE, _SHAPE, _OFFSET, _NBYTES = map(attrgetter, ("name", "dtype", "shape", "offset", "nbytes"))  # columns in C
+
 MAX_INT = 2**63 - 1  # sizes and offsets are int64 everywhere downstream (torch, numpy, the OS)
 # Small float formats other than the FP8 codes quant.py reads with their scales: refused.
 SMALL_FLOATS = re.compile(r"F[468](_|$)", re.I)  # F8_E8M0, F6_E2M3, F4, F8_E4M3FNUZ, ...
@@ -132,13 +135,6 @@ def is_text(value) -> bool:
     return True
 
 
-def parse_header(path: str, pread, file_size: int) -> tuple[dict, int]:
-    """(header dict, data start offset) of a safetensors file read with `pread(n, offset) ->
-    bytes` (a local file, or HTTP range requests for a file not downloaded yet)."""
-    raw = header_bytes(path, pread, file_size)
-    return decode_header(path, raw), 8 + len(raw)
-
-
 def header_bytes(path: str, pread, file_size: int) -> bytes:
     """The header's JSON bytes, after checking its length against the limit and the file."""
     head = pread(8, 0)
@@ -165,6 +161,80 @@ def decode_header(path: str, raw: bytes) -> dict:
     if not isinstance(header, dict):
         raise InputError(f"{path}: header is not a JSON object")
     return header
+
+
+def header_entries(path: str, raw: bytes, file_size: int, file_id: tuple = ()) -> list[TensorEntry]:
+    """`parse_entries` of the header whose JSON bytes are `raw`. The usual header (what
+    safetensors writes) is parsed without a hook and checked a whole column at a time
+    (`_usual_entries`); anything else, or anything wrong, goes the strict way, one entry at a time,
+    which gives exactly its answer or error."""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # not UTF-8 or not JSON: the strict path names it
+        header = None
+    if type(header) is dict and b"\\u003a" not in raw and b"\\u003A" not in raw:  # no ":" written as an escape
+        entries = _usual_entries(path, header, 8 + len(raw), file_size, file_id, raw.count(b":"))
+        if entries is not None:
+            return entries
+    return parse_entries(path, decode_header(path, raw), 8 + len(raw), file_size, file_id)
+
+
+def _usual_entries(path: str, header: dict, data_start: int, file_size: int, file_id: tuple, colons: int):
+    """`parse_entries`'s answer for a header that passes all its checks with room to spare: entries
+    of exactly dtype, shape and data_offsets, no zero-size tensor, no repeated key; None for any
+    other header (then the strict path decides). Each check runs over a whole column in C (map,
+    set, min/max), not entry by entry.
+
+    Repeated keys (which the plain parse drops silently) are ruled out by counting ':': every key
+    puts exactly one outside strings, so the JSON's count equals the parsed keys plus the ':' in
+    the strings exactly when no key repeats (given no ':' written as a \\u escape: the caller's test)."""
+    names = list(header)
+    infos = list(header.values())
+    meta = header.get("__metadata__", {})
+    if "__metadata__" in header:
+        if meta is None:
+            meta = {}
+        if type(meta) is not dict or set(map(type, meta.values())) - {str}:
+            return None
+        i = names.index("__metadata__")
+        del names[i], infos[i]
+    keys = "".join(names)
+    if not names or not is_text(keys) or not all(map(is_text, meta)) or not all(map(is_text, meta.values())):
+        return None
+    if set(map(type, infos)) != {dict} or set(map(len, infos)) != {3}:
+        return None
+    wanted = len(header) + 3 * len(infos) + len(meta) + keys.count(":") + \
+        sum(k.count(":") + v.count(":") for k, v in meta.items())
+    if wanted != colons:
+        return None
+    try:
+        dtypes = list(map(itemgetter("dtype"), infos))
+        shapes = list(map(itemgetter("shape"), infos))
+        offs = list(map(itemgetter("data_offsets"), infos))
+        sizes = list(map(DTYPE_SIZES.get, dtypes))
+    except (KeyError, TypeError):  # a key missing, an unhashable dtype
+        return None
+    if None in sizes or set(map(type, shapes)) != {list} or set(map(type, offs)) != {list}:
+        return None
+    dims = list(chain.from_iterable(shapes))
+    if dims and (set(map(type, dims)) != {int} or min(dims) <= 0):
+        return None
+    if set(map(len, offs)) != {2}:
+        return None
+    starts, stops = list(map(itemgetter(0), offs)), list(map(itemgetter(1), offs))
+    if set(map(type, starts)) | set(map(type, stops)) != {int}:
+        return None
+    numels = list(map(math.prod, shapes))
+    nbytes = list(map(mul, numels, sizes))
+    if max(numels) > MAX_INT or list(map(sub, stops, starts)) != nbytes:
+        return None
+    order = sorted(range(len(starts)), key=starts.__getitem__)
+    first, last = list(map(starts.__getitem__, order)), list(map(stops.__getitem__, order))
+    if first[0] != 0 or first[1:] != last[:-1] or data_start + last[-1] != file_size:  # contiguous, whole file
+        return None
+    pick = itemgetter(*order) if len(order) > 1 else lambda xs: (xs[order[0]],)
+    return list(map(_entry, map(sys.intern, pick(names)), pick(dtypes), map(tuple, pick(shapes)), repeat(path),
+                    map(add, first, repeat(data_start)), pick(nbytes), repeat(file_id)))
 
 
 class _Where:
@@ -250,7 +320,8 @@ def parse_entries(path: str, header: dict, data_start: int, file_size: int, file
 def moved(entries: list[TensorEntry], path: str, file_id: tuple) -> list[TensorEntry]:
     """`entries` as the same header in another file of the same size makes them (sharded
     fine-tunes written by one tool repeat their base's headers byte for byte)."""
-    return [_entry(e.name, e.dtype, e.shape, path, e.offset, e.nbytes, file_id) for e in entries]
+    return list(map(_entry, map(NAME, entries), map(_DTYPE, entries), map(_SHAPE, entries), repeat(path),
+                    map(_OFFSET, entries), map(_NBYTES, entries), repeat(file_id)))
 
 
 def _bad_dtype(where: _Where, dtype) -> None:
@@ -269,22 +340,26 @@ def _bad_offsets(where: _Where, offs) -> None:
     raise InputError(f"{where}: data_offsets {short(offs)} are not two ordered non-negative integers")
 
 
-def _entry_maker():
-    """`TensorEntry(...)` (all fields) at half the cost, for the 100k entries of an MoE model: the
-    slots set through their descriptors, where the frozen dataclass's `__init__` goes through
-    `object.__setattr__` with a lookup per field."""
-    s0, s1, s2, s3, s4, s5, s6 = (getattr(TensorEntry, f).__set__ for f in TensorEntry.__slots__)
-    new = object.__new__
+class _Unfrozen:
+    """`TensorEntry(...)` (all fields) at a third of the cost, for the 100k entries of an MoE model:
+    a plain class with TensorEntry's slots (so the same memory layout) is built by an ordinary
+    `__init__`, then given TensorEntry's class. The frozen dataclass's own `__init__` goes through
+    `object.__setattr__` with a lookup per field; the object is a TensorEntry in every way after."""
 
-    def make(name, dtype, shape, file, offset, nbytes, file_id):
-        e = new(TensorEntry)
-        s0(e, name), s1(e, dtype), s2(e, shape), s3(e, file), s4(e, offset), s5(e, nbytes), s6(e, file_id)
-        return e
+    __slots__ = TensorEntry.__slots__
 
-    return make
+    def __init__(self, name, dtype, shape, file, offset, nbytes, file_id):
+        self.name = name
+        self.dtype = dtype
+        self.shape = shape
+        self.file = file
+        self.offset = offset
+        self.nbytes = nbytes
+        self.file_id = file_id
+        self.__class__ = TensorEntry
 
 
-_entry = _entry_maker()
+_entry = _Unfrozen
 
 
 def build_header(specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError, short
-from .format import (TensorEntry, decode_header, header_bytes, is_text, loads_untrusted, moved, parse_entries,
-                     parse_header)
-from .quant import fold
+from .format import NAME, TensorEntry, header_bytes, header_entries, is_text, loads_untrusted, moved
+from .quant import fold, quant_method, relocate
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -131,6 +130,12 @@ class Stamp:
 def _scan_file(path: str, stamps: dict | None = None, known: dict | None = None) -> list[TensorEntry]:
     """A file's entries. `known`: (header bytes, file size) -> entries of files already scanned
     (a fine-tune whose shards repeat the base's headers is not parsed and checked again)."""
+    raw, st = _head(path, stamps)
+    return _entries(path, raw, st, known)
+
+
+def _head(path: str, stamps: dict | None) -> tuple[bytes, os.stat_result]:
+    """A safetensors file's header bytes and stat, its Stamp taken into `stamps`."""
     fd, st = open_regular(path)
     try:
         raw = header_bytes(path, lambda n, offset: os.pread(fd, n, offset), st.st_size)
@@ -138,13 +143,57 @@ def _scan_file(path: str, stamps: dict | None = None, known: dict | None = None)
             stamps[path] = Stamp.take(path, fd, st)
     finally:
         os.close(fd)
+    return raw, st
+
+
+def _entries(path: str, raw: bytes, st: os.stat_result, known: dict | None) -> list[TensorEntry]:
     same = known.get((raw, st.st_size)) if known is not None else None
     if same is not None:
         return moved(same, path, _identity(st))
-    entries = parse_entries(path, decode_header(path, raw), 8 + len(raw), st.st_size, _identity(st))
+    entries = header_entries(path, raw, st.st_size, _identity(st))
     if known is not None:
         known[raw, st.st_size] = entries
     return entries
+
+
+@dataclass(eq=False)
+class Layout:
+    """What a sharded checkpoint is apart from where its files are: its index and shard headers
+    (bytes), and what was checked and built from them. A fine-tune whose index, shard headers and
+    shard sizes repeat these byte for byte (one tool wrote them all) has the same names, shapes,
+    dtypes, mapping and quantization, so only its entries are relocated: no second pass of checks."""
+
+    shards: list[tuple[str, bytes, int, list[TensorEntry]]]  # (file name in the index, header, size, entries)
+    quant: tuple  # quant_method's answer for its config.json (the fold depends on it)
+    tensors: dict[str, object]  # the catalogue
+    token: object = field(default_factory=object)  # what the checkpoints opened from it share (`Checkpoint.layout`)
+
+
+def _relocated(layout: Layout, folder: str, index: str, stamps: dict) -> tuple[list[str], dict] | None:
+    """(files, catalogue) of the checkpoint in `folder` whose index repeats `layout`'s, or None if
+    any shard's header or size, or its quantization config, differs (then it is opened from scratch)."""
+    files, entries = _shard_paths(folder, [rel for rel, *_ in layout.shards], index), []
+    for (rel, raw, size, first), full in zip(layout.shards, files):
+        _check_shard(full, rel, index)
+        got, st = _head(full, stamps)
+        if st.st_size != size or got != raw:
+            return None
+        entries += moved(first, full, _identity(st))
+    if quant_method(folder_config(folder), os.path.join(folder, "config.json")) != layout.quant:
+        return None
+    return files, relocate(layout.tensors, entries)
+
+
+def _shard_paths(folder: str, rels, index: str) -> list[str]:
+    """The real paths of an index's shard files (every name checked before any file is opened)."""
+    roots = model_roots(folder)  # once for the folder, not per shard
+    return [resolve_inside(folder, rel, index, "shard filename", roots) for rel in rels]
+
+
+def _check_shard(full: str, rel: str, index: str) -> None:
+    if not os.path.isfile(full):
+        what = "missing" if not os.path.lexists(full) else "not a regular file"
+        raise InputError(f"{index}: shard {short(rel)} is {what}")
 
 
 # --- where a model's files may live -------------------------------------------------------------
@@ -175,28 +224,45 @@ def check_relative(rel, where: str, what: str = "file name") -> None:
         raise InputError(f"{where}: {what} {short(rel)} contains '..'; names that may lead outside the checkpoint folder are refused")
 
 
-def resolve_inside(folder: str, rel: str, where: str, what: str = "file name") -> str:
+def resolve_inside(folder: str, rel: str, where: str, what: str = "file name", roots: tuple | None = None) -> str:
     """The real path of `folder/rel`, following symlinks only while they stay inside the model's
-    folder or its Hugging Face cache repository folder (see `model_roots`); InputError otherwise."""
+    folder or its Hugging Face cache repository folder (see `model_roots`, or `roots` when the
+    caller has them); InputError otherwise."""
     check_relative(rel, where, what)
-    roots = model_roots(folder)
-    full = os.path.realpath(os.path.join(roots[0], rel))
+    roots = roots or model_roots(folder)
+    full = os.path.join(roots[0], rel)
+    if "/" in rel or rel == "." or stat.S_ISLNK(_lstat_mode(full)):  # else `full` is real already: roots[0] is
+        full = os.path.realpath(full)
     if not any(os.path.commonpath([full, r]) == r for r in roots):
         raise InputError(f"{where}: {what} {short(rel)} points outside the checkpoint folder (to {full}); "
                          "only links inside the model folder or its Hugging Face cache folder are followed")
     return full
 
 
+def _lstat_mode(path: str) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except OSError:  # missing (realpath leaves the name as it is) or unreadable: let realpath decide
+        return stat.S_IFLNK
+
+
 def read_json_file(path: str, where: str | None = None):
     """A small JSON file from a checkpoint folder (index, config.json), parsed defensively."""
     where = where or path
+    return _parse_json(_read_small(path, where), where)
+
+
+def _read_small(path: str, where: str) -> bytes:
     fd, st = open_regular(path, where)
     try:
         if st.st_size > MAX_JSON_FILE:
             raise InputError(f"{where}: {st.st_size} bytes is too large for a JSON file of a checkpoint")
-        raw = os.pread(fd, st.st_size + 1, 0)
+        return os.pread(fd, st.st_size + 1, 0)
     finally:
         os.close(fd)
+
+
+def _parse_json(raw: bytes, where: str):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -214,6 +280,9 @@ class Checkpoint:
     folder: str | None = None  # where config.json / tokenizer files live, if any
     files: list[str] = field(default_factory=list)
     stamps: dict[str, Stamp] = field(default_factory=dict)  # each weight file as catalogued
+    # the same object for checkpoints opened from the same index and headers (`Layout`: same names, shapes,
+    # dtypes), else None; a token, not the Layout, which holds the header bytes only while opening
+    layout: object = field(default=None, repr=False, compare=False)
 
     @classmethod
     def open(cls, path: str, known: dict | None = None) -> "Checkpoint":
@@ -232,16 +301,34 @@ class Checkpoint:
         index = os.path.join(path, INDEX_NAME)
         single = os.path.join(path, SINGLE_NAME)
         if os.path.lexists(index):
-            files, entries = cls._read_index(path, resolve_inside(path, INDEX_NAME, index, "index"), stamps, known)
-        elif os.path.lexists(single):
+            return cls._open_sharded(path, resolve_inside(path, INDEX_NAME, index, "index"), known)
+        if os.path.lexists(single):
             full = resolve_inside(path, SINGLE_NAME, single, "weights file")
-            files, entries = [full], _scan_file(full, stamps)
-        else:
-            pickled = sorted(f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES))
-            if pickled:
-                raise _pickle_hint(os.path.join(path, pickled[0]))
-            raise InputError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME} in this folder")
-        return cls(path, _catalogue(entries, path, path), path, files, stamps)
+            return cls(path, _catalogue(_scan_file(full, stamps), path, path), path, [full], stamps)
+        pickled = sorted(f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES))
+        if pickled:
+            raise _pickle_hint(os.path.join(path, pickled[0]))
+        raise InputError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME} in this folder")
+
+    @classmethod
+    def _open_sharded(cls, folder: str, index: str, known: dict | None) -> "Checkpoint":
+        """A sharded checkpoint; one that repeats a `known` checkpoint's index and headers byte for
+        byte reuses its checks and catalogue (see `Layout`)."""
+        stamps: dict[str, Stamp] = {}
+        raw = _read_small(index, index)
+        layout = known.get(("index", raw)) if known is not None else None
+        if layout is not None:
+            got = _relocated(layout, folder, index, stamps)
+            if got is not None:
+                return cls(folder, got[1], folder, got[0], stamps, layout.token)
+            stamps.clear()
+        files, shards = cls._read_index(folder, index, _parse_json(raw, index), stamps, known)
+        entries = [e for *_, got in shards for e in got]
+        tensors = _catalogue(entries, folder, folder)
+        layout = Layout(shards, quant_method(folder_config(folder), os.path.join(folder, "config.json")), tensors)
+        if known is not None:
+            known.setdefault(("index", raw), layout)
+        return cls(folder, layout.tensors, folder, files, stamps, layout.token)
 
     @classmethod
     def from_headers(cls, folder: str, files: list[tuple[str, object, int]]) -> "Checkpoint":
@@ -249,13 +336,12 @@ class Checkpoint:
         file's (path, pread, size): the same header checks as `open`, no data read."""
         entries = []
         for path, pread, size in files:
-            header, data_start = parse_header(path, pread, size)
-            entries.extend(parse_entries(path, header, data_start, size))
+            entries.extend(header_entries(path, header_bytes(path, pread, size), size))
         return cls(folder, _catalogue(entries, folder, folder), folder, [f for f, _, _ in files])
 
     @staticmethod
-    def _read_index(folder: str, index: str, stamps: dict, known: dict | None = None) -> tuple[list[str], list[TensorEntry]]:
-        data = read_json_file(index)
+    def _read_index(folder: str, index: str, data, stamps: dict, known: dict | None = None) -> tuple[list[str], list]:
+        """(shard paths, each shard's (file name, header, size, entries)) of an index's checkpoint."""
         wmap = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(wmap, dict) or not wmap:
             raise InputError(f"{index}: needs a non-empty 'weight_map' object")
@@ -268,22 +354,21 @@ class Checkpoint:
                     resolve_inside(folder, rel, index, "shard filename")
                     seen.add(rel)
         counts = Counter(wmap.values())  # shard -> how many tensors the index puts there
-        files = {rel: resolve_inside(folder, rel, index, "shard filename") for rel in counts}
-        entries = []
-        for rel, full in files.items():
-            if not os.path.isfile(full):
-                what = "missing" if not os.path.lexists(full) else "not a regular file"
-                raise InputError(f"{index}: shard {short(rel)} is {what}")
-            got = _scan_file(full, stamps, known)
-            for e in got:
-                if wmap.get(e.name) != rel:
-                    raise InputError(f"{full}: tensor {short(e.name)} is not mapped to this shard in {INDEX_NAME}")
+        files = _shard_paths(folder, counts, index)
+        shards = []
+        for rel, full in zip(counts, files):
+            _check_shard(full, rel, index)
+            raw, st = _head(full, stamps)
+            got = _entries(full, raw, st, known)
+            if list(map(wmap.get, map(NAME, got))).count(rel) != len(got):  # some entry mapped elsewhere
+                e = next(e for e in got if wmap.get(e.name) != rel)
+                raise InputError(f"{full}: tensor {short(e.name)} is not mapped to this shard in {INDEX_NAME}")
             if len(got) != counts[rel]:  # names in a shard are unique: fewer stored than mapped
                 stored = {e.name for e in got}
                 missing = min(n for n, r in wmap.items() if r == rel and n not in stored)
                 raise InputError(f"{index}: tensor {short(missing)} is mapped to {short(rel)} but not stored there")
-            entries.extend(got)
-        return list(files.values()), entries
+            shards.append((rel, raw, st.st_size, got))
+        return files, shards
 
     def read_config(self) -> dict | None:
         """config.json of a folder checkpoint, or None; InputError if present but not a JSON object."""
@@ -308,7 +393,7 @@ def folder_config(folder: str | None) -> dict | None:
 
 
 def _catalogue(entries: list[TensorEntry], where: str, folder: str | None) -> dict[str, object]:
-    if len({e.name for e in entries}) != len(entries):
+    if len(set(map(NAME, entries))) != len(entries):
         seen: set[str] = set()
         for e in entries:
             if e.name in seen:
