@@ -124,11 +124,12 @@ def _uniform(items: tuple, plans: tuple, targets: tuple) -> tuple | None:
     key of those that batch, which plans are made here); None for any other."""
     models = list(map(_MODELS, items))
     count = len(models[0])
+    if set(map(len, models)) != {count}:
+        return None
     base = list(map(_BASE, items))
     has_base = base[0] is not None
     inputs = ([base] if has_base else []) + [list(map(itemgetter(m), models)) for m in range(count)]
-    if set(map(len, models)) != {count} or any(set(map(type, col)) != {TensorEntry} for col in inputs) or \
-            not has_base and set(map(type, base)) != {type(None)}:
+    if any(set(map(type, col)) != {TensorEntry} for col in inputs) or not has_base and set(map(type, base)) != {type(None)}:
         return None
     dtypes = set().union(*(map(_DTYPE, col) for col in inputs))
     out = set(map(_DTYPE, targets))
@@ -245,12 +246,10 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
     tgs = list(map(targets.__getitem__, inputs.names))
     plain = not writes_quantized(targets)
     if plain:  # `Target.specs` of plain tensors, as columns
-        specs = list(zip(map(_NAME, tgs), map(_DTYPE, tgs), map(_SHAPE, tgs)))
+        layout = ShardLayout.of_columns(list(map(_NAME, tgs)), list(map(_DTYPE, tgs)), list(map(_SHAPE, tgs)), shard_size)
     else:
-        specs = [s for tg in tgs for s in tg.specs()]
+        layout = ShardLayout([s for tg in tgs for s in tg.specs()], shard_size)
     del tgs
-    layout = ShardLayout(specs, shard_size)
-    del specs
     if done:
         layout.check_preallocated(partial)
     else:

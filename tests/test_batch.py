@@ -222,3 +222,40 @@ def test_kill_during_batches_then_resume_is_byte_identical(moe, tmp_path):
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / "r.json").read_text())["resumed_units"] >= 2
     assert _bytes(tmp_path / "ref") == _bytes(tmp_path / "out")
+
+
+def test_batches_found_on_columns_equal_item_by_item(moe, tmp_path, monkeypatch):
+    """A uniform work unit's batches are found on columns (`merge_pass._uniform`); they, and the
+    bytes, equal what the item-by-item check finds (here with batches cut at a few tensors or
+    bytes, so they start and end inside work units). A work unit mixing input dtypes (float32 norms among
+    bfloat16 matrices) is checked item by item, and equals the tensor-by-tensor path."""
+    found = {}
+    real = merge_pass._batch_spans
+
+    def spans(label):
+        monkeypatch.setattr(merge_pass, "_batch_spans", lambda *a: found.setdefault(label, []).append(real(*a)[0]) or
+                            real(*a))
+
+    text = _config(moe, "ties")
+    monkeypatch.setattr(merge_pass, "BATCH_MAX_ITEMS", 7)
+    monkeypatch.setattr(merge_pass, "BATCH_MAX_BYTES", 6000)
+    spans("columns")
+    _merge(text, tmp_path / "columns", unit_bytes=100_000)
+    spans("items")
+    monkeypatch.setattr(merge_pass, "_uniform", lambda *a: None)
+    _merge(text, tmp_path / "items", unit_bytes=100_000)
+    monkeypatch.undo()
+    columns, items = sorted(found["columns"]), sorted(found["items"])
+    assert columns == items and any(len(s) > 10 and len(set(hi - lo for lo, hi in s)) > 1 for s in columns), columns
+    assert _bytes(tmp_path / "columns") == _bytes(tmp_path / "items")
+
+    models = [{n: t.float() if t.dim() == 1 else t for n, t in m.items()} for m in _models()]
+    paths = [_write(tmp_path / n, m) for n, m in zip(("base", "ft1", "ft2"), models)]
+    uniform = []
+    real_uniform = merge_pass._uniform
+    monkeypatch.setattr(merge_pass, "_uniform", lambda *a: uniform.append(real_uniform(*a)) or uniform[-1])
+    _merge(_config(paths, "ties"), tmp_path / "mixed")
+    assert uniform and all(u is None for u in uniform)
+    monkeypatch.setattr(merge_pass, "_batch_spans", lambda *a: ([], None))
+    _merge(_config(paths, "ties"), tmp_path / "single")
+    assert _bytes(tmp_path / "mixed") == _bytes(tmp_path / "single")

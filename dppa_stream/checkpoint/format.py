@@ -312,21 +312,29 @@ def header_layout(names: list[str], dtypes: list[str], shapes: list[tuple], nbyt
     kinds = set(dtypes)
     if len(kinds) == 1:
         order = sorted(range(n), key=names.__getitem__)  # names are unique
+        kind = shapes  # what an entry's text between its name and offsets depends on
     else:
         rank = {d: -_SAVE_ORDER[d] for d in kinds}
         keys = list(zip(map(rank.__getitem__, dtypes), names))
         order = sorted(range(n), key=keys.__getitem__)
+        kind = list(zip(dtypes, shapes))
     at = list(accumulate(map(nbytes.__getitem__, order), initial=0))
-    middle = {(d, s): f':{{"dtype":"{d}","shape":[{",".join(map(str, s))}],"data_offsets":['
-              for d, s in set(zip(dtypes, shapes))}
+    # names that JSON leaves as they are (no quotes, backslashes, control characters) get their
+    # quotes from the text around them
+    joined = "".join(names)
+    q = '"' if len(_quote(joined)) == len(joined) + 2 else ""
+
+    def middle(d: str, shape: tuple) -> str:
+        return f'{q}:{{"dtype":"{d}","shape":[{",".join(map(str, shape))}],"data_offsets":['
+
+    middles = {k: middle(dtypes[0], k) if kind is shapes else middle(*k) for k in set(kind)}
     offsets = list(map(str, at))
-    # per entry: "name":{"dtype":..,"shape":[..],"data_offsets":[start,end]}, pieces joined once
-    pieces = chain.from_iterable(zip(
-        map(_quote, map(names.__getitem__, order)),
-        map(middle.__getitem__, zip(map(dtypes.__getitem__, order), map(shapes.__getitem__, order))),
-        offsets, repeat(","), islice(offsets, 1, None), repeat("]},")))
+    ordered = map(names.__getitem__, order)
+    pieces = chain.from_iterable(zip(  # entry: "name":{"dtype":..,"shape":[..],"data_offsets":[start,end]},
+        ordered if q else map(_quote, ordered), map(middles.__getitem__, map(kind.__getitem__, order)),
+        offsets, repeat(","), islice(offsets, 1, None), repeat("]}," + q)))
     meta = '"__metadata__":' + json.dumps(metadata, separators=(",", ":"), ensure_ascii=False) + "," if metadata else ""
-    text = ("{" + meta + "".join(pieces)).encode()
-    text = text[:-1] + b"}" if n or metadata else b"{}"
+    text = "{" + meta + (q if n else "") + "".join(pieces)
+    text = (text[:len(text) - 1 - (len(q) if n else 0)] + "}" if n or metadata else "{}").encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text, order, at[:-1]

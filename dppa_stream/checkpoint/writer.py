@@ -15,10 +15,9 @@ import math
 import os
 import threading
 from bisect import bisect_right
-from functools import partial
+from dataclasses import dataclass
 from itertools import accumulate, repeat
 from operator import add, mul
-from typing import NamedTuple
 
 import numpy as np
 
@@ -30,15 +29,14 @@ from .reader import INDEX_NAME, SINGLE_NAME
 FORMAT_METADATA = {"format": "pt"}
 
 
-class Placement(NamedTuple):
+# hashable like a frozen dataclass, without its slower __init__ (one per output tensor)
+@dataclass(slots=True, unsafe_hash=True)
+class Placement:
     """Where an output tensor's bytes go: shard file name, absolute byte offset, bytes per element."""
 
     file: str
     offset: int
     itemsize: int
-
-
-_placement = partial(tuple.__new__, Placement)  # Placement((file, offset, itemsize)) with no Python code per tensor
 
 
 class ShardLayout:
@@ -47,14 +45,25 @@ class ShardLayout:
     shard's `header_layout`, the placements): an MoE output has tens of thousands of tensors."""
 
     def __init__(self, specs: list[tuple[str, str, tuple[int, ...]]], shard_size: int):
-        names, dtypes, shapes = (list(c) for c in zip(*specs)) if specs else ([], [], [])
+        self._lay_out(*((list(c) for c in zip(*specs)) if specs else ([], [], [])), shard_size)
+
+    @classmethod
+    def of_columns(cls, names: list[str], dtypes: list[str], shapes: list[tuple], shard_size: int) -> "ShardLayout":
+        """The layout of tensors given as columns (name, dtype and shape of each)."""
+        layout = cls.__new__(cls)
+        layout._lay_out(names, dtypes, shapes, shard_size)
+        return layout
+
+    def _lay_out(self, names: list[str], dtypes: list[str], shapes: list[tuple], shard_size: int) -> None:
         itemsizes = list(map(DTYPE_SIZES.__getitem__, dtypes))
         nbytes = list(map(mul, map(math.prod, shapes), itemsizes))
         at = list(accumulate(nbytes, initial=0))
         bounds = [0]  # greedy in tensor order: a shard takes tensors while they fit, and at least one
-        while bounds[-1] < len(names) or len(bounds) == 1:
+        while bounds[-1] < len(names):
             first = bounds[-1]
-            bounds.append(max(bisect_right(at, at[first] + shard_size, first + 1) - 1, first + 1) if names else 0)
+            bounds.append(max(bisect_right(at, at[first] + shard_size, first + 1) - 1, first + 1))
+        if not names:
+            bounds.append(0)  # one empty shard
         n = len(bounds) - 1
         self.files = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.headers: dict[str, bytes] = {}
@@ -68,8 +77,8 @@ class ShardLayout:
             header, order, starts = header_layout(*cols[:4], FORMAT_METADATA)
             self.headers[fname] = header
             self.file_sizes[fname] = len(header) + at[hi] - at[lo]
-            self.placements.update(zip(map(cols[0].__getitem__, order), map(_placement, zip(
-                repeat(fname), map(add, starts, repeat(len(header))), map(cols[4].__getitem__, order)))))
+            self.placements.update(zip(map(cols[0].__getitem__, order), map(
+                Placement, repeat(fname), map(add, starts, repeat(len(header))), map(cols[4].__getitem__, order))))
 
     def preallocate(self, folder: str) -> None:
         """Write each shard's header and size the file (sparse) so rows can land anywhere."""
