@@ -7,8 +7,11 @@ write into the pre-laid-out shard; a quantized output tensor is encoded first (t
 scales written beside it. Consecutive whole small tensors of a local method go as one batch
 (`units.BatchRows`, `MergeMethod.merge_batch`): one read per input and one write per run of
 tensors stored back to back, one planning and kernel call for all of them, so an MoE checkpoint's
-tens of thousands of small tensors cost about what the same numbers fused into a few hundred do. Finished work units go to the manifest (with the requantization loss of
-their units), so `--resume` skips them.
+tens of thousands of small tensors cost about what the same numbers fused into a few hundred do.
+What is done per tensor (finding the batches, their reads and writes, the task's arguments, the
+output layout) maps C functions over columns of the tensors rather than running Python per tensor.
+Finished work units go to the manifest (with the requantization loss of their units), so
+`--resume` skips them.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from .inputs import verify_unchanged
 from .output import MANIFEST, WORK_DIR, Manifest, read_manifest_extras, release_reserve
 from .statistics import check_nonfinite, drive, inline
 from .targets import RequantLoss, Target, output_targets, tensor_scale, write_quantized, writes_quantized
-from .units import (_FILE, _NBYTES, _OFFSET, BATCH_MAX_BYTES, BATCH_MAX_ITEMS, BATCH_MAX_NUMEL, BatchRows, UnitInputs,
-                    UnitRows, batch_key, run_bounds, scratch)
+from .units import (BATCH_MAX_BYTES, BATCH_MAX_ITEMS, BATCH_MAX_NUMEL, BatchRows, UnitInputs, UnitRows, batch_key,
+                    run_bounds, scratch)
 
 
 def merge_task(method, inp: UnitInputs, plan, folder: str, target: Target, place,
@@ -86,9 +89,10 @@ def merge_work(method, work, plans: tuple, folder: str, targets: tuple, places: 
     return written, losses or None
 
 
-_ITEM_START, _ITEM_STOP, _TENSOR = attrgetter("unit.flat_start"), attrgetter("unit.flat_stop"), attrgetter("unit.tensor")
+_TENSOR, _ITEM_START, _ITEM_STOP = attrgetter("unit.tensor"), attrgetter("unit.flat_start"), attrgetter("unit.flat_stop")
 _BASE, _MODELS, _DTYPE, _REF = attrgetter("base"), attrgetter("models"), attrgetter("dtype"), attrgetter("ref")
-_NAME, _SHAPE = attrgetter("name"), attrgetter("shape")
+_NAME, _SHAPE, _NBYTES = attrgetter("name"), attrgetter("shape"), attrgetter("nbytes")
+_FILE, _OFFSET = attrgetter("file"), attrgetter("offset")
 
 
 def _batch_spans(method, items: tuple, plans: tuple, targets: tuple) -> tuple[list[tuple[int, int]], list | None]:
@@ -129,7 +133,8 @@ def _uniform(items: tuple, plans: tuple, targets: tuple) -> tuple | None:
     base = list(map(_BASE, items))
     has_base = base[0] is not None
     inputs = ([base] if has_base else []) + [list(map(itemgetter(m), models)) for m in range(count)]
-    if any(set(map(type, col)) != {TensorEntry} for col in inputs) or not has_base and set(map(type, base)) != {type(None)}:
+    if any(set(map(type, col)) != {TensorEntry} for col in inputs) or \
+            not has_base and set(map(type, base)) != {type(None)}:
         return None
     dtypes = set().union(*(map(_DTYPE, col) for col in inputs))
     out = set(map(_DTYPE, targets))
@@ -246,7 +251,8 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
     tgs = list(map(targets.__getitem__, inputs.names))
     plain = not writes_quantized(targets)
     if plain:  # `Target.specs` of plain tensors, as columns
-        layout = ShardLayout.of_columns(list(map(_NAME, tgs)), list(map(_DTYPE, tgs)), list(map(_SHAPE, tgs)), shard_size)
+        layout = ShardLayout.of_columns(list(map(_NAME, tgs)), list(map(_DTYPE, tgs)), list(map(_SHAPE, tgs)),
+                                        shard_size)
     else:
         layout = ShardLayout([s for tg in tgs for s in tg.specs()], shard_size)
     del tgs
@@ -257,7 +263,8 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
 
     loss = RequantLoss()
     paths = {f: ck.path for ck in inputs.all for f in ck.files}
-    keys = {} if plain else {t: _loss_keys(inputs.outputs[t], paths) for t in inputs.names if targets[t].ref is not None}
+    keys = {} if plain else \
+        {t: _loss_keys(inputs.outputs[t], paths) for t in inputs.names if targets[t].ref is not None}
 
     def add_losses(losses):
         for t, partial_loss in losses or ():
@@ -277,7 +284,8 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
         got = tuple(map(plans.get, tensors, map(infos.__getitem__, tensors)) if plans else
                     map(infos.__getitem__, tensors))
         where = tuple(map(places.__getitem__, tensors)) if plain else \
-            tuple(places[t] if tg.ref is None else tuple(places[n] for n, _, _ in tg.specs()) for t, tg in zip(tensors, tgs))
+            tuple(places[t] if tg.ref is None else tuple(places[n] for n, _, _ in tg.specs())
+                  for t, tg in zip(tensors, tgs))
         return shared, w, got, partial, tgs, where, session.check_finite
 
     # a generator: each work unit's plans are made (or looked up) as it starts (`Executor.map`)

@@ -161,22 +161,7 @@ def write_rows(folder: str, place: Placement, start: int, rows) -> int:
 def write_at(folder: str, place: Placement, at: int, data: np.ndarray) -> int:
     """Write bytes `data` (a contiguous uint8 array) at byte `at` of a tensor's place (a unit's
     FP8 codes and the scales of its blocks); returns bytes written."""
-    path = os.path.join(folder, place.file)
-    offset = place.offset + at
-    try:
-        fd = os.open(path, os.O_WRONLY)
-    except OSError as e:
-        raise OutputError(f"{path}: cannot open output shard ({e.strerror})") from None
-    try:
-        view, done = memoryview(data), 0
-        with _file_lock(path):
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], offset + done)
-    except OSError as e:
-        raise OutputError(f"{path}: write failed ({e.strerror})") from None
-    finally:
-        os.close(fd)
-    return len(data)
+    return _write(folder, place.file, [(place.offset + at, data)])
 
 
 def write_runs(folder: str, runs: list[tuple[Placement, np.ndarray]]) -> int:
@@ -186,22 +171,26 @@ def write_runs(folder: str, runs: list[tuple[Placement, np.ndarray]]) -> int:
     by_file: dict[str, list] = {}
     for place, data in runs:
         by_file.setdefault(place.file, []).append((place.offset, data))
+    return sum(_write(folder, file, parts) for file, parts in by_file.items())
+
+
+def _write(folder: str, file: str, parts: list[tuple[int, np.ndarray]]) -> int:
+    """Write each (absolute offset, bytes) of `parts` into output shard `file`; returns bytes written."""
+    path = os.path.join(folder, file)
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot open output shard ({e.strerror})") from None
     written = 0
-    for file, parts in by_file.items():
-        path = os.path.join(folder, file)
-        try:
-            fd = os.open(path, os.O_WRONLY)
-        except OSError as e:
-            raise OutputError(f"{path}: cannot open output shard ({e.strerror})") from None
-        try:
-            with _file_lock(path):
-                for offset, data in parts:
-                    view, done = memoryview(data), 0
-                    while done < len(view):
-                        done += os.pwrite(fd, view[done:], offset + done)
-                    written += len(view)
-        except OSError as e:
-            raise OutputError(f"{path}: write failed ({e.strerror})") from None
-        finally:
-            os.close(fd)
+    try:
+        with _file_lock(path):
+            for offset, data in parts:
+                view, done = memoryview(data), 0
+                while done < len(view):
+                    done += os.pwrite(fd, view[done:], offset + done)
+                written += len(view)
+    except OSError as e:
+        raise OutputError(f"{path}: write failed ({e.strerror})") from None
+    finally:
+        os.close(fd)
     return written
