@@ -7,43 +7,51 @@ write into the pre-laid-out shard; a quantized output tensor is encoded first (t
 scales written beside it. Consecutive whole small tensors of a local method go as one batch
 (`units.BatchRows`, `MergeMethod.merge_batch`): one read per input and one write per run of
 tensors stored back to back, one planning and kernel call for all of them, so an MoE checkpoint's
-tens of thousands of small tensors cost about what the same numbers fused into a few hundred do. Finished work units go to the manifest (with the requantization loss of
-their units), so `--resume` skips them.
+tens of thousands of small tensors cost about what the same numbers fused into a few hundred do.
+What is done per tensor (finding the batches, their reads and writes, the task's arguments, the
+output layout) maps C functions over columns of the tensors rather than running Python per tensor.
+Finished work units go to the manifest (with the requantization loss of their units), so
+`--resume` skips them.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from bisect import bisect_right
+from itertools import accumulate, repeat
+from operator import attrgetter, is_, itemgetter
 
 import numpy as np
 
 from . import kernels
-from .checkpoint import DTYPE_SIZES, Placement, ShardLayout, write_rows
-from .checkpoint.writer import write_at
+from .checkpoint import DTYPE_SIZES, FLOAT_DTYPES, ShardLayout, TensorEntry, write_rows
+from .checkpoint.writer import write_runs
 from .hf_files import copy_model_files, write_model_card
 from .methods.base import Catalogue, TensorInfo
 from .inputs import verify_unchanged
 from .output import MANIFEST, WORK_DIR, Manifest, read_manifest_extras, release_reserve
 from .statistics import check_nonfinite, drive, inline
 from .targets import RequantLoss, Target, output_targets, tensor_scale, write_quantized, writes_quantized
-from .units import BATCH_MAX_BYTES, BATCH_MAX_ITEMS, BatchRows, UnitInputs, UnitRows, batch_key, scratch
+from .units import (BATCH_MAX_BYTES, BATCH_MAX_ITEMS, BATCH_MAX_NUMEL, BatchRows, UnitInputs, UnitRows, batch_key,
+                    run_bounds, scratch)
 
 
-def merge_task(method, inp: UnitInputs, plan, folder: str, target: Target, places: tuple[Placement, ...],
+def merge_task(method, inp: UnitInputs, plan, folder: str, target: Target, place,
                check_finite: bool = True) -> tuple[int, list | None]:
-    """Merge one unit and write it at its final place; returns (bytes written, the loss partial of
-    a requantized unit or None). `plan` is the tensor's plan, or its TensorInfo when the task plans
+    """Merge one unit and write it at its final place (`place`: the tensor's Placement, or for a
+    quantized target the tuple of its parts'); returns (bytes written, the loss partial of a
+    requantized unit or None). `plan` is the tensor's plan, or its TensorInfo when the task plans
     it (a local method's one-unit tensor)."""
     u = inp.unit
     rows = UnitRows(inp)
     if not rows.is_float:  # integer buffers: copied from the base (or the first model) unchanged
-        return write_rows(folder, places[0], u.flat_start, rows.raw[0]), None
+        return write_rows(folder, place, u.flat_start, rows.raw[0]), None
     if target.ref is None:
         out = _merged(method, rows, plan, target.dtype, check_finite)
-        return write_rows(folder, places[0], u.flat_start, out), None
+        return write_rows(folder, place, u.flat_start, out), None
     merged = _merged(method, rows, plan, "F32", check_finite).view(np.float32)
-    return write_quantized(target, folder, places, u.flat_start, u.flat_start + u.numel, merged, rows)
+    return write_quantized(target, folder, place, u.flat_start, u.flat_start + u.numel, merged, rows)
 
 
 def _merged(method, rows: UnitRows, plan, dtype: str, check_finite: bool) -> np.ndarray:
@@ -60,43 +68,107 @@ def _merged(method, rows: UnitRows, plan, dtype: str, check_finite: bool) -> np.
 
 def merge_work(method, work, plans: tuple, folder: str, targets: tuple, places: tuple,
                check_finite: bool) -> tuple[int, list | None]:
-    """Dask task: merge every unit of a work unit (`plans`, `targets`, `places`: one per unit);
-    returns (bytes written, [[tensor, loss partial], ...] of its requantized units or None).
-    Consecutive whole small tensors that a local method plans here run as one batch
-    (`merge_batch`); every other unit on its own (`merge_task`)."""
+    """Dask task: merge every unit of a work unit (`plans`, `targets`, `places`: one per unit, as
+    `merge_task` takes them); returns (bytes written, [[tensor, loss partial], ...] of its
+    requantized units or None). Consecutive whole small tensors that a local method plans here
+    run as one batch (`merge_batch`); every other unit on its own (`merge_task`)."""
     written, losses = 0, []
-    items, i = work.items, 0
-    while i < len(items):
-        j = _batch_end(method, items, plans, targets, i)
-        if j > i:
-            written += merge_batch(method, BatchRows(items[i:j]), plans[i:j], folder, targets[i].dtype,
-                                   places[i:j], check_finite)
-            i = j
-            continue
-        nbytes, loss = merge_task(method, items[i], plans[i], folder, targets[i], places[i], check_finite)
-        written += nbytes
-        if loss is not None:
-            losses.append([items[i].unit.tensor, loss])
-        i += 1
+    items = work.items
+    spans, inputs = _batch_spans(method, items, plans, targets)
+    i = 0
+    for lo, hi in spans + [(len(items), len(items))]:
+        for i in range(i, lo):
+            nbytes, loss = merge_task(method, items[i], plans[i], folder, targets[i], places[i], check_finite)
+            written += nbytes
+            if loss is not None:
+                losses.append([items[i].unit.tensor, loss])
+        if hi > lo:
+            batch = BatchRows(items[lo:hi], inputs and [col[lo:hi] for col in inputs])
+            written += merge_batch(method, batch, plans[lo:hi], folder, targets[lo].dtype, places[lo:hi], check_finite)
+        i = hi
     return written, losses or None
 
 
-def _batch_end(method, items: tuple, plans: tuple, targets: tuple, i: int) -> int:
-    """Where the batch that starts at item i ends (exclusive; i when item i does not join one):
-    the consecutive items with its `_batch_key`, up to BATCH_MAX_ITEMS items and BATCH_MAX_BYTES
-    of rows and output."""
-    key = _batch_key(method, items[i], plans[i], targets[i])
-    if key is None:
-        return i
+_TENSOR, _ITEM_START, _ITEM_STOP = attrgetter("unit.tensor"), attrgetter("unit.flat_start"), attrgetter("unit.flat_stop")
+_BASE, _MODELS, _DTYPE, _REF = attrgetter("base"), attrgetter("models"), attrgetter("dtype"), attrgetter("ref")
+_NAME, _SHAPE, _NBYTES = attrgetter("name"), attrgetter("shape"), attrgetter("nbytes")
+_FILE, _OFFSET = attrgetter("file"), attrgetter("offset")
+
+
+def _batch_spans(method, items: tuple, plans: tuple, targets: tuple) -> tuple[list[tuple[int, int]], list | None]:
+    """The batches of a work unit as item ranges [lo, hi): runs of consecutive items with one
+    `_batch_key`, cut at BATCH_MAX_ITEMS items and BATCH_MAX_BYTES of rows and output; and the
+    items' entries per input (base first) where they were gathered here (else None).
+
+    A work unit whose inputs are all plain in one float dtype, whose plans are made here and
+    whose targets are plain in one dtype (an MoE checkpoint's many small tensors) is checked on
+    columns, the same conditions as `_batch_key`'s (they then differ only by size); any other
+    item by item."""
+    if not method.local:
+        return [], None
+    n = len(items)
+    uniform = _uniform(items, plans, targets)
+    if uniform is None:
+        keys = list(map(_batch_key, repeat(method), items, plans, targets))
+        codes: dict = {}
+        code = np.array([0 if k is None else codes.setdefault(k, len(codes) + 1) for k in keys], np.int64)
+        held = [0 if k is None else inp.unit.flat_stop * _per_element(k) for inp, k in zip(items, keys)]
+        return _cut(code, held), None
+    inputs, key, planned = uniform
     dtype, models, has_base = key[0]
-    per_element = (models + has_base) * DTYPE_SIZES[dtype] + DTYPE_SIZES[key[1]]
-    held, j, stop = items[i].unit.flat_stop * per_element, i + 1, min(len(items), i + BATCH_MAX_ITEMS)
-    while j < stop and _batch_key(method, items[j], plans[j], targets[j]) == key:
-        held += items[j].unit.flat_stop * per_element
-        if held > BATCH_MAX_BYTES:
-            break
-        j += 1
-    return j
+    start = np.fromiter(map(_ITEM_START, items), np.int64, n)
+    stop = np.fromiter(map(_ITEM_STOP, items), np.int64, n)
+    stored = np.fromiter(map(_NBYTES, inputs[int(has_base)]), np.int64, n)
+    ok = planned & (start == 0) & (stop <= BATCH_MAX_NUMEL) & (stop * DTYPE_SIZES[dtype] == stored)
+    return _cut(ok.astype(np.int64), (stop * _per_element(key)).tolist()), inputs
+
+
+def _uniform(items: tuple, plans: tuple, targets: tuple) -> tuple | None:
+    """For a work unit that `_batch_spans` checks on columns: (the items' entries per input, the
+    key of those that batch, which plans are made here); None for any other."""
+    models = list(map(_MODELS, items))
+    count = len(models[0])
+    if set(map(len, models)) != {count}:
+        return None
+    base = list(map(_BASE, items))
+    has_base = base[0] is not None
+    inputs = ([base] if has_base else []) + [list(map(itemgetter(m), models)) for m in range(count)]
+    if any(set(map(type, col)) != {TensorEntry} for col in inputs) or \
+            not has_base and set(map(type, base)) != {type(None)}:
+        return None
+    dtypes = set().union(*(map(_DTYPE, col) for col in inputs))
+    out = set(map(_DTYPE, targets))
+    if len(dtypes) != 1 or len(out) != 1 or set(map(_REF, targets)) != {None} or not dtypes <= FLOAT_DTYPES:
+        return None
+    kinds = set(map(type, plans))
+    planned = True if kinds == {TensorInfo} else np.fromiter(map(is_, map(type, plans), repeat(TensorInfo)), np.bool_,
+                                                             len(plans))
+    return inputs, ((dtypes.pop(), count, has_base), out.pop()), planned
+
+
+def _per_element(key: tuple) -> int:
+    """Bytes a batch holds per element of items with this `_batch_key`: rows and output."""
+    (dtype, models, has_base), out = key
+    return (models + has_base) * DTYPE_SIZES[dtype] + DTYPE_SIZES[out]
+
+
+def _cut(code: np.ndarray, held: list[int]) -> list[tuple[int, int]]:
+    """Batches of the items: each run of equal non-zero `code`s cut greedily where the next item
+    would pass BATCH_MAX_ITEMS items or BATCH_MAX_BYTES of `held` bytes (at least one item each)."""
+    n = len(held)
+    change = [0, *(np.flatnonzero(code[1:] != code[:-1]) + 1).tolist(), n]
+    total = [0, *accumulate(held)]
+    spans = []
+    for a, b in zip(change, change[1:]):
+        if not code[a]:
+            continue
+        lo = a
+        while lo < b:
+            hi = max(bisect_right(total, total[lo] + BATCH_MAX_BYTES, lo + 1, b + 1) - 1, lo + 1)
+            hi = min(hi, lo + BATCH_MAX_ITEMS)
+            spans.append((lo, hi))
+            lo = hi
+    return spans
 
 
 def _batch_key(method, inp: UnitInputs, plan, target: Target) -> tuple | None:
@@ -123,17 +195,11 @@ def merge_batch(method, batch: BatchRows, infos: tuple, folder: str, dtype: str,
             check_nonfinite(rows, [kernels.count_nonfinite(rows.src[i], kernels.CODES[rows.dtype]) if n else 0
                                    for i, n in enumerate(bad)])
     data = out.view(np.uint8)
-    at = (starts * out.itemsize).tolist()  # byte offsets of the items in `data`
-    written, k, n = 0, 0, len(places)
-    while k < n:
-        first = places[k][0]
-        file, j, end = first.file, k + 1, first.offset + at[k + 1] - at[k]
-        while j < n and places[j][0].offset == end and places[j][0].file == file:
-            end += at[j + 1] - at[j]
-            j += 1
-        written += write_at(folder, first, 0, data[at[k]:at[j]])
-        k = j
-    return written
+    at = starts * out.itemsize  # byte offsets of the items in `data`
+    bounds = run_bounds(np.fromiter(map(_OFFSET, places), np.int64, len(places)), np.diff(at),
+                        list(map(_FILE, places)))
+    at = at.tolist()
+    return write_runs(folder, [(places[i], data[at[i]:at[j]]) for i, j in zip(bounds, bounds[1:])])
 
 
 def amax_work(method, work, plans: tuple, check_finite: bool) -> dict[str, float]:
@@ -182,15 +248,14 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
     partial = out + ".partial"
     ref = inputs.reference
     targets, amax_read = tensor_scales(session, plans, output_targets(inputs, cfg.out_dtype, cfg.dtype))
-    specs = []
-    for t in inputs.names:
-        tg = targets[t]
-        if tg.ref is None:
-            specs.append((tg.name, tg.dtype, tg.shape))  # `Target.specs` of a plain tensor, without its list
-        else:
-            specs += tg.specs()
-    layout = ShardLayout(specs, shard_size)
-    del specs
+    tgs = list(map(targets.__getitem__, inputs.names))
+    plain = not writes_quantized(targets)
+    if plain:  # `Target.specs` of plain tensors, as columns
+        layout = ShardLayout.of_columns(list(map(_NAME, tgs)), list(map(_DTYPE, tgs)), list(map(_SHAPE, tgs)),
+                                        shard_size)
+    else:
+        layout = ShardLayout([s for tg in tgs for s in tg.specs()], shard_size)
+    del tgs
     if done:
         layout.check_preallocated(partial)
     else:
@@ -198,7 +263,8 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
 
     loss = RequantLoss()
     paths = {f: ck.path for ck in inputs.all for f in ck.files}
-    keys = {t: _loss_keys(inputs.outputs[t], paths) for t in inputs.names if targets[t].ref is not None}
+    keys = {} if plain else \
+        {t: _loss_keys(inputs.outputs[t], paths) for t in inputs.names if targets[t].ref is not None}
 
     def add_losses(losses):
         for t, partial_loss in losses or ():
@@ -212,12 +278,15 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
     works = [w for w in session.work_units if w.key not in done]
     places = layout.placements
 
-    def call(w):
-        tensors = [i.unit.tensor for i in w.items]
-        tgs = tuple([targets[t] for t in tensors])
-        return (shared, w, tuple([plans.get(t, infos[t]) for t in tensors]), partial, tgs,
-                tuple([(places[t],) if tg.ref is None else tuple(places[n] for n, _, _ in tg.specs())
-                       for t, tg in zip(tensors, tgs)]), session.check_finite)
+    def call(w):  # C functions mapped over the work unit's tensors: an MoE work unit has thousands
+        tensors = list(map(_TENSOR, w.items))
+        tgs = tuple(map(targets.__getitem__, tensors))
+        got = tuple(map(plans.get, tensors, map(infos.__getitem__, tensors)) if plans else
+                    map(infos.__getitem__, tensors))
+        where = tuple(map(places.__getitem__, tensors)) if plain else \
+            tuple(places[t] if tg.ref is None else tuple(places[n] for n, _, _ in tg.specs())
+                  for t, tg in zip(tensors, tgs))
+        return shared, w, got, partial, tgs, where, session.check_finite
 
     # a generator: each work unit's plans are made (or looked up) as it starts (`Executor.map`)
     calls = (call(w) for w in works)

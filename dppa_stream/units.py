@@ -22,8 +22,8 @@ from __future__ import annotations
 import threading
 from bisect import bisect_right
 from dataclasses import dataclass
-from itertools import accumulate
-from operator import attrgetter
+from itertools import accumulate, islice
+from operator import attrgetter, ne
 
 import numpy as np
 
@@ -318,23 +318,26 @@ class BatchRows:
     checkpoint ships tens of thousands of such tensors).
 
     `src[i]` holds input i's values (base first when there is one) as raw bit patterns of
-    `dtype`, item k in columns starts[k]:starts[k+1]; `raw` is the same bytes."""
+    `dtype`, item k in columns starts[k]:starts[k+1]; `raw` is the same bytes. `inputs`: the
+    items' entries per input (base first), when the caller has them at hand."""
 
-    def __init__(self, items: tuple[UnitInputs, ...]):
+    def __init__(self, items: tuple[UnitInputs, ...], inputs: list[list[TensorEntry]] | None = None):
         from .kernels import CONTAINER
 
         self.items = items
         self.has_base = items[0].base is not None
         self.dtype = items[0].models[0].dtype
+        if inputs is None:
+            inputs = ([[inp.base for inp in items]] if self.has_base else []) + \
+                [[inp.models[m] for inp in items] for m in range(len(items[0].models))]
         itemsize = DTYPE_SIZES[self.dtype]
-        self.starts = np.zeros(len(items) + 1, np.int64)
-        np.cumsum([i.unit.flat_stop for i in items], out=self.starts[1:])  # whole tensors: flat_start is 0
+        nbytes = np.fromiter(map(_NBYTES, inputs[0]), np.int64, len(items))
+        self.starts = np.zeros(len(items) + 1, np.int64)  # whole tensors of one dtype: bytes / itemsize
+        np.cumsum(nbytes // itemsize, out=self.starts[1:])
         total = int(self.starts[-1])
-        inputs = ([[inp.base for inp in items]] if self.has_base else []) + \
-            [[inp.models[m] for inp in items] for m in range(len(items[0].models))]
         self.raw = scratch("rows", len(inputs) * total * itemsize).reshape(len(inputs), total * itemsize)
         for row, entries in zip(self.raw, inputs):
-            _read_runs(entries, row)
+            _read_runs(entries, nbytes, row)
         self.src = self.raw.view(CONTAINER[self.dtype])
 
     is_float = True
@@ -350,35 +353,42 @@ class BatchRows:
         return rows
 
 
-def _read_runs(entries: list[TensorEntry], dst: np.ndarray) -> None:
-    """Read whole tensors `entries` back to back into `dst` (bytes): one positional read per run
-    of entries adjacent in one file. A failed run is read again entry by entry, so the error
-    names the tensor."""
+_NBYTES, _OFFSET, _FILE = attrgetter("nbytes"), attrgetter("offset"), attrgetter("file")
+
+
+def run_bounds(offsets: np.ndarray, nbytes: np.ndarray, files: list[str]) -> list[int]:
+    """Where runs of byte ranges stored back to back in one file begin (and, last, their count):
+    range k+1 continues range k when it starts where k ends, in the same file. Compared as
+    columns, not range by range: a batch holds thousands."""
+    n = len(files)
+    apart = offsets[1:] != offsets[:-1] + nbytes[:-1]
+    apart |= np.fromiter(map(ne, islice(files, 1, None), files), np.bool_, n - 1)
+    return [0, *(np.flatnonzero(apart) + 1).tolist(), n]
+
+
+def _read_runs(entries: list[TensorEntry], nbytes: np.ndarray, dst: np.ndarray) -> None:
+    """Read whole tensors `entries` (of `nbytes` bytes each) back to back into `dst` (bytes): one
+    positional read per run of entries adjacent in one file. A failed run is read again entry by
+    entry, so the error names the tensor."""
     from dataclasses import replace
 
     from .checkpoint import read_range
     from .errors import InputError
 
-    pos, i, count = 0, 0, len(entries)
-    while i < count:
-        first = entries[i]
-        file, j, end = first.file, i + 1, first.offset + first.nbytes
-        while j < count and entries[j].offset == end and entries[j].file == file:
-            end += entries[j].nbytes
-            j += 1
-        nbytes = end - first.offset
-        buf = dst[pos:pos + nbytes]
+    offsets = np.fromiter(map(_OFFSET, entries), np.int64, len(entries))
+    bounds = run_bounds(offsets, nbytes, list(map(_FILE, entries)))
+    at = [0, *np.cumsum(nbytes).tolist()]
+    for i, j in zip(bounds, bounds[1:]):
+        first, buf = entries[i], dst[at[i]:at[j]]
         try:
             if j - i == 1:
                 read_range(first, 0, first.numel, buf)
             else:  # the run as one tensor of bytes
-                read_range(replace(first, dtype="U8", shape=(nbytes,), nbytes=nbytes), 0, nbytes, buf)
+                size = at[j] - at[i]
+                read_range(replace(first, dtype="U8", shape=(size,), nbytes=size), 0, size, buf)
         except InputError:
             if j - i == 1:
                 raise
-            at = pos
-            for e in entries[i:j]:
-                read_range(e, 0, e.numel, dst[at:at + e.nbytes])
-                at += e.nbytes
-        pos += nbytes
-        i = j
+            for k in range(i, j):
+                e = entries[k]
+                read_range(e, 0, e.numel, dst[at[k]:at[k + 1]])

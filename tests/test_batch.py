@@ -132,7 +132,7 @@ def test_batches_equal_tensor_by_tensor_and_the_reference(moe, tmp_path, monkeyp
                         real(m, batch, *a))
     res = _merge(text, tmp_path / "batched", scheduler="threads:1")
     assert max(calls) >= res.tensors - 2, calls  # (the lm_head and embeddings fit; one batch holds all)
-    monkeypatch.setattr(merge_pass, "_batch_key", lambda *a: None)
+    monkeypatch.setattr(merge_pass, "_batch_spans", lambda *a: ([], None))
     _merge(text, tmp_path / "single")
     monkeypatch.undo()
     _merge(text, tmp_path / "small", unit_bytes=512)
@@ -149,7 +149,7 @@ def test_linear_batches_equal_tensor_by_tensor(moe, tmp_path, monkeypatch):
         f"  - model: {p}\n    parameters: {{weight: [{{filter: gate_proj, value: 0.3}}, {{value: {w}}}]}}\n"
         for p, w in zip(moe, (0.5, 1.25, 2.0))) + "dtype: float32\nout_dtype: bfloat16\n"
     _merge(text, tmp_path / "batched")
-    monkeypatch.setattr(merge_pass, "_batch_key", lambda *a: None)
+    monkeypatch.setattr(merge_pass, "_batch_spans", lambda *a: ([], None))
     _merge(text, tmp_path / "single")
     assert _bytes(tmp_path / "batched") == _bytes(tmp_path / "single")
     models = [load_model(p) for p in moe]
@@ -166,9 +166,9 @@ def test_one_read_per_input_and_one_write_per_run(moe, tmp_path, monkeypatch):
     import dppa_stream.checkpoint.writer as writer
 
     reads, writes = [], []
-    real_read, real_write = os.preadv, writer.write_at
+    real_read, real_write = os.preadv, os.pwrite
     monkeypatch.setattr(reader.os, "preadv", lambda fd, bufs, at: reads.append(at) or real_read(fd, bufs, at))
-    monkeypatch.setattr(merge_pass, "write_at", lambda *a: writes.append(a[2]) or real_write(*a))
+    monkeypatch.setattr(writer.os, "pwrite", lambda fd, data, at: writes.append(at) or real_write(fd, data, at))
     res = _merge(_config(moe, "ties"), tmp_path / "out", scheduler="threads:1")
     monkeypatch.undo()
     assert res.units == 1 and res.tensors > 150
@@ -192,7 +192,7 @@ def test_nan_deep_in_a_batch_is_named(tmp_path, monkeypatch, method):
     assert not os.path.exists(tmp_path / "out")
     # --allow-nonfinite: merged as the tensor-by-tensor path merges it
     _merge(_config(paths, method), tmp_path / "batched", allow_nonfinite=True)
-    monkeypatch.setattr(merge_pass, "_batch_key", lambda *a: None)
+    monkeypatch.setattr(merge_pass, "_batch_spans", lambda *a: ([], None))
     _merge(_config(paths, method), tmp_path / "single", allow_nonfinite=True)
     assert _bytes(tmp_path / "batched") == _bytes(tmp_path / "single")
 
@@ -222,3 +222,40 @@ def test_kill_during_batches_then_resume_is_byte_identical(moe, tmp_path):
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / "r.json").read_text())["resumed_units"] >= 2
     assert _bytes(tmp_path / "ref") == _bytes(tmp_path / "out")
+
+
+def test_batches_found_on_columns_equal_item_by_item(moe, tmp_path, monkeypatch):
+    """A uniform work unit's batches are found on columns (`merge_pass._uniform`); they, and the
+    bytes, equal what the item-by-item check finds (here with batches cut at a few tensors or
+    bytes, so they start and end inside work units). A work unit mixing input dtypes (float32 norms among
+    bfloat16 matrices) is checked item by item, and equals the tensor-by-tensor path."""
+    found = {}
+    real = merge_pass._batch_spans
+
+    def spans(label):
+        monkeypatch.setattr(merge_pass, "_batch_spans", lambda *a: found.setdefault(label, []).append(real(*a)[0]) or
+                            real(*a))
+
+    text = _config(moe, "ties")
+    monkeypatch.setattr(merge_pass, "BATCH_MAX_ITEMS", 7)
+    monkeypatch.setattr(merge_pass, "BATCH_MAX_BYTES", 6000)
+    spans("columns")
+    _merge(text, tmp_path / "columns", unit_bytes=100_000)
+    spans("items")
+    monkeypatch.setattr(merge_pass, "_uniform", lambda *a: None)
+    _merge(text, tmp_path / "items", unit_bytes=100_000)
+    monkeypatch.undo()
+    columns, items = sorted(found["columns"]), sorted(found["items"])
+    assert columns == items and any(len(s) > 10 and len(set(hi - lo for lo, hi in s)) > 1 for s in columns), columns
+    assert _bytes(tmp_path / "columns") == _bytes(tmp_path / "items")
+
+    models = [{n: t.float() if t.dim() == 1 else t for n, t in m.items()} for m in _models()]
+    paths = [_write(tmp_path / n, m) for n, m in zip(("base", "ft1", "ft2"), models)]
+    uniform = []
+    real_uniform = merge_pass._uniform
+    monkeypatch.setattr(merge_pass, "_uniform", lambda *a: uniform.append(real_uniform(*a)) or uniform[-1])
+    _merge(_config(paths, "ties"), tmp_path / "mixed")
+    assert uniform and all(u is None for u in uniform)
+    monkeypatch.setattr(merge_pass, "_batch_spans", lambda *a: ([], None))
+    _merge(_config(paths, "ties"), tmp_path / "single")
+    assert _bytes(tmp_path / "mixed") == _bytes(tmp_path / "single")

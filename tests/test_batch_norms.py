@@ -72,7 +72,7 @@ def test_batches_equal_tensor_by_tensor(moe, tmp_path, monkeypatch, method):
                         real(m, batch, *a))
     res = _merge(text, tmp_path / "batched", scheduler="threads:1")
     assert calls and max(calls) >= res.tensors - 2, calls
-    monkeypatch.setattr(merge_pass, "_batch_key", lambda *a: None)
+    monkeypatch.setattr(merge_pass, "_batch_spans", lambda *a: ([], None))
     _merge(text, tmp_path / "single")
     monkeypatch.undo()
     _merge(text, tmp_path / "small", unit_bytes=512)
@@ -155,6 +155,6 @@ def test_nan_deep_in_a_batch_is_named(tmp_path, monkeypatch, method):
     assert paths[1] in msg and repr(name) in msg and f"elements 0..{bad.numel() - 1}" in msg and "1 NaN" in msg, msg
     assert not os.path.exists(tmp_path / "out")
     _merge(_config(paths, method, "float32"), tmp_path / "batched", allow_nonfinite=True)
-    monkeypatch.setattr(merge_pass, "_batch_key", lambda *a: None)
+    monkeypatch.setattr(merge_pass, "_batch_spans", lambda *a: ([], None))
     _merge(_config(paths, method, "float32"), tmp_path / "single", allow_nonfinite=True)
     assert _bytes(tmp_path / "batched") == _bytes(tmp_path / "single")

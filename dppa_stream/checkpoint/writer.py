@@ -14,13 +14,16 @@ import json
 import math
 import os
 import threading
+from bisect import bisect_right
 from dataclasses import dataclass
+from itertools import accumulate, repeat
+from operator import add, mul
 
 import numpy as np
 
 from ..durable import fsync_file, write_atomic
 from ..errors import OutputError
-from .format import DTYPE_SIZES, build_header
+from .format import DTYPE_SIZES, header_layout
 from .reader import INDEX_NAME, SINGLE_NAME
 
 FORMAT_METADATA = {"format": "pt"}
@@ -37,31 +40,45 @@ class Placement:
 
 
 class ShardLayout:
-    """Output shards for tensors given in order as (name, dtype, shape)."""
+    """Output shards for tensors given in order as (name, dtype, shape). Made in one pass of C
+    functions mapped over columns (sizes, the greedy split by bisection on their running sum, each
+    shard's `header_layout`, the placements): an MoE output has tens of thousands of tensors."""
 
     def __init__(self, specs: list[tuple[str, str, tuple[int, ...]]], shard_size: int):
-        groups: list[list] = [[]]
-        sizes = [0]
-        for spec in specs:
-            nbytes = DTYPE_SIZES[spec[1]] * math.prod(spec[2])
-            if groups[-1] and sizes[-1] + nbytes > shard_size:
-                groups.append([])
-                sizes.append(0)
-            groups[-1].append(spec)
-            sizes[-1] += nbytes
-        n = len(groups)
+        self._lay_out(*((list(c) for c in zip(*specs)) if specs else ([], [], [])), shard_size)
+
+    @classmethod
+    def of_columns(cls, names: list[str], dtypes: list[str], shapes: list[tuple], shard_size: int) -> "ShardLayout":
+        """The layout of tensors given as columns (name, dtype and shape of each)."""
+        layout = cls.__new__(cls)
+        layout._lay_out(names, dtypes, shapes, shard_size)
+        return layout
+
+    def _lay_out(self, names: list[str], dtypes: list[str], shapes: list[tuple], shard_size: int) -> None:
+        itemsizes = list(map(DTYPE_SIZES.__getitem__, dtypes))
+        nbytes = list(map(mul, map(math.prod, shapes), itemsizes))
+        at = list(accumulate(nbytes, initial=0))
+        bounds = [0]  # greedy in tensor order: a shard takes tensors while they fit, and at least one
+        while bounds[-1] < len(names):
+            first = bounds[-1]
+            bounds.append(max(bisect_right(at, at[first] + shard_size, first + 1) - 1, first + 1))
+        if not names:
+            bounds.append(0)  # one empty shard
+        n = len(bounds) - 1
         self.files = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.headers: dict[str, bytes] = {}
         self.file_sizes: dict[str, int] = {}
         self.placements: dict[str, Placement] = {}
-        self.total_size = sum(sizes)
-        for fname, group, size in zip(self.files, groups, sizes):
-            header, offsets = build_header(group, FORMAT_METADATA)
+        self.total_size = at[-1]
+        for fname, lo, hi in zip(self.files, bounds, bounds[1:]):
+            cols = [names, dtypes, shapes, nbytes, itemsizes]
+            if n > 1:
+                cols = [c[lo:hi] for c in cols]
+            header, order, starts = header_layout(*cols[:4], FORMAT_METADATA)
             self.headers[fname] = header
-            self.file_sizes[fname] = len(header) + size
-            start = len(header)
-            for name, dtype, _ in group:
-                self.placements[name] = Placement(fname, start + offsets[name], DTYPE_SIZES[dtype])
+            self.file_sizes[fname] = len(header) + at[hi] - at[lo]
+            self.placements.update(zip(map(cols[0].__getitem__, order), map(
+                Placement, repeat(fname), map(add, starts, repeat(len(header))), map(cols[4].__getitem__, order))))
 
     def preallocate(self, folder: str) -> None:
         """Write each shard's header and size the file (sparse) so rows can land anywhere."""
@@ -144,19 +161,36 @@ def write_rows(folder: str, place: Placement, start: int, rows) -> int:
 def write_at(folder: str, place: Placement, at: int, data: np.ndarray) -> int:
     """Write bytes `data` (a contiguous uint8 array) at byte `at` of a tensor's place (a unit's
     FP8 codes and the scales of its blocks); returns bytes written."""
-    path = os.path.join(folder, place.file)
-    offset = place.offset + at
+    return _write(folder, place.file, [(place.offset + at, data)])
+
+
+def write_runs(folder: str, runs: list[tuple[Placement, np.ndarray]]) -> int:
+    """Write each run's bytes (contiguous uint8) at its place: the runs of a batch of small
+    tensors (`merge_pass.merge_batch`), with one open and one lock per file for all of them;
+    returns bytes written."""
+    by_file: dict[str, list] = {}
+    for place, data in runs:
+        by_file.setdefault(place.file, []).append((place.offset, data))
+    return sum(_write(folder, file, parts) for file, parts in by_file.items())
+
+
+def _write(folder: str, file: str, parts: list[tuple[int, np.ndarray]]) -> int:
+    """Write each (absolute offset, bytes) of `parts` into output shard `file`; returns bytes written."""
+    path = os.path.join(folder, file)
     try:
         fd = os.open(path, os.O_WRONLY)
     except OSError as e:
         raise OutputError(f"{path}: cannot open output shard ({e.strerror})") from None
+    written = 0
     try:
-        view, done = memoryview(data), 0
         with _file_lock(path):
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], offset + done)
+            for offset, data in parts:
+                view, done = memoryview(data), 0
+                while done < len(view):
+                    done += os.pwrite(fd, view[done:], offset + done)
+                written += len(view)
     except OSError as e:
         raise OutputError(f"{path}: write failed ({e.strerror})") from None
     finally:
         os.close(fd)
-    return len(data)
+    return written

@@ -13,6 +13,7 @@ held in a single work unit is then planned inside its pass-2 task, from rows alr
 from __future__ import annotations
 
 import math
+from operator import attrgetter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -152,6 +153,32 @@ class MergeMethod:
 
     def describe(self) -> str:
         return self.summary
+
+
+_GLOBALS, _MODELS = attrgetter("globals"), attrgetter("models")
+
+
+class ParamSets:
+    """The sets of parameter values of a batch's tensors (`infos`), for per-tensor arrays made once
+    per set (`of`). Tensors share their `globals` and `models` objects (`MergeConfig.params_of`
+    keeps one copy of each set of values), so thousands of an MoE checkpoint's tensors have a
+    handful, and an array built row by row in Python cost more than merging them."""
+
+    def __init__(self, infos):
+        n = len(infos)
+        by_globals, by_models = list(map(id, map(_GLOBALS, infos))), list(map(id, map(_MODELS, infos)))
+        if len(set(by_globals)) == 1 == len(set(by_models)):
+            self.sets, self.index = [infos[0]], np.zeros(n, np.intp)
+            return
+        keys = list(zip(by_globals, by_models))
+        first = dict(zip(keys, infos))
+        code = {k: i for i, k in enumerate(first)}
+        self.sets, self.index = list(first.values()), np.fromiter(map(code.__getitem__, keys), np.intp, n)
+
+    def of(self, value, dtype) -> np.ndarray:
+        """`value(info)` of every tensor, tensor k's in row k; `value` may read only an info's
+        `globals` and `models`."""
+        return np.array([value(info) for info in self.sets], dtype)[self.index]
 
 
 def torch_order_sum(values) -> np.float32:

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import kernels, rng
 from ..units import scratch
-from .base import MergeMethod, Param, REQUIRED, density_check, torch_order_sum
+from .base import MergeMethod, Param, REQUIRED, ParamSets, density_check, torch_order_sum
 from .sparsify import Band, Bernoulli, MagPrune, PruneLE, Sparse, Sparsifier, TopK, kernel_records
 
 _WEIGHT = Param(REQUIRED, (int, float), doc="scale of this model's delta")
@@ -100,9 +100,10 @@ class DeltaMethod(MergeMethod):
         bad = np.zeros(batch.src.shape[0], np.int64)
         starts = batch.starts
         numel = np.diff(starts)
-        weights = np.array([[m["weight"] for m in info.models] for info in infos], np.float64).astype(np.float32)
+        sets = ParamSets(infos)
+        weights = sets.of(_weights, np.float64).astype(np.float32)
         models = kernels.records(kernels.MODEL_FIELDS, (n, K), weight=weights)
-        params = [kind.batch_params(self, m, infos) for m in range(K)]
+        params = [kind.batch_params(self, m, infos, sets) for m in range(K)]
         for m, p in enumerate(params):
             kind.batch_stats(p, batch, m, bad)
         asked = [kind.batch_ranks(p, numel) for p in params]
@@ -123,12 +124,16 @@ class DeltaMethod(MergeMethod):
         for m, p in enumerate(params):
             kind.batch_fill(p, numel, found[:, m], models[:, m], levels[:, m])
         combine = kernels.records(kernels.COMBINE_FIELDS, n, consensus=self.consensus,
-                                  normalize=[bool(i.globals["normalize"]) for i in infos],
+                                  normalize=sets.of(lambda info: bool(info.globals["normalize"]), np.bool_),
                                   divisor=torch_order_sums(weights),
-                                  lam=[float(i.globals["lambda"]) for i in infos])
+                                  lam=sets.of(lambda info: float(info.globals["lambda"]), np.float64))
         kernels.gta_segments(batch.src, code, starts, self.bf16_deltas, models, levels, np.zeros((K, 1), np.uint8),
                              combine, out, out_code, bad)
         return bad
+
+
+def _weights(info) -> list:
+    return [m["weight"] for m in info.models]
 
 
 def torch_order_sums(weights: np.ndarray) -> np.ndarray:
@@ -269,8 +274,9 @@ class Linear(MergeMethod):
 
     def merge_batch(self, batch, infos, out, out_code, check_finite):
         """Every tensor of the batch in one `weighted_sum_segments` call (the bytes `merge_unit` gives)."""
-        weights = np.array([[m["weight"] for m in info.models] for info in infos], np.float64).astype(np.float32)
-        normalize = np.array([bool(i.globals["normalize"]) for i in infos], np.bool_)
+        sets = ParamSets(infos)
+        weights = sets.of(_weights, np.float64).astype(np.float32)
+        normalize = sets.of(lambda info: bool(info.globals["normalize"]), np.bool_)
         bad = np.zeros(batch.src.shape[0], np.int64)
         kernels.weighted_sum_segments(batch.src, kernels.CODES[batch.dtype], batch.starts, weights, normalize,
                                       _torch_order_rows(weights), out, out_code, bad)

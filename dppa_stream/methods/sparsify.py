@@ -103,9 +103,10 @@ class Sparsifier:
         return Sparse()
 
     @classmethod
-    def batch_params(cls, method, model: int, infos) -> dict:
-        """This model's parameters `fields` of every tensor of the batch, as arrays."""
-        return {f: np.array([info.models[model][f] for info in infos], np.float64) for f in cls.fields}
+    def batch_params(cls, method, model: int, infos, sets) -> dict:
+        """This model's parameters `fields` of every tensor of the batch (`sets`: their
+        `base.ParamSets`), as arrays."""
+        return {f: sets.of(lambda info: info.models[model][f], np.float64) for f in cls.fields}
 
     @classmethod
     def batch_stats(cls, p: dict, batch, model: int, bad: np.ndarray) -> None:
@@ -350,13 +351,13 @@ class Bernoulli(Sparsifier):
     fields = ("density",)
 
     @classmethod
-    def batch_params(cls, method, model, infos):
+    def batch_params(cls, method, model, infos, sets):
         from .. import rng
 
-        p = super().batch_params(method, model, infos)
+        p = super().batch_params(method, model, infos, sets)
         p["key"] = np.array([rng.stream_key(method.seed, model, info.name) for info in infos], np.uint64)
         p["limit"] = (p["density"] * (1 << 24)).astype(np.int64)
-        p["rescale"] = np.array([bool(info.globals["rescale"]) for info in infos], np.bool_)
+        p["rescale"] = sets.of(lambda info: bool(info.globals["rescale"]), np.bool_)
         return p
 
     @classmethod
