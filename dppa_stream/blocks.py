@@ -45,6 +45,9 @@ KINDS = ("q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down", "fc_in", "f
 
 # Leftmost match = outermost stack. The block must have something under it (`h.0.` not `h.0`).
 _STACK_RE = re.compile(r"(?:^|\.)(?:" + "|".join(STACK_NAMES) + r")\.([0-9]+)\.")
+# A name's head up to and including `_STACK_RE`'s leftmost match (`model.layers.7.`), else "": the
+# prefix grows a whole `segment.` at a time, shortest first, and the match always succeeds
+_HEAD_RE = re.compile(r"(?:(?:[^.]*\.)*?(?:" + "|".join(STACK_NAMES) + r")\.[0-9]+\.)?")
 _INDEXED_RE = re.compile(r"(?:^|\.)([^.]+)\.([0-9]+)\.")  # any `<name>.<int>.`: for suggestions
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 _ROUTER_LEAVES = {"gate", "gating", "wg", "router", "gate_network"}
@@ -438,24 +441,19 @@ def layer_positions(names) -> dict[str, float]:
     """mergekit's t of every tensor: layer i of a stack of L layers gets i/(L-1) (1 for a
     one-layer stack); tensors outside the stacks (embeddings, final norms, heads) get 0.
 
-    One regex search per name; the rest is per layer (`stack.N.`, a few hundred), not per name."""
+    One regex match per name, mapped in C; the rest is per head `<stack>.<N>.` (a few hundred),
+    not per name: an MoE layer repeats its head for every expert's tensors."""
     from .params import layer_position
 
-    search = _STACK_RE.search
-    inside, heads = [], []  # names in a layer, and each one's head `<stack>.<N>.`
-    for name in names:
-        m = search(name)
-        if m is not None:
-            inside.append(name)
-            heads.append(name[:m.end()])
+    heads = list(map(re.Match.group, map(_HEAD_RE.match, names)))  # mapped in C
     where = {}  # head -> (stack, index)
     layers: dict[str, int] = {}
     for head in dict.fromkeys(heads):
-        m = search(head)
-        stack, index = head[: m.start(1) - 1], int(m.group(1))
-        where[head] = stack, index
-        layers[stack] = max(layers.get(stack, 0), index + 1)
+        if head:
+            m = _STACK_RE.search(head)
+            stack, index = head[: m.start(1) - 1], int(m.group(1))
+            where[head] = stack, index
+            layers[stack] = max(layers.get(stack, 0), index + 1)
     t = {head: layer_position(index, layers[stack]) for head, (stack, index) in where.items()}
-    out = dict.fromkeys(names, 0.0)
-    out.update(zip(inside, map(t.__getitem__, heads)))
-    return out
+    t[""] = 0.0
+    return dict(zip(names, map(t.__getitem__, heads)))
