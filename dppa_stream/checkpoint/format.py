@@ -228,11 +228,15 @@ def _usual_entries(path: str, header: dict, data_start: int, file_size: int, fil
     nbytes = list(map(mul, numels, sizes))
     if max(numels) > MAX_INT or list(map(sub, stops, starts)) != nbytes:
         return None
-    order = sorted(range(len(starts)), key=starts.__getitem__)
-    first, last = list(map(starts.__getitem__, order)), list(map(stops.__getitem__, order))
+    first = sorted(starts)
+    if first == starts:  # listed in file order, as safetensors writes them: nothing to reorder
+        last, pick = stops, list
+    else:
+        order = sorted(range(len(starts)), key=starts.__getitem__)
+        first, last = list(map(starts.__getitem__, order)), list(map(stops.__getitem__, order))
+        pick = itemgetter(*order) if len(order) > 1 else lambda xs: (xs[order[0]],)
     if first[0] != 0 or first[1:] != last[:-1] or data_start + last[-1] != file_size:  # contiguous, whole file
         return None
-    pick = itemgetter(*order) if len(order) > 1 else lambda xs: (xs[order[0]],)
     return list(map(_entry, map(sys.intern, pick(names)), pick(dtypes), map(tuple, pick(shapes)), repeat(path),
                     map(add, first, repeat(data_start)), pick(nbytes), repeat(file_id)))
 
