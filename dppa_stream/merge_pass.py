@@ -16,6 +16,7 @@ Finished work units go to the manifest (with the requantization loss of their un
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from bisect import bisect_right
@@ -258,9 +259,10 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
     c = session.classes
     quantized = [t for t in _quantizable(session) if targets[t].ref is not None]
     plain = not quantized
-    if plain:  # `Target.specs` of plain tensors, as columns: the classes' (targets are made per class)
-        layout = ShardLayout.of_columns(c.names, c.column([targets[c.names[i]].dtype for i in c.first]), c.shapes,
-                                        shard_size)
+    if plain:  # `Target.specs` of plain tensors, as columns: their classes' (one shape and target each)
+        dtypes = [targets[c.names[i]].dtype for i in c.first]
+        layout = ShardLayout.of_columns(c.names, c.column(dtypes), c.shapes, shard_size, c.column(
+            [math.prod(c.shapes[i]) * DTYPE_SIZES[d] for i, d in zip(c.first, dtypes)]))
     else:
         layout = ShardLayout([s for t in inputs.names for s in targets[t].specs()], shard_size)
     if done:
