@@ -16,6 +16,7 @@ Finished work units go to the manifest (with the requantization loss of their un
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from bisect import bisect_right
@@ -32,7 +33,7 @@ from .methods.base import Catalogue, TensorInfo
 from .inputs import verify_unchanged
 from .output import MANIFEST, WORK_DIR, Manifest, read_manifest_extras, release_reserve
 from .statistics import check_nonfinite, drive, inline
-from .targets import RequantLoss, Target, output_targets, tensor_scale, write_quantized, writes_quantized
+from .targets import RequantLoss, Target, output_targets, tensor_scale, write_quantized
 from .units import (BATCH_MAX_BYTES, BATCH_MAX_ITEMS, BATCH_MAX_NUMEL, BatchRows, UnitInputs, UnitRows, batch_key,
                     run_bounds, scratch)
 
@@ -212,10 +213,17 @@ def amax_work(method, work, plans: tuple, check_finite: bool) -> dict[str, float
     return out
 
 
+def _quantizable(session) -> list[str]:
+    """The tensors that may be stored quantized, in output order: only a class of its own
+    (`units.Classes.alone`) may have a `Target.ref`, a class of many tensors is written plain."""
+    c = session.classes
+    return list(map(c.names.__getitem__, c.alone))
+
+
 def tensor_scales(session, plans: dict, targets: dict[str, Target]) -> tuple[dict[str, Target], int]:
     """Targets with their per-tensor FP8 scales chosen, and the bytes read: a pass that merges
     those tensors (only) and keeps each one's largest finite |value|."""
-    wanted = {t for t, tg in targets.items() if tg.needs_amax}
+    wanted = {t for t in _quantizable(session) if targets[t].needs_amax}
     if not wanted:
         return targets, 0
     from .units import pack
@@ -248,14 +256,15 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
     partial = out + ".partial"
     ref = inputs.reference
     targets, amax_read = tensor_scales(session, plans, output_targets(inputs, cfg.out_dtype, cfg.dtype))
-    tgs = list(map(targets.__getitem__, inputs.names))
-    plain = not writes_quantized(targets)
-    if plain:  # `Target.specs` of plain tensors, as columns
-        layout = ShardLayout.of_columns(list(map(_NAME, tgs)), list(map(_DTYPE, tgs)), list(map(_SHAPE, tgs)),
-                                        shard_size)
+    c = session.classes
+    quantized = [t for t in _quantizable(session) if targets[t].ref is not None]
+    plain = not quantized
+    if plain:  # `Target.specs` of plain tensors, as columns: their classes' (one shape and target each)
+        dtypes = [targets[c.names[i]].dtype for i in c.first]
+        layout = ShardLayout.of_columns(c.names, c.column(dtypes), c.shapes, shard_size, c.column(
+            [math.prod(c.shapes[i]) * DTYPE_SIZES[d] for i, d in zip(c.first, dtypes)]))
     else:
-        layout = ShardLayout([s for tg in tgs for s in tg.specs()], shard_size)
-    del tgs
+        layout = ShardLayout([s for t in inputs.names for s in targets[t].specs()], shard_size)
     if done:
         layout.check_preallocated(partial)
     else:
@@ -263,8 +272,7 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
 
     loss = RequantLoss()
     paths = {f: ck.path for ck in inputs.all for f in ck.files}
-    keys = {} if plain else \
-        {t: _loss_keys(inputs.outputs[t], paths) for t in inputs.names if targets[t].ref is not None}
+    keys = {t: _loss_keys(inputs.outputs[t], paths) for t in quantized}
 
     def add_losses(losses):
         for t, partial_loss in losses or ():
@@ -304,7 +312,7 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
     release_reserve(partial)
     layout.finish(partial)
     copy_model_files(ref.folder, partial, cfg.output_dtype, inputs.config, inputs.vocab.files if inputs.vocab else None,
-                     keep_quantization=writes_quantized(targets))
+                     keep_quantization=not plain)
     shown = cfg.shown.get
     write_model_card(partial, cfg, method.describe(), shown(cfg.base_model, cfg.base_model) if cfg.base_model else None,
                      [shown(m.path, m.path) for m in cfg.models])

@@ -20,6 +20,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
+from operator import itemgetter
 from typing import Callable
 
 from .config import MergeConfig
@@ -36,6 +37,7 @@ from .units import (MAX_UNIT_BYTES, PROCESS_BASELINE, TASK_OVERHEAD, Classes, Un
 log = logging.getLogger("dppa_stream")
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
+_FIRST = itemgetter(0)
 
 
 @dataclass
@@ -257,7 +259,7 @@ def work_units(inputs: Inputs, units: dict, needs: list, unit_bytes: int) -> lis
         shape = entries[0].shape  # the output's (n is its numel): inputs of its shape hold n elements each
         nbytes.append((sum([e.nbytes for e in entries]) if n else 0) if all([e.shape == shape for e in entries])
                       else UnitInputs(us[0], c.bases[i], c.models[i]).nbytes)
-    items = list(map(UnitInputs, [us[0] for us in lists], c.bases, c.models))
+    items = list(map(UnitInputs, map(_FIRST, lists), c.bases, c.models))
     sizes, stored = c.column(size), c.column(nbytes)
     if split:  # a tensor of several units: an item per unit, in its place
         parts, at = ([], [], []), 0

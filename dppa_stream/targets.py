@@ -113,10 +113,6 @@ def _target(name: str, e, out_dtype: str | None, dtype: str | None) -> Target:
     return Target(name, e.shape, out_dtype or dtype or e.dtype)
 
 
-def writes_quantized(targets: dict[str, Target]) -> bool:
-    return any(t.ref is not None for t in targets.values())
-
-
 # --- writing a unit -----------------------------------------------------------------------------
 
 def write_quantized(target: Target, folder: str, places: tuple[Placement, ...], lo: int, hi: int,

@@ -30,7 +30,7 @@ import numpy as np
 from .checkpoint import DTYPE_SIZES, FLOAT_DTYPES, TensorEntry
 from .errors import UsageError
 
-_DTYPE, _SHAPE = attrgetter("dtype"), attrgetter("shape")
+_DTYPE, _SHAPE, _BASE, _MODELS = attrgetter("dtype"), attrgetter("shape"), attrgetter("base"), attrgetter("models")
 
 PROCESS_BASELINE = 300 << 20  # python + numpy + numba + dask/distributed, per process
 TASK_OVERHEAD = 16 << 20  # kernel scratch, histograms and Dask bookkeeping per running task
@@ -142,8 +142,7 @@ def tensor_classes(inputs) -> Classes:
         return memo[2]
     names = list(inputs.names)
     outs = list(map(inputs.outputs.__getitem__, names))
-    bases = [o.base for o in outs]
-    models = [o.models for o in outs]
+    bases, models = list(map(_BASE, outs)), list(map(_MODELS, outs))
     nones = bases.count(None)
     if not names:
         keys, refs, dtypes, shapes = [], [], [], []

@@ -398,9 +398,10 @@ def header_layout(names: list[str], dtypes: list[str], shapes: list[tuple], nbyt
         kind = list(zip(dtypes, shapes))
     at = list(accumulate(map(nbytes.__getitem__, order), initial=0))
     # names that JSON leaves as they are (no quotes, backslashes, control characters) get their
-    # quotes from the text around them
+    # quotes from the text around them (printable text without either: C scans, no escaped copy)
     joined = "".join(names)
-    q = '"' if len(_quote(joined)) == len(joined) + 2 else ""
+    plain = joined.isprintable() and '"' not in joined and "\\" not in joined
+    q = '"' if plain or len(_quote(joined)) == len(joined) + 2 else ""
 
     def middle(d: str, shape: tuple) -> str:
         return f'{q}:{{"dtype":"{d}","shape":[{",".join(map(str, shape))}],"data_offsets":['
@@ -412,7 +413,12 @@ def header_layout(names: list[str], dtypes: list[str], shapes: list[tuple], nbyt
         ordered if q else map(_quote, ordered), map(middles.__getitem__, map(kind.__getitem__, order)),
         offsets, repeat(","), islice(offsets, 1, None), repeat("]}," + q)))
     meta = '"__metadata__":' + json.dumps(metadata, separators=(",", ":"), ensure_ascii=False) + "," if metadata else ""
-    text = "{" + meta + (q if n else "") + "".join(pieces)
-    text = (text[:len(text) - 1 - (len(q) if n else 0)] + "}" if n or metadata else "{}").encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text, order, at[:-1]
+    # built in one buffer behind its length prefix: the text (megabytes) is copied once, not per step
+    text = bytearray(8)
+    text += ("{" + meta + (q if n else "") + "".join(pieces)).encode() if n or metadata else b"{}"
+    if n or metadata:
+        del text[len(text) - 1 - (len(q) if n else 0):]  # the last entry's separator
+        text += b"}"
+    text += b" " * (-(len(text) - 8) % 8)
+    struct.pack_into("<Q", text, 0, len(text) - 8)
+    return bytes(text), order, at[:-1]

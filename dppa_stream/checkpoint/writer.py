@@ -48,15 +48,19 @@ class ShardLayout:
         self._lay_out(*((list(c) for c in zip(*specs)) if specs else ([], [], [])), shard_size)
 
     @classmethod
-    def of_columns(cls, names: list[str], dtypes: list[str], shapes: list[tuple], shard_size: int) -> "ShardLayout":
-        """The layout of tensors given as columns (name, dtype and shape of each)."""
+    def of_columns(cls, names: list[str], dtypes: list[str], shapes: list[tuple], shard_size: int,
+                   nbytes: list[int] | None = None) -> "ShardLayout":
+        """The layout of tensors given as columns (name, dtype and shape of each; `nbytes`: each
+        one's size, where the caller knows it cheaper than from the shapes)."""
         layout = cls.__new__(cls)
-        layout._lay_out(names, dtypes, shapes, shard_size)
+        layout._lay_out(names, dtypes, shapes, shard_size, nbytes)
         return layout
 
-    def _lay_out(self, names: list[str], dtypes: list[str], shapes: list[tuple], shard_size: int) -> None:
+    def _lay_out(self, names: list[str], dtypes: list[str], shapes: list[tuple], shard_size: int,
+                 nbytes: list[int] | None = None) -> None:
         itemsizes = list(map(DTYPE_SIZES.__getitem__, dtypes))
-        nbytes = list(map(mul, map(math.prod, shapes), itemsizes))
+        if nbytes is None:
+            nbytes = list(map(mul, map(math.prod, shapes), itemsizes))
         at = list(accumulate(nbytes, initial=0))
         bounds = [0]  # greedy in tensor order: a shard takes tensors while they fit, and at least one
         while bounds[-1] < len(names):
