@@ -105,26 +105,41 @@ def _reference(paths, method):
             deltas = [d * rk.breadcrumbs_keep(d.reshape(-1), density, 0.1).reshape(d.shape) for d in deltas]
         elif method.startswith("dare"):
             deltas = [_dare(d, density, stream_key(0, i, name)) for i, d in enumerate(deltas)]
-        consensus = method in ("ties", "breadcrumbs_ties", "dare_ties")
-        out[name] = gta(b, deltas, [weight, weight], consensus, method == "ties", 1.0).to(torch.bfloat16)
+        elif method.startswith("della"):
+            deltas = [_della(d, density, 0.1, stream_key(0, i, name)) for i, d in enumerate(deltas)]
+        consensus = method in ("ties", "breadcrumbs_ties", "dare_ties", "della")
+        out[name] = gta(b, deltas, [weight, weight], consensus, method in ("ties", "della"), 1.0).to(torch.bfloat16)
     return out
+
+
+def _della(d, density, epsilon, key):
+    """DELLA's kept delta: each element kept with its rank's probability (tests/reference_kernels.py;
+    a 1-D tensor is one vector), drawn from the counter stream one element at a time; L1 rescale."""
+    shape = (1, d.numel()) if d.dim() == 1 else tuple(d.shape)
+    probs = rk.della_keep_probability(rk.della_ranks(d.reshape(shape), shape), shape[1], density, epsilon)
+    keep = torch.tensor([bool(keep_mask(key, i, 1, p)[0]) for i, p in enumerate(probs)]).reshape(d.shape)
+    return _rescaled(d, d * keep)
 
 
 def _dare(d, density, key):
     """DARE's kept delta with mergekit's L1 rescale (as tests/reference.py)."""
-    kept = d * torch.from_numpy(keep_mask(key, 0, d.numel(), density)).reshape(d.shape)
+    return _rescaled(d, d * torch.from_numpy(keep_mask(key, 0, d.numel(), density)).reshape(d.shape))
+
+
+def _rescaled(d, kept):
+    """mergekit's L1 rescale of the `kept` part of delta `d`, sums exact (`math.fsum`)."""
     before = math.fsum(d.abs().reshape(-1).double().tolist())
     after = math.fsum(kept.abs().reshape(-1).double().tolist())
     return kept * (before / after) if before >= 1e-7 and after >= 1e-7 else kept
 
 
 @pytest.mark.parametrize("method", ["ties", "magnitude", "breadcrumbs_ties", "task_arithmetic", "dare_ties",
-                                    "dare_linear"])
+                                    "dare_linear", "della", "della_linear"])
 def test_batches_equal_tensor_by_tensor_and_the_reference(moe, tmp_path, monkeypatch, method):
     """Default units (every tensor in one batch, densities and weights varying inside it) against
     the tensor-by-tensor path (batching switched off) and against 512-byte units; all equal the
     independent reference."""
-    extra = ", gamma: 0.1" if method == "breadcrumbs_ties" else ""
+    extra = {"breadcrumbs_ties": ", gamma: 0.1", "della": ", epsilon: 0.1", "della_linear": ", epsilon: 0.1"}.get(method, "")
     text = _config(moe, method, extra)
     calls = []
     real = merge_pass.merge_batch
@@ -175,7 +190,7 @@ def test_one_read_per_input_and_one_write_per_run(moe, tmp_path, monkeypatch):
     assert len(reads) == 3 and len(writes) == 1, (len(reads), len(writes))
 
 
-@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "della"])
 def test_nan_deep_in_a_batch_is_named(tmp_path, monkeypatch, method):
     """A NaN in the 37th tensor of a fine-tune (one batch holds them all): the error names that
     file and tensor and its elements, and no output appears."""

@@ -427,24 +427,17 @@ def _rank_order(keys, n, order, tmp, count):
             order[i] = tmp[i]
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
-def della_mask(src, code, model, lo_slice, hi_slice, d1, rest, flat0, key, density, epsilon, mask, bad):
-    """DELLA's keep mask for dim-0 slices [lo_slice, hi_slice) of the unit (each d1 x rest
-    elements): within each vector along dim 1, rank |delta| ascending (ties by position), q =
-    (rank - 1) / (d1 - 1) (0.5 for a single element), keep probability p = density - epsilon +
-    2 epsilon q, drawn from the counter RNG (element's tensor-wide index flat0 + local index)."""
+@njit(inline="always")
+def _della_slices(src, code, model, at, lo_slice, hi_slice, d1, rest, flat0, key, density, epsilon, mask, bad,
+                  base, d, mag, order, tmp, count):
+    """`della_mask`'s loop for a unit stored at columns at.. of src and mask (flat index flat0 +
+    unit-local index), with the caller's scratch."""
     size = d1 * rest
-    base = np.empty(size, np.float32)
-    d = np.empty(size, np.float32)
-    mag = np.empty(d1, np.uint32)
-    order = np.empty(d1, np.int64)
-    tmp = np.empty(d1, np.int64)
-    count = np.empty(257, np.int64)
     k = np.uint64(key)
     for sl in range(lo_slice, hi_slice):
         s = sl * size
-        bad[0] += widen_block(src[0], code, s, size, base)
-        bad[model + 1] += widen_block(src[model + 1], code, s, size, d)
+        bad[0] += widen_block(src[0], code, at + s, size, base)
+        bad[model + 1] += widen_block(src[model + 1], code, at + s, size, d)
         for j in range(size):
             d[j] = d[j] - base[j]
         for c in range(rest):
@@ -458,7 +451,45 @@ def della_mask(src, code, model, lo_slice, hi_slice, d1, rest, flat0, key, densi
                 p = density - epsilon + 2.0 * epsilon * q
                 lim = np.uint64(max(0.0, min(1.0, p)) * 16777216.0)
                 idx = s + i * rest + c
-                mask[idx] = 1 if keep_draw(k, flat0 + idx, lim) else 0
+                mask[at + idx] = 1 if keep_draw(k, flat0 + idx, lim) else 0
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def della_mask(src, code, model, lo_slice, hi_slice, d1, rest, flat0, key, density, epsilon, mask, bad):
+    """DELLA's keep mask for dim-0 slices [lo_slice, hi_slice) of the unit (each d1 x rest
+    elements): within each vector along dim 1, rank |delta| ascending (ties by position), q =
+    (rank - 1) / (d1 - 1) (0.5 for a single element), keep probability p = density - epsilon +
+    2 epsilon q, drawn from the counter RNG (element's tensor-wide index flat0 + local index)."""
+    size = d1 * rest
+    _della_slices(src, code, model, 0, lo_slice, hi_slice, d1, rest, flat0, key, density, epsilon, mask, bad,
+                  np.empty(size, np.float32), np.empty(size, np.float32), np.empty(d1, np.uint32),
+                  np.empty(d1, np.int64), np.empty(d1, np.int64), np.empty(257, np.int64))
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def della_mask_segments(src, code, model, starts, d1s, rests, slices, active, sums, keys, density, epsilon, mask,
+                        full, kept, bad):
+    """`della_mask` of one model over a batch of whole tensors (tensor k: columns
+    starts[k]:starts[k+1], layout d1s[k], rests[k], slices[k] as `della_layout` gives it) for the
+    tensors with active[k], into mask at the same columns; and for those with sums[k] too,
+    `masked_abs_sums` of the tensor into full[k] and kept[k] (DELLA's L1 rescale)."""
+    size, width = 1, 1
+    for k in range(starts.shape[0] - 1):
+        if active[k]:
+            size = max(size, d1s[k] * rests[k])
+            width = max(width, d1s[k])
+    base = np.empty(size, np.float32)
+    d = np.empty(size, np.float32)
+    mag = np.empty(width, np.uint32)
+    order = np.empty(width, np.int64)
+    tmp = np.empty(width, np.int64)
+    count = np.empty(257, np.int64)
+    for k in range(starts.shape[0] - 1):
+        if active[k]:
+            _della_slices(src, code, model, starts[k], 0, slices[k], d1s[k], rests[k], 0, keys[k], density[k],
+                          epsilon[k], mask, bad, base, d, mag, order, tmp, count)
+            if sums[k]:
+                masked_abs_sums(src, code, model, starts[k], starts[k + 1], mask, full[k], kept[k], bad)
 
 
 def della_layout(shape: tuple, unit) -> tuple[int, int, int]:

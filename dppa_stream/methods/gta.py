@@ -90,8 +90,8 @@ class DeltaMethod(MergeMethod):
     def merge_batch(self, batch, infos, out, out_code, check_finite):
         """The batch planned with arrays (one exact-rank kernel call for every tensor and model,
         `Sparsifier.batch_params`/`batch_stats`/`batch_ranks`/`batch_fill`) and merged with one
-        `gta_segments` call: the records and the bytes `merge_unit` gives tensor by tensor. DELLA
-        (masks per unit) plans tensor by tensor."""
+        `gta_segments` call: the records and the bytes `merge_unit` gives tensor by tensor (DELLA's
+        masks made for the whole batch by `MagPrune.batch_stats`)."""
         kind = getattr(self, "sparse_kind", None)
         if kind not in BATCHED or self.bf16_deltas:
             return super().merge_batch(batch, infos, out, out_code, check_finite)
@@ -104,7 +104,9 @@ class DeltaMethod(MergeMethod):
         weights = sets.of(_weights, np.float64).astype(np.float32)
         models = kernels.records(kernels.MODEL_FIELDS, (n, K), weight=weights)
         params = [kind.batch_params(self, m, infos, sets) for m in range(K)]
+        masks = np.zeros((K, int(starts[-1]) if kind.masked else 1), np.uint8)
         for m, p in enumerate(params):
+            p["mask"] = masks[m]
             kind.batch_stats(p, batch, m, bad)
         asked = [kind.batch_ranks(p, numel) for p in params]
         R = max([a[0].shape[1] for a in asked if a is not None] + [1])
@@ -127,8 +129,8 @@ class DeltaMethod(MergeMethod):
                                   normalize=sets.of(lambda info: bool(info.globals["normalize"]), np.bool_),
                                   divisor=torch_order_sums(weights),
                                   lam=sets.of(lambda info: float(info.globals["lambda"]), np.float64))
-        kernels.gta_segments(batch.src, code, starts, self.bf16_deltas, models, levels, np.zeros((K, 1), np.uint8),
-                             combine, out, out_code, bad)
+        kernels.gta_segments(batch.src, code, starts, self.bf16_deltas, models, levels, masks, combine, out, out_code,
+                             bad)
         return bad
 
 
@@ -223,7 +225,7 @@ def _della(method, model, info):
 
 
 _KINDS = {_topk: TopK, _bernoulli: Bernoulli, _prune_le: PruneLE, _band: Band, _della: MagPrune}
-BATCHED = (Sparsifier, TopK, PruneLE, Band, Bernoulli)  # sparsifiers `merge_batch` plans with arrays
+BATCHED = (Sparsifier, TopK, PruneLE, Band, Bernoulli, MagPrune)  # sparsifiers `merge_batch` plans with arrays
 
 _GAMMA = {"gamma": Param(0.01, (int, float), lambda v: None if 0 <= v <= 1 else "must be in [0, 1]",
                          "fraction of the largest |delta| dropped")}

@@ -95,6 +95,7 @@ class Sparsifier:
     records that `decide` would make, field for field, from them."""
 
     fields: tuple = ()  # the model parameters the batch methods read, per tensor
+    masked = False  # keeps a mask per model over the batch's columns (`batch_stats` fills p["mask"])
 
     def needs(self, model: int, numel: int, span, got) -> list[Stat]:
         return []
@@ -323,6 +324,67 @@ class MagPrune(Sparsifier):
                 scale = sums.full / sums.kept
         return Sparse(kernels.SP_MASK, key=self.key, scale=scale, della=(self.density, self.epsilon))
 
+    fields = ("density", "epsilon")
+    masked = True
+
+    @classmethod
+    def batch_params(cls, method, model, infos, sets):
+        p = _keyed(super().batch_params(method, model, infos, sets), method, model, infos, sets)
+        d, eps = p["density"], p["epsilon"]
+        wrong = (0 < d) & (d < 1) & ~((0 < d - eps) & (d + eps < 1))
+        if wrong.any():  # the per-tensor check's error, naming the first such tensor
+            method.sparsifier(model, infos[int(np.argmax(wrong))])
+        return p
+
+    @classmethod
+    def batch_stats(cls, p, batch, model, bad):
+        """The masks of every tensor (`p["mask"]`: this model's row over the batch's columns) and
+        the L1 rescale, in one kernel call: `decide`'s and `della_masks`' values."""
+        d = p["density"]
+        numel = np.diff(batch.starts)
+        active = (0 < d) & (d < 1)
+        sums = active & p["rescale"] & (numel > 0)
+        n = len(d)
+        p["scale"] = np.ones(n)
+        if not active.any():
+            return
+        d1, rest, slices = della_layouts([inp.models[0].shape for inp in batch.items], numel)
+        full, kept = np.zeros((n, 256), np.int64), np.zeros((n, 256), np.int64)
+        kernels.della_mask_segments(batch.src, kernels.CODES[batch.dtype], model, batch.starts, d1, rest, slices,
+                                    active, sums, p["key"], d, p["epsilon"], p["mask"], full, kept, bad)
+        a, b = np.zeros(n), np.zeros(n)
+        kernels.exact_sums(full, a)
+        kernels.exact_sums(kept, b)
+        use = sums & (a >= 1e-7) & (b >= 1e-7)
+        p["scale"][use] = a[use] / b[use]
+
+    @classmethod
+    def batch_fill(cls, p, numel, found, models, levels):
+        d = p["density"]
+        on, none = (0 < d) & (d < 1), d <= 0
+        models["mode"] = np.where(on, kernels.SP_MASK, np.where(none, kernels.SP_SHRINK, kernels.SP_NONE))
+        models["nlevels"] = none
+        models["key"] = np.where(on, p["key"], 0)
+        models["scale"] = np.where(on, p["scale"], 1.0)
+        lev = levels[:, 0]
+        lev["kind"] = np.where(none, kernels.TH_NONE, lev["kind"])
+
+
+def della_layouts(shapes: list, numel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`kernels.della_layout` of whole tensors of these `shapes` (`numel` elements each), as
+    columns: one array conversion when they have one number of dimensions (an MoE batch)."""
+    n = len(shapes)
+    dims = set(map(len, shapes))
+    if len(dims) == 1 and min(dims) >= 2:
+        s = np.array(shapes, np.int64).reshape(n, -1)
+        d1, rest = s[:, 1], s[:, 2:].prod(axis=1)
+        width = d1 * rest
+        return d1, rest, np.where(width > 0, numel // np.maximum(width, 1), 0)
+    from types import SimpleNamespace
+
+    cols = [kernels.della_layout(shape, SimpleNamespace(numel=int(m))) for shape, m in zip(shapes, numel)]
+    return tuple(np.array(c, np.int64).reshape(n) for c in zip(*cols)) if cols else (np.zeros(0, np.int64),) * 3
+
 
 class Bernoulli(Sparsifier):
     """DARE: keep each element with probability `density`, drawn from a counter-based stream keyed
@@ -352,12 +414,8 @@ class Bernoulli(Sparsifier):
 
     @classmethod
     def batch_params(cls, method, model, infos, sets):
-        from .. import rng
-
-        p = super().batch_params(method, model, infos, sets)
-        p["key"] = np.array([rng.stream_key(method.seed, model, info.name) for info in infos], np.uint64)
+        p = _keyed(super().batch_params(method, model, infos, sets), method, model, infos, sets)
         p["limit"] = (p["density"] * (1 << 24)).astype(np.int64)
-        p["rescale"] = sets.of(lambda info: bool(info.globals["rescale"]), np.bool_)
         return p
 
     @classmethod
@@ -383,3 +441,13 @@ class Bernoulli(Sparsifier):
         models["key"] = np.where(on, p["key"], 0)
         models["limit"] = np.where(on, p["limit"], 0)
         models["scale"] = np.where(on, p["scale"], 1.0)
+
+
+def _keyed(p: dict, method, model: int, infos, sets) -> dict:
+    """A random sparsifier's batch parameters `p` with each tensor's RNG stream key and whether it
+    is L1-rescaled."""
+    from .. import rng
+
+    p["key"] = np.array([rng.stream_key(method.seed, model, info.name) for info in infos], np.uint64)
+    p["rescale"] = sets.of(lambda info: bool(info.globals["rescale"]), np.bool_)
+    return p
