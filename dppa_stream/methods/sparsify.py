@@ -352,11 +352,7 @@ class MagPrune(Sparsifier):
         full, kept = np.zeros((n, 256), np.int64), np.zeros((n, 256), np.int64)
         kernels.della_mask_segments(batch.src, kernels.CODES[batch.dtype], model, batch.starts, d1, rest, slices,
                                     active, sums, p["key"], d, p["epsilon"], p["mask"], full, kept, bad)
-        a, b = np.zeros(n), np.zeros(n)
-        kernels.exact_sums(full, a)
-        kernels.exact_sums(kept, b)
-        use = sums & (a >= 1e-7) & (b >= 1e-7)
-        p["scale"][use] = a[use] / b[use]
+        _l1_rescale(p["scale"], sums, full, kept)
 
     @classmethod
     def batch_fill(cls, p, numel, found, models, levels):
@@ -368,6 +364,16 @@ class MagPrune(Sparsifier):
         models["scale"] = np.where(on, p["scale"], 1.0)
         lev = levels[:, 0]
         lev["kind"] = np.where(none, kernels.TH_NONE, lev["kind"])
+
+
+def _l1_rescale(scale: np.ndarray, use: np.ndarray, full: np.ndarray, kept: np.ndarray) -> None:
+    """mergekit's rescale of each tensor in `use`: ||delta||_1 / ||kept delta||_1 into `scale`, from
+    exact per-exponent sums of both (`kernels.exact_sums`), skipped where either is below 1e-7."""
+    a, b = np.zeros(len(use)), np.zeros(len(use))
+    kernels.exact_sums(full, a)
+    kernels.exact_sums(kept, b)
+    use = use & (a >= 1e-7) & (b >= 1e-7)
+    scale[use] = a[use] / b[use]
 
 
 def della_layouts(shapes: list, numel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -428,11 +434,7 @@ class Bernoulli(Sparsifier):
         full, kept = np.zeros((n, 256), np.int64), np.zeros((n, 256), np.int64)
         kernels.dare_sums_segments(batch.src, kernels.CODES[batch.dtype], model, batch.starts, active, p["key"],
                                    p["limit"].astype(np.uint64), full, kept, bad)
-        a, b = np.zeros(n), np.zeros(n)
-        kernels.exact_sums(full, a)
-        kernels.exact_sums(kept, b)
-        use = active & (a >= 1e-7) & (b >= 1e-7)
-        p["scale"][use] = a[use] / b[use]
+        _l1_rescale(p["scale"], active, full, kept)
 
     @classmethod
     def batch_fill(cls, p, numel, found, models, levels):
