@@ -75,6 +75,7 @@ class Inputs:
     vocab: tokenizer.Vocabulary | None = None  # the output tokenizer, when the config builds one
     config: dict | None = None  # the output config.json (before its dtype is set), when it is not the donor's
     targets: dict = field(default_factory=dict, repr=False)  # (out_dtype, dtype) -> targets.output_targets
+    classes: object = field(default=None, repr=False)  # (outputs, count, units.Classes): units.tensor_classes
 
     @property
     def reference(self) -> Checkpoint:
