@@ -115,6 +115,19 @@ def test_counter_rng_is_chunk_invariant_and_fair():
     assert not np.array_equal(whole, kernels.keep_mask(np.uint64(rng.stream_key(0, 2, "x")), 0, 100_000, limit))
 
 
+def test_stream_keys_of_a_batch_equal_the_reference_keys():
+    """The batched keys (a batch of DARE/DELLA tensors) are the reference's blake2b keys, names
+    with non-ASCII characters included."""
+    from dppa_stream import rng
+
+    from .reference import stream_key
+
+    names = ["model.layers.0.mlp.experts.7.up_proj.weight", "w", "é.中.weight", ""]
+    for seed, model in ((0, 0), (3, 1), (2**40, 5)):
+        got = rng.stream_keys(seed, model, iter(names))
+        assert got.dtype == np.uint64 and got.tolist() == [stream_key(seed, model, n) for n in names]
+
+
 def test_exact_sum_equals_rational_arithmetic():
     """Per-exponent significand sums (of |x|, and signed ones) rounded once, exactly as a rational sum."""
     from fractions import Fraction
