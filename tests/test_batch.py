@@ -274,3 +274,36 @@ def test_batches_found_on_columns_equal_item_by_item(moe, tmp_path, monkeypatch)
     monkeypatch.setattr(merge_pass, "_batch_spans", lambda *a: ([], None))
     _merge(_config(paths, "ties"), tmp_path / "single")
     assert _bytes(tmp_path / "mixed") == _bytes(tmp_path / "single")
+
+
+def test_slerp_coefficients_of_a_batch_equal_the_scalar_formula():
+    """`slerp_batch` (numpy over a batch's Gram entries) equals the scalar slerp bit for bit: on
+    the lerp path (nearly parallel), on the arc, at zero norms, antiparallel and with NaN/Inf."""
+    import numpy as np
+
+    from dppa_stream.methods.interp import slerp_batch
+
+    rng = np.random.default_rng(0)
+
+    def scalar(t, aa, ab, bb):  # mergekit's slerp weights, written out here
+        na, nb = math.sqrt(aa), math.sqrt(bb)
+        na, nb = (na if na > 1e-8 else 1.0), (nb if nb > 1e-8 else 1.0)
+        dot = max(-1.0, min(1.0, ab / (na * nb)))
+        if abs(dot) > 0.9995:
+            return 1 - t, t
+        theta = math.acos(dot)
+        return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+    rows = []
+    for _ in range(400):
+        a, b = rng.normal(size=50), rng.normal(size=50)
+        b = a + rng.choice([1e-3, 1e-2, 0.5, 3.0]) * b  # near and far from the base
+        rows.append((a @ a, a @ b, b @ b))
+    rows += [(0.0, 0.0, 0.0), (1e-20, 0.0, 4.0), (4.0, -4.0, 4.0), (4.0, 4.0, 4.0),
+             (float("nan"), 1.0, 1.0), (1.0, float("inf"), 1.0), (float("inf"), 1.0, float("inf"))]
+    grams = np.array(rows)
+    t = rng.choice([0.0, 0.4, 1.0, 0.73], len(grams))
+    got = slerp_batch(t, grams)
+    want = np.array([scalar(float(tk), *g) for tk, g in zip(t, rows)])
+    assert got.tobytes() == want.tobytes()
+    assert (np.abs(grams[:, 1]) < 0.999 * np.sqrt(grams[:, 0] * grams[:, 2])).any()  # the arc was taken too

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import kernels
 from ..statistics import Arcee, ArceeBins, Gram, Stat
-from .base import MergeMethod, Param, REQUIRED
+from .base import MergeMethod, Param, ParamSets, REQUIRED
 from .ranks import Ranks
 from .sparsify import Sparse, kernel_records
 
@@ -117,6 +117,13 @@ class GramMethod(MergeMethod):
         """Whether the tensor is merged row by row (a Gram matrix per row, made in pass 2)."""
         return False
 
+    def rows_in_batch(self, infos) -> np.ndarray:
+        """`row_wise` of each of a batch's tensors (bool); a method that never merges by rows
+        answers without a call per tensor."""
+        if type(self).row_wise is GramMethod.row_wise:
+            return np.zeros(len(infos), bool)
+        return np.fromiter(map(self.row_wise, infos), bool, len(infos))
+
     def merge_batch(self, batch, infos, out, out_code, check_finite):
         """Many small whole tensors at once: every tensor's exact Gram matrix in one kernel call,
         their coefficients as `tensor_plan` makes them (`batch_coefficients`), one combining call."""
@@ -126,7 +133,7 @@ class GramMethod(MergeMethod):
         bad = np.zeros(batch.src.shape[0], np.int64)
         los, his = batch.starts[:-1], batch.starts[1:]
         full = his > los  # an empty tensor has nothing to merge
-        by_row = np.array([self.row_wise(info) for info in infos], bool)
+        by_row = self.rows_in_batch(infos)
         flat, rowed = np.flatnonzero(full & ~by_row), np.flatnonzero(full & by_row)
         grams = np.empty((len(flat), _pairs(nv)))
         kernels.gram_batch(batch.src, code, los[flat], his[flat], deltas, grams, bad)
@@ -199,7 +206,27 @@ class Slerp(GramMethod):
         return Combination(slerp_coefficients(float(info.globals["t"]), self.gram(info, got)))
 
     def batch_coefficients(self, infos, grams):
-        return [_slerp(float(info.globals["t"]), *g) for info, g in zip(infos, grams.tolist())]
+        return slerp_batch(ParamSets(infos).of(lambda info: float(info.globals["t"]), np.float64), grams)
+
+
+def slerp_batch(t: np.ndarray, grams: np.ndarray) -> np.ndarray:
+    """`_slerp` of many tensors (t[k], Gram entries grams[k] = aa, ab, bb), [k, 2] float64, with
+    the same float64 operations: square roots, products, quotients and clamps are exactly rounded
+    in numpy as in Python, so only the tensors off the lerp path (`_arc`'s sines) and any with a
+    non-finite entry take the scalar code. Fine-tunes' tensors are nearly parallel to their base's:
+    an MoE model's tens of thousands of small tensors are lerped."""
+    out = np.empty((len(grams), 2))
+    finite = np.isfinite(grams).all(axis=1)
+    aa, ab, bb = grams[:, 0], grams[:, 1], grams[:, 2]
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        na, nb = np.sqrt(np.where(finite, aa, 0.0)), np.sqrt(np.where(finite, bb, 0.0))
+        na, nb = np.where(na > 1e-8, na, 1.0), np.where(nb > 1e-8, nb, 1.0)
+        dot = np.maximum(-1.0, np.minimum(1.0, ab / (na * nb)))
+    lerp = finite & (np.abs(dot) > 0.9995)
+    out[:, 0], out[:, 1] = 1 - t, t
+    for k in np.flatnonzero(~lerp).tolist():
+        out[k] = _slerp(float(t[k]), *grams[k].tolist())
+    return out
 
 
 # --- nuslerp -----------------------------------------------------------------------------------------
@@ -427,6 +454,12 @@ class ModelStock(GramMethod):
 
     def row_wise(self, info):
         return self._rows(info)
+
+    def rows_in_batch(self, infos):
+        sets = ParamSets(infos)
+        if not any(bool(info.globals["filter_wise"]) for info in sets.sets):
+            return np.zeros(len(infos), bool)
+        return super().rows_in_batch(infos)
 
     def rows_coefficients(self, grams, plan):
         n = _size(grams.shape[1])
