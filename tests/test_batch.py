@@ -295,7 +295,7 @@ def test_slerp_coefficients_of_a_batch_equal_the_scalar_formula():
         return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
     rows = []
-    for _ in range(400):
+    for _ in range(5000):
         a, b = rng.normal(size=50), rng.normal(size=50)
         b = a + rng.choice([1e-3, 1e-2, 0.5, 3.0]) * b  # near and far from the base
         rows.append((a @ a, a @ b, b @ b))

@@ -263,6 +263,18 @@ def gram_batch(src, code, los, his, deltas, out, bad):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
+def arc_weights(t, cos, out):
+    """Slerp's weights of each (t[k], cos[k]): sin((1 - t) θ) / sin θ and sin(t θ) / sin θ with
+    θ = acos(cos), into out[k]; the C library's acos and sin, which Python's math module calls, in
+    the same order of float64 operations (no contraction), so the same bits as the scalar code."""
+    for k in range(t.shape[0]):
+        theta = math.acos(cos[k])
+        s = math.sin(theta)
+        out[k, 0] = math.sin((1 - t[k]) * theta) / s
+        out[k, 1] = math.sin(t[k] * theta) / s
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
 def combine_batch(src, code, los, his, coeffs, deltas, out, out_code, bad):
     """Per segment i (columns los[i]:his[i]), the linear combination with float32 coefficients coeffs[i], with each
     formula's float32 operations as its per-tensor kernel does them: `weighted_sum` (sum_k c_k

@@ -212,9 +212,8 @@ class Slerp(GramMethod):
 def slerp_batch(t: np.ndarray, grams: np.ndarray) -> np.ndarray:
     """`_slerp` of many tensors (t[k], Gram entries grams[k] = aa, ab, bb), [k, 2] float64, with
     the same float64 operations: square roots, products, quotients and clamps are exactly rounded
-    in numpy as in Python, so only the tensors off the lerp path (`_arc`'s sines) and any with a
-    non-finite entry take the scalar code. Fine-tunes' tensors are nearly parallel to their base's:
-    an MoE model's tens of thousands of small tensors are lerped."""
+    in numpy as in Python, and the arc's sines come from the C library as Python's do
+    (`kernels.arc_weights`); only tensors with a non-finite Gram entry take the scalar code."""
     out = np.empty((len(grams), 2))
     finite = np.isfinite(grams).all(axis=1)
     aa, ab, bb = grams[:, 0], grams[:, 1], grams[:, 2]
@@ -222,9 +221,14 @@ def slerp_batch(t: np.ndarray, grams: np.ndarray) -> np.ndarray:
         na, nb = np.sqrt(np.where(finite, aa, 0.0)), np.sqrt(np.where(finite, bb, 0.0))
         na, nb = np.where(na > 1e-8, na, 1.0), np.where(nb > 1e-8, nb, 1.0)
         dot = np.maximum(-1.0, np.minimum(1.0, ab / (na * nb)))
-    lerp = finite & (np.abs(dot) > 0.9995)
+    lerp = np.abs(dot) > 0.9995
     out[:, 0], out[:, 1] = 1 - t, t
-    for k in np.flatnonzero(~lerp).tolist():
+    arc = np.flatnonzero(finite & ~lerp)
+    if len(arc):
+        got = np.empty((len(arc), 2))
+        kernels.arc_weights(t[arc], dot[arc], got)
+        out[arc] = got
+    for k in np.flatnonzero(~finite).tolist():
         out[k] = _slerp(float(t[k]), *grams[k].tolist())
     return out
 
