@@ -13,6 +13,7 @@ rows are never split across work units.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -209,6 +210,13 @@ class Slerp(GramMethod):
         return slerp_batch(ParamSets(infos).of(lambda info: float(info.globals["t"]), np.float64), grams)
 
 
+@functools.cache
+def _svml() -> bool:
+    import numba
+
+    return bool(numba.config.USING_SVML)
+
+
 def slerp_batch(t: np.ndarray, grams: np.ndarray) -> np.ndarray:
     """`_slerp` of many tensors (t[k], Gram entries grams[k] = aa, ab, bb), [k, 2] float64, with
     the same float64 operations: square roots, products, quotients and clamps are exactly rounded
@@ -223,12 +231,13 @@ def slerp_batch(t: np.ndarray, grams: np.ndarray) -> np.ndarray:
         dot = np.maximum(-1.0, np.minimum(1.0, ab / (na * nb)))
     lerp = np.abs(dot) > 0.9995
     out[:, 0], out[:, 1] = 1 - t, t
+    svml = _svml()
     arc = np.flatnonzero(finite & ~lerp)
-    if len(arc):
+    if len(arc) and not svml:  # numba would vectorize with Intel's SVML sines, not the C library's
         got = np.empty((len(arc), 2))
         kernels.arc_weights(t[arc], dot[arc], got)
         out[arc] = got
-    for k in np.flatnonzero(~finite).tolist():
+    for k in np.flatnonzero(~finite | (~lerp if svml else False)).tolist():
         out[k] = _slerp(float(t[k]), *grams[k].tolist())
     return out
 
