@@ -276,34 +276,41 @@ def test_batches_found_on_columns_equal_item_by_item(moe, tmp_path, monkeypatch)
     assert _bytes(tmp_path / "mixed") == _bytes(tmp_path / "single")
 
 
-def test_slerp_coefficients_of_a_batch_equal_the_scalar_formula():
-    """`slerp_batch` (numpy over a batch's Gram entries) equals the scalar slerp bit for bit: on
-    the lerp path (nearly parallel), on the arc, at zero norms, antiparallel and with NaN/Inf."""
+def test_slerp_coefficients_of_a_batch_equal_the_scalar_formulas():
+    """`slerp_batch` and `nuslerp_batch` (numpy and one kernel over a batch's Gram entries) equal
+    the scalar formulas bit for bit: on the lerp path (nearly parallel), on the arc, at zero
+    norms, antiparallel and with NaN/Inf."""
     import numpy as np
 
-    from dppa_stream.methods.interp import slerp_batch
+    from dppa_stream.methods.interp import nuslerp_batch, slerp_batch
 
     rng = np.random.default_rng(0)
 
-    def scalar(t, aa, ab, bb):  # mergekit's slerp weights, written out here
+    def arc(t, cos):
+        theta = math.acos(cos)
+        return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+    def slerp(t, aa, ab, bb):  # mergekit's slerp weights, written out here
         na, nb = math.sqrt(aa), math.sqrt(bb)
         na, nb = (na if na > 1e-8 else 1.0), (nb if nb > 1e-8 else 1.0)
         dot = max(-1.0, min(1.0, ab / (na * nb)))
-        if abs(dot) > 0.9995:
-            return 1 - t, t
-        theta = math.acos(dot)
-        return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+        return (1 - t, t) if abs(dot) > 0.9995 else arc(t, dot)
+
+    def nuslerp(t, aa, ab, bb):  # mergekit's nuslerp weights
+        n0, n1 = max(math.sqrt(aa), 1e-7), max(math.sqrt(bb), 1e-7)
+        c = max(-1.0, min(1.0, ab / (n0 * n1)))
+        return (1 - t, t) if 1 - c * c <= 1e-16 else arc(t, c)
 
     rows = []
     for _ in range(5000):
         a, b = rng.normal(size=50), rng.normal(size=50)
-        b = a + rng.choice([1e-3, 1e-2, 0.5, 3.0]) * b  # near and far from the base
+        b = a + rng.choice([0.0, 1e-9, 1e-3, 1e-2, 0.5, 3.0]) * b  # near and far from the base
         rows.append((a @ a, a @ b, b @ b))
     rows += [(0.0, 0.0, 0.0), (1e-20, 0.0, 4.0), (4.0, -4.0, 4.0), (4.0, 4.0, 4.0),
              (float("nan"), 1.0, 1.0), (1.0, float("inf"), 1.0), (float("inf"), 1.0, float("inf"))]
     grams = np.array(rows)
     t = rng.choice([0.0, 0.4, 1.0, 0.73], len(grams))
-    got = slerp_batch(t, grams)
-    want = np.array([scalar(float(tk), *g) for tk, g in zip(t, rows)])
-    assert got.tobytes() == want.tobytes()
-    assert (np.abs(grams[:, 1]) < 0.999 * np.sqrt(grams[:, 0] * grams[:, 2])).any()  # the arc was taken too
+    for batch, scalar in ((slerp_batch, slerp), (nuslerp_batch, nuslerp)):
+        want = np.array([scalar(float(tk), *g) for tk, g in zip(t, rows)])
+        assert batch(t, grams).tobytes() == want.tobytes()
+        assert (want[:, 0] != 1 - t).any() and (want[:, 0] == 1 - t).any()  # both the arc and the lerp taken

@@ -218,27 +218,31 @@ def _svml() -> bool:
 
 
 def slerp_batch(t: np.ndarray, grams: np.ndarray) -> np.ndarray:
-    """`_slerp` of many tensors (t[k], Gram entries grams[k] = aa, ab, bb), [k, 2] float64, with
-    the same float64 operations: square roots, products, quotients and clamps are exactly rounded
-    in numpy as in Python, and the arc's sines come from the C library as Python's do
-    (`kernels.arc_weights`); only tensors with a non-finite Gram entry take the scalar code."""
-    out = np.empty((len(grams), 2))
-    finite = np.isfinite(grams).all(axis=1)
-    aa, ab, bb = grams[:, 0], grams[:, 1], grams[:, 2]
+    """`_slerp` of many tensors (t[k], Gram entries grams[k] = aa, ab, bb), [k, 2] float64."""
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        na, nb = np.sqrt(np.where(finite, aa, 0.0)), np.sqrt(np.where(finite, bb, 0.0))
+        na, nb = np.sqrt(np.abs(grams[:, 0])), np.sqrt(np.abs(grams[:, 2]))
         na, nb = np.where(na > 1e-8, na, 1.0), np.where(nb > 1e-8, nb, 1.0)
-        dot = np.maximum(-1.0, np.minimum(1.0, ab / (na * nb)))
-    lerp = np.abs(dot) > 0.9995
+        cos = np.maximum(-1.0, np.minimum(1.0, grams[:, 1] / (na * nb)))
+    return _interpolate(t, grams, cos, np.abs(cos) > 0.9995, _slerp)
+
+
+def _interpolate(t: np.ndarray, grams: np.ndarray, cos: np.ndarray, lerp: np.ndarray, scalar) -> np.ndarray:
+    """Coefficients [k, 2] of a batch of slerps from their clamped cosines `cos` (made with the
+    scalar formula's float64 operations: square roots, products, quotients and clamps are exactly
+    rounded in numpy as in Python): (1 - t, t) where `lerp`, else the arc's weights by the C
+    library's sines, as Python's (`kernels.arc_weights`). Tensors with a non-finite Gram entry
+    take the `scalar` formula, whose clamps treat NaN differently."""
+    out = np.empty((len(grams), 2))
     out[:, 0], out[:, 1] = 1 - t, t
-    svml = _svml()
+    finite = np.isfinite(grams).all(axis=1)
+    svml = _svml()  # numba would vectorize with Intel's SVML sines, not the C library's
     arc = np.flatnonzero(finite & ~lerp)
-    if len(arc) and not svml:  # numba would vectorize with Intel's SVML sines, not the C library's
+    if len(arc) and not svml:
         got = np.empty((len(arc), 2))
-        kernels.arc_weights(t[arc], dot[arc], got)
+        kernels.arc_weights(t[arc], cos[arc], got)
         out[arc] = got
     for k in np.flatnonzero(~finite | (~lerp if svml else False)).tolist():
-        out[k] = _slerp(float(t[k]), *grams[k].tolist())
+        out[k] = scalar(float(t[k]), *grams[k].tolist())
     return out
 
 
@@ -254,6 +258,14 @@ def _nuslerp(t: float, aa: float, ab: float, bb: float) -> tuple[float, float]:
     n0, n1 = max(math.sqrt(aa), 1e-7), max(math.sqrt(bb), 1e-7)
     c = max(-1.0, min(1.0, ab / (n0 * n1)))
     return (1 - t, t) if 1 - c * c <= 1e-16 else _arc(t, c)
+
+
+def nuslerp_batch(t: np.ndarray, grams: np.ndarray) -> np.ndarray:
+    """`_nuslerp` of many tensors (t[k], Gram entries grams[k] = aa, ab, bb), [k, 2] float64."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        n0, n1 = np.maximum(np.sqrt(np.abs(grams[:, 0])), 1e-7), np.maximum(np.sqrt(np.abs(grams[:, 2])), 1e-7)
+        c = np.maximum(-1.0, np.minimum(1.0, grams[:, 1] / (n0 * n1)))
+    return _interpolate(t, grams, c, 1 - c * c <= 1e-16, _nuslerp)
 
 
 class Nuslerp(GramMethod):
@@ -296,7 +308,7 @@ class Nuslerp(GramMethod):
         return not self._flat(info)
 
     def batch_coefficients(self, infos, grams):
-        return [_nuslerp(self._t(info), *g) for info, g in zip(infos, grams.tolist())]
+        return nuslerp_batch(ParamSets(infos).of(self._t, np.float64), grams)
 
     def rows_coefficients(self, grams, plan):
         return [_nuslerp(plan.params[0], *g) for g in grams.tolist()]
