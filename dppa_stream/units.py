@@ -369,9 +369,8 @@ def _read_runs(entries: list[TensorEntry], nbytes: np.ndarray, dst: np.ndarray) 
     """Read whole tensors `entries` (of `nbytes` bytes each) back to back into `dst` (bytes): one
     positional read per run of entries adjacent in one file. A failed run is read again entry by
     entry, so the error names the tensor."""
-    from dataclasses import replace
-
     from .checkpoint import read_range
+    from .checkpoint.reader import read_run
     from .errors import InputError
 
     offsets = np.fromiter(map(_OFFSET, entries), np.int64, len(entries))
@@ -382,9 +381,8 @@ def _read_runs(entries: list[TensorEntry], nbytes: np.ndarray, dst: np.ndarray) 
         try:
             if j - i == 1:
                 read_range(first, 0, first.numel, buf)
-            else:  # the run as one tensor of bytes
-                size = at[j] - at[i]
-                read_range(replace(first, dtype="U8", shape=(size,), nbytes=size), 0, size, buf)
+            else:
+                read_run(first, buf)
         except InputError:
             if j - i == 1:
                 raise

@@ -415,6 +415,15 @@ def read_range(entry: TensorEntry, lo: int, hi: int, buf: np.ndarray) -> None:
         raise InputError(f"{entry.file}: short read of tensor {short(entry.name)} (file changed or truncated?)")
 
 
+def read_run(first: TensorEntry, buf: np.ndarray) -> None:
+    """Read `buf` (bytes) from `first`'s file at `first`'s offset with one positional read: tensors
+    stored back to back from `first` on (`units.BatchRows`)."""
+    got = os.preadv(_fd(first), [buf], first.offset)
+    if got != buf.nbytes:
+        raise InputError(f"{first.file}: short read of the tensors from {short(first.name)} on (file changed or "
+                         "truncated?)")
+
+
 def read_rows(entry: TensorEntry, start: int, stop: int):
     """Rows [start, stop) of a tensor as a torch tensor (for tests and tools; the merge reads raw
     bytes with `read_range`)."""
