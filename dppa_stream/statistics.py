@@ -299,9 +299,16 @@ class Della(KeptSums):
         d1, rest, slices = kernels.della_layout(rows.inp.models[0].shape, unit)
         kernels.della_mask(rows.src, code, self.model, 0, slices, d1, rest, unit.flat_start, np.uint64(key), density,
                            epsilon, mask, bad)
+        if isinstance(getattr(rows, "masks", None), dict):  # planned in its pass-2 task: the merge reuses it
+            rows.masks[della_mask_key(self.model, key, density, epsilon)] = mask
         full, kept = self.empty()
         kernels.masked_abs_sums(rows.src, code, self.model, lo, hi, mask, full, kept, bad)
         return full, kept
+
+
+def della_mask_key(model: int, key, density, epsilon) -> tuple:
+    """What a unit's DELLA mask of one model depends on, besides the unit's rows."""
+    return model, int(key), float(density), float(epsilon)
 
 
 class ExactProducts(Stat):

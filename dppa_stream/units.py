@@ -279,6 +279,9 @@ class UnitRows:
         self.dtype = dtype
         self.raw = raw
         self.src = raw.view(CONTAINER[dtype]) if dtype in FLOAT_DTYPES else None
+        # DELLA keep masks made while the unit is planned in its own task (`statistics.Della`), which
+        # its merge takes instead of ranking the rows again (`methods.gta.della_masks`)
+        self.masks: dict = {}
 
     @property
     def is_float(self) -> bool:

@@ -171,11 +171,19 @@ def della_masks(rows, sparse: tuple[Sparse, ...], bad) -> np.ndarray:
     one): ranks along dim 1 need whole vectors, so they are made for the unit before merging."""
     if not any(s.mode == kernels.SP_MASK for s in sparse):
         return np.zeros((len(sparse), 1), np.uint8)
+    from ..statistics import della_mask_key
+
     unit = rows.inp.unit
     masks = np.zeros((len(sparse), unit.numel), np.uint8)
     d1, rest, slices = kernels.della_layout(rows.inp.models[0].shape, unit)
+    made = getattr(rows, "masks", {})
     for k, s in enumerate(sparse):
-        if s.mode == kernels.SP_MASK:
+        if s.mode != kernels.SP_MASK:
+            continue
+        mask = made.pop(della_mask_key(k, s.key, s.della[0], s.della[1]), None)
+        if mask is not None:
+            masks[k] = mask
+        else:
             kernels.della_mask(rows.src, kernels.CODES[rows.dtype], k, 0, slices, d1, rest, unit.flat_start,
                                np.uint64(s.key), s.della[0], s.della[1], masks[k], bad)
     return masks
