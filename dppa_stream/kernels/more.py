@@ -729,6 +729,14 @@ def sce_batch_plan(src, code, los, his, topks, kinds, values, budgets, squares, 
     low = np.zeros((K, GRAM_BUCKETS), np.int64)
     limbs = np.zeros(_LIMBS, np.int64)
     budget = np.zeros(1, np.int64)
+    var = np.empty(BLOCK, np.int32)
+    keep = np.empty(BLOCK, np.float32)
+    sig = np.empty(BLOCK, np.int64)
+    exp = np.empty(BLOCK, np.int64)
+    block = np.zeros((LANES * K, GRAM_BUCKETS), np.int64)
+    used_lo = np.full(K, GRAM_BUCKETS, np.int64)
+    used_hi = np.full(K, -1, np.int64)
+    zero = np.float32(0.0)
     for i in range(los.shape[0]):
         lo, hi = los[i], his[i]
         n = hi - lo
@@ -751,9 +759,29 @@ def sce_batch_plan(src, code, los, his, topks, kinds, values, budgets, squares, 
                 kind, value, kept = TH_VALUE, f32_from_bits(np.uint32(bits)), k - (n - below - ties)
         kinds[i], values[i], budgets[i] = kind, value, kept
         budget[0] = kept
-        sce_squares(src, code, lo, hi, kind, value, budget, high, low, bad)
+        for s in range(lo, hi, BLOCK):  # `sce_squares`, flushing only the buckets the tensor reaches
+            m = min(BLOCK, hi - s)
+            _vectors(src, code, s, m, True, base, vals, bad)
+            _selection_row(vals, K, m, kind, value, budget, var, keep)
+            for k in range(K):
+                e0, e1 = _split_span(vals[k], m, sig, exp)
+                for j in range(m):
+                    sg = sig[j] if keep[j] != zero else 0
+                    block[(j & (LANES - 1)) * K + k, exp[j] + exp[j]] += sg * sg
+                if e1 >= 0:  # else every square was 0, added to a zero bucket
+                    for e in range(e0 + e0, e1 + e1 + 1):
+                        v = 0
+                        for lane in range(LANES):
+                            v += block[lane * K + k, e]
+                            block[lane * K + k, e] = 0
+                        if v != 0:
+                            high[k, e] += v >> _LOW_BITS
+                            low[k, e] += v & ((1 << _LOW_BITS) - 1)
+                    used_lo[k] = min(used_lo[k], e0 + e0)
+                    used_hi[k] = max(used_hi[k], e1 + e1)
         for k in range(K):
-            squares[i, k] = exact_f64(high[k], low[k], 0, GRAM_BUCKETS - 1, limbs)
+            squares[i, k] = exact_f64(high[k], low[k], used_lo[k], used_hi[k], limbs)
+            used_lo[k], used_hi[k] = GRAM_BUCKETS, -1
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
