@@ -295,12 +295,16 @@ class Della(KeptSums):
     def compute(self, rows, code, lo, hi, bad):
         unit = rows.inp.unit
         key, density, epsilon = self.args
-        mask = np.zeros(unit.numel, np.uint8)
+        if hasattr(rows, "della_keys"):  # a pass-2 task's rows: its merge takes the mask (no copy)
+            if rows.della_masks is None:
+                rows.della_masks = np.zeros((len(rows.inp.models), unit.numel), np.uint8)
+            mask = rows.della_masks[self.model]
+            rows.della_keys[self.model] = della_mask_key(self.model, key, density, epsilon)
+        else:
+            mask = np.zeros(unit.numel, np.uint8)
         d1, rest, slices = kernels.della_layout(rows.inp.models[0].shape, unit)
         kernels.della_mask(rows.src, code, self.model, 0, slices, d1, rest, unit.flat_start, np.uint64(key), density,
                            epsilon, mask, bad)
-        if isinstance(getattr(rows, "masks", None), dict):  # planned in its pass-2 task: the merge reuses it
-            rows.masks[della_mask_key(self.model, key, density, epsilon)] = mask
         full, kept = self.empty()
         kernels.masked_abs_sums(rows.src, code, self.model, lo, hi, mask, full, kept, bad)
         return full, kept

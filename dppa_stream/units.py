@@ -279,9 +279,11 @@ class UnitRows:
         self.dtype = dtype
         self.raw = raw
         self.src = raw.view(CONTAINER[dtype]) if dtype in FLOAT_DTYPES else None
-        # DELLA keep masks made while the unit is planned in its own task (`statistics.Della`), which
-        # its merge takes instead of ranking the rows again (`methods.gta.della_masks`)
-        self.masks: dict = {}
+        # DELLA keep masks made while the unit is planned in its own task (`statistics.Della`): one
+        # row per model, and what each row was made with; its merge takes them instead of ranking
+        # the rows again (`methods.gta.della_masks`)
+        self.della_masks: np.ndarray | None = None
+        self.della_keys: dict = {}
 
     @property
     def is_float(self) -> bool:

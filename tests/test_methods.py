@@ -149,3 +149,26 @@ def test_cli_under_hard_memory_cap(split_runs, tmp_path):
     assert report["peak_anon_bytes"] <= LIMIT and report["split_tensors"] >= 10
     for f in sorted(os.listdir(out)):
         assert filecmp.cmp(out / f, os.path.join(tmp, "split", "sce", f), shallow=False), f
+
+
+def test_della_unit_planned_in_its_task_merges_with_its_statistics_masks(ckpts, tmp_path, monkeypatch):
+    """A tensor too big to batch but whole in one unit is planned in its pass-2 task: DELLA's masks
+    are ranked once per model (by the statistics) and the merge takes them; the bytes equal a run
+    whose units split it (statistics gathered by a pass, masks ranked again in pass 2)."""
+    from dppa_stream import kernels
+    from dppa_stream.units import BATCH_MAX_NUMEL
+
+    shape = LlamaShape(hidden=256, intermediate=320, layers=1, vocab=24, heads=4, kv_heads=2)
+    assert 256 * 320 > BATCH_MAX_NUMEL
+    cfg = _config(str(tmp_path), ckpts(torch.bfloat16, 3, True, shape=shape), "della")
+    calls = []
+    mask = kernels.della_mask
+    monkeypatch.setattr(kernels, "della_mask", lambda *a: calls.append(a[2]) or mask(*a))
+    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+    r = merge(parse_config(open(cfg).read(), cfg), whole, MergeOptions(quiet=True, seed=3))
+    big = 3  # gate, up and down projections: 81,920 elements each, one unit each
+    assert r.split_tensors == 0 and sorted(calls) == sorted([0, 1, 2] * big)
+    s = merge(parse_config(open(cfg).read(), cfg), split, MergeOptions(quiet=True, seed=3, unit_bytes=64 << 10))
+    assert s.split_tensors >= big
+    for f in sorted(os.listdir(whole)):
+        assert filecmp.cmp(os.path.join(whole, f), os.path.join(split, f), shallow=False), f

@@ -174,16 +174,14 @@ def della_masks(rows, sparse: tuple[Sparse, ...], bad) -> np.ndarray:
     from ..statistics import della_mask_key
 
     unit = rows.inp.unit
+    made = getattr(rows, "della_keys", {})
+    if all(s.mode != kernels.SP_MASK or made.get(k) == della_mask_key(k, s.key, *s.della) for k, s in enumerate(sparse)):
+        masks, rows.della_masks, rows.della_keys = rows.della_masks, None, {}  # those its statistics made
+        return masks
     masks = np.zeros((len(sparse), unit.numel), np.uint8)
     d1, rest, slices = kernels.della_layout(rows.inp.models[0].shape, unit)
-    made = getattr(rows, "masks", {})
     for k, s in enumerate(sparse):
-        if s.mode != kernels.SP_MASK:
-            continue
-        mask = made.pop(della_mask_key(k, s.key, s.della[0], s.della[1]), None)
-        if mask is not None:
-            masks[k] = mask
-        else:
+        if s.mode == kernels.SP_MASK:
             kernels.della_mask(rows.src, kernels.CODES[rows.dtype], k, 0, slices, d1, rest, unit.flat_start,
                                np.uint64(s.key), s.della[0], s.della[1], masks[k], bad)
     return masks
