@@ -369,7 +369,6 @@ def _read_runs(entries: list[TensorEntry], nbytes: np.ndarray, dst: np.ndarray) 
     """Read whole tensors `entries` (of `nbytes` bytes each) back to back into `dst` (bytes): one
     positional read per run of entries adjacent in one file. A failed run is read again entry by
     entry, so the error names the tensor."""
-    from dataclasses import replace
 
     from .checkpoint import read_range
     from .errors import InputError
@@ -384,7 +383,7 @@ def _read_runs(entries: list[TensorEntry], nbytes: np.ndarray, dst: np.ndarray) 
                 read_range(first, 0, first.numel, buf)
             else:  # the run as one tensor of bytes
                 size = at[j] - at[i]
-                read_range(replace(first, dtype="U8", shape=(size,), nbytes=size), 0, size, buf)
+                read_range(first._replace(dtype="U8", shape=(size,), nbytes=size), 0, size, buf)
         except InputError:
             if j - i == 1:
                 raise
