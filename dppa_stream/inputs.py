@@ -162,8 +162,12 @@ def _whole(cfg: MergeConfig, ck) -> Inputs:
     paths = ((cfg.base_model,) if base else ()) + tuple(m.path for m in cfg.models)
     specs, base_model = tuple(m.params for m in cfg.models), cfg.base_model or cfg.donor
     # a column at a time (map and zip run in C): tens of thousands of tensors in an MoE model
-    bases = map(base.tensors.__getitem__, names) if base else repeat(None)
-    inputs = zip(*[map(m.tensors.__getitem__, names) for m in models]) if models else repeat(())
+    def column(c: Checkpoint):  # a checkpoint of ref's layout lists the same names in the same order
+        same = c is ref or (c.layout is not None and c.layout is ref.layout)
+        return c.tensors.values() if same else map(c.tensors.__getitem__, names)
+
+    bases = column(base) if base else repeat(None)
+    inputs = zip(*map(column, models)) if models else repeat(())
     outputs = dict(zip(names, map(tuple.__new__, repeat(Output), zip(
         names, bases, inputs, repeat(specs), repeat({}), map(t.__getitem__, names), repeat(paths), repeat(base_model)))))
     donor = ck(cfg.donor) if cfg.donor else ref

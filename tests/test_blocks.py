@@ -371,7 +371,6 @@ def test_layer_heads_per_distinct_start_are_each_names_own():
     per name (the reference), for names whose head lies past the first starts, names without
     one, newlines and names that are prefixes of one another."""
     import random
-    import re
 
     from dppa_stream.blocks import _HEAD_RE, _heads
 
