@@ -34,6 +34,8 @@ from __future__ import annotations
 import gc
 import re
 from collections import Counter
+from itertools import compress
+from operator import itemgetter, not_
 from dataclasses import dataclass
 from math import prod
 
@@ -441,11 +443,11 @@ def layer_positions(names) -> dict[str, float]:
     """mergekit's t of every tensor: layer i of a stack of L layers gets i/(L-1) (1 for a
     one-layer stack); tensors outside the stacks (embeddings, final norms, heads) get 0.
 
-    One regex match per name, mapped in C; the rest is per head `<stack>.<N>.` (a few hundred),
-    not per name: an MoE layer repeats its head for every expert's tensors."""
+    Per distinct head, not per name: an MoE layer repeats its head for every expert's tensors
+    (`_heads`); the rest is per head `<stack>.<N>.` (a few hundred)."""
     from .params import layer_position
 
-    heads = list(map(re.Match.group, map(_HEAD_RE.match, names)))  # mapped in C
+    heads = _heads(names)
     where = {}  # head -> (stack, index)
     layers: dict[str, int] = {}
     for head in dict.fromkeys(heads):
@@ -457,3 +459,29 @@ def layer_positions(names) -> dict[str, float]:
     t = {head: layer_position(index, layers[stack]) for head, (stack, index) in where.items()}
     t[""] = 0.0
     return dict(zip(names, map(t.__getitem__, heads)))
+
+
+def _heads(names) -> list[str]:
+    """`_HEAD_RE`'s match of every name, the regex run once per distinct start of a name rather
+    than per name (the starts taken and looked up in C). A head found within a name's first k
+    characters is the name's own: the regex tries heads shortest first, and a shorter one needs
+    only characters a longer one covers. The names whose start holds no head are tried on a
+    longer start, at last whole (embeddings, norms, output heads: a few)."""
+    names = list(names)
+    starts = list(map(itemgetter(slice(24)), names))
+    found = {p: _HEAD_RE.match(p).group() for p in set(starts)}
+    heads = list(map(found.__getitem__, starts))
+    left = list(compress(range(len(names)), map(not_, heads)))
+    for k in (48, None):
+        if not left:
+            break
+        starts = [names[i][:k] for i in left]
+        found = {p: _HEAD_RE.match(p).group() for p in set(starts)}
+        keep = []
+        for i, p in zip(left, starts):
+            if found[p]:
+                heads[i] = found[p]
+            else:
+                keep.append(i)
+        left = keep
+    return heads

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import attrgetter
+from typing import NamedTuple
 
 from . import hub, lora, tokenizer
 from .blocks import layer_positions
@@ -40,11 +41,9 @@ _SHAPE_DTYPE = attrgetter("shape", "dtype")
 _PRE = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings", "shared.")
 
 
-# not frozen: built once per tensor (tens of thousands in an MoE model), never changed, and a
-# frozen dataclass's __init__ costs ~1 us more each (its dict fields make it unhashable either way)
-@dataclass(slots=True)
-class Output:
-    """Where one output tensor comes from, and what parameters apply to it."""
+class Output(NamedTuple):
+    """Where one output tensor comes from, and what parameters apply to it. A named tuple: one
+    per tensor (tens of thousands in an MoE model), built in C by `_whole` (no Python call each)."""
 
     name: str
     base: TensorEntry | None
@@ -163,10 +162,14 @@ def _whole(cfg: MergeConfig, ck) -> Inputs:
     paths = ((cfg.base_model,) if base else ()) + tuple(m.path for m in cfg.models)
     specs, base_model = tuple(m.params for m in cfg.models), cfg.base_model or cfg.donor
     # a column at a time (map and zip run in C): tens of thousands of tensors in an MoE model
-    bases = map(base.tensors.__getitem__, names) if base else repeat(None)
-    inputs = zip(*[map(m.tensors.__getitem__, names) for m in models]) if models else repeat(())
-    outputs = dict(zip(names, map(Output, names, bases, inputs, repeat(specs), repeat({}), map(t.__getitem__, names),
-                                  repeat(paths), repeat(base_model))))
+    def column(c: Checkpoint):  # a checkpoint of ref's layout lists the same names in the same order
+        same = c is ref or (c.layout is not None and c.layout is ref.layout)
+        return c.tensors.values() if same else map(c.tensors.__getitem__, names)
+
+    bases = column(base) if base else repeat(None)
+    inputs = zip(*map(column, models)) if models else repeat(())
+    outputs = dict(zip(names, map(tuple.__new__, repeat(Output), zip(
+        names, bases, inputs, repeat(specs), repeat({}), map(t.__getitem__, names), repeat(paths), repeat(base_model)))))
     donor = ck(cfg.donor) if cfg.donor else ref
     return Inputs(list({id(c): c for c in (ck(p) for p in cfg.model_paths())}.values()), donor, names, outputs, None,
                   models, vet_model_files(donor.folder))
@@ -174,8 +177,6 @@ def _whole(cfg: MergeConfig, ck) -> Inputs:
 
 def _remap_vocabulary(cfg: MergeConfig, inputs: Inputs, read_rows: bool) -> None:
     """Replace the inputs of every vocabulary tensor by their rows on the output vocabulary."""
-    import dataclasses
-
     for name in inputs.names:
         out = inputs.outputs[name]
         if not tokenizer.is_vocab_tensor(name) or not out.entry.shape:
@@ -186,7 +187,7 @@ def _remap_vocabulary(cfg: MergeConfig, inputs: Inputs, read_rows: bool) -> None
         if read_rows:
             tokenizer.compute_rows(new)
         n = 1 if out.base else 0
-        inputs.outputs[name] = dataclasses.replace(out, base=new[0] if out.base else None, models=new[n:])
+        inputs.outputs[name] = out._replace(base=new[0] if out.base else None, models=new[n:])
 
 
 def verify_unchanged(inputs: Inputs) -> None:

@@ -23,7 +23,7 @@ import math
 import os
 import re
 import threading
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -117,12 +117,17 @@ def _load(e: TensorEntry) -> np.ndarray:
     return _flat(e, 0, e.numel).reshape(e.rows, e.row_numel)
 
 
-@dataclass(frozen=True, eq=False)
 class AdaptedEntry(TensorEntry):
     """A plain base tensor with a LoRA delta: the base's bytes, read through `factors`
-    (sources.AdaptedSource); dtype and shape are the base's."""
+    (sources.AdaptedSource); dtype and shape are the base's. `factors` lives in the instance's
+    dict (a named tuple's subclass cannot add fields)."""
 
-    factors: Factors | None = None
+    factors: Factors | None
+
+    def __new__(cls, name, dtype, shape, file, offset, nbytes, file_id=(), factors=None):
+        self = tuple.__new__(cls, (name, dtype, shape, file, offset, nbytes, file_id))
+        self.factors = factors
+        return self
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,8 +138,9 @@ class AdaptedQuantized(Quantized):
 
 
 def adapted(entry, factors: Factors):
-    cls = AdaptedQuantized if isinstance(entry, Quantized) else AdaptedEntry
-    return cls(**{f.name: getattr(entry, f.name) for f in fields(entry)}, factors=factors)
+    if isinstance(entry, Quantized):
+        return AdaptedQuantized(**{f.name: getattr(entry, f.name) for f in fields(entry)}, factors=factors)
+    return AdaptedEntry(*entry, factors=factors)
 
 
 # --- reading an adapter -------------------------------------------------------------------------
@@ -229,7 +235,7 @@ def open_adapted(base: Checkpoint, folder: str) -> Checkpoint:
         if tuple(e.shape) != tuple(w.shape):
             raise InputError(f"{where}: saved tensor {short(name)} has shape {list(e.shape)} but the base's "
                              f"{short(cand)} has {list(w.shape)}")
-        tensors[cand] = replace(e, name=cand)  # named as the tensor it stands for (vocabulary rules go by name)
+        tensors[cand] = e._replace(name=cand)  # named as the tensor it stands for (vocabulary rules go by name)
     for module, parts in pairs.items():
         emb = "lora_embedding_A" in parts or "lora_embedding_B" in parts
         a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")

@@ -495,11 +495,16 @@ def _read(entry, lo: int, hi: int, buf) -> None:
         read_range(entry, lo, hi, buf)
 
 
-@dataclass(frozen=True, eq=False)
 class RemappedEntry(TensorEntry):
-    """A tensor entry of the output's shape whose rows are read through `remap` (UnitRows asks)."""
+    """A tensor entry of the output's shape whose rows are read through `remap` (UnitRows asks).
+    `remap` lives in the instance's dict (a named tuple's subclass cannot add fields)."""
 
-    remap: RowRemap | None = None
+    remap: RowRemap | None
+
+    def __new__(cls, name, dtype, shape, file, offset, nbytes, file_id=(), remap=None):
+        self = tuple.__new__(cls, (name, dtype, shape, file, offset, nbytes, file_id))
+        self.remap = remap
+        return self
 
 
 def remapped(entry: TensorEntry, rows: int, remap: RowRemap) -> RemappedEntry:

@@ -364,3 +364,23 @@ def test_does_not_import_torch():
             "m.find_blocks({'model.layers.0.mlp.up_proj.weight': (4, 4)})\n"
             "assert 'torch' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_layer_heads_per_distinct_start_are_each_names_own():
+    """`_heads` runs the head regex once per distinct start of a name: the same heads as a match
+    per name (the reference), for names whose head lies past the first starts, names without
+    one, newlines and names that are prefixes of one another."""
+    import random
+
+    from dppa_stream.blocks import _HEAD_RE, _heads
+
+    rng = random.Random(1)
+    parts = ["model", "layers", "h", "layer", "block", "blocks", "language_model", "x" * 30, "7", "123", "0", "",
+             "a.b", "mlp", "experts", "w\n", "layers."]
+    names = [f"model.language_model.layers.{i}.mlp.experts.{j}.w" for i in range(12) for j in range(40)]
+    names += [f"{'p' * 40}.layers.{i}.w" for i in range(3)] + ["model.embed_tokens.weight", "lm_head.weight"]
+    for _ in range(3000):
+        name = ".".join(rng.choice(parts) if rng.random() < 0.8 else str(rng.randint(0, 300))
+                        for _ in range(rng.randint(1, 9)))
+        names += [name, name + ".weight"]
+    assert _heads(names) == [_HEAD_RE.match(n).group() for n in names]

@@ -678,18 +678,19 @@ def test_checkpoint_differing_from_a_repeated_layout_is_opened_on_its_own(tmp_pa
 
 
 def test_catalogued_entries_are_ordinary_frozen_tensor_entries(tmp_path):
-    """Entries built the fast way (format._entry) are TensorEntry in every way: frozen, equal and
-    hashed as the dataclass's own, and they pickle (to process workers)."""
-    from dataclasses import FrozenInstanceError
-
+    """Entries built the fast way (format._entries, in C) are TensorEntry in every way: immutable,
+    equal and hashed as the constructor's own (and unequal to a plain tuple or another class of
+    entry with the same fields), and they pickle (to process workers)."""
     from dppa_stream.checkpoint import TensorEntry
+    from dppa_stream.lora import AdaptedEntry
 
     ck = Checkpoint.open(folder_ckpt(tmp_path / "m", {"a": torch.ones(2, 3), "b": torch.ones(4)}))
     for e in ck.tensors.values():
         same = TensorEntry(e.name, e.dtype, e.shape, e.file, e.offset, e.nbytes, e.file_id)
         assert type(e) is TensorEntry and e == same and hash(e) == hash(same) and repr(e) == repr(same)
         assert pickle.loads(pickle.dumps(e)) == e
-        with pytest.raises(FrozenInstanceError):
+        assert e != tuple(e) and tuple(e) != e and e != AdaptedEntry(*e) and AdaptedEntry(*e) != e
+        with pytest.raises(AttributeError):
             e.offset = 0
 
 def test_headers_repeated_by_another_checkpoint_are_its_own(tmp_path):
@@ -713,3 +714,36 @@ def test_headers_repeated_by_another_checkpoint_are_its_own(tmp_path):
         assert torch.equal(read_rows(e, 0, e.rows), tensors[name] + 1)
     with pytest.raises(InputError, match="cut/model.safetensors"):
         Checkpoint.open(str(tmp_path / "cut"), known=known)
+
+
+@pytest.mark.parametrize("text", [
+    '{"a":1,"a":2}', '{"a:":1,"a:":2}', '{"m":{"x":1,"x":2}}', '{"m":[{"x":"1:2"},{"y":1,"y":2}]}',
+    '{"k:":"v:","w":{"a":"b:c"}}', '{"a":"\\u003a","a":1}', '{"a\\u003a":1,"a:":2}', '{"a\\u003A":1,"b":"::"}',
+    '[1,2,{"q":[["a:b"],{"z":1}]}]', '"x:y"', '{"a":1, "b" : 2}', '{"w":{"n1":"f:1","n2":"f:1"},"w":1}',
+    '{"weight_map":{"a":"s:1","b":"s:2","a":"s:1"}}', '{"a":1,}', '[' * 100_000, '{"a":' + '9' * 5000 + '}'])
+def test_untrusted_json_without_the_hook_answers_as_with_it(text):
+    """`loads_untrusted` parses without a duplicate-key hook and counts ':' to rule repeats out:
+    the same value or the same error as the hooked parse (the reference, written out here)."""
+    from dppa_stream.checkpoint.format import loads_untrusted
+
+    def reference():
+        def hook(pairs):
+            keys = [k for k, _ in pairs]
+            dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+            if dup is not None:
+                raise InputError(f"W: key {dup!r} appears twice")
+            return dict(pairs)
+        try:
+            return json.loads(text, object_pairs_hook=hook)
+        except (ValueError, RecursionError):
+            return "invalid"
+
+    try:
+        got = loads_untrusted(text, "W")
+    except InputError as e:
+        got = str(e) if "twice" in str(e) else "invalid"
+    try:
+        want = reference()
+    except InputError as e:
+        want = str(e)
+    assert got == want

@@ -13,10 +13,10 @@ import math
 import re
 import struct
 import sys
-from dataclasses import dataclass
 from json.encoder import encode_basestring as _quote
 from itertools import accumulate, chain, islice, repeat
 from operator import add, attrgetter, itemgetter, mul, sub
+from typing import NamedTuple
 
 from ..errors import InputError, short
 
@@ -51,9 +51,13 @@ def __getattr__(name: str):
     return tables[name]
 
 
-@dataclass(frozen=True, slots=True)
-class TensorEntry:
-    """Where one tensor's bytes live: file, absolute byte offset, dtype and shape."""
+class TensorEntry(NamedTuple):
+    """Where one tensor's bytes live: file, absolute byte offset, dtype and shape.
+
+    A named tuple, not a frozen dataclass: catalogues hold one per tensor and model (hundreds of
+    thousands for MoE merges), and a tuple can be built in C (`_entries`: `tuple.__new__` over a
+    zip of columns) where any class with an `__init__` costs a Python call per entry. Immutable,
+    equal and hashed by its fields all the same."""
 
     name: str
     dtype: str
@@ -62,6 +66,14 @@ class TensorEntry:
     offset: int  # absolute offset of the first byte in `file`
     nbytes: int
     file_id: tuple = ()  # (device, inode, mtime_ns, size) when catalogued: a replaced file is detected
+
+    def __eq__(self, other) -> bool:  # as the dataclass it was: equal to an entry of the same class only
+        return type(other) is type(self) and tuple.__eq__(self, other)
+
+    def __ne__(self, other) -> bool:
+        return not self.__eq__(other)
+
+    __hash__ = tuple.__hash__
 
     @property
     def numel(self) -> int:
@@ -86,6 +98,12 @@ class TensorEntry:
         return self.dtype in FLOAT_DTYPES
 
 
+def _entries(*columns) -> list[TensorEntry]:
+    """TensorEntry of each row of the columns (name, dtype, shape, file, offset, nbytes, file_id),
+    built in C (no Python call per entry)."""
+    return list(map(tuple.__new__, repeat(TensorEntry), zip(*columns)))
+
+
 NAME, _DTYPE, _SHAPE, _OFFSET, _NBYTES = map(attrgetter, ("name", "dtype", "shape", "offset", "nbytes"))  # columns in C
 
 MAX_INT = 2**63 - 1  # sizes and offsets are int64 everywhere downstream (torch, numpy, the OS)
@@ -95,7 +113,20 @@ SMALL_FLOATS = re.compile(r"F[468](_|$)", re.I)  # F8_E8M0, F6_E2M3, F4, F8_E4M3
 
 def loads_untrusted(text: str, where: str) -> object:
     """`json.loads` for checkpoint JSON: every way it can fail (syntax, 5000-digit integers, 100k
-    levels of nesting, duplicate keys) becomes one InputError naming `where`."""
+    levels of nesting, duplicate keys) becomes one InputError naming `where`.
+
+    Parsed without a hook first (an index maps tens of thousands of names: a hook call per object
+    and a list of pairs each cost more than the parse), then repeated keys, which that parse drops
+    silently, are ruled out by counting ':' as `_usual_entries` does; any doubt, and the hooked
+    parse decides."""
+    if "\\u003a" not in text and "\\u003A" not in text:
+        try:
+            got = json.loads(text)
+        except (ValueError, RecursionError):  # the hooked parse below names the fault
+            pass
+        else:
+            if _key_colons(got) == text.count(":"):
+                return got
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as e:
@@ -106,6 +137,30 @@ def loads_untrusted(text: str, where: str) -> object:
         raise InputError(f"{where}: not valid JSON (nested too deeply)") from None
     except ValueError as e:  # int('9' * 5000): Python's integer-size guard
         raise InputError(f"{where}: not valid JSON ({short(str(e), 80)})") from None
+
+
+def _key_colons(value) -> int:
+    """The ':' that the JSON text of a parsed value holds, written with no ':' escaped: one per
+    key and those inside its strings."""
+    count, todo = 0, [value]
+    while todo:
+        v = todo.pop()
+        if type(v) is dict:
+            count += len(v) + "".join(v).count(":")
+            values = list(v.values())
+        elif type(v) is list:
+            values = v
+        elif type(v) is str:
+            count += v.count(":")
+            continue
+        else:
+            continue
+        kinds = set(map(type, values))
+        if kinds == {str}:  # a weight_map's values: one join, in C
+            count += "".join(values).count(":")
+        elif kinds & {dict, list, str}:
+            todo.extend(values)
+    return count
 
 
 class _Duplicate(Exception):
@@ -226,7 +281,7 @@ def _usual_entries(path: str, header: dict, data_start: int, file_size: int, fil
         return None
     numels = list(map(math.prod, shapes))
     nbytes = list(map(mul, numels, sizes))
-    if max(numels) > MAX_INT or list(map(sub, stops, starts)) != nbytes:
+    if list(map(sub, stops, starts)) != nbytes:  # (then no size passes the file's, nor 2**63: checked below)
         return None
     first = sorted(starts)
     if first == starts:  # listed in file order, as safetensors writes them: nothing to reorder
@@ -237,8 +292,8 @@ def _usual_entries(path: str, header: dict, data_start: int, file_size: int, fil
         pick = itemgetter(*order) if len(order) > 1 else lambda xs: (xs[order[0]],)
     if first[0] != 0 or first[1:] != last[:-1] or data_start + last[-1] != file_size:  # contiguous, whole file
         return None
-    return list(map(_entry, map(sys.intern, pick(names)), pick(dtypes), map(tuple, pick(shapes)), repeat(path),
-                    map(add, first, repeat(data_start)), pick(nbytes), repeat(file_id)))
+    return _entries(map(sys.intern, pick(names)), pick(dtypes), map(tuple, pick(shapes)), repeat(path),
+                    map(add, first, repeat(data_start)), pick(nbytes), repeat(file_id))
 
 
 class _Where:
@@ -264,7 +319,7 @@ def parse_entries(path: str, header: dict, data_start: int, file_size: int, file
 
     One plain loop with inexpensive checks (an MoE checkpoint has 100k entries per model): names
     are checked for Unicode all at once (one by one, in order, only when that fails), and entries
-    are built without the frozen dataclass's per-field `object.__setattr__`.
+    are built as plain named tuples.
     """
     names_ok = is_text("".join(header))  # JSON object keys are strings
     found = []  # (offset, nbytes, position in the header, name, dtype, shape): sorted by offset below
@@ -315,7 +370,7 @@ def parse_entries(path: str, header: dict, data_start: int, file_size: int, file
             raise InputError(f"{path}: {offset - pos} unused bytes before tensor {short(name)} (a hole)")
         pos = offset + nbytes
         # names interned: the base and every fine-tune name the same tensors (100k of them for an MoE model)
-        entries.append(_entry(sys.intern(name), dtype, tuple(shape), path, offset, nbytes, file_id))
+        entries.append(TensorEntry(sys.intern(name), dtype, tuple(shape), path, offset, nbytes, file_id))
     if pos != file_size:
         raise InputError(f"{path}: {file_size - pos} bytes after the last tensor; the file is malformed")
     return entries
@@ -324,8 +379,19 @@ def parse_entries(path: str, header: dict, data_start: int, file_size: int, file
 def moved(entries: list[TensorEntry], path: str, file_id: tuple) -> list[TensorEntry]:
     """`entries` as the same header in another file of the same size makes them (sharded
     fine-tunes written by one tool repeat their base's headers byte for byte)."""
-    return list(map(_entry, map(NAME, entries), map(_DTYPE, entries), map(_SHAPE, entries), repeat(path),
-                    map(_OFFSET, entries), map(_NBYTES, entries), repeat(file_id)))
+    return moved_columns(columns(entries), path, file_id)
+
+
+def columns(entries: list[TensorEntry]) -> tuple[list, ...]:
+    """What `moved_columns` needs of `entries` (names, dtypes, shapes, offsets, sizes): taken once
+    for every checkpoint that repeats them."""
+    return tuple(list(map(get, entries)) for get in (NAME, _DTYPE, _SHAPE, _OFFSET, _NBYTES))
+
+
+def moved_columns(cols: tuple[list, ...], path: str, file_id: tuple) -> list[TensorEntry]:
+    """`moved` of the entries whose `columns` are `cols`."""
+    names, dtypes, shapes, offsets, nbytes = cols
+    return _entries(names, dtypes, shapes, repeat(path), offsets, nbytes, repeat(file_id))
 
 
 def _bad_dtype(where: _Where, dtype) -> None:
@@ -342,28 +408,6 @@ def _bad_shape(where: _Where, shape) -> None:
 
 def _bad_offsets(where: _Where, offs) -> None:
     raise InputError(f"{where}: data_offsets {short(offs)} are not two ordered non-negative integers")
-
-
-class _Unfrozen:
-    """`TensorEntry(...)` (all fields) at a third of the cost, for the 100k entries of an MoE model:
-    a plain class with TensorEntry's slots (so the same memory layout) is built by an ordinary
-    `__init__`, then given TensorEntry's class. The frozen dataclass's own `__init__` goes through
-    `object.__setattr__` with a lookup per field; the object is a TensorEntry in every way after."""
-
-    __slots__ = TensorEntry.__slots__
-
-    def __init__(self, name, dtype, shape, file, offset, nbytes, file_id):
-        self.name = name
-        self.dtype = dtype
-        self.shape = shape
-        self.file = file
-        self.offset = offset
-        self.nbytes = nbytes
-        self.file_id = file_id
-        self.__class__ = TensorEntry
-
-
-_entry = _Unfrozen
 
 
 def build_header(specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from itertools import compress
-from operator import attrgetter, methodcaller, or_
+from operator import attrgetter, itemgetter, methodcaller, or_
 
 from ..errors import InputError, short
 from .format import FP8_DTYPES, NAME, TensorEntry
@@ -46,6 +46,7 @@ PACKED_NAMES = (
 _PACKED_ENDINGS = tuple(ending for ending, _ in PACKED_NAMES)
 MXFP4_BLOCKS, MXFP4_SCALES = "_blocks", "_scales"
 _SUSPECT_ENDINGS = _PACKED_ENDINGS + ("_scale_inv", ".weight_scale", MXFP4_BLOCKS, MXFP4_SCALES)
+_TAIL = slice(-max(map(len, _SUSPECT_ENDINGS)), None)  # the end of a name that says whether it is a suspect
 _DTYPE = attrgetter("dtype")
 
 
@@ -164,22 +165,28 @@ def quant_method(config: dict | None, where: str) -> tuple[str | None, tuple[int
 
 # --- folding ------------------------------------------------------------------------------------
 
-def fold(entries: list[TensorEntry], config: dict | None, config_where: str) -> dict[str, object]:
+def fold(entries: list[TensorEntry], config: dict | None, config_where: str,
+         by_name: dict | None = None) -> dict[str, object]:
     """The logical catalogue of a checkpoint's stored tensors (in their order): plain entries as
     they are, each quantized weight as one `Quantized` in its codes' place, companions folded in.
-    InputError (one line) for anything quantized we cannot read."""
+    InputError (one line) for anything quantized we cannot read. `by_name`: the entries by name,
+    when the caller has them."""
     method, block = quant_method(config, config_where)
-    names = list(map(NAME, entries))
-    by_name = dict(zip(names, entries))
+    by_name = dict(zip(map(NAME, entries), entries)) if by_name is None else by_name
+    names = list(by_name)
     # the entries any rule below applies to (FP8 codes, and names that packed formats, scales or
     # MXFP4 parts use); every other entry is a plain tensor. Tested a column at a time (in C):
-    # an MoE checkpoint has 100k entries
-    if ".quant_state." in "\0".join(names):  # no name can hold it across the separator
+    # an MoE checkpoint has 100k entries, whose names end in a few hundred ways (`_TAIL`)
+    joined = "\0".join(names)
+    if FP8_DTYPES.isdisjoint(map(_DTYPE, entries)) and ".quant_state." not in joined and not any(
+            map(methodcaller("endswith", _SUSPECT_ENDINGS), set(map(itemgetter(_TAIL), names)))):
+        return by_name  # no suspect: every entry is a plain tensor
+    if ".quant_state." in joined:  # no name can hold it across the separator
         suspects = [e for e in entries if e.dtype in FP8_DTYPES or e.name.endswith(_SUSPECT_ENDINGS)
                     or ".quant_state." in e.name]
     else:
         suspects = list(compress(entries, map(or_, map(FP8_DTYPES.__contains__, map(_DTYPE, entries)),
-                                              map(methodcaller("endswith", _SUSPECT_ENDINGS), names))))
+                                              map(methodcaller("endswith", _SUSPECT_ENDINGS), map(NAME, entries)))))
     for e in suspects:
         _refuse_packed(e)
     by_codes: dict[str, Quantized] = {}
@@ -214,9 +221,9 @@ def relocate(catalogue: dict[str, object], entries: list[TensorEntry]) -> dict[s
     """`fold`'s catalogue for `entries`, given its `catalogue` for entries of the same names,
     dtypes and shapes in the same order (a fine-tune laid out exactly like its base), with no
     rule applied again."""
+    if len(catalogue) == len(entries):  # nothing folded: fold's own answer, its names in the same order
+        return dict(zip(catalogue, entries))
     by_name = dict(zip(map(NAME, entries), entries))
-    if len(catalogue) == len(entries):  # nothing folded: fold's own answer is `by_name`
-        return by_name
     return {name: by_name[t.name] if type(t) is TensorEntry else
             replace(t, codes=by_name[t.codes.name], scales=by_name[t.scales.name],
                     extras=tuple(by_name[x.name] for x in t.extras))

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError, short
-from .format import NAME, TensorEntry, header_bytes, header_entries, is_text, loads_untrusted, moved
+from .format import (NAME, TensorEntry, columns, header_bytes, header_entries, is_text, loads_untrusted, moved,
+                     moved_columns)
 from .quant import fold, quant_method, relocate
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -167,18 +168,24 @@ class Layout:
     quant: tuple  # quant_method's answer for its config.json (the fold depends on it)
     tensors: dict[str, object]  # the catalogue
     token: object = field(default_factory=object)  # what the checkpoints opened from it share (`Checkpoint.layout`)
+    moves: list | None = None  # each shard's entries as `format.columns`, taken at the first relocation
+
+    def columns(self) -> list[tuple]:
+        if self.moves is None:
+            self.moves = [columns(entries) for *_, entries in self.shards]
+        return self.moves
 
 
 def _relocated(layout: Layout, folder: str, index: str, stamps: dict) -> tuple[list[str], dict] | None:
     """(files, catalogue) of the checkpoint in `folder` whose index repeats `layout`'s, or None if
     any shard's header or size, or its quantization config, differs (then it is opened from scratch)."""
     files, entries = _shard_paths(folder, [rel for rel, *_ in layout.shards], index), []
-    for (rel, raw, size, first), full in zip(layout.shards, files):
+    for (rel, raw, size, _), cols, full in zip(layout.shards, layout.columns(), files):
         _check_shard(full, rel, index)
         got, st = _head(full, stamps)
         if st.st_size != size or got != raw:
             return None
-        entries += moved(first, full, _identity(st))
+        entries += moved_columns(cols, full, _identity(st))
     if quant_method(folder_config(folder), os.path.join(folder, "config.json")) != layout.quant:
         return None
     return files, relocate(layout.tensors, entries)
@@ -393,7 +400,8 @@ def folder_config(folder: str | None) -> dict | None:
 
 
 def _catalogue(entries: list[TensorEntry], where: str, folder: str | None) -> dict[str, object]:
-    if len(set(map(NAME, entries))) != len(entries):
+    by_name = dict(zip(map(NAME, entries), entries))
+    if len(by_name) != len(entries):
         seen: set[str] = set()
         for e in entries:
             if e.name in seen:
@@ -401,7 +409,7 @@ def _catalogue(entries: list[TensorEntry], where: str, folder: str | None) -> di
             seen.add(e.name)
     if not entries:
         raise InputError(f"{where}: holds no tensors")
-    return fold(entries, folder_config(folder), os.path.join(folder, "config.json") if folder else where)
+    return fold(entries, folder_config(folder), os.path.join(folder, "config.json") if folder else where, by_name)
 
 
 def read_range(entry: TensorEntry, lo: int, hi: int, buf: np.ndarray) -> None:
