@@ -10,6 +10,7 @@ HF sharding convention (greedy in tensor order, `model-0000i-of-0000N.safetensor
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import threading
 from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import accumulate, repeat
-from operator import add, mul
+from operator import attrgetter, mul
 
 import numpy as np
 
@@ -72,8 +73,9 @@ class ShardLayout:
         self.files = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.headers: dict[str, bytes] = {}
         self.file_sizes: dict[str, int] = {}
-        self.placements: dict[str, Placement] = {}
+        self.places: list[Placement] = []  # per tensor, in the order given
         self.total_size = at[-1]
+        self._names = names
         for fname, lo, hi in zip(self.files, bounds, bounds[1:]):
             cols = [names, dtypes, shapes, nbytes, itemsizes]
             if n > 1:
@@ -81,8 +83,15 @@ class ShardLayout:
             header, order, starts = header_layout(*cols[:4], FORMAT_METADATA)
             self.headers[fname] = header
             self.file_sizes[fname] = len(header) + at[hi] - at[lo]
-            self.placements.update(zip(map(cols[0].__getitem__, order), map(
-                Placement, repeat(fname), map(add, starts, repeat(len(header))), map(cols[4].__getitem__, order))))
+            offsets = np.empty(hi - lo, np.int64)  # in the order given: header order's starts put back
+            offsets[order] = starts
+            offsets += len(header)
+            self.places += map(Placement, repeat(fname), offsets.tolist(), cols[4])
+
+    @functools.cached_property
+    def placements(self) -> dict[str, Placement]:
+        """Tensor name -> its Placement (`places` by name; the merge itself slices `places`)."""
+        return dict(zip(self._names, self.places))
 
     def preallocate(self, folder: str) -> None:
         """Write each shard's header and size the file (sparse) so rows can land anywhere."""
@@ -115,7 +124,7 @@ class ShardLayout:
             return None
         return {
             "metadata": {"total_size": self.total_size},
-            "weight_map": {name: p.file for name, p in sorted(self.placements.items())},
+            "weight_map": dict(sorted(zip(self._names, map(attrgetter("file"), self.places)))),
         }
 
     def finish(self, folder: str) -> None:

@@ -55,13 +55,43 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-@dataclass(frozen=True)
 class Catalogue:
-    """What planning may know about the inputs: the output tensors (name -> TensorInfo) in
-    output order, and the reference checkpoint's config.json."""
+    """What planning may know about the inputs: the output tensors (`tensors`: name ->
+    TensorInfo) in output order, and the reference checkpoint's config.json.
 
-    tensors: dict
-    config: dict | None
+    Made from columns (`of_columns`: per tensor its name, dtype, shape, shared and per-model
+    parameters), the dict is made the first time planning asks for it: a local method plans most
+    tensors inside their pass-2 tasks, whose TensorInfos pass 2 makes work unit by work unit
+    (`infos`), so an MoE checkpoint's tens of thousands of them are made once, not kept twice."""
+
+    __slots__ = ("_tensors", "config", "_columns")
+
+    def __init__(self, tensors: dict, config: dict | None):
+        self._tensors, self.config, self._columns = tensors, config, None
+
+    @classmethod
+    def of_columns(cls, columns: tuple[list, list, list, list, list], config: dict | None) -> "Catalogue":
+        cat = cls(None, config)
+        cat._columns = columns
+        return cat
+
+    @property
+    def tensors(self) -> dict:
+        if self._tensors is None:
+            self._tensors = dict(zip(self._columns[0], map(TensorInfo, *self._columns)))
+        return self._tensors
+
+    def infos(self, at) -> list:
+        """The TensorInfos of the tensors at positions `at` (a slice, or a list of positions)."""
+        if self._tensors is not None:  # made already: the same objects
+            cols = [list(self._tensors.values())]
+        else:
+            cols = self._columns
+        if isinstance(at, slice):
+            got = [c[at] for c in cols]
+        else:
+            got = [list(map(c.__getitem__, at)) for c in cols]
+        return got[0] if len(got) == 1 else list(map(TensorInfo, *got))
 
 
 @dataclass
