@@ -19,7 +19,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from itertools import repeat
+from itertools import accumulate
 from typing import Callable
 
 from .config import MergeConfig
@@ -30,8 +30,8 @@ from .memory import PeakSampler, default_budget
 from .methods.base import Catalogue, Plan
 from .output import WORK_DIR, check_output, fingerprint, prepare_partial, publish, removed_on_bad_input, space_needed
 from .statistics import StatsEngine, drive
-from .units import (MAX_UNIT_BYTES, PROCESS_BASELINE, TASK_OVERHEAD, Classes, TensorUnits, Unit, UnitInputs, WorkUnit,
-                    pack, split_tensor, state_bytes, tensor_classes, unit_budget)
+from .units import (MAX_UNIT_BYTES, PROCESS_BASELINE, TASK_OVERHEAD, Classes, Deferred, TensorUnits, UnitInputs,
+                    WorkUnit, pack, pack_bounds, split_tensor, state_bytes, tensor_classes, unit_budget, whole_items)
 
 log = logging.getLogger("dppa_stream")
 
@@ -253,22 +253,25 @@ def work_units(inputs: Inputs, units: TensorUnits, needs: list, unit_bytes: int)
         shape = entries[0].shape  # the output's (n is its numel): inputs of its shape hold n elements each
         nbytes.append((sum([e.nbytes for e in entries]) if n else 0) if all([e.shape == shape for e in entries])
                       else UnitInputs(units.of(i)[0], c.bases[i], c.models[i]).nbytes)
-    zeros = repeat(0)
-    items = list(map(UnitInputs, map(Unit, c.names, zeros, zeros, c.column(units.numel)), c.bases, c.models))
     sizes, stored = c.column(size), c.column(nbytes)
-    if split:  # a tensor of several units: an item per unit, in its place
-        parts, at = ([], [], []), 0
-        for j in [j for j, k in enumerate(c.of) if k in split]:
-            us, per = units.split[c.names[j]], needs[c.of[j]][0]
-            new = [UnitInputs(u, c.bases[j], c.models[j]) for u in us]
-            for part, whole, add in zip(parts, (items, sizes, stored),
-                                        (new, [u.numel * per for u in us], [i.nbytes for i in new])):
-                part += whole[at:j]
-                part += add
-            at = j + 1
-        for part, whole in zip(parts, (items, sizes, stored)):
-            part += whole[at:]
-        items, sizes, stored = parts
+    cols = (c.names, c.column(units.numel), c.bases, c.models)
+    if not split:  # whole tensors only: each work unit's items made by its task (`units.Deferred`)
+        bounds, read = pack_bounds(sizes, unit_bytes), list(accumulate(stored, initial=0))
+        return [WorkUnit(Deferred(whole_items, [col[a:b] for col in cols]), read[b] - read[a])
+                for a, b in zip(bounds, bounds[1:])]
+    items = list(whole_items(*cols))  # a tensor of several units: an item per unit, in its place
+    parts, at = ([], [], []), 0
+    for j in [j for j, k in enumerate(c.of) if k in split]:
+        us, per = units.split[c.names[j]], needs[c.of[j]][0]
+        new = [UnitInputs(u, c.bases[j], c.models[j]) for u in us]
+        for part, whole, add in zip(parts, (items, sizes, stored),
+                                    (new, [u.numel * per for u in us], [i.nbytes for i in new])):
+            part += whole[at:j]
+            part += add
+        at = j + 1
+    for part, whole in zip(parts, (items, sizes, stored)):
+        part += whole[at:]
+    items, sizes, stored = parts
     return pack(items, sizes, unit_bytes, stored)
 
 

@@ -61,8 +61,7 @@ class Catalogue:
 
     Made from columns (`of_columns`: per tensor its name, dtype, shape, shared and per-model
     parameters), the dict is made the first time planning asks for it: a local method plans most
-    tensors inside their pass-2 tasks, whose TensorInfos pass 2 makes work unit by work unit
-    (`infos`), so an MoE checkpoint's tens of thousands of them are made once, not kept twice."""
+    tensors inside their pass-2 tasks, which make their TensorInfos from the columns (`infos`)."""
 
     __slots__ = ("_tensors", "config", "_columns")
 
@@ -81,17 +80,23 @@ class Catalogue:
             self._tensors = dict(zip(self._columns[0], map(TensorInfo, *self._columns)))
         return self._tensors
 
-    def infos(self, at) -> list:
-        """The TensorInfos of the tensors at positions `at` (a slice, or a list of positions)."""
-        if self._tensors is not None:  # made already: the same objects
-            cols = [list(self._tensors.values())]
-        else:
-            cols = self._columns
-        if isinstance(at, slice):
-            got = [c[at] for c in cols]
-        else:
-            got = [list(map(c.__getitem__, at)) for c in cols]
-        return got[0] if len(got) == 1 else list(map(TensorInfo, *got))
+    @property
+    def made(self) -> bool:
+        """Whether the TensorInfos exist (the dict was asked for)."""
+        return self._tensors is not None
+
+    def infos(self, at: slice):
+        """The TensorInfos of the tensors at positions `at`: the dict's where it was made, else
+        made by the pass-2 task that reads them (`units.Deferred`)."""
+        if self._tensors is not None:
+            return tuple(list(self._tensors.values())[at])
+        from ..units import Deferred
+
+        return Deferred(_infos, [c[at] for c in self._columns])
+
+
+def _infos(*columns) -> tuple:
+    return tuple(map(TensorInfo, *columns))
 
 
 @dataclass
