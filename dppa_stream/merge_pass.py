@@ -26,7 +26,7 @@ from operator import attrgetter, is_, itemgetter
 import numpy as np
 
 from . import kernels
-from .checkpoint import DTYPE_SIZES, FLOAT_DTYPES, Placement, ShardLayout, TensorEntry, write_rows
+from .checkpoint import DTYPE_SIZES, FLOAT_DTYPES, ShardLayout, TensorEntry, write_rows
 from .checkpoint.writer import write_runs
 from .hf_files import copy_model_files, write_model_card
 from .methods.base import Catalogue, TensorInfo
@@ -34,7 +34,7 @@ from .inputs import verify_unchanged
 from .output import MANIFEST, WORK_DIR, Manifest, read_manifest_extras, release_reserve
 from .statistics import check_nonfinite, drive, inline
 from .targets import RequantLoss, Target, class_targets, tensor_scale, write_quantized
-from .units import (BATCH_MAX_BYTES, BATCH_MAX_ITEMS, BATCH_MAX_NUMEL, BatchRows, Deferred, UnitInputs, UnitRows, batch_key,
+from .units import (BATCH_MAX_BYTES, BATCH_MAX_ITEMS, BATCH_MAX_NUMEL, BatchRows, UnitInputs, UnitRows, batch_key,
                     run_bounds, scratch)
 
 
@@ -246,17 +246,16 @@ def tensor_scales(session, plans: dict, targets: list[Target]) -> tuple[list[Tar
     return targets, sum(w.nbytes for w in works)
 
 
-def _layout(c, targets: list[Target], shard_size: int) -> tuple[ShardLayout, list | None]:
+def _layout(c, targets: list[Target], shard_size: int) -> tuple[ShardLayout, list]:
     """The output shards, and per tensor (output order) where it goes: its Placement, or for a
-    quantized one the tuple of its parts' (what `merge_task` takes); None where every tensor is
-    plain (then `ShardLayout.place_columns` or `places` say). Plain tensors are laid out as columns
-    (their classes' shape and target each); a quantized tensor is a class of its own."""
+    quantized one the tuple of its parts' (what `merge_task` takes). Plain tensors are laid out as
+    columns (their classes' shape and target each); a quantized tensor is a class of its own."""
     quantized = [j for j in c.alone if targets[c.of[j]].ref is not None]
     if not quantized:
         dtypes = [tg.dtype for tg in targets]
         layout = ShardLayout.of_columns(c.names, c.column(dtypes), c.shapes, shard_size, c.column(
             [math.prod(c.shapes[i]) * DTYPE_SIZES[d] for i, d in zip(c.first, dtypes)]))
-        return layout, None
+        return layout, layout.places
     specs = [tg.specs(t) for t, tg in zip(c.names, c.column(targets))]
     layout = ShardLayout([s for parts in specs for s in parts], shard_size)
     places, at = [], 0
@@ -277,7 +276,10 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
     targets, amax_read = tensor_scales(session, plans, class_targets(inputs, cfg.out_dtype, cfg.dtype))
     quantized = [c.names[j] for j in c.alone if targets[c.of[j]].ref is not None]
     plain = not quantized
-    layout, places = _layout(c, targets, shard_size)
+    from .pipeline import frozen_bookkeeping
+
+    with frozen_bookkeeping():  # a Placement per tensor, kept for the run like the session's bookkeeping
+        layout, places = _layout(c, targets, shard_size)
     if done:
         layout.check_preallocated(partial)
     else:
@@ -296,32 +298,23 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
         add_losses(losses)
     shared = session.executor.share(method)
     # per tensor in output order, each work unit's a slice: its items are consecutive units (an item
-    # per tensor, but for the units of a split one: `item_of`, the tensor of each item). Whole plain
-    # tensors (an MoE checkpoint's tens of thousands) get their TensorInfos and Placements made by
-    # their task from slices of the columns (`units.Deferred`), like their UnitInputs (`work_units`)
-    catalogue, tgs, units = session.catalogue, c.column(targets), session.units
+    # per tensor, but for the units of a split one: `item_of`, the tensor of each item)
+    infos, tgs, units = session.catalogue.infos, c.column(targets), session.units
     item_of = None if not units.split else np.repeat(np.arange(len(c.names)), c.column(units.count)).tolist()
-    if item_of is not None or not plain or catalogue.made:  # made here, item by item
-        infos, places = list(catalogue.tensors.values()), places or layout.places
-    else:  # whole plain tensors: each work unit's TensorInfos and Placements made by its task
-        infos = None
     works = session.work_units
     starts = list(accumulate((len(w.items) for w in works), initial=0))
     todo = [k for k, w in enumerate(works) if w.key not in done] if done else range(len(works))
 
     def call(k):  # slices of the per-tensor columns: an MoE work unit has thousands of tensors
         w, a, b = works[k], starts[k], starts[k + 1]
-        if item_of is not None:
-            at = item_of[a:b]
-            names, got, tg, where = (tuple(map(col.__getitem__, at)) for col in (c.names, infos, tgs, places))
-        elif infos is not None:
-            names, got, tg, where = c.names[a:b], tuple(infos[a:b]), tuple(tgs[a:b]), tuple(places[a:b])
+        if item_of is None:
+            names, got, tg, where = c.names[a:b], infos[a:b], tgs[a:b], places[a:b]
         else:
-            names, got, tg = c.names[a:b], catalogue.infos(slice(a, b)), tuple(tgs[a:b])
-            where = Deferred(_placements, [col[a:b] for col in layout.place_columns])
+            at = item_of[a:b]
+            names, got, tg, where = (list(map(col.__getitem__, at)) for col in (c.names, infos, tgs, places))
         if plans:
-            got = tuple(map(plans.get, names, got))
-        return shared, w, got, partial, tg, where, session.check_finite
+            got = map(plans.get, names, got)
+        return shared, w, tuple(got), partial, tuple(tg), tuple(where), session.check_finite
 
     # a generator: each work unit's plans are made (or looked up) as it starts (`Executor.map`)
     calls = map(call, todo)
@@ -346,10 +339,6 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
     verify_unchanged(inputs)
     shutil.rmtree(os.path.join(partial, WORK_DIR))
     return sum(written), amax_read + sum(sizes), loss.to_json()
-
-
-def _placements(*columns) -> tuple:
-    return tuple(map(Placement, *columns))
 
 
 def _loss_keys(out, paths: dict[str, str]) -> list:

@@ -19,7 +19,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from itertools import accumulate
+from itertools import repeat
 from typing import Callable
 
 from .config import MergeConfig
@@ -30,8 +30,8 @@ from .memory import PeakSampler, default_budget
 from .methods.base import Catalogue, Plan
 from .output import WORK_DIR, check_output, fingerprint, prepare_partial, publish, removed_on_bad_input, space_needed
 from .statistics import StatsEngine, drive
-from .units import (MAX_UNIT_BYTES, PROCESS_BASELINE, TASK_OVERHEAD, Classes, Deferred, TensorUnits, UnitInputs,
-                    WorkUnit, pack, pack_bounds, split_tensor, state_bytes, tensor_classes, unit_budget, whole_items)
+from .units import (MAX_UNIT_BYTES, PROCESS_BASELINE, TASK_OVERHEAD, Classes, TensorUnits, Unit, UnitInputs, WorkUnit,
+                    pack, split_tensor, state_bytes, tensor_classes, unit_budget)
 
 log = logging.getLogger("dppa_stream")
 
@@ -176,9 +176,12 @@ def catalogue(cfg: MergeConfig, inputs: Inputs) -> Catalogue:
     resolved at its layer position), and the reference's config.json. A `models:` config's
     per-model parameters are read from `cfg` itself (None below), not from the specs the inputs
     were opened with: the factor search plans candidates of other weights on the same inputs."""
+    from .methods.base import TensorInfo
+
     c = tensor_classes(inputs)
     glob, models = cfg.params_all(c.outs)
-    return Catalogue.of_columns((c.names, c.dtypes, c.shapes, glob, models), inputs.reference.read_config())
+    infos = list(map(TensorInfo, c.names, c.dtypes, c.shapes, glob, models))
+    return Catalogue.of_columns(c.names, infos, inputs.reference.read_config())
 
 
 def unit_needs(inputs: Inputs, cfg: MergeConfig) -> list[tuple[int, int]]:
@@ -253,25 +256,22 @@ def work_units(inputs: Inputs, units: TensorUnits, needs: list, unit_bytes: int)
         shape = entries[0].shape  # the output's (n is its numel): inputs of its shape hold n elements each
         nbytes.append((sum([e.nbytes for e in entries]) if n else 0) if all([e.shape == shape for e in entries])
                       else UnitInputs(units.of(i)[0], c.bases[i], c.models[i]).nbytes)
+    zeros = repeat(0)
+    items = list(map(UnitInputs, map(Unit, c.names, zeros, zeros, c.column(units.numel)), c.bases, c.models))
     sizes, stored = c.column(size), c.column(nbytes)
-    cols = (c.names, c.column(units.numel), c.bases, c.models)
-    if not split:  # whole tensors only: each work unit's items made by its task (`units.Deferred`)
-        bounds, read = pack_bounds(sizes, unit_bytes), list(accumulate(stored, initial=0))
-        return [WorkUnit(Deferred(whole_items, [col[a:b] for col in cols]), read[b] - read[a])
-                for a, b in zip(bounds, bounds[1:])]
-    items = list(whole_items(*cols))  # a tensor of several units: an item per unit, in its place
-    parts, at = ([], [], []), 0
-    for j in [j for j, k in enumerate(c.of) if k in split]:
-        us, per = units.split[c.names[j]], needs[c.of[j]][0]
-        new = [UnitInputs(u, c.bases[j], c.models[j]) for u in us]
-        for part, whole, add in zip(parts, (items, sizes, stored),
-                                    (new, [u.numel * per for u in us], [i.nbytes for i in new])):
-            part += whole[at:j]
-            part += add
-        at = j + 1
-    for part, whole in zip(parts, (items, sizes, stored)):
-        part += whole[at:]
-    items, sizes, stored = parts
+    if split:  # a tensor of several units: an item per unit, in its place
+        parts, at = ([], [], []), 0
+        for j in [j for j, k in enumerate(c.of) if k in split]:
+            us, per = units.split[c.names[j]], needs[c.of[j]][0]
+            new = [UnitInputs(u, c.bases[j], c.models[j]) for u in us]
+            for part, whole, add in zip(parts, (items, sizes, stored),
+                                        (new, [u.numel * per for u in us], [i.nbytes for i in new])):
+                part += whole[at:j]
+                part += add
+            at = j + 1
+        for part, whole in zip(parts, (items, sizes, stored)):
+            part += whole[at:]
+        items, sizes, stored = parts
     return pack(items, sizes, unit_bytes, stored)
 
 
@@ -319,7 +319,7 @@ def _check_method_memory(s: Session, budget: int, workers: int, processes: int, 
 
 
 @contextlib.contextmanager
-def _setup_gc():
+def frozen_bookkeeping():
     """No garbage collection while the run's bookkeeping is built (a catalogue of 100k tensors
     makes the collector walk a growing heap again and again: a sixth of the start-up, for no
     garbage), then that bookkeeping frozen out of later collections for the rest of the run."""
@@ -337,7 +337,7 @@ def _setup_gc():
 def session(cfg: MergeConfig, opts: MergeOptions, out: str | None = None):
     """Open and validate the inputs, start the scheduler and plan work units from the budget."""
     try:
-        with _setup_gc():
+        with frozen_bookkeeping():
             parts = _start(cfg, opts, out)
         with parts[0]:
             yield parts[1]
@@ -367,7 +367,7 @@ def _start(cfg: MergeConfig, opts: MergeOptions, out: str | None):
         wanted = opts.unit_bytes or (MAX_UNIT_BYTES if local else MAX_UNIT_BYTES // 4)
         s = Session(cfg, inputs, method, ex, min(wanted, ub) if local else wanted, Progress(opts.progress), budget,
                     not opts.allow_nonfinite)
-        s.catalogue  # bookkeeping: made while the collector is off (`_setup_gc`), like the units below
+        s.catalogue  # bookkeeping: made while the collector is off (`frozen_bookkeeping`), like the units below
         if local:
             _check_smallest_units(s, ub)
             _check_method_memory(s, budget, spec.workers, 1 + (spec.workers if spec.kind == "processes" else 0), state)

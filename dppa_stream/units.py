@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_right
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import accumulate, islice, repeat
-from operator import attrgetter, ne
+from operator import attrgetter, itemgetter, ne
 
 import numpy as np
 
@@ -93,56 +93,8 @@ class WorkUnit:
 
     @property
     def key(self) -> tuple[str, int]:
-        items = self.items
-        first = (items.first() if type(items) is Deferred else items[0]).unit
+        first = self.items[0].unit
         return first.tensor, first.index
-
-
-class Deferred(Sequence):
-    """A work unit's objects per item (its UnitInputs, TensorInfos, Placements) as slices of
-    per-tensor columns, made by the task that reads them rather than by the client up front: the
-    client of an MoE merge would make tens of thousands of each in its one thread, where the tasks
-    share them out over the workers. `make(*columns)` makes the tuple. A Deferred that is pickled
-    (for a process or cluster worker) travels as that tuple, made then."""
-
-    __slots__ = ("_make", "_cols", "_got")
-
-    def __init__(self, make, cols: list):
-        self._make, self._cols, self._got = make, cols, None
-
-    def _all(self) -> tuple:
-        got = self._got
-        if got is None:
-            got = self._got = self._make(*self._cols)
-        return got
-
-    def first(self):
-        """Item 0, made on its own (the client names a work unit by its first unit)."""
-        return self._got[0] if self._got is not None else self._make(*(c[:1] for c in self._cols))[0]
-
-    def __getitem__(self, i):
-        return self._all()[i]
-
-    def __len__(self) -> int:
-        return len(self._cols[0])
-
-    def __iter__(self):
-        return iter(self._all())
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, (tuple, Deferred)) and self._all() == tuple(other)
-
-    def __hash__(self) -> int:
-        return hash(self._all())
-
-    def __reduce__(self):
-        return tuple, (self._all(),)
-
-
-def whole_items(names: list, numel: list, bases: list, models: list) -> tuple:
-    """The UnitInputs of whole tensors (one unit each), from columns (`Deferred`)."""
-    zeros = repeat(0)
-    return tuple(map(UnitInputs, map(Unit, names, zeros, zeros, numel), bases, models))
 
 
 @dataclass
@@ -231,7 +183,7 @@ def tensor_classes(inputs) -> Classes:
     if not names:
         keys, refs, dtypes, shapes = [], [], [], []
     elif nones in (0, len(bases)) and len(set(map(len, models))) == 1:
-        cols = ([bases] if not nones else []) + list(zip(*models))
+        cols = ([bases] if not nones else []) + [list(map(itemgetter(m), models)) for m in range(len(models[0]))]
         refs = cols[0]
         dtypes, shapes = list(map(_DTYPE, refs)), list(map(_SHAPE, refs))
         parts = [shapes] + ([dtypes] if len(set(dtypes)) > 1 else [])
@@ -283,25 +235,18 @@ def split_tensor(name: str, numel: int, ndim: int, multiple: int, per_element: i
 def pack(items: list[UnitInputs], sizes: list[int], unit_bytes: int, nbytes: list[int] | None = None) -> list[WorkUnit]:
     """Work units of consecutive `items` (in order) whose `sizes` (task memory) add up to at most
     `unit_bytes`; an item larger than that is a work unit of its own. `nbytes`: each item's
-    `UnitInputs.nbytes` where the caller has it at hand."""
+    `UnitInputs.nbytes` where the caller has it at hand. Each work unit's end is found by bisecting
+    the running total of sizes (tens of thousands of small items, a few hundred work units)."""
     if nbytes is None:
         nbytes = [i.nbytes for i in items]
-    read = list(accumulate(nbytes, initial=0))
-    bounds = pack_bounds(sizes, unit_bytes)
-    return [WorkUnit(tuple(items[a:b]), read[b] - read[a]) for a, b in zip(bounds, bounds[1:])]
-
-
-def pack_bounds(sizes: list[int], unit_bytes: int) -> list[int]:
-    """Where `pack`'s work units begin (and, last, the item count). Each work unit's end is found
-    by bisecting the running total of sizes (tens of thousands of small items, a few hundred work
-    units)."""
-    held = list(accumulate(sizes, initial=0))
-    bounds, start, count = [0], 0, len(sizes)
+    held, read = list(accumulate(sizes, initial=0)), list(accumulate(nbytes, initial=0))
+    out, start, count = [], 0, len(items)
     while start < count:
         # the first item after `start` that the work unit has no room for (sizes are >= 0)
-        start = bisect_right(held, held[start] + unit_bytes, start + 2) - 1
-        bounds.append(start)
-    return bounds
+        stop = bisect_right(held, held[start] + unit_bytes, start + 2) - 1
+        out.append(WorkUnit(tuple(items[start:stop]), read[stop] - read[start]))
+        start = stop
+    return out
 
 
 def state_bytes(tensors: int, inputs: int, planned: int, models: int) -> int:

@@ -59,44 +59,33 @@ class Catalogue:
     """What planning may know about the inputs: the output tensors (`tensors`: name ->
     TensorInfo) in output order, and the reference checkpoint's config.json.
 
-    Made from columns (`of_columns`: per tensor its name, dtype, shape, shared and per-model
-    parameters), the dict is made the first time planning asks for it: a local method plans most
-    tensors inside their pass-2 tasks, which make their TensorInfos from the columns (`infos`)."""
+    Made from columns (`of_columns`: the names and their TensorInfos, in output order), the dict
+    is made the first time planning asks for it: a local method plans most tensors inside their
+    pass-2 tasks, which get their TensorInfos as slices of the list (`infos`)."""
 
-    __slots__ = ("_tensors", "config", "_columns")
+    __slots__ = ("_tensors", "config", "names", "_infos")
 
     def __init__(self, tensors: dict, config: dict | None):
-        self._tensors, self.config, self._columns = tensors, config, None
+        self._tensors, self.config, self.names, self._infos = tensors, config, None, None
 
     @classmethod
-    def of_columns(cls, columns: tuple[list, list, list, list, list], config: dict | None) -> "Catalogue":
+    def of_columns(cls, names: list[str], infos: list, config: dict | None) -> "Catalogue":
         cat = cls(None, config)
-        cat._columns = columns
+        cat.names, cat._infos = names, infos
         return cat
 
     @property
     def tensors(self) -> dict:
         if self._tensors is None:
-            self._tensors = dict(zip(self._columns[0], map(TensorInfo, *self._columns)))
+            self._tensors = dict(zip(self.names, self._infos))
         return self._tensors
 
     @property
-    def made(self) -> bool:
-        """Whether the TensorInfos exist (the dict was asked for)."""
-        return self._tensors is not None
-
-    def infos(self, at: slice):
-        """The TensorInfos of the tensors at positions `at`: the dict's where it was made, else
-        made by the pass-2 task that reads them (`units.Deferred`)."""
-        if self._tensors is not None:
-            return tuple(list(self._tensors.values())[at])
-        from ..units import Deferred
-
-        return Deferred(_infos, [c[at] for c in self._columns])
-
-
-def _infos(*columns) -> tuple:
-    return tuple(map(TensorInfo, *columns))
+    def infos(self) -> list:
+        """The TensorInfos in output order."""
+        if self._infos is None:
+            self._infos = list(self._tensors.values())
+        return self._infos
 
 
 @dataclass
