@@ -92,8 +92,7 @@ class ShardLayout:
 
     @functools.cached_property
     def places(self) -> list[Placement]:
-        """Each tensor's Placement, in the order given (`merge_pass` makes a work unit's from
-        `place_columns` in its task)."""
+        """Each tensor's Placement, in the order given (pass 2 hands each work unit a slice)."""
         return list(map(Placement, *self.place_columns))
 
     @functools.cached_property
