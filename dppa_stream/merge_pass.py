@@ -35,7 +35,7 @@ from .output import MANIFEST, WORK_DIR, Manifest, read_manifest_extras, release_
 from .statistics import check_nonfinite, drive, inline
 from .targets import RequantLoss, Target, class_targets, tensor_scale, write_quantized
 from .units import (BATCH_MAX_BYTES, BATCH_MAX_ITEMS, BATCH_MAX_NUMEL, BatchRows, UnitInputs, UnitRows, batch_key,
-                    run_bounds, scratch)
+                    frozen_bookkeeping, run_bounds, scratch)
 
 
 def merge_task(method, inp: UnitInputs, plan, folder: str, target: Target, place,
@@ -276,8 +276,6 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
     targets, amax_read = tensor_scales(session, plans, class_targets(inputs, cfg.out_dtype, cfg.dtype))
     quantized = [c.names[j] for j in c.alone if targets[c.of[j]].ref is not None]
     plain = not quantized
-    from .pipeline import frozen_bookkeeping
-
     with frozen_bookkeeping():  # a Placement per tensor, kept for the run like the session's bookkeeping
         layout, places = _layout(c, targets, shard_size)
     if done:

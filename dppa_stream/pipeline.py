@@ -31,7 +31,7 @@ from .methods.base import Catalogue, Plan
 from .output import WORK_DIR, check_output, fingerprint, prepare_partial, publish, removed_on_bad_input, space_needed
 from .statistics import StatsEngine, drive
 from .units import (MAX_UNIT_BYTES, PROCESS_BASELINE, TASK_OVERHEAD, Classes, TensorUnits, Unit, UnitInputs, WorkUnit,
-                    pack, split_tensor, state_bytes, tensor_classes, unit_budget)
+                    frozen_bookkeeping, pack, split_tensor, state_bytes, tensor_classes, unit_budget)
 
 log = logging.getLogger("dppa_stream")
 
@@ -316,21 +316,6 @@ def _check_method_memory(s: Session, budget: int, workers: int, processes: int, 
                          f"{short(c.names[worst])} needs {task / 2**20:.0f} MiB in one task (its rows, Gram matrix "
                          f"and projection){kept}; need at least {total / 2**20:.0f} MiB (or use fewer workers, or a "
                          "--unit-size that leaves room for it)")
-
-
-@contextlib.contextmanager
-def frozen_bookkeeping():
-    """No garbage collection while the run's bookkeeping is built (a catalogue of 100k tensors
-    makes the collector walk a growing heap again and again: a sixth of the start-up, for no
-    garbage), then that bookkeeping frozen out of later collections for the rest of the run."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-    gc.freeze()
 
 
 @contextlib.contextmanager

@@ -19,6 +19,8 @@ unit size, so every scheduler, thread count and resumed run sees the same plan.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import threading
 from bisect import bisect_right
 from collections.abc import Mapping
@@ -267,6 +269,21 @@ def unit_budget(memory_limit: int, workers: int, processes: int, state: int = 0)
         raise UsageError(f"--memory-limit {memory_limit / 2**20:.0f} MiB is too small for {who}; "
                          f"need at least {need / 2**20:.0f} MiB{held}{fewer}")
     return per_task
+
+
+@contextlib.contextmanager
+def frozen_bookkeeping():
+    """No garbage collection while the run's bookkeeping is built (a catalogue of 100k tensors
+    makes the collector walk a growing heap again and again: a sixth of the start-up, for no
+    garbage), then that bookkeeping frozen out of later collections for the rest of the run."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+    gc.freeze()
 
 
 _scratch = threading.local()
