@@ -156,17 +156,23 @@ class MergeConfig:
 
         return of
 
-    def params_all(self, outputs: list) -> list[tuple[dict, tuple[dict, ...]]]:
+    def params_all(self, outputs: list) -> tuple[list[dict], list[tuple[dict, ...]]]:
         """`tensor_params` of every `inputs.Output` in `outputs` (the same objects `params_of`
-        gives). Without filters in a `models:` config the values depend on the layer position alone:
-        resolved once per position, not tensor by tensor."""
+        gives), as two columns: the shared values, and the per-model ones. Without filters in a
+        `models:` config the values depend on the layer position alone: resolved once per
+        position, not tensor by tensor."""
         of = self.params_of()
         if self.slices or self._filters():
-            return [of(o.name, o.t, o.specs if self.slices else None, o.models, o.slice_params) for o in outputs]
+            got = [of(o.name, o.t, o.specs if self.slices else None, o.models, o.slice_params) for o in outputs]
+            return [g[0] for g in got], [g[1] for g in got]
         keys = list(map(attrgetter("t"), outputs))  # every output has a model entry per `models:` entry
         firsts = dict(zip(reversed(keys), reversed(outputs)))  # the first output at each position
         got = {k: of(o.name, o.t, None, o.models, o.slice_params) for k, o in firsts.items()}
-        return list(map(got.__getitem__, keys))
+        if len(got) == 1:  # one position (no layers, or no gradients that vary)
+            glob, models = next(iter(got.values()))
+            return [glob] * len(keys), [models] * len(keys)
+        shared, per_model = {k: v[0] for k, v in got.items()}, {k: v[1] for k, v in got.items()}
+        return list(map(shared.__getitem__, keys)), list(map(per_model.__getitem__, keys))
 
     def _filters(self) -> set[str]:
         """Every filter string of the config's parameter values ("*" and none match every name)."""

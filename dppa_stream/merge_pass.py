@@ -33,9 +33,9 @@ from .methods.base import Catalogue, TensorInfo
 from .inputs import verify_unchanged
 from .output import MANIFEST, WORK_DIR, Manifest, read_manifest_extras, release_reserve
 from .statistics import check_nonfinite, drive, inline
-from .targets import RequantLoss, Target, output_targets, tensor_scale, write_quantized
+from .targets import RequantLoss, Target, class_targets, tensor_scale, write_quantized
 from .units import (BATCH_MAX_BYTES, BATCH_MAX_ITEMS, BATCH_MAX_NUMEL, BatchRows, UnitInputs, UnitRows, batch_key,
-                    run_bounds, scratch)
+                    frozen_bookkeeping, run_bounds, scratch)
 
 
 def merge_task(method, inp: UnitInputs, plan, folder: str, target: Target, place,
@@ -213,17 +213,12 @@ def amax_work(method, work, plans: tuple, check_finite: bool) -> dict[str, float
     return out
 
 
-def _quantizable(session) -> list[str]:
-    """The tensors that may be stored quantized, in output order: only a class of its own
-    (`units.Classes.alone`) may have a `Target.ref`, a class of many tensors is written plain."""
+def tensor_scales(session, plans: dict, targets: list[Target]) -> tuple[list[Target], int]:
+    """Class targets (`targets.class_targets`) with their per-tensor FP8 scales chosen, and the
+    bytes read: a pass that merges those tensors (only) and keeps each one's largest finite
+    |value|. Only a class of its own (`units.Classes.alone`) may have a `Target.ref`."""
     c = session.classes
-    return list(map(c.names.__getitem__, c.alone))
-
-
-def tensor_scales(session, plans: dict, targets: dict[str, Target]) -> tuple[dict[str, Target], int]:
-    """Targets with their per-tensor FP8 scales chosen, and the bytes read: a pass that merges
-    those tensors (only) and keeps each one's largest finite |value|."""
-    wanted = {t for t in _quantizable(session) if targets[t].needs_amax}
+    wanted = {c.names[j]: c.of[j] for j in c.alone if targets[c.of[j]].needs_amax}
     if not wanted:
         return targets, 0
     from .units import pack
@@ -244,8 +239,30 @@ def tensor_scales(session, plans: dict, targets: dict[str, Target]) -> tuple[dic
 
     with session.progress.phase("amax", sum(w.nbytes for w in works)) as step:
         session.executor.map(amax_work, calls, [w.nbytes for w in works], step, seen)
-    return {t: tensor_scale(tg, amax[t]) if t in amax else tg for t, tg in targets.items()}, \
-        sum(w.nbytes for w in works)
+    targets = list(targets)
+    for t, k in wanted.items():
+        if t in amax:
+            targets[k] = tensor_scale(targets[k], amax[t])
+    return targets, sum(w.nbytes for w in works)
+
+
+def _layout(c, targets: list[Target], shard_size: int) -> tuple[ShardLayout, list]:
+    """The output shards, and per tensor (output order) where it goes: its Placement, or for a
+    quantized one the tuple of its parts' (what `merge_task` takes). Plain tensors are laid out as
+    columns (their classes' shape and target each); a quantized tensor is a class of its own."""
+    quantized = [j for j in c.alone if targets[c.of[j]].ref is not None]
+    if not quantized:
+        dtypes = [tg.dtype for tg in targets]
+        layout = ShardLayout.of_columns(c.names, c.column(dtypes), c.shapes, shard_size, c.column(
+            [math.prod(c.shapes[i]) * DTYPE_SIZES[d] for i, d in zip(c.first, dtypes)]))
+        return layout, layout.places
+    specs = [tg.specs(t) for t, tg in zip(c.names, c.column(targets))]
+    layout = ShardLayout([s for parts in specs for s in parts], shard_size)
+    places, at = [], 0
+    for j, parts in enumerate(specs):
+        places.append(layout.places[at] if targets[c.of[j]].ref is None else tuple(layout.places[at:at + len(parts)]))
+        at += len(parts)
+    return layout, places
 
 
 def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int) -> tuple[int, int, dict | None]:
@@ -255,16 +272,12 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
     inputs, method = session.inputs, session.method
     partial = out + ".partial"
     ref = inputs.reference
-    targets, amax_read = tensor_scales(session, plans, output_targets(inputs, cfg.out_dtype, cfg.dtype))
     c = session.classes
-    quantized = [t for t in _quantizable(session) if targets[t].ref is not None]
+    targets, amax_read = tensor_scales(session, plans, class_targets(inputs, cfg.out_dtype, cfg.dtype))
+    quantized = [c.names[j] for j in c.alone if targets[c.of[j]].ref is not None]
     plain = not quantized
-    if plain:  # `Target.specs` of plain tensors, as columns: their classes' (one shape and target each)
-        dtypes = [targets[c.names[i]].dtype for i in c.first]
-        layout = ShardLayout.of_columns(c.names, c.column(dtypes), c.shapes, shard_size, c.column(
-            [math.prod(c.shapes[i]) * DTYPE_SIZES[d] for i, d in zip(c.first, dtypes)]))
-    else:
-        layout = ShardLayout([s for t in inputs.names for s in targets[t].specs()], shard_size)
+    with frozen_bookkeeping():  # a Placement per tensor, kept for the run like the session's bookkeeping
+        layout, places = _layout(c, targets, shard_size)
     if done:
         layout.check_preallocated(partial)
     else:
@@ -282,28 +295,33 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
     for losses in read_manifest_extras(os.path.join(partial, WORK_DIR, MANIFEST)).values():
         add_losses(losses)
     shared = session.executor.share(method)
-    infos = session.catalogue.tensors
-    works = [w for w in session.work_units if w.key not in done]
-    places = layout.placements
+    # per tensor in output order, each work unit's a slice: its items are consecutive units (an item
+    # per tensor, but for the units of a split one: `item_of`, the tensor of each item)
+    infos, tgs, units = session.catalogue.infos, c.column(targets), session.units
+    item_of = None if not units.split else np.repeat(np.arange(len(c.names)), c.column(units.count)).tolist()
+    works = session.work_units
+    starts = list(accumulate((len(w.items) for w in works), initial=0))
+    todo = [k for k, w in enumerate(works) if w.key not in done] if done else range(len(works))
 
-    def call(w):  # C functions mapped over the work unit's tensors: an MoE work unit has thousands
-        tensors = list(map(_TENSOR, w.items))
-        tgs = tuple(map(targets.__getitem__, tensors))
-        got = tuple(map(plans.get, tensors, map(infos.__getitem__, tensors)) if plans else
-                    map(infos.__getitem__, tensors))
-        where = tuple(map(places.__getitem__, tensors)) if plain else \
-            tuple(places[t] if tg.ref is None else tuple(places[n] for n, _, _ in tg.specs())
-                  for t, tg in zip(tensors, tgs))
-        return shared, w, got, partial, tgs, where, session.check_finite
+    def call(k):  # slices of the per-tensor columns: an MoE work unit has thousands of tensors
+        w, a, b = works[k], starts[k], starts[k + 1]
+        if item_of is None:
+            names, got, tg, where = c.names[a:b], infos[a:b], tgs[a:b], places[a:b]
+        else:
+            at = item_of[a:b]
+            names, got, tg, where = (list(map(col.__getitem__, at)) for col in (c.names, infos, tgs, places))
+        if plans:
+            got = map(plans.get, names, got)
+        return shared, w, tuple(got), partial, tuple(tg), tuple(where), session.check_finite
 
     # a generator: each work unit's plans are made (or looked up) as it starts (`Executor.map`)
-    calls = (call(w) for w in works)
-    sizes = [w.nbytes for w in works]
+    calls = map(call, todo)
+    sizes = [works[k].nbytes for k in todo]
     written = []
     with Manifest(partial) as manifest:
         def record(i, result):
             written.append(result[0])
-            manifest.record(*works[i].key, result[1])
+            manifest.record(*works[todo[i]].key, result[1])
             add_losses(result[1])
 
         with session.progress.phase("merge", sum(sizes)) as step:

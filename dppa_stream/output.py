@@ -117,10 +117,10 @@ class Space:
 def space_needed(inputs, cfg, model_files: list | None = None) -> Space:
     """Estimate what the run writes (from headers alone)."""
     from .hf_files import TOKENIZER_FILES
-    from .targets import output_targets
+    from .targets import class_targets
     from .units import tensor_classes
 
-    targets = output_targets(inputs, cfg.out_dtype, cfg.dtype)
+    targets = class_targets(inputs, cfg.out_dtype, cfg.dtype)
     c = tensor_classes(inputs)
     counts = c.counts()
     # every tensor's name is in the manifest, and in the shards' headers unless it is stored quantized (the
@@ -128,12 +128,12 @@ def space_needed(inputs, cfg, model_files: list | None = None) -> Space:
     named = len("".join(c.names).encode())
     shards, state = named, named
     for k, i in enumerate(c.first):
-        name, e, target = c.names[i], c.refs[i], targets[c.names[i]]
+        name, e, target = c.names[i], c.refs[i], targets[k]
         numel = e.numel
         if target.ref is None:  # one stored tensor, of the entry's shape
             one = numel * DTYPE_SIZES[target.dtype] + 96
         else:
-            one = target.stored_bytes + sum(len(n.encode()) + 96 for n, _, _ in target.specs()) - len(name.encode())
+            one = target.stored_bytes + sum(len(n.encode()) + 96 for n, _, _ in target.specs(name)) - len(name.encode())
         shards += one * counts[k]
         held = 64 + (1024 * (1 + numel // (1 << 20)) if target.ref is not None else 0)
         if e.real:  # a statistics record per model, and manifest lines (a requantized unit's carry its loss)

@@ -14,13 +14,12 @@ import contextlib
 import dataclasses
 import functools
 import gc
-import itertools
 import logging
 import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from operator import itemgetter
+from itertools import repeat
 from typing import Callable
 
 from .config import MergeConfig
@@ -31,13 +30,12 @@ from .memory import PeakSampler, default_budget
 from .methods.base import Catalogue, Plan
 from .output import WORK_DIR, check_output, fingerprint, prepare_partial, publish, removed_on_bad_input, space_needed
 from .statistics import StatsEngine, drive
-from .units import (MAX_UNIT_BYTES, PROCESS_BASELINE, TASK_OVERHEAD, Classes, Unit, UnitInputs, WorkUnit, pack,
-                    split_tensor, state_bytes, tensor_classes, unit_budget)
+from .units import (MAX_UNIT_BYTES, PROCESS_BASELINE, TASK_OVERHEAD, Classes, TensorUnits, Unit, UnitInputs, WorkUnit,
+                    frozen_bookkeeping, pack, split_tensor, state_bytes, tensor_classes, unit_budget)
 
 log = logging.getLogger("dppa_stream")
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
-_FIRST = itemgetter(0)
 
 
 @dataclass
@@ -132,14 +130,14 @@ class Session:
         return c.per_tensor([v[0] for v in needs]), c.per_tensor([v[1] for v in needs])
 
     @functools.cached_property
-    def units(self) -> dict[str, tuple]:
+    def units(self) -> TensorUnits:
         """tensor -> its units, in order."""
         return plan_units(self.inputs, self.method, self.unit_needs, self.unit_bytes)
 
     @functools.cached_property
     def split_tensors(self) -> list[str]:
         """The tensors held in several units, in output order."""
-        return [t for t, us in self.units.items() if len(us) > 1]
+        return list(self.units.split)
 
     @functools.cached_property
     def work_units(self) -> list[WorkUnit]:
@@ -181,9 +179,9 @@ def catalogue(cfg: MergeConfig, inputs: Inputs) -> Catalogue:
     from .methods.base import TensorInfo
 
     c = tensor_classes(inputs)
-    params = cfg.params_all(c.outs)
-    infos = dict(zip(c.names, map(TensorInfo, c.names, c.dtypes, c.shapes, *zip(*params)))) if params else {}
-    return Catalogue(infos, inputs.reference.read_config())
+    glob, models = cfg.params_all(c.outs)
+    infos = list(map(TensorInfo, c.names, c.dtypes, c.shapes, glob, models))
+    return Catalogue.of_columns(c.names, infos, inputs.reference.read_config())
 
 
 def unit_needs(inputs: Inputs, cfg: MergeConfig) -> list[tuple[int, int]]:
@@ -191,13 +189,13 @@ def unit_needs(inputs: Inputs, cfg: MergeConfig) -> list[tuple[int, int]]:
     decoded, and the output), and the element multiple its boundaries must fall on for its
     storage formats (scale blocks of its inputs and output; 1 for plain tensors)."""
     from .sources import align, memory_per_element
-    from .targets import output_targets
+    from .targets import class_targets
 
-    targets = output_targets(inputs, cfg.out_dtype, cfg.dtype)
+    targets = class_targets(inputs, cfg.out_dtype, cfg.dtype)
     c = tensor_classes(inputs)
     needs = []
-    for i in c.first:
-        entries, target = c.entries(i), targets[c.names[i]]
+    for i, target in zip(c.first, targets):
+        entries = c.entries(i)
         needs.append((memory_per_element(entries) + target.out_bytes, math.lcm(align(entries), target.align)))
     return needs
 
@@ -214,12 +212,12 @@ def client_state(inputs: Inputs, method) -> int:
     return state_bytes(len(inputs.names), len(inputs.all), planned, models)
 
 
-def plan_units(inputs: Inputs, method, needs: list, unit_bytes: int) -> dict[str, tuple]:
+def plan_units(inputs: Inputs, method, needs: list, unit_bytes: int) -> TensorUnits:
     """Every tensor's units, in output order: as large as `unit_bytes` of task memory allows,
     boundaries where both the method and the tensor's storage formats accept them (`needs`:
     `unit_needs`). Decided once per class of tensors: a method's multiple depends on the shape alone."""
     c = tensor_classes(inputs)
-    numel, split = [], {}
+    numel, count, split = [], [], {}
     seen = {}  # (shape, needs) -> (numel, multiple), multiple None where the tensor is one unit
     for k, i in enumerate(c.first):
         shape = c.refs[i].shape
@@ -230,41 +228,41 @@ def plan_units(inputs: Inputs, method, needs: list, unit_bytes: int) -> dict[str
             whole = len(split_tensor(c.names[i], n, len(shape), multiple, per, unit_bytes)) == 1
             got = seen[shape, needs[k]] = (n, None if whole else multiple)
         numel.append(got[0])
+        count.append(1)
         if got[1] is not None:
             split[k] = (got[0], len(shape), got[1], needs[k][0])
-    names, zeros = c.names, itertools.repeat(0)
-    units = dict(zip(names, zip(map(Unit, names, zeros, zeros, c.column(numel)))))  # whole: a 1-tuple each
+    units = {}
     if split:
-        for t, k in zip(names, c.of):
+        for t, k in zip(c.names, c.of):
             if k in split:
                 units[t] = tuple(split_tensor(t, *split[k], unit_bytes))
-    return units
+                count[k] = len(units[t])
+    return TensorUnits(c, numel, count, units)
 
 
-def work_units(inputs: Inputs, units: dict, needs: list, unit_bytes: int) -> list[WorkUnit]:
+def work_units(inputs: Inputs, units: TensorUnits, needs: list, unit_bytes: int) -> list[WorkUnit]:
     """Consecutive units packed into work units of at most `unit_bytes` of task memory (`needs`:
     `unit_needs`). A tensor held whole by one unit is one item, whose sizes its class gives."""
     c = tensor_classes(inputs)
-    lists = list(units.values())  # `plan_units`: in output order
     size, nbytes, split = [], [], set()
     for k, i in enumerate(c.first):
-        us, entries = lists[i], c.entries(i)
-        if len(us) > 1:
+        n, entries = units.numel[k], c.entries(i)
+        if units.count[k] > 1:
             split.add(k)
             size.append(0)  # an item per unit, below
             nbytes.append(0)
             continue
-        n = us[0].flat_stop
         size.append(n * needs[k][0])
         shape = entries[0].shape  # the output's (n is its numel): inputs of its shape hold n elements each
         nbytes.append((sum([e.nbytes for e in entries]) if n else 0) if all([e.shape == shape for e in entries])
-                      else UnitInputs(us[0], c.bases[i], c.models[i]).nbytes)
-    items = list(map(UnitInputs, map(_FIRST, lists), c.bases, c.models))
+                      else UnitInputs(units.of(i)[0], c.bases[i], c.models[i]).nbytes)
+    zeros = repeat(0)
+    items = list(map(UnitInputs, map(Unit, c.names, zeros, zeros, c.column(units.numel)), c.bases, c.models))
     sizes, stored = c.column(size), c.column(nbytes)
     if split:  # a tensor of several units: an item per unit, in its place
         parts, at = ([], [], []), 0
         for j in [j for j, k in enumerate(c.of) if k in split]:
-            us, per = lists[j], needs[c.of[j]][0]
+            us, per = units.split[c.names[j]], needs[c.of[j]][0]
             new = [UnitInputs(u, c.bases[j], c.models[j]) for u in us]
             for part, whole, add in zip(parts, (items, sizes, stored),
                                         (new, [u.numel * per for u in us], [i.nbytes for i in new])):
@@ -282,10 +280,10 @@ def _check_smallest_units(s: Session, per_task: int) -> None:
     larger than a task's share of --memory-limit cannot run within it: say so before reading."""
     c, needs, units = s.classes, s.unit_needs, s.units
     over = [i for k, i in enumerate(c.first)
-            if needs[k][1] > 1 and units[c.names[i]][0].numel * needs[k][0] > per_task]
+            if needs[k][1] > 1 and units.of(i)[0].numel * needs[k][0] > per_task]
     if over:
         t = c.names[min(over)]
-        need = units[t][0].numel * needs[c.of[min(over)]][0]
+        need = units.of(min(over))[0].numel * needs[c.of[min(over)]][0]
         raise UsageError(f"tensor {short(t)}: one work unit holds at least {need / 2**20:.0f} MiB (whole "
                          f"scale blocks or experts of its format), more than the {per_task / 2**20:.0f} MiB per "
                          "task that --memory-limit leaves; raise --memory-limit or use fewer workers")
@@ -303,7 +301,7 @@ def _check_method_memory(s: Session, budget: int, workers: int, processes: int, 
         extra = s.method.task_bytes(e.shape, models) if e.real else 0
         if not extra:
             continue
-        us = units[c.names[i]]
+        us = units.of(i)
         need = max(u.numel for u in us) * needs[k][0] + extra
         if need > task or (need == task and i < worst):
             task, worst = need, i
@@ -321,25 +319,10 @@ def _check_method_memory(s: Session, budget: int, workers: int, processes: int, 
 
 
 @contextlib.contextmanager
-def _setup_gc():
-    """No garbage collection while the run's bookkeeping is built (a catalogue of 100k tensors
-    makes the collector walk a growing heap again and again: a sixth of the start-up, for no
-    garbage), then that bookkeeping frozen out of later collections for the rest of the run."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-    gc.freeze()
-
-
-@contextlib.contextmanager
 def session(cfg: MergeConfig, opts: MergeOptions, out: str | None = None):
     """Open and validate the inputs, start the scheduler and plan work units from the budget."""
     try:
-        with _setup_gc():
+        with frozen_bookkeeping():
             parts = _start(cfg, opts, out)
         with parts[0]:
             yield parts[1]
@@ -369,13 +352,13 @@ def _start(cfg: MergeConfig, opts: MergeOptions, out: str | None):
         wanted = opts.unit_bytes or (MAX_UNIT_BYTES if local else MAX_UNIT_BYTES // 4)
         s = Session(cfg, inputs, method, ex, min(wanted, ub) if local else wanted, Progress(opts.progress), budget,
                     not opts.allow_nonfinite)
-        s.catalogue  # bookkeeping: made while the collector is off (`_setup_gc`), like the units below
+        s.catalogue  # bookkeeping: made while the collector is off (`frozen_bookkeeping`), like the units below
         if local:
             _check_smallest_units(s, ub)
             _check_method_memory(s, budget, spec.workers, 1 + (spec.workers if spec.kind == "processes" else 0), state)
         log.info("scheduler %s with %d worker thread(s); memory limit %.0f MiB; work unit <= %.1f MiB; "
                  "%d tensors in %d units (%d split), %d work units", spec.kind, workers, budget / 2**20, ub / 2**20,
-                 len(inputs.names), len(inputs.names) + sum(len(s.units[t]) - 1 for t in s.split_tensors),
+                 len(inputs.names), len(inputs.names) + sum(len(us) - 1 for us in s.units.split.values()),
                  len(s.split_tensors), len(s.work_units))
     except BaseException:
         ex.close()

@@ -35,21 +35,21 @@ from .units import scratch
 # dict per instance to make
 @dataclass(slots=True, unsafe_hash=True)
 class Target:
-    """One output tensor: its logical name and shape, and how it is stored. `ref` is the
-    reference's quantized storage it keeps (None: written plain as `dtype`); `scale` the (bits,
-    value) of a per-tensor FP8 scale, once the merged tensor's amax is known."""
+    """How an output tensor is stored: its logical shape, and `ref`, the reference's quantized
+    storage it keeps (None: written plain as `dtype`); `scale` the (bits, value) of a per-tensor FP8
+    scale, once the merged tensor's amax is known. Nameless: one Target serves a whole class of
+    tensors (`units.Classes`), so a checkpoint of tens of thousands of tensors makes a few dozen."""
 
-    name: str
     shape: tuple[int, ...]
     dtype: str
     ref: Quantized | None = None
     scale: tuple[int, float] | None = None
 
-    def specs(self) -> list[tuple[str, str, tuple[int, ...]]]:
-        """(name, dtype, shape) of every stored tensor, in the order they are laid out."""
+    def specs(self, name: str) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype, shape) of every stored tensor of output tensor `name`, in the order they are laid out."""
         if self.ref is None:
-            return [(self.name, self.dtype, self.shape)]
-        return [(self.ref.part_name(p, self.name), p.dtype, p.shape) for p in self.ref.parts]
+            return [(name, self.dtype, self.shape)]
+        return [(self.ref.part_name(p, name), p.dtype, p.shape) for p in self.ref.parts]
 
     @property
     def needs_amax(self) -> bool:
@@ -79,12 +79,13 @@ class Target:
 
     @property
     def stored_bytes(self) -> int:
-        return sum(math.prod(shape) * DTYPE_SIZES[dtype] for _, dtype, shape in self.specs())
+        return sum(math.prod(shape) * DTYPE_SIZES[dtype] for _, dtype, shape in self.specs(""))
 
 
-def output_targets(inputs, out_dtype: str | None, dtype: str | None) -> dict[str, Target]:
-    """The Target of every output tensor (rules in the module docstring); made once per inputs and
-    dtypes (planning, the space check and pass 2 each ask)."""
+def class_targets(inputs, out_dtype: str | None, dtype: str | None) -> list[Target]:
+    """The Target of every class of output tensors (`units.Classes`; rules in the module
+    docstring); made once per inputs and dtypes (planning, the space check and pass 2 each ask).
+    A class of many tensors is stored plain (no `ref`): only a class of its own may keep one."""
     memo = getattr(inputs, "targets", None)
     if memo is None:
         return _targets(inputs, out_dtype, dtype)
@@ -93,24 +94,26 @@ def output_targets(inputs, out_dtype: str | None, dtype: str | None) -> dict[str
     return memo[out_dtype, dtype]
 
 
-def _targets(inputs, out_dtype: str | None, dtype: str | None) -> dict[str, Target]:
+def output_targets(inputs, out_dtype: str | None, dtype: str | None) -> dict[str, Target]:
+    """Tensor name -> its Target (`class_targets`, shared by the tensors of a class)."""
+    from .units import tensor_classes
+
+    return tensor_classes(inputs).per_tensor(class_targets(inputs, out_dtype, dtype))
+
+
+def _targets(inputs, out_dtype: str | None, dtype: str | None) -> list[Target]:
     from .units import tensor_classes
 
     c = tensor_classes(inputs)
-    made = [_target(c.names[i], c.refs[i], out_dtype, dtype) for i in c.first]
-    # a class of many tensors is stored plain (no `ref`): its target, renamed; a class of one its own
-    targets = dict(zip(c.names, map(Target, c.names, c.shapes, c.column([tg.dtype for tg in made]))))
-    for j in c.alone:
-        targets[c.names[j]] = made[c.of[j]]
-    return targets
+    return [_target(c.refs[i], out_dtype, dtype) for i in c.first]
 
 
-def _target(name: str, e, out_dtype: str | None, dtype: str | None) -> Target:
+def _target(e, out_dtype: str | None, dtype: str | None) -> Target:
     if not e.real:
-        return Target(name, e.shape, e.dtype)
+        return Target(e.shape, e.dtype)
     if isinstance(e, Quantized):
-        return Target(name, e.shape, out_dtype) if out_dtype else Target(name, e.shape, e.dtype, e)
-    return Target(name, e.shape, out_dtype or dtype or e.dtype)
+        return Target(e.shape, out_dtype) if out_dtype else Target(e.shape, e.dtype, e)
+    return Target(e.shape, out_dtype or dtype or e.dtype)
 
 
 # --- writing a unit -----------------------------------------------------------------------------

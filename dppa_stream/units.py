@@ -19,11 +19,14 @@ unit size, so every scheduler, thread count and resumed run sees the same plan.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import threading
 from bisect import bisect_right
+from collections.abc import Mapping
 from dataclasses import dataclass
-from itertools import accumulate, islice
-from operator import attrgetter, ne
+from itertools import accumulate, islice, repeat
+from operator import attrgetter, itemgetter, ne
 
 import numpy as np
 
@@ -132,6 +135,39 @@ class Classes:
         return np.bincount(np.array(self.of, np.int64), minlength=len(self.first)).tolist()
 
 
+class TensorUnits(Mapping):
+    """Tensor name -> its units (a tuple, in order), in output order (`pipeline.plan_units`).
+    Decided per class: `numel` (each tensor's element count) and `count` (its number of units)
+    per class, the units of split tensors kept in `split`. The mapping of every tensor is made the
+    first time one is looked up by name (statistics passes): pass 2's work units are made from
+    the columns (`pipeline.work_units`), an MoE checkpoint's tens of thousands of whole tensors
+    need no entry here."""
+
+    def __init__(self, classes: Classes, numel: list[int], count: list[int], split: dict[str, tuple]):
+        self.classes, self.numel, self.count, self.split = classes, numel, count, split
+        self._by_name = None
+
+    def of(self, i: int) -> tuple:
+        """The units of the tensor at position i."""
+        c = self.classes
+        got = self.split.get(c.names[i]) if self.split else None
+        return got or (Unit(c.names[i], 0, 0, self.numel[c.of[i]]),)
+
+    def __getitem__(self, tensor: str) -> tuple:
+        if self._by_name is None:
+            c, zeros = self.classes, repeat(0)
+            by_name = dict(zip(c.names, zip(map(Unit, c.names, zeros, zeros, c.column(self.numel)))))
+            by_name.update(self.split)  # in place: output order kept
+            self._by_name = by_name
+        return self._by_name[tensor]
+
+    def __iter__(self):
+        return iter(self.classes.names)
+
+    def __len__(self) -> int:
+        return len(self.classes.names)
+
+
 def tensor_classes(inputs) -> Classes:
     """The `Classes` of `inputs`' output tensors, made once per inputs (kept on them). A tensor's
     key holds its inputs' dtypes and shapes, and their types; built column by column at C speed
@@ -141,13 +177,15 @@ def tensor_classes(inputs) -> Classes:
     if memo is not None and memo[0] is inputs.outputs and memo[1] == len(inputs.names):
         return memo[2]
     names = list(inputs.names)
-    outs = list(map(inputs.outputs.__getitem__, names))
+    outs = list(inputs.outputs.values())  # made in output order: checked (the same string objects) before used
+    if list(inputs.outputs) != names:
+        outs = list(map(inputs.outputs.__getitem__, names))
     bases, models = list(map(_BASE, outs)), list(map(_MODELS, outs))
     nones = bases.count(None)
     if not names:
         keys, refs, dtypes, shapes = [], [], [], []
     elif nones in (0, len(bases)) and len(set(map(len, models))) == 1:
-        cols = ([bases] if not nones else []) + list(zip(*models))
+        cols = ([bases] if not nones else []) + [list(map(itemgetter(m), models)) for m in range(len(models[0]))]
         refs = cols[0]
         dtypes, shapes = list(map(_DTYPE, refs)), list(map(_SHAPE, refs))
         parts = [shapes] + ([dtypes] if len(set(dtypes)) > 1 else [])
@@ -231,6 +269,21 @@ def unit_budget(memory_limit: int, workers: int, processes: int, state: int = 0)
         raise UsageError(f"--memory-limit {memory_limit / 2**20:.0f} MiB is too small for {who}; "
                          f"need at least {need / 2**20:.0f} MiB{held}{fewer}")
     return per_task
+
+
+@contextlib.contextmanager
+def frozen_bookkeeping():
+    """No garbage collection while the run's bookkeeping is built (a catalogue of 100k tensors
+    makes the collector walk a growing heap again and again: a sixth of the start-up, for no
+    garbage), then that bookkeeping frozen out of later collections for the rest of the run."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+    gc.freeze()
 
 
 _scratch = threading.local()

@@ -419,6 +419,9 @@ def build_header(specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict[s
     return header, dict(zip(map(names.__getitem__, order), starts))
 
 
+_NOT_PLAIN = bytes(range(32)) + b'\x7f"\\'  # what JSON escapes in an ASCII name, or isprintable refuses
+
+
 def header_layout(names: list[str], dtypes: list[str], shapes: list[tuple], nbytes: list[int],
                   metadata: dict[str, str]) -> tuple[bytes, list[int], list[int]]:
     """The header of one file holding tensors given as columns (`nbytes`: each one's size): its
@@ -444,7 +447,10 @@ def header_layout(names: list[str], dtypes: list[str], shapes: list[tuple], nbyt
     # names that JSON leaves as they are (no quotes, backslashes, control characters) get their
     # quotes from the text around them (printable text without either: C scans, no escaped copy)
     joined = "".join(names)
-    plain = joined.isprintable() and '"' not in joined and "\\" not in joined
+    if joined.isascii():  # printable ASCII: no control characters (a byte scan, faster than isprintable's)
+        plain = len(joined.encode().translate(None, _NOT_PLAIN)) == len(joined)
+    else:
+        plain = joined.isprintable() and '"' not in joined and "\\" not in joined
     q = '"' if plain or len(_quote(joined)) == len(joined) + 2 else ""
 
     def middle(d: str, shape: tuple) -> str:

@@ -10,6 +10,7 @@ HF sharding convention (greedy in tensor order, `model-0000i-of-0000N.safetensor
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import threading
 from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import accumulate, repeat
-from operator import add, mul
+from operator import mul
 
 import numpy as np
 
@@ -72,17 +73,32 @@ class ShardLayout:
         self.files = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.headers: dict[str, bytes] = {}
         self.file_sizes: dict[str, int] = {}
-        self.placements: dict[str, Placement] = {}
+        files, offsets = [], []  # per tensor, in the order given (`place_columns`)
         self.total_size = at[-1]
+        self._names = names
         for fname, lo, hi in zip(self.files, bounds, bounds[1:]):
-            cols = [names, dtypes, shapes, nbytes, itemsizes]
+            cols = [names, dtypes, shapes, nbytes]
             if n > 1:
                 cols = [c[lo:hi] for c in cols]
-            header, order, starts = header_layout(*cols[:4], FORMAT_METADATA)
+            header, order, starts = header_layout(*cols, FORMAT_METADATA)
             self.headers[fname] = header
             self.file_sizes[fname] = len(header) + at[hi] - at[lo]
-            self.placements.update(zip(map(cols[0].__getitem__, order), map(
-                Placement, repeat(fname), map(add, starts, repeat(len(header))), map(cols[4].__getitem__, order))))
+            placed = np.empty(hi - lo, np.int64)  # header order's starts put back in the order given
+            placed[order] = starts
+            placed += len(header)
+            offsets += placed.tolist()
+            files += repeat(fname, hi - lo)
+        self.place_columns = (files, offsets, itemsizes)
+
+    @functools.cached_property
+    def places(self) -> list[Placement]:
+        """Each tensor's Placement, in the order given (pass 2 hands each work unit a slice)."""
+        return list(map(Placement, *self.place_columns))
+
+    @functools.cached_property
+    def placements(self) -> dict[str, Placement]:
+        """Tensor name -> its Placement."""
+        return dict(zip(self._names, self.places))
 
     def preallocate(self, folder: str) -> None:
         """Write each shard's header and size the file (sparse) so rows can land anywhere."""
@@ -115,7 +131,7 @@ class ShardLayout:
             return None
         return {
             "metadata": {"total_size": self.total_size},
-            "weight_map": {name: p.file for name, p in sorted(self.placements.items())},
+            "weight_map": dict(sorted(zip(self._names, self.place_columns[0]))),
         }
 
     def finish(self, folder: str) -> None:

@@ -55,13 +55,37 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-@dataclass(frozen=True)
 class Catalogue:
-    """What planning may know about the inputs: the output tensors (name -> TensorInfo) in
-    output order, and the reference checkpoint's config.json."""
+    """What planning may know about the inputs: the output tensors (`tensors`: name ->
+    TensorInfo) in output order, and the reference checkpoint's config.json.
 
-    tensors: dict
-    config: dict | None
+    Made from columns (`of_columns`: the names and their TensorInfos, in output order), the dict
+    is made the first time planning asks for it: a local method plans most tensors inside their
+    pass-2 tasks, which get their TensorInfos as slices of the list (`infos`)."""
+
+    __slots__ = ("_tensors", "config", "names", "_infos")
+
+    def __init__(self, tensors: dict, config: dict | None):
+        self._tensors, self.config, self.names, self._infos = tensors, config, None, None
+
+    @classmethod
+    def of_columns(cls, names: list[str], infos: list, config: dict | None) -> "Catalogue":
+        cat = cls(None, config)
+        cat.names, cat._infos = names, infos
+        return cat
+
+    @property
+    def tensors(self) -> dict:
+        if self._tensors is None:
+            self._tensors = dict(zip(self.names, self._infos))
+        return self._tensors
+
+    @property
+    def infos(self) -> list:
+        """The TensorInfos in output order."""
+        if self._infos is None:
+            self._infos = list(self._tensors.values())
+        return self._infos
 
 
 @dataclass
