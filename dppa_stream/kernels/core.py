@@ -283,18 +283,17 @@ def exact_ranks(src, code, model, lo, hi, bf16_delta, ranks, out, keys, counts, 
     caller's scratch: allocating them here, in the worker threads, grew the heap by ~90 MiB over
     a merge of 45k small tensors."""
     counts[:] = 0
-    _select(src, code, model, lo, hi, bf16_delta, ranks, out, keys, counts, bad)
+    _select(src, code, model, lo, hi, bf16_delta, ranks, out, keys, counts, bad, np.empty(BLOCK, np.float32),
+            np.empty(BLOCK, np.float32))
 
 
 @njit(inline="always")
-def _select(src, code, model, lo, hi, bf16_delta, ranks, out, keys, counts, bad):
+def _select(src, code, model, lo, hi, bf16_delta, ranks, out, keys, counts, bad, b, d):
     """`exact_ranks` with `counts` all zero on entry, and left so. The keys' digits are 11, 11
     and 10 bits: the first digit is counted while the keys are made (keys[:n]); for each rank,
     the keys sharing the digits found so far are copied behind them (keys[n:], `_gather`) and
     only those are counted at the next digit, so a rank costs about one pass more."""
     n = hi - lo
-    b = np.empty(BLOCK, np.float32)
-    d = np.empty(BLOCK, np.float32)
     for s in range(lo, hi, BLOCK):
         m = min(BLOCK, hi - s)
         bad[0] += widen_block(src[0], code, s, m, b)
@@ -359,18 +358,25 @@ def exact_ranks_segments(src, code, starts, bf16_delta, ranks, active, out, keys
     starts[k]:starts[k+1] of src; for each model m with active[k, m], the ranks ranks[k, m] into
     out[k, m] (one call per batch instead of one per tensor and model)."""
     counts[:] = 0
+    b, d = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
     for k in range(starts.shape[0] - 1):
         for m in range(ranks.shape[1]):
             if active[k, m]:
-                _select(src, code, m, starts[k], starts[k + 1], bf16_delta, ranks[k, m], out[k, m], keys, counts, bad)
+                _select(src, code, m, starts[k], starts[k + 1], bf16_delta, ranks[k, m], out[k, m], keys, counts, bad,
+                        b, d)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def dare_sums(src, code, model, lo, hi, flat0, key, limit, full, kept, bad):
     """Exact per-exponent significand sums of |delta| and of |delta * keep-mask| (DARE's L1
     rescale); flat0 is the tensor-wide index of element lo."""
-    b = np.empty(BLOCK, np.float32)
-    d = np.empty(BLOCK, np.float32)
+    _dare_sums(src, code, model, lo, hi, flat0, key, limit, full, kept, bad, np.empty(BLOCK, np.float32),
+               np.empty(BLOCK, np.float32))
+
+
+@njit(inline="always")
+def _dare_sums(src, code, model, lo, hi, flat0, key, limit, full, kept, bad, b, d):
+    """`dare_sums` with its scratch given (see `delta._gta`)."""
     k = np.uint64(key)
     lim = np.uint64(limit)
     for s in range(lo, hi, BLOCK):
@@ -388,9 +394,10 @@ def dare_sums(src, code, model, lo, hi, flat0, key, limit, full, kept, bad):
 def dare_sums_segments(src, code, model, starts, active, keys, limits, full, kept, bad):
     """`dare_sums` of one model over a batch of whole tensors (columns starts[k]:starts[k+1]), for
     the tensors with active[k], into full[k] and kept[k]."""
+    b, d = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
     for k in range(starts.shape[0] - 1):
         if active[k]:
-            dare_sums(src, code, model, starts[k], starts[k + 1], 0, keys[k], limits[k], full[k], kept[k], bad)
+            _dare_sums(src, code, model, starts[k], starts[k + 1], 0, keys[k], limits[k], full[k], kept[k], bad, b, d)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -473,9 +480,14 @@ def tie_trim(x, value, rel, span, signed):
 def weighted_sum(src, code, lo, hi, weights, normalize, total_weight, out, out_code, bad):
     """`linear`: sum_i w_i x_i (accumulated from 0.0 in model order, as torch's sum over models
     does for up to 4 models), divided by the weights' sum when normalising."""
+    _weighted_sum(src, code, lo, hi, weights, normalize, total_weight, out, out_code, bad, np.empty(BLOCK, np.float32),
+                  np.empty(BLOCK, np.float32))
+
+
+@njit(inline="always")
+def _weighted_sum(src, code, lo, hi, weights, normalize, total_weight, out, out_code, bad, x, acc):
+    """`weighted_sum` with its scratch given (see `delta._gta`)."""
     K = src.shape[0]
-    x = np.empty(BLOCK, np.float32)
-    acc = np.empty(BLOCK, np.float32)
     for s in range(lo, hi, BLOCK):
         m = min(BLOCK, hi - s)
         a = acc[:m]
@@ -497,6 +509,7 @@ def weighted_sum(src, code, lo, hi, weights, normalize, total_weight, out, out_c
 def weighted_sum_segments(src, code, starts, weights, normalize, total_weight, out, out_code, bad):
     """`weighted_sum` of a batch of whole tensors, tensor k (columns starts[k]:starts[k+1]) with
     weights[k], normalize[k] and total_weight[k]."""
+    x, acc = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
     for k in range(starts.shape[0] - 1):
-        weighted_sum(src, code, starts[k], starts[k + 1], weights[k], normalize[k], total_weight[k], out, out_code,
-                     bad)
+        _weighted_sum(src, code, starts[k], starts[k + 1], weights[k], normalize[k], total_weight[k], out, out_code,
+                      bad, x, acc)

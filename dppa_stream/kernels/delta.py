@@ -205,11 +205,17 @@ def gta(src, code, lo, hi, flat0, bf16_delta, models, levels, masks, combine, ou
     mergekit's (docs/mergekit.md). `masks[k]` is model k's DELLA mask over the unit (SP_MASK).
     `levels[k, i].seen` is advanced past the ties this call saw."""
     K = src.shape[0] - 1
-    base = np.empty(BLOCK, np.float32)
-    d = np.empty((K, BLOCK), np.float32)
-    acc = np.empty(BLOCK, np.float32)
-    den = np.empty(BLOCK, np.float32)
-    maj = np.empty(BLOCK, np.float32)
+    _gta(src, code, lo, hi, flat0, bf16_delta, models, levels, masks, combine, out, out_code, bad,
+         np.empty(BLOCK, np.float32), np.empty((K, BLOCK), np.float32), np.empty(BLOCK, np.float32),
+         np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32))
+
+
+@njit(inline="always")
+def _gta(src, code, lo, hi, flat0, bf16_delta, models, levels, masks, combine, out, out_code, bad, base, d, acc, den,
+         maj):
+    """`gta` with its scratch given (a batch's segments share one set: fresh pages per call cost more
+    than merging a small tensor)."""
+    K = src.shape[0] - 1
     zero = np.float32(0.0)
     one = np.float32(1.0)
     consensus, normalize, divisor, lam = combine.consensus, combine.normalize, combine.divisor, combine.lam
@@ -267,6 +273,9 @@ def gta_segments(src, code, starts, bf16_delta, models, levels, masks, combine, 
     """`gta` over a batch of whole tensors (`units.BatchRows`): tensor k is columns
     starts[k]:starts[k+1] of src and out, with its own records models[k], levels[k] and
     combine[k] (one call per batch instead of one per tensor)."""
+    K = src.shape[0] - 1
+    base, d = np.empty(BLOCK, np.float32), np.empty((K, BLOCK), np.float32)
+    acc, den, maj = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
     for k in range(starts.shape[0] - 1):
-        gta(src, code, starts[k], starts[k + 1], 0, bf16_delta, models[k], levels[k], masks, combine[k], out, out_code,
-            bad)
+        _gta(src, code, starts[k], starts[k + 1], 0, bf16_delta, models[k], levels[k], masks, combine[k], out,
+             out_code, bad, base, d, acc, den, maj)
