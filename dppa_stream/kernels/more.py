@@ -118,6 +118,22 @@ _LIMBS = 24  # 30-bit limbs of an exact sum of `gram_sums` words: bucket 511 + 3
 
 
 @njit(inline="always")
+def _flush_span(block, npairs, p, e0, e1, high, low, used_lo, used_hi):
+    """`_flush_lanes` of pair p's buckets e0..e1 only (those a small tensor's exponents reach),
+    widening the range of buckets in use, used_lo[p]..used_hi[p], that `exact_f64` rounds."""
+    for e in range(e0, e1 + 1):
+        v = 0
+        for lane in range(LANES):
+            v += block[lane * npairs + p, e]
+            block[lane * npairs + p, e] = 0
+        if v != 0:
+            high[p, e] += v >> _LOW_BITS
+            low[p, e] += v & ((1 << _LOW_BITS) - 1)
+    used_lo[p] = min(used_lo[p], e0)
+    used_hi[p] = max(used_hi[p], e1)
+
+
+@njit(inline="always")
 def _split_span(x, m, sig, exp):
     """`_split_row`, returning the smallest and largest exponent field of the non-zero values
     (GRAM_BUCKETS, -1 when all are zero): the buckets their products can reach."""
@@ -245,18 +261,8 @@ def gram_batch(src, code, los, his, deltas, out, bad):
                     sa, sb, ea, eb = sig[a], sig[b], exp[a], exp[b]
                     for j in range(m):
                         block[(j & (LANES - 1)) * npairs + p, ea[j] + eb[j]] += sa[j] * sb[j]
-                    e0, e1 = emin[a] + emin[b], emax[a] + emax[b]
                     if emax[a] >= 0 and emax[b] >= 0:  # else every product was 0, added to a zero bucket
-                        for e in range(e0, e1 + 1):
-                            v = 0
-                            for lane in range(LANES):
-                                v += block[lane * npairs + p, e]
-                                block[lane * npairs + p, e] = 0
-                            if v != 0:
-                                high[p, e] += v >> _LOW_BITS
-                                low[p, e] += v & ((1 << _LOW_BITS) - 1)
-                        used_lo[p] = min(used_lo[p], e0)
-                        used_hi[p] = max(used_hi[p], e1)
+                        _flush_span(block, npairs, p, emin[a] + emin[b], emax[a] + emax[b], high, low, used_lo, used_hi)
                     p += 1
         for p in range(npairs):
             out[i, p] = exact_f64(high[p], low[p], used_lo[p], used_hi[p], limbs)
@@ -769,16 +775,7 @@ def sce_batch_plan(src, code, los, his, topks, kinds, values, budgets, squares, 
                     sg = sig[j] if keep[j] != zero else 0
                     block[(j & (LANES - 1)) * K + k, exp[j] + exp[j]] += sg * sg
                 if e1 >= 0:  # else every square was 0, added to a zero bucket
-                    for e in range(e0 + e0, e1 + e1 + 1):
-                        v = 0
-                        for lane in range(LANES):
-                            v += block[lane * K + k, e]
-                            block[lane * K + k, e] = 0
-                        if v != 0:
-                            high[k, e] += v >> _LOW_BITS
-                            low[k, e] += v & ((1 << _LOW_BITS) - 1)
-                    used_lo[k] = min(used_lo[k], e0 + e0)
-                    used_hi[k] = max(used_hi[k], e1 + e1)
+                    _flush_span(block, K, k, e0 + e0, e1 + e1, high, low, used_lo, used_hi)
         for k in range(K):
             squares[i, k] = exact_f64(high[k], low[k], used_lo[k], used_hi[k], limbs)
             used_lo[k], used_hi[k] = GRAM_BUCKETS, -1
