@@ -59,6 +59,7 @@ def _merged(method, rows: UnitRows, plan, dtype: str, check_finite: bool) -> np.
     """The unit merged into this thread's output buffer, as bit patterns of `dtype`."""
     u = rows.inp.unit
     if isinstance(plan, TensorInfo):  # plan it here, from the rows in memory
+        rows.keep_della_masks()
         plan = drive(method, Catalogue({u.tensor: plan}, None), [u.tensor], inline(rows, check_finite)).tensors[u.tensor]
     out = scratch("out", u.numel * np.dtype(kernels.CONTAINER[dtype]).itemsize).view(kernels.CONTAINER[dtype])
     bad = method.merge_unit(rows, plan, out, kernels.CODES[dtype])

@@ -295,7 +295,7 @@ class Della(KeptSums):
     def compute(self, rows, code, lo, hi, bad):
         unit = rows.inp.unit
         key, density, epsilon = self.args
-        if hasattr(rows, "della_keys"):  # a pass-2 task's rows: its merge takes the mask (no copy)
+        if rows.della_keys is not None:  # a unit planned in its pass-2 task: its merge takes the mask
             if rows.della_masks is None:
                 rows.della_masks = np.zeros((len(rows.inp.models), unit.numel), np.uint8)
             mask = rows.della_masks[self.model]

@@ -332,11 +332,16 @@ class UnitRows:
         self.dtype = dtype
         self.raw = raw
         self.src = raw.view(CONTAINER[dtype]) if dtype in FLOAT_DTYPES else None
-        # DELLA keep masks made while the unit is planned in its own task (`statistics.Della`): one
-        # row per model, and what each row was made with; its merge takes them instead of ranking
-        # the rows again (`methods.gta.della_masks`)
+        # DELLA keep masks of a unit planned in its own pass-2 task (`merge_pass._merged` asks for
+        # them with `keep_della_masks`): one row per model and what each row was made with
+        # (`statistics.Della`), which its merge takes instead of ranking the rows again
+        # (`methods.gta.della_masks`); None elsewhere (pass 1 keeps no mask)
         self.della_masks: np.ndarray | None = None
-        self.della_keys: dict = {}
+        self.della_keys: dict | None = None
+
+    def keep_della_masks(self) -> None:
+        """Keep the DELLA masks its statistics make, for its merge."""
+        self.della_keys = {}
 
     @property
     def is_float(self) -> bool:
@@ -407,6 +412,7 @@ class BatchRows:
         rows.inp, rows.has_base, rows.dtype = self.items[k], self.has_base, self.dtype
         rows.src = np.ascontiguousarray(self.src[:, a:b])
         rows.raw = rows.src.view(np.uint8)
+        rows.della_masks, rows.della_keys = None, None
         return rows
 
 

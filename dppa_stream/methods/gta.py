@@ -174,9 +174,9 @@ def della_masks(rows, sparse: tuple[Sparse, ...], bad) -> np.ndarray:
     from ..statistics import della_mask_key
 
     unit = rows.inp.unit
-    made = getattr(rows, "della_keys", {})
+    made = rows.della_keys or {}
     if all(s.mode != kernels.SP_MASK or made.get(k) == della_mask_key(k, s.key, *s.della) for k, s in enumerate(sparse)):
-        masks, rows.della_masks, rows.della_keys = rows.della_masks, None, {}  # those its statistics made
+        masks, rows.della_masks, rows.della_keys = rows.della_masks, None, None  # those its statistics made
         return masks
     masks = np.zeros((len(sparse), unit.numel), np.uint8)
     d1, rest, slices = kernels.della_layout(rows.inp.models[0].shape, unit)
