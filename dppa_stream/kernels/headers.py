@@ -7,9 +7,10 @@ padding, keys in the order dtype, shape, data_offsets, integers without signs or
 
     {"__metadata__":{"format":"pt"},"NAME":{"dtype":"BF16","shape":[64,32],"data_offsets":[0,4096]},...}
 
-`scan_header` checks that form byte by byte and records where each field lies, so that the
-caller cuts its columns from the text; anything else (escapes, non-ASCII names, other spacing or
-key order, other metadata) is not that form and goes the JSON way (`checkpoint.format`).
+`scan_header` checks that form byte by byte (names printable ASCII without a backslash, so no
+escapes) and reads each entry's data_offsets; the caller splits the text at its quotes for the
+names, dtypes and shapes. Anything else (escapes, non-ASCII names, other spacing or key order,
+other metadata) is not that form and goes the JSON way (`checkpoint.format`).
 """
 
 from __future__ import annotations
@@ -58,12 +59,11 @@ def _value(b, s, e):
 
 
 @njit(nogil=True, cache=True)
-def scan_header(b, start, spans, offsets):
+def scan_header(b, start, offsets):
     """Entries of header bytes `b` in safetensors' own form, from byte `start` (just past the
-    opening brace and any metadata): spans[k] = the (start, end) of entry k's name, dtype and shape
-    list text, offsets[k] = its data_offsets. Returns the entry count, or -1 when the header is not
-    in that form (or has more entries than `spans` has rows). Names must be printable ASCII without
-    a backslash; trailing spaces (safetensors' padding) are allowed."""
+    opening brace and any metadata): offsets[k] = entry k's data_offsets. Returns the entry count,
+    or -1 when the header is not in that form (or has more entries than `offsets` has rows). Names
+    must be printable ASCII without a backslash; trailing spaces (safetensors' padding) are allowed."""
     end = b.shape[0]
     while end > 0 and b[end - 1] == SPACE:
         end -= 1
@@ -73,15 +73,13 @@ def scan_header(b, start, spans, offsets):
     p = start
     k = 0
     while True:
-        if k == spans.shape[0] or p >= end or b[p] != QUOTE:
+        if k == offsets.shape[0] or p >= end or b[p] != QUOTE:
             return -1
         p += 1
-        s = p
         while p < end and b[p] != QUOTE:
             if b[p] < SPACE or b[p] > 126 or b[p] == BACKSLASH:
                 return -1
             p += 1
-        spans[k, 0], spans[k, 1] = s, p
         p = _literal(b, p + 1, end, AFTER_NAME)
         if p < 0:
             return -1
@@ -90,11 +88,9 @@ def scan_header(b, start, spans, offsets):
             p += 1
         if p == s:
             return -1
-        spans[k, 2], spans[k, 3] = s, p
         p = _literal(b, p, end, AFTER_DTYPE)
         if p < 0:
             return -1
-        s = p
         if p < end and b[p] != RBRACKET:
             while True:
                 p = _integer(b, p, end)
@@ -105,7 +101,6 @@ def scan_header(b, start, spans, offsets):
                 if b[p] != COMMA:
                     return -1
                 p += 1
-        spans[k, 4], spans[k, 5] = s, p
         if p + 2 > end or b[p + 1] != COMMA:
             return -1
         p = _literal(b, p + 2, end, AFTER_SHAPE)
