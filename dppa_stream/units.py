@@ -181,7 +181,7 @@ def tensor_classes(inputs) -> Classes:
     if list(inputs.outputs) != names:
         outs = list(map(inputs.outputs.__getitem__, names))
     bases, models = list(map(_BASE, outs)), list(map(_MODELS, outs))
-    nones = bases.count(None)
+    nones = list(map(type, bases)).count(type(None))  # by type: `==` on an entry is a Python call each
     if not names:
         keys, refs, dtypes, shapes = [], [], [], []
     elif nones in (0, len(bases)) and len(set(map(len, models))) == 1:
