@@ -439,9 +439,10 @@ def _nothing_found(tensors, linear_filter) -> str:
             f"set linear_filter (group 1 = block index), e.g. linear_filter: '{suggestion}'")
 
 
-def layer_positions(names) -> dict[str, float]:
-    """mergekit's t of every tensor: layer i of a stack of L layers gets i/(L-1) (1 for a
-    one-layer stack); tensors outside the stacks (embeddings, final norms, heads) get 0.
+def layer_positions(names) -> list[float]:
+    """mergekit's t of every tensor, in the order of `names`: layer i of a stack of L layers gets
+    i/(L-1) (1 for a one-layer stack); tensors outside the stacks (embeddings, final norms, heads)
+    get 0.
 
     Per distinct head, not per name: an MoE layer repeats its head for every expert's tensors
     (`_heads`); the rest is per head `<stack>.<N>.` (a few hundred)."""
@@ -458,7 +459,7 @@ def layer_positions(names) -> dict[str, float]:
             layers[stack] = max(layers.get(stack, 0), index + 1)
     t = {head: layer_position(index, layers[stack]) for head, (stack, index) in where.items()}
     t[""] = 0.0
-    return dict(zip(names, map(t.__getitem__, heads)))
+    return list(map(t.__getitem__, heads))
 
 
 def _heads(names) -> list[str]:

@@ -169,7 +169,7 @@ def _whole(cfg: MergeConfig, ck) -> Inputs:
     bases = column(base) if base else repeat(None)
     inputs = zip(*map(column, models)) if models else repeat(())
     outputs = dict(zip(names, map(tuple.__new__, repeat(Output), zip(
-        names, bases, inputs, repeat(specs), repeat({}), map(t.__getitem__, names), repeat(paths), repeat(base_model)))))
+        names, bases, inputs, repeat(specs), repeat({}), t, repeat(paths), repeat(base_model)))))
     donor = ck(cfg.donor) if cfg.donor else ref
     return Inputs(list({id(c): c for c in (ck(p) for p in cfg.model_paths())}.values()), donor, names, outputs, None,
                   models, vet_model_files(donor.folder))

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import kernels
 from .checkpoint import DTYPE_SIZES, FLOAT_DTYPES, ShardLayout, TensorEntry, write_rows
-from .checkpoint.writer import write_runs
+from .checkpoint.writer import Places, write_runs
 from .hf_files import copy_model_files, write_model_card
 from .methods.base import Catalogue, TensorInfo
 from .inputs import verify_unchanged
@@ -68,10 +68,10 @@ def _merged(method, rows: UnitRows, plan, dtype: str, check_finite: bool) -> np.
     return out
 
 
-def merge_work(method, work, plans: tuple, folder: str, targets: tuple, places: tuple,
+def merge_work(method, work, plans: tuple, folder: str, targets: tuple, places,
                check_finite: bool) -> tuple[int, list | None]:
     """Dask task: merge every unit of a work unit (`plans`, `targets`, `places`: one per unit, as
-    `merge_task` takes them); returns (bytes written, [[tensor, loss partial], ...] of its
+    `merge_task` takes them; `places` a tuple, or `Places` columns for plain tensors); returns (bytes written, [[tensor, loss partial], ...] of its
     requantized units or None). Consecutive whole small tensors that a local method plans here
     run as one batch (`merge_batch`); every other unit on its own (`merge_task`)."""
     written, losses = 0, []
@@ -183,7 +183,7 @@ def _batch_key(method, inp: UnitInputs, plan, target: Target) -> tuple | None:
     return None if key is None else (key, target.dtype)
 
 
-def merge_batch(method, batch: BatchRows, infos: tuple, folder: str, dtype: str, places: tuple,
+def merge_batch(method, batch: BatchRows, infos: tuple, folder: str, dtype: str, places,
                 check_finite: bool) -> int:
     """Merge a batch into this thread's output buffer (`MergeMethod.merge_batch`) and write it with
     one positional write per run of tensors laid out back to back in one shard; returns bytes written."""
@@ -198,8 +198,11 @@ def merge_batch(method, batch: BatchRows, infos: tuple, folder: str, dtype: str,
                                    for i, n in enumerate(bad)])
     data = out.view(np.uint8)
     at = starts * out.itemsize  # byte offsets of the items in `data`
-    bounds = run_bounds(np.fromiter(map(_OFFSET, places), np.int64, len(places)), np.diff(at),
-                        list(map(_FILE, places)))
+    if isinstance(places, Places):  # columns (plain tensors), else a tuple of Placements
+        files, offsets = places.files, np.array(places.offsets, np.int64)
+    else:
+        files, offsets = list(map(_FILE, places)), np.fromiter(map(_OFFSET, places), np.int64, len(places))
+    bounds = run_bounds(offsets, np.diff(at), files)
     at = at.tolist()
     return write_runs(folder, [(places[i], data[at[i]:at[j]]) for i, j in zip(bounds, bounds[1:])])
 
@@ -277,7 +280,7 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
     targets, amax_read = tensor_scales(session, plans, class_targets(inputs, cfg.out_dtype, cfg.dtype))
     quantized = [c.names[j] for j in c.alone if targets[c.of[j]].ref is not None]
     plain = not quantized
-    with frozen_bookkeeping():  # a Placement per tensor, kept for the run like the session's bookkeeping
+    with frozen_bookkeeping():  # the layout's columns, kept for the run like the session's bookkeeping
         layout, places = _layout(c, targets, shard_size)
     if done:
         layout.check_preallocated(partial)
@@ -313,7 +316,8 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
             names, got, tg, where = (list(map(col.__getitem__, at)) for col in (c.names, infos, tgs, places))
         if plans:
             got = map(plans.get, names, got)
-        return shared, w, tuple(got), partial, tuple(tg), tuple(where), session.check_finite
+        return shared, w, tuple(got), partial, tuple(tg), where if isinstance(where, Places) else tuple(where), \
+            session.check_finite
 
     # a generator: each work unit's plans are made (or looked up) as it starts (`Executor.map`)
     calls = map(call, todo)

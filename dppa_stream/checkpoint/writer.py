@@ -40,6 +40,25 @@ class Placement:
     itemsize: int
 
 
+class Places:
+    """Each tensor's Placement, in the order given, kept as columns (file, offset, itemsize): a
+    Placement is made only where one is asked for, and a slice stays columns (pass 2 hands each
+    work unit a slice; a batch of small tensors writes from the columns, `merge_pass.merge_batch`)."""
+
+    __slots__ = ("files", "offsets", "itemsizes")
+
+    def __init__(self, files: list[str], offsets: list[int], itemsizes: list[int]):
+        self.files, self.offsets, self.itemsizes = files, offsets, itemsizes
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Places(self.files[i], self.offsets[i], self.itemsizes[i])
+        return Placement(self.files[i], self.offsets[i], self.itemsizes[i])
+
+
 class ShardLayout:
     """Output shards for tensors given in order as (name, dtype, shape). Made in one pass of C
     functions mapped over columns (sizes, the greedy split by bisection on their running sum, each
@@ -91,14 +110,14 @@ class ShardLayout:
         self.place_columns = (files, offsets, itemsizes)
 
     @functools.cached_property
-    def places(self) -> list[Placement]:
-        """Each tensor's Placement, in the order given (pass 2 hands each work unit a slice)."""
-        return list(map(Placement, *self.place_columns))
+    def places(self) -> Places:
+        """Each tensor's Placement, in the order given."""
+        return Places(*self.place_columns)
 
     @functools.cached_property
     def placements(self) -> dict[str, Placement]:
         """Tensor name -> its Placement."""
-        return dict(zip(self._names, self.places))
+        return dict(zip(self._names, map(Placement, *self.place_columns)))
 
     def preallocate(self, folder: str) -> None:
         """Write each shard's header and size the file (sparse) so rows can land anywhere."""
