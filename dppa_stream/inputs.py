@@ -131,7 +131,8 @@ def _open(cfg: MergeConfig, open_checkpoint, read_rows: bool, checked: Inputs | 
     base = cfg.base_model or cfg.donor or cfg.model_paths()[0]
     inputs.vocab = checked.vocab if checked else tokenizer.build(cfg, {p: ck(p) for p in cfg.model_paths()}, base)
     del ck  # `ck` calls itself: a cycle that would keep what it opened with (every header read, the layouts
-    # fine-tunes were relocated from) alive until a full collection, which the frozen run never makes
+    # fine-tunes were relocated from) alive until a full collection, which a run (its bookkeeping frozen)
+    # makes only at exit
     if inputs.vocab is not None and cfg.tokenizer is not None:
         _remap_vocabulary(cfg, inputs, read_rows)
         inputs.config = output_config(inputs.donor.read_config(), inputs.config, inputs.vocab.rows)
