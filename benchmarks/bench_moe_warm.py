@@ -32,10 +32,10 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def one_run(main, cfg: str, out: str) -> tuple[float, float]:
+def one_run(cli, cfg: str, out: str) -> tuple[float, float]:
     """(process CPU, main-thread CPU) of one merge in this process."""
     p, t = _cpu(), time.thread_time()
-    main(["merge", cfg, out, "--memory-limit", "1GiB", "--scheduler", "threads:2", "--overwrite", "-q"],
+    cli(["merge", cfg, out, "--memory-limit", "1GiB", "--scheduler", "threads:2", "--overwrite", "-q"],
          standalone_mode=False)
     return _cpu() - p, time.thread_time() - t
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import kernels
 from .checkpoint import DTYPE_SIZES, FLOAT_DTYPES, ShardLayout, TensorEntry, write_rows
-from .checkpoint.writer import Places, write_runs
+from .checkpoint.writer import Places, file_offsets, write_runs
 from .hf_files import copy_model_files, write_model_card
 from .methods.base import Catalogue, TensorInfo
 from .inputs import verify_unchanged
@@ -71,9 +71,10 @@ def _merged(method, rows: UnitRows, plan, dtype: str, check_finite: bool) -> np.
 def merge_work(method, work, plans: tuple, folder: str, targets: tuple, places,
                check_finite: bool) -> tuple[int, list | None]:
     """Dask task: merge every unit of a work unit (`plans`, `targets`, `places`: one per unit, as
-    `merge_task` takes them; `places` a tuple, or `Places` columns for plain tensors); returns (bytes written, [[tensor, loss partial], ...] of its
-    requantized units or None). Consecutive whole small tensors that a local method plans here
-    run as one batch (`merge_batch`); every other unit on its own (`merge_task`)."""
+    `merge_task` takes them; `places` as `Places` columns, or a tuple where some are quantized);
+    returns (bytes written, [[tensor, loss partial], ...] of its requantized units or None).
+    Consecutive whole small tensors that a local method plans here run as one batch (`merge_batch`);
+    every other unit on its own (`merge_task`)."""
     written, losses = 0, []
     items = work.items
     spans, inputs = _batch_spans(method, items, plans, targets)
@@ -91,10 +92,9 @@ def merge_work(method, work, plans: tuple, folder: str, targets: tuple, places,
     return written, losses or None
 
 
-_TENSOR, _ITEM_START, _ITEM_STOP = attrgetter("unit.tensor"), attrgetter("unit.flat_start"), attrgetter("unit.flat_stop")
+_ITEM_START, _ITEM_STOP = attrgetter("unit.flat_start"), attrgetter("unit.flat_stop")
 _BASE, _MODELS, _DTYPE, _REF = attrgetter("base"), attrgetter("models"), attrgetter("dtype"), attrgetter("ref")
-_NAME, _SHAPE, _NBYTES = attrgetter("name"), attrgetter("shape"), attrgetter("nbytes")
-_FILE, _OFFSET = attrgetter("file"), attrgetter("offset")
+_NBYTES = attrgetter("nbytes")
 
 
 def _batch_spans(method, items: tuple, plans: tuple, targets: tuple) -> tuple[list[tuple[int, int]], list | None]:
@@ -198,10 +198,7 @@ def merge_batch(method, batch: BatchRows, infos: tuple, folder: str, dtype: str,
                                    for i, n in enumerate(bad)])
     data = out.view(np.uint8)
     at = starts * out.itemsize  # byte offsets of the items in `data`
-    if isinstance(places, Places):  # columns (plain tensors), else a tuple of Placements
-        files, offsets = places.files, np.array(places.offsets, np.int64)
-    else:
-        files, offsets = list(map(_FILE, places)), np.fromiter(map(_OFFSET, places), np.int64, len(places))
+    files, offsets = file_offsets(places)
     bounds = run_bounds(offsets, np.diff(at), files)
     at = at.tolist()
     return write_runs(folder, [(places[i], data[at[i]:at[j]]) for i, j in zip(bounds, bounds[1:])])

@@ -59,6 +59,14 @@ class Places:
         return Placement(self.files[i], self.offsets[i], self.itemsizes[i])
 
 
+def file_offsets(places) -> tuple[list[str], np.ndarray]:
+    """(file of each, int64 offsets) of `places`: `Places` columns as they are, or a sequence of
+    Placements (a run that also writes quantized tensors hands its tasks those)."""
+    if isinstance(places, Places):
+        return places.files, np.array(places.offsets, np.int64)
+    return [p.file for p in places], np.array([p.offset for p in places], np.int64)
+
+
 class ShardLayout:
     """Output shards for tensors given in order as (name, dtype, shape). Made in one pass of C
     functions mapped over columns (sizes, the greedy split by bisection on their running sum, each
