@@ -29,13 +29,13 @@ from . import kernels
 from .checkpoint import DTYPE_SIZES, FLOAT_DTYPES, ShardLayout, TensorEntry, write_rows
 from .checkpoint.writer import Places, file_offsets, write_runs
 from .hf_files import copy_model_files, write_model_card
-from .methods.base import Catalogue, TensorInfo
+from .methods.base import Catalogue, Infos, TensorInfo
 from .inputs import verify_unchanged
 from .output import MANIFEST, WORK_DIR, Manifest, read_manifest_extras, release_reserve
 from .statistics import check_nonfinite, drive, inline
 from .targets import RequantLoss, Target, class_targets, tensor_scale, write_quantized
-from .units import (BATCH_MAX_BYTES, BATCH_MAX_ITEMS, BATCH_MAX_NUMEL, BatchRows, UnitInputs, UnitRows, batch_key,
-                    frozen_bookkeeping, run_bounds, scratch)
+from .units import (BATCH_MAX_BYTES, BATCH_MAX_ITEMS, BATCH_MAX_NUMEL, BatchRows, Items, UnitInputs, UnitRows,
+                    batch_key, frozen_bookkeeping, run_bounds, scratch)
 
 
 def merge_task(method, inp: UnitInputs, plan, folder: str, target: Target, place,
@@ -68,10 +68,11 @@ def _merged(method, rows: UnitRows, plan, dtype: str, check_finite: bool) -> np.
     return out
 
 
-def merge_work(method, work, plans: tuple, folder: str, targets: tuple, places,
+def merge_work(method, work, plans, folder: str, targets: tuple, places,
                check_finite: bool) -> tuple[int, list | None]:
     """Dask task: merge every unit of a work unit (`plans`, `targets`, `places`: one per unit, as
-    `merge_task` takes them; `places` as `Places` columns, or a tuple where some are quantized);
+    `merge_task` takes them; `plans` as `Infos` columns where this task plans every unit, `places`
+    as `Places` columns, or a tuple where some are quantized);
     returns (bytes written, [[tensor, loss partial], ...] of its requantized units or None).
     Consecutive whole small tensors that a local method plans here run as one batch (`merge_batch`);
     every other unit on its own (`merge_task`)."""
@@ -84,7 +85,7 @@ def merge_work(method, work, plans: tuple, folder: str, targets: tuple, places,
             nbytes, loss = merge_task(method, items[i], plans[i], folder, targets[i], places[i], check_finite)
             written += nbytes
             if loss is not None:
-                losses.append([items[i].unit.tensor, loss])
+                losses.append([items.tensors[i], loss])
         if hi > lo:
             batch = BatchRows(items[lo:hi], inputs and [col[lo:hi] for col in inputs])
             written += merge_batch(method, batch, plans[lo:hi], folder, targets[lo].dtype, places[lo:hi], check_finite)
@@ -92,12 +93,11 @@ def merge_work(method, work, plans: tuple, folder: str, targets: tuple, places,
     return written, losses or None
 
 
-_ITEM_START, _ITEM_STOP = attrgetter("unit.flat_start"), attrgetter("unit.flat_stop")
-_BASE, _MODELS, _DTYPE, _REF = attrgetter("base"), attrgetter("models"), attrgetter("dtype"), attrgetter("ref")
+_DTYPE, _REF = attrgetter("dtype"), attrgetter("ref")
 _NBYTES = attrgetter("nbytes")
 
 
-def _batch_spans(method, items: tuple, plans: tuple, targets: tuple) -> tuple[list[tuple[int, int]], list | None]:
+def _batch_spans(method, items: Items, plans: tuple, targets: tuple) -> tuple[list[tuple[int, int]], list | None]:
     """The batches of a work unit as item ranges [lo, hi): runs of consecutive items with one
     `_batch_key`, cut at BATCH_MAX_ITEMS items and BATCH_MAX_BYTES of rows and output; and the
     items' entries per input (base first) where they were gathered here (else None).
@@ -114,25 +114,24 @@ def _batch_spans(method, items: tuple, plans: tuple, targets: tuple) -> tuple[li
         keys = list(map(_batch_key, repeat(method), items, plans, targets))
         codes: dict = {}
         code = np.array([0 if k is None else codes.setdefault(k, len(codes) + 1) for k in keys], np.int64)
-        held = [0 if k is None else inp.unit.flat_stop * _per_element(k) for inp, k in zip(items, keys)]
+        held = [0 if k is None else stop * _per_element(k) for stop, k in zip(items.stops, keys)]
         return _cut(code, held), None
     inputs, key, planned = uniform
     dtype, models, has_base = key[0]
-    start = np.fromiter(map(_ITEM_START, items), np.int64, n)
-    stop = np.fromiter(map(_ITEM_STOP, items), np.int64, n)
+    start, stop = np.array(items.starts, np.int64), np.array(items.stops, np.int64)
     stored = np.fromiter(map(_NBYTES, inputs[int(has_base)]), np.int64, n)
     ok = planned & (start == 0) & (stop <= BATCH_MAX_NUMEL) & (stop * DTYPE_SIZES[dtype] == stored)
     return _cut(ok.astype(np.int64), (stop * _per_element(key)).tolist()), inputs
 
 
-def _uniform(items: tuple, plans: tuple, targets: tuple) -> tuple | None:
+def _uniform(items: Items, plans: tuple, targets: tuple) -> tuple | None:
     """For a work unit that `_batch_spans` checks on columns: (the items' entries per input, the
     key of those that batch, which plans are made here); None for any other."""
-    models = list(map(_MODELS, items))
+    models = items.models
     count = len(models[0])
     if set(map(len, models)) != {count}:
         return None
-    base = list(map(_BASE, items))
+    base = items.bases
     has_base = base[0] is not None
     inputs = ([base] if has_base else []) + [list(map(itemgetter(m), models)) for m in range(count)]
     if any(set(map(type, col)) != {TensorEntry} for col in inputs) or \
@@ -142,7 +141,7 @@ def _uniform(items: tuple, plans: tuple, targets: tuple) -> tuple | None:
     out = set(map(_DTYPE, targets))
     if len(dtypes) != 1 or len(out) != 1 or set(map(_REF, targets)) != {None} or not dtypes <= FLOAT_DTYPES:
         return None
-    kinds = set(map(type, plans))
+    kinds = {TensorInfo} if isinstance(plans, Infos) else set(map(type, plans))
     planned = True if kinds == {TensorInfo} else np.fromiter(map(is_, map(type, plans), repeat(TensorInfo)), np.bool_,
                                                              len(plans))
     return inputs, ((dtypes.pop(), count, has_base), out.pop()), planned
@@ -230,7 +229,7 @@ def tensor_scales(session, plans: dict, targets: list[Target]) -> tuple[list[Tar
     works = pack(items, [i.unit.numel * per_element[i.unit.tensor] for i in items], session.unit_bytes)
     shared = session.executor.share(session.method)
     infos = session.catalogue.tensors
-    calls = ((shared, w, tuple(plans.get(i.unit.tensor, infos[i.unit.tensor]) for i in w.items),
+    calls = ((shared, w, tuple(plans.get(t, infos[t]) for t in w.items.tensors),
               session.check_finite) for w in works)
     amax: dict[str, float] = {}
 
@@ -313,8 +312,8 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
             names, got, tg, where = (list(map(col.__getitem__, at)) for col in (c.names, infos, tgs, places))
         if plans:
             got = map(plans.get, names, got)
-        return shared, w, tuple(got), partial, tuple(tg), where if isinstance(where, Places) else tuple(where), \
-            session.check_finite
+        return shared, w, got if isinstance(got, Infos) else tuple(got), partial, tuple(tg), \
+            where if isinstance(where, Places) else tuple(where), session.check_finite
 
     # a generator: each work unit's plans are made (or looked up) as it starts (`Executor.map`)
     calls = map(call, todo)

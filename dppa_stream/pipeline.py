@@ -19,7 +19,6 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from itertools import repeat
 from typing import Callable
 
 from .config import MergeConfig
@@ -30,7 +29,7 @@ from .memory import PeakSampler, default_budget
 from .methods.base import Catalogue, Plan
 from .output import WORK_DIR, check_output, fingerprint, prepare_partial, publish, removed_on_bad_input, space_needed
 from .statistics import StatsEngine, drive
-from .units import (MAX_UNIT_BYTES, PROCESS_BASELINE, TASK_OVERHEAD, Classes, TensorUnits, Unit, UnitInputs, WorkUnit,
+from .units import (MAX_UNIT_BYTES, PROCESS_BASELINE, TASK_OVERHEAD, Classes, Items, TensorUnits, UnitInputs, WorkUnit,
                     frozen_bookkeeping, pack, split_tensor, state_bytes, tensor_classes, unit_budget)
 
 log = logging.getLogger("dppa_stream")
@@ -176,12 +175,12 @@ def catalogue(cfg: MergeConfig, inputs: Inputs) -> Catalogue:
     resolved at its layer position), and the reference's config.json. A `models:` config's
     per-model parameters are read from `cfg` itself (None below), not from the specs the inputs
     were opened with: the factor search plans candidates of other weights on the same inputs."""
-    from .methods.base import TensorInfo
+    from .methods.base import Infos
 
     c = tensor_classes(inputs)
     glob, models = cfg.params_all(c.outs)
-    infos = list(map(TensorInfo, c.names, c.dtypes, c.shapes, glob, models))
-    return Catalogue.of_columns(c.names, infos, inputs.reference.read_config())
+    return Catalogue.of_columns(c.names, Infos(c.names, c.dtypes, c.shapes, glob, models),
+                                inputs.reference.read_config())
 
 
 def unit_needs(inputs: Inputs, cfg: MergeConfig) -> list[tuple[int, int]]:
@@ -256,23 +255,24 @@ def work_units(inputs: Inputs, units: TensorUnits, needs: list, unit_bytes: int)
         shape = entries[0].shape  # the output's (n is its numel): inputs of its shape hold n elements each
         nbytes.append((sum([e.nbytes for e in entries]) if n else 0) if all([e.shape == shape for e in entries])
                       else UnitInputs(units.of(i)[0], c.bases[i], c.models[i]).nbytes)
-    zeros = repeat(0)
-    items = list(map(UnitInputs, map(Unit, c.names, zeros, zeros, c.column(units.numel)), c.bases, c.models))
-    sizes, stored = c.column(size), c.column(nbytes)
+    zeros = [0] * len(c.names)
+    # the items as columns (`Items`: no object per tensor), with their sizes
+    cols = [c.names, zeros, zeros, c.column(units.numel), c.bases, c.models, c.column(size), c.column(nbytes)]
     if split:  # a tensor of several units: an item per unit, in its place
-        parts, at = ([], [], []), 0
+        parts, at = tuple([] for _ in cols), 0
         for j in [j for j, k in enumerate(c.of) if k in split]:
             us, per = units.split[c.names[j]], needs[c.of[j]][0]
             new = [UnitInputs(u, c.bases[j], c.models[j]) for u in us]
-            for part, whole, add in zip(parts, (items, sizes, stored),
-                                        (new, [u.numel * per for u in us], [i.nbytes for i in new])):
+            add = (*zip(*((u.tensor, u.index, u.flat_start, u.flat_stop) for u in us)), [c.bases[j]] * len(us),
+                   [c.models[j]] * len(us), [u.numel * per for u in us], [i.nbytes for i in new])
+            for part, whole, more in zip(parts, cols, add):
                 part += whole[at:j]
-                part += add
+                part += more
             at = j + 1
-        for part, whole in zip(parts, (items, sizes, stored)):
+        for part, whole in zip(parts, cols):
             part += whole[at:]
-        items, sizes, stored = parts
-    return pack(items, sizes, unit_bytes, stored)
+        cols = parts
+    return pack(Items(*cols[:6]), cols[6], unit_bytes, cols[7])
 
 
 def _check_smallest_units(s: Session, per_task: int) -> None:

@@ -17,6 +17,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from fractions import Fraction
+from itertools import accumulate
 from typing import ClassVar
 
 import numpy as np
@@ -695,22 +696,22 @@ class StatsEngine:
                     todo.setdefault(t, []).append(st)
         if not todo:
             return out
-        items, needs, remaining = [], {}, {}
+        items, needs, remaining = [], [], {}  # needs[k]: the statistics item k computes
         for t, stats in todo.items():
             entries = self.inputs.entries(t)
             numel = self.inputs.entry(t).numel
             for u in self.units[t]:
                 need = [st for st in stats if _local_range(st, u, numel) is not None]
                 if need:
-                    inp = UnitInputs(u, *entries)
-                    items.append(inp)
-                    needs[id(inp)] = need
+                    items.append(UnitInputs(u, *entries))
+                    needs.append(need)
                     remaining[t] = remaining.get(t, 0) + 1
-        held = [inp.nbytes + sum(st.result_bytes(inp.unit.numel) for st in needs[id(inp)]) for inp in items]
+        held = [inp.nbytes + sum(st.result_bytes(inp.unit.numel) for st in need) for inp, need in zip(items, needs)]
         works = pack(items, held, self.unit_bytes)
-        calls = [(w, tuple(needs[id(inp)] for inp in w.items), self.check_finite) for w in works]
+        first = list(accumulate((len(w.items) for w in works), initial=0))
+        calls = [(w, tuple(needs[a:b]), self.check_finite) for w, a, b in zip(works, first, first[1:])]
         sizes = [w.nbytes for w in works]
-        needs.clear()
+        del needs, items
         partial: dict[str, dict] = {}
         finished: dict = {}
         waiting = [0]
@@ -723,8 +724,7 @@ class StatsEngine:
                 waiting[0] = 0
 
         def fold(i, results):
-            for inp, part in zip(works[i].items, results):
-                t = inp.unit.tensor
+            for t, part in zip(works[i].items.tensors, results):
                 partial[t] = combine_parts(partial[t], part) if t in partial else part
                 remaining[t] -= 1
                 if not remaining[t]:

@@ -23,7 +23,7 @@ import contextlib
 import gc
 import threading
 from bisect import bisect_right
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, islice, repeat
 from operator import attrgetter, itemgetter, ne
@@ -85,18 +85,62 @@ class UnitInputs:
         return sum(self.unit.numel * e.nbytes // max(1, e.numel) for e in self.entries)
 
 
+class Items(Sequence):
+    """Units and their inputs kept as columns, item k being `UnitInputs(Unit(tensors[k],
+    indexes[k], starts[k], stops[k]), bases[k], models[k])`: a UnitInputs is made only where
+    one is asked for, and a slice stays columns. A work unit's items (`WorkUnit`): pass 2 hands
+    thousands of an MoE checkpoint's whole tensors to one task, whose batches read these
+    columns as they are (`merge_pass`), so no object is made per tensor for them at all."""
+
+    __slots__ = ("tensors", "indexes", "starts", "stops", "bases", "models")
+
+    def __init__(self, tensors: list[str], indexes: list[int], starts: list[int], stops: list[int], bases: list,
+                 models: list[tuple]):
+        self.tensors, self.indexes, self.starts, self.stops = tensors, indexes, starts, stops
+        self.bases, self.models = bases, models
+
+    @classmethod
+    def of(cls, items) -> "Items":
+        """The columns of a sequence of UnitInputs (or Items as they are)."""
+        if isinstance(items, Items):
+            return items
+        units = list(map(_UNIT, items))
+        return cls(*(list(map(get, units)) for get in _UNIT_FIELDS), list(map(_BASE, items)), list(map(_MODELS, items)))
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return Items(self.tensors[k], self.indexes[k], self.starts[k], self.stops[k], self.bases[k], self.models[k])
+        return UnitInputs(Unit(self.tensors[k], self.indexes[k], self.starts[k], self.stops[k]), self.bases[k],
+                          self.models[k])
+
+    def __iter__(self):
+        return map(UnitInputs, map(Unit, self.tensors, self.indexes, self.starts, self.stops), self.bases, self.models)
+
+    def __eq__(self, other) -> bool:  # equal to the same items as a tuple or Items
+        return isinstance(other, (Items, tuple)) and tuple(self) == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+
+_UNIT = attrgetter("unit")
+_UNIT_FIELDS = tuple(map(attrgetter, ("tensor", "index", "flat_start", "flat_stop")))
+
+
 @dataclass(slots=True, unsafe_hash=True)
 class WorkUnit:
-    """Consecutive units that one task runs; `nbytes` is what it reads. The manifest names a work
-    unit by its first unit."""
+    """Consecutive units that one task runs (`Items`); `nbytes` is what it reads. The manifest
+    names a work unit by its first unit."""
 
-    items: tuple[UnitInputs, ...]
+    items: Items
     nbytes: int
 
     @property
     def key(self) -> tuple[str, int]:
-        first = self.items[0].unit
-        return first.tensor, first.index
+        return self.items.tensors[0], self.items.indexes[0]
 
 
 @dataclass
@@ -234,19 +278,21 @@ def split_tensor(name: str, numel: int, ndim: int, multiple: int, per_element: i
     return [Unit(name, i, s, min(numel, s + step)) for i, s in enumerate(range(0, numel, step))]
 
 
-def pack(items: list[UnitInputs], sizes: list[int], unit_bytes: int, nbytes: list[int] | None = None) -> list[WorkUnit]:
-    """Work units of consecutive `items` (in order) whose `sizes` (task memory) add up to at most
-    `unit_bytes`; an item larger than that is a work unit of its own. `nbytes`: each item's
-    `UnitInputs.nbytes` where the caller has it at hand. Each work unit's end is found by bisecting
-    the running total of sizes (tens of thousands of small items, a few hundred work units)."""
+def pack(items, sizes: list[int], unit_bytes: int, nbytes: list[int] | None = None) -> list[WorkUnit]:
+    """Work units of consecutive `items` (UnitInputs, or `Items`; in order) whose `sizes` (task
+    memory) add up to at most `unit_bytes`; an item larger than that is a work unit of its own.
+    `nbytes`: each item's `UnitInputs.nbytes` where the caller has it at hand. Each work unit's end
+    is found by bisecting the running total of sizes (tens of thousands of small items, a few
+    hundred work units); its items are a slice of the columns."""
     if nbytes is None:
         nbytes = [i.nbytes for i in items]
+    items = Items.of(items)
     held, read = list(accumulate(sizes, initial=0)), list(accumulate(nbytes, initial=0))
     out, start, count = [], 0, len(items)
     while start < count:
         # the first item after `start` that the work unit has no room for (sizes are >= 0)
         stop = bisect_right(held, held[start] + unit_bytes, start + 2) - 1
-        out.append(WorkUnit(tuple(items[start:stop]), read[stop] - read[start]))
+        out.append(WorkUnit(items[start:stop], read[stop] - read[start]))
         start = stop
     return out
 
@@ -381,18 +427,18 @@ class BatchRows:
     checkpoint ships tens of thousands of such tensors).
 
     `src[i]` holds input i's values (base first when there is one) as raw bit patterns of
-    `dtype`, item k in columns starts[k]:starts[k+1]; `raw` is the same bytes. `inputs`: the
-    items' entries per input (base first), when the caller has them at hand."""
+    `dtype`, item k in columns starts[k]:starts[k+1]; `raw` is the same bytes. `items`: whole
+    tensors (`Items`); `inputs`: their entries per input (base first), when the caller has them at hand."""
 
-    def __init__(self, items: tuple[UnitInputs, ...], inputs: list[list[TensorEntry]] | None = None):
+    def __init__(self, items: Items, inputs: list[list[TensorEntry]] | None = None):
         from .kernels import CONTAINER
 
         self.items = items
-        self.has_base = items[0].base is not None
-        self.dtype = items[0].models[0].dtype
+        self.has_base = items.bases[0] is not None
+        self.dtype = items.models[0][0].dtype
         if inputs is None:
-            inputs = ([[inp.base for inp in items]] if self.has_base else []) + \
-                [[inp.models[m] for inp in items] for m in range(len(items[0].models))]
+            inputs = ([items.bases] if self.has_base else []) + \
+                [list(map(itemgetter(m), items.models)) for m in range(len(items.models[0]))]
         itemsize = DTYPE_SIZES[self.dtype]
         nbytes = np.fromiter(map(_NBYTES, inputs[0]), np.int64, len(items))
         self.starts = np.zeros(len(items) + 1, np.int64)  # whole tensors of one dtype: bytes / itemsize

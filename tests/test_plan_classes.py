@@ -19,7 +19,7 @@ from dppa_stream.output import space_needed
 from dppa_stream.pipeline import Session
 from dppa_stream.sources import align, memory_per_element
 from dppa_stream.targets import Target, output_targets
-from dppa_stream.units import UnitInputs, WorkUnit, pack, split_tensor
+from dppa_stream.units import Unit, UnitInputs, WorkUnit, pack, split_tensor
 
 from .reference_quant import save_checkpoint
 from .test_quant import FP8_CONFIG, _cfg, _hf_llama, _llama, _quantize_llama
@@ -44,10 +44,12 @@ def test_pack_matches_the_plain_loop():
         sizes = [rng.choice([0, 1, 3, 7, 10, 25, 100]) for _ in range(n)]
         unit = rng.choice([1, 10, 20, 64])
         nbytes = [rng.randrange(0, 1000) for _ in range(n)]
-        got = pack(list(range(n)), sizes, unit, nbytes)
+        items = [UnitInputs(Unit(f"t{i}", i % 3, i, 2 * i), None, ()) for i in range(n)]
+        got = pack(items, sizes, unit, nbytes)
         want = _pack_loop(list(range(n)), sizes, unit)
-        assert [list(w.items) for w in got] == want
+        assert [list(w.items) for w in got] == [[items[i] for i in w] for w in want]
         assert [w.nbytes for w in got] == [sum(nbytes[i] for i in w) for w in want]
+        assert [w.key for w in got] == [(f"t{w[0]}", w[0] % 3) for w in want]
 
 
 FP32 = {"lm_head.weight", "model.layers.1.self_attn.q_proj.weight"}

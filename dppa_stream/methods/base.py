@@ -13,6 +13,7 @@ held in a single work unit is then planned inside its pass-2 task, from rows alr
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from operator import attrgetter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -55,13 +56,37 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+class Infos(Sequence):
+    """TensorInfos kept as columns (name, dtype, shape, globals, models of each): a TensorInfo is
+    made only where one is asked for, and a slice stays columns. Pass 2 hands each work unit a
+    slice; a batch of an MoE checkpoint's small tensors reads its parameters from the columns
+    (`ParamSets`), so no TensorInfo is made for them."""
+
+    __slots__ = ("names", "dtypes", "shapes", "globals", "models")
+
+    def __init__(self, names: list[str], dtypes: list[str], shapes: list[tuple], globals: list[dict],
+                 models: list[tuple]):
+        self.names, self.dtypes, self.shapes, self.globals, self.models = names, dtypes, shapes, globals, models
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return Infos(self.names[k], self.dtypes[k], self.shapes[k], self.globals[k], self.models[k])
+        return TensorInfo(self.names[k], self.dtypes[k], self.shapes[k], self.globals[k], self.models[k])
+
+    def __iter__(self):
+        return map(TensorInfo, self.names, self.dtypes, self.shapes, self.globals, self.models)
+
+
 class Catalogue:
     """What planning may know about the inputs: the output tensors (`tensors`: name ->
     TensorInfo) in output order, and the reference checkpoint's config.json.
 
-    Made from columns (`of_columns`: the names and their TensorInfos, in output order), the dict
-    is made the first time planning asks for it: a local method plans most tensors inside their
-    pass-2 tasks, which get their TensorInfos as slices of the list (`infos`)."""
+    Made from columns (`of_columns`: the names and their `Infos`, in output order), the dict is
+    made the first time planning asks for it: a local method plans most tensors inside their
+    pass-2 tasks, which get their TensorInfos as slices of the columns (`infos`)."""
 
     __slots__ = ("_tensors", "config", "names", "_infos")
 
@@ -69,7 +94,7 @@ class Catalogue:
         self._tensors, self.config, self.names, self._infos = tensors, config, None, None
 
     @classmethod
-    def of_columns(cls, names: list[str], infos: list, config: dict | None) -> "Catalogue":
+    def of_columns(cls, names: list[str], infos: Infos, config: dict | None) -> "Catalogue":
         cat = cls(None, config)
         cat.names, cat._infos = names, infos
         return cat
@@ -81,8 +106,8 @@ class Catalogue:
         return self._tensors
 
     @property
-    def infos(self) -> list:
-        """The TensorInfos in output order."""
+    def infos(self) -> Sequence:
+        """The TensorInfos in output order (`Infos` where the catalogue was made from columns)."""
         if self._infos is None:
             self._infos = list(self._tensors.values())
         return self._infos
@@ -190,12 +215,14 @@ class ParamSets:
 
     def __init__(self, infos):
         n = len(infos)
-        by_globals, by_models = list(map(id, map(_GLOBALS, infos))), list(map(id, map(_MODELS, infos)))
+        columns = (infos.globals, infos.models) if isinstance(infos, Infos) else \
+            (list(map(_GLOBALS, infos)), list(map(_MODELS, infos)))
+        by_globals, by_models = (list(map(id, c)) for c in columns)
         if len(set(by_globals)) == 1 == len(set(by_models)):
             self.sets, self.index = [infos[0]], np.zeros(n, np.intp)
             return
         keys = list(zip(by_globals, by_models))
-        first = dict(zip(keys, infos))
+        first = {k: infos[i] for k, i in dict(zip(keys, range(n))).items()}  # a tensor of each set
         code = {k: i for i, k in enumerate(first)}
         self.sets, self.index = list(first.values()), np.fromiter(map(code.__getitem__, keys), np.intp, n)
 

@@ -351,7 +351,7 @@ class MagPrune(Sparsifier):
         p["scale"] = np.ones(n)
         if not active.any():
             return
-        d1, rest, slices = della_layouts([inp.models[0].shape for inp in batch.items], numel)
+        d1, rest, slices = della_layouts([models[0].shape for models in batch.items.models], numel)
         full, kept = np.zeros((n, 256), np.int64), np.zeros((n, 256), np.int64)
         kernels.della_mask_segments(batch.src, kernels.CODES[batch.dtype], model, batch.starts, d1, rest, slices,
                                     active, sums, p["key"], d, p["epsilon"], p["mask"], full, kept, bad)
