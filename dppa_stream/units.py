@@ -3,7 +3,7 @@
 A `Unit` is a flat element range [flat_start, flat_stop) of one tensor across every input; a
 `WorkUnit` is what one Dask task runs: consecutive units in output order whose memory fits the unit
 size, i.e. many whole small tensors (an MoE checkpoint ships tens of thousands of them) or one
-piece of a large one. A task holds one unit at a time: the values of the base and of each
+piece of a large one, its units kept as columns (`Items`). A task holds one unit at a time: the values of the base and of each
 fine-tune (one allocation; raw bit patterns read with one positional read per input, or float32
 values decoded by `sources`) plus the output values; or a batch of whole small tensors read
 together (`BatchRows`, up to BATCH_MAX_BYTES).
@@ -50,8 +50,9 @@ INPUT_STATE = 512  # ... per input checkpoint: the header entry
 PLAN_STATE = 1536
 
 
-# Unit, UnitInputs, WorkUnit: built once per tensor (tens of thousands in an MoE checkpoint) and never
-# changed; hashable like frozen dataclasses, but a frozen dataclass's __init__ costs ~1 us more each
+# Unit, UnitInputs, WorkUnit: built per unit where one is asked for (statistics passes, lone tensors; pass 2's
+# batches read `Items` columns instead) and never changed; hashable like frozen dataclasses, but a frozen
+# dataclass's __init__ costs ~1 us more each
 @dataclass(slots=True, unsafe_hash=True)
 class Unit:
     """Elements [flat_start, flat_stop) of one tensor (C order); `index` is its position among the
