@@ -88,7 +88,8 @@ def merge_work(method, work, plans, folder: str, targets: tuple, places,
                 losses.append([items.tensors[i], loss])
         if hi > lo:
             batch = BatchRows(items[lo:hi], inputs and [col[lo:hi] for col in inputs])
-            written += merge_batch(method, batch, plans[lo:hi], folder, targets[lo].dtype, places[lo:hi], check_finite)
+            written += merge_batch(method, batch, Infos.of(plans[lo:hi]), folder, targets[lo].dtype, places[lo:hi],
+                                   check_finite)
         i = hi
     return written, losses or None
 
@@ -182,7 +183,7 @@ def _batch_key(method, inp: UnitInputs, plan, target: Target) -> tuple | None:
     return None if key is None else (key, target.dtype)
 
 
-def merge_batch(method, batch: BatchRows, infos: tuple, folder: str, dtype: str, places,
+def merge_batch(method, batch: BatchRows, infos: Infos, folder: str, dtype: str, places,
                 check_finite: bool) -> int:
     """Merge a batch into this thread's output buffer (`MergeMethod.merge_batch`) and write it with
     one positional write per run of tensors laid out back to back in one shard; returns bytes written."""

@@ -68,6 +68,13 @@ class Infos(Sequence):
                  models: list[tuple]):
         self.names, self.dtypes, self.shapes, self.globals, self.models = names, dtypes, shapes, globals, models
 
+    @classmethod
+    def of(cls, infos) -> "Infos":
+        """The columns of a sequence of TensorInfos (or Infos as they are)."""
+        if isinstance(infos, Infos):
+            return infos
+        return cls(*(list(map(attrgetter(f), infos)) for f in ("name", "dtype", "shape", "globals", "models")))
+
     def __len__(self) -> int:
         return len(self.names)
 
@@ -186,8 +193,8 @@ class MergeMethod:
         raise NotImplementedError
 
     def merge_batch(self, batch, infos: tuple, out: np.ndarray, out_code: int, check_finite: bool) -> np.ndarray:
-        """Merge a batch of whole small tensors (`units.BatchRows`, a local method's; `infos[k]`:
-        item k's TensorInfo) into `out` (bit patterns of the output dtype, item k at columns
+        """Merge a batch of whole small tensors (`units.BatchRows`, a local method's; `infos`: their
+        `Infos`, whose columns a family reads as they are, `infos[k]` item k's TensorInfo) into `out` (bit patterns of the output dtype, item k at columns
         batch.starts[k]:starts[k+1], as in `batch.src`); returns the NaN/Inf count seen per input.
         This default plans and merges item by item (what pass 2 does for a lone tensor); a family
         overrides it to plan the batch with arrays and run one kernel call."""

@@ -10,7 +10,6 @@ they equal an in-memory sort whatever the chunking. Adding a sparsifier: its row
 from __future__ import annotations
 
 from dataclasses import dataclass
-from operator import attrgetter
 
 import numpy as np
 
@@ -18,8 +17,6 @@ from .. import kernels, summaries
 from ..statistics import Abs, Dare, Della, Stat
 from ..summaries import KEEP_ALL, KEEP_NONE, Threshold
 from .ranks import Ranks
-
-_NAME = attrgetter("name")
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,6 +450,6 @@ def _keyed(p: dict, method, model: int, infos, sets) -> dict:
     is L1-rescaled."""
     from .. import rng
 
-    p["key"] = rng.stream_keys(method.seed, model, map(_NAME, infos))
+    p["key"] = rng.stream_keys(method.seed, model, infos.names)
     p["rescale"] = sets.of(lambda info: bool(info.globals["rescale"]), np.bool_)
     return p
