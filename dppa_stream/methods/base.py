@@ -192,10 +192,11 @@ class MergeMethod:
         count seen per input."""
         raise NotImplementedError
 
-    def merge_batch(self, batch, infos: tuple, out: np.ndarray, out_code: int, check_finite: bool) -> np.ndarray:
+    def merge_batch(self, batch, infos: Infos, out: np.ndarray, out_code: int, check_finite: bool) -> np.ndarray:
         """Merge a batch of whole small tensors (`units.BatchRows`, a local method's; `infos`: their
-        `Infos`, whose columns a family reads as they are, `infos[k]` item k's TensorInfo) into `out` (bit patterns of the output dtype, item k at columns
-        batch.starts[k]:starts[k+1], as in `batch.src`); returns the NaN/Inf count seen per input.
+        `Infos`, whose columns a family reads as they are, `infos[k]` item k's TensorInfo) into
+        `out` (bit patterns of the output dtype, item k at columns batch.starts[k]:starts[k+1], as
+        in `batch.src`); returns the NaN/Inf count seen per input.
         This default plans and merges item by item (what pass 2 does for a lone tensor); a family
         overrides it to plan the batch with arrays and run one kernel call."""
         from ..statistics import drive, inline
