@@ -6,6 +6,7 @@ and hold an integer tensor; and `pack` against its plain loop."""
 from __future__ import annotations
 
 import math
+import pickle
 import random
 
 import pytest
@@ -50,6 +51,34 @@ def test_pack_matches_the_plain_loop():
         assert [list(w.items) for w in got] == [[items[i] for i in w] for w in want]
         assert [w.nbytes for w in got] == [sum(nbytes[i] for i in w) for w in want]
         assert [w.key for w in got] == [(f"t{w[0]}", w[0] % 3) for w in want]
+
+
+def _entry(name: str, k: int, file: str = "/m/a.safetensors") -> TensorEntry:
+    return TensorEntry(name, "BF16", (2, k + 1), file, 8 + 100 * k, 4 * (k + 1), (1, k % 2, 3, 4))
+
+
+@pytest.mark.parametrize("case", ["plain", "no base", "no models", "mixed kinds", "models of other counts"])
+def test_work_units_pickle_as_they_are(case):
+    """A work unit travels to a cluster's workers as columns (`Items.__reduce__`) and arrives
+    equal, its entries plain TensorEntry of the same fields, whatever its inputs hold."""
+    n = 7
+    bases = [_entry(f"t{k}", k, "/b/x.safetensors") for k in range(n)]
+    models = [(_entry(f"t{k}", k), _entry(f"t{k}", k, "/c/y.safetensors")) for k in range(n)]
+    if case == "no base":
+        bases = [None] * n
+    elif case == "no models":
+        models = [()] * n
+    elif case == "mixed kinds":
+        bases[3] = None
+        models[2] = (models[2][0], "not an entry")
+    elif case == "models of other counts":
+        models[4] = models[4][:1]
+    items = [UnitInputs(Unit(f"t{k}", k % 2, k, 3 * k + 1), b, m) for k, b, m in zip(range(n), bases, models)]
+    (work,) = pack(items, [1] * n, 1 << 20, [0] * n)
+    back = pickle.loads(pickle.dumps(work))
+    assert back == work and back.key == work.key and list(back.items) == items
+    assert [tuple(map(type, (i.base, *i.models))) for i in back.items] == \
+        [tuple(map(type, (i.base, *i.models))) for i in items]
 
 
 FP32 = {"lm_head.weight", "model.layers.1.self_attn.q_proj.weight"}

@@ -104,6 +104,12 @@ def _entries(*columns) -> list[TensorEntry]:
     return list(map(tuple.__new__, repeat(TensorEntry), zip(*columns)))
 
 
+def entries_of_columns(columns) -> list[TensorEntry]:
+    """The entries whose seven fields are `columns` (what `zip(*entries)` makes of them): how a
+    work unit's entries travel to a cluster's workers, where pickling each entry costs ~2 µs a way."""
+    return _entries(*columns)
+
+
 NAME, _DTYPE, _SHAPE, _OFFSET, _NBYTES = map(attrgetter, ("name", "dtype", "shape", "offset", "nbytes"))  # columns in C
 
 MAX_INT = 2**63 - 1  # sizes and offsets are int64 everywhere downstream (torch, numpy, the OS)
