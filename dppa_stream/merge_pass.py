@@ -21,7 +21,7 @@ import os
 import shutil
 from bisect import bisect_right
 from itertools import accumulate, repeat
-from operator import attrgetter, is_, itemgetter
+from operator import attrgetter, is_
 
 import numpy as np
 
@@ -128,15 +128,13 @@ def _batch_spans(method, items: Items, plans: tuple, targets: tuple) -> tuple[li
 def _uniform(items: Items, plans: tuple, targets: tuple) -> tuple | None:
     """For a work unit that `_batch_spans` checks on columns: (the items' entries per input, the
     key of those that batch, which plans are made here); None for any other."""
-    models = items.models
-    count = len(models[0])
-    if set(map(len, models)) != {count}:
+    count = len(items.models[0])
+    if set(map(len, items.models)) != {count}:
         return None
-    base = items.bases
-    has_base = base[0] is not None
-    inputs = ([base] if has_base else []) + [list(map(itemgetter(m), models)) for m in range(count)]
+    inputs = items.per_input()
+    has_base = len(inputs) > count
     if any(set(map(type, col)) != {TensorEntry} for col in inputs) or \
-            not has_base and set(map(type, base)) != {type(None)}:
+            not has_base and set(map(type, items.bases)) != {type(None)}:
         return None
     dtypes = set().union(*(map(_DTYPE, col) for col in inputs))
     out = set(map(_DTYPE, targets))

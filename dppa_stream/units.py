@@ -127,13 +127,21 @@ class Items(Sequence):
     def __hash__(self) -> int:
         return hash(tuple(self))
 
+    def model_columns(self) -> list[list]:
+        """Each model's entries, a column per model (the items have as many models as the first)."""
+        return [list(map(itemgetter(m), self.models)) for m in range(len(self.models[0]))]
+
+    def per_input(self) -> list[list]:
+        """The items' entries per input: the base's column (where the first item has a base), then
+        each model's."""
+        return ([self.bases] if self.bases[0] is not None else []) + self.model_columns()
+
     def __reduce__(self):
         """Pickled (for a cluster's workers) with each input's entries as columns of their fields:
         a work unit of thousands of small tensors pickled entry by entry cost ~2 µs per entry each
         way, in the client and in the worker."""
-        counts = set(map(len, self.models))
-        models = tuple(_packed(list(map(itemgetter(m), self.models))) for m in range(counts.pop())) \
-            if len(counts) == 1 else self.models  # per model, its column (a tuple); else as they are (a list)
+        models = tuple(map(_packed, self.model_columns())) if len(set(map(len, self.models))) == 1 \
+            else self.models  # per model, its column (a tuple); else as they are (a list)
         return _unpacked_items, (self.tensors, self.indexes, self.starts, self.stops, _packed(self.bases), models,
                                  len(self.tensors))
 
@@ -154,22 +162,17 @@ def _unpacked(column) -> list:
     if isinstance(column, int):
         return [None] * column
     if isinstance(column, tuple):
-        return entries_of_columns(column) if column else []
+        return entries_of_columns(*column)
     return column
 
 
 def _unpacked_items(tensors, indexes, starts, stops, bases, models, n: int) -> "Items":
     """`Items.__reduce__`'s inverse. Built with the collector paused: a work unit's tens of
     thousands of new entries would set off collections of the whole heap, for no garbage."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_paused():
         if isinstance(models, tuple):  # per model, its column
             models = list(zip(*map(_unpacked, models))) if models else [()] * n
         return Items(tensors, indexes, starts, stops, _unpacked(bases), models)
-    finally:
-        if was:
-            gc.enable()
 
 
 _UNIT = attrgetter("unit")
@@ -364,10 +367,9 @@ def unit_budget(memory_limit: int, workers: int, processes: int, state: int = 0)
 
 
 @contextlib.contextmanager
-def frozen_bookkeeping():
-    """No garbage collection while the run's bookkeeping is built (a catalogue of 100k tensors
-    makes the collector walk a growing heap again and again: a sixth of the start-up, for no
-    garbage), then that bookkeeping frozen out of later collections for the rest of the run."""
+def collector_paused():
+    """No cyclic garbage collection inside: building tens of thousands of long-lived objects (and
+    no cycles) makes the collector walk a growing heap again and again, for no garbage."""
     was = gc.isenabled()
     gc.disable()
     try:
@@ -375,6 +377,14 @@ def frozen_bookkeeping():
     finally:
         if was:
             gc.enable()
+
+
+@contextlib.contextmanager
+def frozen_bookkeeping():
+    """The run's bookkeeping built with the collector paused (a catalogue of 100k tensors: a sixth
+    of the start-up otherwise), then frozen out of later collections for the rest of the run."""
+    with collector_paused():
+        yield
     gc.freeze()
 
 
@@ -483,8 +493,7 @@ class BatchRows:
         self.has_base = items.bases[0] is not None
         self.dtype = items.models[0][0].dtype
         if inputs is None:
-            inputs = ([items.bases] if self.has_base else []) + \
-                [list(map(itemgetter(m), items.models)) for m in range(len(items.models[0]))]
+            inputs = items.per_input()
         itemsize = DTYPE_SIZES[self.dtype]
         nbytes = np.fromiter(map(_NBYTES, inputs[0]), np.int64, len(items))
         self.starts = np.zeros(len(items) + 1, np.int64)  # whole tensors of one dtype: bytes / itemsize

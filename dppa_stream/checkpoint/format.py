@@ -98,16 +98,10 @@ class TensorEntry(NamedTuple):
         return self.dtype in FLOAT_DTYPES
 
 
-def _entries(*columns) -> list[TensorEntry]:
-    """TensorEntry of each row of the columns (name, dtype, shape, file, offset, nbytes, file_id),
-    built in C (no Python call per entry)."""
+def entries_of_columns(*columns) -> list[TensorEntry]:
+    """TensorEntry of each row of the columns (name, dtype, shape, file, offset, nbytes, file_id:
+    what `zip(*entries)` makes of them), built in C (no Python call per entry)."""
     return list(map(tuple.__new__, repeat(TensorEntry), zip(*columns)))
-
-
-def entries_of_columns(columns) -> list[TensorEntry]:
-    """The entries whose seven fields are `columns` (what `zip(*entries)` makes of them): how a
-    work unit's entries travel to a cluster's workers, where pickling each entry costs ~2 µs a way."""
-    return _entries(*columns)
 
 
 NAME, _DTYPE, _SHAPE, _OFFSET, _NBYTES = map(attrgetter, ("name", "dtype", "shape", "offset", "nbytes"))  # columns in C
@@ -347,7 +341,7 @@ def _laid_out(path: str, names: list, dtypes: list, shapes: list, numels: list, 
         pick = itemgetter(*order) if len(order) > 1 else lambda xs: (xs[order[0]],)
     if first[0] != 0 or first[1:] != last[:-1] or data_start + last[-1] != file_size:  # contiguous, whole file
         return None
-    return _entries(map(sys.intern, pick(names)), pick(dtypes), map(tuple, pick(shapes)), repeat(path),
+    return entries_of_columns(map(sys.intern, pick(names)), pick(dtypes), map(tuple, pick(shapes)), repeat(path),
                     map(add, first, repeat(data_start)), pick(nbytes), repeat(file_id))
 
 
@@ -446,7 +440,7 @@ def columns(entries: list[TensorEntry]) -> tuple[list, ...]:
 def moved_columns(cols: tuple[list, ...], path: str, file_id: tuple) -> list[TensorEntry]:
     """`moved` of the entries whose `columns` are `cols`."""
     names, dtypes, shapes, offsets, nbytes = cols
-    return _entries(names, dtypes, shapes, repeat(path), offsets, nbytes, repeat(file_id))
+    return entries_of_columns(names, dtypes, shapes, repeat(path), offsets, nbytes, repeat(file_id))
 
 
 def _bad_dtype(where: _Where, dtype) -> None:
