@@ -271,16 +271,43 @@ def test_gta_shrink_with_ties_at_the_threshold(name):
     cuts = [0, 2_000, 6_500, 9_001]
     before = [int((d[:c].abs() == t).sum()) for c in cuts]
     units = [(a, b, {(0, 0): before[i]}) for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
-    for kind, value, stop in ((kn.TH_VALUE, t, tied // 2), (kn.TH_VALUE, t, 0), (kn.TH_VALUE, 0.0, 10),
-                              (kn.TH_GT, t, 0), (kn.TH_ALL, 0.0, 0), (kn.TH_NONE, 0.0, 0)):
-        got, _ = run_gta(src, name, [dict(mode=kn.SP_SHRINK, nlevels=1)], [[dict(kind=kind, value=value, stop=stop)]],
-                         out_name="F32", units=units)
+    for kind, value, first, stop in ((kn.TH_VALUE, t, 0, tied // 2), (kn.TH_VALUE, t, 0, 0), (kn.TH_VALUE, 0.0, 0, 10),
+                                     (kn.TH_VALUE, t, tied // 4, tied // 2), (kn.TH_VALUE, t, 0, tied),
+                                     (kn.TH_GT, t, 0, 0), (kn.TH_ALL, 0.0, 0, 0), (kn.TH_NONE, 0.0, 0, 0)):
+        got, _ = run_gta(src, name, [dict(mode=kn.SP_SHRINK, nlevels=1)],
+                         [[dict(kind=kind, value=value, first=first, stop=stop)]], out_name="F32", units=units)
         if kind == kn.TH_GT:  # magnitude pruning (DPPA's reference): pruned elements are +0.0
             thinned = ref.magnitude_prune(d, value)
         else:  # TIES (mergekit's tensor * mask)
             thinned = d * {kn.TH_ALL: torch.ones_like(d, dtype=torch.bool), kn.TH_NONE: torch.zeros_like(d, dtype=torch.bool)
-                           }.get(kind, ref.tie_window_keep(d, value, 0, stop))
-        assert same(got, ref.gta_combine(base.float(), [thinned], [1.0], False, False, 1.0, 1.0)), (kind, value, stop)
+                           }.get(kind, ref.tie_window_keep(d, value, first, stop))
+        assert same(got, ref.gta_combine(base.float(), [thinned], [1.0], False, False, 1.0, 1.0)), (kind, value, first, stop)
+
+
+def test_gta_shrink_window_edges_inside_runs_of_ties():
+    """Ties in runs of 1 to 5 (signs mixed, NaN and a signed zero between them): every window
+    edge, in and across three units, lands beside another tie, where keeping one tie too many or
+    too few shows."""
+    g = torch.Generator().manual_seed(5)
+    t = 0.25
+    parts = []
+    for i in range(400):
+        run = int(torch.randint(1, 6, (1,), generator=g))
+        parts += [t if torch.rand(1, generator=g) < 0.5 else -t for _ in range(run)]
+        parts += [[0.5, 0.125, -0.0, float("nan"), -1.0][i % 5]]
+    ft = torch.tensor(parts, dtype=torch.float32)
+    n = ft.numel()
+    src = np.stack([bits(torch.zeros(n)), bits(ft)])
+    tied = int((ft.abs() == t).sum())
+    cuts = [0, n // 3 + 1, 2 * n // 3 - 2, n]
+    units = [(a, b, {(0, 0): int((ft[:a].abs() == t).sum())}) for a, b in zip(cuts, cuts[1:])]
+    for first, stop in [(0, 1), (0, 2), (0, 37), (0, tied // 2), (0, tied - 1), (3, 4), (tied // 3, tied // 3 + 9),
+                        (tied // 2, tied)]:
+        got, _ = run_gta(src, "F32", [dict(mode=kn.SP_SHRINK, nlevels=1)],
+                         [[dict(kind=kn.TH_VALUE, value=t, first=first, stop=stop)]], out_name="F32", units=units)
+        want = ref.gta_combine(torch.zeros(n), [ft * ref.tie_window_keep(ft, t, first, stop)], [1.0], False, False, 1.0,
+                               1.0)
+        assert same(got, want), (first, stop)
 
 
 @pytest.mark.parametrize("name", list(DTYPES))

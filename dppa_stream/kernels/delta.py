@@ -66,6 +66,27 @@ def records(fields, shape, **values) -> np.ndarray:
 # --- sparsifiers: each thins x[:m] in place --------------------------------------------------------
 
 @njit(inline="always")
+def window_end(x, m, v, want):
+    """(p, ties): p is just past the `want`-th element of x[:m] with |x| == v (m if there are
+    fewer), `ties` how many there are in x[:p]. Ties counted 64 at a time (a vectorised sum), then
+    the chunk holding the last one element by element: where the window of kept ties ends, without
+    a dependent step per element (`tie_trim`'s running index)."""
+    got = 0
+    for s in range(0, m, 64):
+        e = min(s + 64, m)
+        c = np.int32(0)
+        for j in range(s, e):
+            c += np.int32(1) if abs(x[j]) == v else np.int32(0)
+        if got + c >= want:
+            for j in range(s, e):
+                got += abs(x[j]) == v
+                if got == want:
+                    return j + 1, got
+        got += c
+    return m, got
+
+
+@njit(inline="always")
 def shrink_row(x, m, lev):
     """Trimming at one level. TIES (TH_VALUE, TH_NONE): x times its keep mask, as mergekit's
     `tensor * mask` (a pruned -x is -0.0); kept are |x| > value (NaN too) and the ties in the
@@ -79,11 +100,17 @@ def shrink_row(x, m, lev):
     if kind == TH_NONE:
         for j in range(m):
             x[j] = x[j] * zero
-    elif lev.seen < lev.stop:
+    elif lev.seen < lev.first:  # ties before the window (a later unit of a split tensor): one by one
         rel, span = lev.seen - lev.first, lev.stop - lev.first
         for j in range(m):
             x[j], rel = tie_trim(x[j], v, rel, span, True)
         lev.seen = lev.first + rel
+    elif lev.seen < lev.stop:
+        p, got = window_end(x, m, v, lev.stop - lev.seen)
+        for j in range(m):  # every tie before p is in the window
+            a = abs(x[j])
+            x[j] = x[j] * zero if a < v or (a == v and j >= p) else x[j]
+        lev.seen += got
     elif kind == TH_GT:
         for j in range(m):
             x[j] = zero if abs(x[j]) <= v else x[j]
