@@ -382,10 +382,12 @@ def collector_paused():
 @contextlib.contextmanager
 def frozen_bookkeeping():
     """The run's bookkeeping built with the collector paused (a catalogue of 100k tensors: a sixth
-    of the start-up otherwise), then frozen out of later collections for the rest of the run."""
+    of the start-up otherwise), then frozen out of later collections for the rest of the run.
+    Frozen before the collector resumes: the first collection after it would otherwise walk every
+    object made in the pause (~35 ms for a 45k-tensor set's bookkeeping), all of them young."""
     with collector_paused():
         yield
-    gc.freeze()
+        gc.freeze()
 
 
 _scratch = threading.local()
