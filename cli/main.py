@@ -32,6 +32,7 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 STARTED = time.perf_counter()  # the command's clock: reported times include its imports
+EXITS_AFTER = False  # set by `entry`: the process ends with the command (not a test calling `main`)
 
 
 def _fail(message: str, code: int) -> None:
@@ -220,7 +221,7 @@ def merge(config, out, memory_limit, scheduler, scheduler_file, shard_size, seed
         opts = MergeOptions(_size(memory_limit, "--memory-limit"), scheduler, scheduler_file,
                             _size(shard_size, "--shard-size"), seed, overwrite, quiet,
                             _size(unit_size, "--unit-size"), resume, allow_nonfinite, download, started=STARTED,
-                            progress=_bar(quiet), dask_logs=verbose > 1)
+                            progress=_bar(quiet), dask_logs=verbose > 1, exiting=EXITS_AFTER)
         _scheduler(scheduler, scheduler_file)
         if not out.strip():
             raise UsageError("OUT is empty; give the folder to create")
@@ -551,6 +552,8 @@ def entry() -> None:
     collection and module teardown over everything numpy, numba, zarr and Dask loaded) took ~0.4 s
     after every merge; by then every file is closed and synced, the scheduler shut down and the
     output published, so only the standard streams need flushing."""
+    global EXITS_AFTER
+    EXITS_AFTER = True
     try:
         main()
         code = 0

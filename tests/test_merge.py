@@ -180,3 +180,21 @@ def test_processes_scheduler_same_bytes(tmp_path, ckpts):
     merge(cfg, str(tmp_path / "procs"), MergeOptions(quiet=True, scheduler="processes:2", memory_limit=3 << 30))
     for f in sorted(os.listdir(tmp_path / "threads")):
         assert filecmp.cmp(tmp_path / "threads" / f, tmp_path / "procs" / f, shallow=False), f
+
+
+def test_a_run_whose_process_exits_next_leaves_its_bookkeeping_to_the_exit(tmp_path, ckpts, monkeypatch):
+    """`MergeOptions.exiting` (the console script): the session stays referenced rather than freed
+    object by object; any other caller (the API, a test calling the CLI's `main`) frees it."""
+    from dppa_stream import pipeline
+
+    monkeypatch.setattr(pipeline, "_LEFT_FOR_EXIT", [])
+    base, ft1, ft2 = ckpts(torch.bfloat16, 2, True)
+    cfg = parse_config(_yaml("task_arithmetic", base, [ft1, ft2], [0.5, 0.5]))
+    merge(cfg, str(tmp_path / "a"), MergeOptions(quiet=True))
+    assert pipeline._LEFT_FOR_EXIT == []
+    merge(cfg, str(tmp_path / "b"), MergeOptions(quiet=True, exiting=True))
+    assert len(pipeline._LEFT_FOR_EXIT) == 1
+    assert sorted(pipeline._LEFT_FOR_EXIT[0].inputs.names) == sorted(load_model(str(tmp_path / "b")))
+    for f in os.listdir(tmp_path / "a"):
+        if f.endswith(".safetensors"):
+            assert filecmp.cmp(tmp_path / "a" / f, tmp_path / "b" / f, shallow=False), f
