@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import kernels
 from ..statistics import Arcee, ArceeBins, Gram, Stat
-from .base import MergeMethod, Param, ParamSets, REQUIRED
+from .base import Infos, MergeMethod, Param, ParamSets, REQUIRED
 from .ranks import Ranks
 from .sparsify import Sparse, kernel_records
 
@@ -510,7 +510,7 @@ class Nearswap(MergeMethod):
     def merge_batch(self, batch, infos, out, out_code, check_finite):
         """Many small whole tensors at once: one kernel call, each tensor with its t."""
         bad = np.zeros(batch.src.shape[0], np.int64)
-        ts = np.array([float(info.globals["t"]) for info in infos], np.float32)
+        ts = ParamSets(infos).of(lambda info: float(info.globals["t"]), np.float32)
         kernels.nearswap_batch(batch.src, kernels.CODES[batch.dtype], batch.starts[:-1], batch.starts[1:], ts, out,
                                out_code, bad)
         return bad
@@ -573,8 +573,8 @@ class ArceeFusion(MergeMethod):
     QUANTILES = (0.25, 0.5, 0.75)
 
     @staticmethod
-    def _row_len(info) -> int:
-        return info.shape[-1] if info.shape else 1
+    def _row_len(shape: tuple) -> int:
+        return shape[-1] if shape else 1
 
     def _ranks(self, n: int) -> list[int]:
         """1-based ranks of mergekit's quantile indices floor(q * (n - 1)) (q as float32)."""
@@ -593,7 +593,7 @@ class ArceeFusion(MergeMethod):
         """Many small whole tensors at once: each one's quartiles selected from its importance keys
         and its merge in one kernel call."""
         bad = np.zeros(batch.src.shape[0], np.int64)
-        row_lens = np.array([self._row_len(info) for info in infos], np.int64)
+        row_lens = np.fromiter(map(self._row_len, Infos.of(infos).shapes), np.int64, len(infos))
         nrows = np.diff(batch.starts) // np.maximum(row_lens, 1)
         kernels.arcee_batch(batch.src, kernels.CODES[batch.dtype], batch.starts[:-1], row_lens, nrows, out, out_code,
                             bad)
@@ -602,7 +602,7 @@ class ArceeFusion(MergeMethod):
     def merge_unit(self, rows, plan, out, out_code):
         bad = np.zeros(rows.src.shape[0], np.int64)
         n = rows.inp.unit.numel
-        row_len = self._row_len(rows.inp.models[0])
+        row_len = self._row_len(rows.inp.models[0].shape)
         kernels.arcee_merge(rows.src, kernels.CODES[rows.dtype], 0, n // row_len if row_len else 0, row_len,
                             np.float32(plan), out, out_code, bad)
         return bad

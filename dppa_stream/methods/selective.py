@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import kernels, summaries
 from ..statistics import RamCounts, SceSquares, Stat, Var, VarBins
-from .base import MergeMethod, Param
+from .base import MergeMethod, Param, ParamSets
 from .ranks import Ranks
 from .sparsify import level
 
@@ -113,7 +113,7 @@ class Sce(MergeMethod):
         n = len(los)
         kinds, values, budgets, squares = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.int64), \
             np.empty((n, K))
-        topks = np.array([float(info.globals["select_topk"]) for info in _full(batch, infos)], np.float64)
+        topks = _per_tensor(batch, infos, lambda info: float(info.globals["select_topk"]), np.float64)
         kernels.sce_batch_plan(batch.src, code, los, his, topks, kinds, values, budgets, squares, bad)
         if check_finite and bad.any():
             return bad  # the caller redoes the batch tensor by tensor, naming the first bad one
@@ -150,17 +150,16 @@ class Ram(MergeMethod):
         code = kernels.CODES[batch.dtype]
         bad = np.zeros(batch.src.shape[0], np.int64)
         los, his = _spans(batch)
-        full = _full(batch, infos)
-        eps = np.array([float(info.globals["epsilon"]) for info in full], np.float32)
-        boosts = self.boosts(batch, full, los, his, eps, bad)
+        eps = _per_tensor(batch, infos, lambda info: float(info.globals["epsilon"]), np.float32)
+        boosts = self.boosts(batch, infos, los, his, eps, bad)
         if check_finite and bad.any():
             return bad  # the caller redoes the batch tensor by tensor, naming the first bad one
         kernels.ram_batch_merge(batch.src, code, los, his, eps, boosts, out, out_code, bad)
         return bad
 
     def boosts(self, batch, infos, los, his, eps, bad) -> np.ndarray:
-        """Each tensor's boost per model, float32 [tensors, models] (RAM: none)."""
-        return np.ones((len(infos), batch.src.shape[0] - 1), np.float32)
+        """Each non-empty tensor's boost per model, float32 [tensors, models] (RAM: none)."""
+        return np.ones((len(los), batch.src.shape[0] - 1), np.float32)
 
     def merge_unit(self, rows, plan, out, out_code):
         bad = np.zeros(rows.src.shape[0], np.int64)
@@ -195,8 +194,8 @@ class RamPlusTl(Ram):
         K = batch.src.shape[0] - 1
         shared, unique = np.zeros((len(los), K), np.int64), np.zeros((len(los), K), np.int64)
         kernels.ram_batch_counts(batch.src, kernels.CODES[batch.dtype], los, his, eps, shared, unique, bad)
-        r = np.array([info.globals["r"] for info in infos], np.float32)[:, None]
-        a = np.array([info.globals["alpha"] for info in infos], np.float32)[:, None]
+        r = _per_tensor(batch, infos, lambda info: info.globals["r"], np.float32)[:, None]
+        a = _per_tensor(batch, infos, lambda info: info.globals["alpha"], np.float32)[:, None]
         u, e = unique.astype(np.float32), eps[:, None]
         with np.errstate(divide="ignore", invalid="ignore"):
             rho = shared.astype(np.float32) / np.where(e > u, e, u)
@@ -211,6 +210,7 @@ def _spans(batch) -> tuple[np.ndarray, np.ndarray]:
     return los[full], his[full]
 
 
-def _full(batch, infos) -> list:
-    """The TensorInfos of a batch's non-empty tensors."""
-    return [info for info, n in zip(infos, np.diff(batch.starts).tolist()) if n]
+def _per_tensor(batch, infos, value, dtype) -> np.ndarray:
+    """`value(info)` of each of a batch's non-empty tensors (`_spans`' order), made once per set of
+    parameter values (`ParamSets`), not once per tensor: a batch holds thousands."""
+    return ParamSets(infos).of(value, dtype)[np.diff(batch.starts) > 0]
