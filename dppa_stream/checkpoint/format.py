@@ -512,12 +512,12 @@ def header_layout(names: list[str], dtypes: list[str], shapes: list[tuple], nbyt
         ordered if q else map(_quote, ordered), map(middles.__getitem__, map(kind.__getitem__, order)),
         offsets, repeat(","), islice(offsets, 1, None), repeat("]}," + q)))
     meta = '"__metadata__":' + json.dumps(metadata, separators=(",", ":"), ensure_ascii=False) + "," if metadata else ""
-    # built in one buffer behind its length prefix: the text (megabytes) is copied once, not per step
-    text = bytearray(8)
-    text += ("{" + meta + (q if n else "") + "".join(pieces)).encode() if n or metadata else b"{}"
+    # the text (megabytes for an MoE shard) is joined, encoded and copied behind its length prefix:
+    # three copies, each into fresh pages; concatenating it step by step made five
     if n or metadata:
-        del text[len(text) - 1 - (len(q) if n else 0):]  # the last entry's separator
-        text += b"}"
-    text += b" " * (-(len(text) - 8) % 8)
-    struct.pack_into("<Q", text, 0, len(text) - 8)
-    return bytes(text), order, at[:-1]
+        body = "".join(chain(("{", meta, q if n else ""), pieces)).encode()
+        end = len(body) - 1 - (len(q) if n else 0)  # the last separator left out (a ',' and maybe a quote)
+    else:
+        body, end = b"{", 1
+    pad = -(end + 1) % 8
+    return b"".join((struct.pack("<Q", end + 1 + pad), memoryview(body)[:end], b"}" + b" " * pad)), order, at[:-1]
