@@ -262,7 +262,7 @@ def _scanned_entries(path: str, raw: bytes, data_start: int, file_size: int, fil
         return None
     # split at its quotes (no escapes: the scan admits printable ASCII without a backslash), an entry is ten
     # pieces: NAME, ':{', 'dtype', ':', DTYPE, ',', 'shape', ':[SHAPE],', 'data_offsets', ':[A,B]},'
-    parts = raw[start:].decode("ascii").split('"')
+    parts = str(memoryview(raw)[start:], "ascii").split('"')  # decoded in place: no copy of the bytes first
     names, dtypes, shape_texts = parts[1::10], parts[5::10], parts[8::10]
     if len(set(names)) != rows or "__metadata__" in names:
         return None
