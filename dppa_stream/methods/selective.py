@@ -113,7 +113,7 @@ class Sce(MergeMethod):
         n = len(los)
         kinds, values, budgets, squares = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.int64), \
             np.empty((n, K))
-        topks = _per_tensor(batch, infos, lambda info: float(info.globals["select_topk"]), np.float64)
+        topks = _per_tensor(batch, infos)(lambda info: float(info.globals["select_topk"]), np.float64)
         kernels.sce_batch_plan(batch.src, code, los, his, topks, kinds, values, budgets, squares, bad)
         if check_finite and bad.any():
             return bad  # the caller redoes the batch tensor by tensor, naming the first bad one
@@ -150,15 +150,17 @@ class Ram(MergeMethod):
         code = kernels.CODES[batch.dtype]
         bad = np.zeros(batch.src.shape[0], np.int64)
         los, his = _spans(batch)
-        eps = _per_tensor(batch, infos, lambda info: float(info.globals["epsilon"]), np.float32)
-        boosts = self.boosts(batch, infos, los, his, eps, bad)
+        param = _per_tensor(batch, infos)
+        eps = param(lambda info: float(info.globals["epsilon"]), np.float32)
+        boosts = self.boosts(batch, param, los, his, eps, bad)
         if check_finite and bad.any():
             return bad  # the caller redoes the batch tensor by tensor, naming the first bad one
         kernels.ram_batch_merge(batch.src, code, los, his, eps, boosts, out, out_code, bad)
         return bad
 
-    def boosts(self, batch, infos, los, his, eps, bad) -> np.ndarray:
-        """Each non-empty tensor's boost per model, float32 [tensors, models] (RAM: none)."""
+    def boosts(self, batch, param, los, his, eps, bad) -> np.ndarray:
+        """Each non-empty tensor's boost per model, float32 [tensors, models] (RAM: none); `param`:
+        the batch's `_per_tensor`."""
         return np.ones((len(los), batch.src.shape[0] - 1), np.float32)
 
     def merge_unit(self, rows, plan, out, out_code):
@@ -188,14 +190,14 @@ class RamPlusTl(Ram):
         rho = [np.float32(s) / max(np.float32(u), np.float32(eps)) for s, u in zip(shared, unique)]
         return eps, tuple(float(np.float32(1) + r * min(max(x, np.float32(0)), a)) for x in rho)
 
-    def boosts(self, batch, infos, los, his, eps, bad):
+    def boosts(self, batch, param, los, his, eps, bad):
         """`tensor_plan`'s boosts for many tensors: their counts in one kernel call, then its float32
         operations on arrays (Python's max/min as selects: a NaN stays NaN)."""
         K = batch.src.shape[0] - 1
         shared, unique = np.zeros((len(los), K), np.int64), np.zeros((len(los), K), np.int64)
         kernels.ram_batch_counts(batch.src, kernels.CODES[batch.dtype], los, his, eps, shared, unique, bad)
-        r = _per_tensor(batch, infos, lambda info: info.globals["r"], np.float32)[:, None]
-        a = _per_tensor(batch, infos, lambda info: info.globals["alpha"], np.float32)[:, None]
+        r = param(lambda info: info.globals["r"], np.float32)[:, None]
+        a = param(lambda info: info.globals["alpha"], np.float32)[:, None]
         u, e = unique.astype(np.float32), eps[:, None]
         with np.errstate(divide="ignore", invalid="ignore"):
             rho = shared.astype(np.float32) / np.where(e > u, e, u)
@@ -210,7 +212,9 @@ def _spans(batch) -> tuple[np.ndarray, np.ndarray]:
     return los[full], his[full]
 
 
-def _per_tensor(batch, infos, value, dtype) -> np.ndarray:
-    """`value(info)` of each of a batch's non-empty tensors (`_spans`' order), made once per set of
-    parameter values (`ParamSets`), not once per tensor: a batch holds thousands."""
-    return ParamSets(infos).of(value, dtype)[np.diff(batch.starts) > 0]
+def _per_tensor(batch, infos):
+    """`param(value, dtype)`: `value(info)` of each of a batch's non-empty tensors (`_spans`' order)
+    as an array, made once per set of parameter values (`ParamSets`, grouped once for the batch), not
+    once per tensor: a batch holds thousands."""
+    sets, full = ParamSets(infos), np.diff(batch.starts) > 0
+    return lambda value, dtype: sets.of(value, dtype)[full]
