@@ -175,6 +175,78 @@ def test_linear_batches_equal_tensor_by_tensor(moe, tmp_path, monkeypatch):
         assert torch.equal(got[name].view(torch.int16), want.view(torch.int16)), name
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
+def test_batches_of_one_parameter_set_merge_as_one_span(moe, tmp_path, monkeypatch, method):
+    """Every tensor with the same weights and nothing pruned: the batch goes to the kernel as one
+    span, not a segment per tensor; the bytes equal the tensor-by-tensor path and the reference.
+    With a weight that differs between tensors the segments are kept (the tests above)."""
+    from dppa_stream import kernels
+
+    segment_kernel = {"task_arithmetic": "gta_segments", "linear": "weighted_sum_segments"}[method]
+    calls = []
+    real = getattr(kernels, segment_kernel)
+    monkeypatch.setattr(kernels, segment_kernel, lambda *a: calls.append(1) or real(*a))
+    weights = (0.5, 1.25, 2.0)
+    if method == "linear":
+        text = "merge_method: linear\nmodels:\n" + "".join(
+            f"  - model: {p}\n    parameters: {{weight: {w}}}\n" for p, w in zip(moe, weights))
+    else:
+        text = f"merge_method: task_arithmetic\nbase_model: {moe[0]}\nmodels:\n" + "".join(
+            f"  - model: {p}\n    parameters: {{weight: {w}}}\n" for p, w in zip(moe[1:], weights[1:]))
+    text += "dtype: float32\nout_dtype: bfloat16\n"
+    _merge(text, tmp_path / "batched", scheduler="threads:1")
+    assert not calls
+    monkeypatch.setattr(merge_pass, "_batch_spans", lambda *a: ([], None))
+    _merge(text, tmp_path / "single")
+    assert _bytes(tmp_path / "batched") == _bytes(tmp_path / "single")
+    models = [load_model(p) for p in moe]
+    got = load_model(str(tmp_path / "batched"))
+    for name in got:
+        b = models[0][name].float()
+        if method == "linear":
+            w = torch.tensor(weights).reshape(-1, *[1] * b.dim())
+            want = (w * torch.stack([m[name].float() for m in models])).sum(0) / w.sum(0)
+        else:
+            want = gta(b, [m[name].float() - b for m in models[1:]], list(weights[1:]), False, False, 1.0)
+        assert torch.equal(got[name].view(torch.int16), want.to(torch.bfloat16).view(torch.int16)), name
+
+
+def test_pruned_tensors_keep_their_segments_even_with_equal_records(tmp_path, monkeypatch):
+    """TIES on tensors that are copies of one another (every |delta| tied at the threshold): their
+    kernel records are equal, but which ties each keeps is counted from its own first element, so
+    the batch must stay one segment per tensor; the bytes equal the tensor-by-tensor path."""
+    signs = torch.tensor([1.0, -1.0, -1.0, 1.0] * 8).reshape(4, 8)
+    names = [f"model.layers.0.mlp.experts.{e}.gate_proj.weight" for e in range(12)]
+    base = {n: torch.zeros(4, 8, dtype=torch.bfloat16) for n in names}
+    fts = [{n: (signs * 1e-2 * k).to(torch.bfloat16) for n in names} for k in (1, 2)]
+    paths = [_write(tmp_path / n, m) for n, m in zip(("base", "ft1", "ft2"), [base, *fts])]
+    text = (f"merge_method: ties\nbase_model: {paths[0]}\nmodels:\n" + "".join(
+        f"  - model: {p}\n    parameters: {{weight: 0.5, density: 0.5}}\n" for p in paths[1:]) + "dtype: bfloat16\n")
+    _merge(text, tmp_path / "batched", scheduler="threads:1")
+    monkeypatch.setattr(merge_pass, "_batch_spans", lambda *a: ([], None))
+    _merge(text, tmp_path / "single")
+    assert _bytes(tmp_path / "batched") == _bytes(tmp_path / "single")
+    got = load_model(str(tmp_path / "batched"))
+    assert all(torch.equal(got[n], got[names[0]]) for n in names)
+
+
+def test_same_rows_compares_bytes():
+    """Rows are the same only bit for bit: -0.0 is not 0.0 (a weight's sign of zero reaches the
+    output), and a NaN row equals itself."""
+    import numpy as np
+
+    from dppa_stream.methods.base import same_rows
+
+    assert same_rows(np.array([[0.5, 1.0]] * 3, np.float32), np.ones(3, bool), np.zeros(1), np.zeros(0))
+    assert not same_rows(np.array([[0.0], [-0.0]], np.float32))
+    assert same_rows(np.array([[np.nan], [np.nan]], np.float32))
+    assert not same_rows(np.ones(2, bool), np.array([1.0, 2.0]))
+    rec = np.zeros((3, 2), [("mode", np.int64), ("weight", np.float32)])
+    assert same_rows(rec)
+    rec["weight"][2, 1] = 0.25
+    assert not same_rows(rec)
+
+
 def test_one_read_per_input_and_one_write_per_run(moe, tmp_path, monkeypatch):
     """A work unit of ~150 tensors stored back to back: 3 reads (one per input) and 1 write."""
     import dppa_stream.checkpoint.reader as reader

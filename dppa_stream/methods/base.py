@@ -240,6 +240,19 @@ class ParamSets:
         return np.array([value(info) for info in self.sets], dtype)[self.index]
 
 
+def same_rows(*arrays: np.ndarray) -> bool:
+    """Whether every row (first axis) of each array holds the same bytes as its first row. A batch
+    whose tensors all merge with one row of weights or kernel records is then one span to the
+    kernel, element for element the same work: a segment per tensor cost two worker threads ~1.5x
+    the kernel time on the unfused MoE set (task arithmetic: 0.24-0.27 s against 0.16 s over spans)."""
+    for a in arrays:
+        if len(a) > 1:
+            rows = np.ascontiguousarray(a).view(np.uint8).reshape(len(a), -1)
+            if not (rows == rows[0]).all():
+                return False
+    return True
+
+
 def torch_order_sum(values) -> np.float32:
     """The float32 sum of a few scalars in the order torch's `tensor.sum()` adds them on a CPU
     (four interleaved partial sums for up to 7 values, in sequence for 8), so divisors computed

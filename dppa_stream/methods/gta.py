@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import kernels, rng
 from ..units import scratch
-from .base import MergeMethod, Param, REQUIRED, ParamSets, density_check, torch_order_sum
+from .base import MergeMethod, Param, REQUIRED, ParamSets, density_check, same_rows, torch_order_sum
 from .sparsify import Band, Bernoulli, MagPrune, PruneLE, Sparse, Sparsifier, TopK, kernel_records
 
 _WEIGHT = Param(REQUIRED, (int, float), doc="scale of this model's delta")
@@ -129,6 +129,11 @@ class DeltaMethod(MergeMethod):
                                   normalize=sets.of(lambda info: bool(info.globals["normalize"]), np.bool_),
                                   divisor=torch_order_sums(weights),
                                   lam=sets.of(lambda info: float(info.globals["lambda"]), np.float64))
+        if not kind.masked and (models["mode"] == kernels.SP_NONE).all() and same_rows(models, levels, combine):
+            # nothing pruned and one set of parameters: nothing depends on where a tensor starts
+            kernels.gta(batch.src, code, 0, int(starts[-1]), 0, self.bf16_deltas, models[0], levels[0], masks,
+                        combine[0], out, out_code, bad)
+            return bad
         kernels.gta_segments(batch.src, code, starts, self.bf16_deltas, models, levels, masks, combine, out, out_code,
                              bad)
         return bad
@@ -286,8 +291,13 @@ class Linear(MergeMethod):
         weights = sets.of(_weights, np.float64).astype(np.float32)
         normalize = sets.of(lambda info: bool(info.globals["normalize"]), np.bool_)
         bad = np.zeros(batch.src.shape[0], np.int64)
-        kernels.weighted_sum_segments(batch.src, kernels.CODES[batch.dtype], batch.starts, weights, normalize,
-                                      _torch_order_rows(weights), out, out_code, bad)
+        totals = _torch_order_rows(weights)
+        if same_rows(weights, normalize):
+            kernels.weighted_sum(batch.src, kernels.CODES[batch.dtype], 0, int(batch.starts[-1]), weights[0],
+                                 bool(normalize[0]), totals[0], out, out_code, bad)
+            return bad
+        kernels.weighted_sum_segments(batch.src, kernels.CODES[batch.dtype], batch.starts, weights, normalize, totals,
+                                      out, out_code, bad)
         return bad
 
 
