@@ -16,6 +16,7 @@ tensor count; `--cluster` adds rows on a local `dask.distributed` cluster (`proc
     python benchmarks/bench_moe.py --no-scale --repeat 3            # ratios from each layout's cheapest of 3 runs
     python benchmarks/bench_moe.py --methods ties,dppa --layouts as-shipped --no-scale   # the FP8 release: 91,991 tensors
     python benchmarks/bench_moe.py --against REV --methods ties --rounds 2   # this code and REV's, alternating
+    python benchmarks/bench_moe.py --wider 2 --no-scale --repeat 3   # the same tensors, 4x the bytes each
 """
 
 from __future__ import annotations
@@ -144,6 +145,8 @@ def main() -> int:
     ap.add_argument("--cluster-limit", default="2GiB", help="--memory-limit of the cluster rows (3 processes)")
     ap.add_argument("--snapshot", default=None, metavar="REV", help="run dppa_stream exported at git REV")
     ap.add_argument("--extra", default="", help="extra dppa-stream merge arguments, one string")
+    ap.add_argument("--wider", type=int, default=1, metavar="W", help="hidden and intermediate widths times W: "
+                    "the same tensor count, W*W times the bytes (--wider 2: ~750 MB per model)")
     ap.add_argument("--name", default="bench_moe")
     ap.add_argument("--against", metavar="REV", help="instead: the unfused set, each method run alternately by "
                     "the code at --snapshot (default HEAD) and at REV, --rounds times (a loaded machine moves CPU "
@@ -159,15 +162,17 @@ def main() -> int:
         return against(args, work)
     snap = common.snapshot(args.snapshot) if args.snapshot else None
     env = common.ours_env(snap)
-    layouts = {"unfused": MoeShape(fused=False), "fused": MoeShape(fused=True),
-               "as-shipped": MoeShape(mtp=True, fp8=True)}  # the FP8 release's 91,991 tensors
+    w = args.wider  # the same tensors, each holding w*w times the numbers: what a tensor costs beyond its bytes stays
+    wide = dict(hidden=64 * w, intermediate=128 * w, moe_intermediate=32 * w) if w > 1 else {}
+    layouts = {"unfused": MoeShape(fused=False, **wide), "fused": MoeShape(fused=True, **wide),
+               "as-shipped": MoeShape(mtp=True, fp8=True, **wide)}  # the FP8 release's 91,991 tensors
     sets = {tag: moe_dataset(layouts[tag], 2) for tag in args.layouts.split(",")}
     first = next(iter(sets.values()))
     out_bytes = input_bytes(first[:1])
     floor = two_pass_floor(first, out_bytes, work, cold=False)
     print(f"I/O floor (warm): {floor['seconds']:.2f}s (reads {floor['read_s']}, write {floor['write_s']:.2f}s)")
     result = {"code": common.code_version(), "snapshot": snap, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "limit": args.limit, "scheduler": args.scheduler, "extra": args.extra, "io_floor_s": floor["seconds"],
+              "wider": w, "limit": args.limit, "scheduler": args.scheduler, "extra": args.extra, "io_floor_s": floor["seconds"],
               "io_floor": floor, "input_bytes": input_bytes(first), "sets": sets, "rows": [], "ratios": {}}
     for name in args.methods.split(","):
         runs = []
