@@ -78,6 +78,16 @@ def _merge(text, out, **opts):
     return merge(parse_config(text, "<test>"), str(out), MergeOptions(quiet=True, **opts))
 
 
+def _batched_and_single(text, tmp_path, monkeypatch, **opts):
+    """Merge `text` batched, then tensor by tensor (batching switched off): the bytes must be
+    equal. Returns the batched output's tensors."""
+    _merge(text, tmp_path / "batched", **opts)
+    monkeypatch.setattr(merge_pass, "_batch_spans", lambda *a: ([], None))
+    _merge(text, tmp_path / "single")
+    assert _bytes(tmp_path / "batched") == _bytes(tmp_path / "single")
+    return load_model(str(tmp_path / "batched"))
+
+
 def _bytes(folder):
     return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
 
@@ -163,12 +173,8 @@ def test_linear_batches_equal_tensor_by_tensor(moe, tmp_path, monkeypatch):
     text = f"merge_method: linear\nmodels:\n" + "".join(
         f"  - model: {p}\n    parameters: {{weight: [{{filter: gate_proj, value: 0.3}}, {{value: {w}}}]}}\n"
         for p, w in zip(moe, (0.5, 1.25, 2.0))) + "dtype: float32\nout_dtype: bfloat16\n"
-    _merge(text, tmp_path / "batched")
-    monkeypatch.setattr(merge_pass, "_batch_spans", lambda *a: ([], None))
-    _merge(text, tmp_path / "single")
-    assert _bytes(tmp_path / "batched") == _bytes(tmp_path / "single")
+    got = _batched_and_single(text, tmp_path, monkeypatch)
     models = [load_model(p) for p in moe]
-    got = load_model(str(tmp_path / "batched"))
     for name in got:
         w = torch.tensor([0.3 if "gate_proj" in name else x for x in (0.5, 1.25, 2.0)]).reshape(-1, *[1] * got[name].dim())
         want = ((w * torch.stack([m[name].float() for m in models])).sum(0) / w.sum(0)).to(torch.bfloat16)
@@ -194,13 +200,9 @@ def test_batches_of_one_parameter_set_merge_as_one_span(moe, tmp_path, monkeypat
         text = f"merge_method: task_arithmetic\nbase_model: {moe[0]}\nmodels:\n" + "".join(
             f"  - model: {p}\n    parameters: {{weight: {w}}}\n" for p, w in zip(moe[1:], weights[1:]))
     text += "dtype: float32\nout_dtype: bfloat16\n"
-    _merge(text, tmp_path / "batched", scheduler="threads:1")
-    assert not calls
-    monkeypatch.setattr(merge_pass, "_batch_spans", lambda *a: ([], None))
-    _merge(text, tmp_path / "single")
-    assert _bytes(tmp_path / "batched") == _bytes(tmp_path / "single")
+    got = _batched_and_single(text, tmp_path, monkeypatch, scheduler="threads:1")
+    assert not calls  # (the tensor-by-tensor path never calls the segments kernel either)
     models = [load_model(p) for p in moe]
-    got = load_model(str(tmp_path / "batched"))
     for name in got:
         b = models[0][name].float()
         if method == "linear":
@@ -222,11 +224,7 @@ def test_pruned_tensors_keep_their_segments_even_with_equal_records(tmp_path, mo
     paths = [_write(tmp_path / n, m) for n, m in zip(("base", "ft1", "ft2"), [base, *fts])]
     text = (f"merge_method: ties\nbase_model: {paths[0]}\nmodels:\n" + "".join(
         f"  - model: {p}\n    parameters: {{weight: 0.5, density: 0.5}}\n" for p in paths[1:]) + "dtype: bfloat16\n")
-    _merge(text, tmp_path / "batched", scheduler="threads:1")
-    monkeypatch.setattr(merge_pass, "_batch_spans", lambda *a: ([], None))
-    _merge(text, tmp_path / "single")
-    assert _bytes(tmp_path / "batched") == _bytes(tmp_path / "single")
-    got = load_model(str(tmp_path / "batched"))
+    got = _batched_and_single(text, tmp_path, monkeypatch, scheduler="threads:1")
     assert all(torch.equal(got[n], got[names[0]]) for n in names)
 
 
