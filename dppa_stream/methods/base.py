@@ -243,8 +243,8 @@ class ParamSets:
 def same_rows(*arrays: np.ndarray) -> bool:
     """Whether every row (first axis) of each array holds the same bytes as its first row. A batch
     whose tensors all merge with one row of weights or kernel records is then one span to the
-    kernel, element for element the same work: a segment per tensor cost two worker threads ~1.5x
-    the kernel time on the unfused MoE set (task arithmetic: 0.24-0.27 s against 0.16 s over spans)."""
+    kernel, element for element the same work: a segment per tensor cost two worker threads 10-50%
+    more kernel time (task arithmetic on the unfused MoE set, in windows of a shared machine)."""
     for a in arrays:
         if len(a) > 1:
             rows = np.ascontiguousarray(a).view(np.uint8).reshape(len(a), -1)
