@@ -29,6 +29,7 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,6 +53,14 @@ FAMILIES = {
     "ram": ("ram", {}, None, 2, "bfloat16"),
     "dppa": ("dppa", {}, None, 2, None),
 }
+
+
+def shape(args, **fields) -> MoeShape:
+    """A set's shape at `--wider`'s widths: hidden and intermediate widths times W, so the same
+    tensors hold W*W times the numbers (what a tensor costs beyond its bytes stays the same)."""
+    s, w = MoeShape(**fields), args.wider
+    return s if w == 1 else replace(s, hidden=s.hidden * w, intermediate=s.intermediate * w,
+                                    moe_intermediate=s.moe_intermediate * w)
 
 
 def run_one(name: str, paths: list[str], work: str, args, env, scheduler: str, tag: str, limit: str) -> dict:
@@ -109,7 +118,7 @@ def table(result: dict) -> str:
 def against(args, work: str) -> int:
     """Each method on the unfused set by two versions of the code, alternating, `--rounds` times."""
     versions = {v: common.snapshot(v) for v in (args.snapshot or "HEAD", args.against)}
-    paths = moe_dataset(MoeShape(fused=False), 2)
+    paths = moe_dataset(shape(args, fused=False), 2)
     result = {"code": common.code_version(), "versions": versions, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "limit": args.limit, "scheduler": args.scheduler, "rows": []}
     for name in args.methods.split(","):
@@ -162,17 +171,15 @@ def main() -> int:
         return against(args, work)
     snap = common.snapshot(args.snapshot) if args.snapshot else None
     env = common.ours_env(snap)
-    w = args.wider  # the same tensors, each holding w*w times the numbers: what a tensor costs beyond its bytes stays
-    wide = dict(hidden=64 * w, intermediate=128 * w, moe_intermediate=32 * w) if w > 1 else {}
-    layouts = {"unfused": MoeShape(fused=False, **wide), "fused": MoeShape(fused=True, **wide),
-               "as-shipped": MoeShape(mtp=True, fp8=True, **wide)}  # the FP8 release's 91,991 tensors
+    layouts = {"unfused": shape(args, fused=False), "fused": shape(args, fused=True),
+               "as-shipped": shape(args, mtp=True, fp8=True)}  # the FP8 release's 91,991 tensors
     sets = {tag: moe_dataset(layouts[tag], 2) for tag in args.layouts.split(",")}
     first = next(iter(sets.values()))
     out_bytes = input_bytes(first[:1])
     floor = two_pass_floor(first, out_bytes, work, cold=False)
     print(f"I/O floor (warm): {floor['seconds']:.2f}s (reads {floor['read_s']}, write {floor['write_s']:.2f}s)")
     result = {"code": common.code_version(), "snapshot": snap, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "wider": w, "limit": args.limit, "scheduler": args.scheduler, "extra": args.extra, "io_floor_s": floor["seconds"],
+              "wider": args.wider, "limit": args.limit, "scheduler": args.scheduler, "extra": args.extra, "io_floor_s": floor["seconds"],
               "io_floor": floor, "input_bytes": input_bytes(first), "sets": sets, "rows": [], "ratios": {}}
     for name in args.methods.split(","):
         runs = []
@@ -197,7 +204,7 @@ def main() -> int:
             result["rows"].append(run_one(name, paths, work, args, env, args.cluster_scheduler, tag, args.cluster_limit))
         save(f"{args.name}.json", result)
     if not args.no_scale:
-        big = moe_dataset(MoeShape(experts=512), 2)
+        big = moe_dataset(shape(args, experts=512), 2)
         result["scale"] = []
         for name in ("ties", "dppa"):
             if name in args.methods.split(","):
