@@ -8,7 +8,9 @@ two-pass merge (read every input twice, write the output once, warm cache) measu
 run; then the unfused/fused ratio per method, and the CPU each extra tensor costs beyond its
 bytes: (CPU unfused - CPU fused) / (45,395 - 1,025). A second set with 512 experts per layer
 (~90k tensors: the FP8 release's count, scales included) shows how peak memory grows with the
-tensor count; `--cluster` adds rows on a local `dask.distributed` cluster (`processes:2`).
+tensor count; `--cluster` adds rows on a local `dask.distributed` cluster (`processes:2`). Every set
+is evicted from the page cache and read back before the runs (`common.refill`): the layouts then
+read from a cache filled the same way, not as the generator's writes left it.
 
     python benchmarks/bench_moe.py                                  # every family, ~30 min on 2 cores
     python benchmarks/bench_moe.py --methods ties,dppa --no-scale   # quicker
@@ -119,6 +121,7 @@ def against(args, work: str) -> int:
     """Each method on the unfused set by two versions of the code, alternating, `--rounds` times."""
     versions = {v: common.snapshot(v) for v in (args.snapshot or "HEAD", args.against)}
     paths = moe_dataset(shape(args, fused=False), 2)
+    common.refill(paths)
     result = {"code": common.code_version(), "versions": versions, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "limit": args.limit, "scheduler": args.scheduler, "rows": []}
     for name in args.methods.split(","):
@@ -174,6 +177,8 @@ def main() -> int:
     layouts = {"unfused": shape(args, fused=False), "fused": shape(args, fused=True),
                "as-shipped": shape(args, mtp=True, fp8=True)}  # the FP8 release's 91,991 tensors
     sets = {tag: moe_dataset(layouts[tag], 2) for tag in args.layouts.split(",")}
+    for paths in sets.values():  # every layout read from a page cache filled the same way
+        common.refill(paths)
     first = next(iter(sets.values()))
     out_bytes = input_bytes(first[:1])
     floor = two_pass_floor(first, out_bytes, work, cold=False)
