@@ -348,15 +348,14 @@ def evict(paths: list[str]) -> None:
             os.close(fd)
 
 
-def refill(paths: list[str]) -> float:
-    """Evict every weight file of these checkpoints and read it back once; returns the seconds the
-    read took. The page cache then holds them as reads fill it (readahead), whatever wrote them:
-    the generators write tensor by tensor, and a set written in 4 KiB pieces read ~1.5x slower from
-    the cache than the same files read back (7.6 against 10-12 GB/s here, `--wider 2`), which
-    compared layouts by how their files were written."""
-    files = [f for p in paths for f in weight_files(p)]
-    evict(files)
-    return io_floor(paths)["seconds"]
+def refill(paths: list[str]) -> None:
+    """Evict every weight file of these checkpoints and read it back once, so the page cache holds
+    them as reads fill it (readahead), whatever wrote them. The generators write tensor by tensor:
+    `bench_moe --wider 2`'s unfused set (16 KiB writes) read from the cache at 7.6 GB/s as written
+    and 8.9-10.3 GB/s once read back, its fused twin at 12.0 as written, so layouts were compared
+    partly by how their files had been written."""
+    evict([f for p in paths for f in weight_files(p)])
+    io_floor(paths)
 
 
 def write_floor(nbytes: int, path: str, block: int = 16 << 20) -> float:
