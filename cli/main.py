@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 
 # numpy's OpenBLAS starts a spinning thread per core when imported (~2 % of a merge's CPU); nothing
 # here multiplies more than K x K matrices, so one thread, set before numpy is first imported.
@@ -76,6 +77,9 @@ def _run(debug: bool, fn, out: str | None = None):
     except KeyboardInterrupt:
         with contextlib.suppress(ValueError):  # a second Ctrl-C while shutting down must not cut the message short
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # the signal may have landed between a library making a coroutine and running it (zarr's
+        # synchronous calls): freeing it later would print a "never awaited" warning after our line
+        warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
         _fail("interrupted" + _resume_hint(out, interrupted=True), EXIT_INTERRUPTED)
     except OSError as e:
         if debug:

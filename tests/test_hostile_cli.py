@@ -239,6 +239,20 @@ def test_interrupt_is_one_line_with_resume_and_resumes(tmp_path, mid, sig, opts)
     same_tree(ref, out)
 
 
+def test_an_interrupt_that_abandons_a_coroutine_is_still_one_line():
+    """A signal can land while a library (zarr's synchronous API, under the statistics store) has
+    made a coroutine and not yet handed it to its event loop. Python prints a "never awaited"
+    warning when that coroutine is freed, after the message. The run still says one line: this
+    raced the SIGTERM case above now and then."""
+    code = ("from dppa_stream.cli.main import _run\n"
+            "async def step():\n    pass\n"
+            "def work():\n    pending = step()\n    raise KeyboardInterrupt\n"
+            "_run(False, work)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 130, p.stderr
+    assert p.stderr.strip().splitlines() == ["interrupted; nothing was kept: rerun the command"], p.stderr
+
+
 @pytest.mark.parametrize("spec", ["processes:0", "threads:100000", "threads:-1", "processes:٣", "threads:" + "9" * 400])
 def test_absurd_worker_counts_are_usage_errors(tmp_path, spec):
     base, ft = tiny_pair(tmp_path)
