@@ -122,8 +122,11 @@ def sigint_ignored():
 
 
 def _connect(address: str):
-    """A Client of an existing scheduler. If connecting fails, the half-made client is marked
-    closed: its destructor would otherwise wait 40 s and print a traceback at exit."""
+    """A Client of an existing scheduler, waited for as long as Dask's own connect timeout says
+    (`distributed.comm.timeouts.connect`: 30 s unless set, e.g. DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=2m
+    for a cluster still starting). If connecting fails, the half-made client is marked closed: its
+    destructor would otherwise wait 40 s and print a traceback at exit."""
+    import dask
     from distributed import Client
 
     made = []
@@ -134,7 +137,7 @@ def _connect(address: str):
             return super().start(**kwargs)
 
     try:
-        return _Client(address, timeout="20s", set_as_default=False)
+        return _Client(address, timeout=dask.config.get("distributed.comm.timeouts.connect"), set_as_default=False)
     except (OSError, TimeoutError, ValueError) as e:
         for c in made:
             c.status = "closed"
