@@ -137,23 +137,19 @@ def test_compass_doubles_its_step_on_a_plateau():
 
 
 EVAL = """
-import glob, json, struct, sys
+import sys
 import numpy as np
+from dppa_stream.checkpoint import Checkpoint, read_range
 m, base, ft = sys.argv[1:4]
 name = "model.embed_tokens.weight"  # not pruned by DP: scaled by max(alpha)
-def load(p):  # that tensor as float64, from the bytes (numpy has no bf16; torch takes seconds to import)
-    for f in glob.glob(p + "/*.safetensors"):
-        raw = open(f, "rb").read()
-        n = struct.unpack("<Q", raw[:8])[0]
-        h = json.loads(raw[8:8 + n])
-        if name in h:
-            a, b = h[name]["data_offsets"]
-            data = np.frombuffer(raw, np.uint8, b - a, 8 + n + a)
-            dtype = h[name]["dtype"]
-            if dtype == "BF16":
-                return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-            assert dtype == "F32", dtype
-            return data.view(np.float32).astype(np.float64)
+def load(p):  # that tensor as float64, read by the project's reader (torch takes seconds to import)
+    e = Checkpoint.open(p).tensors[name]
+    raw = np.empty(e.nbytes, np.uint8)
+    read_range(e, 0, e.numel, raw)
+    if e.dtype == "BF16":  # numpy has no bf16: its bits are a float32's upper half
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    assert e.dtype == "F32", e.dtype
+    return raw.view(np.float32).astype(np.float64)
 a, b, f = load(m), load(base), load(ft)
 ratio = np.abs(a - b).sum() / np.abs(f - b).sum()
 print("objective", -abs(ratio - 2.12))
