@@ -75,6 +75,9 @@ class Inputs:
     config: dict | None = None  # the output config.json (before its dtype is set), when it is not the donor's
     targets: dict = field(default_factory=dict, repr=False)  # (out_dtype, dtype) -> targets.output_targets
     classes: object = field(default=None, repr=False)  # (outputs, count, units.Classes): units.tensor_classes
+    # every output tensor's inputs come from checkpoints opened from one index and headers (`Checkpoint.layout`:
+    # fine-tunes written like their base), so each model's entries repeat the reference's dtype, shape and kind
+    one_layout: bool = False
 
     @property
     def reference(self) -> Checkpoint:
@@ -174,8 +177,10 @@ def _whole(cfg: MergeConfig, ck) -> Inputs:
     outputs = dict(zip(names, map(tuple.__new__, repeat(Output), zip(
         names, bases, inputs, repeat(specs), repeat({}), t, repeat(paths), repeat(base_model)))))
     donor = ck(cfg.donor) if cfg.donor else ref
-    return Inputs(list({id(c): c for c in (ck(p) for p in cfg.model_paths())}.values()), donor, names, outputs, None,
-                  models, vet_model_files(donor.folder))
+    inputs = Inputs(list({id(c): c for c in (ck(p) for p in cfg.model_paths())}.values()), donor, names, outputs,
+                    None, models, vet_model_files(donor.folder))
+    inputs.one_layout = ref.layout is not None and all(c.layout is ref.layout for c in models)
+    return inputs
 
 
 def _remap_vocabulary(cfg: MergeConfig, inputs: Inputs, read_rows: bool) -> None:
@@ -190,6 +195,7 @@ def _remap_vocabulary(cfg: MergeConfig, inputs: Inputs, read_rows: bool) -> None
         if read_rows:
             tokenizer.compute_rows(new)
         n = 1 if out.base else 0
+        inputs.one_layout = False
         inputs.outputs[name] = out._replace(base=new[0] if out.base else None, models=new[n:])
 
 

@@ -278,7 +278,10 @@ def tensor_classes(inputs) -> Classes:
     if not names:
         keys, refs, dtypes, shapes = [], [], [], []
     elif nones in (0, len(bases)) and len(set(map(len, models))) == 1:
-        cols = ([bases] if not nones else []) + [list(map(itemgetter(m), models)) for m in range(len(models[0]))]
+        # the models' columns of checkpoints laid out like the reference's (`Inputs.one_layout`) repeat its
+        # kinds, dtypes and shapes entry for entry: they would add nothing to the keys
+        kept = range(len(models[0])) if not getattr(inputs, "one_layout", False) else range(1 if nones else 0)
+        cols = ([bases] if not nones else []) + [list(map(itemgetter(m), models)) for m in kept]
         refs = cols[0]
         dtypes, shapes = list(map(_DTYPE, refs)), list(map(_SHAPE, refs))
         parts = [shapes] + ([dtypes] if len(set(dtypes)) > 1 else [])

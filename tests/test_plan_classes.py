@@ -6,6 +6,8 @@ and hold an integer tensor; and `pack` against its plain loop."""
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import pickle
 import random
 
@@ -172,3 +174,70 @@ def test_planning_per_class_is_planning_per_tensor(tmp_path, mixed, method, extr
     space = space_needed(inputs, cfg)
     assert (space.shards, space.state) == (shards, state)
     assert space.final["model.safetensors.index.json"] == 4096 + sum(len(n.encode()) + 48 for n in inputs.names)
+
+
+@pytest.fixture(scope="module")
+def alike(tmp_path_factory):
+    """Base and two fine-tunes written alike (one index and shard headers, byte for byte), once
+    in mixed dtypes with an integer tensor, once FP8 with its scales: `Inputs.one_layout`."""
+    root = tmp_path_factory.mktemp("alike")
+    base = _llama(0)
+    extra = {"model.layers.0.counts": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
+    sets = {}
+    for kind in ("mixed", "fp8"):
+        paths = []
+        for k, sd in enumerate([base, _llama(1, base), _llama(2, base, drift=0.2)]):
+            if kind == "fp8":
+                tensors, cfg = _quantize_llama(sd, "fp8_block", 0), _hf_llama(FP8_CONFIG)
+            else:
+                tensors, cfg = {n: x.to(torch.float32 if n in FP32 else torch.bfloat16) for n, x in sd.items()}, \
+                    _hf_llama(None)
+            paths.append(save_checkpoint(str(root / f"{kind}{k}"), {**tensors, **extra}, 2, cfg))
+        sets[kind] = paths
+    return sets
+
+
+@pytest.mark.parametrize("kind", ["mixed", "fp8"])
+@pytest.mark.parametrize("method,extra", [("task_arithmetic", "dtype: bfloat16\n"),
+                                          ("ties", "parameters: {density: 0.5}\n")])
+def test_planning_of_inputs_laid_out_alike(tmp_path, alike, kind, method, extra):
+    """Fine-tunes laid out like their base are classed on the reference's column alone
+    (`Inputs.one_layout`): the same classes as checking every column, and the same plan as
+    deciding tensor by tensor."""
+    cfg = load_config(_cfg(tmp_path, method, alike[kind], extra))
+    inputs = open_inputs(cfg)
+    assert inputs.one_layout
+    assert any(isinstance(o.entry, Quantized) for o in inputs.outputs.values()) == (kind == "fp8")
+    unit_bytes = 40_000
+    s = Session(cfg, inputs, cfg.method(0), None, unit_bytes, None, 1 << 30)
+    c = s.classes
+    every = open_inputs(cfg)
+    every.one_layout = False
+    full = Session(cfg, every, cfg.method(0), None, unit_bytes, None, 1 << 30).classes
+    assert (c.of, c.first, c.alone) == (full.of, full.first, full.alone)
+    assert len(c.first) > 3
+    _, _, units, works = _reference(inputs, cfg, cfg.method(0), unit_bytes)
+    assert {t: list(us) for t, us in s.units.items()} == units
+    assert s.work_units == works
+
+
+def test_a_fine_tune_laid_out_otherwise_is_checked_column_by_column(tmp_path, alike):
+    """One tensor of another dtype in a fine-tune: its layout is its own, and that tensor's
+    class differs from its twin's in the base-only classing."""
+    base, ft1, ft2 = alike["mixed"]
+    other = str(tmp_path / "other")
+    shutil.copytree(ft2, other)
+    shard = os.path.join(other, "model-00001-of-00002.safetensors")
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(shard)
+    name = next(n for n, x in sorted(tensors.items()) if x.dtype == torch.bfloat16 and x.dim() == 2)
+    tensors[name] = tensors[name].to(torch.float16)
+    save_file(tensors, shard, {"format": "pt"})
+    cfg = load_config(_cfg(tmp_path, "task_arithmetic", [base, ft1, other]))
+    inputs = open_inputs(cfg)
+    assert not inputs.one_layout
+    c = Session(cfg, inputs, cfg.method(0), None, 40_000, None, 1 << 30).classes
+    i = inputs.names.index(name)
+    twins = [j for j in range(len(inputs.names)) if j != i and c.shapes[j] == c.shapes[i] and
+             c.dtypes[j] == c.dtypes[i] and inputs.outputs[inputs.names[j]].models[1].dtype == "BF16"]
+    assert twins and all(c.of[j] != c.of[i] for j in twins)
