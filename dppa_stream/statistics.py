@@ -78,8 +78,9 @@ class Stat:
         """What a method sees, from the tensor's combined partial result."""
         return partial
 
-    def pack(self, value) -> np.ndarray:
-        """A finalized result as int64 values for the store (float64 values by their bits)."""
+    def pack(self, value) -> np.ndarray | list[np.ndarray]:
+        """A finalized result as int64 values for the store (float64 values by their bits): an
+        array, or a list of integer arrays that the store writes back to back."""
         raise NotImplementedError
 
     def unpack(self, record: np.ndarray, reread: tuple | None = None):
@@ -132,7 +133,7 @@ class Abs(Stat):
         return (a + b).compact()
 
     def pack(self, value):
-        return summaries.to_record(value)
+        return summaries.record_parts(value)
 
     def unpack(self, record, reread=None):
         return summaries.from_record(record, reread)  # a run keeps one per tensor and model: load lazily
@@ -576,6 +577,7 @@ def check_nonfinite(rows, bad: np.ndarray) -> None:
 
 # --- the driver ------------------------------------------------------------------------------------
 
+HISTOGRAM_BATCH = 1 << 19  # record values read back as columns at a time (`Results.histograms`): ~16 MiB in all
 IN_STORE = object()  # a result that waits in the statistics store (`StatsEngine`), read back when asked for
 
 
@@ -597,6 +599,25 @@ class Results:
 
     def of(self, tensor: str) -> "TensorResults":
         return TensorResults(self, tensor)
+
+    def histograms(self, pairs: list[tuple[str, Stat]], limit: int = HISTOGRAM_BATCH):
+        """The `Abs` summaries of `pairs` ((tensor, Stat), each gathered) as columns, a batch of
+        about `limit` record values at a time (bounded memory whatever the count), in the order
+        the store holds them: (the batch's positions in `pairs`, `summaries.Histograms`)."""
+        if self.store is not None and all(self.values.get(p) is IN_STORE for p in pairs):
+            for at, values, starts in self.store.batches([f"{t}|{st.key()}" for t, st in pairs], limit):
+                yield at, summaries.Histograms(values, starts)
+            return
+        lo = 0
+        while lo < len(pairs):  # results held in memory (a run without a store): one record each
+            records, size = [], 0
+            while lo + len(records) < len(pairs) and (not records or size < limit):
+                records.append(summaries.to_record(self.get(*pairs[lo + len(records)])))
+                size += len(records[-1])
+            starts = np.zeros(len(records) + 1, np.int64)
+            np.cumsum([len(r) for r in records], out=starts[1:])
+            yield np.arange(lo, lo + len(records)), summaries.Histograms(np.concatenate(records), starts)
+            lo += len(records)
 
     def update(self, values: dict) -> None:
         self.values.update(values)

@@ -109,10 +109,10 @@ class StatsStore:
             raise ValueError(f"{name} does not match its checksum")
 
     def _add(self, arr, index: dict) -> None:
-        a = len(self._arrays)
+        a, size = len(self._arrays), arr.shape[0]
         self._arrays.append(arr)
         for key, (off, length) in index.items():
-            if not (isinstance(key, str) and 0 <= off and off + length <= arr.shape[0]):
+            if not (isinstance(key, str) and 0 <= off and off + length <= size):
                 raise ValueError("a batch has a bad index")
             self._where[key] = _pack(a, off, length)
         # the array's in-memory metadata keeps its attributes, JSON-decoded: ~270 B per record
@@ -121,7 +121,9 @@ class StatsStore:
 
     def _read(self, where: int) -> np.ndarray:
         """One record, through the cache of the last chunk read."""
-        a, off, length = _unpack(where)
+        return self._read_at(*_unpack(where))
+
+    def _read_at(self, a: int, off: int, length: int) -> np.ndarray:
         parts = []
         while length > 0:
             c, at = divmod(off, CHUNK)
@@ -145,6 +147,27 @@ class StatsStore:
             return None
         return stat.unpack(self._read(where), (self._read, where))  # a tuple: a partial costs more per summary
 
+    def batches(self, keys: list[str], limit: int):
+        """The records stored under `keys` (every one there), `limit` values or so at a time, in
+        the order they are stored (each chunk is read once, however the keys are ordered): (the
+        records' positions in `keys`, their values concatenated, where each begins and the end).
+        For a caller that reads many records as columns (`summaries.Histograms`)."""
+        where = self._where if self._where is not None else self._open()
+        places = sorted((_unpack(where[k]), i) for i, k in enumerate(keys))
+        lo = 0
+        while lo < len(places):
+            hi, size = lo, 0
+            while hi < len(places) and (hi == lo or size + places[hi][0][2] <= limit):
+                size += places[hi][0][2]
+                hi += 1
+            starts = np.zeros(hi - lo + 1, np.int64)
+            np.cumsum([p[2] for p, _ in places[lo:hi]], out=starts[1:])
+            values = np.empty(size, np.int64)
+            for (p, _), s in zip(places[lo:hi], starts.tolist()):
+                values[s:s + p[2]] = self._read_at(*p)
+            yield np.array([i for _, i in places[lo:hi]], np.int64), values, starts
+            lo = hi
+
     def put(self, items: dict) -> None:
         """Save {(tensor, Stat): value} as one batch."""
         if not items:
@@ -154,10 +177,14 @@ class StatsStore:
         index, parts, off = {}, [], 0
         for (tensor, stat), value in items.items():
             packed = stat.pack(value)
-            index[f"{tensor}|{stat.key()}"] = (off, len(packed))
-            parts.append(packed)
-            off += len(packed)
-        data = np.concatenate(parts)
+            length = sum(map(len, packed)) if isinstance(packed, list) else len(packed)
+            index[f"{tensor}|{stat.key()}"] = (off, length)
+            if isinstance(packed, list):
+                parts += packed
+            else:
+                parts.append(packed)
+            off += length
+        data = np.concatenate(parts).astype(np.int64, copy=False)
         del parts
         name = f"round-{self._saved:04d}"
         try:

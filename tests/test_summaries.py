@@ -140,3 +140,41 @@ def test_exact_sum_equals_rational_arithmetic():
         want = float(sum((Fraction(int(sums[e])) * Fraction(2) ** (max(e, 1) - 150) for e in range(256)), Fraction(0)))
         assert summaries.exact_sum(sums) == want, trial
     assert summaries.exact_sum(np.zeros(256, np.int64)) == 0.0
+
+
+def test_histograms_answer_as_each_summary_does(tmp_path):
+    """`Histograms` (many records as columns) gives every summary's count, counts below a bin and
+    thresholds as the per-summary queries do, read back from the store in any batch size and in
+    store order, or from summaries held in memory."""
+    from dppa_stream.statistics import IN_STORE, Results
+    from dppa_stream.stats_store import StatsStore
+
+    sums = [summarize(_data(kind, n, seed)) for seed, (kind, n) in
+            enumerate([("bf16", 5), ("f32", 7), ("bf16", 300), ("f32", 2000), ("bf16", 5000), ("f32", 40)] * 3)]
+    rng = np.random.default_rng(3)
+    ranks = [sorted(rng.integers(1, s.numel + 2, 3).tolist(), reverse=True) for s in sums]
+    below = [int(rng.integers(0, summaries.HIST_BINS + 1)) for _ in sums]
+    below[0], below[1] = 0, summaries.HIST_BINS
+    store = StatsStore(str(tmp_path / "stats.zarr"))
+    pairs = [(f"t{i}", Abs(i % 2, None, True)) for i in range(len(sums))]
+    order = list(range(len(sums)))
+    rng.shuffle(order)
+    store.put({pairs[i]: sums[i] for i in order[:9]})  # two batches, stored in another order than asked
+    store.put({pairs[i]: sums[i] for i in order[9:]})
+    stored, held = Results(store=store), Results()
+    stored.update({p: IN_STORE for p in pairs})
+    held.update(dict(zip(pairs, sums)))
+    for results, limit in ((stored, 1), (stored, 3000), (stored, 1 << 20), (held, 1), (held, 5000)):
+        seen = []
+        for at, h in results.histograms(pairs, limit):
+            seen += at.tolist()
+            assert h.count().tolist() == [summaries.total(sums[i]) for i in at]
+            assert h.numel.tolist() == [sums[i].numel for i in at] and h.totals == [sums[i].total for i in at]
+            assert h.count_below(np.array([below[i] for i in at])).tolist() == \
+                [summaries.count_below(sums[i], below[i]) for i in at]
+            bits, at_or_below, in_bin = h.thresholds_le(np.array([ranks[i] for i in at]))
+            want = [summaries.thresholds_le(sums[i], ranks[i]) for i in at]
+            assert bits.tolist() == [[t.bits for t, _ in w] for w in want]
+            assert at_or_below.tolist() == [[n for _, n in w] for w in want]
+            assert in_bin.tolist() == [[t.ties_total for t, _ in w] for w in want]
+        assert sorted(seen) == list(range(len(sums)))

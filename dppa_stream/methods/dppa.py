@@ -345,7 +345,7 @@ class DPPA(DeltaMethod):
         counts = self._outlier_counts(outliers, catalogue, got)
         wanted = {}
         for i in range(k):
-            m = self._report(i, lins, catalogue, got, counts)
+            m = self._report(i, lins, [(lin.tensor, self._hist(i, lin.span)) for lin in lins], got, counts)
             for lin, numel, dens in zip(lins, m.numel.tolist(), m.densities.tolist()):
                 wanted.setdefault(lin.tensor, []).extend(
                     self._ranks(lin.span, i).needs(got.of(lin.tensor), _inner_ranks(numel, dens)))
@@ -391,30 +391,36 @@ class DPPA(DeltaMethod):
         k = len(self.mparams)
         self.__dict__.pop("_hists", None)
         counts = self._outlier_counts(self._outlier_bins(lins, catalogue, got, k), catalogue, got) if self.exact else None
-        report = DPReport(lins, [self._report(i, lins, catalogue, got, counts) for i in range(k)])
+        pairs = [[(lin.tensor, self._hist(i, lin.span)) for lin in lins] for i in range(k)]  # each model's summaries
+        report = DPReport(lins, [self._report(i, lins, pairs[i], got, counts) for i in range(k)])
         same: dict = {}  # one copy of each equal tuple of tie starts
         for i, m in enumerate(report.models):
-            self._thresholds(lins, m, i, got, same)
+            self._thresholds(lins, m, i, pairs[i], got, same)
         return Plan(DPPlans(self, catalogue, tensors, report), report)
 
-    def _thresholds(self, lins: list, m: DPModel, model: int, got, same: dict) -> None:
+    def _thresholds(self, lins: list, m: DPModel, model: int, pairs: list, got, same: dict) -> None:
         """DPA on every DP linear of one fine-tune: nested thresholds, one per pruning rate, and
-        the elements each keeps, into `m` (arrays)."""
+        the elements each keeps, into `m` (arrays). Reference semantics read the histograms back
+        as columns, a batch of linears at a time (`Results.histograms`)."""
         n, R = m.densities.shape
         m.thresholds, m.kept = np.zeros((n, R)), np.zeros((n, R), np.int64)
         m.bits, m.ties_kept = np.zeros((n, R), np.int64), np.zeros((n, R), np.int64)
         m.starts = [] if self.exact else None
+        if not self.exact:
+            # `rank_for_prune_le(numel, 1 - d)` of every linear and rate: the float64 product, truncated
+            numels = m.numel[:, None]
+            ranks = np.minimum(np.floor(numels.astype(np.float64) * (1 - m.densities)).astype(np.int64), numels - 1) + 1
+            for at, h in got.histograms(pairs):
+                bits, at_or_below, _ = h.thresholds_le(ranks[at])
+                bad = np.flatnonzero((bits[:, :-1] < bits[:, 1:]).any(axis=1))
+                if len(bad):
+                    raise AssertionError(f"{lins[int(at[bad].min())].tensor}: DPA partitions are not nested")
+                m.bits[at], m.kept[at] = bits, numels[at] - at_or_below
+                m.thresholds[at] = bits.astype(np.uint32).view(np.float32)
+            return
         for j, (lin, numel, dens) in enumerate(zip(lins, m.numel.tolist(), m.densities.tolist())):
-            if not self.exact:
-                hist = got.get(lin.tensor, self._hist(model, lin.span))
-                found = summaries.thresholds_le(hist, [summaries.rank_for_prune_le(numel, 1 - d) for d in dens])
-                ths = [th for th, _ in found]
-                if any(a.bits < b.bits for a, b in zip(ths, ths[1:])):
-                    raise AssertionError(f"{lin.tensor}: DPA partitions are not nested")
-                kept = [numel - at_or_below for _, at_or_below in found]
-            else:
-                ths, kept, starts = self._exact_thresholds(lin, numel, dens, model, got)
-                m.starts.append(same.setdefault(starts, starts))
+            ths, kept, starts = self._exact_thresholds(lin, numel, dens, model, got)
+            m.starts.append(same.setdefault(starts, starts))
             m.thresholds[j] = [th.value for th in ths]
             m.kept[j] = kept
             m.bits[j] = [th.bits for th in ths]
@@ -437,7 +443,7 @@ class DPPA(DeltaMethod):
                 prefixes.append((0,) * len(units))
         return ths, keeps, tuple((u, tuple(p[i] for p in prefixes)) for i, u in enumerate(units))
 
-    def _report(self, model: int, lins: list, catalogue, got, counts) -> DPModel:
+    def _report(self, model: int, lins: list, pairs: list, got, counts) -> DPModel:
         """DP's signals and densities for one fine-tune (thresholds are filled in by `_thresholds`).
 
         The block signal is normalised across the blocks of each stack (an encoder's blocks among
@@ -447,24 +453,32 @@ class DPPA(DeltaMethod):
         M, LM = self.params["outlier_multiple"], self.params["layer_outlier_multiple"]
         n = len(lins)
         numels, means, ratios = np.zeros(n, np.int64), np.zeros(n), np.zeros(n)
-        blocks: dict[tuple, list] = {}  # per block: numel, exact total, histogram (reference) or outlier count (exact)
-        for j, lin in enumerate(lins):
-            s = got.get(lin.tensor, self._hist(model, lin.span))
+        totals: list[int] = [0] * n
+        blocks: dict[tuple, list] = {}  # per block (in the order of its first linear): numel, exact total, outliers
+        for lin in lins:
+            blocks.setdefault((lin.stack, lin.block), [0, 0, 0])
+        at = {k: i for i, k in enumerate(blocks)}
+        block_of = np.array([at[(lin.stack, lin.block)] for lin in lins], np.int64)
+        # reference semantics: each block's histogram, whose bins are counted against its bf16 mean below
+        hists = None if self.exact else np.zeros((len(blocks), summaries.HIST_BINS), np.int64)
+        for at, h in got.histograms(pairs):
+            numels[at], got_totals = h.numel, h.totals
+            for j, total in zip(at.tolist(), got_totals):
+                totals[j] = total
+            means[at] = [summaries.mean_abs(t, k) for t, k in zip(got_totals, h.numel.tolist())]
             if self.exact:
-                cnt = counts[(lin, model)][0]
-            else:
-                cnt = summaries.count_above(s, bf16(bf16(s.mean_abs) * M))
-            numels[j], means[j], ratios[j] = s.numel, s.mean_abs, 100.0 * cnt / s.numel if s.numel else 0.0
-            block = blocks.get((lin.stack, lin.block))
-            if block is None:
-                block = blocks[(lin.stack, lin.block)] = [0, 0, 0 if self.exact else np.zeros(summaries.HIST_BINS, np.int64)]
-            block[0] += s.numel
-            block[1] += s.total
-            if self.exact:
-                block[2] += counts[(lin, model)][1]
-            else:
-                bins, c = s.sparse
-                block[2][bins] += c
+                cnt = np.array([counts[(lins[j], model)][0] for j in at.tolist()], np.int64)
+            else:  # |d| > bf16(bf16(mean) x M) for bf16 deltas: the elements in the bins above that value's
+                with np.errstate(over="ignore"):
+                    limit = _bf16_array(_bf16_array(means[at]).astype(np.float64) * M)
+                cnt = h.count() - h.count_below((limit.view(np.uint32).astype(np.int64) >> 16) + 1)
+                np.add.at(hists.reshape(-1), block_of[at][h.of] * summaries.HIST_BINS + h.bins, h.counts)
+            ratios[at] = 100.0 * cnt / np.maximum(h.numel, 1)  # (DP linears hold elements)
+        for lin, b, numel, total in zip(lins, block_of.tolist(), numels.tolist(), totals):
+            block = blocks[(lin.stack, lin.block)]
+            block[0] += numel
+            block[1] += total
+            block[2] = counts[(lin, model)][1] + block[2] if self.exact else hists[b]
         brs = []
         for (stack, b), (numel, total, outliers) in blocks.items():
             mean = summaries.mean_abs(total, numel)
