@@ -577,7 +577,7 @@ def check_nonfinite(rows, bad: np.ndarray) -> None:
 
 # --- the driver ------------------------------------------------------------------------------------
 
-HISTOGRAM_BATCH = 1 << 19  # record values read back as columns at a time (`Results.histograms`): ~16 MiB in all
+HISTOGRAM_BATCH = 1 << 18  # record values read back as columns at a time (`Results.histograms`): ~8 MiB in all
 IN_STORE = object()  # a result that waits in the statistics store (`StatsEngine`), read back when asked for
 
 
@@ -605,7 +605,7 @@ class Results:
         about `limit` record values at a time (bounded memory whatever the count), in the order
         the store holds them: (the batch's positions in `pairs`, `summaries.Histograms`)."""
         if self.store is not None and all(self.values.get(p) is IN_STORE for p in pairs):
-            for at, values, starts in self.store.batches([f"{t}|{st.key()}" for t, st in pairs], limit):
+            for at, values, starts in self.store.batches((f"{t}|{st.key()}" for t, st in pairs), limit):
                 yield at, summaries.Histograms(values, starts)
             return
         lo = 0

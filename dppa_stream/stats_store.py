@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from itertools import chain
 
 import numpy as np
 
@@ -156,25 +157,28 @@ class StatsStore:
             return None
         return stat.unpack(self._read(where), (self._read, where))  # a tuple: a partial costs more per summary
 
-    def batches(self, keys: list[str], limit: int):
+    def batches(self, keys, limit: int):
         """The records stored under `keys` (every one there), `limit` values or so at a time, in
         the order they are stored (each chunk is read once, however the keys are ordered): (the
         records' positions in `keys`, their values concatenated, where each begins and the end).
         For a caller that reads many records as columns (`summaries.Histograms`)."""
         where = self._where if self._where is not None else self._open()
-        places = sorted((_unpack(where[k]), i) for i, k in enumerate(keys))
+        places = np.fromiter(chain.from_iterable(_unpack(where[k]) for k in keys), np.int64).reshape(-1, 3)
+        # (array, offset, length) per record
+        order = np.lexsort((places[:, 1], places[:, 0]))
+        places = places[order].tolist()
         lo = 0
         while lo < len(places):
             hi, size = lo, 0
-            while hi < len(places) and (hi == lo or size + places[hi][0][2] <= limit):
-                size += places[hi][0][2]
+            while hi < len(places) and (hi == lo or size + places[hi][2] <= limit):
+                size += places[hi][2]
                 hi += 1
             starts = np.zeros(hi - lo + 1, np.int64)
-            np.cumsum([p[2] for p, _ in places[lo:hi]], out=starts[1:])
+            np.cumsum([p[2] for p in places[lo:hi]], out=starts[1:])
             values = np.empty(size, np.int64)
-            for (p, _), s in zip(places[lo:hi], starts.tolist()):
+            for p, s in zip(places[lo:hi], starts.tolist()):
                 values[s:s + p[2]] = self._read_at(*p)
-            yield np.array([i for _, i in places[lo:hi]], np.int64), values, starts
+            yield order[lo:hi], values, starts
             lo = hi
 
     def put(self, items: dict) -> None:

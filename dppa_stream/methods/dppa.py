@@ -345,7 +345,7 @@ class DPPA(DeltaMethod):
         counts = self._outlier_counts(outliers, catalogue, got)
         wanted = {}
         for i in range(k):
-            m = self._report(i, lins, [(lin.tensor, self._hist(i, lin.span)) for lin in lins], got, counts)
+            m = self._report(i, lins, self._summaries(i, lins), got, counts)
             for lin, numel, dens in zip(lins, m.numel.tolist(), m.densities.tolist()):
                 wanted.setdefault(lin.tensor, []).extend(
                     self._ranks(lin.span, i).needs(got.of(lin.tensor), _inner_ranks(numel, dens)))
@@ -379,6 +379,11 @@ class DPPA(DeltaMethod):
             counts[(lin, i)] = [summaries.count_gt_bits(hist, [d[j] for d in details], v) for j, v in enumerate(values)]
         return counts
 
+    def _summaries(self, model: int, lins: list) -> list[tuple[str, Stat]]:
+        """(tensor, statistic) of each linear's histogram for one fine-tune: made for each use, not
+        kept (two per linear and fine-tune of an MoE model)."""
+        return [(lin.tensor, self._hist(model, lin.span)) for lin in lins]
+
     def _ranks(self, span, model: int) -> Ranks:
         """Exact semantics: the ranks of |delta| DPA's thresholds sit at (`_inner_ranks`)."""
         return Ranks(self._hist(model, span))
@@ -391,11 +396,10 @@ class DPPA(DeltaMethod):
         k = len(self.mparams)
         self.__dict__.pop("_hists", None)
         counts = self._outlier_counts(self._outlier_bins(lins, catalogue, got, k), catalogue, got) if self.exact else None
-        pairs = [[(lin.tensor, self._hist(i, lin.span)) for lin in lins] for i in range(k)]  # each model's summaries
-        report = DPReport(lins, [self._report(i, lins, pairs[i], got, counts) for i in range(k)])
+        report = DPReport(lins, [self._report(i, lins, self._summaries(i, lins), got, counts) for i in range(k)])
         same: dict = {}  # one copy of each equal tuple of tie starts
         for i, m in enumerate(report.models):
-            self._thresholds(lins, m, i, pairs[i], got, same)
+            self._thresholds(lins, m, i, self._summaries(i, lins), got, same)
         return Plan(DPPlans(self, catalogue, tensors, report), report)
 
     def _thresholds(self, lins: list, m: DPModel, model: int, pairs: list, got, same: dict) -> None:
