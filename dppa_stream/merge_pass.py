@@ -30,6 +30,7 @@ from .checkpoint import DTYPE_SIZES, FLOAT_DTYPES, ShardLayout, TensorEntry, wri
 from .checkpoint.writer import Places, file_offsets, write_runs
 from .hf_files import copy_model_files, write_model_card
 from .methods.base import Catalogue, Infos, TensorInfo
+from .methods.gta import Segments
 from .inputs import verify_unchanged
 from .output import MANIFEST, WORK_DIR, Manifest, read_manifest_extras, release_reserve
 from .statistics import check_nonfinite, drive, inline
@@ -88,8 +89,8 @@ def merge_work(method, work, plans, folder: str, targets: tuple, places,
                 losses.append([items.tensors[i], loss])
         if hi > lo:
             batch = BatchRows(items[lo:hi], inputs and [col[lo:hi] for col in inputs])
-            written += merge_batch(method, batch, Infos.of(plans[lo:hi]), folder, targets[lo].dtype, places[lo:hi],
-                                   check_finite)
+            written += merge_batch(method, batch, Infos.of(plans[lo:hi]) if method.local else plans[lo:hi], folder,
+                                   targets[lo].dtype, places[lo:hi], check_finite)
         i = hi
     return written, losses or None
 
@@ -107,10 +108,10 @@ def _batch_spans(method, items: Items, plans: tuple, targets: tuple) -> tuple[li
     whose targets are plain in one dtype (an MoE checkpoint's many small tensors) is checked on
     columns, the same conditions as `_batch_key`'s (they then differ only by size); any other
     item by item."""
-    if not method.local:
+    if not method.local and not hasattr(method, "merge_planned_batch"):
         return [], None
     n = len(items)
-    uniform = _uniform(items, plans, targets)
+    uniform = _uniform(method, items, plans, targets)
     if uniform is None:
         keys = list(map(_batch_key, repeat(method), items, plans, targets))
         codes: dict = {}
@@ -125,9 +126,9 @@ def _batch_spans(method, items: Items, plans: tuple, targets: tuple) -> tuple[li
     return _cut(ok.astype(np.int64), (stop * _per_element(key)).tolist()), inputs
 
 
-def _uniform(items: Items, plans: tuple, targets: tuple) -> tuple | None:
+def _uniform(method, items: Items, plans: tuple, targets: tuple) -> tuple | None:
     """For a work unit that `_batch_spans` checks on columns: (the items' entries per input, the
-    key of those that batch, which plans are made here); None for any other."""
+    key of those that batch, which plans a batch can take); None for any other."""
     count = len(items.models[0])
     if set(map(len, items.models)) != {count}:
         return None
@@ -140,6 +141,9 @@ def _uniform(items: Items, plans: tuple, targets: tuple) -> tuple | None:
     out = set(map(_DTYPE, targets))
     if len(dtypes) != 1 or len(out) != 1 or set(map(_REF, targets)) != {None} or not dtypes <= FLOAT_DTYPES:
         return None
+    if not method.local:  # plans made before pass 2: those of one part, the whole tensor
+        planned = np.fromiter(map(_whole_plan, plans, items.stops), np.bool_, len(plans))
+        return inputs, ((dtypes.pop(), count, has_base), out.pop()), planned
     kinds = {TensorInfo} if isinstance(plans, Infos) else set(map(type, plans))
     planned = True if kinds == {TensorInfo} else np.fromiter(map(is_, map(type, plans), repeat(TensorInfo)), np.bool_,
                                                              len(plans))
@@ -171,24 +175,37 @@ def _cut(code: np.ndarray, held: list[int]) -> list[tuple[int, int]]:
     return spans
 
 
+def _whole_plan(plan, numel: int) -> bool:
+    """A plan made before pass 2 that a batch takes (`merge_planned_batch`): a `Segments` of one
+    part, the whole tensor."""
+    return (type(plan) is Segments and len(plan.parts) == 1 and plan.parts[0][0] in (None, (0, numel))
+            and all(sp.mode != kernels.SP_MASK for sp in plan.parts[0][1]))  # (no DELLA mask: made per unit)
+
+
 def _batch_key(method, inp: UnitInputs, plan, target: Target) -> tuple | None:
     """A unit joins a batch when it is a whole small float tensor read raw (`units.batch_key`),
-    planned in this task (a local method's one-unit tensor: `plan` is its TensorInfo) and
-    written plain; consecutive ones with equal keys share one."""
-    if type(plan) is not TensorInfo or target.ref is not None or not method.local:
+    planned in this task (a local method's one-unit tensor: `plan` is its TensorInfo) or before
+    pass 2 as one whole part (`_whole_plan`), and written plain; consecutive ones with equal keys
+    share one."""
+    if target.ref is not None or not (type(plan) is TensorInfo and method.local or
+                                      not method.local and _whole_plan(plan, inp.unit.numel)):
         return None
     key = batch_key(inp)
     return None if key is None else (key, target.dtype)
 
 
-def merge_batch(method, batch: BatchRows, infos: Infos, folder: str, dtype: str, places,
-                check_finite: bool) -> int:
-    """Merge a batch into this thread's output buffer (`MergeMethod.merge_batch`) and write it with
-    one positional write per run of tensors laid out back to back in one shard; returns bytes written."""
+def merge_batch(method, batch: BatchRows, plans, folder: str, dtype: str, places, check_finite: bool) -> int:
+    """Merge a batch into this thread's output buffer and write it with one positional write per
+    run of tensors laid out back to back in one shard; returns bytes written. `plans`: a local
+    method's `Infos` (`MergeMethod.merge_batch` plans them), else the plans made before pass 2
+    (`merge_planned_batch`)."""
     container = kernels.CONTAINER[dtype]
     starts = batch.starts
     out = scratch("out", int(starts[-1]) * np.dtype(container).itemsize).view(container)
-    bad = method.merge_batch(batch, infos, out, kernels.CODES[dtype], check_finite)
+    if method.local:
+        bad = method.merge_batch(batch, plans, out, kernels.CODES[dtype], check_finite)
+    else:
+        bad = method.merge_planned_batch(batch, list(plans), out, kernels.CODES[dtype])
     if check_finite and bad.any():  # found again tensor by tensor, for the one-line error naming it
         for k in range(len(batch.items)):
             rows = batch.rows(k)

@@ -151,3 +151,26 @@ def test_bad_dppa_params_are_one_line_errors():
                          ({"combine": "avg"}, "sum"), ({"linear_filter": "("}, "regular expression")):
         with pytest.raises(UsageError, match=word):
             _cfg("dppa", "/b", ["/f"], params)
+
+
+@pytest.mark.parametrize("semantics", ["reference", "exact"])
+def test_small_tensors_merge_in_batches_as_one_by_one(tmp_path, drifted, monkeypatch, semantics):
+    """Pass 2 merges DPPA's whole small tensors in batches (`merge_planned_batch`, one kernel call
+    for many tensors planned before pass 2): the same bytes as merging them one by one."""
+    from dppa_stream.methods.gta import DeltaMethod
+
+    base, ft1, ft2 = drifted
+    cfg = _cfg("dppa", base, [ft1, ft2], {"semantics": semantics},
+               [{"amplification": [1.2, 1.5], "weight": 0.6}, {"amplification": [2.0, 0.0], "weight": 0.4}])
+    batched = []
+    merge_planned_batch = DeltaMethod.merge_planned_batch
+    monkeypatch.setattr(DeltaMethod, "merge_planned_batch",
+                        lambda self, batch, plans, *a: batched.append(len(plans)) or merge_planned_batch(
+                            self, batch, plans, *a))
+    merge(cfg, str(tmp_path / "batched"), MergeOptions(quiet=True))
+    assert len(batched) > 0 and max(batched) > 1
+    monkeypatch.delattr(DeltaMethod, "merge_planned_batch")
+    merge(cfg, str(tmp_path / "one_by_one"), MergeOptions(quiet=True))
+    names = sorted(f for f in os.listdir(tmp_path / "batched") if f.endswith(".safetensors"))
+    assert names and all(filecmp.cmp(tmp_path / "batched" / f, tmp_path / "one_by_one" / f, shallow=False)
+                         for f in names)
