@@ -675,10 +675,28 @@ def inline(rows, check_finite: bool):
 
 
 def stats_task(work, stats: tuple, check_finite: bool) -> list[dict]:
-    """Dask task: partial results of each unit's statistics (`stats[i]` for unit i of the work unit)."""
-    from .units import UnitRows
+    """Dask task: partial results of each unit's statistics (`stats[i]` for unit i of the work unit).
+    Consecutive whole small tensors that could merge in one batch are read in one (`BatchRows`:
+    a read per run of tensors stored back to back, not one per tensor and input)."""
+    from .checkpoint import DTYPE_SIZES
+    from .units import BATCH_MAX_BYTES, BATCH_MAX_ITEMS, BatchRows, UnitRows, batch_key
 
-    return [compute(UnitRows(inp), wanted, check_finite) for inp, wanted in zip(work.items, stats)]
+    items, out, k = work.items, [], 0
+    while k < len(items):
+        key = batch_key(items[k])
+        j, held = k + 1, items.stops[k] * (key[1] + key[2]) if key else 0
+        while key and j < len(items) and j - k < BATCH_MAX_ITEMS and batch_key(items[j]) == key:
+            held += items.stops[j] * (key[1] + key[2])
+            if held * DTYPE_SIZES[key[0]] > BATCH_MAX_BYTES:
+                break
+            j += 1
+        if j - k == 1:
+            out.append(compute(UnitRows(items[k]), stats[k], check_finite))
+        else:
+            batch = BatchRows(items[k:j])
+            out += [compute(batch.rows(i), stats[k + i], check_finite) for i in range(j - k)]
+        k = j
+    return out
 
 
 def combine_parts(a: dict, b: dict) -> dict:
