@@ -390,8 +390,9 @@ class DPPA(DeltaMethod):
 
     # -- the plan ------------------------------------------------------------------------------------
     def plan(self, catalogue, tensors, got):
-        """DP's report (signals, densities, thresholds: a few numbers per linear, read from one
-        histogram at a time) and the plans made from it on demand (`DPPlans`)."""
+        """DP's report (signals, densities, thresholds: a few numbers per linear, read from the
+        histograms a batch at a time, `Results.histograms`) and the plans made from it on demand
+        (`DPPlans`)."""
         lins = self.linears(catalogue, tensors)
         k = len(self.mparams)
         self.__dict__.pop("_hists", None)
