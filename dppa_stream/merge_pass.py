@@ -75,8 +75,9 @@ def merge_work(method, work, plans, folder: str, targets: tuple, places,
     `merge_task` takes them; `plans` as `Infos` columns where this task plans every unit, `places`
     as `Places` columns, or a tuple where some are quantized);
     returns (bytes written, [[tensor, loss partial], ...] of its requantized units or None).
-    Consecutive whole small tensors that a local method plans here run as one batch (`merge_batch`);
-    every other unit on its own (`merge_task`)."""
+    Consecutive whole small tensors that a local method plans here, or that were planned before
+    pass 2 as one whole part (DPPA's), run as one batch (`merge_batch`); every other unit on its
+    own (`merge_task`)."""
     written, losses = 0, []
     items = work.items
     spans, inputs = _batch_spans(method, items, plans, targets)

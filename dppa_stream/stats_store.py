@@ -33,6 +33,7 @@ def _damaged(path: str, e: Exception) -> OutputError:
 
 
 CHUNK = 1 << 20  # int64 values per zarr chunk (8 MiB): the unit of reading back
+_OFF, _LEN = 1 << 44, 1 << 32  # a record's place as one int: (array * 2**44 + offset) * 2**32 + length
 
 
 def _codec():
@@ -42,7 +43,6 @@ def _codec():
     from zarr.codecs import BloscCodec
 
     return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
-_OFF, _LEN = 1 << 44, 1 << 32  # a record's place as one int: (array * 2**44 + offset) * 2**32 + length
 
 
 def _pack(array: int, offset: int, length: int) -> int:

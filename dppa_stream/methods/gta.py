@@ -86,7 +86,6 @@ class DeltaMethod(MergeMethod):
                         out, out_code, bad)
         return bad
 
-
     def merge_planned_batch(self, batch, plans: list[Segments], out, out_code) -> np.ndarray:
         """A batch of whole small tensors planned before pass 2 (`plans`: a `Segments` each whose
         one part is the whole tensor, as DPPA plans every tensor of an MoE checkpoint), merged with
