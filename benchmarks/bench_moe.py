@@ -85,6 +85,17 @@ def run_one(name: str, paths: list[str], work: str, args, env, scheduler: str, t
     return row
 
 
+def warm_up(name: str, sets: dict, work: str, args, env) -> None:
+    """One untimed run of the method per layout first (`--no-warm-up` skips it): a fresh snapshot
+    compiles the method's kernels on its first run (6-16 s, and LLVM's memory), which would
+    otherwise be one of the timed runs, and the cheapest-run ratios would compare fewer runs."""
+    if args.no_warm_up:
+        return
+    for tag, paths in sets.items():
+        print(f"  (warm-up: {name} {tag})", flush=True)
+        run_one(name, paths, work, args, env, args.scheduler, tag, args.limit)
+
+
 def _stored(folder: str) -> int:
     """Tensors stored in a model's shards (an FP8 weight and its scale count two; the merge counts one)."""
     with open(os.path.join(folder, "model.safetensors.index.json")) as f:
@@ -125,6 +136,8 @@ def against(args, work: str) -> int:
     result = {"code": common.code_version(), "versions": versions, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "limit": args.limit, "scheduler": args.scheduler, "rows": []}
     for name in args.methods.split(","):
+        for snap in versions.values():
+            warm_up(name, {"unfused": paths}, work, args, common.ours_env(snap))
         for r in range(args.rounds):
             for v, snap in versions.items():
                 row = run_one(name, paths, work, args, common.ours_env(snap), args.scheduler, "unfused", args.limit)
@@ -164,6 +177,8 @@ def main() -> int:
                     "the code at --snapshot (default HEAD) and at REV, --rounds times (a loaded machine moves CPU "
                     "times by 2x between runs minutes apart; side by side they see the same load)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-warm-up", action="store_true", help="time the first run of each method too (a fresh "
+                    "snapshot compiles its kernels then)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each method and layout, alternating; the ratios "
                     "compare each layout's cheapest run (a shared machine only ever adds CPU time)")
     args = ap.parse_args()
@@ -187,6 +202,7 @@ def main() -> int:
               "wider": args.wider, "limit": args.limit, "scheduler": args.scheduler, "extra": args.extra, "io_floor_s": floor["seconds"],
               "io_floor": floor, "input_bytes": input_bytes(first), "sets": sets, "rows": [], "ratios": {}}
     for name in args.methods.split(","):
+        warm_up(name, sets, work, args, env)
         runs = []
         for r in range(args.repeat):  # the layouts alternate: a busy spell of the machine hits both
             for tag, paths in sets.items():
