@@ -205,16 +205,11 @@ def mid(tmp_path_factory):
     return root, cfg, ref
 
 
-INTERRUPTED_UNIT = "20KB"  # small work units: a run long enough that the signal lands before it ends (DPPA's
-# batched passes finished a 60KB run within the wait below under CI's load, and the test skipped)
-
-
 def _interrupt(cfg, out, sig, *opts):
     """Start a merge, send `sig` to its process group once it has written run state, return it."""
     partial = out.parent / (out.name + ".partial")
     p = subprocess.Popen([sys.executable, "-m", "dppa_stream.cli.main", "merge", cfg, str(out), "-q",
-                          "--unit-size", INTERRUPTED_UNIT, *opts], stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+                          "--unit-size", "60KB", *opts], stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 240
     while p.poll() is None and time.time() < deadline and not (partial / ".dppa-stream" / "run.json").exists():
         time.sleep(0.05)
@@ -239,7 +234,7 @@ def test_interrupt_is_one_line_with_resume_and_resumes(tmp_path, mid, sig, opts)
     assert code == 130, err
     assert len(lines) == 1 and "interrupted" in lines[0] and "--resume" in lines[0], err
     assert "Traceback" not in err and not out.exists()
-    res = cli("merge", cfg, out, "-q", "--unit-size", INTERRUPTED_UNIT, "--resume")
+    res = cli("merge", cfg, out, "-q", "--unit-size", "60KB", "--resume")
     assert res.returncode == 0, res.stderr
     same_tree(ref, out)
 
