@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from bisect import bisect_right
 from itertools import accumulate, repeat
 from operator import attrgetter, is_
 
@@ -35,8 +34,8 @@ from .inputs import verify_unchanged
 from .output import MANIFEST, WORK_DIR, Manifest, read_manifest_extras, release_reserve
 from .statistics import check_nonfinite, drive, inline
 from .targets import RequantLoss, Target, class_targets, tensor_scale, write_quantized
-from .units import (BATCH_MAX_BYTES, BATCH_MAX_ITEMS, BATCH_MAX_NUMEL, BatchRows, Items, UnitInputs, UnitRows,
-                    batch_key, frozen_bookkeeping, run_bounds, scratch)
+from .units import (BATCH_MAX_NUMEL, BatchRows, Items, UnitInputs, UnitRows, batch_key, batch_spans,
+                    frozen_bookkeeping, run_bounds, scratch)
 
 
 def merge_task(method, inp: UnitInputs, plan, folder: str, target: Target, place,
@@ -118,13 +117,13 @@ def _batch_spans(method, items: Items, plans: tuple, targets: tuple) -> tuple[li
         codes: dict = {}
         code = np.array([0 if k is None else codes.setdefault(k, len(codes) + 1) for k in keys], np.int64)
         held = [0 if k is None else stop * _per_element(k) for stop, k in zip(items.stops, keys)]
-        return _cut(code, held), None
+        return batch_spans(code, held), None
     inputs, key, planned = uniform
     dtype, models, has_base = key[0]
     start, stop = np.array(items.starts, np.int64), np.array(items.stops, np.int64)
     stored = np.fromiter(map(_NBYTES, inputs[int(has_base)]), np.int64, n)
     ok = planned & (start == 0) & (stop <= BATCH_MAX_NUMEL) & (stop * DTYPE_SIZES[dtype] == stored)
-    return _cut(ok.astype(np.int64), (stop * _per_element(key)).tolist()), inputs
+    return batch_spans(ok.astype(np.int64), (stop * _per_element(key)).tolist()), inputs
 
 
 def _uniform(method, items: Items, plans: tuple, targets: tuple) -> tuple | None:
@@ -155,25 +154,6 @@ def _per_element(key: tuple) -> int:
     """Bytes a batch holds per element of items with this `_batch_key`: rows and output."""
     (dtype, models, has_base), out = key
     return (models + has_base) * DTYPE_SIZES[dtype] + DTYPE_SIZES[out]
-
-
-def _cut(code: np.ndarray, held: list[int]) -> list[tuple[int, int]]:
-    """Batches of the items: each run of equal non-zero `code`s cut greedily where the next item
-    would pass BATCH_MAX_ITEMS items or BATCH_MAX_BYTES of `held` bytes (at least one item each)."""
-    n = len(held)
-    change = [0, *(np.flatnonzero(code[1:] != code[:-1]) + 1).tolist(), n]
-    total = [0, *accumulate(held)]
-    spans = []
-    for a, b in zip(change, change[1:]):
-        if not code[a]:
-            continue
-        lo = a
-        while lo < b:
-            hi = max(bisect_right(total, total[lo] + BATCH_MAX_BYTES, lo + 1, b + 1) - 1, lo + 1)
-            hi = min(hi, lo + BATCH_MAX_ITEMS)
-            spans.append((lo, hi))
-            lo = hi
-    return spans
 
 
 def _whole_plan(plan, numel: int) -> bool:

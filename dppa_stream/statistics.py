@@ -608,16 +608,12 @@ class Results:
             for at, values, starts in self.store.batches((f"{t}|{st.key()}" for t, st in pairs), limit):
                 yield at, summaries.Histograms(values, starts)
             return
-        lo = 0
-        while lo < len(pairs):  # results held in memory (a run without a store): one record each
-            records, size = [], 0
-            while lo + len(records) < len(pairs) and (not records or size < limit):
-                records.append(summaries.to_record(self.get(*pairs[lo + len(records)])))
-                size += len(records[-1])
-            starts = np.zeros(len(records) + 1, np.int64)
-            np.cumsum([len(r) for r in records], out=starts[1:])
-            yield np.arange(lo, lo + len(records)), summaries.Histograms(np.concatenate(records), starts)
-            lo += len(records)
+        # results held in memory (a run without a store, never the CLI's): their records are copies
+        records = [summaries.to_record(self.get(t, st)) for t, st in pairs]
+        for lo, hi in summaries.size_batches(list(map(len, records)), limit):
+            starts = np.zeros(hi - lo + 1, np.int64)
+            np.cumsum([len(r) for r in records[lo:hi]], out=starts[1:])
+            yield np.arange(lo, hi), summaries.Histograms(np.concatenate(records[lo:hi]), starts)
 
     def update(self, values: dict) -> None:
         self.values.update(values)
@@ -677,25 +673,25 @@ def inline(rows, check_finite: bool):
 def stats_task(work, stats: tuple, check_finite: bool) -> list[dict]:
     """Dask task: partial results of each unit's statistics (`stats[i]` for unit i of the work unit).
     Consecutive whole small tensors that could merge in one batch are read in one (`BatchRows`:
-    a read per run of tensors stored back to back, not one per tensor and input)."""
+    a read per run of tensors stored back to back, not one per tensor and input), cut as pass 2
+    cuts its batches (`units.batch_spans`, on the rows a batch reads)."""
     from .checkpoint import DTYPE_SIZES
-    from .units import BATCH_MAX_BYTES, BATCH_MAX_ITEMS, BatchRows, UnitRows, batch_key
+    from .units import BatchRows, UnitRows, batch_key, batch_spans
 
-    items, out, k = work.items, [], 0
-    while k < len(items):
-        key = batch_key(items[k])
-        j, held = k + 1, items.stops[k] * (key[1] + key[2]) if key else 0
-        while key and j < len(items) and j - k < BATCH_MAX_ITEMS and batch_key(items[j]) == key:
-            held += items.stops[j] * (key[1] + key[2])
-            if held * DTYPE_SIZES[key[0]] > BATCH_MAX_BYTES:
-                break
-            j += 1
-        if j - k == 1:
-            out.append(compute(UnitRows(items[k]), stats[k], check_finite))
-        else:
-            batch = BatchRows(items[k:j])
-            out += [compute(batch.rows(i), stats[k + i], check_finite) for i in range(j - k)]
-        k = j
+    items = work.items
+    keys = list(map(batch_key, items))
+    codes: dict = {}
+    code = np.array([0 if k is None else codes.setdefault(k, len(codes) + 1) for k in keys], np.int64)
+    held = [0 if k is None else stop * (k[1] + k[2]) * DTYPE_SIZES[k[0]] for stop, k in zip(items.stops, keys)]
+    out, k = [], 0
+    for lo, hi in batch_spans(code, held) + [(len(items), len(items))]:
+        out += [compute(UnitRows(items[i]), stats[i], check_finite) for i in range(k, lo)]
+        if hi - lo == 1:
+            out.append(compute(UnitRows(items[lo]), stats[lo], check_finite))
+        elif hi > lo:
+            batch = BatchRows(items[lo:hi])
+            out += [compute(batch.rows(i), stats[lo + i], check_finite) for i in range(hi - lo)]
+        k = hi
     return out
 
 

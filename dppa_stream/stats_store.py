@@ -21,6 +21,7 @@ import numpy as np
 from .errors import OutputError, printable
 from .durable import fault_point, fsync_tree
 from .statistics import Stat
+from .summaries import size_batches
 
 
 def _digest(data: np.ndarray) -> str:
@@ -167,19 +168,13 @@ class StatsStore:
         # (array, offset, length) per record
         order = np.lexsort((places[:, 1], places[:, 0]))
         places = places[order].tolist()
-        lo = 0
-        while lo < len(places):
-            hi, size = lo, 0
-            while hi < len(places) and (hi == lo or size + places[hi][2] <= limit):
-                size += places[hi][2]
-                hi += 1
+        for lo, hi in size_batches([p[2] for p in places], limit):
             starts = np.zeros(hi - lo + 1, np.int64)
             np.cumsum([p[2] for p in places[lo:hi]], out=starts[1:])
-            values = np.empty(size, np.int64)
+            values = np.empty(int(starts[-1]), np.int64)
             for p, s in zip(places[lo:hi], starts.tolist()):
                 values[s:s + p[2]] = self._read_at(*p)
             yield order[lo:hi], values, starts
-            lo = hi
 
     def put(self, items: dict) -> None:
         """Save {(tensor, Stat): value} as one batch."""

@@ -160,6 +160,21 @@ def _record_bins(read, arg, at: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     return rec[at:at + n].astype(np.int32), rec[at + n:at + 2 * n]
 
 
+def size_batches(lengths: list[int], limit: int) -> list[tuple[int, int]]:
+    """Consecutive records of these `lengths` as ranges [lo, hi) of about `limit` values each,
+    cut greedily (a record longer than `limit` is a batch of its own): how `Histograms` are read,
+    a bounded batch at a time."""
+    spans, lo, n = [], 0, len(lengths)
+    while lo < n:
+        hi, size = lo + 1, lengths[lo]
+        while hi < n and size + lengths[hi] <= limit:
+            size += lengths[hi]
+            hi += 1
+        spans.append((lo, hi))
+        lo = hi
+    return spans
+
+
 class Histograms:
     """The summaries of many records (`to_record`, concatenated in `values`, record i from
     `starts[i]` to `starts[i + 1]`) as columns, and the order queries of one summary asked of all

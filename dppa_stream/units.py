@@ -481,6 +481,27 @@ def batch_key(inp: UnitInputs) -> tuple | None:
     return dtype, len(models), base is not None
 
 
+def batch_spans(code: np.ndarray, held: list[int]) -> list[tuple[int, int]]:
+    """The batches of a work unit's items as ranges [lo, hi): each run of equal non-zero `code`s
+    (items that may share a `BatchRows`, 0 for one that may not) cut greedily where the next item
+    would pass BATCH_MAX_ITEMS items or BATCH_MAX_BYTES of `held` bytes (at least one item each).
+    Both passes batch by this one rule."""
+    n = len(held)
+    change = [0, *(np.flatnonzero(code[1:] != code[:-1]) + 1).tolist(), n]
+    total = [0, *accumulate(held)]
+    spans = []
+    for a, b in zip(change, change[1:]):
+        if not code[a]:
+            continue
+        lo = a
+        while lo < b:
+            hi = max(bisect_right(total, total[lo] + BATCH_MAX_BYTES, lo + 1, b + 1) - 1, lo + 1)
+            hi = min(hi, lo + BATCH_MAX_ITEMS)
+            spans.append((lo, hi))
+            lo = hi
+    return spans
+
+
 class BatchRows:
     """Consecutive whole small tensors of one work unit with one `batch_key`, read
     together: one positional read per input per run of tensors stored back to back in one file,

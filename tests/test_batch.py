@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dppa_stream import merge_pass
+from dppa_stream import merge_pass, units
 from dppa_stream.config import parse_config
 from dppa_stream.errors import InputError
 from dppa_stream.pipeline import MergeOptions, merge
@@ -322,8 +322,8 @@ def test_batches_found_on_columns_equal_item_by_item(moe, tmp_path, monkeypatch)
                             real(*a))
 
     text = _config(moe, "ties")
-    monkeypatch.setattr(merge_pass, "BATCH_MAX_ITEMS", 7)
-    monkeypatch.setattr(merge_pass, "BATCH_MAX_BYTES", 6000)
+    monkeypatch.setattr(units, "BATCH_MAX_ITEMS", 7)
+    monkeypatch.setattr(units, "BATCH_MAX_BYTES", 6000)
     spans("columns")
     _merge(text, tmp_path / "columns", unit_bytes=100_000)
     spans("items")

@@ -156,7 +156,9 @@ def test_bad_dppa_params_are_one_line_errors():
 @pytest.mark.parametrize("semantics", ["reference", "exact"])
 def test_small_tensors_merge_in_batches_as_one_by_one(tmp_path, drifted, monkeypatch, semantics):
     """Pass 2 merges DPPA's whole small tensors in batches (`merge_planned_batch`, one kernel call
-    for many tensors planned before pass 2): the same bytes as merging them one by one."""
+    for many tensors planned before pass 2), and pass 1 reads them in batches: the same bytes as
+    reading and merging them one by one, with batches cut at a few tensors (inside work units)."""
+    from dppa_stream import units
     from dppa_stream.methods.gta import DeltaMethod
 
     base, ft1, ft2 = drifted
@@ -167,9 +169,14 @@ def test_small_tensors_merge_in_batches_as_one_by_one(tmp_path, drifted, monkeyp
     monkeypatch.setattr(DeltaMethod, "merge_planned_batch",
                         lambda self, batch, plans, *a: batched.append(len(plans)) or merge_planned_batch(
                             self, batch, plans, *a))
+    read = []
+    batch_rows = units.BatchRows
+    monkeypatch.setattr(units, "BatchRows", lambda items, *a: read.append(len(items)) or batch_rows(items, *a))
+    monkeypatch.setattr(units, "BATCH_MAX_ITEMS", 3)
     merge(cfg, str(tmp_path / "batched"), MergeOptions(quiet=True))
-    assert len(batched) > 0 and max(batched) > 1
+    assert max(batched) == 3 and max(read) == 3 and len(batched) > 3, (batched, read)
     monkeypatch.delattr(DeltaMethod, "merge_planned_batch")
+    monkeypatch.setattr(units, "batch_key", lambda inp: None)  # pass 1 reads tensor by tensor
     merge(cfg, str(tmp_path / "one_by_one"), MergeOptions(quiet=True))
     names = sorted(f for f in os.listdir(tmp_path / "batched") if f.endswith(".safetensors"))
     assert names and all(filecmp.cmp(tmp_path / "batched" / f, tmp_path / "one_by_one" / f, shallow=False)
