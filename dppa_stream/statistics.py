@@ -65,6 +65,12 @@ class Stat:
         """The partial result on the unit's elements [lo, hi) (`bad` counts NaN/Inf per input)."""
         raise NotImplementedError
 
+    @classmethod
+    def compute_batch(cls, batch, todo: list[list["Stat"]], check_finite: bool) -> list[dict] | None:
+        """Partial results of many small whole tensors read as one `units.BatchRows` (`todo[k]`:
+        item k's stats, all of this kind), or None: then each is computed on its own (`compute`)."""
+        return None
+
     def empty(self):
         """The partial result of no elements (a unit outside the span)."""
         raise NotImplementedError
@@ -100,6 +106,9 @@ class Stat:
 
 # --- histograms of |delta| and exact ranks -----------------------------------------------------------
 
+_TOTAL_WORDS = 6  # Σ|delta| of a summary in units of 2**-150 fits 6 64-bit words: < 256 exponents of < 2**63 each
+
+
 class Abs(Stat):
     """`Summary` of |delta| (histogram of its top 16 bits); `args=("sums",)` adds exact sums when
     deltas are float32 (bf16 deltas get them from the histogram for free). One kernel pass serves
@@ -124,6 +133,40 @@ class Abs(Stat):
                 narrow = np.int32 if rng[1] - rng[0] < 1 << 31 else np.int64  # counts of fewer elements fit 32 bits
                 out[st] = Summary(rng[1] - rng[0], None, summaries.hist_mant_sums(bins, counts) if bf16 else mt,
                                   sparse=(bins.astype(np.int32), counts.astype(narrow)))
+        return out
+
+    @classmethod
+    def compute_batch(cls, batch, todo, check_finite):
+        """Summaries of a batch of small whole tensors in one kernel call that writes them sparse
+        (`kernels.abs_batch_summaries`), when every item wants the same summaries, each of the
+        whole tensor; an MoE model's experts all do. The arrays of a batch's summaries are views of one
+        buffer of at most a bin per element and fine-tune: what pass 1 counts for them."""
+        first = todo[0]
+        bf16, sums = first[0].bf16, "sums" in first[0].args
+        wanted = [(st.model, bf16, st.args) for st in first]
+        numel = np.diff(batch.starts)
+        if any(st.bf16 != bf16 or ("sums" in st.args) != sums for st in first) or \
+                any([(st.model, st.bf16, st.args) for st in sts] != wanted or
+                    any(st.span is not None and st.span != (0, n) for st in sts) for sts, n in zip(todo, numel.tolist())):
+            return None
+        models = np.array([st.model for st in first], np.int64)
+        room = int(np.minimum(numel, summaries.HIST_BINS).sum()) * len(models)
+        bins, counts = np.empty(room, np.int32), np.empty(room, np.int32)  # whole small tensors: < 2**31 each
+        at = np.empty((len(todo), len(models) + 1), np.int64)
+        words = np.empty((len(todo), len(models), _TOTAL_WORDS), np.uint64)
+        bad = np.zeros((len(todo), batch.src.shape[0]), np.int64)
+        kernels.abs_batch_summaries(batch.src, kernels.CODES[batch.dtype], batch.starts, models, bf16, sums and not bf16,
+                                    _zeroed("hist", len(models), summaries.HIST_BINS),
+                                    _zeroed("touched", len(models), summaries.HIST_BINS), bins, counts, at, words, bad)
+        if check_finite:
+            for k in np.flatnonzero(bad.any(axis=1)).tolist():
+                check_nonfinite(batch.rows(k), bad[k])
+        blob, size, out = memoryview(words.tobytes()), 8 * _TOTAL_WORDS, []
+        for k, (sts, n, bounds) in enumerate(zip(todo, numel.tolist(), at.tolist())):
+            o = k * len(first) * size
+            out.append({st: Summary(n, sparse=(bins[a:b], counts[a:b]),
+                                    total=int.from_bytes(blob[o + i * size:o + (i + 1) * size], "little"))
+                        for i, (st, a, b) in enumerate(zip(sts, bounds, bounds[1:]))})
         return out
 
     def empty(self):
@@ -690,7 +733,10 @@ def stats_task(work, stats: tuple, check_finite: bool) -> list[dict]:
             out.append(compute(UnitRows(items[lo]), stats[lo], check_finite))
         elif hi > lo:
             batch = BatchRows(items[lo:hi])
-            out += [compute(batch.rows(i), stats[lo + i], check_finite) for i in range(hi - lo)]
+            kinds = {type(st) for sts in stats[lo:hi] for st in sts}
+            done = kinds.pop().compute_batch(batch, stats[lo:hi], check_finite) if len(kinds) == 1 else None
+            out += done if done is not None else [compute(batch.rows(i), stats[lo + i], check_finite)
+                                                  for i in range(hi - lo)]
         k = hi
     return out
 

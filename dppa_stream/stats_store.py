@@ -199,7 +199,8 @@ class StatsStore:
             arr = self._group.create_array(name=name, data=data, chunks=(CHUNK,), overwrite=True,
                                            compressors=_codec())
             fsync_tree(os.path.join(self.path, name))
-            arr.attrs.update({"index": index, "sha256": _digest(data)})  # the commit
+            # the commit, in one metadata write (`attrs.update` rewrote the metadata once per key)
+            arr.update_attributes({"index": index, "sha256": _digest(data)})
             fsync_tree(os.path.join(self.path, name))
         except Exception as e:  # noqa: BLE001 - disk full, quota, I/O error: all exit 4
             reason = getattr(e, "strerror", None) or type(e).__name__

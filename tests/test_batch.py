@@ -69,7 +69,7 @@ def moe(tmp_path_factory):
 def _config(paths, method, extra_params="", extra=""):
     base, *fts = paths
     weight = "[{filter: gate_proj, value: 0.3}, {filter: up_proj, value: 0.7}, {value: 0.5}]"
-    density = "" if method == "task_arithmetic" else ", density: [0.2, 0.6]"
+    density = {"task_arithmetic": "", "dppa": ", amplification: [1.5, 1.0]"}.get(method, ", density: [0.2, 0.6]")
     models = "".join(f"  - model: {p}\n    parameters: {{weight: {weight}{density}{extra_params}}}\n" for p in fts)
     return f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}dtype: float32\nout_dtype: bfloat16\n{extra}"
 
@@ -260,7 +260,7 @@ def test_one_read_per_input_and_one_write_per_run(moe, tmp_path, monkeypatch):
     assert len(reads) == 3 and len(writes) == 1, (len(reads), len(writes))
 
 
-@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "della"])
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "della", "dppa"])
 def test_nan_deep_in_a_batch_is_named(tmp_path, monkeypatch, method):
     """A NaN in the 37th tensor of a fine-tune (one batch holds them all): the error names that
     file and tensor and its elements, and no output appears."""

@@ -133,6 +133,44 @@ def test_abs_summaries_and_bin_counts(name):
 
 
 @pytest.mark.parametrize("name", list(DTYPES))
+@pytest.mark.parametrize("bf16_delta,want_sums", [(True, False), (False, True), (False, False)])
+def test_abs_batch_summaries_equal_one_tensor_at_a_time(name, bf16_delta, want_sums):
+    """Many small tensors in one call, written sparse, against `abs_summaries` on each tensor's
+    columns alone: the same bins in use, counts, NaN/Inf counts and exact Σ|delta| (its 64-bit
+    words against the per-exponent sums; huge and denormal deltas carry across words), with the
+    histograms left all zero for the next call. Sizes from 1 element to more than the bins."""
+    sizes = [1, 7, 4096, 4097, 40_000, 300, 2]
+    (base, ft1, ft2), src = inputs(sum(sizes), DTYPES[name], (8, 9, 10), nonfinite_from=1)
+    src[1:, 10::97] = bits(torch.tensor([3e38 if name == "F32" else 6e4], dtype=DTYPES[name]))  # big deltas
+    starts = np.cumsum([0, *sizes])
+    models = np.array([1, 0])  # in either order
+    room = sum(min(n, kn.HIST_BINS) for n in sizes) * len(models)
+    hists, touched = np.zeros((2, kn.HIST_BINS), np.int64), np.zeros((2, kn.HIST_BINS), np.int64)
+    bins, counts = np.empty(room, np.int32), np.empty(room, np.int32)
+    at, words = np.empty((len(sizes), 3), np.int64), np.empty((len(sizes), 2, 6), np.uint64)
+    bad = np.zeros((len(sizes), 3), np.int64)
+    kn.abs_batch_summaries(src, kn.CODES[name], starts, models, bf16_delta, want_sums, hists, touched, bins, counts,
+                           at, words, bad)
+    assert not hists.any()
+    for k, (lo, hi) in enumerate(zip(starts, starts[1:])):
+        one = np.ascontiguousarray(src[:, lo:hi])
+        hist, mant, want_bad = np.zeros((2, kn.HIST_BINS), np.int64), np.zeros((2, 256), np.int64), np.zeros(3, np.int64)
+        kn.abs_summaries(one, kn.CODES[name], models, 0, hi - lo, bf16_delta, want_sums and not bf16_delta, hist, mant,
+                         want_bad)
+        assert list(bad[k]) == list(want_bad)
+        for i in range(2):
+            got_bins = bins[at[k, i]:at[k, i + 1]]
+            assert np.array_equal(got_bins, np.flatnonzero(hist[i]))
+            assert np.array_equal(counts[at[k, i]:at[k, i + 1]], hist[i][got_bins])
+            if bf16_delta:  # every |delta| is its bin's value
+                mant[i] = 0
+                np.add.at(mant[i], got_bins >> 7, hist[i][got_bins] * (((got_bins & 0x7F) << 16) | np.where(
+                    got_bins >= 128, 1 << 23, 0)))
+            total = int.from_bytes(words[k, i].tobytes(), "little")
+            assert Fraction(total, 1 << 150) == exact_value(mant[i])
+
+
+@pytest.mark.parametrize("name", list(DTYPES))
 @pytest.mark.parametrize("bf16_delta", [False, True])
 def test_exact_ranks_equal_a_sort(name, bf16_delta):
     """The one-unit shortcut of the two histogram rounds: key, keys below and ties at each rank,

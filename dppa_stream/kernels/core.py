@@ -244,6 +244,89 @@ def abs_summaries(src, code, models, lo, hi, bf16_delta, want_sums, hists, mants
                     _add_abs(x[j], mt)
 
 
+@njit(nogil=True, cache=True, error_model="numpy")
+def abs_batch_summaries(src, code, starts, models, bf16_delta, want_sums, hists, touched, bins, counts, at, words, bad):
+    """`abs_summaries` of many small whole tensors at once (a batch's columns, item k in
+    starts[k]:starts[k + 1]), written sparse: summary (k, i) of fine-tune models[i] holds
+    bins[at[k, i]:at[k, i + 1]] (increasing) and their counts, and Σ|delta| exactly as a
+    little-endian integer of 64-bit words[k, i] in units of 2**-150 (bf16 deltas: from the bins;
+    float32 ones: summed when `want_sums`, else 0). `hists` (a row of HIST_BINS per fine-tune) is
+    all zero on entry and left so: only the bins an item touched are read back (`touched`: the
+    same shape, scratch), where a whole-histogram scan per tensor cost 3x the elements of an MoE
+    expert. `bad[k]` counts NaN/Inf per input. Returns the bins written."""
+    b = np.empty(BLOCK, np.float32)
+    d = np.empty(BLOCK, np.float32)
+    mant = np.zeros((models.shape[0], 256), np.int64)  # per fine-tune: significand sums per exponent
+    n = np.zeros(models.shape[0], np.int64)
+    pos = 0
+    for k in range(starts.shape[0] - 1):
+        lo, hi = starts[k], starts[k + 1]
+        n[:] = 0
+        for s in range(lo, hi, BLOCK):
+            m = min(BLOCK, hi - s)
+            bad[k, 0] += widen_block(src[0], code, s, m, b)
+            for i in range(models.shape[0]):
+                row = models[i] + 1
+                bad[k, row] += _deltas(src, code, row, s, m, b, d, bf16_delta)
+                h, seen = hists[i], touched[i]
+                x = d[:m]
+                for j in range(m):
+                    key = (bits_of_f32(x[j]) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)
+                    if h[key] == 0:
+                        seen[n[i]] = key
+                        n[i] += 1
+                    h[key] += 1
+                if want_sums and not bf16_delta:
+                    mt = mant[i]
+                    for j in range(m):
+                        _add_abs(x[j], mt)
+        for i in range(models.shape[0]):
+            h, mt = hists[i], mant[i]
+            used = np.sort(touched[i, :n[i]])
+            at[k, i] = pos
+            for j in range(used.shape[0]):
+                key = used[j]
+                c = h[key]
+                h[key] = 0
+                bins[pos + j] = key
+                counts[pos + j] = c
+                if bf16_delta:  # each |delta| in a bin is that bin's value: its significand times the count
+                    sig = (key & 0x7F) << 16
+                    if key >> 7 > 0:
+                        sig |= 1 << 23
+                    mt[key >> 7] += c * sig
+            pos += used.shape[0]
+            at[k, i + 1] = pos
+            _exact_words(mt, words[k, i])
+    return pos
+
+
+@njit(inline="always")
+def _exact_words(mant, out):
+    """out (64-bit words, little-endian) = Σ mant[e] * 2**max(e, 1), exactly; mant is left zero."""
+    out[:] = 0
+    for e in range(256):
+        v = mant[e]
+        if v == 0:
+            continue
+        mant[e] = 0
+        shift = max(e, 1)
+        w, o = shift // 64, shift % 64
+        parts = (np.uint64(v) << np.uint64(o), np.uint64(v) >> np.uint64(64 - o) if o else np.uint64(0))
+        carry = np.uint64(0)
+        for t in range(w, out.shape[0]):
+            add = parts[t - w] if t - w < 2 else np.uint64(0)
+            old = out[t]
+            new = old + add
+            c1 = new < old
+            new2 = new + carry
+            c2 = new2 < new
+            out[t] = new2
+            carry = np.uint64(1) if (c1 or c2) else np.uint64(0)
+            if t - w >= 1 and carry == 0:
+                break
+
+
 @njit(inline="always")
 def count_in_bins(bits, bins, counts):
     """counts[i, low 16 bits] += 1 where the top 16 bits of `bits` (uint32) are bins[i]. One bin is
