@@ -107,6 +107,8 @@ class Stat:
 # --- histograms of |delta| and exact ranks -----------------------------------------------------------
 
 _TOTAL_WORDS = 6  # Σ|delta| of a summary in units of 2**-150 fits 6 64-bit words: < 256 exponents of < 2**63 each
+SPARSE_MAX = 1 << 16  # ranges of up to this many elements are summarised sparse, many per kernel call (a dense
+# histogram's 32k bins cost more to scan than such a range's elements; past it, the scan is noise)
 
 
 class Abs(Stat):
@@ -122,8 +124,11 @@ class Abs(Stat):
         groups: dict[tuple, list[Stat]] = {}
         for st, rng in todo:
             groups.setdefault((rng, st.bf16, "sums" in st.args), []).append(st)
-        out = {}
+        out, small = {}, {}
         for (rng, bf16, sums), group in groups.items():
+            if rng[1] - rng[0] <= SPARSE_MAX:  # (the experts of a fused tensor: many ranges, one kernel call)
+                small.setdefault((bf16, sums, tuple(st.model for st in group)), []).append((rng, group))
+                continue
             models = np.array([st.model for st in group], np.int64)
             hists = _zeroed("hist", len(group), summaries.HIST_BINS)
             mants = np.zeros((len(group), 256), np.int64)
@@ -133,14 +138,18 @@ class Abs(Stat):
                 narrow = np.int32 if rng[1] - rng[0] < 1 << 31 else np.int64  # counts of fewer elements fit 32 bits
                 out[st] = Summary(rng[1] - rng[0], None, summaries.hist_mant_sums(bins, counts) if bf16 else mt,
                                   sparse=(bins.astype(np.int32), counts.astype(narrow)))
+        for (bf16, sums, _), ranges in small.items():
+            found, range_bad = cls._sparse(rows.src, code, np.array([r for r, _ in ranges], np.int64).reshape(-1, 2),
+                                           [g for _, g in ranges], bf16, sums)
+            bad += range_bad.sum(axis=0)
+            for part in found:
+                out.update(part)
         return out
 
     @classmethod
     def compute_batch(cls, batch, todo, check_finite):
-        """Summaries of a batch of small whole tensors in one kernel call that writes them sparse
-        (`kernels.abs_batch_summaries`), when every item wants the same summaries, each of the
-        whole tensor; an MoE model's experts all do. The arrays of a batch's summaries are views of one
-        buffer of at most a bin per element and fine-tune: what pass 1 counts for them."""
+        """Summaries of a batch of small whole tensors in one kernel call (`_sparse`), when every
+        item wants the same summaries, each of the whole tensor; an MoE model's experts all do."""
         first = todo[0]
         bf16, sums = first[0].bf16, "sums" in first[0].args
         wanted = [(st.model, bf16, st.args) for st in first]
@@ -149,25 +158,37 @@ class Abs(Stat):
                 any([(st.model, st.bf16, st.args) for st in sts] != wanted or
                     any(st.span is not None and st.span != (0, n) for st in sts) for sts, n in zip(todo, numel.tolist())):
             return None
-        models = np.array([st.model for st in first], np.int64)
-        room = int(np.minimum(numel, summaries.HIST_BINS).sum()) * len(models)
-        bins, counts = np.empty(room, np.int32), np.empty(room, np.int32)  # whole small tensors: < 2**31 each
-        at = np.empty((len(todo), len(models) + 1), np.int64)
-        words = np.empty((len(todo), len(models), _TOTAL_WORDS), np.uint64)
-        bad = np.zeros((len(todo), batch.src.shape[0]), np.int64)
-        kernels.abs_batch_summaries(batch.src, kernels.CODES[batch.dtype], batch.starts, models, bf16, sums and not bf16,
-                                    _zeroed("hist", len(models), summaries.HIST_BINS),
-                                    _zeroed("touched", len(models), summaries.HIST_BINS), bins, counts, at, words, bad)
+        out, bad = cls._sparse(batch.src, kernels.CODES[batch.dtype], np.stack([batch.starts[:-1], batch.starts[1:]], 1),
+                               todo, bf16, sums)
         if check_finite:
             for k in np.flatnonzero(bad.any(axis=1)).tolist():
                 check_nonfinite(batch.rows(k), bad[k])
+        return out
+
+    @staticmethod
+    def _sparse(src, code, ranges: np.ndarray, stats: list[list[Stat]], bf16: bool, sums: bool):
+        """The summaries of columns ranges[k] of `src` for stats[k] (one per fine-tune, the same
+        fine-tunes for every range), from one `kernels.abs_batch_summaries` call that writes them
+        sparse: ([{stat: Summary} per range], NaN/Inf counts per range and input). The arrays of
+        the summaries are views of one buffer of at most a bin per element and fine-tune, which
+        pass 1 counts for them (`result_bytes`)."""
+        models = np.array([st.model for st in stats[0]], np.int64)
+        numel = (ranges[:, 1] - ranges[:, 0]).tolist()
+        room = sum(min(n, summaries.HIST_BINS) for n in numel) * len(models)
+        bins, counts = np.empty(room, np.int32), np.empty(room, np.int32)  # ranges of < 2**31 elements
+        at = np.empty((len(ranges), len(models) + 1), np.int64)
+        words = np.empty((len(ranges), len(models), _TOTAL_WORDS), np.uint64)
+        bad = np.zeros((len(ranges), src.shape[0]), np.int64)
+        kernels.abs_batch_summaries(src, code, np.ascontiguousarray(ranges[:, 0]), np.ascontiguousarray(ranges[:, 1]),
+                                    models, bf16, sums and not bf16, _zeroed("hist", len(models), summaries.HIST_BINS),
+                                    _zeroed("touched", len(models), summaries.HIST_BINS), bins, counts, at, words, bad)
         blob, size, out = memoryview(words.tobytes()), 8 * _TOTAL_WORDS, []
-        for k, (sts, n, bounds) in enumerate(zip(todo, numel.tolist(), at.tolist())):
-            o = k * len(first) * size
+        for k, (sts, n, bounds) in enumerate(zip(stats, numel, at.tolist())):
+            o = k * len(models) * size
             out.append({st: Summary(n, sparse=(bins[a:b], counts[a:b]),
                                     total=int.from_bytes(blob[o + i * size:o + (i + 1) * size], "little"))
                         for i, (st, a, b) in enumerate(zip(sts, bounds, bounds[1:]))})
-        return out
+        return out, bad
 
     def empty(self):
         return Summary()

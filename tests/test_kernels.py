@@ -149,8 +149,8 @@ def test_abs_batch_summaries_equal_one_tensor_at_a_time(name, bf16_delta, want_s
     bins, counts = np.empty(room, np.int32), np.empty(room, np.int32)
     at, words = np.empty((len(sizes), 3), np.int64), np.empty((len(sizes), 2, 6), np.uint64)
     bad = np.zeros((len(sizes), 3), np.int64)
-    kn.abs_batch_summaries(src, kn.CODES[name], starts, models, bf16_delta, want_sums, hists, touched, bins, counts,
-                           at, words, bad)
+    kn.abs_batch_summaries(src, kn.CODES[name], starts[:-1], starts[1:], models, bf16_delta, want_sums, hists, touched,
+                           bins, counts, at, words, bad)
     assert not hists.any()
     for k, (lo, hi) in enumerate(zip(starts, starts[1:])):
         one = np.ascontiguousarray(src[:, lo:hi])

@@ -245,22 +245,23 @@ def abs_summaries(src, code, models, lo, hi, bf16_delta, want_sums, hists, mants
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def abs_batch_summaries(src, code, starts, models, bf16_delta, want_sums, hists, touched, bins, counts, at, words, bad):
-    """`abs_summaries` of many small whole tensors at once (a batch's columns, item k in
-    starts[k]:starts[k + 1]), written sparse: summary (k, i) of fine-tune models[i] holds
+def abs_batch_summaries(src, code, starts, stops, models, bf16_delta, want_sums, hists, touched, bins, counts, at, words,
+                        bad):
+    """`abs_summaries` of many small ranges at once (the tensors of a batch, the experts of a
+    fused tensor: range k is columns starts[k]:stops[k]), written sparse: summary (k, i) of fine-tune models[i] holds
     bins[at[k, i]:at[k, i + 1]] (increasing) and their counts, and Σ|delta| exactly as a
     little-endian integer of 64-bit words[k, i] in units of 2**-150 (bf16 deltas: from the bins;
     float32 ones: summed when `want_sums`, else 0). `hists` (a row of HIST_BINS per fine-tune) is
     all zero on entry and left so: only the bins an item touched are read back (`touched`: the
-    same shape, scratch), where a whole-histogram scan per tensor cost 3x the elements of an MoE
+    same shape, scratch), where a whole-histogram scan per range cost 3x the elements of an MoE
     expert. `bad[k]` counts NaN/Inf per input. Returns the bins written."""
     b = np.empty(BLOCK, np.float32)
     d = np.empty(BLOCK, np.float32)
     mant = np.zeros((models.shape[0], 256), np.int64)  # per fine-tune: significand sums per exponent
     n = np.zeros(models.shape[0], np.int64)
     pos = 0
-    for k in range(starts.shape[0] - 1):
-        lo, hi = starts[k], starts[k + 1]
+    for k in range(starts.shape[0]):
+        lo, hi = starts[k], stops[k]
         n[:] = 0
         for s in range(lo, hi, BLOCK):
             m = min(BLOCK, hi - s)
