@@ -142,10 +142,40 @@ def test_exact_sum_equals_rational_arithmetic():
     assert summaries.exact_sum(np.zeros(256, np.int64)) == 0.0
 
 
-def test_histograms_answer_as_each_summary_does(tmp_path):
+_PACKED_PARTS = summaries.record_parts
+
+
+def _record_parts_apart(value):
+    """A record in the form before packing: the bins in use, then their counts."""
+    parts = _PACKED_PARTS(value)
+    bins, counts = value.sparse
+    parts[0][1] = len(bins)
+    return [parts[0], bins, counts]
+
+
+def test_records_with_counts_packed_or_apart_read_back_alike():
+    """A record packs each bin with its count (half the values); one written apart, by an
+    earlier version or for a summary of 2**31 elements or more, reads back the same."""
+    for kind, n, seed in (("bf16", 5000, 1), ("f32", 40, 2), ("bf16", 5, 3)):
+        s = summarize(_data(kind, n, seed))
+        packed, apart = summaries.to_record(s), np.concatenate(_record_parts_apart(s)).astype(np.int64)
+        assert len(packed) < len(apart) or len(s.sparse[0]) == 0
+        for rec in (packed, apart):
+            back = summaries.from_record(rec)
+            lazy = summaries.from_record(rec, (lambda r: r, rec))
+            for got in (back, lazy):
+                assert got.numel == s.numel and got.total == s.total
+                assert all(np.array_equal(a, b) for a, b in zip(got.sparse, s.sparse))
+    huge = summaries.Summary(1 << 31, sparse=(np.array([3, 9], np.int32), np.array([1 << 31, 5], np.int64)), total=7)
+    rec = summaries.to_record(huge)
+    assert rec[1] == 2 and summaries.from_record(rec).sparse[1].tolist() == [1 << 31, 5]
+
+
+def test_histograms_answer_as_each_summary_does(tmp_path, monkeypatch):
     """`Histograms` (many records as columns) gives every summary's count, counts below a bin and
     thresholds as the per-summary queries do, read back from the store in any batch size and in
-    store order, or from summaries held in memory."""
+    store order, or from summaries held in memory; a store holding records of both forms (one
+    resumed from an earlier version's run) included."""
     from dppa_stream.statistics import IN_STORE, Results
     from dppa_stream.stats_store import StatsStore
 
@@ -160,7 +190,9 @@ def test_histograms_answer_as_each_summary_does(tmp_path):
     order = list(range(len(sums)))
     rng.shuffle(order)
     store.put({pairs[i]: sums[i] for i in order[:9]})  # two batches, stored in another order than asked
-    store.put({pairs[i]: sums[i] for i in order[9:]})
+    with monkeypatch.context() as m:
+        m.setattr(summaries, "record_parts", _record_parts_apart)
+        store.put({pairs[i]: sums[i] for i in order[9:]})
     stored, held = Results(store=store), Results()
     stored.update({p: IN_STORE for p in pairs})
     held.update(dict(zip(pairs, sums)))
