@@ -109,6 +109,8 @@ class Stat:
 _TOTAL_WORDS = 6  # Σ|delta| of a summary in units of 2**-150 fits 6 64-bit words: < 256 exponents of < 2**63 each
 SPARSE_MAX = 1 << 16  # ranges of up to this many elements are summarised sparse, many per kernel call (a dense
 # histogram's 32k bins cost more to scan than such a range's elements; past it, the scan is noise)
+SPARSE_ROOM = 1 << 18  # bins a sparse kernel call has room for: 2 MiB of scratch per thread, inside TASK_OVERHEAD
+# (room for a whole batch, 16 MiB of rows, was up to 45 MiB: the DPPA MoE merge's peak grew by ~40 MiB)
 
 
 class Abs(Stat):
@@ -168,26 +170,33 @@ class Abs(Stat):
     @staticmethod
     def _sparse(src, code, ranges: np.ndarray, stats: list[list[Stat]], bf16: bool, sums: bool):
         """The summaries of columns ranges[k] of `src` for stats[k] (one per fine-tune, the same
-        fine-tunes for every range), from one `kernels.abs_batch_summaries` call that writes them
-        sparse: ([{stat: Summary} per range], NaN/Inf counts per range and input). The arrays of
-        the summaries are views of one buffer of at most a bin per element and fine-tune, which
-        pass 1 counts for them (`result_bytes`)."""
+        fine-tunes for every range), from `kernels.abs_batch_summaries` calls that write them
+        sparse: ([{stat: Summary} per range], NaN/Inf counts per range and input). Each call
+        takes ranges with room for SPARSE_ROOM bins in this thread's scratch (a bin per element
+        and fine-tune at most; an MoE expert uses about a third); the bins in use are copied out,
+        and the summaries' arrays are views of that copy, which pass 1 counts (`result_bytes`)."""
         models = np.array([st.model for st in stats[0]], np.int64)
         numel = (ranges[:, 1] - ranges[:, 0]).tolist()
-        room = sum(min(n, summaries.HIST_BINS) for n in numel) * len(models)
-        bins, counts = np.empty(room, np.int32), np.empty(room, np.int32)  # ranges of < 2**31 elements
-        at = np.empty((len(ranges), len(models) + 1), np.int64)
-        words = np.empty((len(ranges), len(models), _TOTAL_WORDS), np.uint64)
+        room = [min(n, summaries.HIST_BINS) * len(models) for n in numel]
         bad = np.zeros((len(ranges), src.shape[0]), np.int64)
-        kernels.abs_batch_summaries(src, code, np.ascontiguousarray(ranges[:, 0]), np.ascontiguousarray(ranges[:, 1]),
-                                    models, bf16, sums and not bf16, _zeroed("hist", len(models), summaries.HIST_BINS),
-                                    _zeroed("touched", len(models), summaries.HIST_BINS), bins, counts, at, words, bad)
-        blob, size, out = memoryview(words.tobytes()), 8 * _TOTAL_WORDS, []
-        for k, (sts, n, bounds) in enumerate(zip(stats, numel, at.tolist())):
-            o = k * len(models) * size
-            out.append({st: Summary(n, sparse=(bins[a:b], counts[a:b]),
-                                    total=int.from_bytes(blob[o + i * size:o + (i + 1) * size], "little"))
-                        for i, (st, a, b) in enumerate(zip(sts, bounds, bounds[1:]))})
+        out, size = [], 8 * _TOTAL_WORDS
+        for lo, hi in summaries.size_batches(room, SPARSE_ROOM):
+            space = sum(room[lo:hi])
+            bins = scratch("sparse_bins", 4 * space).view(np.int32)  # ranges of < 2**31 elements: 32-bit counts
+            counts = scratch("sparse_counts", 4 * space).view(np.int32)
+            at = np.empty((hi - lo, len(models) + 1), np.int64)
+            words = np.empty((hi - lo, len(models), _TOTAL_WORDS), np.uint64)
+            used = kernels.abs_batch_summaries(src, code, np.ascontiguousarray(ranges[lo:hi, 0]),
+                                               np.ascontiguousarray(ranges[lo:hi, 1]), models, bf16, sums and not bf16,
+                                               _zeroed("hist", len(models), summaries.HIST_BINS),
+                                               _zeroed("touched", len(models), summaries.HIST_BINS), bins, counts, at,
+                                               words, bad[lo:hi])
+            bins, counts, blob = bins[:used].copy(), counts[:used].copy(), memoryview(words.tobytes())
+            for k, (sts, n, bounds) in enumerate(zip(stats[lo:hi], numel[lo:hi], at.tolist())):
+                o = k * len(models) * size
+                out.append({st: Summary(n, sparse=(bins[a:b], counts[a:b]),
+                                        total=int.from_bytes(blob[o + i * size:o + (i + 1) * size], "little"))
+                            for i, (st, a, b) in enumerate(zip(sts, bounds, bounds[1:]))})
         return out, bad
 
     def empty(self):
@@ -641,7 +650,8 @@ def check_nonfinite(rows, bad: np.ndarray) -> None:
 
 # --- the driver ------------------------------------------------------------------------------------
 
-HISTOGRAM_BATCH = 1 << 18  # record values read back as columns at a time (`Results.histograms`): ~8 MiB in all
+HISTOGRAM_BATCH = 1 << 17  # record values read back as columns at a time (`Results.histograms`): ~8 MiB in all
+# (a packed record holds a bin per value: 1 << 18 values, as many bins as before packing, read back 30 MB more)
 IN_STORE = object()  # a result that waits in the statistics store (`StatsEngine`), read back when asked for
 
 

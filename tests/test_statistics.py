@@ -80,3 +80,38 @@ def test_a_statistic_defined_outside_the_package(tmp_path, ckpts, part):
         n = int(models[0][t].numel() * part)
         want = [int((m[t].reshape(-1)[:n].float() != models[0][t].reshape(-1)[:n].float()).sum()) for m in models[1:]]
         assert counts == want, t
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_sparse_summaries_in_any_room_equal_the_dense_path(monkeypatch, bf16):
+    """Small ranges (an MoE model's experts, whole or as spans of a fused tensor) are summarised
+    sparse, as many per kernel call as its room allows: the same summaries as the dense path
+    (a 32k-bin histogram per range), however the ranges are split between calls."""
+    import torch
+    from types import SimpleNamespace
+
+    from dppa_stream import kernels, statistics
+    from dppa_stream.statistics import Abs
+
+    rng = np.random.default_rng(0)
+    sizes = [1, 30, 700, 5000, 3, 40_000]
+    starts = np.cumsum([0, *sizes])
+    base = rng.standard_normal(starts[-1]).astype(np.float32)
+    fts = base + rng.standard_normal((2, starts[-1])).astype(np.float32) * 10.0 ** rng.integers(-20, 2, (2, starts[-1]))
+    src = torch.from_numpy(np.stack([base, *fts])).to(torch.bfloat16).view(torch.uint16).numpy()
+    ranges = np.stack([starts[:-1], starts[1:]], 1)
+    stats = [[Abs(m, (0, n), bf16, ("sums",)) for m in (1, 0)] for n in sizes]
+    monkeypatch.setattr(statistics, "SPARSE_MAX", 0)  # every range the dense way
+    want = [Abs.compute_all(SimpleNamespace(src=np.ascontiguousarray(src[:, a:b])), kernels.BF16,
+                            [(st, (0, b - a)) for st in sts], np.zeros(3, np.int64))
+            for (a, b), sts in zip(ranges.tolist(), stats)]
+    monkeypatch.undo()
+    assert all(s.total > 0 for w in want[1:] for s in w.values())  # (sums of many exponents: words carry)
+    for room in (1, 3000, 1 << 18):
+        monkeypatch.setattr(statistics, "SPARSE_ROOM", room)
+        got, bad = Abs._sparse(src, kernels.BF16, ranges, stats, bf16, True)
+        assert not bad.any() and len(got) == len(want)
+        for g, w in zip(got, want):
+            for st, s in w.items():
+                assert g[st].numel == s.numel and g[st].total == s.total
+                assert all(np.array_equal(a, b) for a, b in zip(g[st].sparse, s.sparse))
