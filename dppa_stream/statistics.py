@@ -651,7 +651,7 @@ def check_nonfinite(rows, bad: np.ndarray) -> None:
 # --- the driver ------------------------------------------------------------------------------------
 
 HISTOGRAM_BATCH = 1 << 17  # record values read back as columns at a time (`Results.histograms`): ~8 MiB in all
-# (a packed record holds a bin per value: 1 << 18 values, as many bins as before packing, read back 30 MB more)
+# (a packed record holds a bin per value, so a batch holds as many bins as 1 << 18 values did before packing)
 IN_STORE = object()  # a result that waits in the statistics store (`StatsEngine`), read back when asked for
 
 
