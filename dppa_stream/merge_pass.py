@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 from itertools import accumulate, repeat
-from operator import attrgetter, is_
+from operator import attrgetter, is_, sub
 
 import numpy as np
 
@@ -29,7 +29,6 @@ from .checkpoint import DTYPE_SIZES, FLOAT_DTYPES, ShardLayout, TensorEntry, wri
 from .checkpoint.writer import Places, file_offsets, write_runs
 from .hf_files import copy_model_files, write_model_card
 from .methods.base import Catalogue, Infos, TensorInfo
-from .methods.gta import Segments
 from .inputs import verify_unchanged
 from .output import MANIFEST, WORK_DIR, Manifest, read_manifest_extras, release_reserve
 from .statistics import check_nonfinite, drive, inline
@@ -113,7 +112,8 @@ def _batch_spans(method, items: Items, plans: tuple, targets: tuple) -> tuple[li
     n = len(items)
     uniform = _uniform(method, items, plans, targets)
     if uniform is None:
-        keys = list(map(_batch_key, repeat(method), items, plans, targets))
+        whole = repeat(True) if method.local else plans.whole(list(map(sub, items.stops, items.starts)))
+        keys = list(map(_batch_key, repeat(method), items, plans, targets, whole))
         codes: dict = {}
         code = np.array([0 if k is None else codes.setdefault(k, len(codes) + 1) for k in keys], np.int64)
         held = [0 if k is None else stop * _per_element(k) for stop, k in zip(items.stops, keys)]
@@ -141,8 +141,8 @@ def _uniform(method, items: Items, plans: tuple, targets: tuple) -> tuple | None
     out = set(map(_DTYPE, targets))
     if len(dtypes) != 1 or len(out) != 1 or set(map(_REF, targets)) != {None} or not dtypes <= FLOAT_DTYPES:
         return None
-    if not method.local:  # plans made before pass 2: those of one part, the whole tensor
-        planned = np.fromiter(map(_whole_plan, plans, items.stops), np.bool_, len(plans))
+    if not method.local:  # plans made before pass 2 (`DPUnitPlans`): those of one part, the whole tensor
+        planned = plans.whole(list(map(sub, items.stops, items.starts)))
         return inputs, ((dtypes.pop(), count, has_base), out.pop()), planned
     kinds = {TensorInfo} if isinstance(plans, Infos) else set(map(type, plans))
     planned = True if kinds == {TensorInfo} else np.fromiter(map(is_, map(type, plans), repeat(TensorInfo)), np.bool_,
@@ -156,20 +156,12 @@ def _per_element(key: tuple) -> int:
     return (models + has_base) * DTYPE_SIZES[dtype] + DTYPE_SIZES[out]
 
 
-def _whole_plan(plan, numel: int) -> bool:
-    """A plan made before pass 2 that a batch takes (`merge_planned_batch`): a `Segments` of one
-    part, the whole tensor."""
-    return (type(plan) is Segments and len(plan.parts) == 1 and plan.parts[0][0] in (None, (0, numel))
-            and all(sp.mode != kernels.SP_MASK for sp in plan.parts[0][1]))  # (no DELLA mask: made per unit)
-
-
-def _batch_key(method, inp: UnitInputs, plan, target: Target) -> tuple | None:
+def _batch_key(method, inp: UnitInputs, plan, target: Target, whole: bool) -> tuple | None:
     """A unit joins a batch when it is a whole small float tensor read raw (`units.batch_key`),
     planned in this task (a local method's one-unit tensor: `plan` is its TensorInfo) or before
-    pass 2 as one whole part (`_whole_plan`), and written plain; consecutive ones with equal keys
-    share one."""
-    if target.ref is not None or not (type(plan) is TensorInfo and method.local or
-                                      not method.local and _whole_plan(plan, inp.unit.numel)):
+    pass 2 as one part, the whole tensor (`whole`: `DPUnitPlans.whole`), and written plain;
+    consecutive ones with equal keys share one."""
+    if target.ref is not None or not (type(plan) is TensorInfo if method.local else whole):
         return None
     key = batch_key(inp)
     return None if key is None else (key, target.dtype)
@@ -186,7 +178,7 @@ def merge_batch(method, batch: BatchRows, plans, folder: str, dtype: str, places
     if method.local:
         bad = method.merge_batch(batch, plans, out, kernels.CODES[dtype], check_finite)
     else:
-        bad = method.merge_planned_batch(batch, list(plans), out, kernels.CODES[dtype])
+        bad = method.merge_planned_batch(batch, plans, out, kernels.CODES[dtype])
     if check_finite and bad.any():  # found again tensor by tensor, for the one-line error naming it
         for k in range(len(batch.items)):
             rows = batch.rows(k)
@@ -307,9 +299,13 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
         else:
             at = item_of[a:b]
             names, got, tg, where = (list(map(col.__getitem__, at)) for col in (c.names, infos, tgs, places))
-        if plans:
-            got = map(plans.get, names, got)
-        return shared, w, got if isinstance(got, Infos) else tuple(got), partial, tuple(tg), \
+        if hasattr(plans, "unit"):  # DPPA's: the unit's plans as arrays cut from its report (`DPPlans.unit`)
+            got = plans.unit(names, got)
+        elif plans:
+            got = tuple(map(plans.get, names, got))
+        elif not isinstance(got, Infos):
+            got = tuple(got)
+        return shared, w, got, partial, tuple(tg), \
             where if isinstance(where, Places) else tuple(where), session.check_finite
 
     # a generator: each work unit's plans are made (or looked up) as it starts (`Executor.map`)

@@ -309,11 +309,13 @@ def test_kill_during_batches_then_resume_is_byte_identical(moe, tmp_path):
     assert _bytes(tmp_path / "ref") == _bytes(tmp_path / "out")
 
 
-def test_batches_found_on_columns_equal_item_by_item(moe, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["ties", "dppa"])
+def test_batches_found_on_columns_equal_item_by_item(moe, tmp_path, monkeypatch, method):
     """A uniform work unit's batches are found on columns (`merge_pass._uniform`); they, and the
     bytes, equal what the item-by-item check finds (here with batches cut at a few tensors or
     bytes, so they start and end inside work units). A work unit mixing input dtypes (float32 norms among
-    bfloat16 matrices) is checked item by item, and equals the tensor-by-tensor path."""
+    bfloat16 matrices) is checked item by item, and equals the tensor-by-tensor path. For a local
+    method (ties) a task plans its tensors; DPPA's come planned before pass 2 (`DPUnitPlans`)."""
     found = {}
     real = merge_pass._batch_spans
 
@@ -321,7 +323,7 @@ def test_batches_found_on_columns_equal_item_by_item(moe, tmp_path, monkeypatch)
         monkeypatch.setattr(merge_pass, "_batch_spans", lambda *a: found.setdefault(label, []).append(real(*a)[0]) or
                             real(*a))
 
-    text = _config(moe, "ties")
+    text = _config(moe, method)
     monkeypatch.setattr(units, "BATCH_MAX_ITEMS", 7)
     monkeypatch.setattr(units, "BATCH_MAX_BYTES", 6000)
     spans("columns")
@@ -339,10 +341,10 @@ def test_batches_found_on_columns_equal_item_by_item(moe, tmp_path, monkeypatch)
     uniform = []
     real_uniform = merge_pass._uniform
     monkeypatch.setattr(merge_pass, "_uniform", lambda *a: uniform.append(real_uniform(*a)) or uniform[-1])
-    _merge(_config(paths, "ties"), tmp_path / "mixed")
+    _merge(_config(paths, method), tmp_path / "mixed")
     assert uniform and all(u is None for u in uniform)
     monkeypatch.setattr(merge_pass, "_batch_spans", lambda *a: ([], None))
-    _merge(_config(paths, "ties"), tmp_path / "single")
+    _merge(_config(paths, method), tmp_path / "single")
     assert _bytes(tmp_path / "mixed") == _bytes(tmp_path / "single")
 
 

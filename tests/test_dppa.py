@@ -181,3 +181,48 @@ def test_small_tensors_merge_in_batches_as_one_by_one(tmp_path, drifted, monkeyp
     names = sorted(f for f in os.listdir(tmp_path / "batched") if f.endswith(".safetensors"))
     assert names and all(filecmp.cmp(tmp_path / "batched" / f, tmp_path / "one_by_one" / f, shallow=False)
                          for f in names)
+
+
+def test_batch_records_equal_each_tensors_kernel_records():
+    """`DPUnitPlans.batch_records` (a batch's records built from the report's arrays at once) holds,
+    row by row, the records `kernel_records` makes from each item's own `Segments`: dense tensors,
+    thresholds that keep all or none, compared values with and without tracked ties (exact
+    semantics, ties before unit 0), fine-tunes with fewer factors than rates."""
+    import numpy as np
+
+    from dppa_stream import kernels, summaries
+    from dppa_stream.methods.base import TensorInfo
+    from dppa_stream.methods.dppa import DPUnitPlans
+    from dppa_stream.methods.gta import torch_order_sums
+    from dppa_stream.methods.sparsify import kernel_records
+
+    numel = 40
+    infos = [TensorInfo(f"t{k}", "BF16", (numel,), {}, ({"weight": 0.6 + k / 8}, {"weight": 0.4})) for k in range(5)]
+    at = np.array([0, 1, 1, 2, 3, 4])  # tensor 1 is not pruned by DP: dense
+    v = int(np.float32(0.01).view(np.int32))
+    bits = [np.array([[v, v - 5], [summaries.KEEP_ALL, v], [summaries.KEEP_NONE, summaries.KEEP_ALL], [v + 9, v]]),
+            np.array([[v, v], [v + 1, v - 1], [v + 2, v - 2], [v + 3, v - 3]])]
+    ties = [np.array([[2, 0], [0, 3], [0, 0], [1, 1]]), np.array([[0, 0], [5, 0], [0, 0], [0, 2]])]
+    for exact in (False, True):
+        starts = [[((0, (0, 0)),), ((0, (0, 0)), (1, (4, 1))), (), ((0, (0, 0)),)], [(), (), (), ((0, (0, 0)),)]] \
+            if exact else [None, None]
+        plans = DPUnitPlans(infos, np.ones(5, np.bool_), at, [(0, numel)] * 4, bits, ties, starts,
+                            [(1.5, 1.5), (2.0,)], (1.5, 2.0), True, np.array([_weights(i) for i in infos]))
+        assert plans.whole([numel] * 5).all()
+        models, levels, combine = plans.batch_records(consensus=False)
+        R = levels.shape[2]
+        for k in range(5):
+            seg = plans[k]
+            mod, lev = kernel_records(seg.parts[0][1], np.array(seg.weights, np.float32), 0)
+            assert models[k].tobytes() == mod.tobytes(), (exact, k)
+            padded = kernels.records(kernels.LEVEL_FIELDS, (2, R))
+            padded[:, :lev.shape[1]] = lev
+            assert levels[k].tobytes() == padded.tobytes(), (exact, k, levels[k], padded)
+        want = torch_order_sums(np.array([seg.weights for seg in plans], np.float32))
+        assert combine["divisor"].tobytes() == want.tobytes() and combine["normalize"].all()
+        assert set(levels["kind"][[0, 2, 3, 4]].ravel()) >= {kernels.TH_ALL, kernels.TH_NONE, kernels.TH_GT}
+        assert (kernels.TH_VALUE in levels["kind"]) == exact
+
+
+def _weights(info):
+    return [m["weight"] for m in info.models]

@@ -22,14 +22,15 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import repeat
 
 import numpy as np
 
 from .. import kernels, summaries
 from ..errors import InputError
 from ..statistics import Abs, Bins, Stat
-from .base import Param, Plan
-from .gta import DeltaMethod, Segments
+from .base import Param, ParamSets, Plan
+from .gta import DeltaMethod, Segments, torch_order_sums
 from .ranks import Ranks
 from .sparsify import Sparse, level
 
@@ -187,13 +188,15 @@ def clamp_notes(report: DPReport, paths: list[str]) -> dict:
 
 
 class DPPlans(Mapping):
-    """Tensor -> its pass-2 plan (`Segments`), made when asked for from the compact report (a
-    work unit's plans just before it is submitted), so a run never holds every tensor's plan:
-    at MoE scale they outgrow the statistics they come from."""
+    """Tensor -> its pass-2 plan (`Segments`), made when asked for from the compact report. Pass 2
+    asks for a work unit's plans at once, just before the unit is submitted (`unit`: arrays cut
+    from the report, not a `Segments` per tensor), so a run never holds every tensor's plan: at
+    MoE scale they outgrow the statistics they come from."""
 
     def __init__(self, method: "DPPA", catalogue, tensors: list[str], report: DPReport):
         self.catalogue, self.report = catalogue, report
         first: dict[str, int] = dict.fromkeys(tensors, -1)  # tensor -> its first linear, -1: not pruned by DP
+        count: dict[str, int] = dict.fromkeys(tensors, 0)  # tensor -> how many linears it holds
         prev = None
         for j, lin in enumerate(report.linears):  # a tensor's linears are consecutive (sorted by stack, block, tensor)
             if lin.tensor != prev:
@@ -201,7 +204,8 @@ class DPPlans(Mapping):
                     raise AssertionError(f"{lin.tensor}: its DP linears are not consecutive")
                 first[lin.tensor] = j
                 prev = lin.tensor
-        self.first = first
+            count[lin.tensor] += 1
+        self.first, self.count = first, count
         self.normalize = method.params["combine"] in ("mean", "ties")
         self.bands = [tuple(effective_factors(method.factors(m))) for m in method.mparams]
         self.dense = tuple(max(method.factors(m)) if method.params["amplify_unpruned"] else 1.0 for m in method.mparams)
@@ -213,22 +217,117 @@ class DPPlans(Mapping):
         return iter(self.first)
 
     def __getitem__(self, t: str) -> Segments:
-        j = self.first[t]
-        weights = tuple(float(m["weight"]) for m in self.catalogue.tensors[t].models)
-        if j < 0:  # not pruned by DP: its dense delta, amplified by max(alpha) like the reference
-            return Segments(((None, tuple(Sparse(scale=f) for f in self.dense)),), weights, self.normalize)
-        lins, parts = self.report.linears, []
-        while j < len(lins) and lins[j].tensor == t:
-            parts.append((lins[j].span, tuple(self._sparse(j, i) for i in range(len(self.bands)))))
-            j += 1
-        return Segments(tuple(parts), weights, self.normalize)
+        if t not in self.first:
+            raise KeyError(t)
+        return self.unit([t], [self.catalogue.tensors[t]])[0]
 
-    def _sparse(self, j: int, model: int) -> Sparse:
-        m = self.report.models[model]
-        exact = m.starts is not None
+    def unit(self, names: list[str], infos) -> "DPUnitPlans":
+        """The plans of a work unit's tensors `names` (`infos`: their TensorInfos, or `Infos`
+        columns), cut from the report; a tensor DP has no plan for (an integer buffer) gets its info."""
+        first = np.fromiter(map(self.first.get, names, repeat(-1)), np.int64, len(names))
+        count = np.fromiter(map(self.count.get, names, repeat(0)), np.int64, len(names))
+        planned = np.fromiter(map(self.first.__contains__, names), np.bool_, len(names))
+        at = np.zeros(len(names) + 1, np.int64)
+        np.cumsum(count, out=at[1:])
+        rows = np.repeat(first - at[:-1], count) + np.arange(int(at[-1]))  # the unit's linears, in order
+        lins = self.report.linears
+        models = self.report.models
+        weights = ParamSets(infos).of(_weights, np.float64)
+        return DPUnitPlans(infos, planned, at, [lins[j].span for j in rows.tolist()],
+                           [m.bits[rows] for m in models], [m.ties_kept[rows] for m in models],
+                           [None if m.starts is None else [m.starts[j] for j in rows.tolist()] for m in models],
+                           self.bands, self.dense, self.normalize, weights)
+
+
+def _weights(info) -> list[float]:
+    return [float(m["weight"]) for m in info.models]
+
+
+class DPUnitPlans(Sequence):
+    """The pass-2 plans of one work unit's tensors as arrays cut from the report: what its task is
+    sent, a few numbers per linear. Item k is tensor k's `Segments` (made when asked for: a unit
+    merged on its own, a tensor of several linears), or its TensorInfo where DP has no plan for it;
+    a batch of whole tensors takes its kernel records from the arrays at once (`batch_records`), the
+    records `kernel_records` makes from those `Segments`, field for field.
+
+    Linear r of the unit (rows r of `bits`, `ties_kept` and `starts` per fine-tune, `spans[r]`)
+    belongs to the tensor k with at[k] <= r < at[k + 1]; a tensor without any is merged dense."""
+
+    def __init__(self, infos, planned, at, spans, bits, ties_kept, starts, bands, dense, normalize, weights):
+        self.infos, self.planned, self.at, self.spans = infos, planned, at, spans
+        self.bits, self.ties_kept, self.starts = bits, ties_kept, starts
+        self.bands, self.dense, self.normalize, self.weights = bands, dense, normalize, weights
+
+    def __len__(self) -> int:
+        return len(self.planned)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            lo, hi, _ = k.indices(len(self))
+            return DPUnitPlans(self.infos[lo:hi], self.planned[lo:hi], self.at[lo:hi + 1], self.spans, self.bits,
+                               self.ties_kept, self.starts, self.bands, self.dense, self.normalize,
+                               self.weights[lo:hi])
+        if not self.planned[k]:
+            return self.infos[k]
+        weights = tuple(self.weights[k].tolist())
+        a, b = int(self.at[k]), int(self.at[k + 1])
+        if a == b:  # not pruned by DP: its dense delta, amplified by max(alpha) like the reference
+            return Segments(((None, tuple(Sparse(scale=f) for f in self.dense)),), weights, self.normalize)
+        parts = tuple((self.spans[r], tuple(self._sparse(r, m) for m in range(len(self.bands)))) for r in range(a, b))
+        return Segments(parts, weights, self.normalize)
+
+    def _sparse(self, r: int, model: int) -> Sparse:
+        starts = self.starts[model]
+        exact = starts is not None
         levels = tuple(level(summaries.Threshold(bits, tied), tracked=exact and tied > 0, factor=f)
-                       for bits, tied, f in zip(m.bits[j].tolist(), m.ties_kept[j].tolist(), self.bands[model]))
-        return Sparse(kernels.SP_BANDS, levels, m.starts[j] if exact else ())
+                       for bits, tied, f in zip(self.bits[model][r].tolist(), self.ties_kept[model][r].tolist(),
+                                                self.bands[model]))
+        return Sparse(kernels.SP_BANDS, levels, starts[r] if exact else ())
+
+    def whole(self, numels) -> np.ndarray:
+        """Which items a batch takes (`merge_planned_batch`): planned as one part, the whole tensor
+        (dense, or one linear spanning all `numels[k]` elements)."""
+        count = np.diff(self.at)
+        whole = self.planned & (count <= 1)
+        for k in np.flatnonzero(whole & (count == 1)).tolist():
+            whole[k] = self.spans[int(self.at[k])] == (0, numels[k])
+        return whole
+
+    def batch_records(self, consensus: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`kernels.gta_segments`' models, levels and combine records of every item, each a whole
+        tensor (`whole`) merged from offset 0: one row per item, as `kernel_records` fills them."""
+        n, K = len(self), len(self.bands)
+        weights = self.weights.astype(np.float32).reshape(n, K)
+        pruned = np.flatnonzero(np.diff(self.at) > 0)
+        rows = self.at[pruned]
+        used = [min(b.shape[1], len(f)) for b, f in zip(self.bits, self.bands)]  # levels per fine-tune (a zip's)
+        models = kernels.records(kernels.MODEL_FIELDS, (n, K), weight=weights)
+        levels = kernels.records(kernels.LEVEL_FIELDS, (n, K, max(used + [1]) if len(pruned) else 1))
+        for m, L in enumerate(used):
+            models["scale"][:, m] = self.dense[m]
+            models["scale"][pruned, m] = 1.0
+            models["mode"][pruned, m] = kernels.SP_BANDS
+            models["nlevels"][pruned, m] = L
+            if not L or not len(pruned):
+                continue
+            bits, tied = self.bits[m][rows, :L], self.ties_kept[m][rows, :L]
+            exact = self.starts[m] is not None
+            kind = np.where(bits == summaries.KEEP_ALL, kernels.TH_ALL,
+                            np.where(bits == summaries.KEEP_NONE, kernels.TH_NONE,
+                                     np.where(exact & (tied > 0), kernels.TH_VALUE, kernels.TH_GT)))
+            compared = (kind == kernels.TH_VALUE) | (kind == kernels.TH_GT)
+            value = np.where(bits >= 0, bits.astype(np.int32).view(np.float32), np.float32(-1.0))
+            where = (pruned[:, None], m, np.arange(L))
+            levels["kind"][where] = kind
+            levels["value"][where] = np.where(compared, value, np.float32(0.0))
+            levels["factor"][where] = np.array(self.bands[m][:L], np.float32)
+            levels["stop"][where] = np.where(kind == kernels.TH_VALUE, tied, 0)
+            if exact:  # the ties before unit 0 (a whole tensor's only unit)
+                levels["seen"][where] = [(tuple(dict(self.starts[m][r]).get(0, ())) + (0,) * L)[:L]
+                                         for r in rows.tolist()]
+        combine = kernels.records(kernels.COMBINE_FIELDS, n, consensus=consensus, normalize=self.normalize,
+                                  divisor=torch_order_sums(weights))
+        return models, levels, combine
 
 
 def effective_factors(alphas: list[float]) -> list[float]:

@@ -86,25 +86,14 @@ class DeltaMethod(MergeMethod):
                         out, out_code, bad)
         return bad
 
-    def merge_planned_batch(self, batch, plans: list[Segments], out, out_code) -> np.ndarray:
-        """A batch of whole small tensors planned before pass 2 (`plans`: a `Segments` each whose
-        one part is the whole tensor, as DPPA plans every tensor of an MoE checkpoint), merged with
-        one `gta_segments` call: each tensor's records as `merge_unit` makes them, stacked."""
-        n = len(plans)
-        weights = np.array([p.weights for p in plans], np.float32).reshape(n, -1)
-        records = [kernel_records(p.parts[0][1], w, 0) for p, w in zip(plans, weights)]
-        K, R = weights.shape[1], max(lev.shape[1] for _, lev in records)
-        models = kernels.records(kernels.MODEL_FIELDS, (n, K))
-        levels = kernels.records(kernels.LEVEL_FIELDS, (n, K, R))
-        for k, (mod, lev) in enumerate(records):
-            models[k] = mod
-            levels[k, :, :lev.shape[1]] = lev
-        combine = kernels.records(kernels.COMBINE_FIELDS, n, consensus=self.consensus,
-                                  normalize=[p.normalize for p in plans], divisor=torch_order_sums(weights),
-                                  lam=[p.lam for p in plans])
+    def merge_planned_batch(self, batch, plans, out, out_code) -> np.ndarray:
+        """A batch of whole small tensors planned before pass 2 (`plans`: DPPA's `DPUnitPlans`, each
+        item one part, the whole tensor), merged with one `gta_segments` call on the records that
+        `merge_unit` would make tensor by tensor, built from the plans' arrays at once."""
+        models, levels, combine = plans.batch_records(self.consensus)
         bad = np.zeros(batch.src.shape[0], np.int64)
         kernels.gta_segments(batch.src, kernels.CODES[batch.dtype], batch.starts, self.bf16_deltas, models, levels,
-                             np.zeros((K, 1), np.uint8), combine, out, out_code, bad)
+                             np.zeros((models.shape[1], 1), np.uint8), combine, out, out_code, bad)
         return bad
 
     def merge_batch(self, batch, infos, out, out_code, check_finite):
