@@ -192,6 +192,15 @@ def merge_batch(method, batch: BatchRows, plans, folder: str, dtype: str, places
     return write_runs(folder, [(places[i], data[at[i]:at[j]]) for i, j in zip(bounds, bounds[1:])])
 
 
+def unit_plans(plans, names: list[str], infos):
+    """The plans of a work unit's tensors `names` made before pass 2: DPPA's as arrays cut from its
+    report (`DPPlans.unit`), any other looked up tensor by tensor; a tensor without one gets its
+    info from `infos` (its task plans it)."""
+    if hasattr(plans, "unit"):
+        return plans.unit(names, infos)
+    return tuple(map(plans.get, names, infos))
+
+
 def amax_work(method, work, plans: tuple, check_finite: bool) -> dict[str, float]:
     """Dask task: per tensor of a work unit, the largest finite |merged value| of its units there
     (a per-tensor FP8 scale needs the tensor's)."""
@@ -218,7 +227,7 @@ def tensor_scales(session, plans: dict, targets: list[Target]) -> tuple[list[Tar
     works = pack(items, [i.unit.numel * per_element[i.unit.tensor] for i in items], session.unit_bytes)
     shared = session.executor.share(session.method)
     infos = session.catalogue.tensors
-    calls = ((shared, w, tuple(plans.get(t, infos[t]) for t in w.items.tensors),
+    calls = ((shared, w, unit_plans(plans, w.items.tensors, [infos[t] for t in w.items.tensors]),
               session.check_finite) for w in works)
     amax: dict[str, float] = {}
 
@@ -299,10 +308,8 @@ def write_output(cfg, out: str, session, plans: dict, done: set, shard_size: int
         else:
             at = item_of[a:b]
             names, got, tg, where = (list(map(col.__getitem__, at)) for col in (c.names, infos, tgs, places))
-        if hasattr(plans, "unit"):  # DPPA's: the unit's plans as arrays cut from its report (`DPPlans.unit`)
-            got = plans.unit(names, got)
-        elif plans:
-            got = tuple(map(plans.get, names, got))
+        if plans:
+            got = unit_plans(plans, names, got)
         elif not isinstance(got, Infos):
             got = tuple(got)
         return shared, w, got, partial, tuple(tg), \
