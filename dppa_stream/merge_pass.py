@@ -214,9 +214,12 @@ def amax_work(method, work, plans: tuple, check_finite: bool) -> dict[str, float
 def tensor_scales(session, plans: dict, targets: list[Target]) -> tuple[list[Target], int]:
     """Class targets (`targets.class_targets`) with their per-tensor FP8 scales chosen, and the
     bytes read: a pass that merges those tensors (only) and keeps each one's largest finite
-    |value|. Only a class of its own (`units.Classes.alone`) may have a `Target.ref`."""
+    |value|. Only a class of its own (`units.Classes.alone`) may have a `Target.ref`. A tensor
+    held in one unit is not in this pass: its unit finds the scale from its own merged values
+    (`targets.write_quantized`), the same bytes without merging it twice."""
     c = session.classes
-    wanted = {c.names[j]: c.of[j] for j in c.alone if targets[c.of[j]].needs_amax}
+    count = session.units.count  # units per class
+    wanted = {c.names[j]: c.of[j] for j in c.alone if targets[c.of[j]].needs_amax and count[c.of[j]] > 1}
     if not wanted:
         return targets, 0
     from .units import pack

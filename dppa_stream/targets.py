@@ -124,6 +124,10 @@ def write_quantized(target: Target, folder: str, places: tuple[Placement, ...], 
     codes and scales at their final places; returns (bytes written, loss partial). The input
     rows (float32, reference first) are what the loss is measured against."""
     q = target.ref
+    if target.needs_amax and target.scale is None:  # a tensor held in one unit: its amax is this unit's
+        if lo or hi != q.numel:
+            raise AssertionError(f"{q.name}: a per-tensor FP8 scale over several units was not chosen before pass 2")
+        target = tensor_scale(target, float(kernels.max_abs(merged)))
     sets = rows.src.shape[0]
     counts = np.zeros((sets, 3), np.int64)
     words = np.zeros((2, 2 * sets, kernels.LOSS_BUCKETS), np.int64)
