@@ -81,6 +81,7 @@ def main() -> int:
     cfg = os.path.join(work, f"dppa_{args.layout}.yml")
     write_config(cfg, "dppa", paths[0], [(p, {}) for p in paths[1:]], None, dtype=None)
     versions = {"live": dict(os.environ, PYTHONPATH=common.REPO)}
+    snap = None
     if args.against:
         snap = common.snapshot(args.against)
         common.check_snapshot_import(snap)
@@ -106,7 +107,9 @@ def main() -> int:
         cells = [", ".join(f"{r[k]:.1f}" for r in mine) for k in ("pass1", "plan", "pass2", "total", "cpu")]
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("written", save_result("bench_dppa_stages.json", {"code": common.code_version(), "layout": args.layout,
-                                                           "against": args.against, "rows": rows}))
+                                                           "against": args.against,
+                                                           "against_sha": snap["sha"] if args.against else None,
+                                                           "rows": rows}))
     return 0
 
 
