@@ -167,26 +167,37 @@ class StatsStore:
         places = np.fromiter(chain.from_iterable(_unpack(where[k]) for k in keys), np.int64).reshape(-1, 3)
         # (array, offset, length) per record
         order = np.lexsort((places[:, 1], places[:, 0]))
-        places = places[order].tolist()
-        for lo, hi in size_batches([p[2] for p in places], limit):
+        places = places[order]
+        # record k + 1 continues record k in the store (a round's records lie back to back): each run of
+        # them is copied in one piece, not record by record
+        follows = np.zeros(len(places), np.bool_)
+        follows[1:] = (places[1:, 0] == places[:-1, 0]) & (places[1:, 1] == places[:-1, 1] + places[:-1, 2])
+        for lo, hi in size_batches(places[:, 2].tolist(), limit):
             starts = np.zeros(hi - lo + 1, np.int64)
-            np.cumsum([p[2] for p in places[lo:hi]], out=starts[1:])
+            np.cumsum(places[lo:hi, 2], out=starts[1:])
             values = np.empty(int(starts[-1]), np.int64)
-            for p, s in zip(places[lo:hi], starts.tolist()):
-                values[s:s + p[2]] = self._read_at(*p)
+            runs = [0, *(np.flatnonzero(~follows[lo + 1:hi]) + 1).tolist(), hi - lo]
+            for i, j in zip(runs, runs[1:]):
+                a, off = places[lo + i, :2].tolist()
+                values[starts[i]:starts[j]] = self._read_at(a, off, int(starts[j] - starts[i]))
             yield order[lo:hi], values, starts
 
     def put(self, items: dict) -> None:
-        """Save {(tensor, Stat): value} as one batch."""
+        """Save {(tensor, Stat): value} as one batch, each statistic's records back to back (a
+        plan reads one statistic of many tensors at a time, e.g. one fine-tune's histograms:
+        `batches` copies each run of them in one piece)."""
         if not items:
             return
         if self._where is None:
             self._open()
-        index, parts, off = {}, [], 0
+        by_stat: dict[str, list] = {}
         for (tensor, stat), value in items.items():
+            by_stat.setdefault(stat.key(), []).append((tensor, stat, value))
+        index, parts, off = {}, [], 0
+        for key, (tensor, stat, value) in ((k, item) for k, group in by_stat.items() for item in group):
             packed = stat.pack(value)
             length = sum(map(len, packed)) if isinstance(packed, list) else len(packed)
-            index[f"{tensor}|{stat.key()}"] = (off, length)
+            index[f"{tensor}|{key}"] = (off, length)
             if isinstance(packed, list):
                 parts += packed
             else:

@@ -210,3 +210,29 @@ def test_histograms_answer_as_each_summary_does(tmp_path, monkeypatch):
             assert at_or_below.tolist() == [[n for _, n in w] for w in want]
             assert in_bin.tolist() == [[t.ties_total for t, _ in w] for w in want]
         assert sorted(seen) == list(range(len(sums)))
+
+
+def test_store_batches_equal_records_read_one_by_one(tmp_path, monkeypatch):
+    """`StatsStore.batches` copies each run of records stored back to back in one piece: what it
+    gives equals each record read on its own, for keys in any order, a key asked twice, records
+    crossing chunk boundaries and runs cut by the batch limit."""
+    from dppa_stream import stats_store
+
+    monkeypatch.setattr(stats_store, "CHUNK", 50)  # chunks of 50 values: most runs cross several
+    store = stats_store.StatsStore(str(tmp_path / "stats.zarr"))
+    sums = [summarize(_data(kind, n, seed)) for seed, (kind, n) in
+            enumerate([("bf16", 5), ("f32", 70), ("bf16", 300), ("f32", 9)] * 4)]
+    pairs = [(f"t{i}", Abs(0, None, True)) for i in range(len(sums))]
+    store.put(dict(zip(pairs[:7], sums[:7])))
+    store.put(dict(zip(pairs[7:], sums[7:])))
+    keys = [f"{t}|{st.key()}" for t, st in pairs]
+    rng = np.random.default_rng(5)
+    asked = [keys[i] for i in rng.permutation(len(keys))] + [keys[3]]
+    one_by_one = [store._read(store._where[k]) for k in asked]
+    for limit in (1, 70, 1 << 20):
+        seen = []
+        for at, values, starts in store.batches(asked, limit):
+            for k, i in enumerate(at.tolist()):
+                assert values[starts[k]:starts[k + 1]].tolist() == one_by_one[i].tolist(), (limit, i)
+                seen.append(i)
+        assert sorted(seen) == list(range(len(asked)))
