@@ -226,3 +226,49 @@ def test_batch_records_equal_each_tensors_kernel_records():
 
 def _weights(info):
     return [m["weight"] for m in info.models]
+
+
+def test_part_records_equal_each_linears_kernel_records():
+    """A tensor of several linears (a fused expert tensor) merged in one kernel call
+    (`DPUnitPlans.part_records`, `DPPA.merge_unit`): per unit, the segments are its linears
+    clipped to the unit, with the records `kernel_records` makes for each linear's `Sparse` and
+    that unit (ties seen before it, exact semantics); a unit the linears do not tile gets None."""
+    from collections import namedtuple
+
+    import numpy as np
+
+    from dppa_stream import kernels, summaries
+    from dppa_stream.methods.base import TensorInfo
+    from dppa_stream.methods.dppa import DPUnitPlans
+    from dppa_stream.methods.sparsify import kernel_records
+
+    Unit = namedtuple("Unit", "flat_start numel index")
+    info = TensorInfo("experts", "BF16", (4, 10), {}, ({"weight": 0.7}, {"weight": 0.4}))
+    v = int(np.float32(0.02).view(np.int32))
+    bits = [np.array([[v, v - 3], [summaries.KEEP_ALL, v], [v + 1, summaries.KEEP_NONE], [v, v]]),
+            np.array([[v + 2, v], [v, v - 1], [v, v], [v - 4, v - 9]])]
+    ties = [np.array([[1, 2], [0, 4], [3, 0], [0, 1]]), np.array([[2, 0], [0, 0], [1, 1], [0, 3]])]
+    spans = [(0, 10), (10, 20), (20, 30), (30, 40)]
+    # per linear and fine-tune, the ties before each unit it meets (linears 1 and 2 cross a unit boundary)
+    starts = [[((0, (0, 0)),), ((0, (0, 0)), (1, (3, 1))), ((1, (0, 0)), (2, (2, 2))), ((2, (0, 0)),)],
+              [((0, (0, 0)),), ((0, (0, 0)), (1, (1, 2))), ((1, (0, 0)), (2, (4, 0))), ((2, (0, 0)),)]]
+    units = [Unit(0, 15, 0), Unit(15, 10, 1), Unit(25, 15, 2), Unit(0, 40, 0)]
+    for exact in (False, True):
+        plans = DPUnitPlans([info], np.ones(1, np.bool_), np.array([0, 4]), spans, bits, ties,
+                            starts if exact else [None, None], [(1.5, 1.5), (2.0, 1.0)], (1.5, 2.0), False,
+                            np.array([[0.7, 0.4]]))
+        seg = plans.segments(0)
+        weights = np.array(seg.weights, np.float32)
+        for unit in units:
+            bounds, models, levels, combine = plans.part_records(unit, consensus=True)
+            want = [(max(a - unit.flat_start, 0), min(b - unit.flat_start, unit.numel), sparse)
+                    for (a, b), sparse in seg.parts if a - unit.flat_start < unit.numel and b > unit.flat_start]
+            assert bounds.tolist() == [lo for lo, _, _ in want] + [unit.numel], (exact, unit)
+            for i, (_, _, sparse) in enumerate(want):
+                mod, lev = kernel_records(sparse, weights, unit.index)
+                assert models[i].tobytes() == mod.tobytes(), (exact, unit, i)
+                assert levels[i].tobytes() == lev.tobytes(), (exact, unit, i)
+            assert combine["consensus"].all() and not combine["normalize"].any()
+        gap = DPUnitPlans([info], np.ones(1, np.bool_), np.array([0, 2]), [(0, 10), (20, 30)], bits, ties,
+                          [None, None], [(1.5, 1.5), (2.0, 1.0)], (1.5, 2.0), False, np.array([[0.7, 0.4]]))
+        assert gap.part_records(Unit(0, 30, 0), False) is None

@@ -208,3 +208,27 @@ def test_bookkeeping_that_cannot_fit_is_refused_before_reading(moe, tmp_path, mo
     msg = str(e.value)
     assert "\n" not in msg and "--memory-limit 1024 MiB is too small" in msg and "keep track of every tensor" in msg
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.partial")
+
+
+@pytest.mark.parametrize("name", ["dppa", "dppa_exact"])
+def test_fused_dppa_merged_per_unit_as_per_expert(moe, tmp_path, monkeypatch, name):
+    """DPPA merges a fused expert tensor's unit with one kernel call over its experts
+    (`DPUnitPlans.part_records`): the same bytes as a call per expert (`DeltaMethod.merge_unit`),
+    for whole tensors and for units split inside an expert."""
+    from dppa_stream.methods.dppa import DPPA, DPUnitPlans
+    from dppa_stream.methods.gta import DeltaMethod
+
+    method, per_model, extra = CONFIGS[name]
+    text = _config(moe["fused"], method, per_model, extra)
+    used = []
+    part_records = DPUnitPlans.part_records
+    monkeypatch.setattr(DPUnitPlans, "part_records",
+                        lambda self, unit, c: used.append(unit.numel) or part_records(self, unit, c))
+    for unit in (None, 512):
+        _merge(text, tmp_path / f"one{unit}", unit_bytes=unit)
+    assert len(used) > 2 * EXPERTS, used
+    monkeypatch.setattr(DPPA, "merge_unit", lambda self, rows, plan, out, code: DeltaMethod.merge_unit(
+        self, rows, plan.segments(0) if isinstance(plan, DPUnitPlans) else plan, out, code))
+    for unit in (None, 512):
+        _merge(text, tmp_path / f"each{unit}", unit_bytes=unit)
+        _same(tmp_path / f"one{unit}", tmp_path / f"each{unit}")

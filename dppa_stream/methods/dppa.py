@@ -219,7 +219,7 @@ class DPPlans(Mapping):
     def __getitem__(self, t: str) -> Segments:
         if t not in self.first:
             raise KeyError(t)
-        return self.unit([t], [self.catalogue.tensors[t]])[0]
+        return self.unit([t], [self.catalogue.tensors[t]]).segments(0)
 
     def unit(self, names: list[str], infos) -> "DPUnitPlans":
         """The plans of a work unit's tensors `names` (`infos`: their TensorInfos, or `Infos`
@@ -262,11 +262,19 @@ class DPUnitPlans(Sequence):
         return len(self.planned)
 
     def __getitem__(self, k):
+        """Tensor k's plan: its `Segments` (or its info), or for a tensor of several linears (a fused
+        expert tensor) this unit's one-tensor slice, which `DPPA.merge_unit` merges from the arrays."""
         if isinstance(k, slice):
             lo, hi, _ = k.indices(len(self))
             return DPUnitPlans(self.infos[lo:hi], self.planned[lo:hi], self.at[lo:hi + 1], self.spans, self.bits,
                                self.ties_kept, self.starts, self.bands, self.dense, self.normalize,
                                self.weights[lo:hi])
+        if self.planned[k] and self.at[k + 1] - self.at[k] > 1:
+            return self[k:k + 1]
+        return self.segments(k)
+
+    def segments(self, k: int):
+        """Tensor k's `Segments`, or its TensorInfo where DP has no plan for it."""
         if not self.planned[k]:
             return self.infos[k]
         weights = tuple(self.weights[k].tolist())
@@ -296,12 +304,34 @@ class DPUnitPlans(Sequence):
     def batch_records(self, consensus: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`kernels.gta_segments`' models, levels and combine records of every item, each a whole
         tensor (`whole`) merged from offset 0: one row per item, as `kernel_records` fills them."""
-        n, K = len(self), len(self.bands)
-        weights = self.weights.astype(np.float32).reshape(n, K)
+        n = len(self)
         pruned = np.flatnonzero(np.diff(self.at) > 0)
-        rows = self.at[pruned]
+        models, levels = self._records(n, pruned, self.at[pruned], self.weights.reshape(n, -1), 0)
+        return models, levels, self._combine(consensus, self.weights.reshape(n, -1))
+
+    def part_records(self, unit, consensus: bool) -> tuple | None:
+        """For this one-tensor slice, a tensor of several linears: the records of its linears
+        inside `unit`, one segment each, and where each begins in the unit and the end (the
+        `starts` of `kernels.gta_segments`, whose segments are `DeltaMethod.merge_unit`'s `gta`
+        calls, one per linear); None when those linears do not tile the unit."""
+        a, b = int(self.at[0]), int(self.at[1])
+        lo0, n = unit.flat_start, unit.numel
+        rows = [r for r in range(a, b) if self.spans[r][0] - lo0 < n and self.spans[r][1] - lo0 > 0]
+        bounds = [min(max(self.spans[r][0] - lo0, 0), n) for r in rows] + [n]
+        if not rows or bounds[0] != 0 or any(min(self.spans[r][1] - lo0, n) != e for r, e in zip(rows, bounds[1:])):
+            return None
+        P = len(rows)
+        weights = np.repeat(self.weights[:1], P, axis=0)
+        models, levels = self._records(P, np.arange(P), np.array(rows, np.int64), weights, unit.index)
+        return np.array(bounds, np.int64), models, levels, self._combine(consensus, weights)
+
+    def _records(self, n: int, pruned: np.ndarray, rows: np.ndarray, weights: np.ndarray, unit: int):
+        """Models and levels records of n segments: segment pruned[i] merges linear rows[i] (the
+        ties before `unit` counted as seen), the others their tensor's dense delta (amplified).
+        `kernel_records`' fields, filled a column at a time."""
+        K = len(self.bands)
         used = [min(b.shape[1], len(f)) for b, f in zip(self.bits, self.bands)]  # levels per fine-tune (a zip's)
-        models = kernels.records(kernels.MODEL_FIELDS, (n, K), weight=weights)
+        models = kernels.records(kernels.MODEL_FIELDS, (n, K), weight=weights.astype(np.float32))
         levels = kernels.records(kernels.LEVEL_FIELDS, (n, K, max(used + [1]) if len(pruned) else 1))
         for m, L in enumerate(used):
             models["scale"][:, m] = self.dense[m]
@@ -322,12 +352,14 @@ class DPUnitPlans(Sequence):
             levels["value"][where] = np.where(compared, value, np.float32(0.0))
             levels["factor"][where] = np.array(self.bands[m][:L], np.float32)
             levels["stop"][where] = np.where(kind == kernels.TH_VALUE, tied, 0)
-            if exact:  # the ties before unit 0 (a whole tensor's only unit)
-                levels["seen"][where] = [(tuple(dict(self.starts[m][r]).get(0, ())) + (0,) * L)[:L]
+            if exact:  # the ties before this unit, per level
+                levels["seen"][where] = [(tuple(dict(self.starts[m][r]).get(unit, ())) + (0,) * L)[:L]
                                          for r in rows.tolist()]
-        combine = kernels.records(kernels.COMBINE_FIELDS, n, consensus=consensus, normalize=self.normalize,
-                                  divisor=torch_order_sums(weights))
-        return models, levels, combine
+        return models, levels
+
+    def _combine(self, consensus: bool, weights: np.ndarray) -> np.ndarray:
+        return kernels.records(kernels.COMBINE_FIELDS, len(weights), consensus=consensus, normalize=self.normalize,
+                               divisor=torch_order_sums(weights.astype(np.float32)))
 
 
 def effective_factors(alphas: list[float]) -> list[float]:
@@ -395,6 +427,21 @@ class DPPA(DeltaMethod):
 
     def factors(self, m: dict) -> list[float]:
         return list(m["amplification"])
+
+    def merge_unit(self, rows, plan, out, out_code):
+        """A tensor of many linears (a fused expert tensor, `DPUnitPlans` of it) merged with one
+        kernel call over its linears in this unit, its records made from the report's arrays;
+        any other plan as `DeltaMethod.merge_unit` merges it, a `gta` call per linear."""
+        if isinstance(plan, DPUnitPlans):
+            got = plan.part_records(rows.inp.unit, self.consensus)
+            if got is None:
+                return super().merge_unit(rows, plan.segments(0), out, out_code)
+            starts, models, levels, combine = got
+            bad = np.zeros(rows.src.shape[0], np.int64)
+            kernels.gta_segments(rows.src, kernels.CODES[rows.dtype], starts, self.bf16_deltas, models, levels,
+                                 np.zeros((models.shape[1], 1), np.uint8), combine, out, out_code, bad)
+            return bad
+        return super().merge_unit(rows, plan, out, out_code)
 
     def linears(self, catalogue, tensors) -> list:
         """DP's linears (`blocks.Linear`), in the order DP normalises them: stack, block, tensor name,
