@@ -34,7 +34,7 @@ from .output import MANIFEST, WORK_DIR, Manifest, read_manifest_extras, release_
 from .statistics import check_nonfinite, drive, inline
 from .targets import RequantLoss, Target, class_targets, tensor_scale, write_quantized
 from .units import (BATCH_MAX_NUMEL, BatchRows, Items, UnitInputs, UnitRows, batch_key, batch_spans,
-                    frozen_bookkeeping, run_bounds, scratch)
+                    frozen_bookkeeping, key_codes, run_bounds, scratch)
 
 
 def merge_task(method, inp: UnitInputs, plan, folder: str, target: Target, place,
@@ -114,10 +114,8 @@ def _batch_spans(method, items: Items, plans: tuple, targets: tuple) -> tuple[li
     if uniform is None:
         whole = repeat(True) if method.local else plans.whole(list(map(sub, items.stops, items.starts)))
         keys = list(map(_batch_key, repeat(method), items, plans, targets, whole))
-        codes: dict = {}
-        code = np.array([0 if k is None else codes.setdefault(k, len(codes) + 1) for k in keys], np.int64)
         held = [0 if k is None else stop * _per_element(k) for stop, k in zip(items.stops, keys)]
-        return batch_spans(code, held), None
+        return batch_spans(key_codes(keys), held), None
     inputs, key, planned = uniform
     dtype, models, has_base = key[0]
     start, stop = np.array(items.starts, np.int64), np.array(items.stops, np.int64)

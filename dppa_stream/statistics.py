@@ -750,15 +750,13 @@ def stats_task(work, stats: tuple, check_finite: bool) -> list[dict]:
     a read per run of tensors stored back to back, not one per tensor and input), cut as pass 2
     cuts its batches (`units.batch_spans`, on the rows a batch reads)."""
     from .checkpoint import DTYPE_SIZES
-    from .units import BatchRows, UnitRows, batch_key, batch_spans
+    from .units import BatchRows, UnitRows, batch_key, batch_spans, key_codes
 
     items = work.items
     keys = list(map(batch_key, items))
-    codes: dict = {}
-    code = np.array([0 if k is None else codes.setdefault(k, len(codes) + 1) for k in keys], np.int64)
     held = [0 if k is None else stop * (k[1] + k[2]) * DTYPE_SIZES[k[0]] for stop, k in zip(items.stops, keys)]
     out, k = [], 0
-    for lo, hi in batch_spans(code, held) + [(len(items), len(items))]:
+    for lo, hi in batch_spans(key_codes(keys), held) + [(len(items), len(items))]:
         out += [compute(UnitRows(items[i]), stats[i], check_finite) for i in range(k, lo)]
         if hi - lo == 1:
             out.append(compute(UnitRows(items[lo]), stats[lo], check_finite))

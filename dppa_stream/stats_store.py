@@ -194,15 +194,14 @@ class StatsStore:
         for (tensor, stat), value in items.items():
             by_stat.setdefault(stat.key(), []).append((tensor, stat, value))
         index, parts, off = {}, [], 0
-        for key, (tensor, stat, value) in ((k, item) for k, group in by_stat.items() for item in group):
-            packed = stat.pack(value)
-            length = sum(map(len, packed)) if isinstance(packed, list) else len(packed)
-            index[f"{tensor}|{key}"] = (off, length)
-            if isinstance(packed, list):
+        for key, group in by_stat.items():
+            for tensor, stat, value in group:
+                packed = stat.pack(value)
+                packed = packed if isinstance(packed, list) else [packed]
+                length = sum(map(len, packed))
+                index[f"{tensor}|{key}"] = (off, length)
                 parts += packed
-            else:
-                parts.append(packed)
-            off += length
+                off += length
         data = np.concatenate(parts).astype(np.int64, copy=False)
         del parts
         name = f"round-{self._saved:04d}"

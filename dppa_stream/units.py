@@ -502,6 +502,13 @@ def batch_spans(code: np.ndarray, held: list[int]) -> list[tuple[int, int]]:
     return spans
 
 
+def key_codes(keys: list) -> np.ndarray:
+    """`batch_spans`' codes of items given their batch keys (None: may not join a batch): equal
+    keys, equal non-zero codes."""
+    codes: dict = {}
+    return np.array([0 if k is None else codes.setdefault(k, len(codes) + 1) for k in keys], np.int64)
+
+
 class BatchRows:
     """Consecutive whole small tensors of one work unit with one `batch_key`, read
     together: one positional read per input per run of tensors stored back to back in one file,
